@@ -1,0 +1,259 @@
+"""`luffy.compile`: source -> capture -> pass pipeline -> emit -> parity check -> published artifact."""
+
+from __future__ import annotations
+
+import collections
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnx_ir as ir
+
+from .. import __version__
+from ..errors import UnsupportedModelError, UsageError
+from ..passes.driver import count_nodes, run_passes
+from ..passes.pipelines import pipeline
+from .artifact import FORMAT_VERSION, STATE_READY, staged_directory, write_manifest
+from .config import SUPPORTED_PRECISIONS, LuffyConfig
+from .sources import CAUSAL_LM, ENCODER, resolve_source
+
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+EXTERNAL_DATA_BYTES = 128 << 20  # above this, weights go to model.onnx.data (protobuf stays small, ORT mmaps)
+DEFAULT_MAX_SEQ_LEN = 2048  # for ONNX decoders that carry no position limit
+
+
+@dataclass
+class Artifact:
+    """What `compile` returns: where the artifact is, its manifest and compile report."""
+
+    path: Path
+    manifest: dict
+
+    @property
+    def report(self) -> dict:
+        return self.manifest["report"]
+
+    def load(self, **kwargs):
+        from ..runtimes import load
+
+        return load(self.path, **kwargs)
+
+
+def compile(  # noqa: A001 - the public name the API promises
+    source: Any,
+    target: str | None = None,
+    output: str | os.PathLike | None = None,
+    precision: str | None = None,
+    opt_level: int | None = None,
+    config: LuffyConfig | None = None,
+    *,
+    max_seq_len: int | None = None,
+    disable_pass: list[str] | None = None,
+    enable_pass: list[str] | None = None,
+    check_parity: bool | None = None,
+    external_data: str | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Artifact:
+    """Compile ``source`` into an artifact directory at ``output``.
+
+    Mirrors ``luffy compile SOURCE --target ort -o DIR --precision fp32 -O2``. Keywords left as None take
+    their value from ``config`` (or LuffyConfig's defaults: target "ort", precision "fp32", opt level 2).
+
+    >>> import luffy
+    >>> art = luffy.compile("llama-tiny", output="build/llama-tiny")   # doctest: +SKIP
+    >>> art.report["parity"]["passed"]                                 # doctest: +SKIP
+    True
+    """
+    cfg = (config or LuffyConfig()).with_overrides(
+        target=target, precision=precision, opt_level=opt_level, max_seq_len=max_seq_len,
+        disabled_passes=tuple(disable_pass) if disable_pass else None,
+        enabled_passes=tuple(enable_pass) if enable_pass else None,
+        check_parity=check_parity, external_data=external_data,
+    )
+    if output is None:
+        raise UsageError("an output directory is required (-o DIR)")
+    say = progress or (lambda message: None)
+    if cfg.precision not in SUPPORTED_PRECISIONS:
+        raise UsageError(
+            f"precision {cfg.precision!r} is not available yet; this luffy compiles {', '.join(SUPPORTED_PRECISIONS)}"
+        )
+    if cfg.target != "ort":
+        raise UsageError(f"target {cfg.target!r} is not available yet; this luffy emits ONNX Runtime artifacts (--target ort)")
+    steps = pipeline(cfg.target, cfg.opt_level, cfg.disabled_passes, cfg.enabled_passes)
+    src = resolve_source(source)
+    started = time.perf_counter()
+
+    say(f"capturing {src.spec}")
+    t0 = time.perf_counter()
+    captured, tm = _capture(src)
+    capture_seconds = time.perf_counter() - t0
+    captured_nodes = count_nodes(captured.model)
+    max_len = _max_seq_len(cfg, tm, captured)
+
+    model, pass_records = run_passes(captured.model, steps, on_pass=lambda name: say(f"pass {name}"))
+    model.producer_name, model.producer_version = "luffy", __version__
+
+    with staged_directory(Path(output)) as stage:
+        say("writing model")
+        external = _save_model(model, stage, cfg.external_data)
+        tokenizer_files = _write_tokenizer(stage, src, tm)
+        parity = None
+        if cfg.check_parity and captured.reference is not None:
+            say("checking parity against PyTorch")
+            from .parity import check_parity as run_parity_check
+
+            vocab = getattr(getattr(tm.module, "config", None), "vocab_size", None) if tm else None
+            parity = run_parity_check(captured, stage / MODEL_FILE, vocab)
+        report = {
+            "seconds_total": round(time.perf_counter() - started, 3),
+            "capture": {
+                "seconds": round(capture_seconds, 3),
+                "method": "onnx file" if src.kind == "onnx" else "torch.export + torch.onnx (dynamo)",
+                "nodes": captured_nodes, "notes": captured.notes,
+            },
+            "passes": pass_records,
+            "nodes": count_nodes(model),
+            "op_histogram": op_histogram(model),
+            "parameters": parameter_count(model),
+            "parity": parity,
+        }
+        manifest = _manifest(cfg, src, tm, captured, model, max_len, tokenizer_files, external, report)
+        say("writing manifest")
+        manifest = write_manifest(stage, manifest)
+    return Artifact(Path(output), manifest)
+
+
+def _capture(src):
+    if src.kind == "onnx":
+        from .onnx_source import load_onnx_source
+
+        return load_onnx_source(src.path), None
+    from .capture import capture_causal_lm, capture_encoder, capture_module
+    from .sources import load_torch_model
+
+    tm = load_torch_model(src)
+    capture = {CAUSAL_LM: capture_causal_lm, ENCODER: capture_encoder}.get(tm.kind, capture_module)
+    return capture(tm), tm
+
+
+def _max_seq_len(cfg: LuffyConfig, tm, captured) -> int | None:
+    if captured.kind != CAUSAL_LM and (tm is None or tm.max_positions is None):
+        return cfg.max_seq_len
+    limit = tm.max_positions if tm is not None else None
+    if cfg.max_seq_len is None:
+        return limit or DEFAULT_MAX_SEQ_LEN
+    if limit is not None and cfg.max_seq_len > limit:
+        raise UsageError(f"--max-seq-len {cfg.max_seq_len} exceeds the model's position limit {limit}")
+    return cfg.max_seq_len
+
+
+def _save_model(model: ir.Model, stage: Path, mode: str) -> bool:
+    weight_bytes = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    external = mode == "always" or (mode == "auto" and weight_bytes > EXTERNAL_DATA_BYTES)
+    if external:
+        ir.save(model, stage / MODEL_FILE, external_data=DATA_FILE)
+    else:
+        ir.save(model, stage / MODEL_FILE)
+    return external
+
+
+def _write_tokenizer(stage: Path, src, tm) -> list[str]:
+    from .tokenizer_files import write_tokenizer
+
+    if tm is not None:
+        return write_tokenizer(stage, tokenizer=tm.tokenizer, source_dir=tm.tokenizer_dir)
+    if src.kind == "onnx":
+        return write_tokenizer(stage, source_dir=src.path.parent)
+    return []
+
+
+def op_histogram(model: ir.Model) -> dict[str, int]:
+    counts = collections.Counter(
+        f"{n.domain}::{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type
+        for n in ir.traversal.RecursiveGraphIterator(model.graph)
+    )
+    return dict(counts.most_common())
+
+
+def parameter_count(model: ir.Model) -> int:
+    total = 0
+    for value in model.graph.initializers.values():
+        if value.const_value is not None and value.shape is not None:
+            total += value.const_value.size
+    return total
+
+
+def _dtype_name(value: ir.Value) -> str:
+    return str(np.dtype(value.dtype.numpy())) if value.dtype is not None else "unknown"
+
+
+def io_signature(model: ir.Model) -> dict:
+    def describe(value: ir.Value) -> dict:
+        shape = [d if isinstance(d, int) else str(d) for d in value.shape] if value.shape is not None else None
+        return {"name": value.name, "dtype": _dtype_name(value), "shape": shape}
+
+    return {"inputs": [describe(v) for v in model.graph.inputs], "outputs": [describe(v) for v in model.graph.outputs]}
+
+
+def _dim_ranges(signature: dict, max_len: int | None, kind: str) -> dict:
+    names = {d for io in signature.values() for v in io for d in (v["shape"] or []) if isinstance(d, str)}
+    ranges = {name: {"min": 1, "max": None} for name in sorted(names)}
+    if kind == CAUSAL_LM:
+        ranges.update({
+            "batch": {"min": 1, "max": None},
+            "seq": {"min": 1, "max": max_len},
+            "past": {"min": 0, "max": max_len - 1 if max_len else None},
+            "total": {"min": 1, "max": max_len},
+        })
+    elif "seq" in ranges and max_len:
+        ranges["seq"]["max"] = max_len
+    return ranges
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"luffy": __version__, "python": platform.python_version()}
+    for pkg in ("torch", "transformers", "onnx", "onnx-ir", "onnxscript", "onnxruntime"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def _manifest(cfg, src, tm, captured, model, max_len, tokenizer_files, external, report) -> dict:
+    signature = io_signature(model)
+    kind = captured.kind
+    generation = dict(tm.generation) if tm is not None else {}
+    if src.kind == "onnx":
+        from .tokenizer_files import generation_ids_beside
+
+        generation = generation_ids_beside(src.path)
+    opsets = {domain or "ai.onnx": version for domain, version in model.opset_imports.items()}
+    return {
+        "format_version": FORMAT_VERSION,
+        "state": STATE_READY,
+        "kind": kind,
+        "target": cfg.target,
+        "precision": cfg.precision,
+        "opt_level": cfg.opt_level,
+        "options": cfg.to_json(),
+        "versions": _versions(),
+        "source": {**src.describe(), "architecture": tm.architecture if tm is not None else None},
+        "model_file": MODEL_FILE,
+        "external_data": DATA_FILE if external else None,
+        "opset_imports": opsets,
+        "io": signature,
+        "dims": _dim_ranges(signature, max_len, kind),
+        "max_seq_len": max_len,
+        "kv_cache": captured.kv.to_json() if captured.kv is not None else None,
+        "generation": generation,
+        "tokenizer": "tokenizer.json" if "tokenizer.json" in tokenizer_files else None,
+        "report": report,
+    }

@@ -1,0 +1,69 @@
+"""LuffyConfig: every compile option in one object, shared by the CLI, `luffy.compile` and LuffyOptimizer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+from ..errors import UsageError
+
+OPTIMIZATION_LEVELS = {"none": 0, "conservative": 1, "balanced": 2, "aggressive": 3}
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
+SUPPORTED_PRECISIONS = ("fp32",)  # the others arrive with quantization; they are refused, never faked
+EXTERNAL_DATA_MODES = ("auto", "always", "never")
+
+
+@dataclass(frozen=True)
+class LuffyConfig:
+    """Compile options.
+
+    ``optimization_level`` is the named form of ``opt_level`` ("conservative" = 1, "balanced" = 2,
+    "aggressive" = 3); when given it wins.
+
+    >>> LuffyConfig(optimization_level="aggressive").opt_level
+    3
+    """
+
+    target: str = "ort"
+    precision: str = "fp32"
+    opt_level: int = 2
+    optimization_level: str | None = None
+    max_seq_len: int | None = None  # default: the model's own position limit
+    disabled_passes: tuple[str, ...] = ()
+    enabled_passes: tuple[str, ...] = ()
+    check_parity: bool = True  # compare the emitted graph with PyTorch before the artifact is published
+    external_data: str = "auto"  # weights in model.onnx.data: auto (when large), always, never
+
+    def __post_init__(self):
+        if self.optimization_level is not None:
+            if self.optimization_level not in OPTIMIZATION_LEVELS:
+                raise UsageError(
+                    f"optimization_level {self.optimization_level!r}; choose one of {', '.join(OPTIMIZATION_LEVELS)}"
+                )
+            object.__setattr__(self, "opt_level", OPTIMIZATION_LEVELS[self.optimization_level])
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if self.external_data not in EXTERNAL_DATA_MODES:
+            raise UsageError(f"external_data {self.external_data!r}; choose one of {', '.join(EXTERNAL_DATA_MODES)}")
+        if self.max_seq_len is not None and (not isinstance(self.max_seq_len, int) or self.max_seq_len < 2):
+            raise UsageError(f"max_seq_len {self.max_seq_len!r} must be an integer >= 2")
+        object.__setattr__(self, "disabled_passes", tuple(self.disabled_passes))
+        object.__setattr__(self, "enabled_passes", tuple(self.enabled_passes))
+
+    def with_overrides(self, **overrides) -> "LuffyConfig":
+        """A copy with every non-None override applied (how `compile`'s keywords beat ``config``)."""
+        names = {f.name for f in fields(self)}
+        unknown = set(overrides) - names
+        if unknown:
+            raise UsageError(f"unknown compile option(s): {', '.join(sorted(unknown))}")
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if "opt_level" in given:
+            given["optimization_level"] = None
+        return replace(self, **given)
+
+    def to_json(self) -> dict:
+        return {
+            "target": self.target, "precision": self.precision, "opt_level": self.opt_level,
+            "max_seq_len": self.max_seq_len, "disabled_passes": list(self.disabled_passes),
+            "enabled_passes": list(self.enabled_passes), "check_parity": self.check_parity,
+            "external_data": self.external_data,
+        }

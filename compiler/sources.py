@@ -1,0 +1,225 @@
+"""Resolve the MODEL argument (one parameter for the CLI and the API) into a loadable source.
+
+Accepted forms, tried in this order:
+  - an in-memory ``torch.nn.Module`` (the Python API only),
+  - a zoo name (``llama-tiny``),
+  - a path to an ``.onnx`` file,
+  - a path to a local Hugging Face model directory (``config.json`` + safetensors),
+  - ``package.module:factory``, a callable returning a module and its example inputs.
+Nothing is ever fetched from a model hub.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import SourceError, UnsupportedModelError
+from ..models_zoo import ZOO
+
+_FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+CAUSAL_LM = "causal-lm"
+ENCODER = "encoder"
+MODULE = "module"
+
+
+@dataclass
+class Source:
+    """Where a model comes from. ``kind`` is zoo | onnx | hf-dir | factory | module."""
+
+    kind: str
+    spec: str
+    path: Path | None = None
+    obj: Any = None  # the in-memory module, for kind == "module"
+
+    def describe(self) -> dict:
+        out = {"kind": self.kind, "spec": self.spec}
+        if self.path is not None:
+            out["path"] = str(self.path)
+        return out
+
+
+@dataclass
+class TorchModel:
+    """A torch module ready to capture, with what the artifact needs to know about it."""
+
+    module: Any
+    kind: str  # CAUSAL_LM, ENCODER or MODULE
+    architecture: str
+    example_inputs: Any = None  # MODULE only: tuple of args, or dict of kwargs
+    dynamic_shapes: Any = None  # MODULE only, optional
+    tokenizer: Any = None  # a tokenizers.Tokenizer, or None
+    tokenizer_dir: Path | None = None  # HF dir whose tokenizer files are copied into the artifact
+    generation: dict = field(default_factory=dict)  # bos/eos/pad token ids
+    max_positions: int | None = None
+
+
+def resolve_source(source: Any) -> Source:
+    """Classify ``source`` without loading it; raise SourceError with the reason when it is unusable."""
+    if not isinstance(source, (str, Path)):
+        if _is_torch_module(source):
+            return Source("module", f"<in-memory {type(source).__name__}>", obj=source)
+        raise SourceError(f"cannot compile an object of type {type(source).__name__}: pass a path, zoo name or nn.Module")
+    spec = str(source)
+    if spec in ZOO:
+        return Source("zoo", spec)
+    path = Path(spec).expanduser()
+    if path.exists():
+        if path.is_file() and path.suffix == ".onnx":
+            return Source("onnx", spec, path.resolve())
+        if path.is_dir():
+            if not (path / "config.json").is_file():
+                raise SourceError(f"{path}: directory has no config.json; expected a Hugging Face model directory")
+            return Source("hf-dir", spec, path.resolve())
+        raise SourceError(f"{path}: not an .onnx file or a model directory")
+    if _FACTORY_RE.match(spec):
+        return Source("factory", spec)
+    if _HUB_ID_RE.match(spec) and not spec.startswith((".", "/")):
+        raise SourceError(
+            f"{spec}: looks like a model hub id; luffy never downloads models, pass a local directory "
+            "with config.json and *.safetensors (e.g. one saved by save_pretrained)"
+        )
+    zoo = ", ".join(ZOO)
+    raise SourceError(f"{spec}: no such file or directory, and not a zoo model ({zoo}) or package.module:factory")
+
+
+def _is_torch_module(obj: Any) -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return isinstance(obj, torch.nn.Module)
+
+
+def load_torch_model(src: Source) -> TorchModel:
+    """Build the torch module a (non-ONNX) source describes."""
+    if src.kind == "zoo":
+        entry = ZOO[src.spec]
+        from ..models_zoo import build_tokenizer
+
+        module = entry.build_model()
+        return _from_hf_model(module, tokenizer=build_tokenizer(entry))
+    if src.kind == "hf-dir":
+        return _load_hf_dir(src.path)
+    if src.kind == "factory":
+        return _load_factory(src.spec)
+    if src.kind == "module":
+        return _from_any_module(src.obj, None, None)
+    raise SourceError(f"{src.spec}: source kind {src.kind} has no torch model")
+
+
+def _transformers_kind(config) -> str | None:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES
+
+    model_type = getattr(config, "model_type", None)
+    if getattr(config, "is_encoder_decoder", False):
+        return None
+    archs = getattr(config, "architectures", None) or []
+    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and (
+        not archs or any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+    ):
+        return CAUSAL_LM
+    if model_type in MODEL_MAPPING_NAMES and not getattr(config, "is_decoder", False):
+        return ENCODER
+    return None
+
+
+def _load_hf_dir(path: Path) -> TorchModel:
+    import torch
+    import transformers
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except (ValueError, KeyError) as exc:
+        raise UnsupportedModelError(f"{path}/config.json: transformers cannot read this config ({_first_line(exc)})") from None
+    except OSError as exc:
+        raise SourceError(f"{path}/config.json: {_first_line(exc)}") from None
+    kind = _transformers_kind(config)
+    if kind is None:
+        archs = ",".join(getattr(config, "architectures", None) or [config.model_type])
+        raise UnsupportedModelError(
+            f"{path}: architecture {archs} (model_type={config.model_type}) is neither a causal LM nor an encoder "
+            "that luffy can compile"
+        )
+    weights = sorted(p.name for p in path.glob("*.safetensors"))
+    if not weights and not list(path.glob("pytorch_model*.bin")):
+        raise SourceError(f"{path}: no *.safetensors weights found")
+    auto = transformers.AutoModelForCausalLM if kind == CAUSAL_LM else transformers.AutoModel
+    try:
+        # trust_remote_code=False: a model directory never runs its own Python here. transformers reads
+        # safetensors, and .bin files only with torch.load(weights_only=True).
+        module = auto.from_pretrained(path, dtype=torch.float32, trust_remote_code=False, use_safetensors=bool(weights))
+    except Exception as exc:  # transformers raises many types for a bad checkpoint
+        raise SourceError(f"{path}: cannot load weights ({type(exc).__name__}: {_first_line(exc)})") from None
+    return _from_hf_model(module.eval(), tokenizer_dir=path)
+
+
+def _from_hf_model(module, tokenizer=None, tokenizer_dir: Path | None = None) -> TorchModel:
+    config = module.config
+    kind = _transformers_kind(config)
+    if kind is None:
+        raise UnsupportedModelError(f"architecture {type(module).__name__} (model_type={config.model_type}) is not supported")
+    gen = getattr(module, "generation_config", None)
+    generation = {}
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(gen, key, None) if gen is not None else None
+        if value is None:
+            value = getattr(config, key, None)
+        generation[key] = value
+    max_positions = None
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        if isinstance(getattr(config, key, None), int):
+            max_positions = getattr(config, key)
+            break
+    return TorchModel(
+        module=module.eval(), kind=kind, architecture=type(module).__name__, tokenizer=tokenizer,
+        tokenizer_dir=tokenizer_dir, generation=generation, max_positions=max_positions,
+    )
+
+
+def _from_any_module(module, example_inputs, dynamic_shapes) -> TorchModel:
+    if hasattr(module, "config") and _transformers_kind(module.config) is not None and example_inputs is None:
+        return _from_hf_model(module)
+    if example_inputs is None:
+        raise SourceError(f"{type(module).__name__}: not a transformers model, so example inputs are needed")
+    return TorchModel(
+        module=module.eval(), kind=MODULE, architecture=type(module).__name__,
+        example_inputs=example_inputs, dynamic_shapes=dynamic_shapes,
+    )
+
+
+def _load_factory(spec: str) -> TorchModel:
+    module_name, attr = spec.split(":")
+    try:
+        mod = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise SourceError(f"{spec}: cannot import {module_name} ({_first_line(exc)})") from None
+    factory = getattr(mod, attr, None)
+    if not callable(factory):
+        raise SourceError(f"{spec}: {module_name} has no callable {attr}")
+    result = factory()
+    example_inputs = dynamic_shapes = None
+    if isinstance(result, tuple):
+        if not 2 <= len(result) <= 3:
+            raise SourceError(f"{spec}: factory must return module, (module, example_inputs) or (module, inputs, dynamic_shapes)")
+        module, example_inputs, *rest = result
+        dynamic_shapes = rest[0] if rest else None
+    else:
+        module = result
+    if not _is_torch_module(module):
+        raise SourceError(f"{spec}: factory returned {type(module).__name__}, expected torch.nn.Module")
+    if isinstance(example_inputs, list):
+        example_inputs = tuple(example_inputs)
+    elif example_inputs is not None and not isinstance(example_inputs, (tuple, dict)):
+        example_inputs = (example_inputs,)
+    return _from_any_module(module, example_inputs, dynamic_shapes)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

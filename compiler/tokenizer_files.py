@@ -1,0 +1,64 @@
+"""Put the source's tokenizer into the artifact as tokenizer.json, the one file the runtime reads.
+
+The runtime uses the `tokenizers` library alone (no transformers in a serving process), so a model that
+ships only a slow tokenizer is converted to its fast form here, at compile time.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+# Copied as-is when present: tokenizer.json is what the runtime loads, the rest keeps the artifact usable
+# by transformers' AutoTokenizer too.
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja", "generation_config.json",
+)
+
+
+def write_tokenizer(out_dir: Path, tokenizer=None, source_dir: Path | None = None) -> list[str]:
+    """Write tokenizer files into ``out_dir``; return their names ([] when the source has no tokenizer)."""
+    if tokenizer is not None:
+        (out_dir / "tokenizer.json").write_text(tokenizer.to_str())
+        return ["tokenizer.json"]
+    if source_dir is None:
+        return []
+    written = []
+    for name in TOKENIZER_FILES:
+        if (source_dir / name).is_file():
+            shutil.copyfile(source_dir / name, out_dir / name)
+            written.append(name)
+    if "tokenizer.json" not in written and written:
+        fast = _convert_to_fast(source_dir)
+        if fast is not None:
+            fast.save(str(out_dir / "tokenizer.json"))
+            written.append("tokenizer.json")
+    return written
+
+
+def _convert_to_fast(source_dir: Path):
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(source_dir, use_fast=True, trust_remote_code=False)
+    except Exception:  # a tokenizer we cannot convert is not fatal: the artifact still runs on token ids
+        return None
+    return getattr(tok, "backend_tokenizer", None)
+
+
+def generation_ids_beside(path: Path) -> dict:
+    """bos/eos/pad ids from a config.json or generation_config.json next to an ONNX file, if any."""
+    ids: dict = {}
+    for name in ("config.json", "generation_config.json"):
+        f = path.parent / name
+        if f.is_file():
+            try:
+                data = json.loads(f.read_text())
+            except json.JSONDecodeError:
+                continue
+            for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+                if data.get(key) is not None:
+                    ids[key] = data[key]
+    return ids

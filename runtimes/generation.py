@@ -1,0 +1,129 @@
+"""Backend-neutral generation: batching ragged prompts, the decode loop, stopping. No framework, numpy only.
+
+A backend supplies ``step(input_ids, attention_mask, position_ids, past_len) -> logits[:, -1, :]``
+that reads and writes its own KV cache; everything else (padding, positions, sampling, EOS) is here so
+every backend generates the same tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ..errors import CapacityError, UsageError
+from .sampling import select_next
+
+
+def as_rows(input_ids) -> list[list[int]]:
+    """Normalize a 2-D array or a list of token-id lists (ragged allowed) into python lists."""
+    if isinstance(input_ids, np.ndarray) or hasattr(input_ids, "tolist"):
+        arr = np.asarray(input_ids.tolist() if not isinstance(input_ids, np.ndarray) else input_ids)
+        if arr.ndim == 1:
+            arr = arr[None, :]
+        if arr.ndim != 2:
+            raise UsageError(f"input_ids must be 2-D [batch, seq], got shape {arr.shape}")
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise UsageError(f"input_ids must be integers, got dtype {arr.dtype}")
+        rows = arr.tolist()
+    elif isinstance(input_ids, Sequence) and input_ids and all(isinstance(t, (int, np.integer)) for t in input_ids):
+        rows = [list(input_ids)]
+    elif isinstance(input_ids, Sequence):
+        rows = [list(r) for r in input_ids]
+    else:
+        raise UsageError(f"input_ids must be a 2-D array or a list of token-id lists, got {type(input_ids).__name__}")
+    if not rows or any(len(r) == 0 for r in rows):
+        raise UsageError("input_ids must hold at least one non-empty row")
+    for r in rows:
+        for t in r:
+            if not isinstance(t, (int, np.integer)) or isinstance(t, bool):
+                raise UsageError(f"input_ids must be integers, got {t!r}")
+    return [[int(t) for t in r] for r in rows]
+
+
+def left_pad(rows: list[list[int]], pad_id: int, width: int | None = None):
+    """Left-pad ragged rows (as transformers does for generation); return ids [B, W] and mask [B, W]."""
+    width = width or max(len(r) for r in rows)
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = r
+        mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+def positions_from_mask(mask: np.ndarray) -> np.ndarray:
+    """transformers' rule: position = index among real tokens; padded slots get 1 (their value is unused)."""
+    pos = np.cumsum(mask, axis=-1) - 1
+    pos[mask == 0] = 1
+    return pos.astype(np.int64)
+
+
+def eos_set(eos_token_id) -> np.ndarray:
+    if eos_token_id is None:
+        return np.empty(0, dtype=np.int64)
+    if isinstance(eos_token_id, (int, np.integer)):
+        return np.array([eos_token_id], dtype=np.int64)
+    return np.array(list(eos_token_id), dtype=np.int64)
+
+
+def check_capacity(prompt_len: int, max_new_tokens: int, max_seq_len: int | None) -> None:
+    if max_new_tokens < 0:
+        raise UsageError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if max_seq_len is not None and prompt_len + max_new_tokens > max_seq_len:
+        raise CapacityError(
+            f"prompt length {prompt_len} + max_new_tokens {max_new_tokens} = {prompt_len + max_new_tokens} "
+            f"exceeds the artifact's maximum sequence length {max_seq_len}"
+        )
+
+
+def generate_loop(
+    step: Callable[[np.ndarray, np.ndarray, np.ndarray, int], np.ndarray],
+    ids: np.ndarray,
+    mask: np.ndarray,
+    max_new_tokens: int,
+    *,
+    min_new_tokens: int = 0,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_token_id=None,
+    pad_token_id: int = 0,
+    seed: int | None = None,
+) -> np.ndarray:
+    """Prefill, then decode one token per step; returns [batch, prompt + generated] like transformers."""
+    if do_sample and temperature <= 0:
+        raise UsageError(f"temperature must be > 0 when sampling, got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise UsageError(f"top_p must be in (0, 1], got {top_p}")
+    batch, prompt_len = ids.shape
+    if max_new_tokens == 0:
+        return ids.copy()
+    rng = np.random.default_rng(seed)
+    eos = eos_set(eos_token_id)
+    full_mask = np.zeros((batch, prompt_len + max_new_tokens), dtype=np.int64)
+    full_mask[:, :prompt_len] = mask
+    out = np.empty((batch, prompt_len + max_new_tokens), dtype=np.int64)
+    out[:, :prompt_len] = ids
+    finished = np.zeros(batch, dtype=bool)
+
+    logits = step(ids, mask, positions_from_mask(mask), 0)
+    length = prompt_len
+    for produced in range(max_new_tokens):
+        if produced < min_new_tokens and eos.size:
+            logits = logits.copy()
+            logits[:, eos] = -np.inf
+        token = select_next(logits, do_sample, temperature, top_k, top_p, rng).astype(np.int64)
+        token[finished] = pad_token_id
+        out[:, length] = token
+        if eos.size:
+            finished |= np.isin(token, eos)
+        full_mask[:, length] = 1
+        length += 1
+        if finished.all() or produced == max_new_tokens - 1:
+            break
+        # Each row's next position is its count of real tokens so far, minus one.
+        position = (full_mask[:, :length].sum(axis=-1) - 1)[:, None]
+        logits = step(token[:, None], np.ascontiguousarray(full_mask[:, :length]), position, length - 1)
+    return out[:, :length]

@@ -1,0 +1,193 @@
+"""The ONNX Runtime engine: one InferenceSession, IO binding, the preallocated KV cache. No torch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BackendUnavailableError, UsageError
+from .engine import Engine
+from .generation import as_rows, check_capacity, generate_loop, left_pad, positions_from_mask
+from .kv_cache import KVCache
+
+_NUMPY_DTYPES = {
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32, "tensor(bool)": np.bool_, "tensor(double)": np.float64,
+}
+
+
+def _import_ort():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise BackendUnavailableError("onnxruntime is not installed: pip install onnxruntime") from None
+    return onnxruntime
+
+
+class OrtEngine(Engine):
+    """Runs an artifact's model.onnx on ONNX Runtime (CPU unless ``providers`` says otherwise)."""
+
+    def __init__(self, path: Path, manifest: dict, threads: int | None = None, providers: list[str] | None = None):
+        super().__init__(path, manifest)
+        ort = _import_ort()
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = threads
+        self._ort = ort
+        self.session = ort.InferenceSession(
+            str(self.path / manifest["model_file"]), options, providers=providers or ["CPUExecutionProvider"]
+        )
+        self.input_types = {i.name: i.type for i in self.session.get_inputs()}
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        kv = manifest.get("kv_cache")
+        self.layers: list[tuple[int, int]] = []
+        if self.kind == "causal-lm" and kv:
+            for layer in range(kv["num_layers"]):
+                meta = next(i for i in self.session.get_inputs() if i.name == kv["past_input"].format(layer=layer, kind="key"))
+                self.layers.append((int(meta.shape[1]), int(meta.shape[3])))
+            logits_meta = next(o for o in self.session.get_outputs() if o.name == "logits")
+            if not isinstance(logits_meta.shape[-1], int):
+                raise UsageError(f"{self.path}: logits output has no static vocabulary dimension ({logits_meta.shape})")
+            self.vocab = int(logits_meta.shape[-1])
+            self.kv_dtype = _NUMPY_DTYPES.get(self.input_types[kv["past_input"].format(layer=0, kind="key")], np.float32)
+            unknown = set(self.input_types) - {"input_ids", "attention_mask", "position_ids"} - {
+                kv["past_input"].format(layer=i, kind=k) for i in range(kv["num_layers"]) for k in ("key", "value")
+            }
+            if unknown or "attention_mask" not in self.input_types:
+                what = ", ".join(sorted(unknown)) or "attention_mask (missing)"
+                raise UsageError(f"{self.path}: decoder graph has inputs the runtime cannot feed: {what}")
+
+    # -- decoder --------------------------------------------------------------------------------------
+    def _require_decoder(self, what: str) -> None:
+        if self.kind != "causal-lm":
+            raise UsageError(f"{self.path}: {what} needs a causal-LM artifact; this one is {self.kind!r}, use run()")
+
+    def _pad_id(self, pad_token_id):
+        if pad_token_id is None:
+            pad_token_id = self._generation_default("pad_token_id")
+        if pad_token_id is not None:
+            return int(pad_token_id)
+        eos = self._generation_default("eos_token_id")
+        if isinstance(eos, list):
+            eos = eos[0] if eos else None
+        return int(eos) if eos is not None else 0
+
+    def _stepper(self, batch: int, capacity: int, logits_rows: int):
+        """A step function bound to one KV cache and one logits buffer, for one generate/score call."""
+        ort = self._ort
+        kv_names = self.manifest["kv_cache"]
+        cache = KVCache(batch, capacity, self.layers, self.kv_dtype)
+        vocab = self.vocab
+        logits_buf = np.empty(batch * logits_rows * vocab, dtype=np.float32)
+        binding = self.session.io_binding()
+        past_names = [[kv_names["past_input"].format(layer=i, kind=k) for k in ("key", "value")] for i in range(len(self.layers))]
+        present_names = [[kv_names["present_output"].format(layer=i, kind=k) for k in ("key", "value")] for i in range(len(self.layers))]
+        takes_positions = "position_ids" in self.input_types
+
+        def step(ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past_len: int) -> np.ndarray:
+            new = ids.shape[1]
+            binding.clear_binding_inputs()
+            binding.clear_binding_outputs()
+            feeds = {"input_ids": np.ascontiguousarray(ids, dtype=np.int64), "attention_mask": np.ascontiguousarray(mask, dtype=np.int64)}
+            if takes_positions:
+                feeds["position_ids"] = np.ascontiguousarray(positions, dtype=np.int64)
+            keep = []  # OrtValues must outlive the run
+            for name, arr in feeds.items():
+                value = ort.OrtValue.ortvalue_from_numpy(arr)
+                keep.append(value)
+                binding.bind_ortvalue_input(name, value)
+            for layer in range(len(self.layers)):
+                for kind in (0, 1):
+                    past = ort.OrtValue.ortvalue_from_numpy(cache.past(layer, kind, past_len))
+                    present = ort.OrtValue.ortvalue_from_numpy(cache.present(layer, kind, past_len + new))
+                    keep += [past, present]
+                    binding.bind_ortvalue_input(past_names[layer][kind], past)
+                    binding.bind_ortvalue_output(present_names[layer][kind], present)
+            logits = logits_buf[: batch * new * vocab].reshape(batch, new, vocab)
+            value = ort.OrtValue.ortvalue_from_numpy(logits)
+            keep.append(value)
+            binding.bind_ortvalue_output("logits", value)
+            self.session.run_with_iobinding(binding)
+            cache.swap()
+            return logits
+
+        return step
+
+    def generate(
+        self, input_ids, max_new_tokens: int = 32, min_new_tokens: int = 0, do_sample: bool = False,
+        temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_token_id="model", pad_token_id=None,
+        seed: int | None = None,
+    ) -> np.ndarray:
+        """Generate up to ``max_new_tokens`` per row; returns int64 [batch, prompt + new], left-padded.
+
+        ``input_ids`` is a 2-D array or a list of token-id lists (ragged rows are left-padded, and each row
+        gets exactly the tokens it would get alone). ``eos_token_id`` defaults to the model's; None
+        disables stopping.
+
+        >>> engine.generate([[256, 72], [256, 72, 105, 33]], max_new_tokens=4).shape   # doctest: +SKIP
+        (2, 8)
+        """
+        self._require_decoder("generate")
+        rows = as_rows(input_ids)
+        prompt_len = max(len(r) for r in rows)
+        check_capacity(prompt_len, max_new_tokens, self.max_seq_len)
+        if eos_token_id == "model":
+            eos_token_id = self._generation_default("eos_token_id")
+        pad = self._pad_id(pad_token_id)
+        ids, mask = left_pad(rows, pad)
+        step = self._stepper(len(rows), prompt_len + max_new_tokens, prompt_len)
+
+        def last_logits(ids, mask, positions, past_len):
+            return step(ids, mask, positions, past_len)[:, -1, :]
+
+        return generate_loop(
+            last_logits, ids, mask, max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample,
+            temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, pad_token_id=pad, seed=seed,
+        )
+
+    def score(self, input_ids, attention_mask=None) -> np.ndarray:
+        """float32 logits [batch, seq, vocab] for every position (positions follow the attention mask).
+
+        >>> engine.score([[256, 72, 105]]).shape   # doctest: +SKIP
+        (1, 3, 320)
+        """
+        self._require_decoder("score")
+        if attention_mask is None:
+            rows = as_rows(input_ids)
+            ids, mask = left_pad(rows, self._pad_id(None))
+        else:
+            ids = np.asarray(input_ids, dtype=np.int64)
+            mask = np.asarray(attention_mask, dtype=np.int64)
+            if ids.ndim != 2 or ids.shape != mask.shape:
+                raise UsageError(f"input_ids {ids.shape} and attention_mask {mask.shape} must be equal 2-D shapes")
+        check_capacity(ids.shape[1], 0, self.max_seq_len)
+        step = self._stepper(ids.shape[0], ids.shape[1], ids.shape[1])
+        return np.array(step(ids, mask, positions_from_mask(mask), 0), copy=True)
+
+    # -- any graph ------------------------------------------------------------------------------------
+    def run(self, feeds: dict) -> dict:
+        """Run the graph once on ``feeds`` (name -> array); returns every output by name.
+
+        >>> engine.run({"input_ids": ids, "attention_mask": mask})["last_hidden_state"]   # doctest: +SKIP
+        """
+        missing = set(self.input_types) - set(feeds)
+        unknown = set(feeds) - set(self.input_types)
+        if missing or unknown:
+            parts = []
+            if missing:
+                parts.append(f"missing inputs {sorted(missing)}")
+            if unknown:
+                parts.append(f"unknown inputs {sorted(unknown)}")
+            raise UsageError(f"{self.path}: {'; '.join(parts)}; the graph takes {sorted(self.input_types)}")
+        arrays = {}
+        for name, value in feeds.items():
+            want = _NUMPY_DTYPES.get(self.input_types[name])
+            arr = np.asarray(value)
+            arrays[name] = arr.astype(want) if want is not None and arr.dtype != want else arr
+        try:
+            outputs = self.session.run(None, arrays)
+        except Exception as exc:  # ORT raises its own exception types for shape/type errors
+            raise UsageError(f"{self.path}: {str(exc).strip().splitlines()[0]}") from None
+        return dict(zip(self.output_names, outputs))
