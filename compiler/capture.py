@@ -16,6 +16,7 @@ import contextlib
 import inspect
 import io
 import logging
+import re
 import warnings
 from dataclasses import dataclass, field
 
@@ -91,9 +92,29 @@ def _export(module, args, kwargs, dynamic_shapes, input_names, output_names) -> 
                 optimize=True, verbose=False, external_data=False,
             )
     except Exception as exc:  # torch.export raises a zoo of types; all mean "could not capture"
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise CaptureError(f"{type(module).__name__}: torch.onnx export failed: {type(exc).__name__}: {first}") from exc
+        raise export_error(module, exc) from exc
     return program.model
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_NO_ONNX_FUNCTION = re.compile(r"No ONNX function found for <OpOverload\(op='([^']+)'")
+
+
+def export_error(module, exc: BaseException):
+    """One line out of torch.onnx's multi-page failure: the op without an ONNX translation, or the summary."""
+    text = _ANSI.sub("", str(exc))
+    owner = type(getattr(module, "model", module)).__name__
+    missing = _NO_ONNX_FUNCTION.search(text)
+    if missing:
+        return UnsupportedModelError(
+            f"{owner}: op {missing.group(1)} has no ONNX translation in torch.onnx, so the model cannot be captured"
+        )
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if "## Exception summary" in lines:
+        summary = lines[lines.index("## Exception summary") + 1:]
+        if summary:
+            return CaptureError(f"{owner}: torch.onnx export failed: {summary[0]}")
+    return CaptureError(f"{owner}: torch.onnx export failed: {type(exc).__name__}: {lines[0] if lines else ''}")
 
 
 def _cache_layers(cache):

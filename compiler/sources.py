@@ -134,7 +134,7 @@ def _load_hf_dir(path: Path) -> TorchModel:
     import transformers
 
     try:
-        config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
+        config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False, local_files_only=True)
     except (ValueError, KeyError) as exc:
         raise UnsupportedModelError(f"{path}/config.json: transformers cannot read this config ({_first_line(exc)})") from None
     except OSError as exc:
@@ -153,7 +153,9 @@ def _load_hf_dir(path: Path) -> TorchModel:
     try:
         # trust_remote_code=False: a model directory never runs its own Python here. transformers reads
         # safetensors, and .bin files only with torch.load(weights_only=True).
-        module = auto.from_pretrained(path, dtype=torch.float32, trust_remote_code=False, use_safetensors=bool(weights))
+        module = auto.from_pretrained(
+            path, dtype=torch.float32, trust_remote_code=False, use_safetensors=bool(weights), local_files_only=True
+        )
     except Exception as exc:  # transformers raises many types for a bad checkpoint
         raise SourceError(f"{path}: cannot load weights ({type(exc).__name__}: {_first_line(exc)})") from None
     return _from_hf_model(module.eval(), tokenizer_dir=path)

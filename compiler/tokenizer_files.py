@@ -42,7 +42,7 @@ def _convert_to_fast(source_dir: Path):
     try:
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(source_dir, use_fast=True, trust_remote_code=False)
+        tok = AutoTokenizer.from_pretrained(source_dir, use_fast=True, trust_remote_code=False, local_files_only=True)
     except Exception:  # a tokenizer we cannot convert is not fatal: the artifact still runs on token ids
         return None
     return getattr(tok, "backend_tokenizer", None)

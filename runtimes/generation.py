@@ -91,15 +91,20 @@ def generate_loop(
     eos_token_id=None,
     pad_token_id: int = 0,
     seed: int | None = None,
-) -> np.ndarray:
-    """Prefill, then decode one token per step; returns [batch, prompt + generated] like transformers."""
+    output_logits: bool = False,
+):
+    """Prefill, then decode one token per step; returns [batch, prompt + generated] like transformers.
+
+    With ``output_logits`` also returns the raw logits each new token was chosen from, [batch, new, vocab]
+    (transformers' ``output_logits``).
+    """
     if do_sample and temperature <= 0:
         raise UsageError(f"temperature must be > 0 when sampling, got {temperature}")
     if not 0.0 < top_p <= 1.0:
         raise UsageError(f"top_p must be in (0, 1], got {top_p}")
     batch, prompt_len = ids.shape
     if max_new_tokens == 0:
-        return ids.copy()
+        return (ids.copy(), np.zeros((batch, 0, 0), np.float32)) if output_logits else ids.copy()
     rng = np.random.default_rng(seed)
     eos = eos_set(eos_token_id)
     full_mask = np.zeros((batch, prompt_len + max_new_tokens), dtype=np.int64)
@@ -107,10 +112,13 @@ def generate_loop(
     out = np.empty((batch, prompt_len + max_new_tokens), dtype=np.int64)
     out[:, :prompt_len] = ids
     finished = np.zeros(batch, dtype=bool)
+    kept_logits = []
 
     logits = step(ids, mask, positions_from_mask(mask), 0)
     length = prompt_len
     for produced in range(max_new_tokens):
+        if output_logits:
+            kept_logits.append(np.array(logits, dtype=np.float32, copy=True))
         if produced < min_new_tokens and eos.size:
             logits = logits.copy()
             logits[:, eos] = -np.inf
@@ -126,4 +134,6 @@ def generate_loop(
         # Each row's next position is its count of real tokens so far, minus one.
         position = (full_mask[:, :length].sum(axis=-1) - 1)[:, None]
         logits = step(token[:, None], np.ascontiguousarray(full_mask[:, :length]), position, length - 1)
+    if output_logits:
+        return out[:, :length], np.stack(kept_logits, axis=1)
     return out[:, :length]

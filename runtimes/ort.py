@@ -118,13 +118,14 @@ class OrtEngine(Engine):
     def generate(
         self, input_ids, max_new_tokens: int = 32, min_new_tokens: int = 0, do_sample: bool = False,
         temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_token_id="model", pad_token_id=None,
-        seed: int | None = None,
-    ) -> np.ndarray:
+        seed: int | None = None, output_logits: bool = False,
+    ):
         """Generate up to ``max_new_tokens`` per row; returns int64 [batch, prompt + new], left-padded.
 
         ``input_ids`` is a 2-D array or a list of token-id lists (ragged rows are left-padded, and each row
         gets exactly the tokens it would get alone). ``eos_token_id`` defaults to the model's; None
-        disables stopping.
+        disables stopping. ``output_logits=True`` returns ``(ids, logits)`` with the raw logits of every
+        generated position, [batch, new, vocab].
 
         >>> engine.generate([[256, 72], [256, 72, 105, 33]], max_new_tokens=4).shape   # doctest: +SKIP
         (2, 8)
@@ -145,6 +146,7 @@ class OrtEngine(Engine):
         return generate_loop(
             last_logits, ids, mask, max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample,
             temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, pad_token_id=pad, seed=seed,
+            output_logits=output_logits,
         )
 
     def score(self, input_ids, attention_mask=None) -> np.ndarray:

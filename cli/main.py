@@ -1,0 +1,236 @@
+"""`luffy compile | run | inspect | zoo`.
+
+Errors print one line naming the cause and exit with the error kind's code (see luffy.errors); add
+--debug (or LUFFY_DEBUG=1) for the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .. import __version__
+from ..errors import LuffyError, UsageError
+
+app = typer.Typer(
+    name="luffy",
+    help="Ahead-of-time compiler for LLM inference.\n\nExample: luffy compile llama-tiny -o build/llama-tiny && "
+    "luffy run build/llama-tiny --prompt 'Hello'",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+out = Console()
+err = Console(stderr=True)
+_state = {"debug": bool(os.environ.get("LUFFY_DEBUG"))}
+
+
+def _quiet_libraries() -> None:
+    # transformers draws its own tqdm bars while loading weights; the CLI shows one status line instead.
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def _version(value: bool):
+    if value:
+        out.print(f"luffy {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+):
+    _state["debug"] = _state["debug"] or debug
+
+
+@app.command("compile")
+def compile_cmd(
+    source: str = typer.Argument(..., help="Zoo name, local Hugging Face directory, .onnx file or package.module:factory."),
+    output: Path = typer.Option(..., "-o", "--output", help="Artifact directory to write (replaced atomically)."),
+    target: str = typer.Option("ort", "--target", help="ort (ONNX Runtime) or trt (TensorRT)."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 | bf16 | int8 | int4."),
+    opt_level: int = typer.Option(2, "-O", "--opt-level", min=0, max=3, help="0 none, 1 cleanup, 2 fusions (default), 3 all."),
+    max_seq_len: Optional[int] = typer.Option(None, "--max-seq-len", help="Longest prompt + generation the artifact serves."),
+    disable_pass: List[str] = typer.Option([], "--disable-pass", help="Skip a pass by name (repeatable)."),
+    enable_pass: List[str] = typer.Option([], "--enable-pass", help="Add a pass from -O3 by name (repeatable)."),
+    check_parity: bool = typer.Option(True, "--check-parity/--no-check-parity", help="Compare with PyTorch before publishing."),
+    external_data: str = typer.Option("auto", "--external-data", help="Weights in model.onnx.data: auto | always | never."),
+    report_json: bool = typer.Option(False, "--json", help="Print the compile report as JSON on stdout."),
+):
+    """Compile a model into an artifact directory.
+
+    Example: luffy compile ./my-llama -o build/my-llama --target ort -O2
+    """
+    from ..compiler.compile import compile as compile_artifact
+
+    _quiet_libraries()
+    with err.status(f"compiling {source}") as status:
+        artifact = compile_artifact(
+            source, target=target, output=output, precision=precision, opt_level=opt_level, max_seq_len=max_seq_len,
+            disable_pass=disable_pass, enable_pass=enable_pass, check_parity=check_parity, external_data=external_data,
+            progress=lambda message: status.update(f"{source}: {message}"),
+        )
+    report = artifact.report
+    if report_json:
+        print(json.dumps(report, indent=2))
+        return
+    parity = report.get("parity")
+    parity_text = f"max |Δ| {parity['max_abs_diff']:.2e} vs PyTorch" if parity else "not checked"
+    err.print(
+        f"[green]✓[/green] {output}  {report['capture']['nodes']} → {report['nodes']} nodes, "
+        f"{report['parameters']:,} parameters, {report['seconds_total']:.1f}s, parity {parity_text}"
+    )
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise UsageError(f"--input-ids {text!r}: expected comma-separated integers like 1,2,3") from None
+
+
+@app.command("run")
+def run_cmd(
+    artifact: Path = typer.Argument(..., help="Artifact directory written by `luffy compile`."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Text prompt (needs the artifact's tokenizer)."),
+    input_ids: Optional[str] = typer.Option(None, "--input-ids", help="Comma-separated token ids, e.g. 1,2,3."),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=0),
+    min_new_tokens: int = typer.Option(0, "--min-new-tokens", min=0),
+    do_sample: bool = typer.Option(False, "--sample/--greedy", help="Sample instead of greedy decoding."),
+    temperature: float = typer.Option(1.0, "--temperature"),
+    top_k: int = typer.Option(0, "--top-k", min=0),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    no_eos: bool = typer.Option(False, "--no-eos", help="Never stop early at the end-of-sequence token."),
+    as_json: bool = typer.Option(False, "--json", help="Print token ids (and text) as JSON."),
+):
+    """Generate from a compiled causal LM.
+
+    Example: luffy run build/llama-tiny --prompt "Hello" --max-new-tokens 16
+    """
+    from ..runtimes import load
+
+    if (prompt is None) == (input_ids is None):
+        raise UsageError("give exactly one of --prompt TEXT or --input-ids 1,2,3")
+    engine = load(artifact)
+    kwargs = dict(
+        max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature,
+        top_k=top_k, top_p=top_p, seed=seed,
+    )
+    if no_eos:
+        kwargs["eos_token_id"] = None
+    ids = engine.tokenizer.encode(prompt).ids if prompt is not None else _parse_ids(input_ids)
+    result = engine.generate([ids], **kwargs)[0]
+    new = [int(t) for t in result[len(ids):]]
+    text = engine.tokenizer.decode(new, skip_special_tokens=True) if engine.manifest.get("tokenizer") else None
+    if as_json:
+        print(json.dumps({"input_ids": ids, "output_ids": new, "text": text}))
+    elif text is not None:
+        print((prompt or "") + text)
+    else:
+        print(",".join(map(str, [*ids, *new])))
+
+
+@app.command("inspect")
+def inspect_cmd(
+    target: str = typer.Argument(..., help="Artifact directory, .onnx file, zoo name or Hugging Face directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print everything as JSON."),
+):
+    """Summarize an artifact (manifest, op histogram, parameters) or a model source.
+
+    Example: luffy inspect build/llama-tiny --json
+    """
+    from ..compiler.inspect import inspect_path
+
+    if not (Path(target) / "manifest.json").is_file():
+        _quiet_libraries()
+    info = inspect_path(target)
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    table = Table(title=f"luffy inspect {target}", show_header=False)
+    for key, value in info.items():
+        if key in ("op_histogram", "io"):
+            continue
+        table.add_row(key, json.dumps(value) if isinstance(value, (dict, list)) else str(value))
+    out.print(table)
+    if info.get("io"):
+        io = Table(title="I/O")
+        for col in ("", "name", "dtype", "shape"):
+            io.add_column(col)
+        for direction in ("inputs", "outputs"):
+            for v in info["io"][direction]:
+                io.add_row(direction[:-1], v["name"], v["dtype"], str(v["shape"]))
+        out.print(io)
+    if info.get("op_histogram"):
+        ops = Table(title="ops")
+        ops.add_column("op")
+        ops.add_column("count", justify="right")
+        for op, count in info["op_histogram"].items():
+            ops.add_row(op, str(count))
+        out.print(ops)
+
+
+@app.command("zoo")
+def zoo_cmd(as_json: bool = typer.Option(False, "--json", help="Print as JSON.")):
+    """List the built-in models (no download needed).
+
+    Example: luffy zoo
+    """
+    from ..models_zoo import ZOO
+
+    if as_json:
+        print(json.dumps([{"name": e.name, "kind": e.kind, "description": e.description} for e in ZOO.values()], indent=2))
+        return
+    table = Table(title="luffy zoo")
+    for col in ("name", "kind", "description"):
+        table.add_column(col)
+    for e in ZOO.values():
+        table.add_row(e.name, e.kind, e.description)
+    out.print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the app, turning LuffyError into one line on stderr and its exit code."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except LuffyError as exc:
+        if _state["debug"]:
+            raise
+        err.print(f"luffy: error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        return exc.exit_code
+    except typer.Exit as exc:
+        return exc.exit_code
+    except typer.Abort:
+        err.print("luffy: aborted", markup=False)
+        return 130
+    except Exception as exc:  # click usage errors and anything unexpected
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            return exc.exit_code
+        if _state["debug"]:
+            raise
+        err.print(f"luffy: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+                  markup=False, highlight=False, soft_wrap=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

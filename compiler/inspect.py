@@ -1,0 +1,87 @@
+"""`luffy inspect`: what an artifact or a model source holds, as one JSON-able dict."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import SourceError
+from .artifact import MANIFEST, read_manifest
+
+
+def inspect_path(target: str) -> dict:
+    """Summarize an artifact directory (verifying its files), an .onnx file, or a zoo / HF source.
+
+    >>> inspect_path("build/llama-tiny")["kv_cache"]["num_layers"]   # doctest: +SKIP
+    2
+    """
+    path = Path(target)
+    if path.is_dir() and (path / MANIFEST).is_file():
+        return _inspect_artifact(path)
+    from .sources import resolve_source
+
+    src = resolve_source(target)
+    if src.kind == "onnx":
+        return _inspect_onnx(src.path)
+    if src.kind in ("zoo", "hf-dir"):
+        return _inspect_torch(src)
+    raise SourceError(f"{target}: inspect takes an artifact, an .onnx file, a zoo name or a model directory")
+
+
+def _inspect_artifact(path: Path) -> dict:
+    m = read_manifest(path)
+    report = m.get("report", {})
+    return {
+        "artifact": str(path),
+        "state": m["state"],
+        "kind": m["kind"],
+        "target": m["target"],
+        "precision": m["precision"],
+        "opt_level": m["opt_level"],
+        "source": m["source"],
+        "max_seq_len": m.get("max_seq_len"),
+        "kv_cache": m.get("kv_cache"),
+        "parameters": report.get("parameters"),
+        "nodes": report.get("nodes"),
+        "parity": report.get("parity"),
+        "files": {name: info["size"] for name, info in m["files"].items()},
+        "versions": m["versions"],
+        "io": m["io"],
+        "op_histogram": report.get("op_histogram", {}),
+    }
+
+
+def _inspect_onnx(path: Path) -> dict:
+    from .compile import io_signature, op_histogram, parameter_count
+    from .onnx_source import load_onnx_source
+    from ..passes.driver import count_nodes
+
+    captured = load_onnx_source(path)
+    return {
+        "onnx": str(path),
+        "kind": captured.kind,
+        "kv_cache": captured.kv.to_json() if captured.kv else None,
+        "parameters": parameter_count(captured.model),
+        "nodes": count_nodes(captured.model),
+        "io": io_signature(captured.model),
+        "op_histogram": op_histogram(captured.model),
+    }
+
+
+def _inspect_torch(src) -> dict:
+    from .capture import probe_kv_layout
+    from .sources import CAUSAL_LM, load_torch_model
+
+    tm = load_torch_model(src)
+    config = getattr(tm.module, "config", None)
+    return {
+        "source": src.describe(),
+        "kind": tm.kind,
+        "architecture": tm.architecture,
+        "model_type": getattr(config, "model_type", None),
+        "parameters": sum(p.numel() for p in tm.module.parameters()),
+        "max_positions": tm.max_positions,
+        "kv_cache": probe_kv_layout(tm.module).to_json() if tm.kind == CAUSAL_LM else None,
+        "generation": tm.generation,
+        "has_tokenizer": tm.tokenizer is not None or (tm.tokenizer_dir is not None and any(
+            (tm.tokenizer_dir / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt"))),
+    }
