@@ -93,8 +93,20 @@ def _export(module, args, kwargs, dynamic_shapes, input_names, output_names) -> 
             )
     except Exception as exc:  # torch.export raises a zoo of types; all mean "could not capture"
         raise export_error(module, exc) from exc
+    _drop_build_metadata(program.model)
     return program.model
 
+
+# Per-node metadata torch.onnx attaches. Stack traces and FX dumps hold this machine's paths and are most
+# of a small model's bytes; an artifact must not depend on (or leak) where it was built. name_scopes stays:
+# it says which module (layer) a node came from, which per-layer reports need.
+_BUILD_METADATA = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node", "pkg.torch.onnx.class_hierarchy", "namespace")
+
+
+def _drop_build_metadata(model: ir.Model) -> None:
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        for key in _BUILD_METADATA:
+            node.metadata_props.pop(key, None)
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _NO_ONNX_FUNCTION = re.compile(r"No ONNX function found for <OpOverload\(op='([^']+)'")

@@ -161,9 +161,22 @@ def _load_hf_dir(path: Path) -> TorchModel:
     return _from_hf_model(module.eval(), tokenizer_dir=path)
 
 
+def _module_kind(module) -> str | None:
+    """Decide from the loaded class, not the config: a config's model_type (bert) can name both kinds."""
+    config = getattr(module, "config", None)
+    if config is None or getattr(config, "is_encoder_decoder", False):
+        return None
+    can_generate = getattr(module, "can_generate", None)
+    if callable(can_generate) and can_generate():
+        return CAUSAL_LM
+    if not getattr(config, "is_decoder", False) and hasattr(module, "get_input_embeddings"):
+        return ENCODER
+    return None
+
+
 def _from_hf_model(module, tokenizer=None, tokenizer_dir: Path | None = None) -> TorchModel:
     config = module.config
-    kind = _transformers_kind(config)
+    kind = _module_kind(module)
     if kind is None:
         raise UnsupportedModelError(f"architecture {type(module).__name__} (model_type={config.model_type}) is not supported")
     gen = getattr(module, "generation_config", None)
@@ -185,7 +198,7 @@ def _from_hf_model(module, tokenizer=None, tokenizer_dir: Path | None = None) ->
 
 
 def _from_any_module(module, example_inputs, dynamic_shapes) -> TorchModel:
-    if hasattr(module, "config") and _transformers_kind(module.config) is not None and example_inputs is None:
+    if example_inputs is None and _module_kind(module) is not None:
         return _from_hf_model(module)
     if example_inputs is None:
         raise SourceError(f"{type(module).__name__}: not a transformers model, so example inputs are needed")

@@ -1,0 +1,7 @@
+"""`python -m luffy` is the `luffy` command."""
+
+import sys
+
+from luffy.cli.main import main
+
+sys.exit(main())

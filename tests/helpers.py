@@ -1,0 +1,75 @@
+"""Shared test material: tiny random-weight configs of the named families, saved as real HF directories."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+COMMON = dict(
+    vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.1,
+)
+
+# The families the foundation issue names, with the variations that stress capture: sliding windows
+# (Mistral window 16 < the 52-token generations below), partial rotary (Phi3), qkv bias (Qwen2),
+# learned positions and tied embeddings (GPT-2).
+NAMED_FAMILIES = {
+    "llama": dict(COMMON),
+    "mistral": dict(COMMON, sliding_window=16),
+    "qwen2": dict(COMMON),
+    "phi3": dict(COMMON, partial_rotary_factor=0.5, pad_token_id=0),
+    "gpt2": dict(vocab_size=320, n_embd=64, n_layer=2, n_head=4, n_positions=256, initializer_range=0.1),
+}
+
+# Other architectures transformers can load, compiled with no per-family code in luffy.
+OTHER_FAMILIES = {
+    "qwen3": dict(COMMON, head_dim=16),
+    "gemma2": dict(COMMON, head_dim=16, sliding_window=16),
+    "gpt_neox": dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, max_position_embeddings=256, rotary_pct=0.5, initializer_range=0.1),
+    "falcon": dict(vocab_size=320, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                   new_decoder_architecture=True, num_kv_heads=2, initializer_range=0.1),
+    "bloom": dict(vocab_size=320, hidden_size=64, n_layer=2, n_head=4, initializer_range=0.1),
+    "opt": dict(vocab_size=320, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=256, word_embed_proj_dim=64),
+}
+
+PROMPT = [3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31, 33, 35, 37, 39, 41]
+
+
+def make_hf_dir(family: str, config_kwargs: dict, directory: Path, seed: int = 0):
+    """Build a random-weight causal LM, save it with safetensors plus a tokenizer; return the torch model."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from luffy.models_zoo.byte_tokenizer import byte_tokenizer
+
+    config = AutoConfig.for_model(family, **config_kwargs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config).eval()
+    model.save_pretrained(directory, safe_serialization=True)
+    PreTrainedTokenizerFast(tokenizer_object=byte_tokenizer(add_bos=False)).save_pretrained(directory)
+    return model
+
+
+def hf_greedy(model, prompt: list[int], max_new_tokens: int):
+    """transformers' own greedy generate: (ids, per-step logits) with EOS stopping disabled."""
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
+            output_logits=True, return_dict_in_generate=True, pad_token_id=0,
+        )
+    logits = torch.stack(out.logits, dim=1).numpy()
+    return out.sequences.numpy(), logits
+
+
+def torch_logits(model, ids) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model(torch.as_tensor(np.asarray(ids))).logits.float().numpy()

@@ -1,0 +1,185 @@
+"""The artifact contract: hashes checked on load, nothing half-written, atomic replacement."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import luffy
+from luffy.errors import ArtifactError, CapacityError, UsageError
+from luffy.runtimes import check_onnxruntime
+
+
+@pytest.fixture()
+def llama_copy(zoo_artifacts, tmp_path):
+    artifact, _ = zoo_artifacts("llama-tiny")
+    target = tmp_path / "copy"
+    shutil.copytree(artifact.path, target)
+    return target
+
+
+def test_manifest_records_the_contract(zoo_artifacts):
+    artifact, _ = zoo_artifacts("llama-tiny")
+    m = json.loads((artifact.path / "manifest.json").read_text())
+    assert m["format_version"] == 1 and m["state"] == "ready" and m["target"] == "ort"
+    assert m["precision"] == "fp32" and m["opt_level"] == 2
+    assert {"luffy", "torch", "onnx", "onnxruntime"} <= set(m["versions"])
+    assert m["source"] == {"kind": "zoo", "spec": "llama-tiny", "architecture": "LlamaForCausalLM"}
+    names = [i["name"] for i in m["io"]["inputs"]]
+    assert names[:3] == ["input_ids", "attention_mask", "position_ids"]
+    assert names[3:] == [f"past_key_values.{l}.{k}" for l in range(2) for k in ("key", "value")]
+    assert m["io"]["inputs"][3]["shape"] == ["batch", 2, "past", 16]
+    assert m["io"]["outputs"][1]["shape"] == ["batch", 2, "total", 16]
+    assert m["dims"]["past"] == {"min": 0, "max": 511} and m["max_seq_len"] == 512
+    assert m["kv_cache"]["num_layers"] == 2 and m["kv_cache"]["bytes_per_token"] == 2 * 2 * 2 * 16 * 4
+    assert set(m["files"]) == {"model.onnx", "tokenizer.json"}
+    for info in m["files"].values():
+        assert len(info["sha256"]) == 64 and info["size"] > 0
+    report = m["report"]
+    assert [p["name"] for p in report["passes"]][0] == "inline"
+    assert all({"seconds", "modified", "nodes_before", "nodes_after"} <= set(p) for p in report["passes"])
+    assert report["parity"]["max_abs_diff"] <= 1e-4
+
+
+def test_tampered_file_is_refused(llama_copy):
+    model = llama_copy / "model.onnx"
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, different bytes
+    model.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match=r"model\.onnx: sha256 .* does not match"):
+        luffy.load(llama_copy)
+
+
+def test_truncated_and_missing_files_are_refused(llama_copy):
+    (llama_copy / "tokenizer.json").write_text("{}")
+    with pytest.raises(ArtifactError, match=r"tokenizer\.json: size \d+ does not match"):
+        luffy.load(llama_copy)
+    (llama_copy / "tokenizer.json").unlink()
+    with pytest.raises(ArtifactError, match="missing"):
+        luffy.load(llama_copy)
+
+
+def test_manifest_problems_are_refused(llama_copy):
+    manifest = json.loads((llama_copy / "manifest.json").read_text())
+    (llama_copy / "manifest.json").write_text(json.dumps({**manifest, "format_version": 99}))
+    with pytest.raises(ArtifactError, match="format_version 99"):
+        luffy.load(llama_copy)
+    (llama_copy / "manifest.json").write_text("{not json")
+    with pytest.raises(ArtifactError, match="not valid JSON"):
+        luffy.load(llama_copy)
+    (llama_copy / "manifest.json").unlink()
+    with pytest.raises(ArtifactError, match="manifest.json: missing"):
+        luffy.load(llama_copy)
+
+
+def test_manifest_entry_escaping_the_artifact_is_refused(llama_copy):
+    manifest = json.loads((llama_copy / "manifest.json").read_text())
+    manifest["files"]["../outside"] = {"sha256": "0" * 64, "size": 1}
+    (llama_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="points outside the artifact"):
+        luffy.load(llama_copy)
+
+
+def test_onnxruntime_too_old_for_the_opset_is_refused(tmp_path):
+    with pytest.raises(ArtifactError, match=r"opset 40, which needs onnxruntime >= 999.0; installed onnxruntime is"):
+        check_onnxruntime({"opset_imports": {"ai.onnx": 40}}, tmp_path)
+
+
+def test_capacity_error_names_both_numbers(tmp_path):
+    engine = luffy.compile("llama-tiny", output=tmp_path / "short", max_seq_len=64, check_parity=False).load()
+    assert engine.manifest["dims"]["total"]["max"] == 64
+    with pytest.raises(CapacityError, match=r"prompt length 60 \+ max_new_tokens 10 = 70 exceeds .* maximum sequence length 64"):
+        engine.generate([list(range(60))], max_new_tokens=10)
+    assert engine.generate([list(range(60))], max_new_tokens=4).shape == (1, 64)
+
+
+def test_max_seq_len_beyond_the_model_is_refused(tmp_path):
+    with pytest.raises(UsageError, match="--max-seq-len 4096 exceeds the model's position limit 512"):
+        luffy.compile("gpt2-tiny", output=tmp_path / "a", max_seq_len=4096)
+    assert not (tmp_path / "a").exists()
+
+
+def test_external_data_artifact_loads_and_matches(zoo_artifacts, tmp_path):
+    artifact, _ = zoo_artifacts("llama-tiny")
+    ext = luffy.compile("llama-tiny", output=tmp_path / "ext", external_data="always")
+    assert ext.manifest["external_data"] == "model.onnx.data"
+    assert set(ext.manifest["files"]) == {"model.onnx", "model.onnx.data", "tokenizer.json"}
+    assert (tmp_path / "ext" / "model.onnx").stat().st_size < 100_000
+    prompt = [[256, 5, 6, 7]]
+    a = artifact.load().generate(prompt, max_new_tokens=8, min_new_tokens=8)
+    b = ext.load().generate(prompt, max_new_tokens=8, min_new_tokens=8)
+    assert a.tolist() == b.tolist()
+
+
+def test_refuses_to_overwrite_a_directory_that_is_not_an_artifact(tmp_path):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    with pytest.raises(UsageError, match="is not a luffy artifact; refusing to overwrite"):
+        luffy.compile("gpt2-tiny", output=precious)
+    assert (precious / "notes.txt").read_text() == "keep me"
+
+
+def test_recompile_replaces_an_artifact_atomically(tmp_path):
+    out = tmp_path / "art"
+    first = luffy.compile("gpt2-tiny", output=out, opt_level=0, check_parity=False)
+    second = luffy.compile("gpt2-tiny", output=out, opt_level=1, check_parity=False)
+    assert first.manifest["opt_level"] == 0 and luffy.load(out).manifest["opt_level"] == 1 == second.manifest["opt_level"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]  # no staging or backup directories left
+
+
+def test_failed_compile_leaves_nothing(tmp_path):
+    with pytest.raises(luffy.SourceError, match="factory returned int"):
+        luffy.compile("luffy.tests.factories:not_a_module", output=tmp_path / "bad")
+    assert list(tmp_path.iterdir()) == []
+
+
+def _compile_process(out: Path):
+    code = "import luffy, sys; luffy.compile('llama-tiny', output=sys.argv[1])"
+    return subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _wait_for_staging(parent: Path, proc, timeout=120.0) -> list[Path]:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        staged = [p for p in parent.iterdir() if p.name.startswith(".art.partial-")]
+        if staged and any(staged[0].iterdir()):
+            return staged
+        assert proc.poll() is None, proc.stderr.read().decode()
+        time.sleep(0.02)
+    raise AssertionError("compile never started writing")
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT])
+def test_interrupted_compile_leaves_no_loadable_directory(tmp_path, how):
+    out = tmp_path / "art"
+    proc = _compile_process(out)
+    _wait_for_staging(tmp_path, proc)
+    os.kill(proc.pid, how)
+    proc.wait(timeout=60)
+    assert proc.returncode != 0
+    assert not out.exists()
+    with pytest.raises(ArtifactError):
+        luffy.load(out)
+    leftovers = [p for p in tmp_path.iterdir()]
+    for p in leftovers:  # a SIGKILL can leave the hidden staging dir behind, but never a loadable one
+        with pytest.raises(ArtifactError, match="manifest.json: missing"):
+            luffy.load(p)
+    if how == signal.SIGINT:
+        assert leftovers == []  # a Ctrl-C cleans up after itself
+
+
+def test_engine_from_plain_numpy_inputs(zoo_artifacts):
+    artifact, _ = zoo_artifacts("gpt2-tiny")
+    engine = artifact.load()
+    ids = np.array([[1, 2, 3], [4, 5, 6]], dtype=np.int64)
+    out = engine.generate(ids, max_new_tokens=3, min_new_tokens=3)
+    assert out.dtype == np.int64 and out.shape == (2, 6) and (out[:, :3] == ids).all()
+    assert engine.score(ids).shape == (2, 3, 320)
