@@ -97,6 +97,7 @@ def compile(  # noqa: A001 - the public name the API promises
 
     model, pass_records = run_passes(captured.model, steps, on_pass=lambda name: say(f"pass {name}"))
     model.producer_name, model.producer_version = "luffy", __version__
+    _lower_ir_version(model)
 
     with staged_directory(Path(output)) as stage:
         say("writing model")
@@ -139,6 +140,19 @@ def _capture(src):
     tm = load_torch_model(src)
     capture = {CAUSAL_LM: capture_causal_lm, ENCODER: capture_encoder}.get(tm.kind, capture_module)
     return capture(tm), tm
+
+
+def _lower_ir_version(model: ir.Model) -> None:
+    # onnx.helper stamps the newest IR version it knows, which a released onnxruntime may not read yet
+    # ("Unsupported model IR version: 14"). The opsets in use fix the IR version actually required.
+    import onnx
+
+    needed = onnx.helper.find_min_ir_version_for(
+        [onnx.helper.make_opsetid(domain, version) for domain, version in model.opset_imports.items()],
+        ignore_unknown=True,
+    )
+    if needed < model.ir_version:
+        model.ir_version = needed
 
 
 def _max_seq_len(cfg: LuffyConfig, tm, captured) -> int | None:

@@ -30,13 +30,13 @@ def _fold_constants():
 CLEANUP = [
     # Functions first, so every later pass sees plain nodes.
     PassStep("inline", common.InlinePass, "later passes match plain nodes, not function calls"),
-    # Folding before CSE: folded constants become identical and CSE can then merge their users.
     PassStep("fold-constants", _fold_constants, "turns shape arithmetic on static dims into constants"),
     PassStep("eliminate-identity", common.IdentityEliminationPass, "Identity nodes hide patterns from fusions"),
-    PassStep("cse", common.CommonSubexpressionEliminationPass, "merges repeated shape/mask computations"),
-    # Tied weights (embedding / lm_head) and repeated constants are stored once.
+    # Tied weights (embedding / lm_head) and repeated constants are stored once; before CSE, so nodes that
+    # read two copies of one weight become identical and CSE merges them.
     PassStep("dedupe-initializers", lambda: common.DeduplicateInitializersPass(size_limit=1 << 30),
              "identical weights stored once"),
+    PassStep("cse", common.CommonSubexpressionEliminationPass, "merges repeated shape/mask computations"),
     # Dead-code removal after everything that can orphan nodes.
     PassStep("remove-unused", common.RemoveUnusedNodesPass, "drops nodes and initializers nothing reads"),
     PassStep("remove-unused-opsets", common.RemoveUnusedOpsetsPass, "keeps the opset imports honest"),

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import BackendUnavailableError, UsageError
+from ..errors import ArtifactError, BackendUnavailableError, UsageError
 from .engine import Engine
 from .generation import as_rows, check_capacity, generate_loop, left_pad, positions_from_mask
 from .kv_cache import KVCache
@@ -36,9 +36,12 @@ class OrtEngine(Engine):
         if threads:
             options.intra_op_num_threads = threads
         self._ort = ort
-        self.session = ort.InferenceSession(
-            str(self.path / manifest["model_file"]), options, providers=providers or ["CPUExecutionProvider"]
-        )
+        model_path = self.path / manifest["model_file"]
+        try:
+            self.session = ort.InferenceSession(str(model_path), options, providers=providers or ["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ArtifactError(f"{model_path}: onnxruntime {ort.__version__} cannot load it: {reason}") from None
         self.input_types = {i.name: i.type for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
         kv = manifest.get("kv_cache")

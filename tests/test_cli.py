@@ -1,0 +1,113 @@
+"""The `luffy` command as a user runs it: real processes, exit codes, one-line errors."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from luffy.errors import ArtifactError, CapacityError, SourceError, UnsupportedModelError, UsageError
+
+
+def luffy_cli(*args, check=False):
+    proc = subprocess.run([sys.executable, "-m", "luffy", *map(str, args)], capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"luffy {args} exited {proc.returncode}: {proc.stderr}")
+    return proc
+
+
+def assert_one_line_error(proc, exit_code, *fragments):
+    assert proc.returncode == exit_code, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr  # one line, no traceback
+    assert lines[0].startswith("luffy: error: ")
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_compile_run_inspect_end_to_end(tmp_path):
+    out = tmp_path / "llama"
+    compiled = luffy_cli("compile", "llama-tiny", "-o", out, "--target", "ort", "-O2", "--json", check=True)
+    report = json.loads(compiled.stdout)
+    assert report["parity"]["passed"] and report["nodes"] > 0
+
+    ran = luffy_cli("run", out, "--input-ids", "256,72,105", "--max-new-tokens", "6", "--no-eos", "--json", check=True)
+    result = json.loads(ran.stdout)
+    assert result["input_ids"] == [256, 72, 105] and len(result["output_ids"]) == 6
+    import luffy
+
+    expected = luffy.load(out).generate([[256, 72, 105]], max_new_tokens=6, eos_token_id=None)[0, 3:]
+    assert result["output_ids"] == expected.tolist()
+
+    text = luffy_cli("run", out, "--prompt", "Hi", "--max-new-tokens", "3", check=True)
+    assert text.stdout.startswith("Hi")
+
+    info = json.loads(luffy_cli("inspect", out, "--json", check=True).stdout)
+    assert info["kind"] == "causal-lm" and info["kv_cache"]["num_layers"] == 2
+    assert sum(info["op_histogram"].values()) == info["nodes"]
+    assert info["parameters"] == report["parameters"]
+
+
+def test_zoo_lists_models():
+    proc = luffy_cli("zoo", "--json", check=True)
+    names = {e["name"] for e in json.loads(proc.stdout)}
+    assert {"llama-tiny", "gpt2-tiny", "bert-tiny"} <= names
+
+
+@pytest.mark.parametrize("command", [[], ["compile"], ["run"], ["inspect"], ["zoo"]])
+def test_every_command_has_help_with_an_example(command):
+    proc = luffy_cli(*command, "--help", check=True)
+    assert "Usage:" in proc.stdout
+    if command:
+        assert "Example:" in proc.stdout
+
+
+def test_missing_path(tmp_path):
+    assert_one_line_error(luffy_cli("compile", tmp_path / "nope", "-o", tmp_path / "o"), SourceError.exit_code,
+                          "no such file or directory")
+    assert not (tmp_path / "o").exists()
+
+
+def test_hub_id_is_refused_with_advice(tmp_path):
+    proc = luffy_cli("compile", "meta-llama/Llama-3.2-1B", "-o", tmp_path / "o")
+    assert_one_line_error(proc, SourceError.exit_code, "meta-llama/Llama-3.2-1B", "model hub id", "local directory")
+
+
+def test_unsupported_architecture(tmp_path):
+    (tmp_path / "t5").mkdir()
+    (tmp_path / "t5" / "config.json").write_text(json.dumps({"model_type": "t5", "architectures": ["T5ForConditionalGeneration"]}))
+    assert_one_line_error(luffy_cli("compile", tmp_path / "t5", "-o", tmp_path / "o"), UnsupportedModelError.exit_code,
+                          "T5ForConditionalGeneration", "model_type=t5")
+    (tmp_path / "alien").mkdir()
+    (tmp_path / "alien" / "config.json").write_text(json.dumps({"model_type": "no-such-arch"}))
+    assert_one_line_error(luffy_cli("compile", tmp_path / "alien", "-o", tmp_path / "o"), UnsupportedModelError.exit_code,
+                          "alien/config.json")
+    assert not (tmp_path / "o").exists()
+
+
+def test_corrupt_artifact(tmp_path, zoo_artifacts):
+    artifact, _ = zoo_artifacts("gpt2-tiny")
+    copy = tmp_path / "copy"
+    shutil.copytree(artifact.path, copy)
+    (copy / "model.onnx").write_bytes(b"\0" * (copy / "model.onnx").stat().st_size)
+    assert_one_line_error(luffy_cli("run", copy, "--input-ids", "1,2"), ArtifactError.exit_code, "model.onnx", "sha256")
+    assert_one_line_error(luffy_cli("inspect", copy), ArtifactError.exit_code, "model.onnx")
+    assert_one_line_error(luffy_cli("run", tmp_path, "--input-ids", "1"), ArtifactError.exit_code, "manifest.json: missing")
+
+
+def test_capacity_and_usage_errors(zoo_artifacts):
+    artifact, _ = zoo_artifacts("gpt2-tiny")
+    ids = ",".join(["1"] * 500)
+    assert_one_line_error(luffy_cli("run", artifact.path, "--input-ids", ids, "--max-new-tokens", "20"),
+                          CapacityError.exit_code, "500", "512")
+    assert_one_line_error(luffy_cli("run", artifact.path, "--input-ids", "1,x"), UsageError.exit_code, "1,x")
+    assert_one_line_error(luffy_cli("run", artifact.path), UsageError.exit_code, "--prompt")
+    assert_one_line_error(luffy_cli("compile", "llama-tiny", "-o", "x", "--precision", "int3"), UsageError.exit_code, "int3")
+    assert_one_line_error(luffy_cli("compile", "llama-tiny", "-o", "x", "--disable-pass", "nope"), UsageError.exit_code,
+                          "unknown pass 'nope'")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    proc = luffy_cli("--debug", "compile", tmp_path / "nope", "-o", tmp_path / "o")
+    assert proc.returncode != 0 and "Traceback" in proc.stderr

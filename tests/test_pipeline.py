@@ -1,0 +1,71 @@
+"""The pipeline plumbing: explicit lists per level, --disable-pass/--enable-pass, per-pass records."""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+import luffy
+from luffy.passes.pipelines import all_pass_names, pipeline
+
+
+def test_levels_are_explicit_lists():
+    assert pipeline("ort", 0) == []
+    names = [s.name for s in pipeline("ort", 1)]
+    assert names[0] == "inline" and names[-1] == "topological-sort"
+    assert all(step.why for step in pipeline("ort", 3))
+    assert [s.name for s in pipeline("ort", 1, disabled=["cse"])] == [n for n in names if n != "cse"]
+    assert [s.name for s in pipeline("ort", 0, enabled=["cse"])] == ["cse"]
+    assert set(all_pass_names()) >= set(names)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(target="tpu", opt_level=2), "unknown target 'tpu'"),
+    (dict(target="ort", opt_level=7), "opt level 7"),
+    (dict(target="ort", opt_level=2, disabled=["fuse-everything"]), "unknown pass 'fuse-everything'"),
+])
+def test_bad_pipeline_requests(kwargs, message):
+    with pytest.raises(luffy.UsageError, match=message):
+        pipeline(**kwargs)
+
+
+def _messy_model(path):
+    """A graph with what cleanup exists for: Identity chains, a duplicated weight, a dead branch."""
+    w = np.arange(16, dtype=np.float32).reshape(4, 4) / 10
+    nodes = [
+        helper.make_node("Identity", ["x"], ["x1"]),
+        helper.make_node("MatMul", ["x1", "w_a"], ["a"]),
+        helper.make_node("MatMul", ["x1", "w_b"], ["b"]),  # w_b == w_a, so a == b after dedupe + CSE
+        helper.make_node("Add", ["a", "b"], ["y"]),
+        helper.make_node("Relu", ["x"], ["dead"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "messy", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 4])],
+        [numpy_helper.from_array(w, "w_a"), numpy_helper.from_array(w.copy(), "w_b")],
+    )
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=9), path)
+    return w
+
+
+def test_cleanup_rewrites_are_counted_and_keep_outputs(tmp_path):
+    w = _messy_model(tmp_path / "messy.onnx")
+    raw = luffy.compile(str(tmp_path / "messy.onnx"), output=tmp_path / "o0", opt_level=0)
+    clean = luffy.compile(str(tmp_path / "messy.onnx"), output=tmp_path / "o1", opt_level=1)
+    assert raw.report["op_histogram"] == {"MatMul": 2, "Identity": 1, "Add": 1, "Relu": 1}
+    assert clean.report["op_histogram"] == {"MatMul": 1, "Add": 1}
+    assert clean.report["parameters"] == 16  # the duplicate weight is stored once
+    records = {r["name"]: r for r in clean.report["passes"]}
+    assert records["eliminate-identity"]["modified"] and records["dedupe-initializers"]["modified"]
+    assert records["cse"]["nodes_after"] < records["cse"]["nodes_before"]
+    assert clean.report["nodes"] == records["topological-sort"]["nodes_after"] == 2
+    x = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+    for artifact in (raw, clean):
+        np.testing.assert_allclose(artifact.load().run({"x": x})["y"], 2 * x @ w, rtol=1e-5, atol=1e-6)
+
+
+def test_disabled_pass_does_not_run(tmp_path):
+    _messy_model(tmp_path / "messy.onnx")
+    art = luffy.compile(str(tmp_path / "messy.onnx"), output=tmp_path / "o", opt_level=1, disable_pass=["eliminate-identity"])
+    assert "eliminate-identity" not in [r["name"] for r in art.report["passes"]]
+    assert art.manifest["options"]["disabled_passes"] == ["eliminate-identity"]
