@@ -43,11 +43,28 @@ def _inspect_artifact(path: Path) -> dict:
         "parameters": report.get("parameters"),
         "nodes": report.get("nodes"),
         "parity": report.get("parity"),
+        "fusions": fusion_summary(report, (m.get("kv_cache") or {}).get("num_layers")),
         "files": {name: info["size"] for name, info in m["files"].items()},
         "versions": m["versions"],
         "io": m["io"],
         "op_histogram": report.get("op_histogram", {}),
     }
+
+
+def fusion_summary(report: dict, num_layers: int | None) -> dict:
+    """Per rewrite pass: how often it fired, against the layer count, and the closest miss when it didn't."""
+    summary = {}
+    for record in report.get("passes", []):
+        if "matches" not in record:
+            continue
+        entry = {"matches": record["matches"]}
+        if num_layers:
+            entry["per_layer"] = round(record["matches"] / num_layers, 2)
+        if record.get("not_matched"):
+            closest = record["not_matched"][0]
+            entry["closest_miss"] = f"{closest['rule']}: {closest['reason']}"
+        summary[record["name"]] = entry
+    return summary
 
 
 def _inspect_onnx(path: Path) -> dict:

@@ -22,20 +22,34 @@ def count_nodes(model: ir.Model) -> int:
     return sum(1 for _ in ir.traversal.RecursiveGraphIterator(model.graph))
 
 
-def run_passes(model: ir.Model, steps: list[PassStep], on_pass: Callable[[str], None] | None = None):
-    """Apply ``steps`` in order; return the model and one record per pass (time, modified, node counts)."""
+def run_passes(
+    model: ir.Model,
+    steps: list[PassStep],
+    on_pass: Callable[[str], None] | None = None,
+    after_pass: Callable[[str, ir.Model], dict | None] | None = None,
+):
+    """Apply ``steps`` in order; return the model and one record per pass (time, modified, node counts).
+
+    ``after_pass(name, model)`` runs after each pass (the compiler's --verify and --dump-ir live there, so
+    this package never imports the compiler); a dict it returns is merged into that pass's record.
+    """
     records = []
     for step in steps:
         if on_pass is not None:
             on_pass(step.name)
         before = count_nodes(model)
         start = time.perf_counter()
-        result = step.make()(model)
+        pass_ = step.make()
+        result = pass_(model)
         seconds = time.perf_counter() - start
         model = result.model
         after = count_nodes(model)
-        records.append({
+        record = {
             "name": step.name, "seconds": round(seconds, 4), "modified": bool(result.modified),
             "nodes_before": before, "nodes_after": after,
-        })
+            **getattr(pass_, "stats", {}),  # rule passes: match counts, and why a rule did not match
+        }
+        if after_pass is not None:
+            record.update(after_pass(step.name, model) or {})
+        records.append(record)
     return model, records

@@ -14,6 +14,14 @@ from onnx_ir.passes import common
 
 from ..errors import UsageError
 from .driver import PassStep
+from .eliminate_identity import EliminateIdentity
+from .fuse_attention import fuse_mha, fuse_sdpa, lower_sdpa
+from .fuse_gelu import fuse_gelu
+from .fuse_gqa import fuse_gqa
+from .fuse_rms_norm import fuse_rms_norm
+from .fuse_rotary import fuse_rotary
+from .fuse_skip_norm import fuse_skip_norm
+from .simplify_no_ops import simplify_no_ops
 
 TARGETS = ("ort", "trt")
 OPT_LEVELS = (0, 1, 2, 3)
@@ -31,7 +39,9 @@ CLEANUP = [
     # Functions first, so every later pass sees plain nodes.
     PassStep("inline", common.InlinePass, "later passes match plain nodes, not function calls"),
     PassStep("fold-constants", _fold_constants, "turns shape arithmetic on static dims into constants"),
-    PassStep("eliminate-identity", common.IdentityEliminationPass, "Identity nodes hide patterns from fusions"),
+    PassStep("eliminate-identity", EliminateIdentity, "Identity nodes hide patterns from fusions"),
+    # After folding, so constants like the rotary attention_scaling are visible as literal 1.0.
+    PassStep("simplify-no-ops", simplify_no_ops, "x*1, x+0, no-op casts/expands split patterns apart"),
     # Tied weights (embedding / lm_head) and repeated constants are stored once; before CSE, so nodes that
     # read two copies of one weight become identical and CSE merges them.
     PassStep("dedupe-initializers", lambda: common.DeduplicateInitializersPass(size_limit=1 << 30),
@@ -43,11 +53,37 @@ CLEANUP = [
     PassStep("topological-sort", common.TopologicalSortPass, "a canonical node order for stable artifacts"),
 ]
 
+ORT_FUSIONS = [
+    # Elementwise patterns first: they are small and self-contained, and the bigger patterns below are
+    # written against their fused forms (skip-norm expects a fused norm; attention expects fused rotary).
+    PassStep("fuse-gelu", fuse_gelu, "5-9 elementwise nodes per GELU become one"),
+    PassStep("fuse-rms-norm", fuse_rms_norm, "6-8 nodes per RMSNorm become SimplifiedLayerNormalization"),
+    PassStep("fuse-skip-norm", fuse_skip_norm, "residual add + norm in one pass over activations"),
+    PassStep("fuse-rotary", fuse_rotary, "rotate-half per q and k and per-step trigonometry become RotaryEmbedding"),
+    # Rotary fusion leaves identical cos/sin lookups per layer; merging them lets attention see one.
+    PassStep("cse-after-rotary", common.CommonSubexpressionEliminationPass, "one cos/sin lookup for all layers"),
+    PassStep("fuse-sdpa", fuse_sdpa, "Softmax(QK^T*s + mask)V recognised as one attention node"),
+    # Decoder step graphs: attention + KV concat + repeat-KV become GroupQueryAttention writing in place
+    # into a shared cache buffer. Before fuse-mha, which would otherwise take the same attention nodes.
+    PassStep("fuse-gqa", fuse_gqa, "in-place KV cache (no per-step concat copy), unrepeated KV heads"),
+    PassStep("fuse-mha", fuse_mha, "attention with its head reshapes and past concat -> MultiHeadAttention"),
+    PassStep("lower-sdpa", lower_sdpa, "any attention fuse-mha could not absorb still runs as one op"),
+    # Fusions leave their intermediate functions and dead subgraphs (the unfused mask, cos/sin math).
+    PassStep("inline-fusion-functions", common.InlinePass, "no rewriter-internal op reaches the runtime"),
+    # fuse-gqa brackets attention with Transpose pairs that cancel once its neighbours are in place.
+    PassStep("simplify-after-fusion", simplify_no_ops, "cancels Transpose/Reshape pairs the fusions leave"),
+    PassStep("eliminate-identity-after-fusion", EliminateIdentity, "cancelled pairs leave Identity nodes"),
+    PassStep("lift-constants", lambda: common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+             "rewrites and inlined functions leave Constant nodes; weights belong in initializers"),
+    PassStep("remove-unused-after-fusion", common.RemoveUnusedNodesPass, "drops what the fusions orphaned"),
+    PassStep("remove-unused-opsets-after-fusion", common.RemoveUnusedOpsetsPass, "opset imports match the ops"),
+]
+
 PIPELINES: dict[tuple[str, int], list[PassStep]] = {
     ("ort", 0): [],
     ("ort", 1): CLEANUP,
-    ("ort", 2): CLEANUP,
-    ("ort", 3): CLEANUP,
+    ("ort", 2): CLEANUP + ORT_FUSIONS,
+    ("ort", 3): CLEANUP + ORT_FUSIONS,
     ("trt", 0): [],
     ("trt", 1): CLEANUP,
     ("trt", 2): CLEANUP,

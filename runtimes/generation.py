@@ -92,11 +92,13 @@ def generate_loop(
     pad_token_id: int = 0,
     seed: int | None = None,
     output_logits: bool = False,
+    streamer: Callable[[np.ndarray], None] | None = None,
 ):
     """Prefill, then decode one token per step; returns [batch, prompt + generated] like transformers.
 
     With ``output_logits`` also returns the raw logits each new token was chosen from, [batch, new, vocab]
-    (transformers' ``output_logits``).
+    (transformers' ``output_logits``). ``streamer(tokens)`` is called with each step's new tokens [batch]
+    as soon as they are chosen (the first call marks time to first token).
     """
     if do_sample and temperature <= 0:
         raise UsageError(f"temperature must be > 0 when sampling, got {temperature}")
@@ -125,6 +127,8 @@ def generate_loop(
         token = select_next(logits, do_sample, temperature, top_k, top_p, rng).astype(np.int64)
         token[finished] = pad_token_id
         out[:, length] = token
+        if streamer is not None:
+            streamer(token)
         if eos.size:
             finished |= np.isin(token, eos)
         full_mask[:, length] = 1

@@ -1,6 +1,10 @@
 """The KV cache: preallocated once per generate call, written by the graph, never copied by Python.
 
-The step graph reads ``past`` [batch, heads, past, dim] and writes ``present`` [batch, heads, past + new,
+Shared-buffer graphs (fuse-gqa: GroupQueryAttention with past_present_share_buffer) get one buffer per layer
+and kind, [batch, heads, capacity, dim], bound as both past and present: attention writes the new tokens
+in place and nothing is copied at all.
+
+Concat graphs (the captured form) read ``past`` [batch, heads, past, dim] and writes ``present`` [batch, heads, past + new,
 dim]. Each layer owns two flat buffers sized for the whole generation; a prefix of a flat buffer is a
 contiguous [batch, heads, n, dim] array, so the past is bound as a view of one buffer and the present as
 a view of the other, and the two swap roles every step. ORT writes present straight into our memory
@@ -16,11 +20,12 @@ import numpy as np
 class KVCache:
     """Ping-pong KV buffers for ``layers`` = [(kv_heads, head_dim), ...] at a fixed batch and capacity."""
 
-    def __init__(self, batch: int, capacity: int, layers: list[tuple[int, int]], dtype=np.float32):
-        self.batch, self.capacity, self.layers = batch, capacity, layers
-        # buffers[side][layer][0 = key, 1 = value]
+    def __init__(self, batch: int, capacity: int, layers: list[tuple[int, int]], dtype=np.float32, shared=False):
+        self.batch, self.capacity, self.layers, self.shared = batch, capacity, layers, shared
+        # buffers[side][layer][0 = key, 1 = value]; a shared cache has one side
         self.buffers = [
-            [[np.empty(batch * h * capacity * d, dtype=dtype) for _ in range(2)] for h, d in layers] for _ in range(2)
+            [[np.zeros(batch * h * capacity * d, dtype=dtype) for _ in range(2)] for h, d in layers]
+            for _ in range(1 if shared else 2)
         ]
         self.read_side = 0
 
@@ -34,11 +39,16 @@ class KVCache:
         return flat[: self.batch * heads * length * dim].reshape(self.batch, heads, length, dim)
 
     def past(self, layer: int, kind: int, length: int) -> np.ndarray:
+        if self.shared:
+            return self._view(0, layer, kind, self.capacity)
         return self._view(self.read_side, layer, kind, length)
 
     def present(self, layer: int, kind: int, length: int) -> np.ndarray:
+        if self.shared:
+            return self._view(0, layer, kind, self.capacity)
         return self._view(1 - self.read_side, layer, kind, length)
 
     def swap(self) -> None:
-        """After a step: what was written becomes the next step's past."""
-        self.read_side = 1 - self.read_side
+        """After a step: what was written becomes the next step's past (a shared cache already is)."""
+        if not self.shared:
+            self.read_side = 1 - self.read_side

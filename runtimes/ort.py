@@ -11,6 +11,7 @@ from .engine import Engine
 from .generation import as_rows, check_capacity, generate_loop, left_pad, positions_from_mask
 from .kv_cache import KVCache
 
+SEQLENS, TOTAL = "seqlens_k", "total_sequence_length"
 _NUMPY_DTYPES = {
     "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
     "tensor(int32)": np.int32, "tensor(bool)": np.bool_, "tensor(double)": np.float64,
@@ -55,7 +56,9 @@ class OrtEngine(Engine):
                 raise UsageError(f"{self.path}: logits output has no static vocabulary dimension ({logits_meta.shape})")
             self.vocab = int(logits_meta.shape[-1])
             self.kv_dtype = _NUMPY_DTYPES.get(self.input_types[kv["past_input"].format(layer=0, kind="key")], np.float32)
-            unknown = set(self.input_types) - {"input_ids", "attention_mask", "position_ids"} - {
+            # fuse-gqa graphs bind one buffer as past and present and take the lengths as inputs
+            self.shared_kv = SEQLENS in self.input_types
+            unknown = set(self.input_types) - {"input_ids", "attention_mask", "position_ids", SEQLENS, TOTAL} - {
                 kv["past_input"].format(layer=i, kind=k) for i in range(kv["num_layers"]) for k in ("key", "value")
             }
             if unknown or "attention_mask" not in self.input_types:
@@ -81,7 +84,7 @@ class OrtEngine(Engine):
         """A step function bound to one KV cache and one logits buffer, for one generate/score call."""
         ort = self._ort
         kv_names = self.manifest["kv_cache"]
-        cache = KVCache(batch, capacity, self.layers, self.kv_dtype)
+        cache = KVCache(batch, capacity, self.layers, self.kv_dtype, shared=self.shared_kv)
         vocab = self.vocab
         logits_buf = np.empty(batch * logits_rows * vocab, dtype=np.float32)
         binding = self.session.io_binding()
@@ -96,6 +99,9 @@ class OrtEngine(Engine):
             feeds = {"input_ids": np.ascontiguousarray(ids, dtype=np.int64), "attention_mask": np.ascontiguousarray(mask, dtype=np.int64)}
             if takes_positions:
                 feeds["position_ids"] = np.ascontiguousarray(positions, dtype=np.int64)
+            if self.shared_kv:  # every row holds past_len + new slots (left padding counts), so one length
+                feeds[SEQLENS] = np.full(batch, past_len + new - 1, dtype=np.int32)
+                feeds[TOTAL] = np.array(past_len + new, dtype=np.int32)
             keep = []  # OrtValues must outlive the run
             for name, arr in feeds.items():
                 value = ort.OrtValue.ortvalue_from_numpy(arr)
@@ -121,14 +127,15 @@ class OrtEngine(Engine):
     def generate(
         self, input_ids, max_new_tokens: int = 32, min_new_tokens: int = 0, do_sample: bool = False,
         temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_token_id="model", pad_token_id=None,
-        seed: int | None = None, output_logits: bool = False,
+        seed: int | None = None, output_logits: bool = False, streamer=None,
     ):
         """Generate up to ``max_new_tokens`` per row; returns int64 [batch, prompt + new], left-padded.
 
         ``input_ids`` is a 2-D array or a list of token-id lists (ragged rows are left-padded, and each row
         gets exactly the tokens it would get alone). ``eos_token_id`` defaults to the model's; None
         disables stopping. ``output_logits=True`` returns ``(ids, logits)`` with the raw logits of every
-        generated position, [batch, new, vocab].
+        generated position, [batch, new, vocab]. ``streamer(tokens)`` receives each step's new tokens
+        ([batch] int64) as soon as they are chosen.
 
         >>> engine.generate([[256, 72], [256, 72, 105, 33]], max_new_tokens=4).shape   # doctest: +SKIP
         (2, 8)
@@ -149,7 +156,7 @@ class OrtEngine(Engine):
         return generate_loop(
             last_logits, ids, mask, max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample,
             temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, pad_token_id=pad, seed=seed,
-            output_logits=output_logits,
+            output_logits=output_logits, streamer=streamer,
         )
 
     def score(self, input_ids, attention_mask=None) -> np.ndarray:

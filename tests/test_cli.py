@@ -47,6 +47,9 @@ def test_compile_run_inspect_end_to_end(tmp_path):
     assert info["kind"] == "causal-lm" and info["kv_cache"]["num_layers"] == 2
     assert sum(info["op_histogram"].values()) == info["nodes"]
     assert info["parameters"] == report["parameters"]
+    # fusion coverage: one attention per layer, and a reason wherever a rewrite never fired
+    assert info["fusions"]["fuse-sdpa"] == {"matches": 2, "per_layer": 1.0}
+    assert all(entry["matches"] or entry["closest_miss"] for entry in info["fusions"].values())
 
 
 def test_zoo_lists_models():

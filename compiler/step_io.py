@@ -1,0 +1,59 @@
+"""Run a decoder step graph on ONNX Runtime from concat-style feeds, whatever KV interface it has.
+
+The captured graph takes past [B, H, past, d] and returns present [B, H, past + new, d]. After fuse-gqa the
+same graph takes capacity-sized buffers that are both past and present, plus seqlens_k and
+total_sequence_length. Parity and --verify compare both forms against the same references, so this turns
+one set of feeds into the other and returns presents trimmed back to [B, H, past + new, d].
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+SEQLENS, TOTAL = "seqlens_k", "total_sequence_length"
+_PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+EXTRA_CAPACITY = 3  # buffers a little longer than needed, so a graph that confuses capacity with length fails
+
+
+def run_step(session, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Outputs by name for ``feeds`` given in the captured (concat) form."""
+    inputs = {i.name for i in session.get_inputs()}
+    names = [o.name for o in session.get_outputs()]
+    feeds = {k: v for k, v in feeds.items() if k in inputs or _PAST.match(k)}
+    if SEQLENS not in inputs:
+        return dict(zip(names, session.run(None, feeds)))
+    import onnxruntime as ort
+
+    batch, new = feeds["input_ids"].shape
+    total = feeds["attention_mask"].shape[1]
+    binding = session.io_binding()
+    keep, presents = [], {}
+    for name, array in feeds.items():
+        m = _PAST.match(name)
+        if m:
+            b, heads, past, dim = array.shape
+            buffer = np.zeros((b, heads, total + EXTRA_CAPACITY, dim), dtype=array.dtype)
+            buffer[:, :, :past] = array
+            value = ort.OrtValue.ortvalue_from_numpy(buffer)
+            binding.bind_ortvalue_input(name, value)
+            presents[f"present.{m.group(1)}.{m.group(2)}"] = (buffer, value)
+        else:
+            value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
+            binding.bind_ortvalue_input(name, value)
+        keep.append(value)
+    for name, array in ((SEQLENS, np.full(batch, total - 1, np.int32)), (TOTAL, np.array(total, np.int32))):
+        value = ort.OrtValue.ortvalue_from_numpy(array)
+        keep.append(value)
+        binding.bind_ortvalue_input(name, value)
+    for name in names:  # in the session's order: copy_outputs_to_cpu returns them in binding order
+        if name in presents:
+            binding.bind_ortvalue_output(name, presents[name][1])  # the very buffer bound as past
+        else:
+            binding.bind_output(name, "cpu")
+    session.run_with_iobinding(binding)
+    produced = dict(zip(names, binding.copy_outputs_to_cpu()))
+    for name, (buffer, _) in presents.items():
+        produced[name] = buffer[:, :, :total]
+    return produced

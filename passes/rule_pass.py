@@ -1,0 +1,58 @@
+"""RulePass: run one set of onnxscript rewrite rules as a named pass, and say what happened.
+
+Every fusion in luffy is a RulePass, so the compile report gets, for each one, how many times it fired
+and, when it never fired, the rule that came closest and why it refused (onnxscript's MatchingTracer).
+That is what makes "the pattern did not match" debuggable from the report alone.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+from onnx_ir.passes import common
+from onnxscript.rewriter import RewriteRuleSet
+from onnxscript.rewriter._basics import MatchingTracer, MatchStatus
+
+MAX_REASONS = 3
+
+
+class RulePass(ir.passes.InPlacePass):
+    """Apply ``rules`` once over the model; ``stats`` holds the match count (and reasons when zero)."""
+
+    def __init__(self, rules: RewriteRuleSet, *, shape_inference: bool = False):
+        super().__init__()
+        self.rules = rules
+        self.shape_inference = shape_inference
+        self.stats: dict = {}
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        count = self.rules.apply_to_model(model)
+        if count and self.shape_inference:
+            # Later patterns check shapes of values this rewrite created.
+            common.ShapeInferencePass()(model)
+        self.stats = {"matches": count}
+        if count == 0:
+            self.stats["not_matched"] = explain_no_match(self.rules, model)
+        return ir.passes.PassResult(model, modified=count > 0)
+
+
+def explain_no_match(rules: RewriteRuleSet, model: ir.Model) -> list[dict]:
+    """For each rule, the furthest partial match and its failure reason (empty: nothing even started)."""
+    tracer = MatchingTracer()
+    rules.apply_to_model(model, tracer=tracer)
+    reasons = []
+    for rule, matches in tracer.best_matches_map.items():
+        if not matches or matches[0].status == MatchStatus.SUCCESS:
+            continue
+        best = matches[0]
+        reasons.append({
+            "rule": rule.name or type(rule).__name__,
+            "status": best.status.name.lower(),
+            "matched_nodes": len(best.match_result.nodes),
+            "at_node": best.root_node.name,
+            "reason": (best.match_result.reason or "")[:200],
+        })
+    reasons.sort(key=lambda r: -r["matched_nodes"])
+    if not reasons:  # e.g. fuse-mha after fuse-gqa took every attention
+        return [{"rule": "*", "status": "no_match", "matched_nodes": 0, "at_node": "",
+                 "reason": "no node in the graph starts any of these patterns"}]
+    return reasons[:MAX_REASONS]
