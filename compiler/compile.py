@@ -57,12 +57,16 @@ def compile(  # noqa: A001 - the public name the API promises
     enable_pass: list[str] | None = None,
     check_parity: bool | None = None,
     external_data: str | None = None,
+    verify: bool | None = None,
+    dump_ir: str | os.PathLike | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Artifact:
     """Compile ``source`` into an artifact directory at ``output``.
 
     Mirrors ``luffy compile SOURCE --target ort -o DIR --precision fp32 -O2``. Keywords left as None take
     their value from ``config`` (or LuffyConfig's defaults: target "ort", precision "fp32", opt level 2).
+    ``verify=True`` checks the graph after every pass and names the pass that breaks it; ``dump_ir=DIR``
+    writes the graph after every pass to DIR/NN-<pass>.onnx.
 
     >>> import luffy
     >>> art = luffy.compile("llama-tiny", output="build/llama-tiny")   # doctest: +SKIP
@@ -73,10 +77,12 @@ def compile(  # noqa: A001 - the public name the API promises
         target=target, precision=precision, opt_level=opt_level, max_seq_len=max_seq_len,
         disabled_passes=tuple(disable_pass) if disable_pass else None,
         enabled_passes=tuple(enable_pass) if enable_pass else None,
-        check_parity=check_parity, external_data=external_data,
+        check_parity=check_parity, external_data=external_data, verify=verify, dump_ir=dump_ir,
     )
     if output is None:
         raise UsageError("an output directory is required (-o DIR)")
+    if cfg.dump_ir is not None and Path(cfg.dump_ir).resolve().is_relative_to(Path(output).resolve()):
+        raise UsageError(f"--dump-ir {cfg.dump_ir} is inside the output directory {output}, which the artifact replaces")
     say = progress or (lambda message: None)
     if cfg.precision not in SUPPORTED_PRECISIONS:
         raise UsageError(
@@ -95,7 +101,11 @@ def compile(  # noqa: A001 - the public name the API promises
     captured_nodes = count_nodes(captured.model)
     max_len = _max_seq_len(cfg, tm, captured)
 
-    model, pass_records = run_passes(captured.model, steps, on_pass=lambda name: say(f"pass {name}"))
+    if max_len:
+        # fuse-rotary sizes its constant cos/sin tables by this; it is the artifact's promise anyway.
+        captured.model.metadata_props["luffy.max_seq_len"] = str(max_len)
+    after_pass = _after_pass_hook(cfg, captured, _vocab(tm), say)
+    model, pass_records = run_passes(captured.model, steps, on_pass=lambda name: say(f"pass {name}"), after_pass=after_pass)
     model.producer_name, model.producer_version = "luffy", __version__
     _lower_ir_version(model)
 
@@ -108,8 +118,7 @@ def compile(  # noqa: A001 - the public name the API promises
             say("checking parity against PyTorch")
             from .parity import check_parity as run_parity_check
 
-            vocab = getattr(getattr(tm.module, "config", None), "vocab_size", None) if tm else None
-            parity = run_parity_check(captured, stage / MODEL_FILE, vocab)
+            parity = run_parity_check(captured, stage / MODEL_FILE, _vocab(tm))
         report = {
             "seconds_total": round(time.perf_counter() - started, 3),
             "capture": {
@@ -140,6 +149,40 @@ def _capture(src):
     tm = load_torch_model(src)
     capture = {CAUSAL_LM: capture_causal_lm, ENCODER: capture_encoder}.get(tm.kind, capture_module)
     return capture(tm), tm
+
+
+def _vocab(tm) -> int | None:
+    return getattr(getattr(tm.module, "config", None), "vocab_size", None) if tm else None
+
+
+def _after_pass_hook(cfg: LuffyConfig, captured, vocab: int | None, say):
+    """run_passes' after_pass for --dump-ir and --verify (None when neither is on).
+
+    Both start before the first pass: the captured graph is dump 00 and the verify references. The dump
+    runs before the check, so the graph of a pass that breaks parity is on disk when the error is raised.
+    """
+    hooks = []
+    if cfg.dump_ir is not None:
+        from .dump_ir import IRDumper
+
+        dumper = IRDumper(cfg.dump_ir)
+        dumper.dump("captured", captured.model)
+        hooks.append(dumper)
+    if cfg.verify:
+        from .verify import Verifier
+
+        say("computing --verify references on the captured graph")
+        hooks.append(Verifier(captured, vocab))
+    if not hooks:
+        return None
+
+    def after_pass(name: str, model: ir.Model) -> dict:
+        record = {}
+        for hook in hooks:
+            record.update(hook(name, model))
+        return record
+
+    return after_pass
 
 
 def _lower_ir_version(model: ir.Model) -> None:
@@ -224,9 +267,19 @@ def _dim_ranges(signature: dict, max_len: int | None, kind: str) -> dict:
             "past": {"min": 0, "max": max_len - 1 if max_len else None},
             "total": {"min": 1, "max": max_len},
         })
+        if "max_seq" in ranges:  # shared-buffer KV: the buffers' capacity, chosen per generate call
+            ranges["max_seq"] = {"min": 1, "max": max_len}
     elif "seq" in ranges and max_len:
         ranges["seq"]["max"] = max_len
     return ranges
+
+
+def _kv_json(captured, signature: dict) -> dict | None:
+    if captured.kv is None:
+        return None
+    shared = any(v["name"] == "seqlens_k" for v in signature["inputs"])
+    # shared: one buffer per layer and kind, bound as past and present (fuse-gqa); else present = past + new
+    return {**captured.kv.to_json(), "mode": "shared-buffer" if shared else "concat"}
 
 
 def _versions() -> dict:
@@ -266,7 +319,7 @@ def _manifest(cfg, src, tm, captured, model, max_len, tokenizer_files, external,
         "io": signature,
         "dims": _dim_ranges(signature, max_len, kind),
         "max_seq_len": max_len,
-        "kv_cache": captured.kv.to_json() if captured.kv is not None else None,
+        "kv_cache": _kv_json(captured, signature),
         "generation": generation,
         "tokenizer": "tokenizer.json" if "tokenizer.json" in tokenizer_files else None,
         "report": report,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields, replace
 
 from ..errors import UsageError
@@ -32,6 +33,8 @@ class LuffyConfig:
     enabled_passes: tuple[str, ...] = ()
     check_parity: bool = True  # compare the emitted graph with PyTorch before the artifact is published
     external_data: str = "auto"  # weights in model.onnx.data: auto (when large), always, never
+    verify: bool = False  # check + shape-infer + run the graph after every pass; name the pass that breaks it
+    dump_ir: str | None = None  # directory for the graph after every pass (NN-<pass>.onnx)
 
     def __post_init__(self):
         if self.optimization_level is not None:
@@ -48,6 +51,8 @@ class LuffyConfig:
             raise UsageError(f"max_seq_len {self.max_seq_len!r} must be an integer >= 2")
         object.__setattr__(self, "disabled_passes", tuple(self.disabled_passes))
         object.__setattr__(self, "enabled_passes", tuple(self.enabled_passes))
+        if self.dump_ir is not None:
+            object.__setattr__(self, "dump_ir", os.fspath(self.dump_ir))  # a Path is welcome; JSON wants str
 
     def with_overrides(self, **overrides) -> "LuffyConfig":
         """A copy with every non-None override applied (how `compile`'s keywords beat ``config``)."""
@@ -65,5 +70,5 @@ class LuffyConfig:
             "target": self.target, "precision": self.precision, "opt_level": self.opt_level,
             "max_seq_len": self.max_seq_len, "disabled_passes": list(self.disabled_passes),
             "enabled_passes": list(self.enabled_passes), "check_parity": self.check_parity,
-            "external_data": self.external_data,
+            "external_data": self.external_data, "verify": self.verify, "dump_ir": self.dump_ir,
         }

@@ -13,8 +13,11 @@ import numpy as np
 from ..errors import CaptureError
 from .capture import Captured, decoder_example, decoder_io_names
 from .sources import CAUSAL_LM
+from .step_io import run_step
 
 FP32_ATOL = 1e-4  # DESIGN.md: fp32 logits within 1e-4 of PyTorch
+# The two shapes a step graph serves: a prompt with an empty cache, then one token on top of a cache.
+DECODER_CASES = (("prefill", dict(batch=2, seq=7, past=0)), ("decode", dict(batch=2, seq=1, past=6)))
 
 
 def _flatten(x):
@@ -43,9 +46,10 @@ def _compare(session, reference, args, kwargs, input_names=None, valid=None) -> 
     names = input_names or graph_inputs
     if len(names) != len(flat_inputs):
         raise CaptureError(f"parity check: graph has {len(names)} inputs, the torch module {len(flat_inputs)}")
-    feeds = {n: t.detach().numpy() for n, t in zip(names, flat_inputs) if n in graph_inputs}
-    got = session.run(None, feeds)
+    feeds = {n: t.detach().numpy() for n, t in zip(names, flat_inputs) if n in graph_inputs or n.startswith("past_")}
+    produced = run_step(session, feeds)
     out_names = [o.name for o in session.get_outputs()]
+    got = [produced[n] for n in out_names]
     diffs = {}
     for name, g, e in zip(out_names, got, expected):
         e = e.detach().float().numpy()
@@ -74,7 +78,7 @@ def check_parity(captured: Captured, model_path: Path, vocab: int | None = None)
     cases = {}
     if captured.kind == CAUSAL_LM:
         kv = captured.kv
-        for label, shape in (("prefill", dict(batch=2, seq=7, past=0)), ("decode", dict(batch=2, seq=1, past=6))):
+        for label, shape in DECODER_CASES:
             args = decoder_example(kv, vocab=vocab or 8, seed=17, **shape)
             mask = args[1].numpy().astype(bool)
             cases[label] = _compare(

@@ -34,10 +34,14 @@ def test_manifest_records_the_contract(zoo_artifacts):
     assert m["source"] == {"kind": "zoo", "spec": "llama-tiny", "architecture": "LlamaForCausalLM"}
     names = [i["name"] for i in m["io"]["inputs"]]
     assert names[:3] == ["input_ids", "attention_mask", "position_ids"]
-    assert names[3:] == [f"past_key_values.{l}.{k}" for l in range(2) for k in ("key", "value")]
-    assert m["io"]["inputs"][3]["shape"] == ["batch", 2, "past", 16]
-    assert m["io"]["outputs"][1]["shape"] == ["batch", 2, "total", 16]
-    assert m["dims"]["past"] == {"min": 0, "max": 511} and m["max_seq_len"] == 512
+    # -O2's fuse-gqa: capacity-sized KV buffers bound as past and present, lengths as inputs
+    assert names[3:7] == [f"past_key_values.{l}.{k}" for l in range(2) for k in ("key", "value")]
+    assert names[7:] == ["seqlens_k", "total_sequence_length"]
+    assert m["io"]["inputs"][3]["shape"] == ["batch", 2, "max_seq", 16]
+    assert m["io"]["inputs"][7] == {"name": "seqlens_k", "dtype": "int32", "shape": ["batch"]}
+    assert m["io"]["outputs"][1]["shape"] == ["batch", 2, "max_seq", 16]
+    assert m["dims"]["max_seq"] == {"min": 1, "max": 512} and m["max_seq_len"] == 512
+    assert m["kv_cache"]["mode"] == "shared-buffer"
     assert m["kv_cache"]["num_layers"] == 2 and m["kv_cache"]["bytes_per_token"] == 2 * 2 * 2 * 16 * 4
     assert set(m["files"]) == {"model.onnx", "tokenizer.json"}
     for info in m["files"].values():
@@ -180,6 +184,8 @@ def test_engine_from_plain_numpy_inputs(zoo_artifacts):
     artifact, _ = zoo_artifacts("gpt2-tiny")
     engine = artifact.load()
     ids = np.array([[1, 2, 3], [4, 5, 6]], dtype=np.int64)
-    out = engine.generate(ids, max_new_tokens=3, min_new_tokens=3)
+    streamed = []
+    out = engine.generate(ids, max_new_tokens=3, min_new_tokens=3, streamer=lambda tokens: streamed.append(tokens.copy()))
     assert out.dtype == np.int64 and out.shape == (2, 6) and (out[:, :3] == ids).all()
+    assert np.stack(streamed, axis=1).tolist() == out[:, 3:].tolist()  # each step's tokens, as chosen
     assert engine.score(ids).shape == (2, 3, 320)
