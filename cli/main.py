@@ -1,4 +1,4 @@
-"""`luffy compile | run | inspect | zoo`.
+"""`luffy compile | run | inspect | zoo | bench`.
 
 Errors print one line naming the cause and exit with the error kind's code (see luffy.errors); add
 --debug (or LUFFY_DEBUG=1) for the traceback.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -69,6 +70,14 @@ def compile_cmd(
     enable_pass: List[str] = typer.Option([], "--enable-pass", help="Add a pass from -O3 by name (repeatable)."),
     check_parity: bool = typer.Option(True, "--check-parity/--no-check-parity", help="Compare with PyTorch before publishing."),
     external_data: str = typer.Option("auto", "--external-data", help="Weights in model.onnx.data: auto | always | never."),
+    verify: bool = typer.Option(
+        False, "--verify", help="After every pass run the ONNX checker, shape inference and a numeric check on "
+        "ONNX Runtime against the captured graph; fail naming the pass that broke parity.",
+    ),
+    dump_ir: Optional[Path] = typer.Option(
+        None, "--dump-ir", metavar="DIR", help="Write the graph after every pass as DIR/NN-<pass>.onnx "
+        "(00-captured.onnx first; weights in one shared DIR/weights.data).",
+    ),
     report_json: bool = typer.Option(False, "--json", help="Print the compile report as JSON on stdout."),
 ):
     """Compile a model into an artifact directory.
@@ -82,7 +91,7 @@ def compile_cmd(
         artifact = compile_artifact(
             source, target=target, output=output, precision=precision, opt_level=opt_level, max_seq_len=max_seq_len,
             disable_pass=disable_pass, enable_pass=enable_pass, check_parity=check_parity, external_data=external_data,
-            progress=lambda message: status.update(f"{source}: {message}"),
+            verify=verify, dump_ir=dump_ir, progress=lambda message: status.update(f"{source}: {message}"),
         )
     report = artifact.report
     if report_json:
@@ -202,6 +211,87 @@ def zoo_cmd(as_json: bool = typer.Option(False, "--json", help="Print as JSON.")
     for e in ZOO.values():
         table.add_row(e.name, e.kind, e.description)
     out.print(table)
+
+
+@app.command("bench")
+def bench_cmd(
+    target: Optional[str] = typer.Argument(
+        None, metavar="ARTIFACT|MODEL",
+        help="Artifact directory, or a model source (zoo name, HF directory) compiled first. With --suite: optional, "
+        "replaces the reference model."),
+    prompt_len: Optional[int] = typer.Option(None, "--prompt-len", help="Prompt tokens per sequence [128]."),
+    gen_len: Optional[int] = typer.Option(None, "--gen-len", help="New tokens per sequence, no early stop [128]."),
+    batch: Optional[str] = typer.Option(None, "--batch",
+                                        help="Batch size, or a list for batch scaling: 1,4,16 [1; suite 1,4,16]."),
+    vs: Optional[str] = typer.Option(None, "--vs", help="Peers on the same weights: torch, ort-export, genai, genai-int4, "
+                                     "or all [none; suite all]."),
+    repeats: int = typer.Option(3, "--repeats", min=1, help="Timed runs per system and batch."),
+    warmup: int = typer.Option(1, "--warmup", min=0, help="Untimed runs per system and batch first."),
+    opt_level: int = typer.Option(2, "-O", "--opt-level", min=0, max=3, help="luffy -O level when compiling the model."),
+    json_file: Optional[str] = typer.Option(None, "--json", help="Write the full report as JSON to FILE ('-': stdout)."),
+    markdown_file: Optional[Path] = typer.Option(None, "--markdown", help="Write the markdown table to FILE."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Bar chart of decode tok/s to FILE.png (needs matplotlib)."),
+    workdir: Optional[Path] = typer.Option(None, "--workdir", help="Keep builds and worker logs here [temporary]."),
+    bandwidth: bool = typer.Option(True, "--bandwidth/--no-bandwidth", help="Measure streaming-read bandwidth (roofline)."),
+    bandwidth_mib: int = typer.Option(1024, "--bandwidth-mib", min=16, help="Buffer size for the bandwidth measurement."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random prompt token ids."),
+    suite: bool = typer.Option(False, "--suite", help="Rerun the README's benchmark table (reference model, all peers)."),
+    out_dir: Path = typer.Option(Path("bench-results"), "--out", help="With --suite: where bench.json / bench.md go."),
+):
+    """Time luffy against its peers: prefill, decode and end-to-end tok/s, peak RSS, compile time, roofline.
+
+    Example: luffy bench build/my-llama --prompt-len 128 --gen-len 128 --batch 1,4 --vs torch,ort-export --json bench.json
+
+    Decode tok/s = batch x (new tokens - 1) / (generation time - time to first token); prefill = time to first
+    token. Each system runs in its own process (its peak RSS), runs are interleaved across systems after a
+    warm-up, cells are median [min-max]. `luffy bench --suite` rebuilds the README table.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ..benchmarks.api import bench, parse_batches, parse_peers
+
+    if plot is not None:
+        from ..benchmarks.report import require_matplotlib
+
+        require_matplotlib()
+    if target is None and not suite:
+        raise UsageError("give an artifact directory or a model source (or --suite)")
+    settings = dict(
+        prompt_len=128 if prompt_len is None else prompt_len, gen_len=128 if gen_len is None else gen_len,
+        repeats=repeats, warmup=warmup, bandwidth_mib=bandwidth_mib,
+        vs=parse_peers(vs if vs is not None else ("all" if suite else None)),
+        batch=parse_batches(batch if batch is not None else ("1,4,16" if suite else "1")),
+    )
+    _quiet_libraries()
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task("starting", total=None)
+
+        def progress(what: str, done: int, total: int):
+            bar.update(task, description=what, completed=done, total=total)
+
+        if suite:
+            from ..benchmarks.suite import run_suite
+
+            report = run_suite(
+                out_dir, model=target, workdir=workdir, batches=settings.pop("batch"), opt_level=opt_level, seed=seed,
+                command="luffy " + " ".join(shlex.quote(a) for a in sys.argv[1:]), progress=progress, **settings,
+            )
+        else:
+            report = bench(target, opt_level=opt_level, workdir=workdir, bandwidth=bandwidth, seed=seed, progress=progress,
+                           **settings)
+    if suite:
+        err.print(f"[green]✓[/green] wrote {out_dir / 'bench.json'} and {out_dir / 'bench.md'}")
+    if markdown_file is not None:
+        report.write_markdown(markdown_file)
+    if plot is not None:
+        report.plot(plot)
+    if json_file == "-":
+        print(report.to_json(), end="")
+        return
+    if json_file is not None:
+        report.write_json(json_file)
+    print(report.to_markdown(), end="")
 
 
 def main(argv: list[str] | None = None) -> int:

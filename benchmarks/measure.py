@@ -1,0 +1,61 @@
+"""The timing loop: warm-up, then repeated runs interleaved across systems.
+
+Every system sits in its own loaded worker process, idle while another system runs. For each batch size,
+round r runs every system once, starting the round at system r mod n (so no system is always first after
+another one's run); the first ``warmup`` rounds are discarded. Interleaving spreads slow drifts of the
+machine (thermal, other tenants) over all systems instead of biasing whichever ran last. All systems get
+the same prompt: seeded random token ids, equal-length rows (no padding).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from .worker import Worker, WorkerFailed
+
+
+def prompt_ids(batch: int, prompt_len: int, vocab: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng([seed, batch, prompt_len])
+    return rng.integers(0, vocab, size=(batch, prompt_len), dtype=np.int64)
+
+
+def interleaved_runs(
+    workers: dict[str, Worker],
+    batches: list[int],
+    prompt_len: int,
+    gen_len: int,
+    warmup: int,
+    repeats: int,
+    vocab: int,
+    seed: int,
+    on_run: Callable[[str, int, int], None] = lambda name, batch, rnd: None,
+    on_failure: Callable[[str, WorkerFailed], None] = lambda name, exc: None,
+) -> tuple[dict, dict]:
+    """Time every worker; returns ({name: {batch: [{ttft_s, total_s}, ...]}}, {name: {batch: row-0 tokens}}).
+
+    A system whose run fails is reported through ``on_failure`` and left out of the remaining rounds.
+    """
+    names = list(workers)
+    timings = {name: {b: [] for b in batches} for name in names}
+    tokens = {name: {} for name in names}
+    failed: set[str] = set()
+    for batch in batches:
+        ids = prompt_ids(batch, prompt_len, vocab, seed).tolist()
+        for rnd in range(warmup + repeats):
+            shift = rnd % len(names)
+            for name in names[shift:] + names[:shift]:
+                if name in failed:
+                    continue
+                on_run(name, batch, rnd)
+                try:
+                    result = workers[name].request("run", ids=ids, new_tokens=gen_len)
+                except WorkerFailed as exc:
+                    failed.add(name)
+                    on_failure(name, exc)
+                    continue
+                tokens[name][batch] = result["tokens"]
+                if rnd >= warmup:
+                    timings[name][batch].append({"ttft_s": result["ttft_s"], "total_s": result["total_s"]})
+    return timings, tokens

@@ -1,0 +1,359 @@
+"""The systems `luffy bench` times, one runner class per system.
+
+Every runner reads the same weights (the luffy artifact, or the Hugging Face directory it was compiled
+from) and generates greedily with end-of-sequence stopping disabled, so each run produces exactly the
+requested number of tokens. A runner lives in its own worker process (see worker.py):
+
+    build()     one-shot, in a throwaway worker: compile / export / run the model builder; timed
+    load()      in the measuring worker: open the model, report its weight bytes
+    generate()  one timed run; calls ``first_token()`` the moment the first new token exists
+
+Nothing here imports torch or onnxruntime at module level: the parent process only asks
+``unavailable()`` whether a system can run at all.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+SUBJECT = "luffy"
+PEERS = ("torch", "ort-export", "genai", "genai-int4")
+
+
+def onnx_weight_bytes(model_path: Path) -> dict:
+    """Bytes of every initializer of an ONNX graph, and of those a decode step actually streams.
+
+    Tables read only through ``Gather`` (embedding lookups) are excluded from the streamed bytes: a step
+    reads one row per token from them, not the whole table. External data is not loaded.
+    """
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    sizes = {}
+    for init in model.graph.initializer:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
+        count = int(np.prod(init.dims)) if init.dims else 1
+        bits = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4}.get(init.data_type, itemsize * 8)
+        sizes[init.name] = (count * bits + 7) // 8
+    gather_only = set(sizes)
+    for node in model.graph.node:
+        for position, name in enumerate(node.input):
+            if name in gather_only and not (node.op_type.startswith("Gather") and position == 0):
+                gather_only.discard(name)
+    total = sum(sizes.values())
+    return {"weight_bytes": total, "streamed_weight_bytes": total - sum(sizes[n] for n in gather_only)}
+
+
+class Runner:
+    """One system. ``paths`` holds hf_dir, artifact, build_dir (and compile settings for luffy)."""
+
+    name = ""
+    label = ""
+    needs_hf_dir = True
+
+    def __init__(self, paths: dict):
+        self.paths = paths
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        """Why this system cannot run here (a missing package), or None."""
+        return None
+
+    def build(self) -> dict:
+        return {}
+
+    def load(self) -> dict:
+        raise NotImplementedError
+
+    def generate(self, ids: np.ndarray, new_tokens: int, first_token: Callable[[], None]) -> list[int]:
+        """Greedy-generate ``new_tokens`` for every row of ``ids``; return row 0's new tokens."""
+        raise NotImplementedError
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return round(time.perf_counter() - start, 3)
+
+
+# -- luffy ----------------------------------------------------------------------------------------------
+class LuffyRunner(Runner):
+    """The artifact on luffy's ORT engine (IO binding, preallocated KV cache), as `luffy.load` gives it."""
+
+    name = SUBJECT
+    needs_hf_dir = False
+
+    def build(self) -> dict:
+        if not self.paths.get("compile_source"):
+            return {}
+        import luffy
+
+        result = {}
+
+        def compile_it():
+            result["artifact"] = luffy.compile(
+                self.paths["compile_source"], output=self.paths["artifact"], opt_level=self.paths.get("opt_level", 2),
+            )
+
+        seconds = _timed(compile_it)
+        return {"build_s": seconds, "parity": result["artifact"].report.get("parity")}
+
+    def load(self) -> dict:
+        import luffy
+
+        self.engine = luffy.load(self.paths["artifact"])
+        manifest = self.engine.manifest
+        if manifest.get("kind") != "causal-lm":
+            from ..errors import UsageError
+
+            raise UsageError(f"{self.paths['artifact']}: luffy bench times causal LMs; this artifact is {manifest.get('kind')!r}")
+        weights = onnx_weight_bytes(Path(self.paths["artifact"]) / manifest["model_file"])
+        return {
+            **weights, "vocab": self.engine.vocab, "max_seq_len": self.engine.max_seq_len,
+            "label": f"luffy -O{manifest.get('opt_level')} {manifest.get('precision')}",
+            "threads": self.engine.session.get_session_options().intra_op_num_threads or "ORT default",
+        }
+
+    def generate(self, ids, new_tokens, first_token):
+        state = {"first": True}
+
+        def streamer(_tokens):  # the first call is the first token: prefill is done
+            if state["first"]:
+                state["first"] = False
+                first_token()
+
+        out = self.engine.generate(ids, max_new_tokens=new_tokens, eos_token_id=None, streamer=streamer)
+        return out[0, ids.shape[1]:].tolist()
+
+
+# -- transformers eager -----------------------------------------------------------------------------------
+class TorchRunner(Runner):
+    """transformers eager fp32 on the same HF directory: ``model.generate`` greedy, torch's default threads."""
+
+    name = "torch"
+
+    @classmethod
+    def unavailable(cls):
+        missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
+        return f"{' and '.join(missing)} not installed (pip install 'luffy[compile]')" if missing else None
+
+    def load(self) -> dict:
+        import torch
+        from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+        self.torch = torch
+        self.model = AutoModelForCausalLM.from_pretrained(
+            self.paths["hf_dir"], dtype=torch.float32, local_files_only=True, trust_remote_code=False,
+        ).eval()
+        params = {id(p): p for p in self.model.parameters()}  # tied weights once
+        total = sum(p.numel() * p.element_size() for p in params.values())
+        embedding = self.model.get_input_embeddings().weight
+        output = self.model.get_output_embeddings()
+        tied = output is not None and output.weight is embedding
+        streamed = total - (0 if tied else embedding.numel() * embedding.element_size())
+        return {
+            "weight_bytes": total, "streamed_weight_bytes": streamed, "vocab": self.model.config.vocab_size,
+            "label": f"transformers {_version('transformers')} eager fp32", "threads": torch.get_num_threads(),
+        }
+
+    def generate(self, ids, new_tokens, first_token):
+        torch = self.torch
+
+        class FirstToken:  # transformers' streamer protocol: put(prompt), then put(token) per step
+            calls = 0
+
+            def put(self, value):
+                FirstToken.calls += 1
+                if FirstToken.calls == 2:
+                    first_token()
+
+            def end(self):
+                pass
+
+        input_ids = torch.from_numpy(ids)
+        with torch.inference_mode():
+            out = self.model.generate(
+                input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens, do_sample=False,
+                eos_token_id=None, pad_token_id=0, streamer=FirstToken(),
+            )
+        return out[0, ids.shape[1]:].tolist()
+
+
+# -- plain torch.onnx export + ORT ----------------------------------------------------------------------
+class OrtExportRunner(Runner):
+    """What a user assembles without luffy: ``torch.onnx.export(dynamo=True)`` of the model with its KV
+    cache as graph I/O, run on an ORT session with default options by a numpy loop (``session.run``, no
+    IO binding; the cache is whatever ``present`` the last step returned, i.e. concatenated per step)."""
+
+    name = "ort-export"
+
+    @classmethod
+    def unavailable(cls):
+        missing = [m for m in ("torch", "transformers", "onnxscript") if importlib.util.find_spec(m) is None]
+        return f"{' and '.join(missing)} not installed (pip install 'luffy[compile]')" if missing else None
+
+    def build(self) -> dict:
+        start = time.perf_counter()  # timed like luffy.compile: imports, loading the weights, export, save
+        import torch
+        from transformers import AutoModelForCausalLM, DynamicCache
+
+        out = Path(self.paths["build_dir"]) / "model.onnx"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        model = AutoModelForCausalLM.from_pretrained(self.paths["hf_dir"], dtype=torch.float32, local_files_only=True).eval()
+        takes_positions = "position_ids" in inspect.signature(model.forward).parameters
+
+        class Step(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.model = model
+
+            def forward(self, input_ids, attention_mask, position_ids, past):
+                cache = DynamicCache()
+                for layer in range(len(past) // 2):
+                    cache.update(past[2 * layer], past[2 * layer + 1], layer)
+                extra = {"position_ids": position_ids} if takes_positions else {}
+                out = self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
+                                 use_cache=True, **extra)
+                present = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+                return (out.logits, *present)
+
+        with torch.no_grad():  # one forward to learn the cache's shape, then an example with 4 past tokens
+            probe = model(input_ids=torch.zeros((1, 2), dtype=torch.long), past_key_values=DynamicCache(), use_cache=True)
+        shapes = [(layer.keys.shape[1], layer.keys.shape[3]) for layer in probe.past_key_values.layers]
+        batch, seq, past_len, past_n = 2, 3, 4, len(shapes)
+        past = [torch.randn(batch, heads, past_len, dim) for heads, dim in shapes for _ in (0, 1)]
+        args = (
+            torch.randint(0, 100, (batch, seq)), torch.ones(batch, past_len + seq, dtype=torch.long),
+            torch.arange(past_len, past_len + seq).repeat(batch, 1), past,
+        )
+        b, s, p, t = (torch.export.Dim(n) for n in ("batch", "seq", "past", "total"))
+        dynamic = {"input_ids": {0: b, 1: s}, "attention_mask": {0: b, 1: t}, "position_ids": {0: b, 1: s},
+                   "past": [{0: b, 2: p}] * (2 * past_n)}
+        names = [f"{layer}.{kind}" for layer in range(past_n) for kind in ("key", "value")]
+        torch.onnx.export(
+            Step().eval(), args, str(out), dynamo=True, dynamic_shapes=dynamic,
+            input_names=["input_ids", "attention_mask", "position_ids", *(f"past.{n}" for n in names)],
+            output_names=["logits", *(f"present.{n}" for n in names)],
+        )
+        return {"build_s": round(time.perf_counter() - start, 3)}
+
+    def load(self) -> dict:
+        import onnxruntime as ort
+
+        path = Path(self.paths["build_dir"]) / "model.onnx"
+        self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        self.past = [name for name in self.inputs if name.startswith("past.")]
+        vocab = self.session.get_outputs()[0].shape[-1]
+        return {**onnx_weight_bytes(path), "vocab": vocab, "label": f"torch.onnx export + ORT {ort.__version__} loop",
+                "threads": "ORT default"}
+
+    def generate(self, ids, new_tokens, first_token):
+        batch, prompt = ids.shape
+        feeds = {"input_ids": ids, "attention_mask": np.ones((batch, prompt), np.int64),
+                 "position_ids": np.tile(np.arange(prompt, dtype=np.int64), (batch, 1))}
+        for name in self.past:
+            shape = self.inputs[name].shape
+            feeds[name] = np.zeros((batch, shape[1], 0, shape[3]), np.float32)
+        tokens = []
+        for step in range(new_tokens):
+            outputs = self.session.run(None, {k: v for k, v in feeds.items() if k in self.inputs})
+            token = outputs[0][:, -1, :].argmax(-1)
+            tokens.append(int(token[0]))
+            if step == 0:
+                first_token()
+            length = prompt + step + 1
+            feeds = {"input_ids": token[:, None].astype(np.int64), "attention_mask": np.ones((batch, length), np.int64),
+                     "position_ids": np.full((batch, 1), length - 1, np.int64), **dict(zip(self.past, outputs[1:]))}
+        return tokens
+
+
+# -- onnxruntime-genai -------------------------------------------------------------------------------------
+class GenaiRunner(Runner):
+    """onnxruntime-genai: its model builder run on the same HF directory (``-e cpu``), its own generator loop."""
+
+    name = "genai"
+    precision = "fp32"
+
+    @classmethod
+    def unavailable(cls):
+        if importlib.util.find_spec("onnxruntime_genai") is None:
+            return "onnxruntime-genai not installed (pip install 'luffy[bench]')"
+        return None
+
+    def build(self) -> dict:
+        out = Path(self.paths["build_dir"])
+        out.mkdir(parents=True, exist_ok=True)
+        command = [
+            sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(self.paths["hf_dir"]), "-o", str(out),
+            "-p", self.precision, "-e", "cpu", "-c", str(out / "cache"),
+        ]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        start = time.perf_counter()
+        proc = subprocess.run(command, capture_output=True, text=True, env=env)
+        seconds = round(time.perf_counter() - start, 3)
+        sys.stderr.write(proc.stdout + proc.stderr)
+        if proc.returncode != 0 or not (out / "genai_config.json").is_file():
+            lines = [ln for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
+            raise RuntimeError(f"model builder exited {proc.returncode}: {lines[-1] if lines else 'no output'}")
+        return {"build_s": seconds}
+
+    def load(self) -> dict:
+        import onnxruntime_genai as og
+
+        self.og = og
+        self.model = og.Model(str(self.paths["build_dir"]))
+        import json
+
+        config = json.loads((Path(self.paths["build_dir"]) / "genai_config.json").read_text())["model"]
+        weights = onnx_weight_bytes(Path(self.paths["build_dir"]) / config["decoder"]["filename"])
+        return {**weights, "vocab": config["vocab_size"], "max_seq_len": config.get("context_length"),
+                "label": f"onnxruntime-genai {_version('onnxruntime-genai')} {self.precision}", "threads": "genai default"}
+
+    def generate(self, ids, new_tokens, first_token):
+        og = self.og
+        batch, prompt = ids.shape
+        params = og.GeneratorParams(self.model)
+        # min_length = max_length: EOS cannot end the run early.
+        params.set_search_options(max_length=prompt + new_tokens, min_length=prompt + new_tokens, do_sample=False,
+                                  batch_size=batch)
+        generator = og.Generator(self.model, params)
+        generator.append_tokens(ids.astype(np.int32))  # prefill
+        generator.generate_next_token()  # picks the first token from the prefill's logits
+        first_token()
+        while not generator.is_done():
+            generator.generate_next_token()
+        return [int(t) for t in generator.get_sequence(0)[prompt:]]
+
+
+class GenaiInt4Runner(GenaiRunner):
+    """onnxruntime-genai's int4 build (MatMulNBits, block 32, CPU accuracy level 4): the quantized reference."""
+
+    name = "genai-int4"
+    precision = "int4"
+
+
+RUNNERS: dict[str, type[Runner]] = {
+    cls.name: cls for cls in (LuffyRunner, TorchRunner, OrtExportRunner, GenaiRunner, GenaiInt4Runner)
+}
+
+
+def _version(package: str) -> str:
+    import importlib.metadata as md
+
+    try:
+        return md.version(package)
+    except md.PackageNotFoundError:
+        return "?"

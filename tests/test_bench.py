@@ -1,0 +1,142 @@
+"""`luffy bench`: the API and the CLI run on a tiny model and report sane fields. No timed assertions."""
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from luffy.benchmarks import bench
+from luffy.errors import CapacityError, UsageError
+
+BATCHES = [1, 2]
+GEN_LEN = 4
+STATS = ("prefill_ms", "decode_tok_s", "e2e_tok_s")
+TABLE_HEADER = "| system | batch | prefill ms | decode tok/s | end-to-end tok/s | % of roofline | peak RSS MiB | compile s |"
+
+
+def luffy_cli(*args):
+    return subprocess.run([sys.executable, "-m", "luffy", *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """One bench of the zoo's llama-tiny (compiled by the bench, timed) against three peers."""
+    work = tmp_path_factory.mktemp("bench")
+    report = bench("llama-tiny", prompt_len=8, gen_len=GEN_LEN, batch=BATCHES, vs="torch,ort-export,genai", repeats=2,
+                   warmup=1, workdir=work, bandwidth_mib=32)
+    return report, work
+
+
+def assert_sane_stats(stats, runs):
+    assert stats["n"] == runs
+    assert 0 < stats["min"] <= stats["q1"] <= stats["median"] <= stats["q3"] <= stats["max"]
+
+
+def test_bench_api_reports_sane_fields(tiny):
+    report, _ = tiny
+    assert [s["name"] for s in report.systems] == ["luffy", "torch", "ort-export", "genai"]
+    luffy = report.system("luffy")
+    assert luffy["status"] == "ok" and luffy["build_source"] == "measured" and luffy["build_s"] > 0
+    assert luffy["parity"]["passed"]
+    if importlib.util.find_spec("onnxruntime_genai") is None:
+        genai = report.system("genai")
+        assert genai["status"] == "skipped" and "onnxruntime-genai not installed" in genai["reason"]
+    for system in report.systems:
+        assert system["status"] in ("ok", "skipped"), system
+        if system["status"] != "ok":
+            assert system["reason"]
+            continue
+        assert 0 < system["baseline_rss_mib"] <= system["peak_rss_mib"]
+        assert 0 < system["streamed_weight_bytes"] <= system["weight_bytes"]
+        assert [r["batch"] for r in system["results"]] == BATCHES
+        for result in system["results"]:
+            assert len(result["runs"]) == 2 and all(0 < r["ttft_s"] < r["total_s"] for r in result["runs"])
+            for key in STATS:
+                assert_sane_stats(result[key], 2)
+            assert result["roofline_tok_s"] > 0 and result["roofline_fraction"] > 0
+            assert 0 <= result["tokens_agree_with_luffy"] <= GEN_LEN
+        if system["name"] != "torch":
+            assert system["build_s"] is None or system["build_s"] > 0
+    # fp32 peers compute the same model: at least the first greedy token matches luffy's
+    assert report.system("torch")["results"][0]["tokens_agree_with_luffy"] >= 1
+    assert report.system("ort-export")["results"][0]["tokens_agree_with_luffy"] >= 1
+
+    data = json.loads(report.to_json())
+    assert data["bandwidth"]["gb_per_s"] > 0 and data["bandwidth"]["by_threads"]
+    assert data["machine"]["cores"] >= 1 and data["machine"]["cpu"] and data["machine"]["versions"]["luffy"]
+    assert data["settings"]["batches"] == BATCHES and "decode_tok_s" in data["definitions"]
+    markdown = report.to_markdown()
+    assert TABLE_HEADER in markdown and "Batch scaling" in markdown and "| luffy -O2 fp32 | 1 |" in markdown
+
+
+def test_bench_cli_on_an_artifact_writes_json_and_markdown(tiny, tmp_path):
+    _, work = tiny
+    # --workdir: the zoo model saved as a HF directory by the fixture's bench is reused, not saved again
+    proc = luffy_cli("bench", work / "luffy-artifact", "--prompt-len", 6, "--gen-len", 3, "--repeats", 1, "--warmup", 0,
+                     "--vs", "torch", "--no-bandwidth", "--json", tmp_path / "b.json", "--markdown", tmp_path / "b.md",
+                     "--workdir", work)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads((tmp_path / "b.json").read_text())
+    luffy, torch = data["systems"]
+    assert luffy["build_source"] == "manifest" and luffy["build_s"] > 0  # compile time from the artifact's report
+    assert torch["status"] == "ok" and data["bandwidth"] is None
+    assert luffy["results"][0]["roofline_tok_s"] is None
+    assert_sane_stats(luffy["results"][0]["decode_tok_s"], 1)
+    assert TABLE_HEADER in proc.stdout and TABLE_HEADER in (tmp_path / "b.md").read_text()
+
+
+def test_bench_suite_writes_json_and_markdown(tiny, tmp_path):
+    _, work = tiny
+    out = tmp_path / "suite"
+    proc = luffy_cli("bench", work / "luffy-artifact", "--suite", "--out", out, "--prompt-len", 6, "--gen-len", 3,
+                     "--batch", "1,2", "--repeats", 1, "--warmup", 0, "--vs", "", "--bandwidth-mib", 16)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads((out / "bench.json").read_text())
+    assert [s["name"] for s in data["systems"]] == ["luffy"] and data["settings"]["batches"] == [1, 2]
+    assert "--suite" in data["suite"]["command"]
+    markdown = (out / "bench.md").read_text()
+    assert TABLE_HEADER in markdown and "Batch scaling" in markdown and "Machine:" in markdown
+
+
+def test_reference_model_is_seeded_and_reused(tmp_path):
+    from luffy.benchmarks.models import reference_llama
+
+    small = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                 intermediate_size=64, vocab_size=300)
+    first = reference_llama(str(tmp_path / "ref"), **small)
+    assert first["parameters"] > 0 and not first["reused"]
+    assert (tmp_path / "ref" / "config.json").is_file() and (tmp_path / "ref" / "tokenizer.json").is_file()
+    assert reference_llama(str(tmp_path / "ref"), **small)["reused"]
+
+
+def test_peers_needing_the_hf_directory_are_skipped_with_the_reason(tiny, tmp_path):
+    _, work = tiny
+    artifact = tmp_path / "artifact"
+    shutil.copytree(work / "luffy-artifact", artifact)
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    manifest["source"] = {"kind": "onnx", "spec": "model.onnx", "path": "/nowhere/model.onnx", "architecture": None}
+    (artifact / "manifest.json").write_text(json.dumps(manifest))
+    report = bench(artifact, prompt_len=4, gen_len=2, vs="torch", repeats=1, warmup=0, bandwidth=False)
+    torch = report.system("torch")
+    assert torch["status"] == "skipped" and "Hugging Face directory" in torch["reason"]
+    assert report.system("luffy")["status"] == "ok"
+    with pytest.raises(CapacityError, match="maximum sequence length"):
+        bench(artifact, prompt_len=500, gen_len=100, repeats=1, warmup=0, bandwidth=False)
+
+
+def test_bench_usage_errors_are_one_line():
+    with pytest.raises(UsageError, match="unknown peer"):
+        bench("llama-tiny", vs="torch,vllm")
+    with pytest.raises(UsageError, match="batch"):
+        bench("llama-tiny", batch="1,x")
+    with pytest.raises(UsageError, match="--gen-len"):
+        bench("llama-tiny", gen_len=1)
+    for args, code in ((["/no/such/model"], 3), (["llama-tiny", "--vs", "bogus"], 2), ([], 2)):
+        proc = luffy_cli("bench", *args)
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        assert proc.returncode == code and len(lines) == 1 and lines[0].startswith("luffy: error: "), proc.stderr
+    help_text = luffy_cli("bench", "--help").stdout
+    assert "Example: luffy bench" in help_text and "--vs" in help_text
