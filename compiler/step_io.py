@@ -12,7 +12,7 @@ import re
 
 import numpy as np
 
-SEQLENS, TOTAL = "seqlens_k", "total_sequence_length"
+SEQLENS, TOTAL, KEEP = "seqlens_k", "total_sequence_length", "logits_to_keep"
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 EXTRA_CAPACITY = 3  # buffers a little longer than needed, so a graph that confuses capacity with length fails
 
@@ -22,6 +22,8 @@ def run_step(session, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     inputs = {i.name for i in session.get_inputs()}
     names = [o.name for o in session.get_outputs()]
     feeds = {k: v for k, v in feeds.items() if k in inputs or _PAST.match(k)}
+    if KEEP in inputs and KEEP not in feeds:  # keep-last-logits graphs: compare every position
+        feeds[KEEP] = np.array(feeds["input_ids"].shape[1], dtype=np.int64)
     if SEQLENS not in inputs:
         return dict(zip(names, session.run(None, feeds)))
     import onnxruntime as ort
@@ -40,7 +42,8 @@ def run_step(session, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             binding.bind_ortvalue_input(name, value)
             presents[f"present.{m.group(1)}.{m.group(2)}"] = (buffer, value)
         else:
-            value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
+            # np.require keeps 0-d scalars 0-d (np.ascontiguousarray would make them [1])
+            value = ort.OrtValue.ortvalue_from_numpy(np.require(array, requirements="C"))
             binding.bind_ortvalue_input(name, value)
         keep.append(value)
     for name, array in ((SEQLENS, np.full(batch, total - 1, np.int32)), (TOTAL, np.array(total, np.int32))):

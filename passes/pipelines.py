@@ -21,6 +21,7 @@ from .fuse_gqa import fuse_gqa
 from .fuse_rms_norm import fuse_rms_norm
 from .fuse_rotary import fuse_rotary
 from .fuse_skip_norm import fuse_skip_norm
+from .keep_last_logits import keep_last_logits
 from .simplify_no_ops import simplify_no_ops
 
 TARGETS = ("ort", "trt")
@@ -68,6 +69,8 @@ ORT_FUSIONS = [
     PassStep("fuse-gqa", fuse_gqa, "in-place KV cache (no per-step concat copy), unrepeated KV heads"),
     PassStep("fuse-mha", fuse_mha, "attention with its head reshapes and past concat -> MultiHeadAttention"),
     PassStep("lower-sdpa", lower_sdpa, "any attention fuse-mha could not absorb still runs as one op"),
+    # Prefill of a generation needs the last position's logits only; the runtime says how many to keep.
+    PassStep("keep-last-logits", keep_last_logits, "lm_head on kept positions only (1 when generating)"),
     # Fusions leave their intermediate functions and dead subgraphs (the unfused mask, cos/sin math).
     PassStep("inline-fusion-functions", common.InlinePass, "no rewriter-internal op reaches the runtime"),
     # fuse-gqa brackets attention with Transpose pairs that cancel once its neighbours are in place.

@@ -11,7 +11,7 @@ from .engine import Engine
 from .generation import as_rows, check_capacity, generate_loop, left_pad, positions_from_mask
 from .kv_cache import KVCache
 
-SEQLENS, TOTAL = "seqlens_k", "total_sequence_length"
+SEQLENS, TOTAL, KEEP = "seqlens_k", "total_sequence_length", "logits_to_keep"
 _NUMPY_DTYPES = {
     "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
     "tensor(int32)": np.int32, "tensor(bool)": np.bool_, "tensor(double)": np.float64,
@@ -58,7 +58,7 @@ class OrtEngine(Engine):
             self.kv_dtype = _NUMPY_DTYPES.get(self.input_types[kv["past_input"].format(layer=0, kind="key")], np.float32)
             # fuse-gqa graphs bind one buffer as past and present and take the lengths as inputs
             self.shared_kv = SEQLENS in self.input_types
-            unknown = set(self.input_types) - {"input_ids", "attention_mask", "position_ids", SEQLENS, TOTAL} - {
+            unknown = set(self.input_types) - {"input_ids", "attention_mask", "position_ids", SEQLENS, TOTAL, KEEP} - {
                 kv["past_input"].format(layer=i, kind=k) for i in range(kv["num_layers"]) for k in ("key", "value")
             }
             if unknown or "attention_mask" not in self.input_types:
@@ -92,31 +92,35 @@ class OrtEngine(Engine):
         present_names = [[kv_names["present_output"].format(layer=i, kind=k) for k in ("key", "value")] for i in range(len(self.layers))]
         takes_positions = "position_ids" in self.input_types
 
-        def step(ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past_len: int) -> np.ndarray:
+        def step(ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past_len: int, keep: int | None = None):
+            """Run one step; logits for the last ``keep`` positions (all when None), [batch, kept, vocab]."""
             new = ids.shape[1]
+            kept = keep if KEEP in self.input_types and keep is not None else new
             binding.clear_binding_inputs()
             binding.clear_binding_outputs()
             feeds = {"input_ids": np.ascontiguousarray(ids, dtype=np.int64), "attention_mask": np.ascontiguousarray(mask, dtype=np.int64)}
             if takes_positions:
                 feeds["position_ids"] = np.ascontiguousarray(positions, dtype=np.int64)
+            if KEEP in self.input_types:
+                feeds[KEEP] = np.array(kept, dtype=np.int64)
             if self.shared_kv:  # every row holds past_len + new slots (left padding counts), so one length
                 feeds[SEQLENS] = np.full(batch, past_len + new - 1, dtype=np.int32)
                 feeds[TOTAL] = np.array(past_len + new, dtype=np.int32)
-            keep = []  # OrtValues must outlive the run
+            alive = []  # OrtValues must outlive the run
             for name, arr in feeds.items():
                 value = ort.OrtValue.ortvalue_from_numpy(arr)
-                keep.append(value)
+                alive.append(value)
                 binding.bind_ortvalue_input(name, value)
             for layer in range(len(self.layers)):
                 for kind in (0, 1):
                     past = ort.OrtValue.ortvalue_from_numpy(cache.past(layer, kind, past_len))
                     present = ort.OrtValue.ortvalue_from_numpy(cache.present(layer, kind, past_len + new))
-                    keep += [past, present]
+                    alive += [past, present]
                     binding.bind_ortvalue_input(past_names[layer][kind], past)
                     binding.bind_ortvalue_output(present_names[layer][kind], present)
-            logits = logits_buf[: batch * new * vocab].reshape(batch, new, vocab)
+            logits = logits_buf[: batch * kept * vocab].reshape(batch, kept, vocab)
             value = ort.OrtValue.ortvalue_from_numpy(logits)
-            keep.append(value)
+            alive.append(value)
             binding.bind_ortvalue_output("logits", value)
             self.session.run_with_iobinding(binding)
             cache.swap()
@@ -148,10 +152,12 @@ class OrtEngine(Engine):
             eos_token_id = self._generation_default("eos_token_id")
         pad = self._pad_id(pad_token_id)
         ids, mask = left_pad(rows, pad)
-        step = self._stepper(len(rows), prompt_len + max_new_tokens, prompt_len)
+        # keep-last-logits graphs return one row per sequence; others return the whole prompt's at prefill
+        logits_rows = 1 if KEEP in self.input_types else prompt_len
+        step = self._stepper(len(rows), prompt_len + max_new_tokens, logits_rows)
 
         def last_logits(ids, mask, positions, past_len):
-            return step(ids, mask, positions, past_len)[:, -1, :]
+            return step(ids, mask, positions, past_len, keep=1)[:, -1, :]
 
         return generate_loop(
             last_logits, ids, mask, max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample,
