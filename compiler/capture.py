@@ -27,7 +27,10 @@ from .sources import CAUSAL_LM, ENCODER, TorchModel
 
 PAST_NAME = "past_key_values.{layer}.{kind}"
 PRESENT_NAME = "present.{layer}.{kind}"
-ONNX_OPSET = 20  # ORT >= 1.17 runs it everywhere; opset-23 ops come with the pass pipeline's legalization
+ONNX_OPSET = 20  # the ORT target: ORT >= 1.17 runs it, and its contrib fusions are written against it
+# Per target: TensorRT reads standard ONNX only, and at opset 23 torch.onnx itself emits RMSNormalization,
+# RotaryEmbedding and Attention (the portable path), which ORT >= 1.22 also runs.
+CAPTURE_OPSET = {"ort": ONNX_OPSET, "trt": 23}
 
 
 @dataclass
@@ -81,14 +84,14 @@ def _quiet_export():
             lg.setLevel(level)
 
 
-def _export(module, args, kwargs, dynamic_shapes, input_names, output_names) -> ir.Model:
+def _export(module, args, kwargs, dynamic_shapes, input_names, output_names, opset=ONNX_OPSET) -> ir.Model:
     import torch
 
     try:
         with _quiet_export():
             program = torch.onnx.export(
                 module, args, kwargs=kwargs, dynamo=True, dynamic_shapes=dynamic_shapes,
-                input_names=input_names, output_names=output_names, opset_version=ONNX_OPSET,
+                input_names=input_names, output_names=output_names, opset_version=opset,
                 optimize=True, verbose=False, external_data=False,
             )
     except Exception as exc:  # torch.export raises a zoo of types; all mean "could not capture"
@@ -226,7 +229,7 @@ def decoder_example(kv: KVLayout, batch=2, seq=3, past=4, vocab=8, seed=0):
     return ids, mask, pos, kvs
 
 
-def capture_causal_lm(tm: TorchModel) -> Captured:
+def capture_causal_lm(tm: TorchModel, opset: int = ONNX_OPSET) -> Captured:
     import torch
 
     kv = probe_kv_layout(tm.module)
@@ -241,7 +244,7 @@ def capture_causal_lm(tm: TorchModel) -> Captured:
         "past": [{0: batch, 2: past} for _ in range(2 * kv.num_layers)],
     }
     input_names, output_names = decoder_io_names(kv.num_layers)
-    model = _export(step.module, args, None, dynamic_shapes, input_names, output_names)
+    model = _export(step.module, args, None, dynamic_shapes, input_names, output_names, opset)
     _name_decoder_dims(model, kv)
     notes = [] if step.takes_position_ids else ["model takes no position_ids; the graph input was dropped"]
     return Captured(model, CAUSAL_LM, kv, reference=step.module, example=(args, None), notes=notes)
@@ -281,7 +284,7 @@ def encoder_example(module, batch=2, seq=5):
     return inputs
 
 
-def capture_encoder(tm: TorchModel) -> Captured:
+def capture_encoder(tm: TorchModel, opset: int = ONNX_OPSET) -> Captured:
     import torch
 
     inputs = encoder_example(tm.module)
@@ -302,11 +305,11 @@ def capture_encoder(tm: TorchModel) -> Captured:
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
     dynamic_shapes = {name: {0: batch, 1: seq} for name in inputs}
     encoder = Encoder().eval()
-    model = _export(encoder, (), inputs, dynamic_shapes, list(inputs), output_names)
+    model = _export(encoder, (), inputs, dynamic_shapes, list(inputs), output_names, opset)
     return Captured(model, ENCODER, reference=encoder, example=((), inputs))
 
 
-def capture_module(tm: TorchModel) -> Captured:
+def capture_module(tm: TorchModel, opset: int = ONNX_OPSET) -> Captured:
     import torch
 
     example = tm.example_inputs
@@ -320,5 +323,5 @@ def capture_module(tm: TorchModel) -> Captured:
         dynamic_shapes = tuple(auto(a) for a in args) if kwargs is None else {k: auto(v) for k, v in kwargs.items()}
     params = list(inspect.signature(tm.module.forward).parameters)
     input_names = params[: len(args)] if kwargs is None else None
-    model = _export(tm.module, args, kwargs, dynamic_shapes, input_names, None)
+    model = _export(tm.module, args, kwargs, dynamic_shapes, input_names, None, opset)
     return Captured(model, "module", reference=tm.module, example=(args, kwargs))

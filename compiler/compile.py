@@ -96,7 +96,7 @@ def compile(  # noqa: A001 - the public name the API promises
 
     say(f"capturing {src.spec}")
     t0 = time.perf_counter()
-    captured, tm = _capture(src)
+    captured, tm = _capture(src, cfg.target)
     capture_seconds = time.perf_counter() - t0
     captured_nodes = count_nodes(captured.model)
     max_len = _max_seq_len(cfg, tm, captured)
@@ -138,17 +138,17 @@ def compile(  # noqa: A001 - the public name the API promises
     return Artifact(Path(output), manifest)
 
 
-def _capture(src):
+def _capture(src, target: str):
     if src.kind == "onnx":
         from .onnx_source import load_onnx_source
 
         return load_onnx_source(src.path), None
-    from .capture import capture_causal_lm, capture_encoder, capture_module
+    from .capture import CAPTURE_OPSET, capture_causal_lm, capture_encoder, capture_module
     from .sources import load_torch_model
 
     tm = load_torch_model(src)
     capture = {CAUSAL_LM: capture_causal_lm, ENCODER: capture_encoder}.get(tm.kind, capture_module)
-    return capture(tm), tm
+    return capture(tm, CAPTURE_OPSET[target]), tm
 
 
 def _vocab(tm) -> int | None:

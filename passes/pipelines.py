@@ -18,6 +18,7 @@ from .eliminate_identity import EliminateIdentity
 from .fuse_attention import fuse_mha, fuse_sdpa, lower_sdpa
 from .fuse_gelu import fuse_gelu
 from .fuse_gqa import fuse_gqa
+from .fuse_onnx23 import fuse_onnx23
 from .fuse_rms_norm import fuse_rms_norm
 from .fuse_rotary import fuse_rotary
 from .fuse_skip_norm import fuse_skip_norm
@@ -82,6 +83,12 @@ ORT_FUSIONS = [
     PassStep("remove-unused-opsets-after-fusion", common.RemoveUnusedOpsetsPass, "opset imports match the ops"),
 ]
 
+PORTABLE_FUSIONS = [
+    # Standard ONNX ops only (TensorRT parses no com.microsoft ops); the graph is captured at opset 23.
+    PassStep("fuse-onnx23", fuse_onnx23, "RMSNormalization, RotaryEmbedding, Attention as opset-23 ops"),
+    PassStep("remove-unused-after-fusion", common.RemoveUnusedNodesPass, "drops what the fusions orphaned"),
+]
+
 PIPELINES: dict[tuple[str, int], list[PassStep]] = {
     ("ort", 0): [],
     ("ort", 1): CLEANUP,
@@ -89,8 +96,8 @@ PIPELINES: dict[tuple[str, int], list[PassStep]] = {
     ("ort", 3): CLEANUP + ORT_FUSIONS,
     ("trt", 0): [],
     ("trt", 1): CLEANUP,
-    ("trt", 2): CLEANUP,
-    ("trt", 3): CLEANUP,
+    ("trt", 2): CLEANUP + PORTABLE_FUSIONS,
+    ("trt", 3): CLEANUP + PORTABLE_FUSIONS,
 }
 
 

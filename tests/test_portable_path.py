@@ -1,0 +1,53 @@
+"""The portable path (TensorRT target): opset-23 RMSNormalization, RotaryEmbedding and Attention, no
+com.microsoft ops, at parity with PyTorch on ONNX Runtime."""
+
+import collections
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from luffy.compiler.capture import CAPTURE_OPSET, capture_causal_lm
+from luffy.compiler.parity import check_parity
+from luffy.compiler.sources import load_torch_model, resolve_source
+from luffy.passes.driver import run_passes
+from luffy.passes.fuse_onnx23 import fuse_onnx23
+from luffy.passes.pipelines import pipeline
+from luffy.tests.test_fusions import RMSNorm, apply, assert_parity, ops
+
+
+def test_llama_on_the_trt_pipeline_uses_standard_ops_only(tmp_path):
+    captured = capture_causal_lm(load_torch_model(resolve_source("llama-tiny")), CAPTURE_OPSET["trt"])
+    model, records = run_passes(captured.model, pipeline("trt", 2))
+    counts = collections.Counter((n.domain or "ai.onnx", n.op_type) for n in model.graph)
+    assert counts[("ai.onnx", "Attention")] == 2 and counts[("ai.onnx", "RotaryEmbedding")] == 4
+    assert counts[("ai.onnx", "RMSNormalization")] == 5
+    assert not [op for (domain, op) in counts if domain != "ai.onnx"]
+    assert model.opset_imports[""] == 23
+    ir.save(model, tmp_path / "model.onnx")
+    captured.model = model
+    assert check_parity(captured, tmp_path / "model.onnx", vocab=320)["passed"]
+
+
+def test_decomposed_rms_norm_is_fused_at_opset_23():
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        # optimize=False: as another exporter would hand it over, without onnxscript's own fusions
+        model = torch.onnx.export(RMSNorm().eval(), (x,), dynamo=True, opset_version=23, verbose=False,
+                                  optimize=False).model
+    assert ops(model)["RMSNormalization"] == 0
+    # through the trt pipeline: cleanup folds the norm's Constant nodes, then the rule sees literal values
+    fused, records = run_passes(ir.from_proto(ir.to_proto(model)), pipeline("trt", 2))
+    assert next(r for r in records if r["name"] == "fuse-onnx23")["matches"] == 1
+    assert ops(fused) == {"RMSNormalization": 1}
+    assert_parity(model, fused, x)
+
+
+def test_opset_20_graph_is_left_alone():
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        model = torch.onnx.export(RMSNorm().eval(), (x,), dynamo=True, opset_version=20, verbose=False).model
+    p = fuse_onnx23()
+    fused, (count,) = apply(model, p)
+    assert count == 0 and ops(fused) == ops(model)
+    assert "opset 20" in p.stats["not_matched"][0]["reason"]
