@@ -8,12 +8,31 @@ order must not decide whether a GELU is fused.
 
 from __future__ import annotations
 
-from onnxscript.rewriter import RewriteRuleSet
+import math
+
+from onnxscript.rewriter import RewriteRuleSet, pattern
 from onnxscript.rewriter.ort_fusions.erfgelu import rules as erf_gelu_rules
 from onnxscript.rewriter.ort_fusions.gelu import gelu_rules
 
 from .rule_pass import RulePass
 
 
+class HalfXTanhGelu(pattern.RewriteRuleClassBase):
+    """(0.5 * x) * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x^3))) -> FastGelu.
+
+    Why luffy's own: this is how transformers' NewGELUActivation (GPT-2's "gelu_new") exports, and
+    onnxscript's tanh rule is written for x * (0.5 * (1 + tanh(...))): commuting operands does not turn one
+    association into the other.
+    """
+
+    def pattern(self, op, x):
+        inner = op.Mul(op.Add(x, op.Mul(op.Pow(x, 3.0), 0.044715)), math.sqrt(2.0 / math.pi))
+        return op.Mul(op.Mul(x, 0.5), op.Add(op.Tanh(inner), 1.0))
+
+    def rewrite(self, op, x):
+        return op.FastGelu(x, _domain="com.microsoft")
+
+
 def fuse_gelu() -> RulePass:
-    return RulePass(RewriteRuleSet([*erf_gelu_rules.rules, *gelu_rules.rules], commute=True))
+    rules = [*erf_gelu_rules.rules, *gelu_rules.rules, HalfXTanhGelu.rule()]
+    return RulePass(RewriteRuleSet(rules, commute=True))

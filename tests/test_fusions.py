@@ -278,3 +278,24 @@ def test_attention_reshaped_to_2d_is_not_absorbed():
     assert counts == [1, 0, 1]
     assert any("rank-3" in r["reason"] for r in mha.stats["not_matched"])
     assert_parity(model, fused, *args)
+
+
+def test_gpt2_tanh_gelu():
+    from transformers.activations import NewGELUActivation
+
+    x = torch.randn(3, 64)
+    model = export(NewGELUActivation(), x)
+    fused, (count,) = apply(model, fuse_gelu())
+    assert count == 1 and ops(fused) == {"FastGelu": 1}  # com.microsoft FastGelu
+    assert_parity(model, fused, x)
+
+
+def test_tanh_gelu_with_another_cubic_coefficient_is_untouched():
+    class NotGelu(torch.nn.Module):
+        def forward(self, x):
+            return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.04 * torch.pow(x, 3.0))))
+
+    x = torch.randn(3, 64)
+    model = export(NotGelu(), x)
+    fused, (count,) = apply(model, fuse_gelu())
+    assert count == 0 and ops(fused) == ops(model)
