@@ -14,7 +14,7 @@ import numpy as np
 import onnx_ir as ir
 
 from .. import __version__
-from ..errors import UnsupportedModelError, UsageError
+from ..errors import UsageError
 from ..passes.driver import count_nodes, run_passes
 from ..passes.pipelines import pipeline
 from .artifact import FORMAT_VERSION, STATE_READY, staged_directory, write_manifest

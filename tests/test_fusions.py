@@ -11,7 +11,6 @@ import math
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
-import pytest
 import torch
 
 from luffy.passes.fuse_attention import fuse_mha, fuse_sdpa, lower_sdpa

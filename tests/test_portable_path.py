@@ -3,7 +3,6 @@ com.microsoft ops, at parity with PyTorch on ONNX Runtime."""
 
 import collections
 
-import numpy as np
 import onnx_ir as ir
 import torch
 
