@@ -119,6 +119,7 @@ def compile(  # noqa: A001 - the public name the API promises
             from .parity import check_parity as run_parity_check
 
             parity = run_parity_check(captured, stage / MODEL_FILE, _vocab(tm))
+        memory = _memory_report(stage / MODEL_FILE, captured, max_len)
         report = {
             "seconds_total": round(time.perf_counter() - started, 3),
             "capture": {
@@ -131,6 +132,7 @@ def compile(  # noqa: A001 - the public name the API promises
             "op_histogram": op_histogram(model),
             "parameters": parameter_count(model),
             "parity": parity,
+            "memory": memory,
         }
         manifest = _manifest(cfg, src, tm, captured, model, max_len, tokenizer_files, external, report)
         say("writing manifest")
@@ -183,6 +185,20 @@ def _after_pass_hook(cfg: LuffyConfig, captured, vocab: int | None, say):
         return record
 
     return after_pass
+
+
+MEMORY_SCENARIO_TOKENS = 128  # the report's reference prefill / decode point (the benchmark's prompt length)
+
+
+def _memory_report(model_path: Path, captured, max_len: int | None) -> dict | None:
+    if captured.kind != CAUSAL_LM:
+        return None
+    from .memory import decoder_memory_report
+
+    tokens = min(MEMORY_SCENARIO_TOKENS, (max_len or MEMORY_SCENARIO_TOKENS) - 1)
+    report = decoder_memory_report(model_path, tokens)
+    report["kv_cache_bytes_per_token"] = captured.kv.to_json()["bytes_per_token"]
+    return report
 
 
 def _lower_ir_version(model: ir.Model) -> None:

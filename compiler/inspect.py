@@ -44,6 +44,7 @@ def _inspect_artifact(path: Path) -> dict:
         "nodes": report.get("nodes"),
         "parity": report.get("parity"),
         "fusions": fusion_summary(report, (m.get("kv_cache") or {}).get("num_layers")),
+        "memory": report.get("memory"),
         "files": {name: info["size"] for name, info in m["files"].items()},
         "versions": m["versions"],
         "io": m["io"],

@@ -35,6 +35,9 @@ class KeepLastLogits(ir.passes.InPlacePass):
         hidden = matmul.inputs[0]
         sliced = ir.node("Slice", [hidden, negated.outputs[0], _const(model.graph, "keep_end", [np.iinfo(np.int64).max]),
                                    _const(model.graph, "keep_axis", [1])])
+        kept = sliced.outputs[0]
+        kept.dtype = hidden.dtype
+        kept.shape = ir.Shape([hidden.shape[0], "kept", hidden.shape[2]])  # names the dim for shape inference
         model.graph.insert_before(matmul, [start, negated, sliced])
         matmul.replace_input_with(0, sliced.outputs[0])
         logits = next(v for v in model.graph.outputs if v.name == "logits")
