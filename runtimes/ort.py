@@ -91,13 +91,22 @@ class OrtEngine(Engine):
         past_names = [[kv_names["past_input"].format(layer=i, kind=k) for k in ("key", "value")] for i in range(len(self.layers))]
         present_names = [[kv_names["present_output"].format(layer=i, kind=k) for k in ("key", "value")] for i in range(len(self.layers))]
         takes_positions = "position_ids" in self.input_types
+        kv_values = []  # shared-buffer graphs: the cache's bindings never change, so they are made once
+        if self.shared_kv:
+            for layer in range(len(self.layers)):
+                for kind in (0, 1):
+                    value = ort.OrtValue.ortvalue_from_numpy(cache.past(layer, kind, capacity))
+                    kv_values.append(value)
+                    binding.bind_ortvalue_input(past_names[layer][kind], value)
+                    binding.bind_ortvalue_output(present_names[layer][kind], value)
 
         def step(ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past_len: int, keep: int | None = None):
             """Run one step; logits for the last ``keep`` positions (all when None), [batch, kept, vocab]."""
             new = ids.shape[1]
             kept = keep if KEEP in self.input_types and keep is not None else new
-            binding.clear_binding_inputs()
-            binding.clear_binding_outputs()
+            if not self.shared_kv:  # concat graphs: past and present views change length every step
+                binding.clear_binding_inputs()
+                binding.clear_binding_outputs()
             feeds = {"input_ids": np.ascontiguousarray(ids, dtype=np.int64), "attention_mask": np.ascontiguousarray(mask, dtype=np.int64)}
             if takes_positions:
                 feeds["position_ids"] = np.ascontiguousarray(positions, dtype=np.int64)
@@ -107,11 +116,11 @@ class OrtEngine(Engine):
                 feeds[SEQLENS] = np.full(batch, past_len + new - 1, dtype=np.int32)
                 feeds[TOTAL] = np.array(past_len + new, dtype=np.int32)
             alive = []  # OrtValues must outlive the run
-            for name, arr in feeds.items():
+            for name, arr in feeds.items():  # binding a name again replaces its value
                 value = ort.OrtValue.ortvalue_from_numpy(arr)
                 alive.append(value)
                 binding.bind_ortvalue_input(name, value)
-            for layer in range(len(self.layers)):
+            for layer in range(0 if self.shared_kv else len(self.layers)):
                 for kind in (0, 1):
                     past = ort.OrtValue.ortvalue_from_numpy(cache.past(layer, kind, past_len))
                     present = ort.OrtValue.ortvalue_from_numpy(cache.present(layer, kind, past_len + new))
