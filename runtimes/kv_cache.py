@@ -39,13 +39,10 @@ class KVCache:
         return flat[: self.batch * heads * length * dim].reshape(self.batch, heads, length, dim)
 
     def past(self, layer: int, kind: int, length: int) -> np.ndarray:
-        if self.shared:
-            return self._view(0, layer, kind, self.capacity)
         return self._view(self.read_side, layer, kind, length)
 
     def present(self, layer: int, kind: int, length: int) -> np.ndarray:
-        if self.shared:
-            return self._view(0, layer, kind, self.capacity)
+        """The write side of a concat cache (a shared cache is bound once, through ``past``)."""
         return self._view(1 - self.read_side, layer, kind, length)
 
     def swap(self) -> None:
