@@ -63,7 +63,22 @@ def compile_cmd(
     source: str = typer.Argument(..., help="Zoo name, local Hugging Face directory, .onnx file or package.module:factory."),
     output: Path = typer.Option(..., "-o", "--output", help="Artifact directory to write (replaced atomically)."),
     target: str = typer.Option("ort", "--target", help="ort (ONNX Runtime) or trt (TensorRT)."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 | bf16 | int8 | int4."),
+    precision: str = typer.Option(
+        "fp32", "--precision", help="fp32 | fp16 | int8 | int4 | int8-dynamic. int8/int4: weight-only, blockwise "
+        "(MatMulNBits), GPTQ with --calib else round-to-nearest; int8-dynamic: int8 activations too; fp16: weights and "
+        "activations (fp32 kept for norms' reductions, softmax and logits). bf16 is refused (no CPU kernels to check it).",
+    ),
+    block_size: int = typer.Option(32, "--block-size", help="int8/int4: weights per scale, 16 | 32 | 64 | 128."),
+    calib: Optional[Path] = typer.Option(
+        None, "--calib", metavar="FILE", help="int8/int4: text (or token ids as .json) to calibrate on; "
+        "quantizes by GPTQ instead of round-to-nearest.",
+    ),
+    eval_file: Optional[Path] = typer.Option(
+        None, "--eval", metavar="FILE", help="Text (or .json token ids): perplexity before and after, in the report.",
+    ),
+    accuracy_level: int = typer.Option(
+        4, "--accuracy-level", min=0, max=4, help="int8/int4 MatMulNBits: 4 = int8 products (fast on CPU), 0 = fp32.",
+    ),
     opt_level: int = typer.Option(2, "-O", "--opt-level", min=0, max=3, help="0 none, 1 cleanup, 2 fusions (default), 3 all."),
     max_seq_len: Optional[int] = typer.Option(None, "--max-seq-len", help="Longest prompt + generation the artifact serves."),
     disable_pass: List[str] = typer.Option([], "--disable-pass", help="Skip a pass by name (repeatable)."),
@@ -82,7 +97,11 @@ def compile_cmd(
 ):
     """Compile a model into an artifact directory.
 
-    Example: luffy compile ./my-llama -o build/my-llama --target ort -O2
+    Examples:
+
+      luffy compile ./my-llama -o build/my-llama --target ort -O2
+
+      luffy compile llama-pydoc -o build/q4 --precision int4 --calib calib.txt --eval heldout.txt
     """
     from ..compiler.compile import compile as compile_artifact
 
@@ -91,7 +110,8 @@ def compile_cmd(
         artifact = compile_artifact(
             source, target=target, output=output, precision=precision, opt_level=opt_level, max_seq_len=max_seq_len,
             disable_pass=disable_pass, enable_pass=enable_pass, check_parity=check_parity, external_data=external_data,
-            verify=verify, dump_ir=dump_ir, progress=lambda message: status.update(f"{source}: {message}"),
+            verify=verify, dump_ir=dump_ir, block_size=block_size, calib=calib, eval_file=eval_file,
+            accuracy_level=accuracy_level, progress=lambda message: status.update(f"{source}: {message}"),
         )
     report = artifact.report
     if report_json:
@@ -103,6 +123,11 @@ def compile_cmd(
         f"[green]✓[/green] {output}  {report['capture']['nodes']} → {report['nodes']} nodes, "
         f"{report['parameters']:,} parameters, {report['seconds_total']:.1f}s, parity {parity_text}"
     )
+    quality = report.get("quality")
+    if quality:
+        ref = quality["perplexity_reference"]
+        change = f" ({quality['perplexity_increase_pct']:+.2f}% vs {ref:.4f} {quality['reference']})" if ref else ""
+        err.print(f"  perplexity {quality['perplexity']:.4f}{change} on {quality['tokens_scored']:,} tokens")
 
 
 def _parse_ids(text: str) -> list[int]:

@@ -16,9 +16,10 @@ import onnx_ir as ir
 from .. import __version__
 from ..errors import UsageError
 from ..passes.driver import count_nodes, run_passes
-from ..passes.pipelines import pipeline
+from ..passes.pipelines import pipeline, precision_steps
 from .artifact import FORMAT_VERSION, STATE_READY, staged_directory, write_manifest
-from .config import SUPPORTED_PRECISIONS, LuffyConfig
+from .calibration import WINDOW
+from .config import SUPPORTED_PRECISIONS, WEIGHT_ONLY, LuffyConfig
 from .sources import CAUSAL_LM, ENCODER, resolve_source
 
 MODEL_FILE = "model.onnx"
@@ -59,6 +60,10 @@ def compile(  # noqa: A001 - the public name the API promises
     external_data: str | None = None,
     verify: bool | None = None,
     dump_ir: str | os.PathLike | None = None,
+    block_size: int | None = None,
+    calib: str | os.PathLike | None = None,
+    eval_file: str | os.PathLike | None = None,
+    accuracy_level: int | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Artifact:
     """Compile ``source`` into an artifact directory at ``output``.
@@ -67,6 +72,16 @@ def compile(  # noqa: A001 - the public name the API promises
     their value from ``config`` (or LuffyConfig's defaults: target "ort", precision "fp32", opt level 2).
     ``verify=True`` checks the graph after every pass and names the pass that breaks it; ``dump_ir=DIR``
     writes the graph after every pass to DIR/NN-<pass>.onnx.
+
+    ``precision`` "int4"/"int8" quantizes weights blockwise (``block_size`` per scale), by GPTQ when
+    ``calib`` names a text or token-id file and round-to-nearest otherwise; "int8-dynamic" quantizes
+    activations at run time too; "fp16" converts weights and activations. ``eval_file`` measures
+    perplexity before and after into ``report["quality"]``.
+
+    >>> art = luffy.compile("llama-pydoc", output="build/q4", precision="int4",
+    ...                     calib="calib.txt", eval_file="heldout.txt")          # doctest: +SKIP
+    >>> art.report["quality"]["perplexity_increase_pct"]                        # doctest: +SKIP
+    1.2
 
     >>> import luffy
     >>> art = luffy.compile("llama-tiny", output="build/llama-tiny")   # doctest: +SKIP
@@ -78,6 +93,7 @@ def compile(  # noqa: A001 - the public name the API promises
         disabled_passes=tuple(disable_pass) if disable_pass else None,
         enabled_passes=tuple(enable_pass) if enable_pass else None,
         check_parity=check_parity, external_data=external_data, verify=verify, dump_ir=dump_ir,
+        block_size=block_size, calib=calib, eval_file=eval_file, accuracy_level=accuracy_level,
     )
     if output is None:
         raise UsageError("an output directory is required (-o DIR)")
@@ -86,8 +102,12 @@ def compile(  # noqa: A001 - the public name the API promises
     say = progress or (lambda message: None)
     if cfg.precision not in SUPPORTED_PRECISIONS:
         raise UsageError(
-            f"precision {cfg.precision!r} is not available yet; this luffy compiles {', '.join(SUPPORTED_PRECISIONS)}"
+            f"precision {cfg.precision!r} is not available: ONNX Runtime's CPU provider has no {cfg.precision} "
+            f"kernels to check it with; this luffy compiles {', '.join(SUPPORTED_PRECISIONS)}"
         )
+    for flag, path in (("--calib", cfg.calib), ("--eval", cfg.eval_file)):
+        if path is not None and not Path(path).is_file():
+            raise UsageError(f"{flag} {path}: no such file")
     if cfg.target != "ort":
         raise UsageError(f"target {cfg.target!r} is not available yet; this luffy emits ONNX Runtime artifacts (--target ort)")
     steps = pipeline(cfg.target, cfg.opt_level, cfg.disabled_passes, cfg.enabled_passes)
@@ -106,6 +126,16 @@ def compile(  # noqa: A001 - the public name the API promises
         captured.model.metadata_props["luffy.max_seq_len"] = str(max_len)
     after_pass = _after_pass_hook(cfg, captured, _vocab(tm), say)
     model, pass_records = run_passes(captured.model, steps, on_pass=lambda name: say(f"pass {name}"), after_pass=after_pass)
+    quality = _Quality(cfg, src, tm, captured, max_len, say)
+    if cfg.precision != "fp32":
+        quality.measure_reference(model)
+        model, precision_records = run_passes(
+            model, precision_steps(cfg.precision, quality.weight_spec(model)),
+            on_pass=lambda name: say(f"pass {name}"), after_pass=_dump_only(after_pass),
+        )
+        pass_records += precision_records
+        if captured.kv is not None:
+            captured.kv.dtype = _kv_dtype(model, captured.kv.dtype)
     model.producer_name, model.producer_version = "luffy", __version__
     _lower_ir_version(model)
 
@@ -118,7 +148,7 @@ def compile(  # noqa: A001 - the public name the API promises
             say("checking parity against PyTorch")
             from .parity import check_parity as run_parity_check
 
-            parity = run_parity_check(captured, stage / MODEL_FILE, _vocab(tm))
+            parity = run_parity_check(captured, stage / MODEL_FILE, _vocab(tm), cfg.precision)
         memory = _memory_report(stage / MODEL_FILE, captured, max_len)
         report = {
             "seconds_total": round(time.perf_counter() - started, 3),
@@ -133,6 +163,8 @@ def compile(  # noqa: A001 - the public name the API promises
             "parameters": parameter_count(model),
             "parity": parity,
             "memory": memory,
+            "precision": _precision_report(cfg, pass_records),
+            "quality": quality.evaluate(stage / MODEL_FILE) if cfg.eval_file else None,
         }
         manifest = _manifest(cfg, src, tm, captured, model, max_len, tokenizer_files, external, report)
         say("writing manifest")
@@ -184,7 +216,113 @@ def _after_pass_hook(cfg: LuffyConfig, captured, vocab: int | None, say):
             record.update(hook(name, model))
         return record
 
+    after_pass.hooks = hooks  # _dump_only picks the dumper out for the precision passes
     return after_pass
+
+
+def _dump_only(after_pass):
+    # --verify's numeric check holds passes to fp32 parity; a precision pass is judged by --eval instead.
+    if after_pass is None:
+        return None
+    hooks = [h for h in getattr(after_pass, "hooks", []) if not getattr(h, "checks_numerics", False)]
+    if not hooks:
+        return None
+    return lambda name, model: {k: v for h in hooks for k, v in (h(name, model) or {}).items()}
+
+
+def _kv_dtype(model: ir.Model, default: str) -> str:
+    for value in model.graph.inputs:
+        if value.name.startswith("past_key_values.") and value.dtype is not None:
+            return str(np.dtype(value.dtype.numpy()))
+    return default
+
+
+def _precision_report(cfg: LuffyConfig, records: list[dict]) -> dict:
+    """What was quantized and how: the precision passes' own records, plus totals by op."""
+    out = {"precision": cfg.precision}
+    for record in records:
+        if record["name"] in ("quantize-weights", "convert-fp16", "quantize-dynamic-int8"):
+            out.update({k: v for k, v in record.items() if k not in ("name", "modified", "nodes_before", "nodes_after")})
+    return out
+
+
+class _Quality:
+    """Calibration for GPTQ and perplexity before/after, on the token windows of --calib / --eval."""
+
+    def __init__(self, cfg: LuffyConfig, src, tm, captured, max_len, say):
+        self.cfg, self.src, self.tm, self.captured, self.say = cfg, src, tm, captured, say
+        self.window = min(WINDOW, max_len) if max_len else WINDOW
+        self.reference_ppl = None
+        self.reference_kind = None
+        self._tokenizer = None
+
+    def _windows(self, path: str, flag: str, limit=None):
+        from .calibration import load_tokenizer, token_windows
+
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.src, self.tm)
+        return token_windows(path, self._tokenizer, self.window, limit, flag)
+
+    def _require_decoder(self, flag: str):
+        if self.captured.kind != CAUSAL_LM:
+            raise UsageError(f"{flag} measures a causal LM on token windows; this model is a {self.captured.kind}")
+
+    def measure_reference(self, fp32_model: ir.Model) -> None:
+        """Perplexity of the fp32 model: PyTorch when there is a module, else the optimized fp32 graph."""
+        if not self.cfg.eval_file:
+            return
+        self._require_decoder("--eval")
+        from .calibration import graph_perplexity, torch_perplexity
+
+        windows, prefix = self._windows(self.cfg.eval_file, "--eval")
+        self.say("measuring fp32 perplexity")
+        if self.tm is not None:
+            self.reference_ppl, self.reference_kind = torch_perplexity(self.tm.module, windows, prefix), "pytorch fp32"
+        else:
+            import tempfile
+
+            with tempfile.TemporaryDirectory(prefix="luffy-eval-") as tmp:
+                ir.save(fp32_model, Path(tmp) / MODEL_FILE, external_data=DATA_FILE)
+                self.reference_ppl = graph_perplexity(Path(tmp) / MODEL_FILE, windows, prefix)
+            self.reference_kind = "optimized fp32 graph"
+
+    def weight_spec(self, model: ir.Model):
+        if self.cfg.precision not in WEIGHT_ONLY:
+            return None
+        from ..passes.quantize_weights import WeightQuantization
+
+        hessians = {}
+        if self.cfg.calib:
+            self._require_decoder("--calib")
+            from .calibration import MAX_CALIB_WINDOWS, collect_hessians
+
+            windows, _ = self._windows(self.cfg.calib, "--calib", MAX_CALIB_WINDOWS)
+            self.say(f"collecting GPTQ statistics on {len(windows)} calibration windows")
+            hessians = collect_hessians(model, windows, self.say)
+        bits = 4 if self.cfg.precision == "int4" else 8
+        return WeightQuantization(
+            bits=bits, block_size=self.cfg.block_size, accuracy_level=self.cfg.accuracy_level,
+            lm_head_bits=8, quantize_embeddings=bits == 4, hessians=hessians,
+        )
+
+    def evaluate(self, model_path: Path) -> dict:
+        self._require_decoder("--eval")
+        from .calibration import graph_perplexity, torch_perplexity
+
+        windows, prefix = self._windows(self.cfg.eval_file, "--eval")
+        if self.reference_ppl is None:  # fp32 compile: the reference is the module itself
+            self.say("measuring fp32 perplexity")
+            if self.tm is not None:
+                self.reference_ppl, self.reference_kind = torch_perplexity(self.tm.module, windows, prefix), "pytorch fp32"
+        self.say(f"measuring {self.cfg.precision} perplexity")
+        ppl = graph_perplexity(model_path, windows, prefix)
+        ref = self.reference_ppl
+        return {
+            "eval_file": self.cfg.eval_file, "windows": len(windows), "window_tokens": self.window,
+            "tokens_scored": sum(len(w) - max(prefix, 1) for w in windows),
+            "reference": self.reference_kind, "perplexity_reference": ref, "perplexity": ppl,
+            "perplexity_increase_pct": None if ref is None else 100.0 * (ppl / ref - 1.0),
+        }
 
 
 MEMORY_SCENARIO_TOKENS = 128  # the report's reference prefill / decode point (the benchmark's prompt length)

@@ -8,8 +8,10 @@ from dataclasses import dataclass, fields, replace
 from ..errors import UsageError
 
 OPTIMIZATION_LEVELS = {"none": 0, "conservative": 1, "balanced": 2, "aggressive": 3}
-PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
-SUPPORTED_PRECISIONS = ("fp32",)  # the others arrive with quantization; they are refused, never faked
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4", "int8-dynamic")
+SUPPORTED_PRECISIONS = ("fp32", "fp16", "int8", "int4", "int8-dynamic")  # bf16 is refused, never faked
+WEIGHT_ONLY = ("int8", "int4")
+BLOCK_SIZES = (16, 32, 64, 128)
 EXTERNAL_DATA_MODES = ("auto", "always", "never")
 
 
@@ -35,6 +37,10 @@ class LuffyConfig:
     external_data: str = "auto"  # weights in model.onnx.data: auto (when large), always, never
     verify: bool = False  # check + shape-infer + run the graph after every pass; name the pass that breaks it
     dump_ir: str | None = None  # directory for the graph after every pass (NN-<pass>.onnx)
+    block_size: int = 32  # weight-only int8/int4: weights per scale (smaller = more accurate, more bytes)
+    calib: str | None = None  # text or token ids (.json) for calibrated quantization (GPTQ); none = RTN
+    eval_file: str | None = None  # text or token ids: perplexity before and after, into the report
+    accuracy_level: int = 4  # MatMulNBits: 4 = int8 products on the CPU (fast); 0 = fp32 products
 
     def __post_init__(self):
         if self.optimization_level is not None:
@@ -49,6 +55,15 @@ class LuffyConfig:
             raise UsageError(f"external_data {self.external_data!r}; choose one of {', '.join(EXTERNAL_DATA_MODES)}")
         if self.max_seq_len is not None and (not isinstance(self.max_seq_len, int) or self.max_seq_len < 2):
             raise UsageError(f"max_seq_len {self.max_seq_len!r} must be an integer >= 2")
+        if self.block_size not in BLOCK_SIZES:
+            raise UsageError(f"block_size {self.block_size!r}; choose one of {', '.join(map(str, BLOCK_SIZES))}")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise UsageError(f"accuracy_level {self.accuracy_level!r}; choose 0 (fp32 products) to 4 (int8 products)")
+        if self.calib is not None and self.precision not in WEIGHT_ONLY:
+            raise UsageError(f"--calib calibrates int8/int4 weight-only quantization; precision {self.precision} takes none")
+        for name in ("calib", "eval_file"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, os.fspath(getattr(self, name)))
         object.__setattr__(self, "disabled_passes", tuple(self.disabled_passes))
         object.__setattr__(self, "enabled_passes", tuple(self.enabled_passes))
         if self.dump_ir is not None:
@@ -71,4 +86,6 @@ class LuffyConfig:
             "max_seq_len": self.max_seq_len, "disabled_passes": list(self.disabled_passes),
             "enabled_passes": list(self.enabled_passes), "check_parity": self.check_parity,
             "external_data": self.external_data, "verify": self.verify, "dump_ir": self.dump_ir,
+            "block_size": self.block_size, "calib": self.calib, "eval_file": self.eval_file,
+            "accuracy_level": self.accuracy_level,
         }

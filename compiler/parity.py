@@ -55,6 +55,8 @@ def _compare(session, reference, args, kwargs, input_names=None, valid=None) -> 
         e = e.detach().float().numpy()
         if g.shape != e.shape:
             raise CaptureError(f"parity check: output {name} has shape {g.shape} on ORT but {e.shape} in PyTorch")
+        if not np.all(np.isfinite(g)):
+            raise CaptureError(f"parity check: output {name} of the emitted graph has NaN or Inf")
         err = np.abs(g.astype(np.float32) - e)
         if valid is not None:
             err = err[valid(name, err)]
@@ -70,8 +72,12 @@ def _real_positions(name: str, err: np.ndarray, mask: np.ndarray, past: int) -> 
     return np.broadcast_to(mask[:, None, :, None], err.shape)
 
 
-def check_parity(captured: Captured, model_path: Path, vocab: int | None = None) -> dict:
-    """Run ``model_path`` on ORT (graph optimizations on, as served) and PyTorch; fail above 1e-4."""
+def check_parity(captured: Captured, model_path: Path, vocab: int | None = None, precision: str = "fp32") -> dict:
+    """Run ``model_path`` on ORT (graph optimizations on, as served) and PyTorch; fail above 1e-4.
+
+    A reduced-precision artifact is not held to 1e-4 (its quality is measured by task metrics: --eval);
+    its difference is reported, and a NaN or Inf anywhere fails the compile.
+    """
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
@@ -89,12 +95,15 @@ def check_parity(captured: Captured, model_path: Path, vocab: int | None = None)
         args, kwargs = captured.example
         cases["example"] = _compare(session, captured.reference, args, kwargs)
     worst = max((d for case in cases.values() for d in case.values()), default=0.0)
+    tolerance = FP32_ATOL if precision == "fp32" else None
     report = {
         "max_abs_diff": worst,
-        "tolerance": FP32_ATOL,
+        "tolerance": tolerance,
         "cases": {k: max(v.values(), default=0.0) for k, v in cases.items()},
-        "passed": worst <= FP32_ATOL,
+        "passed": tolerance is None or worst <= tolerance,
     }
+    if tolerance is None:
+        report["note"] = f"{precision}: no NaN/Inf; quality is measured by perplexity (--eval), not by 1e-4"
     if not report["passed"]:
         where = max(((c, n, d) for c, v in cases.items() for n, d in v.items()), key=lambda t: t[2])
         raise CaptureError(

@@ -19,9 +19,12 @@ EXTRA_CAPACITY = 3  # buffers a little longer than needed, so a graph that confu
 
 def run_step(session, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Outputs by name for ``feeds`` given in the captured (concat) form."""
-    inputs = {i.name for i in session.get_inputs()}
+    inputs = {i.name: i.type for i in session.get_inputs()}
     names = [o.name for o in session.get_outputs()]
     feeds = {k: v for k, v in feeds.items() if k in inputs or _PAST.match(k)}
+    for name, array in feeds.items():  # fp16 artifacts take an fp16 cache; references come in fp32
+        if inputs.get(name) == "tensor(float16)" and array.dtype != np.float16:
+            feeds[name] = array.astype(np.float16)
     if KEEP in inputs and KEEP not in feeds:  # keep-last-logits graphs: compare every position
         feeds[KEEP] = np.array(feeds["input_ids"].shape[1], dtype=np.int64)
     if SEQLENS not in inputs:

@@ -41,6 +41,8 @@ class Case:
 class Verifier:
     """The ``after_pass`` hook of run_passes: returns ``{"verified": True, "max_abs_diff": d}`` or raises."""
 
+    checks_numerics = True  # holds every pass to fp32 parity, so precision passes skip it
+
     def __init__(self, captured: Captured, vocab: int | None = None):
         weight_bytes = sum(v.const_value.nbytes for v in captured.model.graph.initializers.values() if v.const_value is not None)
         if weight_bytes >= MAX_PROTO_BYTES:

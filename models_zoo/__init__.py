@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from . import tiny
+from . import tiny, trained
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,8 @@ ZOO: dict[str, ZooEntry] = {
     "llama-tiny": ZooEntry("llama-tiny", "causal-lm", tiny.llama_tiny.__doc__, tiny.llama_tiny, True),
     "gpt2-tiny": ZooEntry("gpt2-tiny", "causal-lm", tiny.gpt2_tiny.__doc__, tiny.gpt2_tiny, False),
     "bert-tiny": ZooEntry("bert-tiny", "encoder", tiny.bert_tiny.__doc__, tiny.bert_tiny, False),
+    # Trained weights (not seeded): what quantization quality is measured on.
+    "llama-pydoc": ZooEntry("llama-pydoc", "causal-lm", trained.pydoc_llama.__doc__, trained.pydoc_llama, True),
 }
 
 

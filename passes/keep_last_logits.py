@@ -23,7 +23,7 @@ class KeepLastLogits(ir.passes.InPlacePass):
         self.stats: dict = {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        matmul, reason = _lm_head(model.graph)
+        matmul, reason = find_lm_head(model.graph)
         if matmul is None:
             self.stats = {"matches": 0, "not_matched": [{"rule": "KeepLastLogits", "reason": reason}]}
             return ir.passes.PassResult(model, modified=False)
@@ -57,10 +57,13 @@ def _const(graph: ir.Graph, name: str, values) -> ir.Value:
     return value
 
 
-def _lm_head(graph: ir.Graph) -> tuple[ir.Node | None, str]:
-    """The MatMul whose [batch, seq, hidden] input becomes the logits, through per-position ops only."""
+def find_lm_head(graph: ir.Graph, allow_kept: bool = False) -> tuple[ir.Node | None, str]:
+    """The MatMul whose [batch, seq, hidden] input becomes the logits, through per-position ops only.
+
+    ``allow_kept`` finds it in a graph this pass already rewrote (quantization wants the lm_head too).
+    """
     names = {v.name for v in graph.inputs}
-    if KEEP in names:
+    if KEEP in names and not allow_kept:
         return None, "graph already has a logits_to_keep input"
     if "input_ids" not in names or not any(n.startswith("past_key_values.") for n in names):
         return None, "not a decoder step graph (needs input_ids and past_key_values inputs)"

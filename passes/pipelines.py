@@ -13,6 +13,7 @@ from __future__ import annotations
 from onnx_ir.passes import common
 
 from ..errors import UsageError
+from .convert_fp16 import convert_fp16
 from .driver import PassStep
 from .eliminate_identity import EliminateIdentity
 from .fuse_attention import fuse_mha, fuse_sdpa, lower_sdpa
@@ -23,6 +24,8 @@ from .fuse_rms_norm import fuse_rms_norm
 from .fuse_rotary import fuse_rotary
 from .fuse_skip_norm import fuse_skip_norm
 from .keep_last_logits import keep_last_logits
+from .quantize_dynamic_int8 import quantize_dynamic_int8
+from .quantize_weights import WeightQuantization, quantize_weights
 from .simplify_no_ops import simplify_no_ops
 
 TARGETS = ("ort", "trt")
@@ -126,3 +129,29 @@ def pipeline(target: str, opt_level: int, disabled=(), enabled=()) -> list[PassS
     chosen -= set(disabled)
     # Keep the -O3 order for everything chosen, so enabling a pass never changes where it runs.
     return [s for s in PIPELINES[(target, 3)] if s.name in chosen]
+
+
+def precision_steps(precision: str, weights: WeightQuantization | None = None) -> list[PassStep]:
+    """The passes that set ``precision``; they run after the opt-level pipeline, on the fused graph.
+
+    Last, because quantization replaces MatMul with MatMulNBits and fp16 inserts Casts: every fusion
+    above matches fp32 MatMul/norm/attention patterns, and the lm_head and attention ops it quantizes
+    around must already be in their final form. The cleanup after them drops the fp32 weights they
+    replaced.
+
+    >>> [s.name for s in precision_steps("fp16")]
+    ['convert-fp16', 'remove-unused-after-precision']
+    """
+    cleanup = PassStep("remove-unused-after-precision", common.RemoveUnusedNodesPass, "drops the replaced fp32 weights")
+    if precision == "fp32":
+        return []
+    if precision == "fp16":
+        return [PassStep("convert-fp16", convert_fp16, "half the bytes; fp32 kept for reductions and logits"), cleanup]
+    if precision in ("int4", "int8"):
+        spec = weights or WeightQuantization(bits=4 if precision == "int4" else 8)
+        return [PassStep("quantize-weights", lambda: quantize_weights(spec),
+                         "decode reads every weight once per token: fewer bytes, faster tokens"), cleanup]
+    if precision == "int8-dynamic":
+        return [PassStep("quantize-dynamic-int8", quantize_dynamic_int8,
+                         "int8 weights and int8 products, activation scales found at run time"), cleanup]
+    raise UsageError(f"precision {precision!r} has no pass list")

@@ -1,0 +1,212 @@
+"""The precision passes one by one: the graph after each, a graph each must not touch, numeric parity.
+
+Numeric parity for a quantized op means: ORT (its graph optimizations off) computes what the quantized
+weights say -- the dequantized matrix times the input -- not what the fp32 weights said.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+from luffy.passes import gptq
+from luffy.passes.convert_fp16 import ConvertFloat16
+from luffy.passes.quantize_dynamic_int8 import QuantizeDynamicInt8
+from luffy.passes.quantize_weights import QuantizeWeights, WeightQuantization, _ort_nbits
+
+
+def _session(model: ir.Model, optimize: bool = False):
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(), options,
+                                providers=["CPUExecutionProvider"])
+
+
+def _matmul_model(weight: np.ndarray | None, k: int = 64, n: int = 48) -> ir.Model:
+    """y = x @ W with W a constant (or, when ``weight`` is None, a second graph input)."""
+    x = ir.Value(name="x", shape=ir.Shape(["batch", k]), type=ir.TensorType(ir.DataType.FLOAT))
+    inputs = [x]
+    if weight is None:
+        w = ir.Value(name="w", shape=ir.Shape([k, n]), type=ir.TensorType(ir.DataType.FLOAT))
+        inputs.append(w)
+        initializers = []
+    else:
+        w = ir.Value(name="w", const_value=ir.tensor(weight), shape=ir.Shape(list(weight.shape)),
+                     type=ir.TensorType(ir.DataType.FLOAT))
+        initializers = [w]
+    node = ir.node("MatMul", [x, w], name="proj")
+    node.outputs[0].name, node.outputs[0].dtype = "y", ir.DataType.FLOAT
+    graph = ir.Graph(inputs, [node.outputs[0]], nodes=[node], initializers=initializers, opset_imports={"": 20})
+    return ir.Model(graph, ir_version=10)
+
+
+def _ops(model: ir.Model) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in model.graph:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+@pytest.fixture(scope="module")
+def llama_graph(zoo_artifacts):
+    """The -O2 fp32 llama-tiny graph (GQA, rotary, fused norms), loaded fresh per use."""
+    artifact, _ = zoo_artifacts("llama-tiny")
+    return lambda: ir.load(artifact.path / "model.onnx")
+
+
+# -- the arithmetic --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("k,block", [(256, 32), (96, 64), (200, 32), (128, 128)])
+def test_luffy_packing_is_byte_identical_to_onnxruntime(bits, symmetric, k, block):
+    # GPTQ's codes are packed by luffy; RTN's by ORT. Same grid in, same bytes out.
+    w = np.random.default_rng(k + bits).standard_normal((k, 24)).astype(np.float32)
+    nbits = _ort_nbits()
+    config = nbits.DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=symmetric, bits=bits)
+    packed, scales, zero_points = nbits.DefaultWeightOnlyQuantizer(config).qbits_block_quant(w)
+    mine = gptq.pack_matmul_nbits(*gptq.rtn(w, bits, block, symmetric), bits, block, symmetric)
+    assert np.array_equal(packed, mine[0])
+    np.testing.assert_allclose(scales.reshape(mine[1].shape), mine[1], rtol=1e-6)
+    if not symmetric:
+        assert np.array_equal(zero_points.reshape(mine[2].shape), mine[2])
+
+
+def test_gptq_lowers_output_error_below_rtn():
+    # Correlated features with a few outliers, as in real activations: GPTQ should spend its rounding
+    # error where the inputs are small.
+    rng = np.random.default_rng(0)
+    k, n, tokens = 128, 64, 2048
+    mix = rng.standard_normal((k, k)) / np.sqrt(k)
+    x = rng.standard_normal((tokens, k)) @ mix
+    x[:, :4] *= 20.0
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    hessian = x.T @ x / tokens
+    errors = {}
+    for name, result in (("rtn", gptq.rtn(w, 4, 32, False)), ("gptq", gptq.gptq(w, hessian, 4, 32, False))):
+        errors[name] = np.linalg.norm(x @ (gptq.dequantize(*result, 32) - w)) / np.linalg.norm(x @ w)
+    assert errors["gptq"] < 0.7 * errors["rtn"], errors
+
+
+# -- quantize-weights ------------------------------------------------------------------------------
+
+def test_quantize_weights_graph(llama_graph):
+    model = llama_graph()
+    matmuls = _ops(model)["MatMul"]
+    qw = QuantizeWeights(WeightQuantization(bits=4, block_size=32, quantize_embeddings=True))
+    qw(model)
+    ops = _ops(model)
+    assert ops.get("MatMul", 0) == 0
+    assert ops["MatMulNBits"] == matmuls == qw.stats["matches"] - 1  # + the embedding
+    assert ops["GatherBlockQuantized"] == 1
+    bits = {d["role"]: d["bits"] for d in qw.stats["decisions"]}
+    assert bits == {"body": 4, "lm_head": 8, "embedding": 4}
+    head = [n for n in model.graph if n.op_type == "MatMulNBits" and n.attributes["bits"].as_int() == 8]
+    assert len(head) == 1 and head[0].attributes["N"].as_int() == 320  # the vocabulary
+
+
+def test_quantize_weights_leaves_activation_matmuls_alone():
+    model = _matmul_model(None)  # both operands are activations (like attention's QK^T): no weight to quantize
+    qw = QuantizeWeights(WeightQuantization(bits=4))
+    result = qw(model)
+    assert not result.modified
+    assert _ops(model) == {"MatMul": 1}
+    assert qw.stats["not_matched"][0]["reason"] == "weight is not a constant 2-D float matrix"
+
+
+@pytest.mark.parametrize("bits,symmetric", [(4, False), (4, True), (8, True)])
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_quantize_weights_parity_with_dequantized_weight(bits, symmetric, method):
+    rng = np.random.default_rng(bits)
+    k, n = 64, 48
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    x = rng.standard_normal((5, k)).astype(np.float32)
+    hessians = {"x": x.T.astype(np.float64) @ x / 5} if method == "gptq" else {}
+    model = _matmul_model(w, k, n)
+    QuantizeWeights(WeightQuantization(bits=bits, block_size=32, symmetric=symmetric, accuracy_level=0,
+                                       hessians=hessians))(model)
+    got = _session(model).run(None, {"x": x})[0]
+    # Rebuild the weight the graph holds from its own initializers.
+    node = next(iter(model.graph))
+    packed, scales = node.inputs[1].const_value.numpy(), node.inputs[2].const_value.numpy()
+    codes = packed.reshape(n, -1) if bits == 8 else np.stack([packed & 0xF, packed >> 4], -1).reshape(n, -1)
+    if len(node.inputs) > 3:
+        zp = node.inputs[3].const_value.numpy()
+        zeros = np.stack([zp & 0xF, zp >> 4], -1).reshape(n, -1)[:, : scales.shape[1]]
+    else:
+        zeros = np.full(scales.shape, 1 << (bits - 1))
+    expected = x @ gptq.dequantize(codes[:, :k], scales, zeros, 32).astype(np.float32)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    assert not np.allclose(got, x @ w, atol=1e-4)  # it really is quantized
+
+
+# -- convert-fp16 ----------------------------------------------------------------------------------
+
+def test_convert_fp16_graph(llama_graph):
+    model = llama_graph()
+    new = ConvertFloat16()(model).model
+    floats = [v for v in new.graph.initializers.values() if v.dtype == ir.DataType.FLOAT]
+    halves = [v for v in new.graph.initializers.values() if v.dtype == ir.DataType.FLOAT16]
+    assert halves and sum(v.const_value.size for v in floats) < 0.01 * sum(v.const_value.size for v in halves)
+    io = {v.name: v.dtype for v in (*new.graph.inputs, *new.graph.outputs)}
+    assert io["logits"] == ir.DataType.FLOAT  # sampling reads fp32
+    assert all(t == ir.DataType.FLOAT16 for name, t in io.items() if name.startswith(("past_key", "present.")))
+    assert _ops(new)["MatMul"] == _ops(model)["MatMul"]
+
+
+def test_convert_fp16_leaves_integer_graphs_alone():
+    x = ir.Value(name="x", shape=ir.Shape([3]), type=ir.TensorType(ir.DataType.INT64))
+    node = ir.node("Add", [x, x])
+    node.outputs[0].name, node.outputs[0].dtype = "y", ir.DataType.INT64
+    model = ir.Model(ir.Graph([x], [node.outputs[0]], nodes=[node], opset_imports={"": 20}), ir_version=10)
+    new = ConvertFloat16()(model).model
+    assert _ops(new) == {"Add": 1}
+    assert new.graph.outputs[0].dtype == ir.DataType.INT64
+
+
+def test_convert_fp16_parity():
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((64, 48)).astype(np.float32)
+    x = rng.standard_normal((4, 64)).astype(np.float32)
+    model = _matmul_model(w)
+    new = ConvertFloat16()(model).model
+    got = _session(new).run(None, {"x": x})[0]
+    assert got.dtype == np.float32  # graph I/O stays fp32
+    expected = x.astype(np.float16).astype(np.float32) @ w.astype(np.float16).astype(np.float32)
+    np.testing.assert_allclose(got, expected, rtol=2e-3, atol=2e-2)
+
+
+# -- quantize-dynamic-int8 -------------------------------------------------------------------------
+
+def test_quantize_dynamic_int8_graph(llama_graph):
+    model = llama_graph()
+    matmuls = _ops(model)["MatMul"]
+    qd = QuantizeDynamicInt8()
+    new = qd(model).model
+    ops = _ops(new)
+    assert ops.get("MatMul", 0) == 0
+    assert ops["MatMulInteger"] == matmuls == qd.stats["matches"]
+    assert ops["DynamicQuantizeLinear"] >= 1
+
+
+def test_quantize_dynamic_int8_leaves_activation_matmuls_alone():
+    model = _matmul_model(None)
+    result = QuantizeDynamicInt8()(model)
+    assert not result.modified
+    assert _ops(result.model) == {"MatMul": 1}
+
+
+def test_quantize_dynamic_int8_parity():
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((64, 48)).astype(np.float32)
+    x = rng.standard_normal((4, 64)).astype(np.float32)
+    new = QuantizeDynamicInt8()(_matmul_model(w)).model
+    got = _session(new).run(None, {"x": x})[0]
+    # int8 per-channel weights and uint8 per-tensor activations: about 1% of the output's scale
+    expected = x @ w
+    assert np.abs(got - expected).max() < 0.02 * np.abs(expected).max()
+    assert not np.allclose(got, expected, atol=1e-5)
