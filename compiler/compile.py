@@ -18,8 +18,8 @@ from ..errors import UsageError
 from ..passes.driver import count_nodes, run_passes
 from ..passes.pipelines import pipeline, precision_steps
 from .artifact import FORMAT_VERSION, STATE_READY, staged_directory, write_manifest
-from .calibration import WINDOW
-from .config import SUPPORTED_PRECISIONS, WEIGHT_ONLY, LuffyConfig
+from .config import SUPPORTED_PRECISIONS, LuffyConfig
+from .quality import QualityMeasure
 from .sources import CAUSAL_LM, ENCODER, resolve_source
 
 MODEL_FILE = "model.onnx"
@@ -126,11 +126,11 @@ def compile(  # noqa: A001 - the public name the API promises
         captured.model.metadata_props["luffy.max_seq_len"] = str(max_len)
     after_pass = _after_pass_hook(cfg, captured, _vocab(tm), say)
     model, pass_records = run_passes(captured.model, steps, on_pass=lambda name: say(f"pass {name}"), after_pass=after_pass)
-    quality = _Quality(cfg, src, tm, captured, max_len, say)
+    quality = QualityMeasure(cfg, src, tm, captured, max_len, say)
     if cfg.precision != "fp32":
         quality.measure_reference(model)
         model, precision_records = run_passes(
-            model, precision_steps(cfg.precision, quality.weight_spec(model)),
+            model, precision_steps(cfg.precision, quality.weight_spec(model), cfg.target),
             on_pass=lambda name: say(f"pass {name}"), after_pass=_dump_only(after_pass),
         )
         pass_records += precision_records
@@ -246,85 +246,6 @@ def _precision_report(cfg: LuffyConfig, records: list[dict]) -> dict:
     return out
 
 
-class _Quality:
-    """Calibration for GPTQ and perplexity before/after, on the token windows of --calib / --eval."""
-
-    def __init__(self, cfg: LuffyConfig, src, tm, captured, max_len, say):
-        self.cfg, self.src, self.tm, self.captured, self.say = cfg, src, tm, captured, say
-        self.window = min(WINDOW, max_len) if max_len else WINDOW
-        self.reference_ppl = None
-        self.reference_kind = None
-        self._tokenizer = None
-
-    def _windows(self, path: str, flag: str, limit=None):
-        from .calibration import load_tokenizer, token_windows
-
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.src, self.tm)
-        return token_windows(path, self._tokenizer, self.window, limit, flag)
-
-    def _require_decoder(self, flag: str):
-        if self.captured.kind != CAUSAL_LM:
-            raise UsageError(f"{flag} measures a causal LM on token windows; this model is a {self.captured.kind}")
-
-    def measure_reference(self, fp32_model: ir.Model) -> None:
-        """Perplexity of the fp32 model: PyTorch when there is a module, else the optimized fp32 graph."""
-        if not self.cfg.eval_file:
-            return
-        self._require_decoder("--eval")
-        from .calibration import graph_perplexity, torch_perplexity
-
-        windows, prefix = self._windows(self.cfg.eval_file, "--eval")
-        self.say("measuring fp32 perplexity")
-        if self.tm is not None:
-            self.reference_ppl, self.reference_kind = torch_perplexity(self.tm.module, windows, prefix), "pytorch fp32"
-        else:
-            import tempfile
-
-            with tempfile.TemporaryDirectory(prefix="luffy-eval-") as tmp:
-                ir.save(fp32_model, Path(tmp) / MODEL_FILE, external_data=DATA_FILE)
-                self.reference_ppl = graph_perplexity(Path(tmp) / MODEL_FILE, windows, prefix)
-            self.reference_kind = "optimized fp32 graph"
-
-    def weight_spec(self, model: ir.Model):
-        if self.cfg.precision not in WEIGHT_ONLY:
-            return None
-        from ..passes.quantize_weights import WeightQuantization
-
-        hessians = {}
-        if self.cfg.calib:
-            self._require_decoder("--calib")
-            from .calibration import MAX_CALIB_WINDOWS, collect_hessians
-
-            windows, _ = self._windows(self.cfg.calib, "--calib", MAX_CALIB_WINDOWS)
-            self.say(f"collecting GPTQ statistics on {len(windows)} calibration windows")
-            hessians = collect_hessians(model, windows, self.say)
-        bits = 4 if self.cfg.precision == "int4" else 8
-        return WeightQuantization(
-            bits=bits, block_size=self.cfg.block_size, accuracy_level=self.cfg.accuracy_level,
-            lm_head_bits=8, quantize_embeddings=bits == 4, hessians=hessians,
-        )
-
-    def evaluate(self, model_path: Path) -> dict:
-        self._require_decoder("--eval")
-        from .calibration import graph_perplexity, torch_perplexity
-
-        windows, prefix = self._windows(self.cfg.eval_file, "--eval")
-        if self.reference_ppl is None:  # fp32 compile: the reference is the module itself
-            self.say("measuring fp32 perplexity")
-            if self.tm is not None:
-                self.reference_ppl, self.reference_kind = torch_perplexity(self.tm.module, windows, prefix), "pytorch fp32"
-        self.say(f"measuring {self.cfg.precision} perplexity")
-        ppl = graph_perplexity(model_path, windows, prefix)
-        ref = self.reference_ppl
-        return {
-            "eval_file": self.cfg.eval_file, "windows": len(windows), "window_tokens": self.window,
-            "tokens_scored": sum(len(w) - max(prefix, 1) for w in windows),
-            "reference": self.reference_kind, "perplexity_reference": ref, "perplexity": ppl,
-            "perplexity_increase_pct": None if ref is None else 100.0 * (ppl / ref - 1.0),
-        }
-
-
 MEMORY_SCENARIO_TOKENS = 128  # the report's reference prefill / decode point (the benchmark's prompt length)
 
 
@@ -392,9 +313,17 @@ def op_histogram(model: ir.Model) -> dict[str, int]:
 
 
 def parameter_count(model: ir.Model) -> int:
-    total = 0
+    """Weights the model holds, counted as the original matrices (a packed int4 MatMulNBits weight of
+    K x N counts K*N, not its bytes; its scales and zero points are not parameters)."""
+    quant_aux, total = set(), 0
+    for node in model.graph:
+        if node.op_type == "MatMulNBits" and node.domain == "com.microsoft":
+            total += node.attributes["K"].as_int() * node.attributes["N"].as_int()
+            quant_aux.update(id(v) for v in node.inputs[1:] if v is not None)
+        elif node.op_type in ("GatherBlockQuantized", "DequantizeLinear"):
+            quant_aux.update(id(v) for v in node.inputs[1:] if v is not None)
     for value in model.graph.initializers.values():
-        if value.const_value is not None and value.shape is not None:
+        if id(value) not in quant_aux and value.const_value is not None:
             total += value.const_value.size
     return total
 

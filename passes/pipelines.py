@@ -10,6 +10,8 @@ Fusion and attention passes join the -O2/-O3 lists as they land; each entry says
 
 from __future__ import annotations
 
+import dataclasses
+
 from onnx_ir.passes import common
 
 from ..errors import UsageError
@@ -131,7 +133,7 @@ def pipeline(target: str, opt_level: int, disabled=(), enabled=()) -> list[PassS
     return [s for s in PIPELINES[(target, 3)] if s.name in chosen]
 
 
-def precision_steps(precision: str, weights: WeightQuantization | None = None) -> list[PassStep]:
+def precision_steps(precision: str, weights: WeightQuantization | None = None, target: str = "ort") -> list[PassStep]:
     """The passes that set ``precision``; they run after the opt-level pipeline, on the fused graph.
 
     Last, because quantization replaces MatMul with MatMulNBits and fp16 inserts Casts: every fusion
@@ -149,8 +151,12 @@ def precision_steps(precision: str, weights: WeightQuantization | None = None) -
         return [PassStep("convert-fp16", convert_fp16, "half the bytes; fp32 kept for reductions and logits"), cleanup]
     if precision in ("int4", "int8"):
         spec = weights or WeightQuantization(bits=4 if precision == "int4" else 8)
+        if target == "trt":
+            spec = dataclasses.replace(spec, layout="qdq", symmetric=True, quantize_embeddings=False)
         return [PassStep("quantize-weights", lambda: quantize_weights(spec),
                          "decode reads every weight once per token: fewer bytes, faster tokens"), cleanup]
+    if precision == "int8-dynamic" and target == "trt":
+        raise UsageError("int8-dynamic is an ONNX Runtime mode; for TensorRT use int8 (QDQ weights)")
     if precision == "int8-dynamic":
         return [PassStep("quantize-dynamic-int8", quantize_dynamic_int8,
                          "int8 weights and int8 products, activation scales found at run time"), cleanup]

@@ -7,12 +7,18 @@ compiler hands this pass the Hessians of the MatMul inputs. luffy's part is the 
 node in ``stats["decisions"]``:
 
 - every MatMul with a constant 2-D float weight is quantized at ``bits``;
-- the lm_head at ``lm_head_bits`` (8 when the body is 4: the logits feed sampling directly, and the
-  head is a single matrix, so its extra bytes are few next to the quality they keep), or kept at fp32
-  when ``lm_head_bits`` is None;
+- the lm_head at ``lm_head_bits``, or kept at fp32 when it is None. The compiler quantizes it like the
+  body: on a 32k vocabulary it is a fifth of a 156M model's weights, and at 8 bits it was a third of
+  the bytes an int4 decode step streams (measured: +5-15% decode tok/s at 4 bits, for +0.06% held-out
+  perplexity on llama-pydoc);
 - the token embedding (a Gather from a constant [vocab, hidden] table) as 4-bit GatherBlockQuantized when
   ``quantize_embeddings``: it saves memory, not decode time (one row is read per token), so it is only
   done where ORT has the 4-bit kernel.
+
+``layout="qdq"`` writes the same decisions in standard ONNX for TensorRT, whose strongly typed networks
+take precision from the graph: DequantizeLinear (opset 21+) of constant codes feeding the unchanged
+MatMul -- int4 blockwise along K and symmetric (TensorRT's int4 weight-only quantization takes no zero
+point), int8 per output channel. Embeddings stay float there (TensorRT has no quantized gather).
 """
 
 from __future__ import annotations
@@ -38,9 +44,14 @@ class WeightQuantization:
     accuracy_level: int = 4
     lm_head_bits: int | None = 8
     quantize_embeddings: bool = False
+    layout: str = "matmulnbits"  # or "qdq": DequantizeLinear + MatMul in standard ONNX (the TensorRT target)
     hessians: dict[str, np.ndarray] = field(default_factory=dict, compare=False, repr=False)
 
     def describe(self) -> dict:
+        if self.layout == "qdq":
+            return {"layout": "qdq", "bits": self.bits, "block_size": self.block_size if self.bits == 4 else None,
+                    "symmetric": True, "lm_head_bits": self.lm_head_bits, "embeddings": "kept",
+                    "method": "gptq" if self.hessians else "rtn"}
         return {"bits": self.bits, "block_size": self.block_size, "symmetric": self.symmetric,
                 "accuracy_level": self.accuracy_level, "lm_head_bits": self.lm_head_bits,
                 "embeddings": "int4 GatherBlockQuantized" if self.quantize_embeddings else "kept",
@@ -68,12 +79,17 @@ class QuantizeWeights(ir.passes.InPlacePass):
                 if bits is None:
                     decisions.append({"node": node.name, "role": "lm_head", "kept": "fp32"})
                     continue
-                decisions.append(self._quantize_matmul(graph, node, bits, "lm_head" if node is lm_head else "body"))
-            elif node.op_type == "Gather" and self.spec.quantize_embeddings and _is_embedding(node):
+                role = "lm_head" if node is lm_head else "body"
+                quantize = self._quantize_matmul_qdq if self.spec.layout == "qdq" else self._quantize_matmul
+                decisions.append(quantize(graph, node, bits, role))
+            elif node.op_type == "Gather" and self.spec.quantize_embeddings and self.spec.layout != "qdq" \
+                    and _is_embedding(node):
                 decisions.append(self._quantize_embedding(graph, node))
         quantized = [d for d in decisions if "kept" not in d]
-        if quantized:
+        if quantized and self.spec.layout != "qdq":
             model.opset_imports.setdefault(MS, 1)
+        if quantized and self.spec.layout == "qdq" and model.opset_imports.get("", 0) < 21:
+            raise ValueError(f"qdq weights need opset >= 21 (blockwise DequantizeLinear); graph is {model.opset_imports['']}")
         self.stats = {
             "matches": len(quantized), "scheme": self.spec.describe(), "decisions": decisions,
             "not_matched": skipped,
@@ -110,6 +126,36 @@ class QuantizeWeights(ir.passes.InPlacePass):
             record["why_rtn"] = f"K={k} is not a multiple of block size {spec.block_size}"
         return record
 
+    def _quantize_matmul_qdq(self, graph: ir.Graph, node: ir.Node, bits: int, role: str) -> dict:
+        weight = node.inputs[1]
+        w = np.ascontiguousarray(weight.const_value.numpy(), dtype=np.float32)
+        k, n = w.shape
+        block = self.spec.block_size if bits == 4 else k  # int8: one scale per output channel
+        hessian = self.spec.hessians.get(node.inputs[0].name)
+        if hessian is not None and bits == 4 and k % block == 0:
+            codes, scales, _ = gptq_math.gptq(w, hessian, bits, block, True)
+            method = "gptq"
+        else:
+            codes, scales, _ = gptq_math.rtn(w, bits, block, True)
+            method = "rtn"
+        signed = (codes.astype(np.int16) - (1 << (bits - 1))).astype(np.int8).T  # [K, N], centred on zero
+        base = weight.name or node.name
+        codes_value = _typed(f"{base}_q{bits}", ir.Tensor(np.ascontiguousarray(signed),
+                                                            dtype=ir.DataType.INT4 if bits == 4 else ir.DataType.INT8))
+        graph.register_initializer(codes_value)
+        if bits == 4:
+            scale = _initializer(graph, f"{base}_scales", scales.T.astype(np.float32))  # [K/block, N]
+            attributes = {"axis": 0, "block_size": block}
+        else:
+            scale = _initializer(graph, f"{base}_scales", scales[:, 0].astype(np.float32))  # [N]
+            attributes = {"axis": 1}
+        dequant = ir.node("DequantizeLinear", [codes_value, scale], attributes=attributes, name=f"{node.name}_dq")
+        dequant.outputs[0].dtype, dequant.outputs[0].shape = ir.DataType.FLOAT, ir.Shape([k, n])
+        graph.insert_before(node, dequant)
+        node.replace_input_with(1, dequant.outputs[0])
+        return {"node": node.name, "role": role, "op": "DequantizeLinear+MatMul", "bits": bits, "K": k, "N": n,
+                "method": method, "granularity": f"block {block} along K" if bits == 4 else "per output channel"}
+
     def _quantize_embedding(self, graph: ir.Graph, node: ir.Node) -> dict:
         DefaultWeightOnlyQuantizer = _ort_nbits().DefaultWeightOnlyQuantizer  # noqa: N806
 
@@ -119,12 +165,11 @@ class QuantizeWeights(ir.passes.InPlacePass):
         with np.errstate(invalid="ignore", divide="ignore"):  # all-zero rows (the padding token): ORT maps them to 0
             packed, scales, zero_points = DefaultWeightOnlyQuantizer.quantize_ndarray(data, 1, block, self.spec.symmetric)
         qtype = ir.DataType.INT4 if self.spec.symmetric else ir.DataType.UINT4
-        quantized = ir.Value(name=f"{table.name}_q4", const_value=ir.Tensor(_unpack4(packed, data.shape), dtype=qtype))
+        quantized = _typed(f"{table.name}_q4", ir.Tensor(_unpack4(packed, data.shape), dtype=qtype))
         graph.register_initializer(quantized)
         inputs = [quantized, node.inputs[1], _initializer(graph, f"{table.name}_scales", scales)]
         if zero_points is not None:
-            zp = ir.Value(name=f"{table.name}_zero_points",
-                          const_value=ir.Tensor(_unpack4(zero_points, scales.shape), dtype=qtype))
+            zp = _typed(f"{table.name}_zero_points", ir.Tensor(_unpack4(zero_points, scales.shape), dtype=qtype))
             graph.register_initializer(zp)
             inputs.append(zp)
         fused = ir.node(
@@ -176,9 +221,14 @@ def _is_embedding(node: ir.Node) -> bool:
 
 
 def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(array)))
+    tensor = ir.tensor(np.ascontiguousarray(array))
+    value = ir.Value(name=name, const_value=tensor, shape=tensor.shape, type=ir.TensorType(tensor.dtype))
     graph.register_initializer(value)
     return value
+
+
+def _typed(name: str, tensor: ir.Tensor) -> ir.Value:
+    return ir.Value(name=name, const_value=tensor, shape=tensor.shape, type=ir.TensorType(tensor.dtype))
 
 
 def _replace(graph: ir.Graph, old: ir.Node, new: ir.Node) -> None:

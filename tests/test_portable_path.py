@@ -50,3 +50,30 @@ def test_opset_20_graph_is_left_alone():
     fused, (count,) = apply(model, p)
     assert count == 0 and ops(fused) == ops(model)
     assert "opset 20" in p.stats["not_matched"][0]["reason"]
+
+
+def test_int4_on_the_trt_pipeline_is_qdq_in_standard_onnx(tmp_path):
+    # TensorRT's strongly typed networks take precision from the graph: blockwise int4 DequantizeLinear
+    # feeding each MatMul, no com.microsoft op; checked on ORT by perplexity on the trained zoo model.
+    from luffy.compiler.calibration import graph_perplexity, token_windows, torch_perplexity
+    from luffy.models_zoo.byte_tokenizer import byte_tokenizer
+    from luffy.models_zoo.trained import heldout_text_path
+    from luffy.passes.pipelines import precision_steps
+
+    tm = load_torch_model(resolve_source("llama-pydoc"))
+    captured = capture_causal_lm(tm, CAPTURE_OPSET["trt"])
+    model, _ = run_passes(captured.model, pipeline("trt", 2))
+    matmuls = sum(1 for n in model.graph if n.op_type == "MatMul")
+    model, records = run_passes(model, precision_steps("int4", target="trt"))
+    counts = collections.Counter((n.domain or "ai.onnx", n.op_type) for n in model.graph)
+    assert counts[("ai.onnx", "DequantizeLinear")] == counts[("ai.onnx", "MatMul")] == matmuls
+    assert not [op for (domain, op) in counts if domain != "ai.onnx"]
+    int4 = [v for v in model.graph.initializers.values() if v.dtype == ir.DataType.INT4]
+    assert len(int4) == matmuls - 1  # the lm_head is int8, per output channel
+    scheme = records[0]["scheme"]
+    assert scheme["layout"] == "qdq" and scheme["symmetric"] and scheme["lm_head_bits"] == 8
+    ir.save(model, tmp_path / "model.onnx")
+    windows, prefix = token_windows(heldout_text_path(), byte_tokenizer(add_bos=True), 256, 16)
+    reference = torch_perplexity(tm.module, windows, prefix)
+    quantized = graph_perplexity(tmp_path / "model.onnx", windows, prefix)
+    assert reference < quantized < reference * 1.03

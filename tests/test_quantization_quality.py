@@ -67,7 +67,7 @@ def test_report_and_manifest_say_what_was_quantized(pydoc):
     assert art.manifest["precision"] == "int4"
     precision = art.report["precision"]
     assert precision["scheme"] == {"bits": 4, "block_size": 32, "symmetric": False, "accuracy_level": 4,
-                                   "lm_head_bits": 8, "embeddings": "int4 GatherBlockQuantized", "method": "gptq"}
+                                   "lm_head_bits": 4, "embeddings": "int4 GatherBlockQuantized", "method": "gptq"}
     roles = [d["role"] for d in precision["decisions"]]
     assert roles.count("body") == 4 * 7 and roles.count("lm_head") == 1 and roles.count("embedding") == 1
     assert art.report["op_histogram"]["com.microsoft::MatMulNBits"] == 4 * 7 + 1

@@ -210,3 +210,19 @@ def test_quantize_dynamic_int8_parity():
     expected = x @ w
     assert np.abs(got - expected).max() < 0.02 * np.abs(expected).max()
     assert not np.allclose(got, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantize_weights_qdq_parity_with_dequantized_weight(bits):
+    # The TensorRT layout: standard DequantizeLinear (int4 blockwise / int8 per channel) + the same MatMul.
+    rng = np.random.default_rng(10 + bits)
+    k, n = 64, 48
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    x = rng.standard_normal((5, k)).astype(np.float32)
+    model = _matmul_model(w, k, n)
+    model.opset_imports[""] = 23
+    QuantizeWeights(WeightQuantization(bits=bits, block_size=32, layout="qdq"))(model)
+    assert _ops(model) == {"DequantizeLinear": 1, "MatMul": 1}
+    codes, scales, zeros = gptq.rtn(w, bits, 32 if bits == 4 else k, True)
+    expected = x @ gptq.dequantize(codes, scales, zeros, 32 if bits == 4 else k).astype(np.float32)
+    np.testing.assert_allclose(_session(model).run(None, {"x": x})[0], expected, rtol=1e-4, atol=1e-4)
