@@ -97,11 +97,10 @@ def compile_cmd(
 ):
     """Compile a model into an artifact directory.
 
-    Examples:
+    Example: luffy compile ./my-llama -o build/my-llama --target ort -O2
 
-      luffy compile ./my-llama -o build/my-llama --target ort -O2
-
-      luffy compile llama-pydoc -o build/q4 --precision int4 --calib calib.txt --eval heldout.txt
+    Example (int4 by GPTQ, perplexity before/after): luffy compile llama-pydoc -o build/q4 --precision int4
+    --calib calib.txt --eval heldout.txt
     """
     from ..compiler.compile import compile as compile_artifact
 

@@ -55,10 +55,22 @@ def _nbytes(value_info, bindings) -> int | None:
     return int(np.prod(sizes, dtype=np.int64)) * itemsize
 
 
+SMALL_TENSOR_ELEMENTS = 64
+
+
 def infer(model_path: Path) -> onnx.ModelProto:
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
     proto = onnx.load(str(model_path), load_external_data=False)  # shapes only: weights stay on disk
+    # ...except small external tensors (scales, shape constants), whose values shape inference reads;
+    # quantizers can leave even scalars in the data file.
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
+    for tensor in proto.graph.initializer:
+        if uses_external_data(tensor) and int(np.prod(tensor.dims, dtype=np.int64)) <= SMALL_TENSOR_ELEMENTS:
+            load_external_data_for_tensor(tensor, str(model_path.parent))
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
     return SymbolicShapeInference.infer_shapes(proto, auto_merge=True, guess_output_rank=True)
 
 

@@ -32,6 +32,8 @@ from . import gptq as gptq_math
 from .keep_last_logits import find_lm_head
 
 MS = "com.microsoft"
+EMBEDDINGS_KEPT = ("kept fp32: ORT's GatherBlockQuantized path is 4-bit, and a gather reads one row per token, "
+                   "so quantizing the table saves memory, not decode time")
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,7 @@ class WeightQuantization:
                     "method": "gptq" if self.hessians else "rtn"}
         return {"bits": self.bits, "block_size": self.block_size, "symmetric": self.symmetric,
                 "accuracy_level": self.accuracy_level, "lm_head_bits": self.lm_head_bits,
-                "embeddings": "int4 GatherBlockQuantized" if self.quantize_embeddings else "kept",
+                "embeddings": "int4 GatherBlockQuantized" if self.quantize_embeddings else EMBEDDINGS_KEPT,
                 "method": "gptq" if self.hessians else "rtn"}
 
 
