@@ -64,9 +64,10 @@ def compile_cmd(
     output: Path = typer.Option(..., "-o", "--output", help="Artifact directory to write (replaced atomically)."),
     target: str = typer.Option("ort", "--target", help="ort (ONNX Runtime) or trt (TensorRT)."),
     precision: str = typer.Option(
-        "fp32", "--precision", help="fp32 | fp16 | int8 | int4 | int8-dynamic. int8/int4: weight-only, blockwise "
-        "(MatMulNBits), GPTQ with --calib else round-to-nearest; int8-dynamic: int8 activations too; fp16: weights and "
-        "activations (fp32 kept for norms' reductions, softmax and logits). bf16 is refused (no CPU kernels to check it).",
+        "fp32", "--precision", help="fp32 | fp16 | bf16 | int8 | int4 | int8-dynamic. int8/int4: weight-only, blockwise "
+        "(MatMulNBits), GPTQ with --calib else round-to-nearest; int8-dynamic: int8 activations too; fp16/bf16: weights and "
+        "activations (fp32 kept for norms' reductions, softmax and logits). bf16 is for GPUs; on a CPU luffy checks it "
+        "by rounding each op's fp32 result to bf16 (slow, not a serving mode).",
     ),
     block_size: int = typer.Option(32, "--block-size", help="int8/int4: weights per scale, 16 | 32 | 64 | 128."),
     calib: Optional[Path] = typer.Option(

@@ -129,7 +129,9 @@ def graph_perplexity(model_path: Path, windows: list[list[int]], prefix: int) ->
     """Perplexity of a decoder step graph on ``windows`` (logits at every position, empty cache)."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    from ..runtimes.cpu_bf16 import cpu_model
+
+    session = ort.InferenceSession(cpu_model(model_path), providers=["CPUExecutionProvider"])
     return _perplexity((run_step(session, decoder_feeds(session, ids))["logits"][0] for ids in windows), windows, prefix)
 
 

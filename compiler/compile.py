@@ -18,7 +18,7 @@ from ..errors import UsageError
 from ..passes.driver import count_nodes, run_passes
 from ..passes.pipelines import pipeline, precision_steps
 from .artifact import FORMAT_VERSION, STATE_READY, staged_directory, write_manifest
-from .config import SUPPORTED_PRECISIONS, LuffyConfig
+from .config import LuffyConfig
 from .quality import QualityMeasure
 from .sources import CAUSAL_LM, ENCODER, resolve_source
 
@@ -100,11 +100,6 @@ def compile(  # noqa: A001 - the public name the API promises
     if cfg.dump_ir is not None and Path(cfg.dump_ir).resolve().is_relative_to(Path(output).resolve()):
         raise UsageError(f"--dump-ir {cfg.dump_ir} is inside the output directory {output}, which the artifact replaces")
     say = progress or (lambda message: None)
-    if cfg.precision not in SUPPORTED_PRECISIONS:
-        raise UsageError(
-            f"precision {cfg.precision!r} is not available: ONNX Runtime's CPU provider has no {cfg.precision} "
-            f"kernels to check it with; this luffy compiles {', '.join(SUPPORTED_PRECISIONS)}"
-        )
     for flag, path in (("--calib", cfg.calib), ("--eval", cfg.eval_file)):
         if path is not None and not Path(path).is_file():
             raise UsageError(f"{flag} {path}: no such file")

@@ -9,7 +9,6 @@ from ..errors import UsageError
 
 OPTIMIZATION_LEVELS = {"none": 0, "conservative": 1, "balanced": 2, "aggressive": 3}
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4", "int8-dynamic")
-SUPPORTED_PRECISIONS = ("fp32", "fp16", "int8", "int4", "int8-dynamic")  # bf16 is refused, never faked
 WEIGHT_ONLY = ("int8", "int4")
 BLOCK_SIZES = (16, 32, 64, 128)
 EXTERNAL_DATA_MODES = ("auto", "always", "never")

@@ -80,7 +80,9 @@ def check_parity(captured: Captured, model_path: Path, vocab: int | None = None,
     """
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    from ..runtimes.cpu_bf16 import cpu_model
+
+    session = ort.InferenceSession(cpu_model(model_path), providers=["CPUExecutionProvider"])
     cases = {}
     if captured.kind == CAUSAL_LM:
         kv = captured.kv

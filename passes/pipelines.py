@@ -15,6 +15,7 @@ import dataclasses
 from onnx_ir.passes import common
 
 from ..errors import UsageError
+from .convert_bf16 import convert_bf16
 from .convert_fp16 import convert_fp16
 from .driver import PassStep
 from .eliminate_identity import EliminateIdentity
@@ -149,6 +150,8 @@ def precision_steps(precision: str, weights: WeightQuantization | None = None, t
         return []
     if precision == "fp16":
         return [PassStep("convert-fp16", convert_fp16, "half the bytes; fp32 kept for reductions and logits"), cleanup]
+    if precision == "bf16":
+        return [PassStep("convert-bf16", convert_bf16, "half the bytes, fp32's range; fp16's fp32 islands"), cleanup]
     if precision in ("int4", "int8"):
         spec = weights or WeightQuantization(bits=4 if precision == "int4" else 8)
         if target == "trt":

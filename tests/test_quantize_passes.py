@@ -12,7 +12,9 @@ import onnxruntime as ort
 import pytest
 
 from luffy.passes import gptq
+from luffy.passes.convert_bf16 import ConvertBfloat16
 from luffy.passes.convert_fp16 import ConvertFloat16
+from luffy.runtimes.cpu_bf16 import emulate_bf16
 from luffy.passes.quantize_dynamic_int8 import QuantizeDynamicInt8
 from luffy.passes.quantize_weights import QuantizeWeights, WeightQuantization, _ort_nbits
 
@@ -178,6 +180,70 @@ def test_convert_fp16_parity():
     assert got.dtype == np.float32  # graph I/O stays fp32
     expected = x.astype(np.float16).astype(np.float32) @ w.astype(np.float16).astype(np.float32)
     np.testing.assert_allclose(got, expected, rtol=2e-3, atol=2e-2)
+
+
+# -- convert-bf16 (checked on the CPU through runtimes/cpu_bf16's emulation) --------------------------
+
+def test_convert_bf16_graph(llama_graph):
+    model = llama_graph()
+    half = ConvertFloat16()(llama_graph()).model
+    new = ConvertBfloat16()(model).model
+    values = [*new.graph.inputs, *new.graph.initializers.values()] + [o for n in new.graph for o in n.outputs]
+    assert not [v.name for v in values if v.dtype == ir.DataType.FLOAT16]
+    assert sum(v.dtype == ir.DataType.BFLOAT16 for v in new.graph.initializers.values()) == \
+        sum(v.dtype == ir.DataType.FLOAT16 for v in half.graph.initializers.values()) > 0
+    io = {v.name: v.dtype for v in (*new.graph.inputs, *new.graph.outputs)}
+    assert io["logits"] == ir.DataType.FLOAT
+    assert all(t == ir.DataType.BFLOAT16 for name, t in io.items() if name.startswith(("past_key", "present.")))
+    assert _ops(new) == _ops(half)  # fp16's fp32 islands and boundary casts, relabelled
+    targets = [n.attributes["to"].value for n in new.graph if n.op_type == "Cast"]
+    assert ir.DataType.FLOAT16 not in targets and ir.DataType.FLOAT in targets  # logits: bf16 -> fp32
+
+
+def test_convert_bf16_rounds_weights_from_fp32_not_fp16():
+    # 1e-6 flushes to zero in fp16 but is a normal bf16 number; float32's min (an additive mask) rounds to
+    # -inf in bf16 and is clipped to bf16's finite range instead.
+    w = np.full((64, 48), 1e-6, np.float32)
+    w[0, 0] = np.finfo(np.float32).min
+    new = ConvertBfloat16()(_matmul_model(w)).model
+    got = new.graph.initializers["w"].const_value.numpy().astype(np.float32)
+    assert np.isfinite(got).all() and got[0, 0] < -3.3e38
+    np.testing.assert_allclose(got[1:], 1e-6, rtol=2 ** -8)
+
+
+def test_convert_bf16_leaves_integer_graphs_alone():
+    x = ir.Value(name="x", shape=ir.Shape([3]), type=ir.TensorType(ir.DataType.INT64))
+    node = ir.node("Add", [x, x])
+    node.outputs[0].name, node.outputs[0].dtype = "y", ir.DataType.INT64
+    model = ir.Model(ir.Graph([x], [node.outputs[0]], nodes=[node], opset_imports={"": 20}), ir_version=10)
+    new = ConvertBfloat16()(model).model
+    assert _ops(new) == {"Add": 1} and new.graph.outputs[0].dtype == ir.DataType.INT64
+
+
+def test_convert_bf16_parity_through_cpu_emulation():
+    import torch
+
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((64, 48)).astype(np.float32)
+    x = rng.standard_normal((4, 64)).astype(np.float32)
+    new = ConvertBfloat16()(_matmul_model(w)).model
+    rounded = emulate_bf16(new)
+    assert rounded >= 2 and not [v for v in new.graph.initializers.values() if v.dtype != ir.DataType.FLOAT]
+    got = _session(new).run(None, {"x": x})[0]
+    # torch's bf16 matmul: bf16 inputs, fp32 accumulation, bf16 result
+    expected = (torch.from_numpy(x).bfloat16() @ torch.from_numpy(w).bfloat16()).float().numpy()
+    np.testing.assert_allclose(got, expected, rtol=2 ** -7, atol=1e-6)
+    assert not np.allclose(got, x @ w, rtol=1e-4)  # it really is bf16
+
+
+def test_cpu_emulation_keeps_graph_io_names(llama_graph):
+    new = ConvertBfloat16()(llama_graph()).model
+    names = [v.name for v in (*new.graph.inputs, *new.graph.outputs)]
+    emulate_bf16(new)
+    assert [v.name for v in (*new.graph.inputs, *new.graph.outputs)] == names
+    assert all(v.dtype == ir.DataType.FLOAT for v in new.graph.inputs if v.name.startswith("past_key"))
+    session = _session(new, optimize=True)  # every op has an fp32 kernel now
+    assert [i.name for i in session.get_inputs()] == [v.name for v in new.graph.inputs]
 
 
 # -- quantize-dynamic-int8 -------------------------------------------------------------------------
