@@ -95,6 +95,32 @@ def compile_cmd(
         "(00-captured.onnx first; weights in one shared DIR/weights.data).",
     ),
     report_json: bool = typer.Option(False, "--json", help="Print the compile report as JSON on stdout."),
+    defer_build: bool = typer.Option(
+        False, "--defer-build", help="trt: write the legalized ONNX, profiles and a trtexec line (state needs-build) "
+        "without TensorRT; finish with `luffy build DIR` on the GPU machine.", rich_help_panel="TensorRT",
+    ),
+    trt_version: Optional[str] = typer.Option(
+        None, "--trt-version", help="trt: the TensorRT whose ONNX parser the graph must pass (e.g. 10.16) "
+        "[installed, else the newest luffy knows].", rich_help_panel="TensorRT",
+    ),
+    max_batch: int = typer.Option(8, "--max-batch", min=1, help="trt: largest batch in the profiles.", rich_help_panel="TensorRT"),
+    opt_batch: int = typer.Option(1, "--opt-batch", min=1, help="trt: batch the kernels are tuned for.", rich_help_panel="TensorRT"),
+    opt_seq_len: Optional[int] = typer.Option(
+        None, "--opt-seq-len", min=1, help="trt: prompt length the prefill profile is tuned for [min(128, max)].",
+        rich_help_panel="TensorRT",
+    ),
+    timing_cache: Optional[Path] = typer.Option(
+        None, "--timing-cache", metavar="FILE", help="trt: persistent timing cache, safe to share between builds "
+        "[~/.cache/luffy/trt-timing.cache].", rich_help_panel="TensorRT",
+    ),
+    hardware_compatibility: str = typer.Option(
+        "none", "--hardware-compatibility", help="trt: none (this GPU's architecture) | ampere+ (any Ampere or newer).",
+        rich_help_panel="TensorRT",
+    ),
+    version_compatible: bool = typer.Option(
+        False, "--version-compatible", help="trt: an engine newer TensorRT versions and the lean runtime can load.",
+        rich_help_panel="TensorRT",
+    ),
 ):
     """Compile a model into an artifact directory.
 
@@ -102,6 +128,9 @@ def compile_cmd(
 
     Example (int4 by GPTQ, perplexity before/after): luffy compile llama-pydoc -o build/q4 --precision int4
     --calib calib.txt --eval heldout.txt
+
+    Example (TensorRT, compiled on a CPU CI job, built on the GPU machine): luffy compile ./my-llama -o build/trt
+    --target trt --precision fp16 --defer-build; then there: luffy build build/trt
     """
     from ..compiler.compile import compile as compile_artifact
 
@@ -112,6 +141,9 @@ def compile_cmd(
             disable_pass=disable_pass, enable_pass=enable_pass, check_parity=check_parity, external_data=external_data,
             verify=verify, dump_ir=dump_ir, block_size=block_size, calib=calib, eval_file=eval_file,
             accuracy_level=accuracy_level, progress=lambda message: status.update(f"{source}: {message}"),
+            defer_build=defer_build, trt_version=trt_version, max_batch=max_batch, opt_batch=opt_batch,
+            opt_seq_len=opt_seq_len, timing_cache=timing_cache, hardware_compatibility=hardware_compatibility,
+            version_compatible=version_compatible,
         )
     report = artifact.report
     if report_json:
@@ -123,6 +155,8 @@ def compile_cmd(
         f"[green]✓[/green] {output}  {report['capture']['nodes']} → {report['nodes']} nodes, "
         f"{report['parameters']:,} parameters, {report['seconds_total']:.1f}s, parity {parity_text}"
     )
+    if artifact.manifest.get("state") == "needs-build":
+        err.print(f"  needs-build: TensorRT engine not built here; on the GPU machine run: luffy build {output}")
     quality = report.get("quality")
     if quality:
         ref = quality["perplexity_reference"]
@@ -177,6 +211,32 @@ def run_cmd(
         print((prompt or "") + text)
     else:
         print(",".join(map(str, [*ids, *new])))
+
+
+@app.command("build")
+def build_cmd(
+    artifact: Path = typer.Argument(..., help="A --target trt artifact in state needs-build (compile --defer-build)."),
+    timing_cache: Optional[Path] = typer.Option(
+        None, "--timing-cache", metavar="FILE", help="Persistent timing cache, safe to share between concurrent builds "
+        "[the one given at compile, else ~/.cache/luffy/trt-timing.cache].",
+    ),
+):
+    """Build the TensorRT engine of a deferred artifact, on the GPU machine that will run it.
+
+    Checks the graph against the installed TensorRT's ONNX parser first, builds with the artifact's
+    profiles, and records TensorRT, CUDA, GPU and compute capability in the manifest; the artifact is
+    replaced only when the engine is written.
+
+    Example: luffy compile ./my-llama -o build/trt --target trt --defer-build   (CPU CI job)
+    then:    luffy build build/trt                                               (GPU job)
+    """
+    from ..compiler.trt_build import build_artifact
+
+    with err.status(f"building {artifact}") as status:
+        manifest = build_artifact(artifact, timing_cache, say=lambda message: status.update(f"{artifact}: {message}"))
+    build = manifest["tensorrt"]["build"]
+    err.print(f"[green]✓[/green] {artifact}  TensorRT {build['tensorrt']} engine for {build['gpu']} "
+              f"(sm {build['compute_capability']}), {build['seconds']:.1f}s")
 
 
 @app.command("inspect")

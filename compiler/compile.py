@@ -65,6 +65,7 @@ def compile(  # noqa: A001 - the public name the API promises
     eval_file: str | os.PathLike | None = None,
     accuracy_level: int | None = None,
     progress: Callable[[str], None] | None = None,
+    **trt_options,
 ) -> Artifact:
     """Compile ``source`` into an artifact directory at ``output``.
 
@@ -77,6 +78,14 @@ def compile(  # noqa: A001 - the public name the API promises
     ``calib`` names a text or token-id file and round-to-nearest otherwise; "int8-dynamic" quantizes
     activations at run time too; "fp16" converts weights and activations. ``eval_file`` measures
     perplexity before and after into ``report["quality"]``.
+
+    ``target="trt"`` takes LuffyConfig's TensorRT fields as keywords (``defer_build``, ``trt_version``,
+    ``max_batch``, ``opt_batch``, ``opt_seq_len``, ``timing_cache``, ``hardware_compatibility``,
+    ``version_compatible``); without a TensorRT builder and GPU only ``defer_build=True`` succeeds.
+
+    >>> art = luffy.compile("llama-tiny", target="trt", output="build/trt", defer_build=True)  # doctest: +SKIP
+    >>> art.manifest["state"], [p["name"] for p in art.manifest["tensorrt"]["profiles"]]      # doctest: +SKIP
+    ('needs-build', ['prefill', 'decode'])
 
     >>> art = luffy.compile("llama-pydoc", output="build/q4", precision="int4",
     ...                     calib="calib.txt", eval_file="heldout.txt")          # doctest: +SKIP
@@ -93,7 +102,7 @@ def compile(  # noqa: A001 - the public name the API promises
         disabled_passes=tuple(disable_pass) if disable_pass else None,
         enabled_passes=tuple(enable_pass) if enable_pass else None,
         check_parity=check_parity, external_data=external_data, verify=verify, dump_ir=dump_ir,
-        block_size=block_size, calib=calib, eval_file=eval_file, accuracy_level=accuracy_level,
+        block_size=block_size, calib=calib, eval_file=eval_file, accuracy_level=accuracy_level, **trt_options,
     )
     if output is None:
         raise UsageError("an output directory is required (-o DIR)")
@@ -103,15 +112,21 @@ def compile(  # noqa: A001 - the public name the API promises
     for flag, path in (("--calib", cfg.calib), ("--eval", cfg.eval_file)):
         if path is not None and not Path(path).is_file():
             raise UsageError(f"{flag} {path}: no such file")
-    if cfg.target != "ort":
-        raise UsageError(f"target {cfg.target!r} is not available yet; this luffy emits ONNX Runtime artifacts (--target ort)")
     steps = pipeline(cfg.target, cfg.opt_level, cfg.disabled_passes, cfg.enabled_passes)
+    precision_steps(cfg.precision, target=cfg.target)  # a precision the target cannot take fails before capture
+    builder = None
+    if cfg.target == "trt":
+        from .trt_build import require_builder
+
+        cfg = cfg.with_overrides(trt_version=_trt_version(cfg))
+        if not cfg.defer_build:
+            builder = require_builder()  # fails fast, before minutes of capture, saying how to proceed
     src = resolve_source(source)
     started = time.perf_counter()
 
     say(f"capturing {src.spec}")
     t0 = time.perf_counter()
-    captured, tm = _capture(src, cfg.target)
+    captured, tm = _capture(src, _capture_opset(cfg))
     capture_seconds = time.perf_counter() - t0
     captured_nodes = count_nodes(captured.model)
     max_len = _max_seq_len(cfg, tm, captured)
@@ -133,6 +148,13 @@ def compile(  # noqa: A001 - the public name the API promises
             captured.kv.dtype = _kv_dtype(model, captured.kv.dtype)
     model.producer_name, model.producer_version = "luffy", __version__
     _lower_ir_version(model)
+    operator_check = None
+    if cfg.target == "trt":
+        from .trt_support import check_graph, require_supported
+
+        say(f"checking every node against TensorRT {cfg.trt_version}'s ONNX parser")
+        operator_check = check_graph(model, cfg.trt_version)
+        require_supported(operator_check, f"{src.spec} (legalized for --target trt)")
 
     with staged_directory(Path(output)) as stage:
         say("writing model")
@@ -162,22 +184,77 @@ def compile(  # noqa: A001 - the public name the API promises
             "quality": quality.evaluate(stage / MODEL_FILE) if cfg.eval_file else None,
         }
         manifest = _manifest(cfg, src, tm, captured, model, max_len, tokenizer_files, external, report)
+        if cfg.target == "trt":
+            manifest = _tensorrt_section(cfg, manifest, operator_check)
+            if builder is not None:
+                from .trt_build import build_in_directory
+
+                manifest = build_in_directory(stage, manifest, *builder, say=say)
         say("writing manifest")
         manifest = write_manifest(stage, manifest)
     return Artifact(Path(output), manifest)
 
 
-def _capture(src, target: str):
+def _capture(src, opset: int):
     if src.kind == "onnx":
         from .onnx_source import load_onnx_source
 
         return load_onnx_source(src.path), None
-    from .capture import CAPTURE_OPSET, capture_causal_lm, capture_encoder, capture_module
+    from .capture import capture_causal_lm, capture_encoder, capture_module
     from .sources import load_torch_model
 
     tm = load_torch_model(src)
     capture = {CAUSAL_LM: capture_causal_lm, ENCODER: capture_encoder}.get(tm.kind, capture_module)
-    return capture(tm, CAPTURE_OPSET[target]), tm
+    return capture(tm, opset), tm
+
+
+def _trt_version(cfg: LuffyConfig) -> str:
+    from .trt_build import installed_tensorrt
+    from .trt_support import known_versions, operator_list
+
+    if cfg.trt_version is not None:
+        operator_list(cfg.trt_version)  # validates the text and the major version
+        return cfg.trt_version
+    trt = installed_tensorrt()
+    return trt.__version__ if trt is not None else known_versions()[-1]
+
+
+def _capture_opset(cfg: LuffyConfig) -> int:
+    from .capture import CAPTURE_OPSET, ONNX_OPSET
+    from .trt_support import version_tuple
+
+    # TensorRT before 10.15 parses neither RMSNormalization nor RotaryEmbedding (10.0-10.5 read no opset
+    # above 20): those get the opset-20 graph, decomposed, and TensorRT's own fusions take the patterns.
+    if cfg.target == "trt" and version_tuple(cfg.trt_version) < PORTABLE_OPS_SINCE:
+        return ONNX_OPSET
+    return CAPTURE_OPSET[cfg.target]
+
+
+PORTABLE_OPS_SINCE = (10, 15)  # the first TensorRT whose parser has Attention, RMSNormalization, RotaryEmbedding
+
+
+def _tensorrt_section(cfg: LuffyConfig, manifest: dict, operator_check: dict) -> dict:
+    """The needs-build state: profiles, the operator check, and the trtexec line that builds the engine."""
+    from .artifact import STATE_NEEDS_BUILD
+    from .trt_build import ENGINE_FILE
+    from .trt_profiles import optimization_profiles, trtexec_command
+    from .trt_support import version_tuple
+
+    profiles = optimization_profiles(manifest, cfg.max_batch, cfg.opt_batch, cfg.opt_seq_len)
+    options = {k: v for k, v in cfg.to_json().items() if k in (
+        "trt_version", "max_batch", "opt_batch", "opt_seq_len", "timing_cache", "hardware_compatibility",
+        "version_compatible")}
+    command = trtexec_command(profiles, manifest["model_file"], ENGINE_FILE,
+                              strongly_typed=version_tuple(cfg.trt_version) < (11,),
+                              hardware_compatibility=cfg.hardware_compatibility,
+                              version_compatible=cfg.version_compatible)
+    section = {
+        "options": options, "profiles": profiles, "trtexec": command, "engine_file": None, "build": None,
+        "operator_check": {k: operator_check[k] for k in (
+            "trt_version", "operator_list", "source", "nodes_checked", "via_plugin", "supported")},
+        "next_step": "run `luffy build ARTIFACT` on the GPU machine, or the trtexec line in this directory",
+    }
+    return dict(manifest, state=STATE_NEEDS_BUILD, tensorrt=section)
 
 
 def _vocab(tm) -> int | None:

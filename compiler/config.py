@@ -12,6 +12,7 @@ PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4", "int8-dynamic")
 WEIGHT_ONLY = ("int8", "int4")
 BLOCK_SIZES = (16, 32, 64, 128)
 EXTERNAL_DATA_MODES = ("auto", "always", "never")
+HARDWARE_COMPATIBILITY = ("none", "ampere+")
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,15 @@ class LuffyConfig:
     calib: str | None = None  # text or token ids (.json) for calibrated quantization (GPTQ); none = RTN
     eval_file: str | None = None  # text or token ids: perplexity before and after, into the report
     accuracy_level: int = 4  # MatMulNBits: 4 = int8 products on the CPU (fast); 0 = fp32 products
+    # --target trt
+    trt_version: str | None = None  # the TensorRT the graph must parse on; default: installed, else newest known
+    defer_build: bool = False  # write the portable ONNX + profiles (state needs-build); `luffy build` finishes it
+    max_batch: int = 8  # optimization profiles: the largest batch the engine serves
+    opt_batch: int = 1  # ...and the batch TensorRT tunes its kernels for
+    opt_seq_len: int | None = None  # prefill profile's tuned prompt length (default min(128, max_seq_len))
+    timing_cache: str | None = None  # persistent TensorRT timing cache (default ~/.cache/luffy/trt-timing.cache)
+    hardware_compatibility: str = "none"  # none | ampere+: an engine for any Ampere-or-newer GPU
+    version_compatible: bool = False  # an engine later TensorRT versions (and the lean runtime) can load
 
     def __post_init__(self):
         if self.optimization_level is not None:
@@ -58,6 +68,19 @@ class LuffyConfig:
             raise UsageError(f"block_size {self.block_size!r}; choose one of {', '.join(map(str, BLOCK_SIZES))}")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise UsageError(f"accuracy_level {self.accuracy_level!r}; choose 0 (fp32 products) to 4 (int8 products)")
+        if self.hardware_compatibility not in HARDWARE_COMPATIBILITY:
+            raise UsageError(f"hardware_compatibility {self.hardware_compatibility!r}; choose one of "
+                             f"{', '.join(HARDWARE_COMPATIBILITY)}")
+        for name in ("max_batch", "opt_batch"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise UsageError(f"{name} {getattr(self, name)!r} must be an integer >= 1")
+        if self.opt_batch > self.max_batch:
+            raise UsageError(f"opt_batch {self.opt_batch} exceeds max_batch {self.max_batch}")
+        trt_only = [flag for flag, on in (("--defer-build", self.defer_build), ("--trt-version", self.trt_version),
+                                          ("--version-compatible", self.version_compatible),
+                                          ("--hardware-compatibility", self.hardware_compatibility != "none")) if on]
+        if trt_only and self.target != "trt":
+            raise UsageError(f"{trt_only[0]} is a TensorRT option; add --target trt")
         if self.calib is not None and self.precision not in WEIGHT_ONLY:
             raise UsageError(f"--calib calibrates int8/int4 weight-only quantization; precision {self.precision} takes none")
         for name in ("calib", "eval_file"):
@@ -65,8 +88,9 @@ class LuffyConfig:
                 object.__setattr__(self, name, os.fspath(getattr(self, name)))
         object.__setattr__(self, "disabled_passes", tuple(self.disabled_passes))
         object.__setattr__(self, "enabled_passes", tuple(self.enabled_passes))
-        if self.dump_ir is not None:
-            object.__setattr__(self, "dump_ir", os.fspath(self.dump_ir))  # a Path is welcome; JSON wants str
+        for name in ("dump_ir", "timing_cache"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, os.fspath(getattr(self, name)))  # a Path is welcome; JSON wants str  # a Path is welcome; JSON wants str
 
     def with_overrides(self, **overrides) -> "LuffyConfig":
         """A copy with every non-None override applied (how `compile`'s keywords beat ``config``)."""
@@ -87,4 +111,8 @@ class LuffyConfig:
             "external_data": self.external_data, "verify": self.verify, "dump_ir": self.dump_ir,
             "block_size": self.block_size, "calib": self.calib, "eval_file": self.eval_file,
             "accuracy_level": self.accuracy_level,
+            **({"trt_version": self.trt_version, "defer_build": self.defer_build, "max_batch": self.max_batch,
+                "opt_batch": self.opt_batch, "opt_seq_len": self.opt_seq_len, "timing_cache": self.timing_cache,
+                "hardware_compatibility": self.hardware_compatibility, "version_compatible": self.version_compatible}
+               if self.target == "trt" else {}),
         }

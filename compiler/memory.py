@@ -71,7 +71,36 @@ def infer(model_path: Path) -> onnx.ModelProto:
             load_external_data_for_tensor(tensor, str(model_path.parent))
             tensor.data_location = onnx.TensorProto.DEFAULT
             del tensor.external_data[:]
-    return SymbolicShapeInference.infer_shapes(proto, auto_merge=True, guess_output_rank=True)
+    inference = SymbolicShapeInference(2**31 - 1, True, True, 0)
+    # Its handlers are keyed by op type alone and written for com.microsoft's Attention and friends; the
+    # opset-23 standard ops of the same names (the TensorRT target's) get their own shape rule.
+    for op_type in STANDARD_OPS_WITH_CONTRIB_NAMES:
+        inference.dispatcher_[op_type] = _by_domain(inference, op_type, inference.dispatcher_.get(op_type))
+    inference._preprocess(proto)
+    complete = False
+    while inference.run_:
+        complete = inference._infer_impl()
+    inference._update_output_from_vi()
+    if not complete:
+        raise ValueError(f"{model_path}: symbolic shape inference could not finish")
+    return inference.out_mp_
+
+
+STANDARD_OPS_WITH_CONTRIB_NAMES = ("Attention", "RotaryEmbedding", "RMSNormalization")
+
+
+def _by_domain(inference, op_type: str, contrib_handler):
+    def dispatch(node):
+        if node.domain not in ("", "ai.onnx"):
+            if contrib_handler is not None:
+                contrib_handler(node)
+            return
+        shape = inference._get_shape(node, 0)
+        if op_type == "Attention" and len(shape) == 4:  # [batch, q_heads, q_seq, v_head_size]
+            shape = shape[:-1] + inference._get_shape(node, 2)[-1:]
+        dtype = inference.known_vi_[node.input[0]].type.tensor_type.elem_type
+        inference.known_vi_[node.output[0]].CopyFrom(onnx.helper.make_tensor_value_info(node.output[0], dtype, shape))
+    return dispatch
 
 
 def peak_activation(inferred: onnx.ModelProto, bindings: dict[str, int]) -> dict:

@@ -12,7 +12,7 @@ from ..compiler.artifact import read_manifest
 from ..errors import ArtifactError, BackendUnavailableError, UsageError
 from .engine import Engine
 
-RUNTIMES = ("ort",)
+RUNTIMES = ("ort", "trt")
 
 # The first onnxruntime release that implements each ai.onnx opset: an older install cannot run the graph.
 ORT_MIN_FOR_OPSET = {17: (1, 14), 18: (1, 15), 19: (1, 16), 20: (1, 17), 21: (1, 20), 22: (1, 20), 23: (1, 22)}
@@ -47,7 +47,9 @@ def load(path: str | os.PathLike, runtime: str | None = None, **options) -> Engi
     """Check an artifact (manifest format, every file's sha256, runtime compatibility) and load it.
 
     ``runtime`` defaults to the artifact's target; ``"ort"`` runs any artifact's ONNX graph on ONNX
-    Runtime. Options go to the engine (``threads``, ``providers`` for ORT).
+    Runtime, a TensorRT artifact's portable graph included (how its numerics are checked without a GPU).
+    ``"trt"`` refuses an engine built for another TensorRT version or GPU before deserializing it.
+    Options go to the engine (``threads``, ``providers`` for ORT).
 
     >>> import luffy
     >>> engine = luffy.load("build/llama-tiny")       # doctest: +SKIP
@@ -58,6 +60,13 @@ def load(path: str | os.PathLike, runtime: str | None = None, **options) -> Engi
     runtime = runtime or manifest.get("target", "ort")
     if runtime not in RUNTIMES:
         raise UsageError(f"unknown runtime {runtime!r}; this luffy has {', '.join(RUNTIMES)}")
+    if runtime == "trt":
+        from ..compiler.trt_build import gpu_info, installed_tensorrt
+        from .trt import TrtEngine, check_engine
+
+        trt, gpu = installed_tensorrt(), gpu_info()
+        check_engine(manifest, path, trt.__version__ if trt is not None else None, gpu)  # before deserializing
+        return TrtEngine(path, manifest, trt, gpu, **options)
     check_onnxruntime(manifest, path)
     from .ort import OrtEngine
 

@@ -1,0 +1,147 @@
+"""The TensorRT engine: compatibility checks before deserializing, execute_async_v3, device KV cache.
+
+An engine is native code for one GPU architecture and one TensorRT version, so `check_engine` compares
+the manifest's build record with the installed TensorRT and the GPU before a byte is deserialized (the
+engine's sha256 was already checked by `read_manifest`). Device buffers are torch CUDA tensors: the GPU
+images luffy deploys to carry torch, and its caching allocator makes the per-step present buffers of the
+portable graph's concat-mode cache (present = past + new token) cheap without a framework of luffy's own.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ArtifactError, BackendUnavailableError, UsageError
+from .engine import Engine
+from .generation import as_rows, check_capacity, generate_loop, left_pad
+
+PREFILL, DECODE = 0, 1  # profile indices, in the order compile writes manifest["tensorrt"]["profiles"]
+
+
+def _release(version: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in version.split(".")[:3] if p.isdigit())
+
+
+def check_engine(manifest: dict, path: Path, trt_version: str | None, gpu: dict | None) -> None:
+    """Refuse an engine this machine cannot run, naming what it was built for and what is here.
+
+    >>> check_engine(manifest, path, "10.16.1.11", {"compute_capability": "9.0"})   # doctest: +SKIP
+    """
+    section = manifest.get("tensorrt") or {}
+    build = section.get("build")
+    if manifest.get("state") != "ready" or not build:
+        raise ArtifactError(f"{path}: TensorRT engine not built yet (state {manifest.get('state')!r}); run "
+                            f"`luffy build {path}` on the GPU machine, or load(..., runtime='ort') to run its ONNX graph")
+    if trt_version is None:
+        raise BackendUnavailableError(f"{path}: engine built with TensorRT {build['tensorrt']}; TensorRT is not "
+                                      "installed here (pip install tensorrt, on a machine with an NVIDIA GPU)")
+    built, here = _release(build["tensorrt"]), _release(trt_version)
+    if build.get("version_compatible"):
+        if here[0] != built[0] or here < built:
+            raise ArtifactError(f"{path}: version-compatible engine built with TensorRT {build['tensorrt']} needs "
+                                f"TensorRT {built[0]}.x at or above it; installed is {trt_version}")
+    elif here != built:
+        raise ArtifactError(f"{path}: engine built with TensorRT {build['tensorrt']}, installed is {trt_version}; "
+                            "rebuild it (`luffy build`) or compile with --version-compatible")
+    if gpu is None:
+        raise BackendUnavailableError(f"{path}: engine built for {build['gpu']} (compute capability "
+                                      f"{build['compute_capability']}); no NVIDIA GPU is visible here")
+    built_cc, here_cc = _release(build["compute_capability"]), _release(gpu["compute_capability"])
+    if build.get("hardware_compatibility") == "ampere+":
+        if here_cc < (8, 0):
+            raise ArtifactError(f"{path}: Ampere+ engine needs compute capability >= 8.0; "
+                                f"this GPU ({gpu.get('name')}) is {gpu['compute_capability']}")
+    elif here_cc != built_cc:
+        raise ArtifactError(f"{path}: engine built for compute capability {build['compute_capability']} "
+                            f"({build['gpu']}); this GPU ({gpu.get('name')}) is {gpu['compute_capability']}; "
+                            "rebuild it here or compile with --hardware-compatibility ampere+")
+
+
+class TrtEngine(Engine):
+    """Runs an artifact's model.engine with TensorRT; the same interface as the ORT engine."""
+
+    def __init__(self, path: Path, manifest: dict, trt, gpu: dict):
+        super().__init__(path, manifest)
+        import torch
+
+        check_engine(manifest, self.path, trt.__version__, gpu)
+        self._torch, self._trt = torch, trt
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        if manifest["tensorrt"]["build"].get("version_compatible"):
+            self._runtime.engine_host_code_allowed = True  # a version-compatible engine carries its lean runtime
+        engine_path = self.path / manifest["tensorrt"]["engine_file"]
+        self._engine = self._runtime.deserialize_cuda_engine(engine_path.read_bytes())
+        if self._engine is None:
+            raise ArtifactError(f"{engine_path}: TensorRT {trt.__version__} could not deserialize it (see its log)")
+        self._context = self._engine.create_execution_context()
+        self._stream = torch.cuda.Stream()
+        self._inputs = [n for n in self._tensor_names() if self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self._outputs = [n for n in self._tensor_names() if self._engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        self._profile = None
+
+    def _tensor_names(self) -> list[str]:
+        return [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
+
+    def _dtype(self, name: str):
+        trt, torch = self._trt, self._torch
+        dtypes = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16,
+                  trt.int64: torch.int64, trt.int32: torch.int32, trt.bool: torch.bool}
+        return dtypes[self._engine.get_tensor_dtype(name)]
+
+    def _execute(self, feeds: dict, profile: int) -> dict:
+        """Bind ``feeds`` (torch tensors on the GPU) under ``profile``, run, return the outputs (on the GPU)."""
+        torch = self._torch
+        if self._profile != profile:
+            self._context.set_optimization_profile_async(profile, self._stream.cuda_stream)
+            self._profile = profile
+        for name in self._inputs:
+            tensor = feeds[name].to(dtype=self._dtype(name)).contiguous()
+            feeds[name] = tensor
+            self._context.set_input_shape(name, tuple(tensor.shape))
+            self._context.set_tensor_address(name, tensor.data_ptr())
+        outputs = {}
+        for name in self._outputs:
+            shape = tuple(self._context.get_tensor_shape(name))
+            outputs[name] = torch.empty(shape, dtype=self._dtype(name), device="cuda")
+            self._context.set_tensor_address(name, outputs[name].data_ptr())
+        if not self._context.execute_async_v3(self._stream.cuda_stream):
+            raise ArtifactError(f"{self.path}: TensorRT execute_async_v3 failed (see its log)")
+        self._stream.synchronize()
+        return outputs
+
+    def run(self, feeds: dict) -> dict:
+        """One call of the engine on numpy ``feeds``; numpy outputs."""
+        torch = self._torch
+        gpu_feeds = {name: torch.from_numpy(np.ascontiguousarray(value)).cuda() for name, value in feeds.items()}
+        return {k: v.cpu().numpy() for k, v in self._execute(gpu_feeds, PREFILL).items()}
+
+    def generate(self, input_ids, max_new_tokens: int = 32, eos_token_id="model", pad_token_id=None, **sampling):
+        """As OrtEngine.generate: left-padded prompts, greedy unless ``do_sample``; int64 [batch, prompt + new]."""
+        if self.kind != "causal-lm":
+            raise UsageError(f"{self.path}: generate needs a causal-LM artifact; this one is {self.kind!r}")
+        torch, kv = self._torch, self.manifest["kv_cache"]
+        rows = as_rows(input_ids)
+        check_capacity(max(len(r) for r in rows), max_new_tokens, self.max_seq_len)
+        if eos_token_id == "model":
+            eos_token_id = self._generation_default("eos_token_id")
+        pad = int(pad_token_id if pad_token_id is not None else self._generation_default("pad_token_id") or 0)
+        ids, mask = left_pad(rows, pad)
+        names = [(kv["past_input"].format(layer=i, kind=k), kv["present_output"].format(layer=i, kind=k))
+                 for i in range(kv["num_layers"]) for k in ("key", "value")]
+        cache = {}
+        for past, _ in names:  # an empty cache: [batch, kv_heads, 0, head_dim] in the graph's own dtype
+            shape = self.manifest["tensorrt"]["profiles"][PREFILL]["shapes"][past]["min"]
+            cache[past] = torch.empty((len(rows), shape[1], 0, shape[3]), dtype=self._dtype(past), device="cuda")
+
+        def step(step_ids, step_mask, positions, past_len):
+            feeds = {"input_ids": torch.from_numpy(step_ids).cuda(), "attention_mask": torch.from_numpy(step_mask).cuda(),
+                     "position_ids": torch.from_numpy(np.ascontiguousarray(positions)).cuda(), **cache}
+            out = self._execute(feeds, PREFILL if past_len == 0 else DECODE)
+            for past, present in names:
+                cache[past] = out[present]  # the next step's past: no copy, the allocator recycles the old one
+            return out["logits"][:, -1, :].float().cpu().numpy()
+
+        return generate_loop(step, ids, mask, max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad, **sampling)
