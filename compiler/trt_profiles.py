@@ -23,7 +23,7 @@ def optimization_profiles(manifest: dict, max_batch: int = 8, opt_batch: int = 1
     max_len = manifest.get("max_seq_len")
     if not max_len:
         raise UsageError("TensorRT profiles need a sequence limit; compile with --max-seq-len N")
-    opt_seq = min(opt_seq_len or DEFAULT_OPT_PROMPT, max_len)
+    opt_seq = opt_seq_len if opt_seq_len is not None else min(DEFAULT_OPT_PROMPT, max_len)
     if opt_seq < 1 or opt_seq > max_len:
         raise UsageError(f"--opt-seq-len {opt_seq_len} is outside 1..{max_len} (--max-seq-len)")
     batch = (1, opt_batch, max_batch)
