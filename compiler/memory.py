@@ -10,6 +10,8 @@ its in-place kernels and its own fusions can only lower it, and weights and the 
 
 from __future__ import annotations
 
+import contextlib
+
 import ast
 import operator
 from pathlib import Path
@@ -78,8 +80,11 @@ def infer(model_path: Path) -> onnx.ModelProto:
         inference.dispatcher_[op_type] = _by_domain(inference, op_type, inference.dispatcher_.get(op_type))
     inference._preprocess(proto)
     complete = False
-    while inference.run_:
-        complete = inference._infer_impl()
+    # It reads a constant's value (numpy_helper.to_array, relative to the working directory) when shape
+    # arithmetic or a quantizer's scale needs it; the larger external ones are found beside the model.
+    with contextlib.chdir(model_path.parent):
+        while inference.run_:
+            complete = inference._infer_impl()
     inference._update_output_from_vi()
     if not complete:
         raise ValueError(f"{model_path}: symbolic shape inference could not finish")

@@ -32,3 +32,14 @@ def test_decoder_report(zoo_artifacts):
     assert prefill["peak_activation_bytes"] >= 128 * 176 * 4 > decode["peak_activation_bytes"] > 0
     assert prefill["values_of_unknown_size"] <= 2  # only the kept-logits slice, sized by a runtime input
     assert artifact.report["memory"] == artifact.load().manifest["report"]["memory"]
+
+
+def test_memory_report_reads_external_constants_beside_the_model(tmp_path):
+    # int8-dynamic's per-channel scales feed shape arithmetic; with every weight in model.onnx.data the
+    # report must find them beside the model, not in the working directory.
+    import luffy
+
+    art = luffy.compile("llama-tiny", output=tmp_path / "q", precision="int8-dynamic", external_data="always")
+    assert art.manifest["external_data"] == "model.onnx.data"
+    decode = art.report["memory"]["decode"]
+    assert decode["peak_activation_bytes"] > 0 and decode["past_tokens"] == 128
