@@ -160,12 +160,13 @@ def test_convert_fp16_graph(llama_graph):
     assert _ops(new)["MatMul"] == _ops(model)["MatMul"]
 
 
-def test_convert_fp16_leaves_integer_graphs_alone():
+@pytest.mark.parametrize("convert", [ConvertFloat16, ConvertBfloat16])
+def test_convert_half_leaves_integer_graphs_alone(convert):
     x = ir.Value(name="x", shape=ir.Shape([3]), type=ir.TensorType(ir.DataType.INT64))
     node = ir.node("Add", [x, x])
     node.outputs[0].name, node.outputs[0].dtype = "y", ir.DataType.INT64
     model = ir.Model(ir.Graph([x], [node.outputs[0]], nodes=[node], opset_imports={"": 20}), ir_version=10)
-    new = ConvertFloat16()(model).model
+    new = convert()(model).model
     assert _ops(new) == {"Add": 1}
     assert new.graph.outputs[0].dtype == ir.DataType.INT64
 
@@ -209,15 +210,6 @@ def test_convert_bf16_rounds_weights_from_fp32_not_fp16():
     got = new.graph.initializers["w"].const_value.numpy().astype(np.float32)
     assert np.isfinite(got).all() and got[0, 0] < -3.3e38
     np.testing.assert_allclose(got[1:], 1e-6, rtol=2 ** -8)
-
-
-def test_convert_bf16_leaves_integer_graphs_alone():
-    x = ir.Value(name="x", shape=ir.Shape([3]), type=ir.TensorType(ir.DataType.INT64))
-    node = ir.node("Add", [x, x])
-    node.outputs[0].name, node.outputs[0].dtype = "y", ir.DataType.INT64
-    model = ir.Model(ir.Graph([x], [node.outputs[0]], nodes=[node], opset_imports={"": 20}), ir_version=10)
-    new = ConvertBfloat16()(model).model
-    assert _ops(new) == {"Add": 1} and new.graph.outputs[0].dtype == ir.DataType.INT64
 
 
 def test_convert_bf16_parity_through_cpu_emulation():
