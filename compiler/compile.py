@@ -236,7 +236,7 @@ PORTABLE_OPS_SINCE = (10, 15)  # the first TensorRT whose parser has Attention, 
 def _tensorrt_section(cfg: LuffyConfig, manifest: dict, operator_check: dict) -> dict:
     """The needs-build state: profiles, the operator check, and the trtexec line that builds the engine."""
     from .artifact import STATE_NEEDS_BUILD
-    from .trt_build import ENGINE_FILE
+    from .trt_build import ENGINE_FILE, operator_check_summary
     from .trt_profiles import optimization_profiles, trtexec_command
     from .trt_support import version_tuple
 
@@ -250,8 +250,7 @@ def _tensorrt_section(cfg: LuffyConfig, manifest: dict, operator_check: dict) ->
                               version_compatible=cfg.version_compatible)
     section = {
         "options": options, "profiles": profiles, "trtexec": command, "engine_file": None, "build": None,
-        "operator_check": {k: operator_check[k] for k in (
-            "trt_version", "operator_list", "source", "nodes_checked", "via_plugin", "supported")},
+        "operator_check": operator_check_summary(operator_check),
         "next_step": "run `luffy build ARTIFACT` on the GPU machine, or the trtexec line in this directory",
     }
     return dict(manifest, state=STATE_NEEDS_BUILD, tensorrt=section)

@@ -188,10 +188,11 @@ def build_artifact(path: str | os.PathLike, timing_cache: str | os.PathLike | No
             (stage / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(path / rel, stage / rel)
         built = build_in_directory(stage, manifest, trt, gpu, Path(timing_cache) if timing_cache else None, say)
-        built["tensorrt"]["operator_check"] = _summary(report)
+        built["tensorrt"]["operator_check"] = operator_check_summary(report)
         manifest = write_manifest(stage, built)
     return manifest
 
 
-def _summary(report: dict) -> dict:
+def operator_check_summary(report: dict) -> dict:
+    """The operator check as the manifest keeps it (the per-node list only matters when it fails)."""
     return {k: report[k] for k in ("trt_version", "operator_list", "source", "nodes_checked", "via_plugin", "supported")}
