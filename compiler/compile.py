@@ -119,6 +119,10 @@ def compile(  # noqa: A001 - the public name the API promises
         from .trt_build import require_builder
 
         cfg = cfg.with_overrides(trt_version=_trt_version(cfg))
+        if cfg.precision in ("int4", "int8") and _capture_opset(cfg) < 21:
+            raise UsageError(f"--precision {cfg.precision} for TensorRT {cfg.trt_version}: QDQ weights need blockwise "
+                             f"DequantizeLinear (opset 21), which TensorRT's parser reads from 10.6; "
+                             f"use --trt-version 10.6 or newer, or --precision fp16")
         if not cfg.defer_build:
             builder = require_builder()  # fails fast, before minutes of capture, saying how to proceed
     src = resolve_source(source)
@@ -136,6 +140,14 @@ def compile(  # noqa: A001 - the public name the API promises
         captured.model.metadata_props["luffy.max_seq_len"] = str(max_len)
     after_pass = _after_pass_hook(cfg, captured, _vocab(tm), say)
     model, pass_records = run_passes(captured.model, steps, on_pass=lambda name: say(f"pass {name}"), after_pass=after_pass)
+    if cfg.target == "trt":
+        from ..passes.pipelines import plugin_steps
+        from .trt_support import version_tuple
+
+        model, plugin_records = run_passes(
+            model, plugin_steps(cfg.target, cfg.opt_level, version_tuple(cfg.trt_version), cfg.disabled_passes or ()),
+            on_pass=lambda name: say(f"pass {name}"), after_pass=after_pass)
+        pass_records += plugin_records
     quality = QualityMeasure(cfg, src, tm, captured, max_len, say)
     if cfg.precision != "fp32":
         quality.measure_reference(model)
@@ -150,10 +162,11 @@ def compile(  # noqa: A001 - the public name the API promises
     _lower_ir_version(model)
     operator_check = None
     if cfg.target == "trt":
-        from .trt_support import check_graph, require_supported
+        from ..plugins import ops_in
+        from .trt_support import check_graph, require_supported, version_tuple
 
         say(f"checking every node against TensorRT {cfg.trt_version}'s ONNX parser")
-        operator_check = check_graph(model, cfg.trt_version)
+        operator_check = check_graph(model, cfg.trt_version, plugins=ops_in(model, version_tuple(cfg.trt_version)))
         require_supported(operator_check, f"{src.spec} (legalized for --target trt)")
 
     with staged_directory(Path(output)) as stage:
@@ -223,10 +236,14 @@ def _capture_opset(cfg: LuffyConfig) -> int:
     from .capture import CAPTURE_OPSET, ONNX_OPSET
     from .trt_support import version_tuple
 
-    # TensorRT before 10.15 parses neither RMSNormalization nor RotaryEmbedding (10.0-10.5 read no opset
-    # above 20): those get the opset-20 graph, decomposed, and TensorRT's own fusions take the patterns.
+    # TensorRT before 10.15 parses neither RMSNormalization nor RotaryEmbedding: those get a decomposed
+    # graph at the highest opset their parser reads up to 22 (10.0-10.5: 20; 10.6-10.14: 22, which
+    # int4/int8 need for blockwise DequantizeLinear), RMSNorm as a luffy plugin from 10.7 on, and
+    # TensorRT's own fusions take the rest.
     if cfg.target == "trt" and version_tuple(cfg.trt_version) < PORTABLE_OPS_SINCE:
-        return ONNX_OPSET
+        from .trt_support import operator_list
+
+        return max(ONNX_OPSET, min(22, operator_list(cfg.trt_version)[1]["opset_range"][1]))
     return CAPTURE_OPSET[cfg.target]
 
 
@@ -248,11 +265,16 @@ def _tensorrt_section(cfg: LuffyConfig, manifest: dict, operator_check: dict) ->
                               strongly_typed=version_tuple(cfg.trt_version) < (11,),
                               hardware_compatibility=cfg.hardware_compatibility,
                               version_compatible=cfg.version_compatible)
+    check = operator_check_summary(operator_check)
     section = {
         "options": options, "profiles": profiles, "trtexec": command, "engine_file": None, "build": None,
-        "operator_check": operator_check_summary(operator_check),
+        "operator_check": check,
         "next_step": "run `luffy build ARTIFACT` on the GPU machine, or the trtexec line in this directory",
     }
+    if check["plugins"]:
+        # tensorrt.plugin implementations are Python: only a process that registered them can parse the graph
+        section["next_step"] = (f"run `luffy build ARTIFACT` on the GPU machine (the graph uses luffy plugins "
+                                f"{', '.join(check['plugins'])}, which trtexec cannot load)")
     return dict(manifest, state=STATE_NEEDS_BUILD, tensorrt=section)
 
 

@@ -78,6 +78,10 @@ def infer(model_path: Path) -> onnx.ModelProto:
     # opset-23 standard ops of the same names (the TensorRT target's) get their own shape rule.
     for op_type in STANDARD_OPS_WITH_CONTRIB_NAMES:
         inference.dispatcher_[op_type] = _by_domain(inference, op_type, inference.dispatcher_.get(op_type))
+    from ..plugins import PLUGINS
+
+    for plugin in PLUGINS:  # ORT's inference knows no luffy op; each plugin's output is its input's like()
+        inference.dispatcher_[plugin.name] = _like_first_input(inference)
     inference._preprocess(proto)
     complete = False
     # It reads a constant's value (numpy_helper.to_array, relative to the working directory) when shape
@@ -105,6 +109,14 @@ def _by_domain(inference, op_type: str, contrib_handler):
             shape = shape[:-1] + inference._get_shape(node, 2)[-1:]
         dtype = inference.known_vi_[node.input[0]].type.tensor_type.elem_type
         inference.known_vi_[node.output[0]].CopyFrom(onnx.helper.make_tensor_value_info(node.output[0], dtype, shape))
+    return dispatch
+
+
+def _like_first_input(inference):
+    def dispatch(node):
+        source = inference.known_vi_[node.input[0]]
+        inference.known_vi_[node.output[0]].CopyFrom(onnx.helper.make_tensor_value_info(
+            node.output[0], source.type.tensor_type.elem_type, inference._get_shape(node, 0)))
     return dispatch
 
 

@@ -85,7 +85,8 @@ def _locked(path: Path):
 
 
 def build_engine(trt, onnx_path: Path, profiles: list[dict], engine_path: Path, *, timing_cache: Path,
-                 hardware_compatibility: str = "none", version_compatible: bool = False, say=lambda m: None) -> dict:
+                 hardware_compatibility: str = "none", version_compatible: bool = False, plugin_ids=(),
+                 say=lambda m: None) -> dict:
     """Parse ``onnx_path`` as a strongly typed network, add ``profiles``, build and write ``engine_path``.
 
     The timing cache is read before the build and merged back after it under a file lock, so two builds
@@ -97,6 +98,11 @@ def build_engine(trt, onnx_path: Path, profiles: list[dict], engine_path: Path, 
     if int(trt.__version__.split(".")[0]) == 10:  # 11 is strongly typed only; the flag is deprecated there
         flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
+    if plugin_ids:
+        from ..plugins import register_tensorrt
+
+        say(f"registering luffy plugins {', '.join(plugin_ids)}")
+        register_tensorrt(plugin_ids)  # before parsing: the parser looks creators up by name
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = [parser.get_error(i) for i in range(parser.num_errors)]
@@ -147,7 +153,8 @@ def build_in_directory(directory: Path, manifest: dict, trt, gpu: dict, timing_c
     timing_cache = Path(timing_cache or options.get("timing_cache") or default_timing_cache())
     record = build_engine(trt, directory / manifest["model_file"], section["profiles"], directory / ENGINE_FILE,
                           timing_cache=timing_cache, hardware_compatibility=options["hardware_compatibility"],
-                          version_compatible=options["version_compatible"], say=say)
+                          version_compatible=options["version_compatible"],
+                          plugin_ids=list(section["operator_check"].get("plugins", {})), say=say)
     built = dict(manifest, state="ready")
     built["tensorrt"] = {**section, "engine_file": ENGINE_FILE, "build": {
         **record, "tensorrt": trt.__version__, "cuda": gpu["cuda"], "gpu": gpu["name"],
@@ -171,7 +178,8 @@ def build_artifact(path: str | os.PathLike, timing_cache: str | os.PathLike | No
     import onnx_ir as ir
 
     from .artifact import STATE_NEEDS_BUILD, read_manifest, staged_directory, write_manifest
-    from .trt_support import check_graph, require_supported
+    from ..plugins import ops_in
+    from .trt_support import check_graph, require_supported, version_tuple
 
     path = Path(path)
     manifest = read_manifest(path)
@@ -181,18 +189,24 @@ def build_artifact(path: str | os.PathLike, timing_cache: str | os.PathLike | No
         raise ArtifactError(f"{path}: state is {manifest.get('state')!r}, not {STATE_NEEDS_BUILD!r}; nothing to build")
     trt, gpu = require_builder(hint="run `luffy build` where TensorRT's full package (with libnvinfer's builder) "
                                     "and the target NVIDIA GPU are present")
-    report = check_graph(ir.load(path / manifest["model_file"]), trt.__version__)
+    graph = ir.load(path / manifest["model_file"])
+    report = check_graph(graph, trt.__version__, plugins=ops_in(graph, version_tuple(trt.__version__)))
     require_supported(report, str(path / manifest["model_file"]))
+    manifest = dict(manifest, tensorrt={**manifest["tensorrt"], "operator_check": operator_check_summary(report)})
     with staged_directory(path) as stage:
         for rel in manifest["files"]:
             (stage / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(path / rel, stage / rel)
         built = build_in_directory(stage, manifest, trt, gpu, Path(timing_cache) if timing_cache else None, say)
-        built["tensorrt"]["operator_check"] = operator_check_summary(report)
         manifest = write_manifest(stage, built)
     return manifest
 
 
 def operator_check_summary(report: dict) -> dict:
     """The operator check as the manifest keeps it (the per-node list only matters when it fails)."""
-    return {k: report[k] for k in ("trt_version", "operator_list", "source", "nodes_checked", "via_plugin", "supported")}
+    summary = {k: report[k] for k in ("trt_version", "operator_list", "source", "nodes_checked", "supported")}
+    plugins: dict[str, int] = {}
+    for entry in report["via_plugin"]:
+        plugins[entry["plugin"]] = plugins.get(entry["plugin"], 0) + 1
+    summary["plugins"] = plugins  # plugin id -> nodes; luffy build and the runtime register these
+    return summary

@@ -15,6 +15,8 @@ from pathlib import Path
 import onnx_ir as ir
 
 from ..errors import UnsupportedModelError, UsageError
+from ..plugins import DOMAIN as PLUGIN_DOMAIN
+from ..plugins import plugin_for
 
 OPS_FILE = Path(__file__).with_name("trt_onnx_ops.json")
 STANDARD_DOMAINS = ("", "ai.onnx")
@@ -77,7 +79,12 @@ def check_graph(model: ir.Model, trt_version: str, plugins: dict | None = None) 
         if key in plugins:
             via_plugin.append({"node": node.name, "op": node.op_type, "plugin": plugins[key]})
             continue
-        if node.domain not in STANDARD_DOMAINS:
+        if node.domain == PLUGIN_DOMAIN:
+            plugin = plugin_for(node.domain, node.op_type)
+            since = ".".join(map(str, plugin.min_trt)) if plugin else None
+            reason = (f"luffy plugin {node.domain}::{node.op_type} loads on TensorRT >= {since}" if plugin
+                      else "not a plugin this luffy has")
+        elif node.domain not in STANDARD_DOMAINS:
             reason = f"no TensorRT importer for domain {domain} (standard ONNX only, or a registered plugin)"
         elif node.op_type not in ops:
             since = first_version_with(node.op_type)

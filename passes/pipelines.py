@@ -30,6 +30,7 @@ from .keep_last_logits import keep_last_logits
 from .quantize_dynamic_int8 import quantize_dynamic_int8
 from .quantize_weights import WeightQuantization, quantize_weights
 from .simplify_no_ops import simplify_no_ops
+from .use_plugins import use_plugins
 
 TARGETS = ("ort", "trt")
 OPT_LEVELS = (0, 1, 2, 3)
@@ -107,11 +108,40 @@ PIPELINES: dict[tuple[str, int], list[PassStep]] = {
 }
 
 
+USE_PLUGINS = "use-trt-plugins"
+
+
 def all_pass_names() -> list[str]:
     names: list[str] = []
     for steps in PIPELINES.values():
         names += [s.name for s in steps if s.name not in names]
-    return names
+    return names + [USE_PLUGINS, "remove-unused-after-plugins"]
+
+
+def plugin_steps(target: str, opt_level: int, trt_version: tuple[int, ...] | None, disabled=()) -> list[PassStep]:
+    """The pass that turns patterns TensorRT ``trt_version``'s parser lacks into luffy plugin nodes.
+
+    It runs after the opt-level pipeline, whose cleanup leaves the patterns in their plain form, and
+    before the precision passes: its rules match the fp32 patterns, and fp16's Casts would split them.
+    Nothing at -O0 (the graph as exported), for the ORT target, or where no plugin is needed.
+
+    >>> [s.name for s in plugin_steps("trt", 2, (10, 8))]
+    ['use-trt-plugins', 'remove-unused-after-plugins']
+    >>> plugin_steps("trt", 2, (10, 15))
+    []
+    """
+    from ..plugins import plugins_for_tensorrt
+
+    if target != "trt" or opt_level == 0 or USE_PLUGINS in disabled or trt_version is None:
+        return []
+    plugins = plugins_for_tensorrt(trt_version)
+    if not plugins:
+        return []
+    steps = [PassStep(USE_PLUGINS, lambda: use_plugins(plugins),
+                     "one TensorRT plugin node per pattern the parser has no op for; ORT runs its function"),
+            PassStep("remove-unused-after-plugins", common.RemoveUnusedNodesPass,
+                     "drops the constants (eps, exponents) of the patterns replaced")]
+    return [s for s in steps if s.name not in disabled]
 
 
 def pipeline(target: str, opt_level: int, disabled=(), enabled=()) -> list[PassStep]:

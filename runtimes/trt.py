@@ -72,6 +72,11 @@ class TrtEngine(Engine):
         self._runtime = trt.Runtime(self._logger)
         if manifest["tensorrt"]["build"].get("version_compatible"):
             self._runtime.engine_host_code_allowed = True  # a version-compatible engine carries its lean runtime
+        plugin_ids = list(manifest["tensorrt"]["operator_check"].get("plugins", {}))
+        if plugin_ids:
+            from ..plugins import register_tensorrt
+
+            register_tensorrt(plugin_ids)  # the engine names its plugins; their creators must exist first
         engine_path = self.path / manifest["tensorrt"]["engine_file"]
         self._engine = self._runtime.deserialize_cuda_engine(engine_path.read_bytes())
         if self._engine is None:

@@ -94,11 +94,13 @@ def test_load_refuses_a_needs_build_artifact(deferred):
         luffy.load(deferred.path)
 
 
-def test_older_tensorrt_gets_the_decomposed_opset_20_graph(tmp_path):
-    # TensorRT 10.14's parser has Attention but neither RMSNormalization nor RotaryEmbedding
+def test_older_tensorrt_gets_the_decomposed_graph_with_the_rms_norm_plugin(tmp_path):
+    # TensorRT 10.14's parser has Attention but neither RMSNormalization nor RotaryEmbedding: the graph is
+    # decomposed at the highest opset it reads up to 22, with RMSNorm as luffy's plugin (tests/test_plugins.py)
     art = luffy.compile("llama-tiny", target="trt", output=tmp_path / "a", defer_build=True, trt_version="10.14")
-    assert art.manifest["opset_imports"] == {"ai.onnx": 20}
-    assert "RMSNormalization" not in art.report["op_histogram"]
+    assert art.manifest["opset_imports"] == {"ai.onnx": 22, "luffy": 1}
+    ops = art.report["op_histogram"]
+    assert "RMSNormalization" not in ops and "RotaryEmbedding" not in ops and ops["luffy::RMSNorm"] == 5
     assert art.manifest["tensorrt"]["operator_check"]["operator_list"] == "10.14"
     assert art.report["parity"]["passed"]
 
