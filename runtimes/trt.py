@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import ArtifactError, BackendUnavailableError, UsageError
 from .engine import Engine
-from .generation import as_rows, check_capacity, generate_loop, left_pad
+from .generation import as_rows, check_capacity, generate_loop, left_pad, positions_from_mask
 
 PREFILL, DECODE = 0, 1  # profile indices, in the order compile writes manifest["tensorrt"]["profiles"]
 
@@ -117,6 +117,32 @@ class TrtEngine(Engine):
         self._stream.synchronize()
         return outputs
 
+    def _empty_cache(self, batch: int) -> dict:
+        """[batch, kv_heads, 0, head_dim] per past input, in the graph's own dtype: a prompt's first step."""
+        kv, cache = self.manifest["kv_cache"], {}
+        for i in range(kv["num_layers"]):
+            for kind in ("key", "value"):
+                past = kv["past_input"].format(layer=i, kind=kind)
+                shape = self.manifest["tensorrt"]["profiles"][PREFILL]["shapes"][past]["min"]
+                cache[past] = self._torch.empty((batch, shape[1], 0, shape[3]), dtype=self._dtype(past), device="cuda")
+        return cache
+
+    def score(self, input_ids, attention_mask=None) -> np.ndarray:
+        """As OrtEngine.score: float32 logits [batch, seq, vocab] for every position, one prefill call."""
+        if self.kind != "causal-lm":
+            raise UsageError(f"{self.path}: score needs a causal-LM artifact; this one is {self.kind!r}")
+        torch = self._torch
+        if attention_mask is None:
+            ids, mask = left_pad(as_rows(input_ids), int(self._generation_default("pad_token_id") or 0))
+        else:
+            ids, mask = np.asarray(input_ids, dtype=np.int64), np.asarray(attention_mask, dtype=np.int64)
+            if ids.ndim != 2 or ids.shape != mask.shape:
+                raise UsageError(f"input_ids {ids.shape} and attention_mask {mask.shape} must be equal 2-D shapes")
+        check_capacity(ids.shape[1], 0, self.max_seq_len)
+        feeds = {"input_ids": torch.from_numpy(ids).cuda(), "attention_mask": torch.from_numpy(mask).cuda(),
+                 "position_ids": torch.from_numpy(positions_from_mask(mask)).cuda(), **self._empty_cache(ids.shape[0])}
+        return self._execute(feeds, PREFILL)["logits"].float().cpu().numpy()
+
     def run(self, feeds: dict) -> dict:
         """One call of the engine on numpy ``feeds``; numpy outputs."""
         torch = self._torch
@@ -136,10 +162,7 @@ class TrtEngine(Engine):
         ids, mask = left_pad(rows, pad)
         names = [(kv["past_input"].format(layer=i, kind=k), kv["present_output"].format(layer=i, kind=k))
                  for i in range(kv["num_layers"]) for k in ("key", "value")]
-        cache = {}
-        for past, _ in names:  # an empty cache: [batch, kv_heads, 0, head_dim] in the graph's own dtype
-            shape = self.manifest["tensorrt"]["profiles"][PREFILL]["shapes"][past]["min"]
-            cache[past] = torch.empty((len(rows), shape[1], 0, shape[3]), dtype=self._dtype(past), device="cuda")
+        cache = self._empty_cache(len(rows))
 
         def step(step_ids, step_mask, positions, past_len):
             feeds = {"input_ids": torch.from_numpy(step_ids).cuda(), "attention_mask": torch.from_numpy(step_mask).cuda(),

@@ -201,3 +201,21 @@ def test_tensorrt_registration_is_idempotent():
     assert trtp.op.luffy.RMSNorm is not None
     creator = TRT.get_plugin_registry().get_creator("RMSNorm", "1", "luffy")
     assert creator is not None
+
+
+@pytest.mark.skipif(TRT is None or not hasattr(TRT, "Builder") or gpu_info() is None,
+                    reason="needs TensorRT's builder (the full tensorrt package) and an NVIDIA GPU; PyPI's tensorrt "
+                           "needs NVIDIA's index, unreachable here")
+def test_plugin_artifact_builds_and_generates_like_pytorch(plugin_artifact, tmp_path, zoo_artifacts):
+    import shutil
+
+    from luffy.compiler.trt_build import build_artifact
+
+    copy = tmp_path / "art"
+    shutil.copytree(plugin_artifact.path, copy)
+    manifest = build_artifact(copy, timing_cache=tmp_path / "timing.cache")
+    assert manifest["tensorrt"]["operator_check"]["plugins"] == {"luffy::RMSNorm": 5}
+    _, module = zoo_artifacts("llama-tiny")
+    prompt = [1, 17, 33, 5, 90]
+    expected, _ = hf_greedy(module, prompt, 12)
+    assert np.array_equal(luffy.load(copy).generate([prompt], max_new_tokens=12, eos_token_id=None), expected)
