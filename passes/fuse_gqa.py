@@ -221,6 +221,10 @@ class _Rewriter:
                         "causal": 0},
             domain="com.microsoft", num_outputs=3, name=f"luffy_gqa_{layer}",
         )
+        bhsd = next((v.shape for v in (sdpa.outputs[0], sdpa.inputs[0]) if v.shape is not None and len(v.shape) == 4), None)
+        if bhsd is not None:  # later passes prove Reshape round trips with it
+            gqa.outputs[0].shape = ir.Shape([bhsd[0], bhsd[2], plan["heads"] * plan["head_dim"]])
+        gqa.outputs[0].dtype = sdpa.outputs[0].dtype
         # The model's consumers expect [B, H, S, d]; hand them that view of GQA's [B, S, H*d] output (the
         # Transpose pair this creates cancels in the cleanup that follows).
         unflatten = ir.node("Reshape", [gqa.outputs[0], self.const(np.array([0, 0, plan["heads"], plan["head_dim"]], np.int64), "bshd")])

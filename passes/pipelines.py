@@ -15,6 +15,7 @@ import dataclasses
 from onnx_ir.passes import common
 
 from ..errors import UsageError
+from .collapse_reshapes import collapse_reshapes
 from .convert_bf16 import convert_bf16
 from .convert_fp16 import convert_fp16
 from .driver import PassStep
@@ -29,6 +30,7 @@ from .fuse_skip_norm import fuse_skip_norm
 from .keep_last_logits import keep_last_logits
 from .quantize_dynamic_int8 import quantize_dynamic_int8
 from .quantize_weights import WeightQuantization, quantize_weights
+from .rotary_bsd import rotary_bsd
 from .simplify_no_ops import simplify_no_ops
 from .use_plugins import use_plugins
 
@@ -84,6 +86,10 @@ ORT_FUSIONS = [
     # fuse-gqa brackets attention with Transpose pairs that cancel once its neighbours are in place.
     PassStep("simplify-after-fusion", simplify_no_ops, "cancels Transpose/Reshape pairs the fusions leave"),
     PassStep("eliminate-identity-after-fusion", EliminateIdentity, "cancelled pairs leave Identity nodes"),
+    # Once the Transpose pairs are gone, what is left around GQA are layout round trips it made: rotary can
+    # read the flat layout itself, and the Reshape pairs on v and on the attention output undo each other.
+    PassStep("rotary-bsd", rotary_bsd, "rotary on GQA's [B,S,H*d] layout: no Reshape/Transpose around it"),
+    PassStep("collapse-reshapes", collapse_reshapes, "Reshape pairs that provably undo each other"),
     PassStep("lift-constants", lambda: common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
              "rewrites and inlined functions leave Constant nodes; weights belong in initializers"),
     PassStep("remove-unused-after-fusion", common.RemoveUnusedNodesPass, "drops what the fusions orphaned"),

@@ -1,0 +1,104 @@
+"""Rotary on [batch, seq, heads*dim] directly: drop the Reshape/Transpose pairs around it once GQA is in.
+
+After fuse-gqa, each of q and k takes the path
+    MatMul [B,S,H*d] -> Reshape [B,S,H,d] -> Transpose [B,H,S,d] -> RotaryEmbedding
+                     -> Transpose [B,S,H,d] -> Reshape [B,S,H*d] -> GroupQueryAttention
+because the model rotates in head layout and GQA reads the flat one. com.microsoft's RotaryEmbedding
+takes the flat layout too, so the four data movements per projection (eight per layer, each a copy of
+the activations at prefill and a kernel launch at decode) go away.
+
+The rotation is not folded into GQA itself (do_rotary=1): GQA's prompt path reads only the first
+element of position_ids, so rows of a left-padded batch, whose positions start at different offsets,
+would rotate wrongly. The rewrite is proven by shapes: the Reshape must keep batch and sequence dims
+(same symbols) and only split the last one.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+MS = "com.microsoft"
+
+
+def _single_user(value: ir.Value, op_type: str) -> ir.Node | None:
+    users = list(value.uses())
+    if len(users) == 1 and users[0].node.op_type == op_type and not value.is_graph_output():
+        return users[0].node
+    return None
+
+
+def _is_swap_12(node: ir.Node | None) -> bool:
+    perm = node.attributes.get("perm") if node is not None and node.op_type == "Transpose" else None
+    return perm is not None and list(perm.value) == [0, 2, 1, 3]
+
+
+def _flat_source(head_layout: ir.Value) -> ir.Value | None:
+    """x when ``head_layout`` = Reshape(x [B,S,H*d]) -> [B,S,H,d] with B, S the same dims."""
+    reshape = head_layout.producer()
+    if reshape is None or reshape.op_type != "Reshape":
+        return None
+    flat, split = reshape.inputs[0], head_layout.shape
+    if flat is None or flat.shape is None or split is None or len(flat.shape) != 3 or len(split) != 4:
+        return None
+    if list(flat.shape)[:2] != list(split)[:2] or not all(isinstance(d, int) for d in (split[2], split[3], flat.shape[2])):
+        return None
+    return flat if split[2] * split[3] == flat.shape[2] else None
+
+
+def _flatten_back(rotated: ir.Value) -> ir.Node | None:
+    """The Reshape(Transpose(rotated), [0, 0, -1]) that fuse-gqa put before GQA, if that is all that reads it."""
+    transpose = _single_user(rotated, "Transpose")
+    if not _is_swap_12(transpose):
+        return None
+    reshape = _single_user(transpose.outputs[0], "Reshape")
+    if reshape is None or reshape.inputs[1] is None or reshape.inputs[1].const_value is None:
+        return None
+    return reshape if list(reshape.inputs[1].const_value.numpy()) == [0, 0, -1] else None
+
+
+class RotaryOnFlatLayout(ir.passes.InPlacePass):
+    def __init__(self):
+        super().__init__()
+        self.stats: dict = {}
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        count, refusals = 0, []
+        for rotary in [n for n in model.graph if n.op_type == "RotaryEmbedding" and n.domain == MS]:
+            reason = self._rewrite(model.graph, rotary)
+            if reason is None:
+                count += 1
+            elif len(refusals) < 3:
+                refusals.append({"rule": "RotaryOnFlatLayout", "at_node": rotary.name, "reason": reason})
+        self.stats = {"matches": count}
+        if not count:
+            self.stats["not_matched"] = refusals or [{"rule": "RotaryOnFlatLayout", "reason": "no com.microsoft RotaryEmbedding"}]
+        return ir.passes.PassResult(model, modified=count > 0)
+
+    @staticmethod
+    def _rewrite(graph: ir.Graph, rotary: ir.Node) -> str | None:
+        into = rotary.inputs[0].producer()
+        if not _is_swap_12(into):
+            return "its input is not a [B,S,H,d] -> [B,H,S,d] Transpose"
+        head_layout = into.inputs[0]
+        flat = _flat_source(head_layout)
+        if flat is None:
+            return f"{head_layout.name} is not a Reshape splitting the last dim of a [B,S,H*d] value"
+        back = _flatten_back(rotary.outputs[0])
+        if back is None:
+            return "its output is not only flattened back to [B,S,H*d] (Transpose + Reshape [0,0,-1])"
+        attributes = {name: attr.value for name, attr in rotary.attributes.items()}
+        if attributes.get("is_packed_batching"):
+            return "packed batching"
+        if attributes.get("rotary_embedding_dim"):
+            # partial rotary on the flat layout needs the head count to find each head's slice
+            attributes["num_heads"] = head_layout.shape[2]
+        flat_rotary = ir.node("RotaryEmbedding", [flat, *rotary.inputs[1:]], attributes=attributes,
+                              domain=MS, name=f"{rotary.name}_bsd")
+        flat_rotary.outputs[0].shape, flat_rotary.outputs[0].dtype = flat.shape, flat.dtype
+        graph.insert_before(rotary, flat_rotary)
+        ir.convenience.replace_all_uses_with(back.outputs[0], flat_rotary.outputs[0])
+        return None
+
+
+def rotary_bsd() -> RotaryOnFlatLayout:
+    return RotaryOnFlatLayout()
