@@ -92,6 +92,8 @@ ORT_FUSIONS = [
     PassStep("collapse-reshapes", collapse_reshapes, "Reshape pairs that provably undo each other"),
     PassStep("lift-constants", lambda: common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
              "rewrites and inlined functions leave Constant nodes; weights belong in initializers"),
+    # fuse-gqa re-derives past/total lengths from the inputs; the model read the same dims its own way.
+    PassStep("cse-after-fusion", common.CommonSubexpressionEliminationPass, "one Shape/Slice per distinct dim read"),
     PassStep("remove-unused-after-fusion", common.RemoveUnusedNodesPass, "drops what the fusions orphaned"),
     PassStep("remove-unused-opsets-after-fusion", common.RemoveUnusedOpsetsPass, "opset imports match the ops"),
 ]
