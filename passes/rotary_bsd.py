@@ -5,7 +5,9 @@ After fuse-gqa, each of q and k takes the path
                      -> Transpose [B,S,H,d] -> Reshape [B,S,H*d] -> GroupQueryAttention
 because the model rotates in head layout and GQA reads the flat one. com.microsoft's RotaryEmbedding
 takes the flat layout too, so the four data movements per projection (eight per layer, each a copy of
-the activations at prefill and a kernel launch at decode) go away.
+the activations at prefill and a kernel launch at decode) go away. Where something other than the
+projection's Reshape produces the head layout (Qwen3's per-head q/k norm), one Reshape to the flat
+layout replaces the three.
 
 The rotation is not folded into GQA itself (do_rotary=1): GQA's prompt path reads only the first
 element of position_ids, so rows of a left-padded batch, whose positions start at different offsets,
@@ -15,6 +17,7 @@ would rotate wrongly. The rewrite is proven by shapes: the Reshape must keep bat
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
 
 MS = "com.microsoft"
@@ -56,6 +59,21 @@ def _flatten_back(rotated: ir.Value) -> ir.Node | None:
     return reshape if list(reshape.inputs[1].const_value.numpy()) == [0, 0, -1] else None
 
 
+def _flatten(graph: ir.Graph, head_layout: ir.Value, before: ir.Node) -> ir.Value:
+    """Reshape(head_layout [B,S,H,d], [0, 0, -1]) -> [B,S,H*d], inserted before ``before``."""
+    target = ir.Value(name=f"{head_layout.name}_bsd_shape", const_value=ir.tensor(np.array([0, 0, -1], np.int64)))
+    target.shape, target.dtype = ir.Shape([3]), ir.DataType.INT64
+    graph.register_initializer(target)
+    reshape = ir.node("Reshape", [head_layout, target], name=f"{head_layout.name}_to_bsd")
+    dims = list(head_layout.shape)
+    merged = dims[2] * dims[3] if isinstance(dims[2], int) and isinstance(dims[3], int) else None
+    if merged is not None:
+        reshape.outputs[0].shape = ir.Shape([dims[0], dims[1], merged])
+    reshape.outputs[0].dtype = head_layout.dtype
+    graph.insert_before(before, reshape)
+    return reshape.outputs[0]
+
+
 class RotaryOnFlatLayout(ir.passes.InPlacePass):
     def __init__(self):
         super().__init__()
@@ -80,12 +98,16 @@ class RotaryOnFlatLayout(ir.passes.InPlacePass):
         if not _is_swap_12(into):
             return "its input is not a [B,S,H,d] -> [B,H,S,d] Transpose"
         head_layout = into.inputs[0]
-        flat = _flat_source(head_layout)
-        if flat is None:
-            return f"{head_layout.name} is not a Reshape splitting the last dim of a [B,S,H*d] value"
+        if head_layout.shape is None or len(head_layout.shape) != 4:
+            return f"{head_layout.name} has no known rank-4 [B,S,H,d] shape"
         back = _flatten_back(rotary.outputs[0])
         if back is None:
             return "its output is not only flattened back to [B,S,H*d] (Transpose + Reshape [0,0,-1])"
+        flat = _flat_source(head_layout)
+        if flat is None:
+            # e.g. Qwen3's per-head q/k norm sits between the projection and the split: flatten its output
+            # (one Reshape instead of the Transpose pair and the Reshape back)
+            flat = _flatten(graph, head_layout, before=rotary)
         attributes = {name: attr.value for name, attr in rotary.attributes.items()}
         if attributes.get("is_packed_batching"):
             return "packed batching"

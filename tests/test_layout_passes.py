@@ -128,3 +128,17 @@ def test_layout_passes_keep_greedy_tokens_and_ragged_batches(verified, zoo_artif
     both = engine.generate([short, long], max_new_tokens=10, eos_token_id=None)
     assert np.array_equal(both[0, -10:], hf_greedy(module, short, 10)[0][0, -10:])
     assert np.array_equal(both[1, -10:], hf_greedy(module, long, 10)[0][0, -10:])
+
+
+def test_rotary_bsd_flattens_a_head_layout_made_by_a_per_head_norm(tmp_path):
+    # Qwen3 normalizes q and k per head ([B,S,H,d]) before rotary: one Reshape replaces the three movements
+    from luffy.tests.helpers import NAMED_FAMILIES, OTHER_FAMILIES, make_hf_dir
+
+    families = {**NAMED_FAMILIES, **OTHER_FAMILIES}
+    make_hf_dir("qwen3", families["qwen3"], tmp_path / "hf")
+    artifact = luffy.compile(str(tmp_path / "hf"), output=tmp_path / "a")
+    layers = artifact.manifest["kv_cache"]["num_layers"]
+    records = {r["name"]: r for r in artifact.report["passes"]}
+    assert records["rotary-bsd"]["matches"] == 2 * layers
+    assert "Transpose" not in artifact.report["op_histogram"]
+    assert artifact.report["parity"]["passed"] and artifact.report["parity"]["max_abs_diff"] <= 1e-4
