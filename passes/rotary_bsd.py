@@ -103,17 +103,19 @@ class RotaryOnFlatLayout(ir.passes.InPlacePass):
         back = _flatten_back(rotary.outputs[0])
         if back is None:
             return "its output is not only flattened back to [B,S,H*d] (Transpose + Reshape [0,0,-1])"
-        flat = _flat_source(head_layout)
-        if flat is None:
-            # e.g. Qwen3's per-head q/k norm sits between the projection and the split: flatten its output
-            # (one Reshape instead of the Transpose pair and the Reshape back)
-            flat = _flatten(graph, head_layout, before=rotary)
         attributes = {name: attr.value for name, attr in rotary.attributes.items()}
         if attributes.get("is_packed_batching"):
             return "packed batching"
         if attributes.get("rotary_embedding_dim"):
             # partial rotary on the flat layout needs the head count to find each head's slice
+            if not isinstance(head_layout.shape[2], int):
+                return f"partial rotary with a symbolic head count ({head_layout.shape[2]})"
             attributes["num_heads"] = head_layout.shape[2]
+        flat = _flat_source(head_layout)
+        if flat is None:
+            # e.g. Qwen3's per-head q/k norm sits between the projection and the split: flatten its output
+            # (one Reshape instead of the Transpose pair and the Reshape back)
+            flat = _flatten(graph, head_layout, before=rotary)
         flat_rotary = ir.node("RotaryEmbedding", [flat, *rotary.inputs[1:]], attributes=attributes,
                               domain=MS, name=f"{rotary.name}_bsd")
         flat_rotary.outputs[0].shape, flat_rotary.outputs[0].dtype = flat.shape, flat.dtype
