@@ -7,7 +7,8 @@ because the model rotates in head layout and GQA reads the flat one. com.microso
 takes the flat layout too, so the four data movements per projection (eight per layer, each a copy of
 the activations at prefill and a kernel launch at decode) go away. Where something other than the
 projection's Reshape produces the head layout (Qwen3's per-head q/k norm), one Reshape to the flat
-layout replaces the three.
+layout replaces the three. Partial rotary written as rotate(x[..., :r]) concatenated with x[..., r:]
+(Phi3, GPT-NeoX) becomes the op's own rotary_embedding_dim=r.
 
 The rotation is not folded into GQA itself (do_rotary=1): GQA's prompt path reads only the first
 element of position_ids, so rows of a left-padded batch, whose positions start at different offsets,
@@ -46,6 +47,41 @@ def _flat_source(head_layout: ir.Value) -> ir.Value | None:
     if list(flat.shape)[:2] != list(split)[:2] or not all(isinstance(d, int) for d in (split[2], split[3], flat.shape[2])):
         return None
     return flat if split[2] * split[3] == flat.shape[2] else None
+
+
+def _last_axis_slice(node: ir.Node | None) -> tuple[int, int] | None:
+    """(start, end) of a step-1 Slice over the last axis of a rank-4 value with constant bounds."""
+    if node is None or node.op_type != "Slice" or len(node.inputs) < 4:
+        return None
+    consts = [v.const_value.numpy().reshape(-1).tolist() if v is not None and v.const_value is not None else None
+              for v in node.inputs[1:5]]
+    starts, ends, axes = consts[:3]
+    steps = consts[3] if len(consts) > 3 else [1]
+    if None in (starts, ends, axes) or steps not in (None, [1]) or len(starts) != 1 or axes[0] not in (3, -1):
+        return None
+    return starts[0], ends[0]
+
+
+def _partial_rotary(rotary: ir.Node, sliced: ir.Node):
+    """Phi3 / GPT-NeoX: rotary on x[..., :r] of the head layout, concatenated back with x[..., r:].
+
+    Returns (the Transpose into head layout, the Concat's output, r), or the reason it is not that.
+    """
+    bounds = _last_axis_slice(sliced)
+    if bounds is None or bounds[0] != 0:
+        return "its input is a Slice, but not x[..., :r] over the last axis"
+    rotary_dim = bounds[1]
+    head_layout = sliced.inputs[0]
+    concat = _single_user(rotary.outputs[0], "Concat")
+    if concat is None or concat.attributes["axis"].value not in (3, -1) or len(concat.inputs) != 2 \
+            or concat.inputs[0] is not rotary.outputs[0]:
+        return "a partial rotary whose output is not concatenated back first along the last axis"
+    rest = concat.inputs[1].producer()
+    rest_bounds = _last_axis_slice(rest)
+    if rest is None or rest.inputs[0] is not head_layout or rest_bounds is None or rest_bounds[0] != rotary_dim \
+            or not isinstance(head_layout.shape[3], int) or rest_bounds[1] < head_layout.shape[3]:
+        return "a partial rotary not rejoined with the rest of the same head (x[..., r:])"
+    return head_layout.producer(), concat.outputs[0], rotary_dim
 
 
 def _flatten_back(rotated: ir.Value) -> ir.Node | None:
@@ -94,18 +130,28 @@ class RotaryOnFlatLayout(ir.passes.InPlacePass):
 
     @staticmethod
     def _rewrite(graph: ir.Graph, rotary: ir.Node) -> str | None:
-        into = rotary.inputs[0].producer()
+        into, rotated, partial_dim = rotary.inputs[0].producer(), rotary.outputs[0], 0
+        if into is not None and into.op_type == "Slice":
+            partial = _partial_rotary(rotary, into)
+            if isinstance(partial, str):
+                return partial
+            into, rotated, partial_dim = partial
         if not _is_swap_12(into):
             return "its input is not a [B,S,H,d] -> [B,H,S,d] Transpose"
         head_layout = into.inputs[0]
         if head_layout.shape is None or len(head_layout.shape) != 4:
             return f"{head_layout.name} has no known rank-4 [B,S,H,d] shape"
-        back = _flatten_back(rotary.outputs[0])
+        back = _flatten_back(rotated)
         if back is None:
             return "its output is not only flattened back to [B,S,H*d] (Transpose + Reshape [0,0,-1])"
         attributes = {name: attr.value for name, attr in rotary.attributes.items()}
         if attributes.get("is_packed_batching"):
             return "packed batching"
+        if partial_dim:
+            if attributes.get("rotary_embedding_dim"):
+                return "a partial rotary of a slice that is itself partial"
+            # the op rotates the first rotary_embedding_dim of each head and passes the rest through
+            attributes["rotary_embedding_dim"] = partial_dim
         if attributes.get("rotary_embedding_dim"):
             # partial rotary on the flat layout needs the head count to find each head's slice
             if not isinstance(head_layout.shape[2], int):

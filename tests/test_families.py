@@ -41,7 +41,7 @@ def test_family_parity(family_artifact, family):
     assert np.abs(logits - ref_logits).max() <= ATOL
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "gpt2", "phi3"])
 def test_ragged_batch_matches_each_row_alone(family_artifact, family):
     import torch
 

@@ -130,15 +130,21 @@ def test_layout_passes_keep_greedy_tokens_and_ragged_batches(verified, zoo_artif
     assert np.array_equal(both[1, -10:], hf_greedy(module, long, 10)[0][0, -10:])
 
 
-def test_rotary_bsd_flattens_a_head_layout_made_by_a_per_head_norm(tmp_path):
-    # Qwen3 normalizes q and k per head ([B,S,H,d]) before rotary: one Reshape replaces the three movements
+@pytest.mark.parametrize("family", ["qwen3", "phi3"])
+def test_rotary_bsd_beyond_the_plain_projection(tmp_path, family):
+    # qwen3 normalizes q and k per head ([B,S,H,d]) before rotary: one Reshape replaces the three movements.
+    # phi3 rotates x[..., :r] of each head and concatenates x[..., r:]: the op's rotary_embedding_dim does that.
     from luffy.tests.helpers import NAMED_FAMILIES, OTHER_FAMILIES, make_hf_dir
 
     families = {**NAMED_FAMILIES, **OTHER_FAMILIES}
-    make_hf_dir("qwen3", families["qwen3"], tmp_path / "hf")
+    make_hf_dir(family, families[family], tmp_path / "hf")
     artifact = luffy.compile(str(tmp_path / "hf"), output=tmp_path / "a")
     layers = artifact.manifest["kv_cache"]["num_layers"]
     records = {r["name"]: r for r in artifact.report["passes"]}
     assert records["rotary-bsd"]["matches"] == 2 * layers
-    assert "Transpose" not in artifact.report["op_histogram"]
+    if family == "qwen3":
+        assert "Transpose" not in artifact.report["op_histogram"]
+    else:
+        rotaries = [n for n in ir.load(tmp_path / "a" / "model.onnx").graph if n.op_type == "RotaryEmbedding"]
+        assert all(n.attributes["rotary_embedding_dim"].value == 8 and len(n.inputs[0].shape) == 3 for n in rotaries)
     assert artifact.report["parity"]["passed"] and artifact.report["parity"]["max_abs_diff"] <= 1e-4
