@@ -8,7 +8,8 @@ takes the flat layout too, so the four data movements per projection (eight per 
 the activations at prefill and a kernel launch at decode) go away. Where something other than the
 projection's Reshape produces the head layout (Qwen3's per-head q/k norm), one Reshape to the flat
 layout replaces the three. Partial rotary written as rotate(x[..., :r]) concatenated with x[..., r:]
-(Phi3, GPT-NeoX) becomes the op's own rotary_embedding_dim=r.
+(Phi3) becomes the op's own rotary_embedding_dim=r. GPT-NeoX, which slices q, k and v out of one
+head-layout tensor, is refused with that reason.
 
 The rotation is not folded into GQA itself (do_rotary=1): GQA's prompt path reads only the first
 element of position_ids, so rows of a left-padded batch, whose positions start at different offsets,
