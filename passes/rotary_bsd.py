@@ -9,7 +9,7 @@ the activations at prefill and a kernel launch at decode) go away. Where somethi
 projection's Reshape produces the head layout (Qwen3's per-head q/k norm), one Reshape to the flat
 layout replaces the three. Partial rotary written as rotate(x[..., :r]) concatenated with x[..., r:]
 (Phi3) becomes the op's own rotary_embedding_dim=r. GPT-NeoX, which slices q, k and v out of one
-head-layout tensor, is refused with that reason.
+head-layout tensor, does not match: its rotary input is no Transpose of a [B,S,H,d] value.
 
 The rotation is not folded into GQA itself (do_rotary=1): GQA's prompt path reads only the first
 element of position_ids, so rows of a left-padded batch, whose positions start at different offsets,
