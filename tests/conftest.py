@@ -21,3 +21,34 @@ def zoo_artifacts(tmp_path_factory):
         return cache[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def llama_verified(tmp_path_factory):
+    """llama-tiny compiled once at the default level with --verify and --dump-ir: (artifact, dump directory)."""
+    import luffy
+
+    root = tmp_path_factory.mktemp("verify")
+    artifact = luffy.compile("llama-tiny", output=root / "out", verify=True, dump_ir=root / "ir")
+    return artifact, root / "ir"
+
+
+@pytest.fixture(scope="session")
+def family_artifact(tmp_path_factory):
+    """Each random-weight family of tests/helpers.py saved as a HF directory and compiled from disk, once per
+    session: family -> (Artifact, torch module)."""
+    import luffy
+
+    from luffy.tests.helpers import NAMED_FAMILIES, OTHER_FAMILIES, make_hf_dir
+
+    families = {**NAMED_FAMILIES, **OTHER_FAMILIES}
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            root = tmp_path_factory.mktemp(family)
+            model = make_hf_dir(family, families[family], root / "hf")
+            cache[family] = (luffy.compile(str(root / "hf"), output=root / "artifact"), model)
+        return cache[family]
+
+    return get

@@ -7,25 +7,9 @@ greedy generation identical to transformers' generate.
 import numpy as np
 import pytest
 
-import luffy
-from luffy.tests.helpers import NAMED_FAMILIES, OTHER_FAMILIES, PROMPT, hf_greedy, make_hf_dir, torch_logits
+from luffy.tests.helpers import NAMED_FAMILIES, OTHER_FAMILIES, PROMPT, hf_greedy, torch_logits
 
 ATOL = 1e-4
-FAMILIES = {**NAMED_FAMILIES, **OTHER_FAMILIES}
-
-
-@pytest.fixture(scope="module")
-def family_artifact(tmp_path_factory):
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            root = tmp_path_factory.mktemp(family)
-            model = make_hf_dir(family, FAMILIES[family], root / "hf")
-            cache[family] = (luffy.compile(str(root / "hf"), output=root / "artifact"), model)
-        return cache[family]
-
-    return get
 
 
 @pytest.mark.parametrize("family", list(NAMED_FAMILIES) + [pytest.param(f, marks=pytest.mark.slow) for f in OTHER_FAMILIES])

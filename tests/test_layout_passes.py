@@ -11,7 +11,6 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-import luffy
 from luffy.compiler.capture import capture_causal_lm
 from luffy.compiler.sources import load_torch_model, resolve_source
 from luffy.passes.collapse_reshapes import _resolve, collapse_reshapes
@@ -104,12 +103,8 @@ def test_collapse_reshapes_keeps_a_reshape_that_changes_the_shape():
     assert _resolve([0, -1, 16], ["batch", "seq", 4, 16]) is None
 
 
-@pytest.fixture(scope="module")
-def verified(tmp_path_factory):
-    return luffy.compile("llama-tiny", output=tmp_path_factory.mktemp("layout") / "out", verify=True)
-
-
-def test_layout_passes_at_parity_on_ort(verified):
+def test_layout_passes_at_parity_on_ort(llama_verified):
+    verified, _ = llama_verified  # llama-tiny compiled with --verify (conftest), shared with test_verify.py
     records = {r["name"]: r for r in verified.report["passes"]}
     for name in ("rotary-bsd", "collapse-reshapes"):
         assert records[name]["matches"] == 4
@@ -117,9 +112,9 @@ def test_layout_passes_at_parity_on_ort(verified):
     assert verified.report["parity"]["passed"] and verified.report["parity"]["max_abs_diff"] <= 1e-4
 
 
-def test_layout_passes_keep_greedy_tokens_and_ragged_batches(verified, zoo_artifacts):
+def test_layout_passes_keep_greedy_tokens_and_ragged_batches(llama_verified, zoo_artifacts):
     _, module = zoo_artifacts("llama-tiny")
-    engine = verified.load()
+    engine = llama_verified[0].load()
     short, long = [1, 17, 33], [1, 17, 33, 5, 90, 7, 64]
     for prompt in (short, long):
         expected, _ = hf_greedy(module, prompt, 10)
@@ -131,20 +126,16 @@ def test_layout_passes_keep_greedy_tokens_and_ragged_batches(verified, zoo_artif
 
 
 @pytest.mark.parametrize("family", ["qwen3", "phi3"])
-def test_rotary_bsd_beyond_the_plain_projection(tmp_path, family):
+def test_rotary_bsd_beyond_the_plain_projection(family_artifact, family):
     # qwen3 normalizes q and k per head ([B,S,H,d]) before rotary: one Reshape replaces the three movements.
     # phi3 rotates x[..., :r] of each head and concatenates x[..., r:]: the op's rotary_embedding_dim does that.
-    from luffy.tests.helpers import NAMED_FAMILIES, OTHER_FAMILIES, make_hf_dir
-
-    families = {**NAMED_FAMILIES, **OTHER_FAMILIES}
-    make_hf_dir(family, families[family], tmp_path / "hf")
-    artifact = luffy.compile(str(tmp_path / "hf"), output=tmp_path / "a")
+    artifact, _ = family_artifact(family)  # the families test's compile (conftest), parity-checked there too
     layers = artifact.manifest["kv_cache"]["num_layers"]
     records = {r["name"]: r for r in artifact.report["passes"]}
     assert records["rotary-bsd"]["matches"] == 2 * layers
     if family == "qwen3":
         assert "Transpose" not in artifact.report["op_histogram"]
     else:
-        rotaries = [n for n in ir.load(tmp_path / "a" / "model.onnx").graph if n.op_type == "RotaryEmbedding"]
+        rotaries = [n for n in ir.load(artifact.path / "model.onnx").graph if n.op_type == "RotaryEmbedding"]
         assert all(n.attributes["rotary_embedding_dim"].value == 8 and len(n.inputs[0].shape) == 3 for n in rotaries)
     assert artifact.report["parity"]["passed"] and artifact.report["parity"]["max_abs_diff"] <= 1e-4

@@ -19,14 +19,6 @@ from luffy.passes.driver import PassStep, run_passes
 TOLERANCE = 1e-4
 
 
-@pytest.fixture(scope="module")
-def llama_verified(tmp_path_factory):
-    """llama-tiny compiled once at the default level with both options: (artifact, dump directory)."""
-    root = tmp_path_factory.mktemp("verify")
-    artifact = luffy.compile("llama-tiny", output=root / "out", verify=True, dump_ir=root / "ir")
-    return artifact, root / "ir"
-
-
 class SwapAddForSub(ir.passes.InPlacePass):
     """Wrong on purpose: the first float Add of two computed values becomes a Sub (valid graph, wrong numbers).
 
