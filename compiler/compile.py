@@ -162,11 +162,10 @@ def compile(  # noqa: A001 - the public name the API promises
     _lower_ir_version(model)
     operator_check = None
     if cfg.target == "trt":
-        from ..plugins import ops_in
-        from .trt_support import check_graph, require_supported, version_tuple
+        from .trt_support import check_graph, require_supported
 
         say(f"checking every node against TensorRT {cfg.trt_version}'s ONNX parser")
-        operator_check = check_graph(model, cfg.trt_version, plugins=ops_in(model, version_tuple(cfg.trt_version)))
+        operator_check = check_graph(model, cfg.trt_version)
         require_supported(operator_check, f"{src.spec} (legalized for --target trt)")
 
     with staged_directory(Path(output)) as stage:

@@ -178,8 +178,7 @@ def build_artifact(path: str | os.PathLike, timing_cache: str | os.PathLike | No
     import onnx_ir as ir
 
     from .artifact import STATE_NEEDS_BUILD, read_manifest, staged_directory, write_manifest
-    from ..plugins import ops_in
-    from .trt_support import check_graph, require_supported, version_tuple
+    from .trt_support import check_graph, require_supported
 
     path = Path(path)
     manifest = read_manifest(path)
@@ -189,8 +188,7 @@ def build_artifact(path: str | os.PathLike, timing_cache: str | os.PathLike | No
         raise ArtifactError(f"{path}: state is {manifest.get('state')!r}, not {STATE_NEEDS_BUILD!r}; nothing to build")
     trt, gpu = require_builder(hint="run `luffy build` where TensorRT's full package (with libnvinfer's builder) "
                                     "and the target NVIDIA GPU are present")
-    graph = ir.load(path / manifest["model_file"])
-    report = check_graph(graph, trt.__version__, plugins=ops_in(graph, version_tuple(trt.__version__)))
+    report = check_graph(ir.load(path / manifest["model_file"]), trt.__version__)
     require_supported(report, str(path / manifest["model_file"]))
     manifest = dict(manifest, tensorrt={**manifest["tensorrt"], "operator_check": operator_check_summary(report)})
     with staged_directory(path) as stage:

@@ -56,15 +56,15 @@ def first_version_with(op_type: str) -> str | None:
     return next((v for v in known_versions() if op_type in _lists()[v]["ops"]), None)
 
 
-def check_graph(model: ir.Model, trt_version: str, plugins: dict | None = None) -> dict:
+def check_graph(model: ir.Model, trt_version: str) -> dict:
     """Check every node of ``model`` against TensorRT ``trt_version``'s ONNX parser.
 
-    ``plugins`` maps (domain, op_type) to the luffy plugin that implements that op for this version. The
-    result lists each unsupported node with its name, op, domain and the reason; ``supported`` is true
-    when there are none.
+    A luffy plugin node (plugins/) passes where this TensorRT can load the plugin, and is listed in
+    ``via_plugin``. The result lists each unsupported node with its name, op, domain and the reason;
+    ``supported`` is true when there are none.
     """
-    plugins = plugins or {}
     list_version, entry = operator_list(trt_version)
+    release = version_tuple(trt_version)
     ops = entry["ops"]
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
     low, high = entry["opset_range"]
@@ -75,15 +75,14 @@ def check_graph(model: ir.Model, trt_version: str, plugins: dict | None = None) 
     via_plugin = []
     for node in model.graph:
         domain = node.domain or "ai.onnx"
-        key = (domain, node.op_type)
-        if key in plugins:
-            via_plugin.append({"node": node.name, "op": node.op_type, "plugin": plugins[key]})
-            continue
         if node.domain == PLUGIN_DOMAIN:
             plugin = plugin_for(node.domain, node.op_type)
-            since = ".".join(map(str, plugin.min_trt)) if plugin else None
-            reason = (f"luffy plugin {node.domain}::{node.op_type} loads on TensorRT >= {since}" if plugin
-                      else "not a plugin this luffy has")
+            # newer parsers have no importer of that name either, so they still fall back to the plugin
+            if plugin is not None and release >= plugin.min_trt:
+                via_plugin.append({"node": node.name, "op": node.op_type, "plugin": plugin.plugin_id})
+                continue
+            reason = (f"luffy plugin {node.domain}::{node.op_type} loads on TensorRT >= "
+                      f"{'.'.join(map(str, plugin.min_trt))}" if plugin else "not a plugin this luffy has")
         elif node.domain not in STANDARD_DOMAINS:
             reason = f"no TensorRT importer for domain {domain} (standard ONNX only, or a registered plugin)"
         elif node.op_type not in ops:

@@ -31,20 +31,6 @@ def plugin_for(domain: str, op_type: str) -> Plugin | None:
     return next((p for p in PLUGINS if (p.domain, p.name) == (domain, op_type)), None)
 
 
-def ops_in(model, trt_version: tuple[int, ...]) -> dict:
-    """(domain, op_type) -> plugin id for each plugin op in ``model`` that TensorRT ``trt_version`` can load.
-
-    A plugin loads on every TensorRT from its ``min_trt`` on (newer parsers still fall back to a
-    registered plugin for an op_type they have no importer for).
-    """
-    found = {}
-    for node in model.graph:
-        plugin = plugin_for(node.domain, node.op_type)
-        if plugin is not None and trt_version >= plugin.min_trt:
-            found[(node.domain, node.op_type)] = plugin.plugin_id
-    return found
-
-
 def register_tensorrt(plugin_ids) -> list[str]:
     """Register the TensorRT implementations of ``plugin_ids`` (before parsing or deserializing)."""
     registered = []
@@ -61,4 +47,4 @@ def register_tensorrt(plugin_ids) -> list[str]:
     return registered
 
 
-__all__ = ["DOMAIN", "PLUGINS", "RMS_NORM", "Plugin", "ops_in", "plugin_for", "plugins_for_tensorrt", "register_tensorrt"]
+__all__ = ["DOMAIN", "PLUGINS", "RMS_NORM", "Plugin", "plugin_for", "plugins_for_tensorrt", "register_tensorrt"]

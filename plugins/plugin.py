@@ -38,7 +38,6 @@ class Plugin:
     register_tensorrt: Callable[[], None]
     min_trt: tuple[int, ...]
     native_since: tuple[int, ...]
-    stands_in_for: str
     domain: str = DOMAIN
     version: str = VERSION
 
@@ -48,10 +47,6 @@ class Plugin:
 
     def needed_for(self, trt_version: tuple[int, ...]) -> bool:
         return self.min_trt <= trt_version < self.native_since
-
-    def node_attributes(self) -> dict:
-        """The attributes TensorRT's fallback importer reads to find the creator (10.7-10.9 need them)."""
-        return {"plugin_namespace": self.domain, "plugin_version": self.version}
 
     def attach_function(self, model: ir.Model) -> None:
         """Give ``model`` this op's ONNX function and the domain import, so ONNX Runtime can run it."""
@@ -72,5 +67,4 @@ def function_proto(name: str, opset: int, inputs: list[str], outputs: list[str],
 
 def attribute_ref(name: str, attr_type: int, refers_to: str) -> onnx.AttributeProto:
     """An attribute whose value is the calling node's attribute ``refers_to`` (ONNX's ref_attr_name)."""
-    attribute = onnx.AttributeProto(name=name, ref_attr_name=refers_to, type=attr_type)
-    return attribute
+    return onnx.AttributeProto(name=name, ref_attr_name=refers_to, type=attr_type)

@@ -100,5 +100,4 @@ RMS_NORM = Plugin(
     # (10.6 has tensorrt.plugin but would inline the function); 10.15: RMSNormalization is native.
     min_trt=(10, 7),
     native_since=(10, 15),
-    stands_in_for="RMSNormalization",
 )
