@@ -121,6 +121,7 @@ class LuffyRunner(Runner):
             **weights, "vocab": self.engine.vocab, "max_seq_len": self.engine.max_seq_len,
             "label": f"luffy -O{manifest.get('opt_level')} {manifest.get('precision')}",
             "threads": self.engine.session.get_session_options().intra_op_num_threads or "ORT default",
+            "huge_pages": self.engine.huge_pages,
         }
 
     def generate(self, ids, new_tokens, first_token):

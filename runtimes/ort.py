@@ -10,6 +10,7 @@ from ..errors import ArtifactError, BackendUnavailableError, UsageError
 from .cpu_bf16 import cpu_model
 from .engine import Engine
 from .generation import as_rows, check_capacity, generate_loop, left_pad, positions_from_mask
+from .huge_pages import anonymous_mappings, back_new_mappings_with_huge_pages
 from .kv_cache import KVCache
 
 SEQLENS, TOTAL, KEEP = "seqlens_k", "total_sequence_length", "logits_to_keep"
@@ -28,9 +29,16 @@ def _import_ort():
 
 
 class OrtEngine(Engine):
-    """Runs an artifact's model.onnx on ONNX Runtime (CPU unless ``providers`` says otherwise)."""
+    """Runs an artifact's model.onnx on ONNX Runtime (CPU unless ``providers`` says otherwise).
 
-    def __init__(self, path: Path, manifest: dict, threads: int | None = None, providers: list[str] | None = None):
+    ``huge_pages`` (default on) backs the weights ORT allocates on the CPU with transparent huge pages
+    (see huge_pages.py; ``self.huge_pages`` reports what the kernel did).
+    """
+
+    def __init__(
+        self, path: Path, manifest: dict, threads: int | None = None, providers: list[str] | None = None,
+        huge_pages: bool = True,
+    ):
         super().__init__(path, manifest)
         ort = _import_ort()
         options = ort.SessionOptions()
@@ -42,11 +50,14 @@ class OrtEngine(Engine):
         try:
             providers = providers or ["CPUExecutionProvider"]
             # ORT's CPU kernels have no bf16: a bf16 artifact runs there through its fp32 emulation (a check path)
-            source = cpu_model(model_path) if providers == ["CPUExecutionProvider"] else str(model_path)
+            on_cpu = providers == ["CPUExecutionProvider"]
+            source = cpu_model(model_path) if on_cpu else str(model_path)
+            mappings_before = anonymous_mappings() if huge_pages and on_cpu else None
             self.session = ort.InferenceSession(source, options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ArtifactError(f"{model_path}: onnxruntime {ort.__version__} cannot load it: {reason}") from None
+        self.huge_pages = None if mappings_before is None else back_new_mappings_with_huge_pages(mappings_before)
         self.input_types = {i.name: i.type for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
         kv = manifest.get("kv_cache")

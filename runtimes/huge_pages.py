@@ -1,0 +1,103 @@
+"""Back the weight buffers ONNX Runtime allocates with 2 MiB transparent huge pages (Linux, best effort).
+
+Why luffy does this itself: decoding at batch 1 reads every weight once per token, so its speed is the
+speed of one long streaming read. ONNX Runtime copies each constant MatMul weight into a prepacked
+buffer it allocates with malloc; on a kernel whose transparent-huge-page mode is ``madvise`` (the common
+default) those buffers get 4 KiB pages, and a stream over 4 KiB pages takes a TLB miss every 4 KiB,
+where the hardware prefetchers also stop. numpy asks for huge pages on its own large arrays; ONNX
+Runtime has no session option for it. So the engine notes the process's anonymous mappings before it
+builds the session, and afterwards asks the kernel to back the new, fully resident ones (the weights;
+not thread stacks, which are mostly untouched) with huge pages: ``MADV_HUGEPAGE`` for pages faulted
+later, ``MADV_COLLAPSE`` (Linux >= 6.1) to rebuild the present pages now, contents preserved. A kernel
+that refuses (older, THP ``never``, another OS) leaves memory exactly as it was.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+import time
+
+HUGE_PAGE = 2 << 20
+MADV_HUGEPAGE, MADV_COLLAPSE = 14, 25
+MIN_REGION = 4 << 20  # smaller mappings hold activations and bookkeeping, not weights
+MIN_RESIDENT = 0.9  # weights are written in full while being packed; stacks and arenas are not
+
+
+def anonymous_mappings() -> dict[tuple[int, int], int]:
+    """Private anonymous mappings of this process (the brk heap included): (start, end) -> resident bytes.
+
+    Empty off Linux. A mapping that grew since an earlier call has a new key, so it counts as new.
+    """
+    if not sys.platform.startswith("linux"):
+        return {}
+    regions: dict[tuple[int, int], int] = {}
+    current = None
+    try:
+        with open("/proc/self/smaps") as smaps:
+            for line in smaps:
+                head = line.split()
+                if "-" in head[0] and len(head) >= 5:  # a mapping's header line
+                    start, end = (int(x, 16) for x in head[0].split("-"))
+                    # malloc serves mid-sized buffers from the brk heap, so [heap] counts as anonymous
+                    unnamed = len(head) == 5 or head[5] == "[heap]"
+                    anonymous = unnamed and head[1].startswith("rw") and head[1].endswith("p")
+                    current = (start, end) if anonymous else None
+                elif current is not None and head[0] == "Rss:":
+                    regions[current] = int(head[1]) * 1024
+    except OSError:
+        return {}
+    return regions
+
+
+def huge_page_candidates(before: dict[tuple[int, int], int], after: dict[tuple[int, int], int]) -> list[tuple[int, int]]:
+    """The 2 MiB-aligned ranges worth collapsing: mappings in ``after`` but not ``before``, at least
+    MIN_REGION long and MIN_RESIDENT resident. The kernel merges adjacent anonymous mappings, so a new
+    buffer can arrive as a grown old mapping; collapsing the old part too is harmless (contents kept)."""
+    ranges = []
+    for (start, end), resident in sorted(after.items()):
+        if (start, end) in before or end - start < MIN_REGION or resident < MIN_RESIDENT * (end - start):
+            continue
+        first, last = -(-start // HUGE_PAGE) * HUGE_PAGE, end // HUGE_PAGE * HUGE_PAGE
+        if last > first:
+            ranges.append((first, last))
+    return ranges
+
+
+def _madvise():
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    libc.madvise.restype = ctypes.c_int
+    return libc.madvise
+
+
+def back_new_mappings_with_huge_pages(before: dict[tuple[int, int], int]) -> dict:
+    """Collapse the anonymous mappings that appeared since ``before`` and are nearly all resident.
+
+    Returns what happened, for the engine's ``huge_pages`` report: bytes collapsed into huge pages,
+    regions tried, regions the kernel refused, seconds spent.
+
+    >>> before = anonymous_mappings()
+    >>> session = onnxruntime.InferenceSession("model.onnx")          # doctest: +SKIP
+    >>> back_new_mappings_with_huge_pages(before)["bytes"] > 0        # doctest: +SKIP
+    True
+    """
+    start_time = time.perf_counter()
+    report = {"bytes": 0, "regions": 0, "refused": 0, "seconds": 0.0}
+    candidates = huge_page_candidates(before, anonymous_mappings())
+    if not candidates:
+        return report
+    try:
+        madvise = _madvise()
+    except (OSError, AttributeError):
+        return report
+    for first, last in candidates:
+        report["regions"] += 1
+        madvise(first, last - first, MADV_HUGEPAGE)  # an error here just means no THP: nothing changes
+        if madvise(first, last - first, MADV_COLLAPSE) == 0:
+            report["bytes"] += last - first
+        else:
+            report["refused"] += 1
+    report["seconds"] = round(time.perf_counter() - start_time, 3)
+    return report
