@@ -21,12 +21,15 @@ from typing import Callable, Iterable
 from .. import __version__
 from .. import errors as luffy_errors
 from ..errors import CapacityError, LuffyError, UsageError
-from .bandwidth import streaming_read_bandwidth
+from .bandwidth import METHOD, BandwidthProbe
 from .machine import CpuAccount, describe_machine
 from .measure import interleaved_runs
 from .peers import PEERS, RUNNERS, SUBJECT, Runner
-from .report import DEFINITIONS, BenchReport, batch_result, count
+from .report import DEFINITIONS, BenchReport, batch_result, count, summarize
 from .worker import Worker, WorkerFailed, one_shot
+
+BANDWIDTH_PASSES = 5  # the measurement before the runs
+ROUND_PASSES = 3  # the re-measurement before every timed round (~0.3 s at 1 GiB on 2 cores)
 
 Progress = Callable[[str, int, int], None]  # (what is happening, steps done, steps in all)
 
@@ -242,10 +245,17 @@ def _run(target, peers, batches, prompt_len, gen_len, repeats, warmup, opt_level
             entries[name]["parity"] = built.get("parity")
             check_capacity()
 
-    bw = None
+    bw, probe, per_round = None, None, []
     if bandwidth:
         say("measuring streaming-read bandwidth", steps["done"], total())
-        bw = streaming_read_bandwidth(bandwidth_mib)
+        probe = BandwidthProbe(bandwidth_mib)
+        bw = {**probe.measure(BANDWIDTH_PASSES), "buffer_mib": bandwidth_mib, "passes": BANDWIDTH_PASSES,
+              "method": METHOD.format(mib=bandwidth_mib, passes=BANDWIDTH_PASSES, threads=probe.counts)}
+
+    def measure_round() -> float:  # the same method, fewer passes: it runs before every timed round
+        gb_s = probe.measure(ROUND_PASSES)["gb_per_s"]
+        per_round.append(gb_s)
+        return gb_s
 
     workers: dict[str, Worker] = {}
     try:
@@ -276,7 +286,7 @@ def _run(target, peers, batches, prompt_len, gen_len, repeats, warmup, opt_level
             {n: workers[n] for n in active()}, batches, prompt_len, gen_len, warmup, repeats, vocab, seed,
             on_run=lambda name, b, rnd: tick(
                 f"{name} batch {b} " + (f"warm-up {rnd + 1}" if rnd < warmup else f"run {rnd - warmup + 1}/{repeats}")),
-            on_failure=failed,
+            on_failure=failed, probe=measure_round if probe else None,
         )
         for name in active():
             try:
@@ -286,7 +296,11 @@ def _run(target, peers, batches, prompt_len, gen_len, repeats, warmup, opt_level
     finally:
         for worker in workers.values():
             worker.close()
+        if probe:
+            probe.close()
     say("done", total(), total())
+    if bw and per_round:
+        bw["per_round"] = {"passes": ROUND_PASSES, "gb_per_s": per_round, **summarize(per_round)}
 
     gb_s = bw["gb_per_s"] if bw else None
     for name in names:

@@ -32,10 +32,13 @@ def interleaved_runs(
     seed: int,
     on_run: Callable[[str, int, int], None] = lambda name, batch, rnd: None,
     on_failure: Callable[[str, WorkerFailed], None] = lambda name, exc: None,
+    probe: Callable[[], float] | None = None,
 ) -> tuple[dict, dict]:
     """Time every worker; returns ({name: {batch: [{ttft_s, total_s}, ...]}}, {name: {batch: row-0 tokens}}).
 
-    A system whose run fails is reported through ``on_failure`` and left out of the remaining rounds.
+    ``probe`` (streaming-read GB/s) runs before every timed round, while every worker idles; each run of
+    that round carries its value as ``bandwidth_gb_s``. A system whose run fails is reported through
+    ``on_failure`` and left out of the remaining rounds.
     """
     names = list(workers)
     timings = {name: {b: [] for b in batches} for name in names}
@@ -45,6 +48,7 @@ def interleaved_runs(
         ids = prompt_ids(batch, prompt_len, vocab, seed).tolist()
         for rnd in range(warmup + repeats):
             shift = rnd % len(names)
+            round_bandwidth = probe() if probe is not None and rnd >= warmup else None
             for name in names[shift:] + names[:shift]:
                 if name in failed:
                     continue
@@ -57,5 +61,8 @@ def interleaved_runs(
                     continue
                 tokens[name][batch] = result["tokens"]
                 if rnd >= warmup:
-                    timings[name][batch].append({"ttft_s": result["ttft_s"], "total_s": result["total_s"]})
+                    timing = {"ttft_s": result["ttft_s"], "total_s": result["total_s"]}
+                    if round_bandwidth is not None:
+                        timing["bandwidth_gb_s"] = round_bandwidth
+                    timings[name][batch].append(timing)
     return timings, tokens

@@ -14,7 +14,9 @@ DEFINITIONS = {
     "e2e_tok_s": "batch x new tokens / generation time (prefill included), per run",
     "roofline_tok_s": "batch x bandwidth / streamed weight bytes: every weight except embedding tables (read by Gather, "
     "one row per token) is read once per decode step; KV-cache reads are not counted",
-    "roofline_fraction": "median decode tok/s / roofline tok/s",
+    "roofline_fraction": "median over runs of (decode tok/s / roofline tok/s), each run against the bandwidth measured "
+    "just before its round (bandwidth.per_round); roofline_tok_s is the median of those rooflines. Without per-round "
+    "values: median decode tok/s / the roofline of the one measurement before the runs",
     "peak_rss_mib": "peak resident set size (Linux VmHWM; ru_maxrss elsewhere) of the system's own worker process after "
     "all its runs: Python, its imports, the loaded model and every run; builds (compile, export, model builder) ran "
     "in other processes and are not included",
@@ -40,7 +42,13 @@ def batch_result(batch: int, new_tokens: int, runs: list[dict], streamed_bytes: 
     e2e = [batch * new_tokens / r["total_s"] for r in runs]
     out = {"batch": batch, "runs": runs, "prefill_ms": summarize(prefill), "decode_tok_s": summarize(decode),
            "e2e_tok_s": summarize(e2e), "roofline_tok_s": None, "roofline_fraction": None}
-    if streamed_bytes and bandwidth:
+    if not streamed_bytes:
+        return out
+    if runs and all(r.get("bandwidth_gb_s") for r in runs):  # each run against its own round's bandwidth
+        roofs = [batch * r["bandwidth_gb_s"] * 1e9 / streamed_bytes for r in runs]
+        out["roofline_tok_s"] = float(np.median(roofs))
+        out["roofline_fraction"] = float(np.median([d / roof for d, roof in zip(decode, roofs)]))
+    elif bandwidth:
         roof = batch * bandwidth * 1e9 / streamed_bytes
         out["roofline_tok_s"] = roof
         out["roofline_fraction"] = out["decode_tok_s"]["median"] / roof
@@ -123,8 +131,14 @@ class BenchReport:
         bw = d.get("bandwidth")
         if bw:
             per = ", ".join(f"{t} thread{'s' if t != '1' else ''} {g:.1f}" for t, g in bw["by_threads"].items())
-            lines.append(f"Streaming-read bandwidth: {bw['gb_per_s']:.1f} GB/s ({per} GB/s; numpy sum over "
-                         f"{bw['buffer_mib']} MiB, best of {bw['passes']}).")
+            line = (f"Streaming-read bandwidth: {bw['gb_per_s']:.1f} GB/s before the runs ({per} GB/s; numpy sum over "
+                    f"{bw['buffer_mib']} MiB, best of {bw['passes']})")
+            rounds = bw.get("per_round")
+            if rounds:
+                line += (f"; re-measured before each of the {rounds['n']} timed rounds (best of {rounds['passes']}): "
+                         f"median {_fmt(rounds['median'])} [{_fmt(rounds['min'])}–{_fmt(rounds['max'])}] GB/s, and each "
+                         "run's roofline uses its round's value")
+            lines.append(line + ".")
         busy = d.get("cpu_account") or {}
         if busy.get("other_cpu_share") is not None:
             note = f"Other processes used {busy['other_cpu_share']:.0%} of the machine's CPU time during the run"
@@ -170,7 +184,7 @@ class BenchReport:
             lines += [f"- {x['name']}: {x['status']} — {x['reason']}" for x in others]
         lines += ["", "Prefill = time to first token. Decode tok/s = batch × (new tokens − 1) / (generation time − "
                   "time to first token), per run. Roofline = batch × bandwidth / bytes of weights streamed per decode "
-                  "step (embedding tables excluded). Peak RSS = peak resident memory (VmHWM) of the system's own worker "
+                  "step (embedding tables excluded); % of roofline = median over runs of decode ÷ that run's roofline. Peak RSS = peak resident memory (VmHWM) of the system's own worker "
                   f"process, builds excluded; every worker starts at ~{_fmt(baseline)} MiB (Python + luffy's imports)."]
         return "\n".join(lines) + "\n"
 

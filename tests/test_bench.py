@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from luffy.benchmarks import bench
@@ -57,6 +58,12 @@ def test_bench_api_reports_sane_fields(tiny):
             for key in STATS:
                 assert_sane_stats(result[key], 2)
             assert result["roofline_tok_s"] > 0 and result["roofline_fraction"] > 0
+            # each run is held against the bandwidth measured just before its round
+            assert all(r["bandwidth_gb_s"] > 0 for r in result["runs"])
+            fractions = [result["batch"] * (GEN_LEN - 1) / (r["total_s"] - r["ttft_s"])
+                         / (result["batch"] * r["bandwidth_gb_s"] * 1e9 / system["streamed_weight_bytes"])
+                         for r in result["runs"]]
+            assert result["roofline_fraction"] == pytest.approx(float(np.median(fractions)))
             assert 0 <= result["tokens_agree_with_luffy"] <= GEN_LEN
         if system["name"] != "torch":
             assert system["build_s"] is None or system["build_s"] > 0
@@ -66,10 +73,14 @@ def test_bench_api_reports_sane_fields(tiny):
 
     data = json.loads(report.to_json())
     assert data["bandwidth"]["gb_per_s"] > 0 and data["bandwidth"]["by_threads"]
+    rounds = data["bandwidth"]["per_round"]
+    assert rounds["n"] == len(BATCHES) * 2 == len(rounds["gb_per_s"]) and rounds["min"] > 0
+    assert set(luffy["huge_pages"]) == {"bytes", "regions", "refused", "seconds"}
     assert data["machine"]["cores"] >= 1 and data["machine"]["cpu"] and data["machine"]["versions"]["luffy"]
     assert data["settings"]["batches"] == BATCHES and "decode_tok_s" in data["definitions"]
     markdown = report.to_markdown()
     assert TABLE_HEADER in markdown and "Batch scaling" in markdown and "| luffy -O2 fp32 | 1 |" in markdown
+    assert f"re-measured before each of the {len(BATCHES) * 2} timed rounds" in markdown
 
 
 def test_bench_cli_on_an_artifact_writes_json_and_markdown(tiny, tmp_path):
