@@ -26,7 +26,7 @@ from typing import Callable
 import numpy as np
 
 SUBJECT = "luffy"
-PEERS = ("torch", "ort-export", "genai", "genai-int4")
+PEERS = ("torch", "ort-export", "genai", "genai-int4", "luffy-int4")
 
 
 def onnx_weight_bytes(model_path: Path) -> dict:
@@ -108,15 +108,18 @@ class LuffyRunner(Runner):
         return {"build_s": seconds, "parity": result["artifact"].report.get("parity")}
 
     def load(self) -> dict:
+        return self._load(self.paths["artifact"])
+
+    def _load(self, artifact: str) -> dict:
         import luffy
 
-        self.engine = luffy.load(self.paths["artifact"])
+        self.engine = luffy.load(artifact)
         manifest = self.engine.manifest
         if manifest.get("kind") != "causal-lm":
             from ..errors import UsageError
 
-            raise UsageError(f"{self.paths['artifact']}: luffy bench times causal LMs; this artifact is {manifest.get('kind')!r}")
-        weights = onnx_weight_bytes(Path(self.paths["artifact"]) / manifest["model_file"])
+            raise UsageError(f"{artifact}: luffy bench times causal LMs; this artifact is {manifest.get('kind')!r}")
+        weights = onnx_weight_bytes(Path(artifact) / manifest["model_file"])
         return {
             **weights, "vocab": self.engine.vocab, "max_seq_len": self.engine.max_seq_len,
             "label": f"luffy -O{manifest.get('opt_level')} {manifest.get('precision')}",
@@ -281,6 +284,25 @@ class OrtExportRunner(Runner):
         return tokens
 
 
+class LuffyInt4Runner(LuffyRunner):
+    """luffy's int4 build of the same HF directory (MatMulNBits, RTN, block 32: the int4 default), set beside
+    onnxruntime-genai's int4 build so the quantized comparison is part of the same run."""
+
+    name = "luffy-int4"
+    needs_hf_dir = True
+
+    def build(self) -> dict:
+        import luffy
+
+        seconds = _timed(lambda: luffy.compile(
+            self.paths["hf_dir"], output=self.paths["build_dir"], precision="int4", opt_level=self.paths.get("opt_level", 2),
+        ))
+        return {"build_s": seconds}
+
+    def load(self) -> dict:
+        return self._load(self.paths["build_dir"])
+
+
 # -- onnxruntime-genai -------------------------------------------------------------------------------------
 class GenaiRunner(Runner):
     """onnxruntime-genai: its model builder run on the same HF directory (``-e cpu``), its own generator loop."""
@@ -347,7 +369,7 @@ class GenaiInt4Runner(GenaiRunner):
 
 
 RUNNERS: dict[str, type[Runner]] = {
-    cls.name: cls for cls in (LuffyRunner, TorchRunner, OrtExportRunner, GenaiRunner, GenaiInt4Runner)
+    cls.name: cls for cls in (LuffyRunner, TorchRunner, OrtExportRunner, GenaiRunner, GenaiInt4Runner, LuffyInt4Runner)
 }
 
 

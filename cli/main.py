@@ -309,7 +309,7 @@ def bench_cmd(
     batch: Optional[str] = typer.Option(None, "--batch",
                                         help="Batch size, or a list for batch scaling: 1,4,16 [1; suite 1,4,16]."),
     vs: Optional[str] = typer.Option(None, "--vs", help="Peers on the same weights: torch, ort-export, genai, genai-int4, "
-                                     "or all [none; suite all]."),
+                                     "luffy-int4 (luffy's own int4 build), or all [none; suite all]."),
     repeats: int = typer.Option(3, "--repeats", min=1, help="Timed runs per system and batch."),
     warmup: int = typer.Option(1, "--warmup", min=0, help="Untimed runs per system and batch first."),
     opt_level: int = typer.Option(2, "-O", "--opt-level", min=0, max=3, help="luffy -O level when compiling the model."),

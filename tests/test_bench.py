@@ -24,9 +24,9 @@ def luffy_cli(*args):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """One bench of the zoo's llama-tiny (compiled by the bench, timed) against three peers."""
+    """One bench of the zoo's llama-tiny (compiled by the bench, timed) against three peers and luffy's int4 build."""
     work = tmp_path_factory.mktemp("bench")
-    report = bench("llama-tiny", prompt_len=8, gen_len=GEN_LEN, batch=BATCHES, vs="torch,ort-export,genai", repeats=2,
+    report = bench("llama-tiny", prompt_len=8, gen_len=GEN_LEN, batch=BATCHES, vs="torch,ort-export,genai,luffy-int4", repeats=2,
                    warmup=1, workdir=work, bandwidth_mib=32)
     return report, work
 
@@ -38,7 +38,11 @@ def assert_sane_stats(stats, runs):
 
 def test_bench_api_reports_sane_fields(tiny):
     report, _ = tiny
-    assert [s["name"] for s in report.systems] == ["luffy", "torch", "ort-export", "genai"]
+    assert [s["name"] for s in report.systems] == ["luffy", "torch", "ort-export", "genai", "luffy-int4"]
+    int4 = report.system("luffy-int4")
+    assert int4["status"] == "ok" and int4["label"] == "luffy -O2 int4" and int4["build_s"] > 0
+    # int4 weights are a fraction of fp32's
+    assert int4["streamed_weight_bytes"] < 0.5 * report.system("luffy")["streamed_weight_bytes"]
     luffy = report.system("luffy")
     assert luffy["status"] == "ok" and luffy["build_source"] == "measured" and luffy["build_s"] > 0
     assert luffy["parity"]["passed"]
