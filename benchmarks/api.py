@@ -22,7 +22,7 @@ from .. import __version__
 from .. import errors as luffy_errors
 from ..errors import CapacityError, LuffyError, UsageError
 from .bandwidth import METHOD, BandwidthProbe
-from .machine import CpuAccount, describe_machine
+from .machine import CpuAccount, describe_machine, wait_for_quiet_cpu
 from .measure import interleaved_runs
 from .peers import PEERS, RUNNERS, SUBJECT, Runner
 from .report import DEFINITIONS, BenchReport, batch_result, count, summarize
@@ -286,7 +286,7 @@ def _run(target, peers, batches, prompt_len, gen_len, repeats, warmup, opt_level
             {n: workers[n] for n in active()}, batches, prompt_len, gen_len, warmup, repeats, vocab, seed,
             on_run=lambda name, b, rnd: tick(
                 f"{name} batch {b} " + (f"warm-up {rnd + 1}" if rnd < warmup else f"run {rnd - warmup + 1}/{repeats}")),
-            on_failure=failed, probe=measure_round if probe else None,
+            on_failure=failed, probe=measure_round if probe else None, settle=wait_for_quiet_cpu,
         )
         for name in active():
             try:

@@ -92,6 +92,29 @@ def _busy_ticks() -> int | None:
     return user + nice + system + irq + softirq + steal
 
 
+def wait_for_quiet_cpu(limit_s: float = 3.0, window_s: float = 0.05, busy_share: float = 0.1) -> float:
+    """Sleep until one ``window_s`` window has the machine's CPUs at most ``busy_share`` busy (/proc/stat),
+    or ``limit_s`` passed; returns the seconds waited.
+
+    Why: runtimes keep their threads spinning after a run (ONNX Runtime's intra-op pool, OpenMP's
+    GOMP_SPINCOUNT under torch), for milliseconds to a good part of a second. Without a pause, the system
+    timed next shares the cores with the last one's spinning threads, and its prefill pays for it.
+    """
+    start = time.perf_counter()
+    ticks_per_window = os.sysconf("SC_CLK_TCK") * window_s * (os.cpu_count() or 1)
+    before = _busy_ticks()
+    if before is None:  # not Linux: a fixed pause instead
+        time.sleep(min(limit_s, 0.5))
+        return round(time.perf_counter() - start, 3)
+    while time.perf_counter() - start < limit_s:
+        time.sleep(window_s)
+        now = _busy_ticks()
+        if now - before <= busy_share * ticks_per_window:
+            break
+        before = now
+    return round(time.perf_counter() - start, 3)
+
+
 def _own_cpu_seconds() -> float:
     own = resource.getrusage(resource.RUSAGE_SELF)
     children = resource.getrusage(resource.RUSAGE_CHILDREN)  # every reaped worker, builder and their children

@@ -33,11 +33,13 @@ def interleaved_runs(
     on_run: Callable[[str, int, int], None] = lambda name, batch, rnd: None,
     on_failure: Callable[[str, WorkerFailed], None] = lambda name, exc: None,
     probe: Callable[[], float] | None = None,
+    settle: Callable[[], float] | None = None,
 ) -> tuple[dict, dict]:
     """Time every worker; returns ({name: {batch: [{ttft_s, total_s}, ...]}}, {name: {batch: row-0 tokens}}).
 
     ``probe`` (streaming-read GB/s) runs before every timed round, while every worker idles; each run of
-    that round carries its value as ``bandwidth_gb_s``. A system whose run fails is reported through
+    that round carries its value as ``bandwidth_gb_s``. ``settle()`` runs before every run and the probe
+    (waiting out the last system's spinning threads); its seconds are kept as ``settle_s``. A system whose run fails is reported through
     ``on_failure`` and left out of the remaining rounds.
     """
     names = list(workers)
@@ -48,11 +50,16 @@ def interleaved_runs(
         ids = prompt_ids(batch, prompt_len, vocab, seed).tolist()
         for rnd in range(warmup + repeats):
             shift = rnd % len(names)
-            round_bandwidth = probe() if probe is not None and rnd >= warmup else None
+            round_bandwidth = None
+            if probe is not None and rnd >= warmup:
+                if settle is not None:
+                    settle()
+                round_bandwidth = probe()
             for name in names[shift:] + names[:shift]:
                 if name in failed:
                     continue
                 on_run(name, batch, rnd)
+                settled = settle() if settle is not None else None
                 try:
                     result = workers[name].request("run", ids=ids, new_tokens=gen_len)
                 except WorkerFailed as exc:
@@ -64,5 +71,7 @@ def interleaved_runs(
                     timing = {"ttft_s": result["ttft_s"], "total_s": result["total_s"]}
                     if round_bandwidth is not None:
                         timing["bandwidth_gb_s"] = round_bandwidth
+                    if settled is not None:
+                        timing["settle_s"] = settled
                     timings[name][batch].append(timing)
     return timings, tokens

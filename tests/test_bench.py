@@ -63,7 +63,7 @@ def test_bench_api_reports_sane_fields(tiny):
                 assert_sane_stats(result[key], 2)
             assert result["roofline_tok_s"] > 0 and result["roofline_fraction"] > 0
             # each run is held against the bandwidth measured just before its round
-            assert all(r["bandwidth_gb_s"] > 0 for r in result["runs"])
+            assert all(r["bandwidth_gb_s"] > 0 and 0 < r["settle_s"] <= 3.5 for r in result["runs"])
             fractions = [result["batch"] * (GEN_LEN - 1) / (r["total_s"] - r["ttft_s"])
                          / (result["batch"] * r["bandwidth_gb_s"] * 1e9 / system["streamed_weight_bytes"])
                          for r in result["runs"]]
@@ -155,3 +155,18 @@ def test_bench_usage_errors_are_one_line():
         assert proc.returncode == code and len(lines) == 1 and lines[0].startswith("luffy: error: "), proc.stderr
     help_text = luffy_cli("bench", "--help").stdout
     assert "Example: luffy bench" in help_text and "--vs" in help_text
+
+
+def test_matmul_ceiling_times_the_artifacts_matmuls_against_the_probe(zoo_artifacts):
+    import onnx
+
+    from luffy.benchmarks.ceiling import matmul_ceiling
+
+    artifact, _ = zoo_artifacts("llama-tiny")
+    model = onnx.load(str(artifact.path / "model.onnx"))
+    weights = {i.name: i for i in model.graph.initializer}
+    matmuls = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+    result = matmul_ceiling(artifact.path, rounds=2, runs=3, buffer_mib=16)
+    assert result["matmuls"] == len(matmuls) > 0
+    assert result["weight_bytes"] == sum(4 * weights[n.input[1]].dims[0] * weights[n.input[1]].dims[1] for n in matmuls)
+    assert result["matmul_gb_per_s"] > 0 and result["probe_gb_per_s"] > 0 and result["fraction"] > 0
