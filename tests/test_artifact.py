@@ -145,16 +145,32 @@ def test_failed_compile_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def _compile_process(out: Path):
-    code = "import luffy, sys; luffy.compile('llama-tiny', output=sys.argv[1])"
-    return subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+# The child stops inside the staged write, at the parity check, the way a big model's compile spends
+# minutes there: the parent's signal then always lands mid-compile. (Racing a tiny model's compile, whose
+# write phase takes ~0.1 s, let the signal arrive after the process had exited on a loaded machine.)
+_CHILD = """
+import pathlib, sys, time
+import luffy
+
+def progress(message):
+    if message.startswith("checking parity"):
+        pathlib.Path(sys.argv[2]).touch()
+        time.sleep(120)
+
+luffy.compile("llama-tiny", output=sys.argv[1], progress=progress)
+"""
 
 
-def _wait_for_staging(parent: Path, proc, timeout=120.0) -> list[Path]:
+def _compile_process(out: Path, marker: Path):
+    return subprocess.Popen([sys.executable, "-c", _CHILD, str(out), str(marker)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+
+
+def _wait_for_staging(parent: Path, proc, marker: Path, timeout=120.0) -> list[Path]:
     deadline = time.time() + timeout
     while time.time() < deadline:
         staged = [p for p in parent.iterdir() if p.name.startswith(".art.partial-")]
-        if staged and any(staged[0].iterdir()):
+        if marker.exists() and staged and any(staged[0].iterdir()):
             return staged
         assert proc.poll() is None, proc.stderr.read().decode()
         time.sleep(0.02)
@@ -163,9 +179,9 @@ def _wait_for_staging(parent: Path, proc, timeout=120.0) -> list[Path]:
 
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT])
 def test_interrupted_compile_leaves_no_loadable_directory(tmp_path, how):
-    out = tmp_path / "art"
-    proc = _compile_process(out)
-    _wait_for_staging(tmp_path, proc)
+    out, marker = tmp_path / "art", tmp_path.parent / f"{tmp_path.name}.writing"
+    proc = _compile_process(out, marker)
+    _wait_for_staging(tmp_path, proc, marker)
     os.kill(proc.pid, how)
     proc.wait(timeout=60)
     assert proc.returncode != 0
