@@ -149,8 +149,12 @@ def test_failed_compile_leaves_nothing(tmp_path):
 # minutes there: the parent's signal then always lands mid-compile. (Racing a tiny model's compile, whose
 # write phase takes ~0.1 s, let the signal arrive after the process had exited on a loaded machine.)
 _CHILD = """
-import pathlib, sys, time
+import pathlib, signal, sys, time
 import luffy
+
+# A shell starts background jobs with SIGINT ignored, and Python then installs no KeyboardInterrupt
+# handler; restore it, so the child reacts to Ctrl-C as an interactive compile does.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 def progress(message):
     if message.startswith("checking parity"):
