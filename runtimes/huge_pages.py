@@ -52,16 +52,26 @@ def anonymous_mappings() -> dict[tuple[int, int], int]:
 
 
 def huge_page_candidates(before: dict[tuple[int, int], int], after: dict[tuple[int, int], int]) -> list[tuple[int, int]]:
-    """The 2 MiB-aligned ranges worth collapsing: mappings in ``after`` but not ``before``, at least
-    MIN_REGION long and MIN_RESIDENT resident. The kernel merges adjacent anonymous mappings, so a new
-    buffer can arrive as a grown old mapping; collapsing the old part too is harmless (contents kept)."""
+    """The 2 MiB-aligned ranges worth collapsing: address ranges mapped in ``after`` and in no mapping of
+    ``before``, at least MIN_REGION long, in a mapping at least MIN_RESIDENT resident.
+
+    Only the new addresses count: the kernel merges adjacent anonymous mappings and malloc grows the brk
+    heap in place, so a buffer can arrive as the grown tail of an old mapping, and collapsing the old part
+    again on every load (a long-lived process's heap can be hundreds of MB) would cost seconds per load.
+    """
+    old = sorted(before)
     ranges = []
     for (start, end), resident in sorted(after.items()):
-        if (start, end) in before or end - start < MIN_REGION or resident < MIN_RESIDENT * (end - start):
+        if resident < MIN_RESIDENT * (end - start):
             continue
-        first, last = -(-start // HUGE_PAGE) * HUGE_PAGE, end // HUGE_PAGE * HUGE_PAGE
-        if last > first:
-            ranges.append((first, last))
+        pieces = [(start, end)]
+        for old_start, old_end in old:  # subtract every old range
+            pieces = [part for lo, hi in pieces
+                      for part in ((lo, min(hi, old_start)), (max(lo, old_end), hi)) if part[0] < part[1]]
+        for lo, hi in pieces:
+            first, last = -(-lo // HUGE_PAGE) * HUGE_PAGE, hi // HUGE_PAGE * HUGE_PAGE
+            if hi - lo >= MIN_REGION and last > first:
+                ranges.append((first, last))
     return ranges
 
 

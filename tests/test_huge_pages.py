@@ -74,9 +74,11 @@ def test_only_new_large_resident_mappings_are_candidates():
         (200 * mib, 264 * mib): 64 * mib,           # new, written in full: a weight buffer
         (300 * mib, 308 * mib): 1 * mib,            # new but mostly untouched: a thread stack
         (400 * mib, 402 * mib): 2 * mib,            # new, resident, under MIN_REGION
-        (101 * mib, 150 * mib + 4096): 49 * mib,    # an old mapping that grew: new key, aligned inward
+        (100 * mib, 150 * mib + 4096): 50 * mib,    # the old mapping grew: only its new tail counts
+        (500 * mib, 520 * mib): 20 * mib,           # an old mapping...
     }
-    assert huge_page_candidates(before, after) == [(102 * mib, 150 * mib), (200 * mib, 264 * mib)]
+    before[(500 * mib, 518 * mib)] = 18 * mib      # ...that grew by less than MIN_REGION: left alone
+    assert huge_page_candidates(before, after) == [(140 * mib, 150 * mib), (200 * mib, 264 * mib)]
     assert huge_page_candidates(after, after) == []
 
 
