@@ -21,7 +21,7 @@ from typing import Callable, Iterable
 from .. import __version__
 from .. import errors as luffy_errors
 from ..errors import CapacityError, LuffyError, UsageError
-from .bandwidth import METHOD, BandwidthProbe
+from .bandwidth import BandwidthProbe, streaming_read_bandwidth
 from .machine import CpuAccount, describe_machine, wait_for_quiet_cpu
 from .measure import interleaved_runs
 from .peers import PEERS, RUNNERS, SUBJECT, Runner
@@ -249,8 +249,7 @@ def _run(target, peers, batches, prompt_len, gen_len, repeats, warmup, opt_level
     if bandwidth:
         say("measuring streaming-read bandwidth", steps["done"], total())
         probe = BandwidthProbe(bandwidth_mib)
-        bw = {**probe.measure(BANDWIDTH_PASSES), "buffer_mib": bandwidth_mib, "passes": BANDWIDTH_PASSES,
-              "method": METHOD.format(mib=bandwidth_mib, passes=BANDWIDTH_PASSES, threads=probe.counts)}
+        bw = streaming_read_bandwidth(passes=BANDWIDTH_PASSES, probe=probe)
 
     def measure_round() -> float:  # the same method, fewer passes: it runs before every timed round
         gb_s = probe.measure(ROUND_PASSES)["gb_per_s"]

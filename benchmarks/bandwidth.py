@@ -43,10 +43,10 @@ class BandwidthProbe:
         self.buffer = np.empty((buffer_mib << 20) // 8, dtype=np.float64)
         self.buffer.fill(1.0)  # first touch: the pages are resident before any timed pass
 
-    def measure(self, passes: int = 5, counts: list[int] | None = None) -> dict:
+    def measure(self, passes: int = 5) -> dict:
         """Best-of-``passes`` GB/s per thread count, and their maximum."""
         by_threads = {}
-        for count in counts or self.counts:
+        for count in self.counts:
             slices = np.array_split(self.buffer, count)
             best = 0.0
             with ThreadPoolExecutor(count) as pool:
@@ -61,20 +61,26 @@ class BandwidthProbe:
         self.buffer = None
 
 
-def streaming_read_bandwidth(buffer_mib: int = 1024, threads: int | None = None, passes: int = 5) -> dict:
-    """Measure streaming-read bandwidth in GB/s (10^9 bytes per second).
+def streaming_read_bandwidth(
+    buffer_mib: int = 1024, threads: int | None = None, passes: int = 5, probe: BandwidthProbe | None = None,
+) -> dict:
+    """Measure streaming-read bandwidth in GB/s (10^9 bytes per second), with how it was measured.
+
+    ``probe`` reuses an open probe's buffer (left open, for later rounds); otherwise one is made and freed.
 
     >>> streaming_read_bandwidth(buffer_mib=64, passes=2)["gb_per_s"] > 0   # doctest: +SKIP
     True
     """
-    probe = BandwidthProbe(buffer_mib, threads)
+    own = probe is None
+    probe = probe or BandwidthProbe(buffer_mib, threads)
     try:
         result = probe.measure(passes)
     finally:
-        probe.close()
+        if own:
+            probe.close()
     return {
         **result,
-        "buffer_mib": buffer_mib,
+        "buffer_mib": probe.buffer_mib,
         "passes": passes,
-        "method": METHOD.format(mib=buffer_mib, passes=passes, threads=probe.counts),
+        "method": METHOD.format(mib=probe.buffer_mib, passes=passes, threads=probe.counts),
     }

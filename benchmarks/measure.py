@@ -39,8 +39,8 @@ def interleaved_runs(
 
     ``probe`` (streaming-read GB/s) runs before every timed round, while every worker idles; each run of
     that round carries its value as ``bandwidth_gb_s``. ``settle()`` runs before every run and the probe
-    (waiting out the last system's spinning threads); its seconds are kept as ``settle_s``. A system whose run fails is reported through
-    ``on_failure`` and left out of the remaining rounds.
+    (waiting out the last system's spinning threads); its seconds are kept as ``settle_s``. A system whose
+    run fails is reported through ``on_failure`` and left out of the remaining rounds.
     """
     names = list(workers)
     timings = {name: {b: [] for b in batches} for name in names}

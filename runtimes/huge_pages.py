@@ -28,7 +28,7 @@ MIN_RESIDENT = 0.9  # weights are written in full while being packed; stacks and
 def anonymous_mappings() -> dict[tuple[int, int], int]:
     """Private anonymous mappings of this process (the brk heap included): (start, end) -> resident bytes.
 
-    Empty off Linux. A mapping that grew since an earlier call has a new key, so it counts as new.
+    Empty off Linux. A mapping that grew has a new key; huge_page_candidates counts only its new addresses.
     """
     if not sys.platform.startswith("linux"):
         return {}
