@@ -184,7 +184,8 @@ class BenchReport:
             lines += [f"- {x['name']}: {x['status']} — {x['reason']}" for x in others]
         lines += ["", "Prefill = time to first token. Decode tok/s = batch × (new tokens − 1) / (generation time − "
                   "time to first token), per run. Roofline = batch × bandwidth / bytes of weights streamed per decode "
-                  "step (embedding tables excluded); % of roofline = median over runs of decode ÷ that run's roofline. Peak RSS = peak resident memory (VmHWM) of the system's own worker "
+                  "step (embedding tables excluded); % of roofline = median over runs of decode ÷ that run's roofline. "
+                  "Peak RSS = peak resident memory (VmHWM) of the system's own worker "
                   f"process, builds excluded; every worker starts at ~{_fmt(baseline)} MiB (Python + luffy's imports)."]
         return "\n".join(lines) + "\n"
 
