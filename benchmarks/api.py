@@ -130,7 +130,7 @@ def _workdir(workdir):
 
 
 def _resolve(model: str, work: Path, opt_level: int) -> _Target:
-    from ..compiler.artifact import MANIFEST, read_manifest
+    from ..runtimes.manifest import MANIFEST, read_manifest
     from ..compiler.sources import resolve_source
 
     if (Path(model) / MANIFEST).is_file():
@@ -219,7 +219,7 @@ def _run(target, peers, batches, prompt_len, gen_len, repeats, warmup, opt_level
         steps["done"] += 1
 
     def check_capacity():  # before any peer is built: the artifact's limit is known once it exists
-        from ..compiler.artifact import read_manifest
+        from ..runtimes.manifest import read_manifest
 
         manifest = read_manifest(target.artifact, verify_files=False)
         limit = manifest.get("max_seq_len")
@@ -332,7 +332,7 @@ def _run(target, peers, batches, prompt_len, gen_len, repeats, warmup, opt_level
 
 
 def _model_info(target: _Target, subject: dict) -> dict:
-    from ..compiler.artifact import read_manifest
+    from ..runtimes.manifest import read_manifest
 
     manifest = read_manifest(target.artifact, verify_files=False)
     params = (manifest.get("report") or {}).get("parameters")

@@ -27,7 +27,7 @@ def matmul_only_model(artifact: Path, out: Path) -> tuple[Path, dict[str, int], 
     import onnx
     from onnx import helper
 
-    from ..compiler.artifact import read_manifest
+    from ..runtimes.manifest import read_manifest
 
     manifest = read_manifest(artifact, verify_files=False)
     model = onnx.load(str(artifact / manifest["model_file"]))

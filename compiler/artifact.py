@@ -1,35 +1,24 @@
-"""The artifact directory: files, manifest, atomic write, and the checks `load` runs before trusting it.
+"""Writing the artifact directory: its files, the manifest, and the atomic publish.
 
 An artifact is written into a hidden temporary sibling directory and renamed into place only after
 every file and the manifest (written last) are on disk, so an interrupted or failed compile never
-leaves a directory that `load` accepts. This module imports no torch: the runtime uses it too.
+leaves a directory that `load` accepts. Reading and checking an artifact is the runtime's half
+(runtimes/manifest.py), which this module shares its constants with.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
 from ..errors import ArtifactError, UsageError
-
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-STATE_READY = "ready"
-STATE_NEEDS_BUILD = "needs-build"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+from ..runtimes.manifest import MANIFEST, sha256_file
 
 
 def file_table(directory: Path) -> dict[str, dict]:
@@ -42,25 +31,55 @@ def file_table(directory: Path) -> dict[str, dict]:
     return table
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it is to set it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+def _remove_stale_staging(output: Path) -> list[str]:
+    """Remove the staging and old-copy directories of earlier compiles of ``output`` whose process is gone (a
+    SIGKILL or power loss skips every cleanup). Their names carry the writer's pid."""
+    removed = []
+    pattern = re.compile(rf"^\.{re.escape(output.name)}\.(partial|old)-(\d+)-")
+    for sibling in output.parent.iterdir() if output.parent.is_dir() else ():
+        match = pattern.match(sibling.name)
+        if not match or not sibling.is_dir():
+            continue
+        pid = int(match.group(2))
+        try:
+            os.kill(pid, 0)
+            continue  # still running (or the pid was reused): not ours to remove
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(sibling, ignore_errors=True)
+        removed.append(sibling.name)
+    return removed
+
+
 @contextlib.contextmanager
 def staged_directory(output: Path) -> Iterator[Path]:
     """Yield an empty staging directory; on success it replaces ``output``, on any failure it vanishes.
 
     The staging directory is a hidden sibling (same filesystem, so the final rename is atomic) and has
-    no manifest until the caller writes one, so even a killed process leaves nothing ``load`` accepts.
+    no manifest until the caller writes one, so even a killed process leaves nothing ``load`` accepts;
+    the next compile of the same output removes what a killed one left. The published directory gets
+    the permissions the umask gives a new directory (mkdtemp's are 0700, which no service user can read).
     """
     output = Path(output)
-    if output.exists() and not _replaceable(output):
-        raise UsageError(f"{output}: exists and is not a luffy artifact; refusing to overwrite it")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    check_output_location(output)
+    _remove_stale_staging(output)
+    stage = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-{os.getpid()}-", dir=output.parent))
     try:
         yield stage
         if not (stage / MANIFEST).is_file():
             raise ArtifactError(f"{output}: internal error, manifest was not written")
+        os.chmod(stage, 0o777 & ~_umask())
         old = None
         if output.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
+            old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-{os.getpid()}-", dir=output.parent))
             os.replace(output, old / "artifact")
         os.replace(stage, output)
         if old is not None:
@@ -68,6 +87,21 @@ def staged_directory(output: Path) -> Iterator[Path]:
     finally:
         if stage.exists():
             shutil.rmtree(stage, ignore_errors=True)
+
+
+def check_output_location(output: Path) -> None:
+    """Fail before any work when ``output`` cannot become an artifact: it is a file or a foreign directory, or
+    its parent cannot be created or written."""
+    output = Path(output)
+    if output.exists() and not _replaceable(output):
+        raise UsageError(f"{output}: exists and is not a luffy artifact; refusing to overwrite it")
+    parent = output.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"{output}: cannot create the output's parent directory {parent} ({exc.strerror or exc})") from None
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{output}: the output's parent directory {parent} is not writable")
 
 
 def _replaceable(path: Path) -> bool:
@@ -84,54 +118,3 @@ def write_manifest(directory: Path, manifest: dict) -> dict:
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
     os.replace(tmp, directory / MANIFEST)
     return manifest
-
-
-def read_manifest(directory: str | os.PathLike, verify_files: bool = True) -> dict:
-    """Read and check an artifact's manifest: format version, every file's size and sha256.
-
-    >>> manifest = read_manifest("build/llama-tiny")  # doctest: +SKIP
-    >>> manifest["target"], manifest["state"]          # doctest: +SKIP
-    ('ort', 'ready')
-    """
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise ArtifactError(f"{directory}: no such artifact directory")
-    path = directory / MANIFEST
-    if not path.is_file():
-        raise ArtifactError(f"{path}: missing; not a luffy artifact (or a compile that did not finish)")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(manifest, dict):
-        raise ArtifactError(f"{path}: not a manifest object")
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise ArtifactError(
-            f"{path}: format_version {version!r} is not supported by this luffy (reads {FORMAT_VERSION}); "
-            "recompile the model with this version"
-        )
-    files = manifest.get("files")
-    if not isinstance(files, dict) or not files:
-        raise ArtifactError(f"{path}: no file table")
-    if verify_files:
-        for rel, info in files.items():
-            verify_file(directory, rel, info)
-    return manifest
-
-
-def verify_file(directory: Path, rel: str, info: dict) -> None:
-    target = directory / rel
-    if Path(rel).is_absolute() or ".." in Path(rel).parts or target.is_symlink():
-        raise ArtifactError(f"{directory / MANIFEST}: file entry {rel!r} points outside the artifact")
-    if not target.is_file():
-        raise ArtifactError(f"{target}: listed in the manifest but missing")
-    size = target.stat().st_size
-    if size != info.get("size"):
-        raise ArtifactError(f"{target}: size {size} does not match the manifest's {info.get('size')}; the file was modified")
-    digest = sha256_file(target)
-    if digest != info.get("sha256"):
-        raise ArtifactError(
-            f"{target}: sha256 {digest[:16]}… does not match the manifest's {str(info.get('sha256'))[:16]}…; "
-            "the file was modified after compile"
-        )

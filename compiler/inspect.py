@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import SourceError
-from .artifact import MANIFEST, read_manifest
+from ..runtimes.manifest import MANIFEST, read_manifest
 
 
 def inspect_path(target: str) -> dict:
@@ -28,43 +28,45 @@ def inspect_path(target: str) -> dict:
 
 
 def _inspect_artifact(path: Path) -> dict:
-    m = read_manifest(path)
-    report = m.get("report", {})
+    m = read_manifest(path)  # the schema holds what load needs; everything else here may be absent
+    report = m.get("report") or {}
+    kv = m.get("kv_cache")
     return {
         "artifact": str(path),
         "state": m["state"],
         "kind": m["kind"],
         "target": m["target"],
-        "precision": m["precision"],
-        "opt_level": m["opt_level"],
-        "source": m["source"],
+        "precision": m.get("precision"),
+        "opt_level": m.get("opt_level"),
+        "source": m.get("source"),
         "max_seq_len": m.get("max_seq_len"),
-        "kv_cache": m.get("kv_cache"),
+        "kv_cache": kv,
         "parameters": report.get("parameters"),
         "nodes": report.get("nodes"),
         "parity": report.get("parity"),
-        "fusions": fusion_summary(report, (m.get("kv_cache") or {}).get("num_layers")),
+        "fusions": fusion_summary(report, kv.get("num_layers") if kv else None),
         "memory": report.get("memory"),
         "files": {name: info["size"] for name, info in m["files"].items()},
-        "versions": m["versions"],
-        "io": m["io"],
-        "op_histogram": report.get("op_histogram", {}),
+        "versions": m.get("versions"),
+        "io": m.get("io"),
+        "op_histogram": report.get("op_histogram") if isinstance(report.get("op_histogram"), dict) else {},
     }
 
 
 def fusion_summary(report: dict, num_layers: int | None) -> dict:
     """Per rewrite pass: how often it fired, against the layer count, and the closest miss when it didn't."""
     summary = {}
-    for record in report.get("passes", []):
-        if "matches" not in record:
+    records = report.get("passes")
+    for record in records if isinstance(records, list) else []:  # the report is informational: skip what is odd
+        if not isinstance(record, dict) or not isinstance(record.get("matches"), int) or "name" not in record:
             continue
         entry = {"matches": record["matches"]}
-        if num_layers:
+        if isinstance(num_layers, int) and num_layers > 0:
             entry["per_layer"] = round(record["matches"] / num_layers, 2)
-        if record.get("not_matched"):
-            closest = record["not_matched"][0]
-            entry["closest_miss"] = f"{closest['rule']}: {closest['reason']}"
-        summary[record["name"]] = entry
+        misses = record.get("not_matched")
+        if isinstance(misses, list) and misses and isinstance(misses[0], dict):
+            entry["closest_miss"] = f"{misses[0].get('rule')}: {misses[0].get('reason')}"
+        summary[str(record["name"])] = entry
     return summary
 
 

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from ..errors import ArtifactError, BackendUnavailableError, UnsupportedModelError
+from ..runtimes.trt import gpu_info, installed_tensorrt
 
 HOW_TO_PROCEED = ("compile with --defer-build here (writes the portable ONNX, profiles and a trtexec line), then "
                   "run `luffy build ARTIFACT` on the GPU machine")
@@ -22,39 +23,6 @@ HOW_TO_PROCEED = ("compile with --defer-build here (writes the portable ONNX, pr
 def default_timing_cache() -> Path:
     root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return root / "luffy" / "trt-timing.cache"
-
-
-def installed_tensorrt():
-    """The importable TensorRT module (full or lean) or None."""
-    for name in ("tensorrt", "tensorrt_lean"):
-        try:
-            return __import__(name)
-        except ImportError:
-            continue
-    return None
-
-
-def gpu_info() -> dict | None:
-    """Name, compute capability and CUDA version of GPU 0, or None when no NVIDIA GPU is visible."""
-    try:
-        import torch
-    except ImportError:
-        torch = None
-    if torch is not None and torch.cuda.is_available():
-        major, minor = torch.cuda.get_device_capability(0)
-        return {"name": torch.cuda.get_device_name(0), "compute_capability": f"{major}.{minor}",
-                "cuda": torch.version.cuda}
-    try:
-        from cuda.bindings import runtime as cudart
-    except ImportError:
-        return None
-    err, count = cudart.cudaGetDeviceCount()
-    if int(err) != 0 or not count:
-        return None
-    err, props = cudart.cudaGetDeviceProperties(0)
-    _, version = cudart.cudaRuntimeGetVersion()
-    return {"name": props.name.decode().rstrip("\x00"), "compute_capability": f"{props.major}.{props.minor}",
-            "cuda": f"{version // 1000}.{version % 1000 // 10}"}
 
 
 def require_builder(hint: str = HOW_TO_PROCEED):
@@ -177,7 +145,8 @@ def build_artifact(path: str | os.PathLike, timing_cache: str | os.PathLike | No
 
     import onnx_ir as ir
 
-    from .artifact import STATE_NEEDS_BUILD, read_manifest, staged_directory, write_manifest
+    from ..runtimes.manifest import STATE_NEEDS_BUILD, read_manifest
+    from .artifact import staged_directory, write_manifest
     from .trt_support import check_graph, require_supported
 
     path = Path(path)

@@ -5,16 +5,16 @@
     engine = luffy.load("build/llama-tiny")                      # ONNX Runtime, no torch needed
     engine.generate([[1, 2, 3]], max_new_tokens=16)
 
-Importing luffy loads neither torch nor onnxruntime; each is imported where it is first needed.
+The package root is lazy: ``import luffy`` loads only the error classes. ``luffy.compile`` (torch,
+transformers, onnxscript) and ``luffy.load`` (onnxruntime) import their halves on first use, so a serving
+machine that installed luffy without extras loads and serves artifacts.
 """
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
 
-from .compiler.compile import Artifact, compile  # noqa: E402
-from .compiler.config import LuffyConfig  # noqa: E402
-from .errors import (  # noqa: E402
+from .errors import (
     ArtifactError,
     BackendUnavailableError,
     CapacityError,
@@ -24,8 +24,36 @@ from .errors import (  # noqa: E402
     UnsupportedModelError,
     UsageError,
 )
-from .optimizer import LuffyOptimizer  # noqa: E402
-from .runtimes import load  # noqa: E402
+
+__version__ = "0.1.0"
+
+# public name -> (module, attribute), imported on first access (PEP 562)
+_LAZY = {
+    "compile": ("luffy.compiler.compile", "compile"),
+    "Artifact": ("luffy.compiler.compile", "Artifact"),
+    "LuffyConfig": ("luffy.compiler.config", "LuffyConfig"),
+    "LuffyOptimizer": ("luffy.optimizer", "LuffyOptimizer"),
+    "load": ("luffy.runtimes", "load"),
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        module, attribute = _LAZY[name]
+        if module == "luffy.runtimes":
+            value = getattr(importlib.import_module(module), attribute)
+        else:
+            from .extras import import_compiler
+
+            value = getattr(import_compiler(module), attribute)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'luffy' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "compile", "load", "Artifact", "LuffyConfig", "LuffyOptimizer", "LuffyError", "UsageError", "SourceError",

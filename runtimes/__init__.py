@@ -8,39 +8,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..compiler.artifact import read_manifest
-from ..errors import ArtifactError, BackendUnavailableError, UsageError
+from ..errors import UsageError
 from .engine import Engine
+from .manifest import read_manifest
+from .ort_compat import check_onnxruntime
 
 RUNTIMES = ("ort", "trt")
-
-# The first onnxruntime release that implements each ai.onnx opset: an older install cannot run the graph.
-ORT_MIN_FOR_OPSET = {17: (1, 14), 18: (1, 15), 19: (1, 16), 20: (1, 17), 21: (1, 20), 22: (1, 20), 23: (1, 22)}
-
-
-def _version_tuple(text: str) -> tuple[int, int]:
-    parts = text.split(".")
-    return int(parts[0]), int("".join(ch for ch in parts[1] if ch.isdigit()) or 0)
-
-
-def check_onnxruntime(manifest: dict, path: Path) -> None:
-    """Refuse an artifact whose opset the installed onnxruntime cannot run, naming both versions."""
-    try:
-        import onnxruntime
-    except ImportError:
-        raise BackendUnavailableError("onnxruntime is not installed: pip install onnxruntime") from None
-    opset = manifest.get("opset_imports", {}).get("ai.onnx")
-    if opset is None:
-        return
-    installed = _version_tuple(onnxruntime.__version__)
-    needed = ORT_MIN_FOR_OPSET.get(opset)
-    if needed is None and opset > max(ORT_MIN_FOR_OPSET):
-        needed = (999, 0)
-    if needed is not None and installed < needed:
-        raise ArtifactError(
-            f"{path}: graph uses ONNX opset {opset}, which needs onnxruntime >= {needed[0]}.{needed[1]}; "
-            f"installed onnxruntime is {onnxruntime.__version__}"
-        )
 
 
 def load(path: str | os.PathLike, runtime: str | None = None, **options) -> Engine:
@@ -61,8 +34,7 @@ def load(path: str | os.PathLike, runtime: str | None = None, **options) -> Engi
     if runtime not in RUNTIMES:
         raise UsageError(f"unknown runtime {runtime!r}; this luffy has {', '.join(RUNTIMES)}")
     if runtime == "trt":
-        from ..compiler.trt_build import gpu_info, installed_tensorrt
-        from .trt import TrtEngine, check_engine
+        from .trt import TrtEngine, check_engine, gpu_info, installed_tensorrt
 
         trt, gpu = installed_tensorrt(), gpu_info()
         check_engine(manifest, path, trt.__version__ if trt is not None else None, gpu)  # before deserializing

@@ -20,6 +20,39 @@ from .generation import as_rows, check_capacity, generate_loop, left_pad, positi
 PREFILL, DECODE = 0, 1  # profile indices, in the order compile writes manifest["tensorrt"]["profiles"]
 
 
+def installed_tensorrt():
+    """The importable TensorRT module (full or lean) or None."""
+    for name in ("tensorrt", "tensorrt_lean"):
+        try:
+            return __import__(name)
+        except ImportError:
+            continue
+    return None
+
+
+def gpu_info() -> dict | None:
+    """Name, compute capability and CUDA version of GPU 0, or None when no NVIDIA GPU is visible."""
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    if torch is not None and torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability(0)
+        return {"name": torch.cuda.get_device_name(0), "compute_capability": f"{major}.{minor}",
+                "cuda": torch.version.cuda}
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        return None
+    err, count = cudart.cudaGetDeviceCount()
+    if int(err) != 0 or not count:
+        return None
+    err, props = cudart.cudaGetDeviceProperties(0)
+    _, version = cudart.cudaRuntimeGetVersion()
+    return {"name": props.name.decode().rstrip("\x00"), "compute_capability": f"{props.major}.{props.minor}",
+            "cuda": f"{version // 1000}.{version % 1000 // 10}"}
+
+
 def _release(version: str) -> tuple[int, ...]:
     return tuple(int(p) for p in version.split(".")[:3] if p.isdigit())
 

@@ -15,7 +15,7 @@ import pytest
 from onnx import TensorProto, helper
 
 import luffy
-from luffy.compiler.trt_build import gpu_info, installed_tensorrt
+from luffy.runtimes.trt import gpu_info, installed_tensorrt
 from luffy.compiler.trt_support import check_graph
 from luffy.passes.pipelines import plugin_steps
 from luffy.passes.use_plugins import use_plugins

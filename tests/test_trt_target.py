@@ -15,7 +15,7 @@ import onnx_ir as ir
 import pytest
 
 import luffy
-from luffy.compiler.trt_build import gpu_info, installed_tensorrt
+from luffy.runtimes.trt import gpu_info, installed_tensorrt
 from luffy.compiler.trt_profiles import optimization_profiles
 from luffy.compiler.trt_support import check_graph, operator_list, require_supported
 from luffy.errors import ArtifactError, BackendUnavailableError, UnsupportedModelError, UsageError

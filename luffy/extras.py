@@ -1,0 +1,38 @@
+"""Optional halves of luffy and the extras that install them, with one clear error when one is missing.
+
+A serving machine installs luffy without extras; reaching for the compiler there should say which extra
+to install, not fail deep inside an import chain.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from .errors import BackendUnavailableError
+
+COMPILE_PACKAGES = ("torch", "transformers", "onnxscript")
+
+
+def import_compiler(module: str):
+    """Import ``luffy.compiler.<module>`` (or another compile-side module), or say which packages are missing.
+
+    >>> import_compiler("luffy.compiler.compile").compile   # doctest: +SKIP
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        missing = [name for name in COMPILE_PACKAGES if not _importable(name)]
+        if not missing:
+            raise
+        raise BackendUnavailableError(
+            f"compiling needs the 'compile' extra ({', '.join(missing)} cannot be imported here): "
+            "pip install 'luffy[compile]' (with torch's CPU wheel first on a machine without a GPU)"
+        ) from None
+
+
+def _importable(name: str) -> bool:
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        return False
+    return True

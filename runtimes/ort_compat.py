@@ -1,0 +1,77 @@
+"""Can the installed onnxruntime run a graph's opsets and IR version? Asked of onnxruntime itself.
+
+A table of "first ORT release per opset" goes stale with every release (it refused opsets 24-26 that ORT
+1.32 runs). Instead a one-node probe model carrying the graph's opset imports and IR version is loaded
+into a session; ORT's own refusal (ValidateOpsetForDomain, the IR version check) is the answer. Probes are
+cached per process: a serving process loading many artifacts builds each distinct probe once.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from pathlib import Path
+
+from ..errors import ArtifactError, BackendUnavailableError
+
+
+def import_onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise BackendUnavailableError("onnxruntime is not installed: pip install onnxruntime") from None
+    return onnxruntime
+
+
+@functools.lru_cache(maxsize=64)
+def _probe(opsets: tuple[tuple[str, int], ...], ir_version: int | None) -> str | None:
+    """None when ORT loads a graph with these opset imports and IR version, else ORT's reason in one line."""
+    from onnx import TensorProto, helper
+
+    ort = import_onnxruntime()
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])], "luffy_ort_probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    imports = [helper.make_opsetid("" if domain == "ai.onnx" else domain, version) for domain, version in opsets]
+    if not any(domain == "ai.onnx" for domain, _ in opsets):
+        imports.append(helper.make_opsetid("", 13))  # Identity needs some ai.onnx opset
+    model = helper.make_model(graph, opset_imports=imports)
+    if ir_version is not None:
+        model.ir_version = ir_version
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - ORT's Fail/InvalidGraph: the refusal is the answer
+        return _reason(str(exc))
+    return None
+
+
+def _reason(message: str) -> str:
+    domain = re.search(r"Opset (\d+) is under development.*?support for domain (\S+) is till opset (\d+)", message, re.S)
+    if domain:
+        return f"it uses {domain.group(2)} opset {domain.group(1)}; this onnxruntime supports up to {domain.group(3)}"
+    ir = re.search(r"Unsupported model IR version: (\d+), max supported IR version: (\d+)", message)
+    if ir:
+        return f"it has ONNX IR version {ir.group(1)}; this onnxruntime reads up to {ir.group(2)}"
+    lines = [ln for ln in re.sub(r"/onnxruntime_src/\S+", "", message).splitlines() if ln.strip()]
+    return lines[0].strip() if lines else "onnxruntime refused a probe graph with the same opsets"
+
+
+def ort_refusal(opset_imports: dict[str, int], ir_version: int | None = None) -> str | None:
+    """Why the installed onnxruntime cannot run a graph with these opset imports (None: it can).
+
+    >>> ort_refusal({"ai.onnx": 40})            # doctest: +SKIP
+    'it uses ai.onnx opset 40; this onnxruntime supports up to 28'
+    """
+    return _probe(tuple(sorted((str(d), int(v)) for d, v in opset_imports.items())), ir_version)
+
+
+def check_onnxruntime(manifest: dict, path: Path) -> None:
+    """Refuse an artifact the installed onnxruntime cannot run, naming the versions, before loading it."""
+    ort = import_onnxruntime()
+    reason = ort_refusal(manifest.get("opset_imports") or {}, manifest.get("ir_version"))
+    if reason is not None:
+        raise ArtifactError(f"{path}: onnxruntime {ort.__version__} cannot run this artifact: {reason}")
