@@ -21,3 +21,32 @@ def mlp():
 
 def not_a_module():
     return 42
+
+
+class PausingMLP(GatedMLP):
+    """Pauses in eager calls (the compile's parity check, inside the staged write) when LUFFY_TEST_PAUSE_FILE
+    names a file to create first: a test can then signal a compile that is known to be mid-write."""
+
+    def forward(self, x):
+        import os
+        import pathlib
+        import time
+
+        marker = os.environ.get("LUFFY_TEST_PAUSE_FILE")
+        if marker and not torch.compiler.is_compiling() and not torch.compiler.is_exporting():
+            pathlib.Path(marker).touch()
+            time.sleep(120)
+        return super().forward(x)
+
+
+def pausing_mlp():
+    torch.manual_seed(0)
+    return PausingMLP().eval(), (torch.randn(3, 16),)
+
+
+def slow_to_build():
+    """A factory that takes minutes to build its model (a big checkpoint): signals arrive during capture."""
+    import time
+
+    time.sleep(120)
+    return mlp()

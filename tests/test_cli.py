@@ -1,9 +1,12 @@
 """The `luffy` command as a user runs it: real processes, exit codes, one-line errors."""
 
 import json
+import os
+import signal
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -114,3 +117,63 @@ def test_capacity_and_usage_errors(zoo_artifacts):
 def test_debug_shows_the_traceback(tmp_path):
     proc = luffy_cli("--debug", "compile", tmp_path / "nope", "-o", tmp_path / "o")
     assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+# -- exit codes come from what the user sees, whatever click or typer version is installed ---------------
+
+@pytest.mark.parametrize("args, fragment", [
+    ([], "Usage:"),                                                     # bare `luffy`: the help, as a usage error
+    (["--bogus"], "No such option: --bogus"),
+    (["compile", "llama-tiny", "-o", "x", "-O", "7"], "'-O'"),
+    (["run", "build", "--max-new-tokens", "-1"], "'--max-new-tokens'"),
+    (["compile"], "Missing argument"),
+    (["no-such-command"], "No such command"),
+])
+def test_usage_errors_exit_2_with_the_parsers_message(args, fragment):
+    proc = luffy_cli(*args)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert fragment in proc.stdout + proc.stderr
+    assert "internal error" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("flag", ["-h", "--help"])
+def test_short_and_long_help(flag):
+    for command in ([], ["compile"], ["run"]):
+        proc = luffy_cli(*command, flag, check=True)
+        assert "Usage:" in proc.stdout
+
+
+def test_token_ids_outside_the_vocabulary_exit_2(zoo_artifacts):
+    artifact, _ = zoo_artifacts("gpt2-tiny")
+    for ids in ("1,-1", "1,320", "1,100000000000000000000000"):
+        assert_one_line_error(luffy_cli("run", artifact.path, "--input-ids", ids), UsageError.exit_code,
+                              "outside the vocabulary of size 320")
+    assert_one_line_error(luffy_cli("run", artifact.path, "--input-ids", "1,1e23"), UsageError.exit_code, "1e23")
+
+
+@pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_a_signalled_compile_says_so_exits_128_plus_n_and_leaves_nothing(tmp_path, sig, code, word):
+    # The factory's eager forward (the parity check, inside the staged write) pauses after creating the marker,
+    # so the signal lands while the artifact's files are half written.
+    marker = tmp_path / "writing"
+    env = {**os.environ, "LUFFY_TEST_PAUSE_FILE": str(marker)}
+    proc = subprocess.Popen([sys.executable, "-m", "luffy", "compile", "luffy.tests.factories:pausing_mlp", "-o",
+                             tmp_path / "art"], env=env, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 120
+    while not marker.exists():
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()
+        time.sleep(0.05)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".art.partial-")]  # mid-write
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == code, stderr
+    assert [ln for ln in stderr.splitlines() if ln.strip()] == [f"luffy: error: {word} ({'Ctrl-C' if code == 130 else 'SIGTERM'})"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["writing"]  # no artifact, no staging directory
+
+
+def test_run_escapes_control_bytes_a_model_generates():
+    from luffy.cli.main import printable
+
+    assert printable("def f():\n\treturn 1\x1b[2J\x07\u202e") == "def f():\n\treturn 1\\x1b[2J\\x07\\u202e"
+    assert printable("naïve – 日本語 🙂") == "naïve – 日本語 🙂"
