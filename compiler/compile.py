@@ -17,7 +17,8 @@ from .. import __version__
 from ..errors import UsageError
 from ..passes.driver import count_nodes, run_passes
 from ..passes.pipelines import pipeline, precision_steps
-from .artifact import FORMAT_VERSION, STATE_READY, staged_directory, write_manifest
+from ..runtimes.manifest import FORMAT_VERSION, STATE_READY
+from .artifact import check_output_location, staged_directory, write_manifest
 from .config import LuffyConfig
 from .quality import QualityMeasure
 from .sources import CAUSAL_LM, ENCODER, resolve_source
@@ -126,6 +127,7 @@ def compile(  # noqa: A001 - the public name the API promises
         if not cfg.defer_build:
             builder = require_builder()  # fails fast, before minutes of capture, saying how to proceed
     src = resolve_source(source)
+    check_output_location(Path(output))  # an unwritable output fails now, not after minutes of capture
     started = time.perf_counter()
 
     say(f"capturing {src.spec}")
@@ -133,6 +135,9 @@ def compile(  # noqa: A001 - the public name the API promises
     captured, tm = _capture(src, _capture_opset(cfg))
     capture_seconds = time.perf_counter() - t0
     captured_nodes = count_nodes(captured.model)
+    if tm is not None and tm.ignored_weights:
+        captured.notes.append(f"checkpoint tensors outside the model, not used: {', '.join(tm.ignored_weights[:8])}"
+                              + (f" and {len(tm.ignored_weights) - 8} more" if len(tm.ignored_weights) > 8 else ""))
     max_len = _max_seq_len(cfg, tm, captured)
 
     if max_len:
@@ -152,7 +157,7 @@ def compile(  # noqa: A001 - the public name the API promises
     if cfg.precision != "fp32":
         quality.measure_reference(model)
         model, precision_records = run_passes(
-            model, precision_steps(cfg.precision, quality.weight_spec(model), cfg.target),
+            model, precision_steps(cfg.precision, quality.weight_spec(model), cfg.target, _reduce_range(cfg)),
             on_pass=lambda name: say(f"pass {name}"), after_pass=_dump_only(after_pass),
         )
         pass_records += precision_records
@@ -160,6 +165,8 @@ def compile(  # noqa: A001 - the public name the API promises
             captured.kv.dtype = _kv_dtype(model, captured.kv.dtype)
     model.producer_name, model.producer_version = "luffy", __version__
     _lower_ir_version(model)
+    if cfg.target == "ort":
+        _require_runnable_on_ort(model, src.spec)
     operator_check = None
     if cfg.target == "trt":
         from .trt_support import check_graph, require_supported
@@ -178,6 +185,9 @@ def compile(  # noqa: A001 - the public name the API promises
             from .parity import check_parity as run_parity_check
 
             parity = run_parity_check(captured, stage / MODEL_FILE, _vocab(tm), cfg.precision)
+        elif cfg.target == "ort":
+            say("loading the graph on onnxruntime")
+            _require_loadable_on_ort(stage / MODEL_FILE, src.spec)  # what luffy.load would do, before publishing
         memory = _memory_report(stage / MODEL_FILE, captured, max_len)
         report = {
             "seconds_total": round(time.perf_counter() - started, 3),
@@ -251,7 +261,7 @@ PORTABLE_OPS_SINCE = (10, 15)  # the first TensorRT whose parser has Attention, 
 
 def _tensorrt_section(cfg: LuffyConfig, manifest: dict, operator_check: dict) -> dict:
     """The needs-build state: profiles, the operator check, and the trtexec line that builds the engine."""
-    from .artifact import STATE_NEEDS_BUILD
+    from ..runtimes.manifest import STATE_NEEDS_BUILD
     from .trt_build import ENGINE_FILE, operator_check_summary
     from .trt_profiles import optimization_profiles, trtexec_command
     from .trt_support import version_tuple
@@ -329,9 +339,20 @@ def _kv_dtype(model: ir.Model, default: str) -> str:
     return default
 
 
+def _reduce_range(cfg: LuffyConfig) -> bool:
+    from ..runtimes.cpu_features import u8s8_saturates
+
+    return u8s8_saturates() if cfg.reduce_range is None else cfg.reduce_range
+
+
 def _precision_report(cfg: LuffyConfig, records: list[dict]) -> dict:
     """What was quantized and how: the precision passes' own records, plus totals by op."""
     out = {"precision": cfg.precision}
+    if cfg.precision == "int8-dynamic":
+        from ..runtimes.cpu_features import int8_kernel_path
+
+        out["reduce_range_chosen_by"] = "this CPU" if cfg.reduce_range is None else "option"
+        out["compiled_on"] = int8_kernel_path()
     for record in records:
         if record["name"] in ("quantize-weights", "convert-fp16", "quantize-dynamic-int8"):
             out.update({k: v for k, v in record.items() if k not in ("name", "modified", "nodes_before", "nodes_after")})
@@ -365,6 +386,39 @@ def _lower_ir_version(model: ir.Model) -> None:
         model.ir_version = needed
 
 
+def _opset_imports(model: ir.Model) -> dict[str, int]:
+    return {domain or "ai.onnx": version for domain, version in model.opset_imports.items()}
+
+
+def _require_runnable_on_ort(model: ir.Model, spec: str) -> None:
+    """Refuse to publish what `luffy.load` would refuse: the same probe of the installed onnxruntime."""
+    from ..errors import UnsupportedModelError
+    from ..runtimes.ort_compat import ort_refusal
+
+    reason = ort_refusal(_opset_imports(model), model.ir_version)
+    if reason is not None:
+        import onnxruntime
+
+        raise UnsupportedModelError(f"{spec}: onnxruntime {onnxruntime.__version__} cannot run the compiled graph: {reason}")
+
+
+def _require_loadable_on_ort(model_path: Path, spec: str) -> None:
+    """Create an onnxruntime session on the staged graph, as luffy.load will: a graph ORT refuses (a cycle, a
+    dangling input, a node its schema rejects) must not be published. The parity check does this already."""
+    from ..errors import UnsupportedModelError
+    from ..runtimes.ort_compat import import_onnxruntime
+
+    ort = import_onnxruntime()
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - ORT's Fail/InvalidGraph/NotImplemented
+        lines = [ln for ln in str(exc).replace(str(model_path), MODEL_FILE).splitlines() if ln.strip()]
+        reason = lines[0].strip() if lines else type(exc).__name__
+        raise UnsupportedModelError(f"{spec}: onnxruntime {ort.__version__} cannot load the compiled graph: {reason}") from None
+
+
 def _max_seq_len(cfg: LuffyConfig, tm, captured) -> int | None:
     if captured.kind != CAUSAL_LM and (tm is None or tm.max_positions is None):
         return cfg.max_seq_len
@@ -377,12 +431,20 @@ def _max_seq_len(cfg: LuffyConfig, tm, captured) -> int | None:
 
 
 def _save_model(model: ir.Model, stage: Path, mode: str) -> bool:
-    weight_bytes = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
-    external = mode == "always" or (mode == "auto" and weight_bytes > EXTERNAL_DATA_BYTES)
-    if external:
-        ir.save(model, stage / MODEL_FILE, external_data=DATA_FILE)
-    else:
-        ir.save(model, stage / MODEL_FILE)
+    from ..errors import UnsupportedModelError
+
+    try:
+        weight_bytes = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+        external = mode == "always" or (mode == "auto" and weight_bytes > EXTERNAL_DATA_BYTES)
+        if external:
+            ir.save(model, stage / MODEL_FILE, external_data=DATA_FILE)
+        else:
+            ir.save(model, stage / MODEL_FILE)
+    except (ir.serde.SerdeError, TypeError, ValueError) as exc:  # a tensor or attribute ONNX cannot encode
+        root = exc
+        while root.__cause__ is not None:
+            root = root.__cause__
+        raise UnsupportedModelError(f"cannot write the graph as ONNX: {type(root).__name__}: {root}") from exc
     return external
 
 
@@ -396,9 +458,14 @@ def _write_tokenizer(stage: Path, src, tm) -> list[str]:
     return []
 
 
+def _text(value) -> str:
+    # ONNX is proto2: protobuf hands back a string field that is not UTF-8 as bytes
+    return value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else str(value)
+
+
 def op_histogram(model: ir.Model) -> dict[str, int]:
     counts = collections.Counter(
-        f"{n.domain}::{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type
+        f"{_text(n.domain)}::{_text(n.op_type)}" if n.domain not in ("", "ai.onnx") else _text(n.op_type)
         for n in ir.traversal.RecursiveGraphIterator(model.graph)
     )
     return dict(counts.most_common())
@@ -409,8 +476,9 @@ def parameter_count(model: ir.Model) -> int:
     K x N counts K*N, not its bytes; its scales and zero points are not parameters)."""
     quant_aux, total = set(), 0
     for node in model.graph:
-        if node.op_type == "MatMulNBits" and node.domain == "com.microsoft":
-            total += node.attributes["K"].as_int() * node.attributes["N"].as_int()
+        k, n = node.attributes.get("K"), node.attributes.get("N")
+        if node.op_type == "MatMulNBits" and node.domain == "com.microsoft" and k is not None and n is not None:
+            total += k.value * n.value if isinstance(k.value, int) and isinstance(n.value, int) else 0
             quant_aux.update(id(v) for v in node.inputs[1:] if v is not None)
         elif node.op_type in ("GatherBlockQuantized", "DequantizeLinear"):
             quant_aux.update(id(v) for v in node.inputs[1:] if v is not None)
@@ -421,13 +489,18 @@ def parameter_count(model: ir.Model) -> int:
 
 
 def _dtype_name(value: ir.Value) -> str:
-    return str(np.dtype(value.dtype.numpy())) if value.dtype is not None else "unknown"
+    if value.dtype is None:
+        return "unknown"
+    try:
+        return str(np.dtype(value.dtype.numpy()))
+    except TypeError:  # ONNX types numpy has no dtype for (UNDEFINED, string in some versions): ONNX's own name
+        return value.dtype.name.lower()
 
 
 def io_signature(model: ir.Model) -> dict:
     def describe(value: ir.Value) -> dict:
         shape = [d if isinstance(d, int) else str(d) for d in value.shape] if value.shape is not None else None
-        return {"name": value.name, "dtype": _dtype_name(value), "shape": shape}
+        return {"name": _text(value.name), "dtype": _dtype_name(value), "shape": shape}
 
     return {"inputs": [describe(v) for v in model.graph.inputs], "outputs": [describe(v) for v in model.graph.outputs]}
 
@@ -477,7 +550,6 @@ def _manifest(cfg, src, tm, captured, model, max_len, tokenizer_files, external,
         from .tokenizer_files import generation_ids_beside
 
         generation = generation_ids_beside(src.path)
-    opsets = {domain or "ai.onnx": version for domain, version in model.opset_imports.items()}
     return {
         "format_version": FORMAT_VERSION,
         "state": STATE_READY,
@@ -490,12 +562,15 @@ def _manifest(cfg, src, tm, captured, model, max_len, tokenizer_files, external,
         "source": {**src.describe(), "architecture": tm.architecture if tm is not None else None},
         "model_file": MODEL_FILE,
         "external_data": DATA_FILE if external else None,
-        "opset_imports": opsets,
+        "opset_imports": _opset_imports(model),
+        "ir_version": model.ir_version,
         "io": signature,
         "dims": _dim_ranges(signature, max_len, kind),
         "max_seq_len": max_len,
         "kv_cache": _kv_json(captured, signature),
         "generation": generation,
         "tokenizer": "tokenizer.json" if "tokenizer.json" in tokenizer_files else None,
+        # int8-dynamic with 8-bit weights is only correct where ORT's u8s8 kernels do not saturate (VNNI)
+        **({"int8_reduce_range": _reduce_range(cfg)} if cfg.precision == "int8-dynamic" else {}),
         "report": report,
     }

@@ -41,6 +41,9 @@ class LuffyConfig:
     calib: str | None = None  # text or token ids (.json) for calibrated quantization (GPTQ); none = RTN
     eval_file: str | None = None  # text or token ids: perplexity before and after, into the report
     accuracy_level: int = 4  # MatMulNBits: 4 = int8 products on the CPU (fast); 0 = fp32 products
+    # int8-dynamic: 7-bit weights, which x86 CPUs without VNNI need (their u8s8 kernels saturate). None: decided
+    # by the compiling CPU; True gives an artifact correct on every CPU.
+    reduce_range: bool | None = None
     # --target trt
     trt_version: str | None = None  # the TensorRT the graph must parse on; default: installed, else newest known
     defer_build: bool = False  # write the portable ONNX + profiles (state needs-build); `luffy build` finishes it
@@ -110,7 +113,7 @@ class LuffyConfig:
             "enabled_passes": list(self.enabled_passes), "check_parity": self.check_parity,
             "external_data": self.external_data, "verify": self.verify, "dump_ir": self.dump_ir,
             "block_size": self.block_size, "calib": self.calib, "eval_file": self.eval_file,
-            "accuracy_level": self.accuracy_level,
+            "accuracy_level": self.accuracy_level, "reduce_range": self.reduce_range,
             **({"trt_version": self.trt_version, "defer_build": self.defer_build, "max_batch": self.max_batch,
                 "opt_batch": self.opt_batch, "opt_seq_len": self.opt_seq_len, "timing_cache": self.timing_cache,
                 "hardware_compatibility": self.hardware_compatibility, "version_compatible": self.version_compatible}

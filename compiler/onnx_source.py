@@ -57,10 +57,16 @@ def check_external_data(path: Path, proto: onnx.ModelProto) -> list[str]:
 
 
 def load_onnx_source(path: Path) -> Captured:
+    if path.stat().st_size == 0:
+        raise SourceError(f"{path}: empty file, not an ONNX model")
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:
-        raise SourceError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {exc})") from None
+        raise SourceError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {_first_line(exc)})") from None
+    # protobuf parses many non-ONNX byte strings as a model with an empty graph: refuse what has nothing to run
+    if not proto.graph.node or not proto.graph.output:
+        what = "no nodes" if not proto.graph.node else "no outputs"
+        raise SourceError(f"{path}: graph has {what}; not an ONNX model luffy can compile")
     check_external_data(path, proto)
     try:
         model = ir.load(str(path))
@@ -70,9 +76,14 @@ def load_onnx_source(path: Path) -> Captured:
             if value.const_value is not None and isinstance(value.const_value, ir.ExternalTensor):
                 value.const_value = ir.tensor(value.const_value.numpy(), name=value.name)
     except Exception as exc:
-        raise SourceError(f"{path}: cannot load ({type(exc).__name__}: {exc})") from None
+        raise SourceError(f"{path}: cannot load ({type(exc).__name__}: {_first_line(exc)})") from None
     kv = decoder_layout(model)
     return Captured(model, CAUSAL_LM if kv else "module", kv)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+    return lines[0].strip()[:300] if lines else type(exc).__name__
 
 
 def decoder_layout(model: ir.Model) -> KVLayout | None:

@@ -57,6 +57,7 @@ class TorchModel:
     tokenizer_dir: Path | None = None  # HF dir whose tokenizer files are copied into the artifact
     generation: dict = field(default_factory=dict)  # bos/eos/pad token ids
     max_positions: int | None = None
+    ignored_weights: list = field(default_factory=list)  # checkpoint tensors outside the model (an encoder's head)
 
 
 def resolve_source(source: Any) -> Source:
@@ -153,12 +154,48 @@ def _load_hf_dir(path: Path) -> TorchModel:
     try:
         # trust_remote_code=False: a model directory never runs its own Python here. transformers reads
         # safetensors, and .bin files only with torch.load(weights_only=True).
-        module = auto.from_pretrained(
-            path, dtype=torch.float32, trust_remote_code=False, use_safetensors=bool(weights), local_files_only=True
+        module, loading = auto.from_pretrained(
+            path, dtype=torch.float32, trust_remote_code=False, use_safetensors=bool(weights), local_files_only=True,
+            output_loading_info=True,
         )
     except Exception as exc:  # transformers raises many types for a bad checkpoint
         raise SourceError(f"{path}: cannot load weights ({type(exc).__name__}: {_first_line(exc)})") from None
-    return _from_hf_model(module.eval(), tokenizer_dir=path)
+    ignored = require_complete_weights(path, module, loading, kind)
+    torch_model = _from_hf_model(module.eval(), tokenizer_dir=path)
+    torch_model.ignored_weights = ignored
+    return torch_model
+
+
+def require_complete_weights(path: Path, module, loading: dict, kind: str) -> list[str]:
+    """Refuse a checkpoint that does not fill the module: transformers would initialize what is missing at
+    random, and parity would then compare that random model with itself. Returns the unexpected tensors
+    that are safely ignored (an encoder checkpoint's task head, e.g. BERT's ``cls.*``).
+
+    A causal LM is the whole model, so any unexpected tensor means the config and the weights disagree
+    (e.g. more layers in the file than in config.json). An encoder loaded as its base model may carry a
+    head; a tensor under one of the base model's own submodules is refused all the same.
+    """
+    missing = sorted(loading.get("missing_keys") or [])
+    mismatched = [str(k[0]) if isinstance(k, tuple) else str(k) for k in (loading.get("mismatched_keys") or [])]
+    unexpected = sorted(loading.get("unexpected_keys") or [])
+    if kind == CAUSAL_LM:
+        refused_unexpected, ignored = unexpected, []
+    else:
+        prefix = getattr(module, "base_model_prefix", "") or ""
+        children = {name for name, _ in module.named_children()}
+
+        def inside_model(key: str) -> bool:
+            key = key[len(prefix) + 1:] if prefix and key.startswith(prefix + ".") else key
+            return key.split(".")[0] in children
+
+        refused_unexpected = [k for k in unexpected if inside_model(k)]
+        ignored = [k for k in unexpected if not inside_model(k)]
+    for what, keys in (("missing", missing), ("of the wrong shape", mismatched), ("not in the model", refused_unexpected)):
+        if keys:
+            shown = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+            raise SourceError(f"{path}: checkpoint tensors {what}: {shown}; the weights do not match config.json "
+                              f"(a model with {len(keys)} tensor(s) left at random initialization is not compiled)")
+    return ignored
 
 
 def _module_kind(module) -> str | None:
@@ -217,7 +254,10 @@ def _load_factory(spec: str) -> TorchModel:
     factory = getattr(mod, attr, None)
     if not callable(factory):
         raise SourceError(f"{spec}: {module_name} has no callable {attr}")
-    result = factory()
+    try:
+        result = factory()
+    except Exception as exc:  # noqa: BLE001 - whatever the user's factory raises, name it in one line
+        raise SourceError(f"{spec}: calling {attr}() failed ({type(exc).__name__}: {_first_line(exc)})") from None
     example_inputs = dynamic_shapes = None
     if isinstance(result, tuple):
         if not 2 <= len(result) <= 3:

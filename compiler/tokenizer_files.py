@@ -30,12 +30,28 @@ def write_tokenizer(out_dir: Path, tokenizer=None, source_dir: Path | None = Non
         if (source_dir / name).is_file():
             shutil.copyfile(source_dir / name, out_dir / name)
             written.append(name)
-    if "tokenizer.json" not in written and written:
+    if "tokenizer.json" in written:
+        require_readable_tokenizer(out_dir / "tokenizer.json", source_dir / "tokenizer.json")
+    elif written:
         fast = _convert_to_fast(source_dir)
         if fast is not None:
             fast.save(str(out_dir / "tokenizer.json"))
             written.append("tokenizer.json")
     return written
+
+
+def require_readable_tokenizer(path: Path, source: Path) -> None:
+    """Parse tokenizer.json with the runtime's own library now: a file it cannot read would otherwise be
+    published, hashed as intact, and fail on the first request."""
+    from tokenizers import Tokenizer
+
+    from ..errors import SourceError
+
+    try:
+        Tokenizer.from_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - tokenizers raises a bare Exception with serde's message
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SourceError(f"{source}: the tokenizers library cannot read it ({reason})") from None
 
 
 def _convert_to_fast(source_dir: Path):

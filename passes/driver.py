@@ -8,6 +8,8 @@ from typing import Callable
 
 import onnx_ir as ir
 
+from ..errors import LuffyError, UnsupportedModelError
+
 
 @dataclass(frozen=True)
 class PassStep:
@@ -40,7 +42,15 @@ def run_passes(
         before = count_nodes(model)
         start = time.perf_counter()
         pass_ = step.make()
-        result = pass_(model)
+        try:
+            result = pass_(model)
+        except LuffyError:
+            raise
+        except Exception as exc:  # an upstream rewriter's crash: name the pass and the way around it
+            lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+            reason = f"{type(exc).__name__}: {lines[0].strip()[:200]}" if lines else type(exc).__name__
+            raise UnsupportedModelError(f"pass {step.name!r} failed ({reason}); --disable-pass {step.name} "
+                                        "skips it") from exc
         seconds = time.perf_counter() - start
         model = result.model
         after = count_nodes(model)

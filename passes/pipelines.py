@@ -172,7 +172,9 @@ def pipeline(target: str, opt_level: int, disabled=(), enabled=()) -> list[PassS
     return [s for s in PIPELINES[(target, 3)] if s.name in chosen]
 
 
-def precision_steps(precision: str, weights: WeightQuantization | None = None, target: str = "ort") -> list[PassStep]:
+def precision_steps(
+    precision: str, weights: WeightQuantization | None = None, target: str = "ort", reduce_range: bool = True,
+) -> list[PassStep]:
     """The passes that set ``precision``; they run after the opt-level pipeline, on the fused graph.
 
     Last, because quantization replaces MatMul with MatMulNBits and fp16 inserts Casts: every fusion
@@ -199,6 +201,6 @@ def precision_steps(precision: str, weights: WeightQuantization | None = None, t
     if precision == "int8-dynamic" and target == "trt":
         raise UsageError("int8-dynamic is an ONNX Runtime mode; for TensorRT use int8 (QDQ weights)")
     if precision == "int8-dynamic":
-        return [PassStep("quantize-dynamic-int8", quantize_dynamic_int8,
+        return [PassStep("quantize-dynamic-int8", lambda: quantize_dynamic_int8(reduce_range),
                          "int8 weights and int8 products, activation scales found at run time"), cleanup]
     raise UsageError(f"precision {precision!r} has no pass list")

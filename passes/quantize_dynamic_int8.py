@@ -16,8 +16,12 @@ import onnx_ir as ir
 
 
 class QuantizeDynamicInt8(ir.passes.FunctionalPass):
-    def __init__(self):
+    """``reduce_range`` quantizes weights to 7 bits, which CPUs whose int8 kernels saturate need (the
+    compiler decides, from the CPU; see runtimes/cpu_features.py)."""
+
+    def __init__(self, reduce_range: bool = True):
         super().__init__()
+        self.reduce_range = reduce_range
         self.stats: dict = {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -32,18 +36,19 @@ class QuantizeDynamicInt8(ir.passes.FunctionalPass):
         level = root.level
         root.setLevel(logging.ERROR)  # quantize_dynamic warns on the root logger to "run pre-processing"
         try:
-            new = _quantize(model, chosen)
+            new = _quantize(model, chosen, self.reduce_range)
         finally:
             root.setLevel(level)
         self.stats = {
             "matches": sum(1 for n in new.graph if n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul")),
-            "scheme": {"weights": "int8 per output channel, symmetric", "activations": "uint8 per tensor, at run time"},
+            "scheme": {"weights": f"int{7 if self.reduce_range else 8} per output channel, symmetric",
+                       "activations": "uint8 per tensor, at run time", "reduce_range": self.reduce_range},
             "nodes": chosen,
         }
         return ir.passes.PassResult(new, modified=True)
 
 
-def _quantize(model: ir.Model, chosen: list[str]) -> ir.Model:
+def _quantize(model: ir.Model, chosen: list[str], reduce_range: bool) -> ir.Model:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -53,9 +58,10 @@ def _quantize(model: ir.Model, chosen: list[str]) -> ir.Model:
         quantize_dynamic(
             src, dst, op_types_to_quantize=["MatMul"], nodes_to_quantize=chosen, per_channel=True,
             weight_type=QuantType.QInt8, use_external_data_format=True, extra_options={"MatMulConstBOnly": True},
+            reduce_range=reduce_range,
         )
         return ir.serde.deserialize_model(onnx.load(dst))
 
 
-def quantize_dynamic_int8() -> QuantizeDynamicInt8:
-    return QuantizeDynamicInt8()
+def quantize_dynamic_int8(reduce_range: bool = True) -> QuantizeDynamicInt8:
+    return QuantizeDynamicInt8(reduce_range)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UsageError
+from ..errors import ArtifactError, UsageError
 
 
 class Engine:
@@ -39,7 +39,11 @@ class Engine:
                 raise UsageError(f"{self.path}: artifact has no tokenizer; pass token ids instead of text")
             from tokenizers import Tokenizer
 
-            self._tokenizer = Tokenizer.from_file(str(self.path / name))
+            try:
+                self._tokenizer = Tokenizer.from_file(str(self.path / name))
+            except Exception as exc:  # noqa: BLE001 - tokenizers raises a bare Exception
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise ArtifactError(f"{self.path / name}: the tokenizers library cannot read it ({reason})") from None
         return self._tokenizer
 
     def _generation_default(self, key: str):

@@ -15,8 +15,9 @@ from ..errors import CapacityError, UsageError
 from .sampling import select_next
 
 
-def as_rows(input_ids) -> list[list[int]]:
-    """Normalize a 2-D array or a list of token-id lists (ragged allowed) into python lists."""
+def as_rows(input_ids, vocab: int | None = None) -> list[list[int]]:
+    """Normalize a 2-D array or a list of token-id lists (ragged allowed) into python lists; with ``vocab``,
+    every id must lie in [0, vocab) (a negative id would silently index from the end of the embedding)."""
     if isinstance(input_ids, np.ndarray) or hasattr(input_ids, "tolist"):
         arr = np.asarray(input_ids.tolist() if not isinstance(input_ids, np.ndarray) else input_ids)
         if arr.ndim == 1:
@@ -38,7 +39,28 @@ def as_rows(input_ids) -> list[list[int]]:
         for t in r:
             if not isinstance(t, (int, np.integer)) or isinstance(t, bool):
                 raise UsageError(f"input_ids must be integers, got {t!r}")
-    return [[int(t) for t in r] for r in rows]
+    rows = [[int(t) for t in r] for r in rows]
+    if vocab is not None:
+        for i, r in enumerate(rows):
+            for j, t in enumerate(r):
+                if not 0 <= t < vocab:
+                    raise UsageError(f"token id {t} (row {i}, position {j}) is outside the vocabulary of size {vocab}")
+    return rows
+
+
+def ids_array(input_ids, vocab: int | None) -> np.ndarray:
+    """A rectangular int64 id array (the score-with-mask path), every id in [0, vocab)."""
+    try:
+        ids = np.asarray(input_ids)
+        if ids.dtype.kind not in "iu":
+            raise UsageError(f"input_ids must be integers, got dtype {ids.dtype}")
+        ids = ids.astype(np.int64)
+    except (OverflowError, ValueError) as exc:
+        raise UsageError(f"input_ids must be a rectangular array of int64 token ids ({exc})") from None
+    if vocab is not None and ids.size and (ids.min() < 0 or ids.max() >= vocab):
+        bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
+        raise UsageError(f"token id {bad} is outside the vocabulary of size {vocab}")
+    return ids
 
 
 def left_pad(rows: list[list[int]], pad_id: int, width: int | None = None):

@@ -23,6 +23,7 @@ HUGE_PAGE = 2 << 20
 MADV_HUGEPAGE, MADV_COLLAPSE = 14, 25
 MIN_REGION = 4 << 20  # smaller mappings hold activations and bookkeeping, not weights
 MIN_RESIDENT = 0.9  # weights are written in full while being packed; stacks and arenas are not
+NOTHING_COLLAPSED = {"bytes": 0, "regions": 0, "refused": 0, "seconds": 0.0}
 
 
 def anonymous_mappings() -> dict[tuple[int, int], int]:
@@ -94,7 +95,7 @@ def back_new_mappings_with_huge_pages(before: dict[tuple[int, int], int]) -> dic
     True
     """
     start_time = time.perf_counter()
-    report = {"bytes": 0, "regions": 0, "refused": 0, "seconds": 0.0}
+    report = dict(NOTHING_COLLAPSED)
     candidates = huge_page_candidates(before, anonymous_mappings())
     if not candidates:
         return report

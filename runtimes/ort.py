@@ -9,9 +9,10 @@ import numpy as np
 from ..errors import ArtifactError, BackendUnavailableError, UsageError
 from .cpu_bf16 import cpu_model
 from .engine import Engine
-from .generation import as_rows, check_capacity, generate_loop, left_pad, positions_from_mask
-from .huge_pages import anonymous_mappings, back_new_mappings_with_huge_pages
+from .generation import as_rows, check_capacity, generate_loop, ids_array, left_pad, positions_from_mask
+from .huge_pages import MIN_REGION, NOTHING_COLLAPSED, anonymous_mappings, back_new_mappings_with_huge_pages
 from .kv_cache import KVCache
+from .manifest import step_graph
 
 SEQLENS, TOTAL, KEEP = "seqlens_k", "total_sequence_length", "logits_to_keep"
 _NUMPY_DTYPES = {
@@ -26,6 +27,22 @@ def _import_ort():
     except ImportError:
         raise BackendUnavailableError("onnxruntime is not installed: pip install onnxruntime") from None
     return onnxruntime
+
+
+def _weight_file_bytes(manifest: dict) -> int:
+    files = manifest.get("files", {})
+    return sum(files.get(name, {}).get("size", 0) for name in (manifest["model_file"], manifest.get("external_data")) if name)
+
+
+def _require_int8_kernels_fit(manifest: dict, path: Path, providers: list[str] | None) -> None:
+    """An int8-dynamic artifact with 8-bit weights gives wrong outputs on x86 CPUs without VNNI."""
+    from .cpu_features import u8s8_saturates
+
+    on_cpu = not providers or providers == ["CPUExecutionProvider"]
+    if manifest.get("int8_reduce_range") is False and on_cpu and u8s8_saturates():
+        raise ArtifactError(
+            f"{path}: int8-dynamic artifact with 8-bit weights needs a CPU with VNNI (AVX512-VNNI, AVX-VNNI or "
+            "AMX); this CPU's int8 kernels saturate. Recompile with --reduce-range (correct on every CPU)")
 
 
 class OrtEngine(Engine):
@@ -47,38 +64,31 @@ class OrtEngine(Engine):
             options.intra_op_num_threads = threads
         self._ort = ort
         model_path = self.path / manifest["model_file"]
+        _require_int8_kernels_fit(manifest, self.path, providers)
+        providers = providers or ["CPUExecutionProvider"]
+        # ORT's CPU kernels have no bf16: a bf16 artifact runs there through its fp32 emulation (a check path)
+        on_cpu = providers == ["CPUExecutionProvider"]
+        # weights smaller than one MIN_REGION cannot make a collapsible mapping: skip reading smaps for them
+        track = huge_pages and on_cpu and _weight_file_bytes(manifest) >= MIN_REGION
         try:
-            providers = providers or ["CPUExecutionProvider"]
-            # ORT's CPU kernels have no bf16: a bf16 artifact runs there through its fp32 emulation (a check path)
-            on_cpu = providers == ["CPUExecutionProvider"]
             source = cpu_model(model_path) if on_cpu else str(model_path)
-            mappings_before = anonymous_mappings() if huge_pages and on_cpu else None
+            mappings_before = anonymous_mappings() if track else None
             self.session = ort.InferenceSession(source, options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ArtifactError(f"{model_path}: onnxruntime {ort.__version__} cannot load it: {reason}") from None
-        self.huge_pages = None if mappings_before is None else back_new_mappings_with_huge_pages(mappings_before)
+        self.huge_pages = None if not (huge_pages and on_cpu) else (
+            back_new_mappings_with_huge_pages(mappings_before) if track else dict(NOTHING_COLLAPSED))
         self.input_types = {i.name: i.type for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
-        kv = manifest.get("kv_cache")
-        self.layers: list[tuple[int, int]] = []
-        if self.kind == "causal-lm" and kv:
-            for layer in range(kv["num_layers"]):
-                meta = next(i for i in self.session.get_inputs() if i.name == kv["past_input"].format(layer=layer, kind="key"))
-                self.layers.append((int(meta.shape[1]), int(meta.shape[3])))
-            logits_meta = next(o for o in self.session.get_outputs() if o.name == "logits")
-            if not isinstance(logits_meta.shape[-1], int):
-                raise UsageError(f"{self.path}: logits output has no static vocabulary dimension ({logits_meta.shape})")
-            self.vocab = int(logits_meta.shape[-1])
-            self.kv_dtype = _NUMPY_DTYPES.get(self.input_types[kv["past_input"].format(layer=0, kind="key")], np.float32)
-            # fuse-gqa graphs bind one buffer as past and present and take the lengths as inputs
-            self.shared_kv = SEQLENS in self.input_types
-            unknown = set(self.input_types) - {"input_ids", "attention_mask", "position_ids", SEQLENS, TOTAL, KEEP} - {
-                kv["past_input"].format(layer=i, kind=k) for i in range(kv["num_layers"]) for k in ("key", "value")
-            }
-            if unknown or "attention_mask" not in self.input_types:
-                what = ", ".join(sorted(unknown)) or "attention_mask (missing)"
-                raise UsageError(f"{self.path}: decoder graph has inputs the runtime cannot feed: {what}")
+        if self.kind == "causal-lm":
+            self.graph = step_graph(
+                self.path, manifest, {i.name: (i.type, i.shape) for i in self.session.get_inputs()},
+                {o.name: o.shape for o in self.session.get_outputs()})
+            self.layers = list(self.graph.layers)
+            self.vocab = self.graph.vocab
+            self.kv_dtype = _NUMPY_DTYPES.get(self.graph.kv_type, np.float32)
+            self.shared_kv = self.graph.shared_kv
 
     # -- decoder --------------------------------------------------------------------------------------
     def _require_decoder(self, what: str) -> None:
@@ -169,7 +179,7 @@ class OrtEngine(Engine):
         (2, 8)
         """
         self._require_decoder("generate")
-        rows = as_rows(input_ids)
+        rows = as_rows(input_ids, self.vocab)
         prompt_len = max(len(r) for r in rows)
         check_capacity(prompt_len, max_new_tokens, self.max_seq_len)
         if eos_token_id == "model":
@@ -197,10 +207,10 @@ class OrtEngine(Engine):
         """
         self._require_decoder("score")
         if attention_mask is None:
-            rows = as_rows(input_ids)
+            rows = as_rows(input_ids, self.vocab)
             ids, mask = left_pad(rows, self._pad_id(None))
         else:
-            ids = np.asarray(input_ids, dtype=np.int64)
+            ids = ids_array(input_ids, self.vocab)
             mask = np.asarray(attention_mask, dtype=np.int64)
             if ids.ndim != 2 or ids.shape != mask.shape:
                 raise UsageError(f"input_ids {ids.shape} and attention_mask {mask.shape} must be equal 2-D shapes")
@@ -225,9 +235,15 @@ class OrtEngine(Engine):
             raise UsageError(f"{self.path}: {'; '.join(parts)}; the graph takes {sorted(self.input_types)}")
         arrays = {}
         for name, value in feeds.items():
+            if value is None or not self.input_types[name].startswith("tensor("):
+                arrays[name] = value  # an absent optional, a sequence or an optional: ORT takes them as they are
+                continue
             want = _NUMPY_DTYPES.get(self.input_types[name])
-            arr = np.asarray(value)
-            arrays[name] = arr.astype(want) if want is not None and arr.dtype != want else arr
+            try:
+                arr = np.asarray(value)
+                arrays[name] = arr.astype(want) if want is not None and arr.dtype != want else arr
+            except (OverflowError, ValueError, TypeError) as exc:
+                raise UsageError(f"{self.path}: input {name!r} cannot be made a {self.input_types[name]} ({exc})") from None
         try:
             outputs = self.session.run(None, arrays)
         except Exception as exc:  # ORT raises its own exception types for shape/type errors

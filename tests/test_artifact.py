@@ -10,11 +10,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 import luffy
 from luffy.errors import ArtifactError, CapacityError, UsageError
-from luffy.runtimes import check_onnxruntime
+from luffy.runtimes.ort_compat import check_onnxruntime
 
 
 @pytest.fixture()
@@ -91,9 +92,44 @@ def test_manifest_entry_escaping_the_artifact_is_refused(llama_copy):
         luffy.load(llama_copy)
 
 
-def test_onnxruntime_too_old_for_the_opset_is_refused(tmp_path):
-    with pytest.raises(ArtifactError, match=r"opset 40, which needs onnxruntime >= 999.0; installed onnxruntime is"):
+def test_onnxruntime_is_asked_whether_it_runs_the_opsets(tmp_path):
+    # The installed onnxruntime answers, not a table: opsets 24-26 load on ORT 1.32, a future opset does not.
+    import onnxruntime
+
+    for opset in (17, 23, 24, 25, 26):
+        check_onnxruntime({"opset_imports": {"ai.onnx": opset}}, tmp_path)
+    with pytest.raises(ArtifactError, match=rf"onnxruntime {onnxruntime.__version__} cannot run this artifact: it uses "
+                                            r"ai.onnx opset 40; this onnxruntime supports up to \d+"):
         check_onnxruntime({"opset_imports": {"ai.onnx": 40}}, tmp_path)
+    with pytest.raises(ArtifactError, match=r"IR version 99; this onnxruntime reads up to \d+"):
+        check_onnxruntime({"opset_imports": {"ai.onnx": 17}, "ir_version": 99}, tmp_path)
+
+
+def test_compile_refuses_a_graph_the_installed_onnxruntime_cannot_run(tmp_path):
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "future",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 40)], ir_version=10)
+    onnx.save(model, tmp_path / "future.onnx")
+    with pytest.raises(luffy.UnsupportedModelError, match="cannot run the compiled graph: it uses ai.onnx opset 40"):
+        luffy.compile(tmp_path / "future.onnx", output=tmp_path / "out", opt_level=0)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_one_node_graph_at_opset_24_to_26_compiles_loads_and_runs(tmp_path):
+    from onnx import TensorProto, helper
+
+    x = np.array([1.0, -2.0], dtype=np.float32)
+    for opset in (24, 25, 26):
+        graph = helper.make_graph([helper.make_node("Add", ["x", "x"], ["y"])], "add",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]), tmp_path / f"{opset}.onnx")
+        artifact = luffy.compile(tmp_path / f"{opset}.onnx", output=tmp_path / f"art{opset}", opt_level=3)
+        assert artifact.manifest["opset_imports"]["ai.onnx"] == opset
+        np.testing.assert_array_equal(luffy.load(artifact.path).run({"x": x})["y"], 2 * x)
 
 
 def test_capacity_error_names_both_numbers(tmp_path):
@@ -209,3 +245,69 @@ def test_engine_from_plain_numpy_inputs(zoo_artifacts):
     assert out.dtype == np.int64 and out.shape == (2, 6) and (out[:, :3] == ids).all()
     assert np.stack(streamed, axis=1).tolist() == out[:, 3:].tolist()  # each step's tokens, as chosen
     assert engine.score(ids).shape == (2, 3, 320)
+
+
+def _rewrite_manifest(directory: Path, **changes):
+    manifest = json.loads((directory / "manifest.json").read_text())
+    for key, value in changes.items():
+        if value is _DELETE:
+            del manifest[key]
+        else:
+            manifest[key] = value
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+
+
+_DELETE = object()
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(model_file="../outside.onnx"), r"field model_file entry '\.\./outside\.onnx' points outside the artifact"),
+    (dict(model_file="/etc/passwd"), r"field model_file entry '/etc/passwd' points outside the artifact"),
+    (dict(model_file="extra.onnx"), r"field model_file names 'extra\.onnx', which the file table does not list and hash"),
+    (dict(kv_cache=_DELETE), r"field kv_cache is missing; a causal-lm artifact must describe its KV cache"),
+    (dict(max_seq_len="512"), r"field max_seq_len must be integer or null, got str '512'"),
+    (dict(max_seq_len=True), r"field max_seq_len must be integer or null, got bool"),
+    (dict(kind="diffusion"), r"field kind is 'diffusion'; expected one of causal-lm, encoder, module"),
+    (dict(files={"model.onnx": {"sha256": "x"}}), r"field files\.model\.onnx\.size is missing"),
+    (dict(tokenizer=7), r"field tokenizer must be string or null, got int 7"),
+])
+def test_manifest_schema_errors_are_one_line(llama_copy, changes, message):
+    (llama_copy / "extra.onnx").write_bytes((llama_copy / "model.onnx").read_bytes())  # present, but unhashed
+    _rewrite_manifest(llama_copy, **changes)
+    with pytest.raises(ArtifactError, match=r"manifest\.json: " + message) as caught:
+        luffy.load(llama_copy)
+    assert "\n" not in str(caught.value)
+
+
+def test_token_ids_outside_the_vocabulary_are_usage_errors(zoo_artifacts):
+    artifact, _ = zoo_artifacts("llama-tiny")
+    engine = artifact.load()
+    for bad in (-1, 320, 10**23):
+        with pytest.raises(UsageError, match=rf"token id {bad} \(row 0, position 1\) is outside the vocabulary of size 320"):
+            engine.generate([[256, bad, 3]], max_new_tokens=2)
+    with pytest.raises(UsageError, match=r"token id -5 is outside the vocabulary of size 320"):
+        engine.score(np.array([[1, -5]]), attention_mask=np.ones((1, 2), np.int64))
+    with pytest.raises(UsageError, match=r"token id 999 \(row 1, position 0\)"):
+        engine.score([[1, 2], [999]])
+
+
+def test_the_next_compile_removes_what_a_killed_one_left(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid names a process that no longer exists
+    leftover = tmp_path / f".art.partial-{dead.pid}-abc123"
+    leftover.mkdir()
+    (leftover / "model.onnx").write_bytes(b"\0" * 1024)
+    alive = tmp_path / f".art.partial-{os.getpid()}-def456"  # a compile still running: not ours to remove
+    alive.mkdir()
+    luffy.compile("llama-tiny", output=tmp_path / "art", opt_level=0, check_parity=False)
+    assert not leftover.exists() and alive.exists()
+
+
+def test_artifacts_follow_the_umask_so_other_users_can_read_them(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        art = luffy.compile("llama-tiny", output=tmp_path / "art", opt_level=0, check_parity=False)
+    finally:
+        os.umask(previous)
+    assert (art.path.stat().st_mode & 0o777) == 0o755
+    assert all((p.stat().st_mode & 0o777) == 0o644 for p in art.path.iterdir())

@@ -16,6 +16,7 @@ from luffy.passes.convert_bf16 import ConvertBfloat16
 from luffy.passes.convert_fp16 import ConvertFloat16
 from luffy.runtimes.cpu_bf16 import emulate_bf16
 from luffy.passes.quantize_dynamic_int8 import QuantizeDynamicInt8
+from luffy.runtimes.cpu_features import int8_kernel_path, u8s8_saturates
 from luffy.passes.quantize_weights import QuantizeWeights, WeightQuantization, _ort_nbits
 
 
@@ -258,13 +259,23 @@ def test_quantize_dynamic_int8_leaves_activation_matmuls_alone():
     assert _ops(result.model) == {"MatMul": 1}
 
 
-def test_quantize_dynamic_int8_parity():
+# "auto" is what luffy.compile picks on this CPU: 8-bit weights where ORT's int8 kernels have VNNI, 7-bit
+# (reduce_range) where they saturate; the test id names the path this machine took.
+_INT8_PATH = int8_kernel_path()
+
+
+@pytest.mark.parametrize("reduce_range", [
+    pytest.param(u8s8_saturates(), id=f"auto-{_INT8_PATH}-reduce_range={u8s8_saturates()}"),
+    pytest.param(True, id="reduce_range=True"),
+])
+def test_quantize_dynamic_int8_parity(reduce_range):
     rng = np.random.default_rng(4)
     w = rng.standard_normal((64, 48)).astype(np.float32)
     x = rng.standard_normal((4, 64)).astype(np.float32)
-    new = QuantizeDynamicInt8()(_matmul_model(w)).model
+    new = QuantizeDynamicInt8(reduce_range)(_matmul_model(w)).model
     got = _session(new).run(None, {"x": x})[0]
-    # int8 per-channel weights and uint8 per-tensor activations: about 1% of the output's scale
+    # int8 per-channel weights and uint8 per-tensor activations: about 1% of the output's scale (a saturating
+    # kernel fed 8-bit weights errs by ~35%: 7.5 on outputs of scale 21, measured on an AVX2-only EPYC)
     expected = x @ w
     assert np.abs(got - expected).max() < 0.02 * np.abs(expected).max()
     assert not np.allclose(got, expected, atol=1e-5)

@@ -109,3 +109,91 @@ def test_in_memory_module_needs_example_inputs(tmp_path):
 
     with pytest.raises(SourceError, match="example inputs are needed"):
         luffy.compile(torch.nn.Linear(2, 2), output=tmp_path / "x")
+
+
+# -- sources that must be refused, not compiled into something else ------------------------------------
+
+def _tiny_llama_dir(directory):
+    from .helpers import COMMON, make_hf_dir
+
+    make_hf_dir("llama", dict(COMMON), directory)
+    return directory
+
+
+def _edit_checkpoint(directory, drop=(), add=None):
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(directory / "model.safetensors")
+    for name in drop:
+        del tensors[name]
+    tensors.update(add or {})
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_checkpoint_missing_a_tensor_is_refused(tmp_path):
+    # transformers would initialize the tensor at random, and parity would compare that model with itself
+    hf = _tiny_llama_dir(tmp_path / "hf")
+    _edit_checkpoint(hf, drop=["model.layers.1.mlp.down_proj.weight"])
+    with pytest.raises(SourceError, match=r"checkpoint tensors missing: model\.layers\.1\.mlp\.down_proj\.weight; "
+                                          r"the weights do not match config\.json"):
+        luffy.compile(hf, output=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_checkpoint_with_tensors_the_config_does_not_have_is_refused(tmp_path):
+    # e.g. a 3-layer checkpoint under a 2-layer config.json: a causal LM is the whole model, nothing may be dropped
+    hf = _tiny_llama_dir(tmp_path / "hf")
+    _edit_checkpoint(hf, add={"model.layers.2.mlp.down_proj.weight": np.zeros((64, 128), np.float32)})
+    with pytest.raises(SourceError, match=r"checkpoint tensors not in the model: model\.layers\.2\.mlp\.down_proj"):
+        luffy.compile(hf, output=tmp_path / "out")
+
+
+def test_an_encoders_task_head_in_the_checkpoint_is_ignored_and_reported():
+    from luffy.compiler.sources import ENCODER, require_complete_weights
+    from luffy.models_zoo import ZOO
+
+    bert = ZOO["bert-tiny"].build_model()  # BertModel: children embeddings, encoder, pooler
+    loading = {"missing_keys": [], "unexpected_keys": ["cls.predictions.bias", "bert.encoder.layer.9.output.dense.weight"]}
+    with pytest.raises(SourceError, match=r"not in the model: bert\.encoder\.layer\.9"):
+        require_complete_weights("hf", bert, loading, ENCODER)
+    loading["unexpected_keys"] = ["cls.predictions.bias"]
+    assert require_complete_weights("hf", bert, loading, ENCODER) == ["cls.predictions.bias"]
+
+
+def test_factory_that_fails_when_called_is_a_source_error(tmp_path):
+    with pytest.raises(SourceError, match=r"os:system: calling system\(\) failed \(TypeError: "):
+        luffy.compile("os:system", output=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_empty_and_node_less_onnx_files_are_refused(tmp_path):
+    from onnx import TensorProto, helper
+
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    with pytest.raises(SourceError, match=r"empty\.onnx: empty file, not an ONNX model"):
+        luffy.compile(tmp_path / "empty.onnx", output=tmp_path / "a")
+    value = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    hollow = helper.make_model(helper.make_graph([], "hollow", [value], [value]))
+    onnx.save(hollow, tmp_path / "hollow.onnx")
+    with pytest.raises(SourceError, match=r"hollow\.onnx: graph has no nodes"):
+        luffy.compile(tmp_path / "hollow.onnx", output=tmp_path / "b")
+    (tmp_path / "text.onnx").write_bytes(b"not a protobuf at all")
+    with pytest.raises(SourceError, match=r"text\.onnx: "):
+        luffy.compile(tmp_path / "text.onnx", output=tmp_path / "c")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.onnx", "hollow.onnx", "text.onnx"]
+
+
+def test_a_tokenizer_the_runtime_cannot_read_is_refused_at_compile(tmp_path):
+    hf = _tiny_llama_dir(tmp_path / "hf")
+    (hf / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "NoSuchModel"')  # truncated
+    with pytest.raises(SourceError, match=r"tokenizer\.json: the tokenizers library cannot read it"):
+        luffy.compile(hf, output=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unwritable_output_fails_before_capture(tmp_path):
+    (tmp_path / "file").write_text("a file, not a directory")
+    said = []
+    with pytest.raises(luffy.UsageError, match=r"cannot create the output's parent directory"):
+        luffy.compile("llama-tiny", output=tmp_path / "file" / "out", progress=said.append)
+    assert said == []  # nothing was captured first

@@ -1,0 +1,61 @@
+"""Chat templates: the artifact's Jinja template rendered as transformers' ``apply_chat_template`` does.
+
+A serving process has no transformers, so the template runs here on jinja2's sandbox with the settings
+and helpers transformers gives templates (trim_blocks, lstrip_blocks, loop controls, ``raise_exception``,
+``strftime_now``, a ``tojson`` that keeps non-ASCII text). A template is data from the model directory,
+so it gets the immutable sandbox: it can format text, not touch Python objects.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+from ..errors import UsageError
+
+
+class TemplateError(UsageError):
+    """The messages could not be rendered (the template raised, or a message is malformed)."""
+
+
+def _raise(message: str):
+    raise TemplateError(f"chat template: {message}")
+
+
+class ChatTemplate:
+    """The artifact's chat template, compiled once.
+
+    >>> ChatTemplate(text, bos_token="<s>", eos_token="</s>").render([{"role": "user", "content": "Hi"}])  # doctest: +SKIP
+    """
+
+    def __init__(self, source: str, bos_token: str | None = None, eos_token: str | None = None):
+        from jinja2.ext import loopcontrols
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+        env.filters["tojson"] = lambda value, indent=None, **_: json.dumps(value, ensure_ascii=False, indent=indent)
+        env.globals["raise_exception"] = _raise
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        try:
+            self.template = env.from_string(source)
+        except Exception as exc:  # noqa: BLE001 - jinja2's TemplateSyntaxError and friends
+            raise TemplateError(f"chat template does not compile: {exc}") from None
+        self.special = {"bos_token": bos_token or "", "eos_token": eos_token or ""}
+
+    @classmethod
+    def from_artifact(cls, path: Path, manifest: dict) -> "ChatTemplate | None":
+        chat = manifest.get("chat_template")
+        if not chat:
+            return None
+        source = (path / chat["file"]).read_text()
+        return cls(source, chat.get("bos_token"), chat.get("eos_token"))
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        try:
+            return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=None,
+                                        **self.special)
+        except TemplateError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - whatever the template does with odd input
+            raise TemplateError(f"chat template failed on these messages: {type(exc).__name__}: {exc}") from None
