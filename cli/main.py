@@ -241,6 +241,65 @@ def printable(text: str) -> str:
     return "".join(escape(ch) for ch in text)
 
 
+@app.command("serve")
+def serve_cmd(
+    artifact: Path = typer.Argument(..., help="Artifact directory of a causal LM (`luffy compile` output)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; 0.0.0.0 exposes the server to the network."),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="Port (0: one the OS picks; the log says which)."),
+    max_num_seqs: int = typer.Option(16, "--max-num-seqs", min=1, help="Sequences decoded together (KV slots)."),
+    max_num_batched_tokens: int = typer.Option(
+        512, "--max-num-batched-tokens", min=1, help="Decode plus prompt tokens per scheduler iteration; longer "
+        "prompts are prefilled in chunks, so running streams wait at most one chunk."),
+    max_model_len: Optional[int] = typer.Option(
+        None, "--max-model-len", min=2, help="Positions per KV slot (prompt + max_tokens) [the artifact's max_seq_len]; "
+        "the KV cache is max-num-seqs x this, allocated once."),
+    max_queue: int = typer.Option(256, "--max-queue", min=1, help="Waiting requests beyond which new ones get 429."),
+    api_key: Optional[str] = typer.Option(
+        None, "--api-key", envvar="LUFFY_API_KEY", help="Require 'Authorization: Bearer KEY' on every route but /health."),
+    served_model_name: Optional[str] = typer.Option(None, "--served-model-name", help="Model name in the API [the "
+                                                    "artifact directory's name]."),
+    drain_timeout: float = typer.Option(30.0, "--drain-timeout", min=0, help="On SIGTERM, seconds requests in flight "
+                                        "may take to finish."),
+    max_request_bytes: int = typer.Option(1 << 20, "--max-request-bytes", min=1024, help="Largest request body."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="ONNX Runtime intra-op threads [all cores]."),
+):
+    """Serve an artifact over an OpenAI-compatible HTTP API with continuous batching.
+
+    Routes: POST /v1/completions, /v1/chat/completions (stream=true for server-sent events); GET /v1/models,
+    /health, /metrics (Prometheus, luffy:* named like vLLM's vllm:*).
+
+    Example: luffy serve build/pydoc --port 8000 --max-num-seqs 16
+
+    Example (client): curl -s localhost:8000/v1/completions -H 'Content-Type: application/json'
+    -d '{"model": "pydoc", "prompt": "Return the", "max_tokens": 32, "temperature": 0}'
+    """
+    from ..serving.scheduler import SchedulerConfig
+    from ..serving.server import ServerSettings, serve
+
+    _require_serve_extra()
+    settings = ServerSettings(
+        host=host, port=port, served_model_name=served_model_name, api_key=api_key, drain_timeout=drain_timeout,
+        max_request_bytes=max_request_bytes, threads=threads,
+        scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                                  max_num_batched_tokens=max_num_batched_tokens, max_queue=max_queue),
+    )
+    raise typer.Exit(serve(artifact, settings))
+
+
+def _require_serve_extra() -> None:
+    from ..errors import BackendUnavailableError
+
+    missing = []
+    for name in ("fastapi", "uvicorn", "prometheus_client", "jinja2"):
+        try:
+            __import__(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise BackendUnavailableError(f"luffy serve needs the 'serve' extra ({', '.join(missing)} not installed): "
+                                      "pip install 'luffy[serve]'")
+
+
 @app.command("build")
 def build_cmd(
     artifact: Path = typer.Argument(..., help="A --target trt artifact in state needs-build (compile --defer-build)."),
@@ -353,6 +412,8 @@ def bench_cmd(
 ):
     """Time luffy against its peers: prefill, decode and end-to-end tok/s, peak RSS, compile time, roofline.
 
+    `luffy bench serve ARTIFACT` load-tests the HTTP server instead (see `luffy bench serve --help`).
+
     Example: luffy bench build/my-llama --prompt-len 128 --gen-len 128 --batch 1,4 --vs torch,ort-export --json bench.json
 
     Decode tok/s = batch x (new tokens - 1) / (generation time - time to first token); prefill = time to first
@@ -407,6 +468,53 @@ def bench_cmd(
     print(report.to_markdown(), end="")
 
 
+@app.command("bench-serve", hidden=True)  # reached as `luffy bench serve` (see main)
+def bench_serve_cmd(
+    artifact: Path = typer.Argument(..., help="Artifact directory of a causal LM."),
+    concurrency: str = typer.Option("1,4,16", "--concurrency", help="Clients in flight (closed loop), a list runs each."),
+    request_rate: Optional[float] = typer.Option(None, "--request-rate", min=0.001, help="Poisson arrivals per second "
+                                                 "instead of a fixed concurrency."),
+    num_prompts: int = typer.Option(64, "--num-prompts", min=1, help="Requests per run."),
+    input_len: str = typer.Option("112:144", "--input-len", help="Prompt tokens: N or LOW:HIGH (uniform)."),
+    output_len: str = typer.Option("112:144", "--output-len", help="Output tokens (ignore_eos): N or LOW:HIGH."),
+    goodput: List[str] = typer.Option([], "--goodput", help="SLO as ttft:MS, tpot:MS or e2e:MS (repeatable)."),
+    max_num_seqs: int = typer.Option(16, "--max-num-seqs", min=1, help="The server's KV slots."),
+    max_num_batched_tokens: int = typer.Option(512, "--max-num-batched-tokens", min=1),
+    static_batch: str = typer.Option("1,16", "--static-batch", help="In-process Engine.generate batch sizes to compare."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="ORT intra-op threads (server and in-process)."),
+    seed: int = typer.Option(0, "--seed"),
+    json_file: Optional[Path] = typer.Option(None, "--json", help="Write the full report here."),
+    markdown_file: Optional[Path] = typer.Option(None, "--markdown", help="Write the table here."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Throughput vs TTFT p99 to FILE.png (needs matplotlib)."),
+):
+    """Load-test `luffy serve ARTIFACT` with OpenAI's async client, as `vllm bench serve` measures.
+
+    Reports request and output-token throughput, TTFT / TPOT / ITL / E2E (mean, median, p99) and goodput,
+    beside the same requests in-process through Engine.generate (one at a time and static batches).
+
+    Example: luffy bench serve build/ref --concurrency 1,4,16 --num-prompts 64 --json serve.json --plot serve.png
+    """
+    from ..benchmarks import serve_bench
+
+    if plot is not None:
+        from ..benchmarks.report import require_matplotlib
+
+        require_matplotlib()
+    _require_serve_extra()
+    load = serve_bench.ServeLoad(num_prompts, serve_bench.parse_range(input_len, "--input-len"),
+                                 serve_bench.parse_range(output_len, "--output-len"), seed)
+    with err.status("luffy bench serve") as status:
+        report = serve_bench.bench_serve(
+            artifact, load, [int(c) for c in concurrency.split(",")], request_rate, serve_bench.parse_goodput(goodput),
+            ["--max-num-seqs", str(max_num_seqs), "--max-num-batched-tokens", str(max_num_batched_tokens)],
+            [int(b) for b in static_batch.split(",") if b], threads,
+            progress=lambda what, done, total: status.update(f"luffy bench serve: {what} ({done + 1}/{total})"))
+    serve_bench.write(report, json_file, markdown_file)
+    if plot is not None:
+        serve_bench.plot(report, plot)
+    print(serve_bench.to_markdown(report), end="")
+
+
 def _is_usage_error(exc: BaseException) -> bool:
     # click's ClickException, or the copy typer >= 0.29 vendors as typer._click: matched by what they do
     # (an exit code and show()), not by class, so a typer release that moves the class again changes nothing.
@@ -454,6 +562,9 @@ def main(argv: list[str] | None = None) -> int:
     click's message and 2, Ctrl-C one line and 130 (SIGTERM: 143)."""
     import signal
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["bench", "serve"]:  # `luffy bench serve` is its own command: bench's first argument is a path
+        argv = ["bench-serve", *argv[2:]]
     with _Signals() as signals:
         try:
             result = app(args=argv, standalone_mode=False)

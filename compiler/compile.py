@@ -179,6 +179,7 @@ def compile(  # noqa: A001 - the public name the API promises
         say("writing model")
         external = _save_model(model, stage, cfg.external_data)
         tokenizer_files = _write_tokenizer(stage, src, tm)
+        chat_template = _write_chat_template(stage, src, tm)
         parity = None
         if cfg.check_parity and captured.reference is not None:
             say("checking parity against PyTorch")
@@ -206,6 +207,7 @@ def compile(  # noqa: A001 - the public name the API promises
             "quality": quality.evaluate(stage / MODEL_FILE) if cfg.eval_file else None,
         }
         manifest = _manifest(cfg, src, tm, captured, model, max_len, tokenizer_files, external, report)
+        manifest["chat_template"] = chat_template
         if cfg.target == "trt":
             manifest = _tensorrt_section(cfg, manifest, operator_check)
             if builder is not None:
@@ -461,6 +463,15 @@ def _write_tokenizer(stage: Path, src, tm) -> list[str]:
 def _text(value) -> str:
     # ONNX is proto2: protobuf hands back a string field that is not UTF-8 as bytes
     return value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else str(value)
+
+
+def _write_chat_template(stage: Path, src, tm) -> dict | None:
+    from .tokenizer_files import write_chat_template
+
+    if tm is not None and tm.chat_template is not None:
+        return write_chat_template(stage, template=tm.chat_template, special=tm.special_tokens)
+    source_dir = tm.tokenizer_dir if tm is not None else (src.path.parent if src.kind == "onnx" else None)
+    return write_chat_template(stage, source_dir) if source_dir is not None else None
 
 
 def op_histogram(model: ir.Model) -> dict[str, int]:

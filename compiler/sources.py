@@ -58,6 +58,8 @@ class TorchModel:
     generation: dict = field(default_factory=dict)  # bos/eos/pad token ids
     max_positions: int | None = None
     ignored_weights: list = field(default_factory=list)  # checkpoint tensors outside the model (an encoder's head)
+    chat_template: str | None = None  # a zoo model's own (HF directories carry theirs in tokenizer files)
+    special_tokens: dict | None = None  # bos_token / eos_token text the chat template writes
 
 
 def resolve_source(source: Any) -> Source:
@@ -102,9 +104,13 @@ def load_torch_model(src: Source) -> TorchModel:
     if src.kind == "zoo":
         entry = ZOO[src.spec]
         from ..models_zoo import build_tokenizer
+        from ..models_zoo.byte_tokenizer import BOS, EOS
 
         module = entry.build_model()
-        return _from_hf_model(module, tokenizer=build_tokenizer(entry))
+        tm = _from_hf_model(module, tokenizer=build_tokenizer(entry))
+        tm.chat_template = entry.chat_template
+        tm.special_tokens = {"bos_token": BOS, "eos_token": EOS} if entry.chat_template else None
+        return tm
     if src.kind == "hf-dir":
         return _load_hf_dir(src.path)
     if src.kind == "factory":

@@ -78,3 +78,44 @@ def generation_ids_beside(path: Path) -> dict:
                 if data.get(key) is not None:
                     ids[key] = data[key]
     return ids
+
+
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+
+
+def write_chat_template(out_dir: Path, source_dir: Path | None = None, template: str | None = None,
+                        special: dict | None = None) -> dict | None:
+    """Put the model's chat template into the artifact as chat_template.jinja; returns the manifest's
+    ``chat_template`` record (file, bos_token, eos_token) or None when the model has none.
+
+    From ``template`` (a zoo model's), else the source directory's chat_template.jinja, else
+    tokenizer_config.json's ``chat_template`` (a string, or a list of named templates: "default").
+    """
+    config = _tokenizer_config(source_dir) if source_dir is not None else {}
+    if template is None and source_dir is not None and (source_dir / CHAT_TEMPLATE_FILE).is_file():
+        template = (source_dir / CHAT_TEMPLATE_FILE).read_text()
+    if template is None:
+        template = config.get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": "..."}, ...]
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default") or next(iter(named.values()), None)
+    if not isinstance(template, str) or not template.strip():
+        return None
+    (out_dir / CHAT_TEMPLATE_FILE).write_text(template)
+    special = special or {name: _token_text(config.get(name)) for name in ("bos_token", "eos_token")}
+    return {"file": CHAT_TEMPLATE_FILE, "bos_token": special.get("bos_token"), "eos_token": special.get("eos_token")}
+
+
+def _tokenizer_config(source_dir: Path) -> dict:
+    path = source_dir / "tokenizer_config.json"
+    try:
+        data = json.loads(path.read_text()) if path.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _token_text(value) -> str | None:
+    if isinstance(value, dict):  # {"content": "<s>", "lstrip": false, ...}
+        value = value.get("content")
+    return value if isinstance(value, str) else None

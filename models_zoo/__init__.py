@@ -19,6 +19,7 @@ class ZooEntry:
     description: str
     build_model: Callable[[], object]
     add_bos: bool
+    chat_template: str | None = None  # Jinja, as transformers' apply_chat_template reads it
 
 
 ZOO: dict[str, ZooEntry] = {
@@ -26,7 +27,8 @@ ZOO: dict[str, ZooEntry] = {
     "gpt2-tiny": ZooEntry("gpt2-tiny", "causal-lm", tiny.gpt2_tiny.__doc__, tiny.gpt2_tiny, False),
     "bert-tiny": ZooEntry("bert-tiny", "encoder", tiny.bert_tiny.__doc__, tiny.bert_tiny, False),
     # Trained weights (not seeded): what quantization quality is measured on.
-    "llama-pydoc": ZooEntry("llama-pydoc", "causal-lm", trained.pydoc_llama.__doc__, trained.pydoc_llama, True),
+    "llama-pydoc": ZooEntry("llama-pydoc", "causal-lm", trained.pydoc_llama.__doc__, trained.pydoc_llama, True,
+                            trained.PYDOC_CHAT_TEMPLATE),
 }
 
 

@@ -11,6 +11,13 @@ from pathlib import Path
 
 PYDOC_LLAMA_DIR = Path(__file__).with_name("weights") / "pydoc-llama"
 HELDOUT_FILE = "heldout.txt"
+# The model was trained on docstrings, not dialogues: its template turns a conversation into the docstring
+# text it continues (each message a paragraph, the assistant's ended by <eos>), so chat requests exercise
+# the template machinery and get docstring-like answers.
+PYDOC_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'assistant' %}"
+    "{{ message['content'] }}{{ eos_token }}\n{% else %}{{ message['content'] }}\n{% endif %}{% endfor %}"
+)
 CALIB_FILE = "calibration.txt"
 
 

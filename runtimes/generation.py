@@ -100,7 +100,7 @@ def check_capacity(prompt_len: int, max_new_tokens: int, max_seq_len: int | None
 
 
 def generate_loop(
-    step: Callable[[np.ndarray, np.ndarray, np.ndarray, int], np.ndarray],
+    step: Callable[[np.ndarray, np.ndarray], np.ndarray],
     ids: np.ndarray,
     mask: np.ndarray,
     max_new_tokens: int,
@@ -118,9 +118,11 @@ def generate_loop(
 ):
     """Prefill, then decode one token per step; returns [batch, prompt + generated] like transformers.
 
-    With ``output_logits`` also returns the raw logits each new token was chosen from, [batch, new, vocab]
-    (transformers' ``output_logits``). ``streamer(tokens)`` is called with each step's new tokens [batch]
-    as soon as they are chosen (the first call marks time to first token).
+    ``step(ids [batch, s], real [batch, s]) -> logits [batch, vocab]`` runs the model on the next tokens
+    (``real`` 0 marks left padding) and owns the cache, positions and attention mask. With ``output_logits``
+    also returns the raw logits each new token was chosen from, [batch, new, vocab] (transformers'
+    ``output_logits``). ``streamer(tokens)`` is called with each step's new tokens [batch] as soon as they
+    are chosen (the first call marks time to first token).
     """
     if do_sample and temperature <= 0:
         raise UsageError(f"temperature must be > 0 when sampling, got {temperature}")
@@ -131,14 +133,13 @@ def generate_loop(
         return (ids.copy(), np.zeros((batch, 0, 0), np.float32)) if output_logits else ids.copy()
     rng = np.random.default_rng(seed)
     eos = eos_set(eos_token_id)
-    full_mask = np.zeros((batch, prompt_len + max_new_tokens), dtype=np.int64)
-    full_mask[:, :prompt_len] = mask
     out = np.empty((batch, prompt_len + max_new_tokens), dtype=np.int64)
     out[:, :prompt_len] = ids
     finished = np.zeros(batch, dtype=bool)
     kept_logits = []
+    every_row = np.ones((batch, 1), dtype=np.int64)
 
-    logits = step(ids, mask, positions_from_mask(mask), 0)
+    logits = step(ids, mask)
     length = prompt_len
     for produced in range(max_new_tokens):
         if output_logits:
@@ -153,13 +154,24 @@ def generate_loop(
             streamer(token)
         if eos.size:
             finished |= np.isin(token, eos)
-        full_mask[:, length] = 1
         length += 1
         if finished.all() or produced == max_new_tokens - 1:
             break
-        # Each row's next position is its count of real tokens so far, minus one.
-        position = (full_mask[:, :length].sum(axis=-1) - 1)[:, None]
-        logits = step(token[:, None], np.ascontiguousarray(full_mask[:, :length]), position, length - 1)
+        logits = step(token[:, None], every_row)
     if output_logits:
         return out[:, :length], np.stack(kept_logits, axis=1)
     return out[:, :length]
+
+
+class PositionTracker:
+    """For a backend whose step takes (ids, attention_mask, position_ids, past_len) over a concat cache
+    (TensorRT): turns generate_loop's (ids, real) steps into those, keeping the whole mask."""
+
+    def __init__(self, step4: Callable[[np.ndarray, np.ndarray, np.ndarray, int], np.ndarray]):
+        self.step4, self.mask = step4, None
+
+    def __call__(self, ids: np.ndarray, real: np.ndarray) -> np.ndarray:
+        past = 0 if self.mask is None else self.mask.shape[1]
+        self.mask = real.copy() if self.mask is None else np.concatenate([self.mask, real], axis=1)
+        positions = positions_from_mask(self.mask)[:, past:]
+        return self.step4(ids, np.ascontiguousarray(self.mask), positions, past)

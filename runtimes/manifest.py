@@ -68,11 +68,13 @@ SCHEMA = {
     "kv_cache": (_DICT + _NONE, False),
     "generation": (_DICT, False),
     "tensorrt": (_DICT + _NONE, False),
+    "chat_template": (_DICT + _NONE, False),
     "report": (_DICT, False),
 }
 KV_SCHEMA = {"num_layers": (_INT, True), "past_input": (_STR, True), "present_output": (_STR, True),
              "mode": (_STR, False)}
 FILE_SCHEMA = {"sha256": (_STR, True), "size": (_INT, True)}
+CHAT_SCHEMA = {"file": (_STR, True), "bos_token": (_STR + _NONE, False), "eos_token": (_STR + _NONE, False)}
 IO_SCHEMA = {"name": (_STR, True), "dtype": (_STR, True), "shape": ((list,) + _NONE, True)}
 
 
@@ -107,6 +109,8 @@ def _check_values(path: Path, manifest: dict) -> None:
         for key in ("past_input", "present_output"):
             if "{layer}" not in kv[key] or "{kind}" not in kv[key]:
                 raise ArtifactError(f"{path}: field kv_cache.{key} {kv[key]!r} must contain {{layer}} and {{kind}}")
+    if manifest.get("chat_template") is not None:
+        _check_fields(path, "chat_template.", manifest["chat_template"], CHAT_SCHEMA)
     for key, value in manifest.get("generation", {}).items():
         ids = value if isinstance(value, list) else [value]
         if key.endswith("_token_id") and not all(v is None or isinstance(v, int) and not isinstance(v, bool) and v >= 0
@@ -147,7 +151,8 @@ def validate_manifest(path: Path, manifest) -> dict:
         _require_inside(path, "file table", rel)
     named = [("model_file", manifest["model_file"]), ("external_data", manifest.get("external_data")),
              ("tokenizer", manifest.get("tokenizer")),
-             ("tensorrt.engine_file", (manifest.get("tensorrt") or {}).get("engine_file"))]
+             ("tensorrt.engine_file", (manifest.get("tensorrt") or {}).get("engine_file")),
+             ("chat_template.file", (manifest.get("chat_template") or {}).get("file"))]
     for field, rel in named:
         if rel is None:
             continue

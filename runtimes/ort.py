@@ -6,27 +6,19 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ArtifactError, BackendUnavailableError, UsageError
+from ..errors import ArtifactError, CapacityError, UsageError
 from .cpu_bf16 import cpu_model
 from .engine import Engine
-from .generation import as_rows, check_capacity, generate_loop, ids_array, left_pad, positions_from_mask
+from .generation import as_rows, check_capacity, generate_loop, ids_array, left_pad
 from .huge_pages import MIN_REGION, NOTHING_COLLAPSED, anonymous_mappings, back_new_mappings_with_huge_pages
-from .kv_cache import KVCache
 from .manifest import step_graph
+from .ort_compat import import_onnxruntime
+from .ort_slots import OrtSlots
 
-SEQLENS, TOTAL, KEEP = "seqlens_k", "total_sequence_length", "logits_to_keep"
 _NUMPY_DTYPES = {
     "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
     "tensor(int32)": np.int32, "tensor(bool)": np.bool_, "tensor(double)": np.float64,
 }
-
-
-def _import_ort():
-    try:
-        import onnxruntime
-    except ImportError:
-        raise BackendUnavailableError("onnxruntime is not installed: pip install onnxruntime") from None
-    return onnxruntime
 
 
 def _weight_file_bytes(manifest: dict) -> int:
@@ -57,7 +49,7 @@ class OrtEngine(Engine):
         huge_pages: bool = True,
     ):
         super().__init__(path, manifest)
-        ort = _import_ort()
+        ort = import_onnxruntime()
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
@@ -105,62 +97,17 @@ class OrtEngine(Engine):
             eos = eos[0] if eos else None
         return int(eos) if eos is not None else 0
 
-    def _stepper(self, batch: int, capacity: int, logits_rows: int):
-        """A step function bound to one KV cache and one logits buffer, for one generate/score call."""
-        ort = self._ort
-        kv_names = self.manifest["kv_cache"]
-        cache = KVCache(batch, capacity, self.layers, self.kv_dtype, shared=self.shared_kv)
-        vocab = self.vocab
-        logits_buf = np.empty(batch * logits_rows * vocab, dtype=np.float32)
-        binding = self.session.io_binding()
-        past_names = [[kv_names["past_input"].format(layer=i, kind=k) for k in ("key", "value")] for i in range(len(self.layers))]
-        present_names = [[kv_names["present_output"].format(layer=i, kind=k) for k in ("key", "value")] for i in range(len(self.layers))]
-        takes_positions = "position_ids" in self.input_types
-        kv_values = []  # shared-buffer graphs: the cache's bindings never change, so they are made once
-        if self.shared_kv:
-            for layer in range(len(self.layers)):
-                for kind in (0, 1):
-                    value = ort.OrtValue.ortvalue_from_numpy(cache.past(layer, kind, capacity))
-                    kv_values.append(value)
-                    binding.bind_ortvalue_input(past_names[layer][kind], value)
-                    binding.bind_ortvalue_output(present_names[layer][kind], value)
+    def open_slots(self, num_slots: int, capacity: int, allocate=None) -> OrtSlots:
+        """A persistent KV cache of ``num_slots`` sequences up to ``capacity`` positions each, and the step that
+        runs this graph over any run of them (what generate, score and the serving scheduler drive).
 
-        def step(ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past_len: int, keep: int | None = None):
-            """Run one step; logits for the last ``keep`` positions (all when None), [batch, kept, vocab]."""
-            new = ids.shape[1]
-            kept = keep if KEEP in self.input_types and keep is not None else new
-            if not self.shared_kv:  # concat graphs: past and present views change length every step
-                binding.clear_binding_inputs()
-                binding.clear_binding_outputs()
-            feeds = {"input_ids": np.ascontiguousarray(ids, dtype=np.int64), "attention_mask": np.ascontiguousarray(mask, dtype=np.int64)}
-            if takes_positions:
-                feeds["position_ids"] = np.ascontiguousarray(positions, dtype=np.int64)
-            if KEEP in self.input_types:
-                feeds[KEEP] = np.array(kept, dtype=np.int64)
-            if self.shared_kv:  # every row holds past_len + new slots (left padding counts), so one length
-                feeds[SEQLENS] = np.full(batch, past_len + new - 1, dtype=np.int32)
-                feeds[TOTAL] = np.array(past_len + new, dtype=np.int32)
-            alive = []  # OrtValues must outlive the run
-            for name, arr in feeds.items():  # binding a name again replaces its value
-                value = ort.OrtValue.ortvalue_from_numpy(arr)
-                alive.append(value)
-                binding.bind_ortvalue_input(name, value)
-            for layer in range(0 if self.shared_kv else len(self.layers)):
-                for kind in (0, 1):
-                    past = ort.OrtValue.ortvalue_from_numpy(cache.past(layer, kind, past_len))
-                    present = ort.OrtValue.ortvalue_from_numpy(cache.present(layer, kind, past_len + new))
-                    alive += [past, present]
-                    binding.bind_ortvalue_input(past_names[layer][kind], past)
-                    binding.bind_ortvalue_output(present_names[layer][kind], present)
-            logits = logits_buf[: batch * kept * vocab].reshape(batch, kept, vocab)
-            value = ort.OrtValue.ortvalue_from_numpy(logits)
-            alive.append(value)
-            binding.bind_ortvalue_output("logits", value)
-            self.session.run_with_iobinding(binding)
-            cache.swap()
-            return logits
-
-        return step
+        >>> slots = engine.open_slots(16, 1024)     # doctest: +SKIP
+        """
+        self._require_decoder("open_slots")
+        if capacity < 1 or (self.max_seq_len is not None and capacity > self.max_seq_len):
+            raise CapacityError(f"KV slot capacity {capacity} must be in [1, {self.max_seq_len}] (the artifact's "
+                                f"maximum sequence length)")
+        return OrtSlots(self, num_slots, capacity, **({"allocate": allocate} if allocate is not None else {}))
 
     def generate(
         self, input_ids, max_new_tokens: int = 32, min_new_tokens: int = 0, do_sample: bool = False,
@@ -186,12 +133,10 @@ class OrtEngine(Engine):
             eos_token_id = self._generation_default("eos_token_id")
         pad = self._pad_id(pad_token_id)
         ids, mask = left_pad(rows, pad)
-        # keep-last-logits graphs return one row per sequence; others return the whole prompt's at prefill
-        logits_rows = 1 if KEEP in self.input_types else prompt_len
-        step = self._stepper(len(rows), prompt_len + max_new_tokens, logits_rows)
+        slots = self.open_slots(len(rows), prompt_len + max_new_tokens)
 
-        def last_logits(ids, mask, positions, past_len):
-            return step(ids, mask, positions, past_len, keep=1)[:, -1, :]
+        def last_logits(step_ids, real):  # every row steps together: left padding keeps their lengths equal
+            return slots.step(0, len(rows), step_ids, real, keep=1)[:, -1, :]
 
         return generate_loop(
             last_logits, ids, mask, max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample,
@@ -215,8 +160,8 @@ class OrtEngine(Engine):
             if ids.ndim != 2 or ids.shape != mask.shape:
                 raise UsageError(f"input_ids {ids.shape} and attention_mask {mask.shape} must be equal 2-D shapes")
         check_capacity(ids.shape[1], 0, self.max_seq_len)
-        step = self._stepper(ids.shape[0], ids.shape[1], ids.shape[1])
-        return np.array(step(ids, mask, positions_from_mask(mask), 0), copy=True)
+        slots = self.open_slots(ids.shape[0], ids.shape[1])
+        return np.array(slots.step(0, ids.shape[0], ids, mask, keep=None), copy=True)
 
     # -- any graph ------------------------------------------------------------------------------------
     def run(self, feeds: dict) -> dict:

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import ArtifactError, BackendUnavailableError, UsageError
 from .engine import Engine
-from .generation import as_rows, check_capacity, generate_loop, left_pad, positions_from_mask
+from .generation import PositionTracker, as_rows, check_capacity, generate_loop, left_pad, positions_from_mask
 
 PREFILL, DECODE = 0, 1  # profile indices, in the order compile writes manifest["tensorrt"]["profiles"]
 
@@ -205,4 +205,5 @@ class TrtEngine(Engine):
                 cache[past] = out[present]  # the next step's past: no copy, the allocator recycles the old one
             return out["logits"][:, -1, :].float().cpu().numpy()
 
-        return generate_loop(step, ids, mask, max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad, **sampling)
+        return generate_loop(PositionTracker(step), ids, mask, max_new_tokens, eos_token_id=eos_token_id,
+                             pad_token_id=pad, **sampling)

@@ -31,6 +31,13 @@ def test_runtime_never_imports_torch_transformers_or_onnxscript(zoo_artifacts):
         engine = luffy.load(sys.argv[1])
         out = engine.generate([[256, 1, 2]], max_new_tokens=8, eos_token_id=None)
         text = engine.generate_text("hi", max_new_tokens=2)
+        from luffy.serving.requests import SamplingParams
+        from luffy.serving.scheduler import Scheduler
+        from luffy.serving.server import build_app  # the HTTP layer imports without the compiler too
+        scheduler = Scheduler(engine).start()
+        served = scheduler.generate([256, 1, 2], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+        scheduler.stop()
+        assert served.token_ids == out[0, 3:].tolist()
         loaded = sorted(m for m in sys.modules if m.startswith("luffy.compiler") or m.startswith("luffy.passes"))
         print(json.dumps({"ids": out.tolist(), "torch": "torch" in sys.modules, "compiler": loaded}))
         """

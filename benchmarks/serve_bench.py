@@ -1,0 +1,321 @@
+"""`luffy bench serve`: load against a real `luffy serve` process, measured the way `vllm bench serve` measures.
+
+Requests are random token-id prompts with input and output lengths drawn from ranges (``ignore_eos``, so every
+request produces exactly its output length), sent with OpenAI's async client, streamed. Per request:
+TTFT (send -> first token's chunk), ITL (gaps between token chunks), TPOT ((E2E - TTFT) / (tokens - 1)) and
+E2E. Per run: request and output-token throughput, mean / median / p99 of each latency, and goodput (requests
+per second meeting every ``--goodput`` SLO). Runs go at a fixed concurrency (a closed loop: each client
+sends its next request when the last one ends) or at a Poisson request rate.
+
+The same requests also run in-process through ``Engine.generate`` before the server starts: one at a time
+(the per-token cost streaming is held against) and as static batches (left-padded, every row generating its
+batch's longest output: what a service without continuous batching gets).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UsageError
+
+
+@dataclass(frozen=True)
+class ServeLoad:
+    """What to send: ``num_prompts`` requests, lengths uniform in the inclusive ranges, seeded."""
+
+    num_prompts: int = 64
+    input_len: tuple[int, int] = (112, 144)
+    output_len: tuple[int, int] = (112, 144)
+    seed: int = 0
+
+    def requests(self, vocab: int, reserved: int = 3) -> list[tuple[list[int], int]]:
+        rng = np.random.default_rng(self.seed)
+        out = []
+        for _ in range(self.num_prompts):
+            n_in = int(rng.integers(self.input_len[0], self.input_len[1] + 1))
+            n_out = int(rng.integers(self.output_len[0], self.output_len[1] + 1))
+            # ids below ``reserved`` are left out: no special token lands in the middle of a prompt
+            out.append((rng.integers(reserved, vocab, n_in).tolist(), n_out))
+        return out
+
+
+def parse_range(text: str, name: str) -> tuple[int, int]:
+    """'128' -> (128, 128); '112:144' -> (112, 144)."""
+    try:
+        parts = [int(p) for p in str(text).split(":")]
+    except ValueError:
+        raise UsageError(f"{name} {text!r}: expected N or LOW:HIGH") from None
+    low, high = (parts[0], parts[0]) if len(parts) == 1 else (parts[0], parts[1]) if len(parts) == 2 else (0, -1)
+    if not 1 <= low <= high:
+        raise UsageError(f"{name} {text!r}: expected N or LOW:HIGH with 1 <= LOW <= HIGH")
+    return low, high
+
+
+def parse_goodput(items: list[str] | None) -> dict[str, float]:
+    """['ttft:500', 'tpot:100'] -> {'ttft': 0.5, 'tpot': 0.1} (milliseconds in, seconds out), as vllm bench serve."""
+    slos = {}
+    for item in items or []:
+        key, _, value = item.partition(":")
+        if key not in ("ttft", "tpot", "e2e") or not value:
+            raise UsageError(f"--goodput {item!r}: expected ttft:MS, tpot:MS or e2e:MS")
+        slos[key] = float(value) / 1000
+    return slos
+
+
+def summarize(values: list[float]) -> dict:
+    if not values:
+        return {"mean": None, "median": None, "p99": None}
+    arr = np.asarray(values, dtype=float)
+    return {"mean": float(arr.mean()), "median": float(np.median(arr)), "p99": float(np.percentile(arr, 99))}
+
+
+def run_metrics(results: list[dict], duration: float, slos: dict[str, float]) -> dict:
+    """vllm bench serve's numbers for one run's per-request results."""
+    done = [r for r in results if r["ok"]]
+    tokens = sum(r["tokens"] for r in done)
+    prompt = sum(r["prompt_tokens"] for r in done)
+    good = [r for r in done if all(r[k] <= limit for k, limit in slos.items())]
+    return {
+        "completed": len(done), "failed": len(results) - len(done), "duration_s": duration,
+        "request_throughput": len(done) / duration, "output_throughput": tokens / duration,
+        "total_token_throughput": (tokens + prompt) / duration,
+        "goodput": len(good) / duration if slos else None,
+        "ttft_s": summarize([r["ttft"] for r in done]), "tpot_s": summarize([r["tpot"] for r in done if r["tokens"] > 1]),
+        "itl_s": summarize([g for r in done for g in r["itl"]]), "e2e_s": summarize([r["e2e"] for r in done]),
+    }
+
+
+async def _one(client, model: str, prompt: list[int], max_tokens: int) -> dict:
+    start = time.perf_counter()
+    stamps, usage, error = [], None, None
+    try:
+        stream = await client.completions.create(
+            model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True,
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        async for chunk in stream:
+            if chunk.choices:
+                stamps.append(time.perf_counter())
+            if chunk.usage is not None:
+                usage = chunk.usage
+    except Exception as exc:  # noqa: BLE001 - a failed request is counted, not fatal
+        error = f"{type(exc).__name__}: {exc}"
+    end = time.perf_counter()
+    tokens = usage.completion_tokens if usage is not None else len(stamps)
+    ok = error is None and bool(stamps)
+    ttft = stamps[0] - start if stamps else None
+    return {"ok": ok, "error": error, "prompt_tokens": len(prompt), "tokens": tokens, "ttft": ttft,
+            "e2e": end - start, "itl": list(np.diff(stamps)) if len(stamps) > 1 else [],
+            "tpot": (end - start - ttft) / (tokens - 1) if ok and tokens > 1 else 0.0}
+
+
+async def _drive(url: str, model: str, requests, concurrency: int | None, rate: float | None, seed: int,
+                 on_done) -> tuple[list[dict], float]:
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
+    gate = asyncio.Semaphore(concurrency or len(requests))
+    rng = np.random.default_rng(seed)
+
+    async def gated(prompt, n):
+        async with gate:
+            result = await _one(client, model, prompt, n)
+        on_done(result)
+        return result
+
+    start = time.perf_counter()
+    tasks = []
+    for prompt, n in requests:
+        tasks.append(asyncio.create_task(gated(prompt, n)))
+        if rate is not None:  # Poisson arrivals: exponential gaps
+            await asyncio.sleep(float(rng.exponential(1.0 / rate)))
+    results = await asyncio.gather(*tasks)
+    duration = time.perf_counter() - start
+    await client.close()
+    return results, duration
+
+
+class _Server:
+    """`luffy serve` in a child process on 127.0.0.1 (a port the OS picks); its RSS is readable."""
+
+    def __init__(self, artifact: Path, args: list[str]):
+        cmd = [sys.executable, "-m", "luffy", "serve", str(artifact), "--host", "127.0.0.1", "--port", "0", *args]
+        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+        self.url, self.log = "", []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stderr:
+            self.log.append(line)
+            if match := re.search(r"listening on (http://\S+)", line):
+                self.url = match.group(1)
+
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                break
+            if self.url:
+                try:
+                    if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+            time.sleep(0.05)
+        self.stop()
+        raise UsageError(f"luffy serve did not become ready: {''.join(self.log)[-500:]}")
+
+    def rss_mib(self) -> float | None:
+        try:
+            status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        except OSError:
+            return None
+        return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024
+
+    def stop(self) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        return self.proc.returncode
+
+
+def static_runs(artifact: Path, requests, batch_sizes: list[int], threads: int | None) -> list[dict]:
+    """The same requests through Engine.generate in this process, one static batch after another."""
+    from ..runtimes import load
+
+    engine = load(artifact, threads=threads)
+    engine.generate([requests[0][0]], max_new_tokens=2, eos_token_id=None)  # warm-up
+    runs = []
+    for size in batch_sizes:
+        start, useful, results = time.perf_counter(), 0, []
+        for i in range(0, len(requests), size):
+            chunk = requests[i:i + size]
+            longest = max(n for _, n in chunk)
+            t0, first = time.perf_counter(), []
+            engine.generate([p for p, _ in chunk], max_new_tokens=longest, eos_token_id=None,
+                            streamer=lambda _: first or first.append(time.perf_counter()))
+            end = time.perf_counter()
+            useful += sum(n for _, n in chunk)
+            for _, n in chunk:
+                results.append({"ok": True, "prompt_tokens": 0, "tokens": n, "ttft": first[0] - t0, "e2e": end - t0,
+                                "itl": [], "tpot": (end - first[0]) / max(longest - 1, 1)})
+        runs.append({"system": f"Engine.generate static batch {size}", "batch": size,
+                     **run_metrics(results, time.perf_counter() - start, {})})
+    return runs
+
+
+def bench_serve(artifact: str | Path, load: ServeLoad, concurrency: list[int], request_rate: float | None = None,
+                slos: dict | None = None, server_args: list[str] | None = None, static_batches=(1, 16),
+                threads: int | None = None, progress=None) -> dict:
+    """Run the load at each concurrency (or the request rate) against a fresh server; returns the report dict."""
+    from ..benchmarks.machine import describe_machine
+    from ..runtimes.manifest import read_manifest
+
+    artifact = Path(artifact)
+    manifest = read_manifest(artifact)
+    vocab = next(o["shape"][-1] for o in manifest["io"]["outputs"] if o["name"] == "logits")
+    requests = load.requests(vocab)
+    say = progress or (lambda *a: None)
+    say("static batches in-process", 0, 1)
+    static = static_runs(artifact, requests, list(static_batches), threads)
+    args = [*(server_args or []), *(["--threads", str(threads)] if threads else [])]
+    server = _Server(artifact, args)
+    runs, rss = [], {}
+    try:
+        server.wait_ready()
+        model = artifact.resolve().name
+        asyncio.run(_drive(server.url, model, requests[:2], 2, None, load.seed, lambda r: None))  # warm-up
+        points = [("rate", request_rate)] if request_rate else [("concurrency", c) for c in concurrency]
+        served = [0]
+
+        def done(_):
+            served[0] += 1
+            if served[0] == 100:
+                rss["after_100"] = server.rss_mib()
+
+        for i, (kind, value) in enumerate(points):
+            say(f"{kind} {value}", i, len(points))
+            results, duration = asyncio.run(_drive(
+                server.url, model, requests, value if kind == "concurrency" else None,
+                value if kind == "rate" else None, load.seed, done))
+            runs.append({"system": "luffy serve", kind: value, **run_metrics(results, duration, slos or {}),
+                         "errors": sorted({r["error"] for r in results if r["error"]})[:3]})
+        rss["after_all"], rss["requests"] = server.rss_mib(), served[0]
+    finally:
+        exit_code = server.stop()
+    return {
+        "artifact": str(artifact), "machine": describe_machine(), "load": load.__dict__,
+        "server_args": args, "slos_s": slos or {}, "static": static, "served": runs, "server_rss_mib": rss,
+        "server_exit_code": exit_code,
+        "definitions": {
+            "ttft": "request sent -> its first token's chunk", "itl": "gap between two token chunks of a request",
+            "tpot": "(e2e - ttft) / (output tokens - 1)", "e2e": "request sent -> its last chunk",
+            "output_throughput": "output tokens of completed requests / run duration",
+            "goodput": "requests meeting every SLO / run duration",
+            "static": "Engine.generate in-process, batches in request order, each row generating its batch's "
+                      "longest output; only the requested tokens count",
+        },
+    }
+
+
+def to_markdown(report: dict) -> str:
+    def ms(stats, key):
+        value = stats[key]
+        return "—" if value is None else f"{value * 1000:.0f}"
+
+    lines = ["| system | load | req/s | output tok/s | TTFT ms mean / median / p99 | TPOT ms median | "
+             "ITL ms median / p99 | E2E s median |", "|---|---|---|---|---|---|---|---|"]
+    for run in report["static"] + report["served"]:
+        load = (f"concurrency {run['concurrency']}" if "concurrency" in run else
+                f"rate {run['rate']}/s" if "rate" in run else f"batch {run['batch']}")
+        lines.append(
+            f"| {run['system']} | {load} | {run['request_throughput']:.2f} | {run['output_throughput']:.1f} | "
+            f"{ms(run['ttft_s'], 'mean')} / {ms(run['ttft_s'], 'median')} / {ms(run['ttft_s'], 'p99')} | "
+            f"{ms(run['tpot_s'], 'median')} | {ms(run['itl_s'], 'median')} / {ms(run['itl_s'], 'p99')} | "
+            f"{(run['e2e_s']['median'] or 0):.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    """Output throughput against TTFT p99, one point per served concurrency, static batches for reference."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    served = [r for r in report["served"] if "concurrency" in r]
+    ax.plot([r["ttft_s"]["p99"] for r in served], [r["output_throughput"] for r in served], "o-", label="luffy serve")
+    for r in served:
+        ax.annotate(f"c={r['concurrency']}", (r["ttft_s"]["p99"], r["output_throughput"]))
+    for r in report["static"]:
+        ax.axhline(r["output_throughput"], linestyle="--", linewidth=1, label=r["system"])
+    ax.set_xlabel("TTFT p99 (s)")
+    ax.set_ylabel("output tokens / s")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def write(report: dict, json_path: Path | None, markdown_path: Path | None) -> None:
+    if json_path is not None:
+        Path(json_path).write_text(json.dumps(report, indent=2, default=float) + "\n")
+    if markdown_path is not None:
+        Path(markdown_path).write_text(to_markdown(report))
+

@@ -1,0 +1,146 @@
+"""One decoder step on ONNX Runtime over a run of KV slots: the primitive generate, score and the scheduler share.
+
+``step(start, stop, ids, real)`` feeds ``ids`` [n, s] to slots [start, stop) of a SlotKVCache: each row's new
+positions go after that slot's own length, positions and the attention mask follow from what the slot
+already holds, and the logits of the last ``keep`` positions come back [n, keep, vocab]. Rows may hold
+different lengths (continuous batching decodes them together, each with its own ``seqlens_k``). A
+multi-token step (a prompt, a chunk of one) takes one row, or several rows that all start empty:
+GroupQueryAttention reads a multi-token step with past only at batch 1.
+
+Shared-buffer graphs write the new positions straight into the slot buffers (bound as past and present,
+through IO binding, once per run of slots). Concat graphs need a contiguous past and return past + new, so
+their rows must hold equal lengths; the past is copied out and the new positions copied back.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import CapacityError, UsageError
+from .kv_cache import SlotKVCache, numpy_zeros
+from .manifest import ATTENTION_MASK, INPUT_IDS, KEEP, LOGITS, POSITION_IDS, SEQLENS, TOTAL
+
+
+class OrtSlots:
+    """A SlotKVCache bound to one OrtEngine's session.
+
+    >>> slots = engine.open_slots(num_slots=4, capacity=256)               # doctest: +SKIP
+    >>> first = slots.step(0, 1, np.array([[256, 72, 105]]))[:, -1]        # prefill slot 0
+    >>> nxt = slots.step(0, 1, first.argmax(-1)[:, None])[:, -1]           # one decode step
+    """
+
+    def __init__(self, engine, num_slots: int, capacity: int, allocate=numpy_zeros):
+        self.engine = engine
+        self.graph = engine.graph
+        self.cache = SlotKVCache(num_slots, capacity, list(self.graph.layers), engine.kv_dtype, allocate)
+        self._bindings: dict[tuple[int, int], tuple] = {}  # (start, stop) -> (IOBinding, KV OrtValues)
+        self._logits = np.empty(0, dtype=np.float32)
+
+    @property
+    def num_slots(self) -> int:
+        return self.cache.num_slots
+
+    @property
+    def capacity(self) -> int:
+        return self.cache.capacity
+
+    def step(self, start: int, stop: int, ids: np.ndarray, real: np.ndarray | None = None, keep: int | None = 1):
+        """Run one step over slots [start, stop); ``real`` [n, s] marks left padding with 0 (default: all real).
+
+        Returns float32 logits [n, kept, vocab] for the last ``keep`` positions (all of them when None), a view
+        of a buffer the next step reuses: copy what must outlive it.
+        """
+        ids = np.asarray(ids, dtype=np.int64)
+        n, width = ids.shape
+        real = np.ones_like(ids) if real is None else np.asarray(real, dtype=np.int64)
+        if not 0 <= start < stop <= self.num_slots or n != stop - start:
+            raise UsageError(f"step over slots [{start}, {stop}) got {n} rows; the cache has {self.num_slots} slots")
+        lengths = self.cache.lengths[start:stop].copy()
+        if width > 1 and n > 1 and lengths.any():
+            raise UsageError("a multi-token step with a cache takes one row at a time (GroupQueryAttention)")
+        if not self.graph.shared_kv and (lengths != lengths[0]).any():
+            raise UsageError("a concat-KV graph steps rows of equal length together; step these rows one at a time")
+        total = int(lengths.max()) + width
+        if total > self.capacity:
+            raise CapacityError(f"{total} positions exceed the KV slots' capacity {self.capacity}")
+        positions = self._positions(start, real)
+        self.cache.record(start, ids, real)
+        kept = width if keep is None or not self.graph.keeps_logits else min(keep, width)
+        feeds = {INPUT_IDS: ids, ATTENTION_MASK: np.ascontiguousarray(self.cache.mask[start:stop, :total])}
+        if self.graph.takes_positions:
+            feeds[POSITION_IDS] = positions
+        if self.graph.keeps_logits:
+            feeds[KEEP] = np.array(kept, dtype=np.int64)
+        if self.graph.shared_kv:
+            feeds[SEQLENS] = (lengths + width - 1).astype(np.int32)
+            feeds[TOTAL] = np.array(total, dtype=np.int32)
+            return self._run_shared(start, stop, feeds, kept)
+        return self._run_concat(start, stop, feeds, kept, int(lengths[0]), width)
+
+    def _positions(self, start: int, real: np.ndarray) -> np.ndarray:
+        # transformers' rule: a real token's position counts the real tokens before it; padding gets 1
+        before = np.array([[len(self.cache.tokens[start + row])] for row in range(real.shape[0])], dtype=np.int64)
+        positions = before + np.cumsum(real, axis=1) - 1
+        positions[real == 0] = 1
+        return positions
+
+    def _logits_view(self, n: int, kept: int) -> np.ndarray:
+        size = n * kept * self.graph.vocab
+        if self._logits.size < size:
+            self._logits = np.empty(size, dtype=np.float32)
+        return self._logits[:size].reshape(n, kept, self.graph.vocab)
+
+    def _binding(self, start: int, stop: int):
+        if (start, stop) not in self._bindings:
+            ort = self.engine._ort
+            binding = self.engine.session.io_binding()
+            values = []
+            for layer, (past, present) in enumerate(zip(self.graph.past_names, self.graph.present_names)):
+                for kind in (0, 1):
+                    value = ort.OrtValue.ortvalue_from_numpy(self.cache.view(layer, kind, start, stop))
+                    binding.bind_ortvalue_input(past[kind], value)
+                    binding.bind_ortvalue_output(present[kind], value)
+                    values.append(value)
+            self._bindings[(start, stop)] = (binding, values)
+        return self._bindings[(start, stop)][0]
+
+    def _run_shared(self, start: int, stop: int, feeds: dict, kept: int) -> np.ndarray:
+        binding = self._binding(start, stop)
+        logits = self._logits_view(stop - start, kept)
+        alive = self._bind_feeds(binding, feeds, logits)
+        self.engine.session.run_with_iobinding(binding)
+        del alive
+        return logits
+
+    def _run_concat(self, start: int, stop: int, feeds: dict, kept: int, past: int, width: int) -> np.ndarray:
+        ort = self.engine._ort
+        binding = self.engine.session.io_binding()
+        presents, alive = [], []
+        for layer, (past_names, present_names) in enumerate(zip(self.graph.past_names, self.graph.present_names)):
+            for kind in (0, 1):
+                view = self.cache.view(layer, kind, start, stop)
+                past_value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(view[:, :, :past]))
+                present = np.empty(view.shape[:2] + (past + width, view.shape[3]), dtype=view.dtype)
+                present_value = ort.OrtValue.ortvalue_from_numpy(present)
+                binding.bind_ortvalue_input(past_names[kind], past_value)
+                binding.bind_ortvalue_output(present_names[kind], present_value)
+                presents.append((view, present))
+                alive += [past_value, present_value]
+        logits = self._logits_view(stop - start, kept)
+        alive += self._bind_feeds(binding, feeds, logits)
+        self.engine.session.run_with_iobinding(binding)
+        for view, present in presents:  # the graph's past part is the past we gave it: keep only the new positions
+            view[:, :, past:past + width] = present[:, :, past:]
+        return logits
+
+    def _bind_feeds(self, binding, feeds: dict, logits: np.ndarray) -> list:
+        ort = self.engine._ort
+        alive = []  # OrtValues must outlive the run
+        for name, array in feeds.items():  # binding a name again replaces its value
+            value = ort.OrtValue.ortvalue_from_numpy(np.require(array, requirements="C"))  # keeps 0-d arrays 0-d
+            binding.bind_ortvalue_input(name, value)
+            alive.append(value)
+        value = ort.OrtValue.ortvalue_from_numpy(logits)
+        binding.bind_ortvalue_output(LOGITS, value)
+        alive.append(value)
+        return alive

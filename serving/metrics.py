@@ -1,0 +1,74 @@
+"""The server's Prometheus metrics, named as vLLM names them (``vllm:x`` -> ``luffy:x``) so dashboards carry over.
+
+Histograms use vLLM's bucket boundaries. Every metric carries ``model_name``; a scale-out deployment adds
+``replica``. Each server owns its registry (no process-global state), and the scheduler thread reports
+into it through the methods below.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+# vLLM's boundaries (vllm/v1/metrics/loggers.py)
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                40.0, 80.0, 160.0, 640.0, 2560.0)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+               80.0)
+REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+                   480.0, 960.0, 1920.0, 7680.0)
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class ServerMetrics:
+    """Prometheus collectors for one served model; implements the scheduler's metrics interface."""
+
+    def __init__(self, model_name: str, labels: dict[str, str] | None = None):
+        self.registry = CollectorRegistry()
+        self.labels = {"model_name": model_name, **(labels or {})}
+        names = list(self.labels)
+
+        def make(kind, name, doc, **kw):
+            return kind(f"luffy:{name}", doc, names, registry=self.registry, **kw).labels(**self.labels)
+
+        self.running = make(Gauge, "num_requests_running", "Requests holding a KV slot (prefilling or decoding).")
+        self.waiting = make(Gauge, "num_requests_waiting", "Requests waiting for a KV slot.")
+        self.kv_usage = make(Gauge, "kv_cache_usage_perc", "Fraction of KV-cache positions held by requests, 0-1.")
+        self.prompt_tokens = make(Counter, "prompt_tokens", "Prompt tokens of finished and running requests.")
+        self.generation_tokens = make(Counter, "generation_tokens", "Tokens generated.")
+        self.iterations = make(Counter, "scheduler_iterations", "Scheduler iterations (one batched decode each).")
+        self.ttft = make(Histogram, "time_to_first_token_seconds", "Arrival to first token.", buckets=TTFT_BUCKETS)
+        self.itl = make(Histogram, "inter_token_latency_seconds", "Time between two tokens of a request.",
+                        buckets=ITL_BUCKETS)
+        self.e2e = make(Histogram, "e2e_request_latency_seconds", "Arrival to last token.", buckets=REQUEST_BUCKETS)
+        self.queue_time = make(Histogram, "request_queue_time_seconds", "Arrival to getting a KV slot.",
+                               buckets=REQUEST_BUCKETS)
+        self.success = Counter("luffy:request_success", "Finished requests by finish reason.",
+                               names + ["finished_reason"], registry=self.registry)
+        self.http_errors = Counter("luffy:http_errors", "Requests refused with an HTTP error, by status.",
+                                   names + ["status"], registry=self.registry)
+
+    # -- the scheduler's interface ----------------------------------------------------------------------
+    def request_scheduled(self, request) -> None:
+        self.queue_time.observe(request.scheduled_at - request.arrival)
+        self.prompt_tokens.inc(len(request.prompt_ids))
+
+    def token(self, request, first: bool, seconds: float) -> None:
+        self.generation_tokens.inc()
+        (self.ttft if first else self.itl).observe(seconds)
+
+    def request_finished(self, request) -> None:
+        if request.finish_reason in ("stop", "length"):
+            self.e2e.observe((request.last_token_at or request.arrival) - request.arrival)
+        self.success.labels(**self.labels, finished_reason=request.finish_reason or "abort").inc()
+
+    def iteration(self, running: int, waiting: int, kv_usage: float, decoded: int, prefilled: int) -> None:
+        self.running.set(running)
+        self.waiting.set(waiting)
+        self.kv_usage.set(kv_usage)
+        self.iterations.inc()
+
+    def http_error(self, status: int) -> None:
+        self.http_errors.labels(**self.labels, status=str(status)).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,153 @@
+"""A request in the scheduler: its sampling parameters, its state, and how it decides to stop.
+
+Parameters use the names of OpenAI's API and vLLM's extras (``max_tokens``, ``min_tokens``, ``stop``,
+``stop_token_ids``, ``ignore_eos``, ``seed``); sampling is ``Engine.generate``'s (runtimes/sampling.py), so
+a request with the same parameters gives the same tokens here as ``Engine.generate`` gives it alone.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from ..errors import UsageError
+from ..runtimes.sampling import select_next
+from .detokenize import IncrementalDetokenizer
+
+_ids = itertools.count()
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """``temperature`` 0 is greedy (OpenAI's convention); otherwise sampling with ``top_k``/``top_p`` as in
+    transformers, reproducible under ``seed``."""
+
+    max_tokens: int = 16
+    min_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        if self.max_tokens < 1:
+            raise UsageError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise UsageError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
+        if self.temperature < 0:
+            raise UsageError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise UsageError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise UsageError(f"top_k must be >= 0, got {self.top_k}")
+        if any(not s for s in self.stop):
+            raise UsageError("stop strings must not be empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class Output:
+    """What one scheduler iteration produced for a request: new token ids and the text they complete.
+    ``finish_reason`` is set on the last one: "stop", "length", "abort" (cancelled) or "error"."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation: the prompt, its parameters and ``emit(Output)``, called from the scheduler's thread."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    emit: Callable[[Output], None]
+    request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
+    arrival: float = field(default_factory=time.monotonic)
+    # state, owned by the scheduler thread
+    slot: int | None = None
+    prefilled: int = 0
+    output_ids: list[int] = field(default_factory=list)
+    next_input: int | None = None
+    cancelled: bool = False
+    finish_reason: str | None = None
+    scheduled_at: float | None = None
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    text: str = ""
+    emitted_chars: int = 0
+    detokenizer: IncrementalDetokenizer | None = None
+    rng: np.random.Generator | None = None
+    stop_ids: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+
+    def start(self, tokenizer, eos_ids: tuple[int, ...]) -> None:
+        """Set up the per-request state the first time the scheduler touches it."""
+        self.rng = np.random.default_rng(self.params.seed)
+        self.stop_ids = np.array(sorted(set(self.params.stop_token_ids) | (set() if self.params.ignore_eos
+                                                                           else set(eos_ids))), dtype=np.int64)
+        if tokenizer is not None:
+            self.detokenizer = IncrementalDetokenizer(tokenizer, self.prompt_ids)
+
+    def choose(self, logits: np.ndarray) -> int:
+        """The next token from this request's logits [vocab], as Engine.generate would choose it alone."""
+        if len(self.output_ids) < self.params.min_tokens and self.stop_ids.size:
+            logits = logits.copy()
+            logits[self.stop_ids] = -np.inf
+        p = self.params
+        return int(select_next(logits[None, :], not p.greedy, p.temperature or 1.0, p.top_k, p.top_p, self.rng)[0])
+
+    def accept(self, token: int) -> Output:
+        """Book a chosen token; returns the Output to emit (finish_reason set when this token ends it)."""
+        self.output_ids.append(token)
+        self.next_input = token
+        delta = self.detokenizer.add([token]) if self.detokenizer is not None else ""
+        self.text += delta
+        if self.stop_ids.size and token in self.stop_ids:
+            self.finish_reason = "stop"
+        elif self.params.stop and delta and self._stop_string(len(delta)):
+            self.finish_reason = "stop"
+        elif len(self.output_ids) >= self.params.max_tokens:
+            self.finish_reason = "length"
+        if self.finish_reason is not None and self.detokenizer is not None and self.finish_reason == "length":
+            self.text += self.detokenizer.flush()
+        return Output(self.request_id, [token], self._releasable_text(), self.finish_reason, len(self.prompt_ids),
+                      len(self.output_ids))
+
+    def _stop_string(self, added: int) -> bool:
+        """Truncate the text at the first stop string that the last ``added`` characters completed."""
+        longest = max(len(stop) for stop in self.params.stop)
+        begin = max(0, len(self.text) - added - longest + 1)  # earlier text was checked when it arrived
+        hits = [at for at in (self.text.find(stop, begin) for stop in self.params.stop) if at != -1]
+        if not hits:
+            return False
+        self.text = self.text[:min(hits)]  # OpenAI: the stop string is not part of the output
+        return True
+
+    def _releasable_text(self) -> str:
+        """New text that can be streamed now: while a stop string could still complete, its possible start is
+        held back (at most the longest stop string minus one character)."""
+        end = len(self.text)
+        if self.finish_reason is None and self.params.stop:
+            end = max(self.emitted_chars, end - (max(len(s) for s in self.params.stop) - 1))
+        delta = self.text[self.emitted_chars:end]
+        self.emitted_chars = end
+        return delta
+
+    def finish(self, reason: str, error: str | None = None) -> Output:
+        self.finish_reason = reason
+        return Output(self.request_id, [], self._releasable_text(), reason, len(self.prompt_ids), len(self.output_ids),
+                      error)

@@ -1,0 +1,341 @@
+"""Continuous batching: one thread owns the engine and its KV slots; requests come and go between steps.
+
+Each iteration, in order:
+  1. drops cancelled requests (a client went away) and frees their slots;
+  2. decodes every running sequence in one batched step (rows of different lengths, each its own
+     ``seqlens_k``), chooses each one's next token, and frees the slots of those that finished;
+  3. spends what is left of ``max_num_batched_tokens`` on prompts: first the prompt already part-way in,
+     then waiting requests admitted into free slots, one chunk per step (a multi-token step with a cache
+     is batch 1 for GroupQueryAttention). A prompt longer than the budget is split over iterations, so it
+     never holds running streams back by more than one chunk (vLLM's chunked prefill; llama.cpp's server
+     also adds generating slots' tokens first and fills the rest with prompt tokens).
+A finished request's first token is chosen from its last prompt chunk's logits, so time to first token is
+one prefill. Decoding slots are kept at rows [0, n) of the cache (a finished slot swaps with the last
+one), so one view of the cache is the whole decode batch, and a free slot keeps what it held.
+
+HTTP handlers never touch the engine: ``submit`` and ``cancel`` take a lock and wake the loop, and outputs
+go back through each request's ``emit`` (the server bridges it into its event loop).
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import CapacityError, UsageError
+from .requests import Output, Request, SamplingParams
+
+
+class QueueFull(Exception):
+    """The waiting queue is at ``max_queue``: the server answers 429."""
+
+
+class Draining(Exception):
+    """The scheduler is shutting down and admits nothing new: the server answers 503."""
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """``max_num_seqs`` slots of ``max_model_len`` positions each (the KV cache, allocated once);
+    ``max_num_batched_tokens``: decode tokens plus prompt tokens per iteration; ``max_queue``: waiting
+    requests beyond which submit refuses."""
+
+    max_num_seqs: int = 16
+    max_model_len: int | None = None  # default: the artifact's max_seq_len
+    max_num_batched_tokens: int = 512
+    max_queue: int = 256
+
+    def __post_init__(self):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_queue"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+class NoMetrics:
+    """What the scheduler reports; serving/metrics.py implements it with Prometheus collectors."""
+
+    def request_scheduled(self, request: Request) -> None: ...
+    def token(self, request: Request, first: bool, seconds: float) -> None: ...
+    def request_finished(self, request: Request) -> None: ...
+    def iteration(self, running: int, waiting: int, kv_usage: float, decoded: int, prefilled: int) -> None: ...
+
+
+class Scheduler:
+    """Serves generation requests from one engine with continuous batching.
+
+    >>> scheduler = Scheduler(luffy.load("build/pydoc"), SchedulerConfig(max_num_seqs=8)).start()  # doctest: +SKIP
+    >>> scheduler.generate([256, 72, 105], SamplingParams(max_tokens=8, temperature=0)).token_ids  # doctest: +SKIP
+    """
+
+    def __init__(self, engine, config: SchedulerConfig | None = None, metrics=None):
+        self.engine, self.config, self.metrics = engine, config or SchedulerConfig(), metrics or NoMetrics()
+        capacity = self.config.max_model_len or engine.max_seq_len
+        if engine.max_seq_len is not None and capacity > engine.max_seq_len:
+            raise CapacityError(f"max_model_len {capacity} exceeds the artifact's maximum sequence length "
+                                f"{engine.max_seq_len}")
+        self.slots = engine.open_slots(self.config.max_num_seqs, capacity)
+        self.capacity = capacity
+        self.vocab = engine.vocab
+        self.eos_ids = _eos_ids(engine)
+        self.tokenizer = engine.tokenizer if engine.manifest.get("tokenizer") else None
+        self.batched_decode = engine.graph.shared_kv  # concat graphs step each row alone (equal lengths only)
+        self._lock = threading.Condition()
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._owner: list[Request | None] = [None] * self.config.max_num_seqs
+        self._decoding = 0  # decoding requests hold slots [0, _decoding)
+        self._prefilling: Request | None = None
+        self._cancelled: list[Request] = []
+        self._stopping = self._draining = False
+        self._thread: threading.Thread | None = None
+        self.iterations = 0
+
+    # -- the handlers' side ---------------------------------------------------------------------------
+    def start(self) -> "Scheduler":
+        self._thread = threading.Thread(target=self._loop, name="luffy-scheduler", daemon=True)
+        self._thread.start()
+        return self
+
+    def check(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Refuse, before any work, a request the artifact cannot hold (one-line UsageError/CapacityError)."""
+        if not prompt_ids:
+            raise UsageError("the prompt is empty")
+        bad = next((t for t in prompt_ids if not 0 <= t < self.vocab), None)
+        if bad is not None:
+            raise UsageError(f"token id {bad} is outside the vocabulary of size {self.vocab}")
+        if len(prompt_ids) + params.max_tokens > self.capacity:
+            raise CapacityError(f"prompt length {len(prompt_ids)} + max_tokens {params.max_tokens} = "
+                                f"{len(prompt_ids) + params.max_tokens} exceeds the maximum context length "
+                                f"{self.capacity}")
+
+    def submit(self, request: Request) -> Request:
+        self.check(request.prompt_ids, request.params)
+        with self._lock:
+            if self._draining or self._stopping:
+                raise Draining("the server is shutting down")
+            if len(self._waiting) >= self.config.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are waiting (--max-queue {self.config.max_queue})")
+            self._waiting.append(request)
+            self._lock.notify()
+        return request
+
+    def cancel(self, request: Request) -> None:
+        """Stop ``request`` (its client went away); its slot is free after the current iteration."""
+        with self._lock:
+            if request.finish_reason is None and not request.cancelled:
+                request.cancelled = True
+                self._cancelled.append(request)
+                self._lock.notify()
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams, timeout: float = 600.0) -> Output:
+        """Submit and wait (for tests and scripts): all of the request's tokens and text in one Output."""
+        done, outputs = threading.Event(), []
+
+        def emit(output: Output):
+            outputs.append(output)
+            if output.finish_reason is not None:
+                done.set()
+
+        request = self.submit(Request(list(prompt_ids), params, emit))
+        if not done.wait(timeout):
+            self.cancel(request)
+            raise TimeoutError(f"request {request.request_id} did not finish within {timeout} s")
+        last = outputs[-1]
+        return Output(request.request_id, [t for o in outputs for t in o.token_ids], "".join(o.text for o in outputs),
+                      last.finish_reason, last.prompt_tokens, last.completion_tokens, last.error)
+
+    def begin_drain(self) -> None:
+        """Admit nothing more: new submits raise Draining, waiting requests end "abort", running ones go on."""
+        with self._lock:
+            self._draining = True
+            self._lock.notify()
+
+    def drain(self, timeout: float) -> bool:
+        """begin_drain, let running requests finish for up to ``timeout`` seconds, then stop the loop.
+        True when everything running finished in time."""
+        self.begin_drain()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.active:
+            time.sleep(0.02)
+        finished = not self.active
+        self.stop()
+        return finished
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    @property
+    def active(self) -> int:
+        """Requests holding a slot or waiting for one."""
+        return sum(r is not None for r in self._owner) + len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return sum(r is not None for r in self._owner)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """Fraction of the KV cache's positions held by requests in flight."""
+        used = sum(int(self.slots.cache.lengths[slot]) for slot, r in enumerate(self._owner) if r is not None)
+        return used / (self.slots.num_slots * self.capacity)
+
+    # -- the engine's side ----------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not (self._waiting or self.running or self._cancelled or self._stopping):
+                    self._lock.wait()
+                if self._stopping:
+                    break
+            try:
+                self._iteration()
+            except Exception as exc:  # noqa: BLE001 - the engine failed: every request in flight ends with it
+                self._fail_all(f"{type(exc).__name__}: {exc}")
+        self._abort_all("abort")
+
+    def _iteration(self) -> None:
+        self.iterations += 1
+        self._drop_cancelled()
+        if self._draining:
+            self._abort_waiting()
+        decoded = self._decode()
+        prefilled = self._prefill(self.config.max_num_batched_tokens - decoded)
+        self.metrics.iteration(self.running, self.waiting, self.kv_cache_usage, decoded, prefilled)
+
+    def _drop_cancelled(self) -> None:
+        with self._lock:
+            cancelled, self._cancelled = self._cancelled, []
+            for request in cancelled:
+                if request in self._waiting:
+                    self._waiting.remove(request)
+        for request in cancelled:
+            if request.finish_reason is None:
+                self._finish(request, request.finish("abort"))
+
+    def _decode(self) -> int:
+        """One token for every decoding request; returns how many tokens that was."""
+        n = self._decoding
+        if n == 0:
+            return 0
+        tokens = np.array([[self._owner[row].next_input] for row in range(n)], dtype=np.int64)
+        if self.batched_decode:
+            logits = self.slots.step(0, n, tokens)[:, -1, :]
+        else:
+            # each step's logits live in a buffer the next step reuses: copy them out one by one
+            logits = np.stack([self.slots.step(row, row + 1, tokens[row:row + 1])[0, -1, :].copy() for row in range(n)])
+        now = time.monotonic()
+        finished = []
+        for row in range(n):
+            request = self._owner[row]
+            output = request.accept(request.choose(logits[row]))
+            self.metrics.token(request, False, now - request.last_token_at)
+            request.last_token_at = now
+            request.emit(output)
+            if output.finish_reason is not None:
+                finished.append(request)
+        for request in finished:
+            self._release(request)
+        return n
+
+    def _prefill(self, budget: int) -> int:
+        """Spend up to ``budget`` prompt tokens; returns how many were computed."""
+        spent = 0
+        while budget - spent > 0:
+            request = self._prefilling or self._admit()
+            if request is None:
+                break
+            self._prefilling = request
+            chunk = request.prompt_ids[request.prefilled:request.prefilled + (budget - spent)]
+            logits = self.slots.step(request.slot, request.slot + 1, np.array([chunk], dtype=np.int64))[0, -1, :]
+            request.prefilled += len(chunk)
+            spent += len(chunk)
+            if request.prefilled == len(request.prompt_ids):
+                self._prefilling = None
+                self._first_token(request, logits)
+        return spent
+
+    def _admit(self) -> Request | None:
+        with self._lock:
+            if not self._waiting or None not in self._owner[self._decoding:]:
+                return None
+            request = self._waiting.popleft()
+        slot = self._decoding + self._owner[self._decoding:].index(None)
+        self.slots.cache.clear(slot)
+        self._owner[slot], request.slot = request, slot
+        request.start(self.tokenizer, self.eos_ids)
+        request.scheduled_at = time.monotonic()
+        self.metrics.request_scheduled(request)
+        return request
+
+    def _first_token(self, request: Request, logits: np.ndarray) -> None:
+        self._move(request.slot, self._decoding)
+        self._decoding += 1
+        request.first_token_at = request.last_token_at = time.monotonic()
+        output = request.accept(request.choose(logits))
+        self.metrics.token(request, True, request.first_token_at - request.arrival)
+        request.emit(output)
+        if output.finish_reason is not None:
+            self._release(request)
+
+    def _move(self, slot: int, target: int) -> None:
+        """Swap slots ``slot`` and ``target`` (contents and owners)."""
+        if slot == target:
+            return
+        self.slots.cache.swap(slot, target)
+        self._owner[slot], self._owner[target] = self._owner[target], self._owner[slot]
+        for index in (slot, target):
+            if self._owner[index] is not None:
+                self._owner[index].slot = index
+
+    def _release(self, request: Request) -> None:
+        """Free a finished request's slot, keeping decoding slots at [0, n); a free slot keeps its contents."""
+        slot = request.slot
+        if slot is not None and slot < self._decoding:
+            self._move(slot, self._decoding - 1)
+            self._decoding -= 1
+            slot = request.slot
+        if self._prefilling is request:
+            self._prefilling = None
+        if slot is not None:
+            self._owner[slot] = None
+            request.slot = None
+        self.metrics.request_finished(request)
+
+    def _finish(self, request: Request, output: Output) -> None:
+        request.emit(output)
+        if request.slot is not None or self._prefilling is request:
+            self._release(request)
+        else:
+            self.metrics.request_finished(request)
+
+    def _abort_waiting(self) -> None:
+        with self._lock:
+            waiting, self._waiting = list(self._waiting), collections.deque()
+        for request in waiting:
+            self._finish(request, request.finish("abort", "the server is shutting down"))
+
+    def _abort_all(self, reason: str, error: str | None = None) -> None:
+        self._abort_waiting()
+        for request in [r for r in self._owner if r is not None]:
+            self._finish(request, request.finish(reason, error))
+
+    def _fail_all(self, error: str) -> None:
+        self._abort_all("error", error)
+
+
+def _eos_ids(engine) -> tuple[int, ...]:
+    eos = (engine.manifest.get("generation") or {}).get("eos_token_id")
+    if eos is None:
+        return ()
+    return tuple(eos) if isinstance(eos, list) else (int(eos),)

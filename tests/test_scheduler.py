@@ -1,0 +1,124 @@
+"""The slot KV cache and the continuous-batching scheduler, in-process (no HTTP): tokens equal Engine.generate alone."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import luffy
+from luffy.serving.requests import SamplingParams
+from luffy.serving.scheduler import QueueFull, Scheduler, SchedulerConfig
+
+PROMPTS = [list(b"def parse("), list(b"Return the"), list(b"class Foo:\n"), list(b"import os\n"), list(b"The module"),
+           list(b"x"), list(b"If the file exists, then"), list(b"Open the")]
+
+
+@pytest.fixture(scope="module")
+def pydoc(zoo_artifacts):
+    return zoo_artifacts("llama-pydoc")[0].load()
+
+
+def _alone(engine, prompt, n):
+    return engine.generate([prompt], max_new_tokens=n, eos_token_id=None)[0, len(prompt):].tolist()
+
+
+def test_rows_of_different_lengths_decode_together_as_each_would_alone(pydoc):
+    # the primitive under continuous batching: per-row lengths (seqlens_k), chunked prompts with a cache
+    slots = pydoc.open_slots(4, 64)
+    prompts = PROMPTS[:4]
+    for s, p in enumerate(prompts):  # every prompt in two chunks, the second on top of the first's cache
+        slots.step(s, s + 1, np.array([p[:3]]))
+    tokens = [[int(np.argmax(slots.step(s, s + 1, np.array([p[3:]]))[0, -1]))] for s, p in enumerate(prompts)]
+    for _ in range(11):
+        step = slots.step(0, 4, np.array([[t[-1]] for t in tokens]))[:, -1]
+        for row in range(4):
+            tokens[row].append(int(np.argmax(step[row])))
+    assert tokens == [_alone(pydoc, p, 12) for p in prompts]
+    assert list(slots.cache.lengths) == [len(p) + 11 for p in prompts]
+
+
+def test_truncate_rolls_back_and_copy_prefix_shares(pydoc):
+    slots = pydoc.open_slots(3, 64)
+    prompt = PROMPTS[6]
+    fresh = slots.step(0, 1, np.array([prompt]))[0, -1].copy()
+    slots.step(0, 1, np.array([[5, 6, 7]]))  # tokens a draft proposed and the target rejected
+    slots.cache.truncate(0, len(prompt) - 1)
+    again = slots.step(0, 1, np.array([prompt[-1:]]))[0, -1]
+    np.testing.assert_allclose(again, fresh, atol=1e-5)  # as if the rejected tokens never ran
+    slots.cache.copy_prefix(0, 2, len(prompt) - 1)
+    assert slots.cache.tokens[2] == prompt[:-1]
+    shared = slots.step(2, 3, np.array([prompt[-1:]]))[0, -1]
+    np.testing.assert_allclose(shared, fresh, atol=1e-5)
+
+
+def test_chunked_prefill_and_staggered_arrivals_give_the_tokens_alone(pydoc):
+    scheduler = Scheduler(pydoc, SchedulerConfig(max_num_seqs=3, max_num_batched_tokens=5)).start()
+    try:
+        results = [None] * len(PROMPTS)
+
+        def run(i):
+            time.sleep(0.005 * i)
+            results[i] = scheduler.generate(PROMPTS[i], SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
+        [t.start() for t in threads]
+        [t.join(120) for t in threads]
+        assert [r.token_ids for r in results] == [_alone(pydoc, p, 16) for p in PROMPTS]
+        assert all(r.finish_reason == "length" and r.completion_tokens == 16 for r in results)
+        assert scheduler.running == 0 and scheduler.waiting == 0 and scheduler.kv_cache_usage == 0
+    finally:
+        scheduler.stop()
+
+
+def test_stop_tokens_min_tokens_and_cancel(pydoc):
+    scheduler = Scheduler(pydoc, SchedulerConfig(max_num_seqs=2, max_queue=1)).start()
+    try:
+        greedy = _alone(pydoc, PROMPTS[1], 12)
+        stop = scheduler.generate(PROMPTS[1], SamplingParams(max_tokens=12, temperature=0, stop_token_ids=(greedy[4],)))
+        assert stop.token_ids == greedy[:greedy.index(greedy[4]) + 1] and stop.finish_reason == "stop"
+        held = scheduler.generate(PROMPTS[1], SamplingParams(max_tokens=12, temperature=0, min_tokens=12,
+                                                             stop_token_ids=(greedy[4],)))
+        assert len(held.token_ids) == 12 and greedy[4] not in held.token_ids  # stop ids masked until min_tokens
+        outputs, done = [], threading.Event()
+        request = scheduler.submit(luffy.serving.requests.Request(
+            PROMPTS[0], SamplingParams(max_tokens=900, temperature=0, ignore_eos=True),
+            lambda o: (outputs.append(o), o.finish_reason and done.set())))
+        while not outputs:
+            time.sleep(0.005)
+        scheduler.cancel(request)
+        assert done.wait(30) and outputs[-1].finish_reason == "abort"
+        deadline = time.monotonic() + 10
+        while scheduler.running and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert scheduler.running == 0 and len(outputs) < 900
+    finally:
+        scheduler.stop()
+
+
+def test_a_full_queue_refuses_at_once(pydoc):
+    scheduler = Scheduler(pydoc, SchedulerConfig(max_num_seqs=1, max_queue=1))  # not started: nothing leaves the queue
+    scheduler.submit(luffy.serving.requests.Request(PROMPTS[0], SamplingParams(), lambda o: None))
+    with pytest.raises(QueueFull, match="--max-queue 1"):
+        scheduler.submit(luffy.serving.requests.Request(PROMPTS[0], SamplingParams(), lambda o: None))
+
+
+def test_concat_kv_artifacts_are_served_one_row_per_step(tmp_path):
+    # -O1 keeps the captured attention (present = concat(past, new)): rows cannot share a step at different lengths
+    engine = luffy.compile("llama-pydoc", output=tmp_path / "o1", opt_level=1, check_parity=False).load()
+    assert not engine.graph.shared_kv
+    scheduler = Scheduler(engine, SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=4)).start()
+    try:
+        got = [None, None, None]
+
+        def run(i):
+            got[i] = scheduler.generate(PROMPTS[i], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+        [t.start() for t in threads]
+        [t.join(120) for t in threads]
+        assert [g.token_ids for g in got] == [_alone(engine, p, 8) for p in PROMPTS[:3]]
+    finally:
+        scheduler.stop()
