@@ -177,6 +177,15 @@ class _Server:
         self.stop()
         raise UsageError(f"luffy serve did not become ready: {''.join(self.log)[-500:]}")
 
+    def itl_totals(self) -> tuple[float, float]:
+        """(sum, count) of the server's own luffy:inter_token_latency_seconds: token gaps without the client."""
+        import httpx
+
+        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        found = {m.group(1): float(m.group(2)) for m in re.finditer(
+            r"^luffy:inter_token_latency_seconds_(sum|count)\{[^}]*\} (\S+)$", text, re.MULTILINE)}
+        return found.get("sum", 0.0), found.get("count", 0.0)
+
     def rss_mib(self) -> float | None:
         try:
             status = Path(f"/proc/{self.proc.pid}/status").read_text()
@@ -251,10 +260,14 @@ def bench_serve(artifact: str | Path, load: ServeLoad, concurrency: list[int], r
 
         for i, (kind, value) in enumerate(points):
             say(f"{kind} {value}", i, len(points))
+            itl_before = server.itl_totals()
             results, duration = asyncio.run(_drive(
                 server.url, model, requests, value if kind == "concurrency" else None,
                 value if kind == "rate" else None, load.seed, done))
+            itl_after = server.itl_totals()
+            gaps = itl_after[1] - itl_before[1]
             runs.append({"system": "luffy serve", kind: value, **run_metrics(results, duration, slos or {}),
+                         "server_itl_mean_s": (itl_after[0] - itl_before[0]) / gaps if gaps else None,
                          "errors": sorted({r["error"] for r in results if r["error"]})[:3]})
         rss["after_all"], rss["requests"] = server.rss_mib(), served[0]
     finally:
@@ -266,6 +279,8 @@ def bench_serve(artifact: str | Path, load: ServeLoad, concurrency: list[int], r
         "definitions": {
             "ttft": "request sent -> its first token's chunk", "itl": "gap between two token chunks of a request",
             "tpot": "(e2e - ttft) / (output tokens - 1)", "e2e": "request sent -> its last chunk",
+            "server_itl_mean_s": "mean gap between a request's tokens as the server's scheduler produced them "
+                                 "(luffy:inter_token_latency_seconds), i.e. without the client's own time",
             "output_throughput": "output tokens of completed requests / run duration",
             "goodput": "requests meeting every SLO / run duration",
             "static": "Engine.generate in-process, batches in request order, each row generating its batch's "
@@ -275,20 +290,24 @@ def bench_serve(artifact: str | Path, load: ServeLoad, concurrency: list[int], r
 
 
 def to_markdown(report: dict) -> str:
-    def ms(stats, key):
+    def ms(stats, key, digits=0):
         value = stats[key]
-        return "—" if value is None else f"{value * 1000:.0f}"
+        return "—" if value is None else f"{value * 1000:.{digits}f}"
+
+    def server_itl(run):
+        value = run.get("server_itl_mean_s")
+        return "—" if value is None else f"{value * 1000:.1f}"
 
     lines = ["| system | load | req/s | output tok/s | TTFT ms mean / median / p99 | TPOT ms median | "
-             "ITL ms median / p99 | E2E s median |", "|---|---|---|---|---|---|---|---|"]
+             "ITL ms median / p99 | server ITL ms mean | E2E s median |", "|---|---|---|---|---|---|---|---|---|"]
     for run in report["static"] + report["served"]:
         load = (f"concurrency {run['concurrency']}" if "concurrency" in run else
                 f"rate {run['rate']}/s" if "rate" in run else f"batch {run['batch']}")
         lines.append(
             f"| {run['system']} | {load} | {run['request_throughput']:.2f} | {run['output_throughput']:.1f} | "
             f"{ms(run['ttft_s'], 'mean')} / {ms(run['ttft_s'], 'median')} / {ms(run['ttft_s'], 'p99')} | "
-            f"{ms(run['tpot_s'], 'median')} | {ms(run['itl_s'], 'median')} / {ms(run['itl_s'], 'p99')} | "
-            f"{(run['e2e_s']['median'] or 0):.2f} |")
+            f"{ms(run['tpot_s'], 'median', 1)} | {ms(run['itl_s'], 'median', 1)} / {ms(run['itl_s'], 'p99')} | "
+            f"{server_itl(run)} | {(run['e2e_s']['median'] or 0):.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -304,8 +323,8 @@ def plot(report: dict, path: Path) -> None:
     ax.plot([r["ttft_s"]["p99"] for r in served], [r["output_throughput"] for r in served], "o-", label="luffy serve")
     for r in served:
         ax.annotate(f"c={r['concurrency']}", (r["ttft_s"]["p99"], r["output_throughput"]))
-    for r in report["static"]:
-        ax.axhline(r["output_throughput"], linestyle="--", linewidth=1, label=r["system"])
+    for r, color in zip(report["static"], ("tab:gray", "tab:green", "tab:red", "tab:purple")):
+        ax.axhline(r["output_throughput"], linestyle="--", linewidth=1, color=color, label=r["system"])
     ax.set_xlabel("TTFT p99 (s)")
     ax.set_ylabel("output tokens / s")
     ax.legend(fontsize=7)

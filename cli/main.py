@@ -262,6 +262,8 @@ def serve_cmd(
                                         "may take to finish."),
     max_request_bytes: int = typer.Option(1 << 20, "--max-request-bytes", min=1024, help="Largest request body."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="ONNX Runtime intra-op threads [all cores]."),
+    spin: bool = typer.Option(True, "--spin/--no-spin", help="ONNX Runtime's threads spin between steps (lowest "
+                              "latency) or sleep (cores free for HTTP and other processes)."),
 ):
     """Serve an artifact over an OpenAI-compatible HTTP API with continuous batching.
 
@@ -279,7 +281,7 @@ def serve_cmd(
     _require_serve_extra()
     settings = ServerSettings(
         host=host, port=port, served_model_name=served_model_name, api_key=api_key, drain_timeout=drain_timeout,
-        max_request_bytes=max_request_bytes, threads=threads,
+        max_request_bytes=max_request_bytes, threads=threads, spin=spin,
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                                   max_num_batched_tokens=max_num_batched_tokens, max_queue=max_queue),
     )

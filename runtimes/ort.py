@@ -46,7 +46,7 @@ class OrtEngine(Engine):
 
     def __init__(
         self, path: Path, manifest: dict, threads: int | None = None, providers: list[str] | None = None,
-        huge_pages: bool = True,
+        huge_pages: bool = True, spin: bool = True,
     ):
         super().__init__(path, manifest)
         ort = import_onnxruntime()
@@ -54,6 +54,8 @@ class OrtEngine(Engine):
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             options.intra_op_num_threads = threads
+        if not spin:  # idle pool threads sleep instead of spinning: the cores go to the server's other threads
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._ort = ort
         model_path = self.path / manifest["model_file"]
         _require_int8_kernels_fit(manifest, self.path, providers)

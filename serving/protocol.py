@@ -8,6 +8,7 @@ with a 400 naming the field rather than silently ignored. vLLM's extras ``ignore
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Literal, Union
@@ -160,3 +161,23 @@ def chat_chunk(rid: str, model: str, delta: dict, finish_reason: str | None) -> 
 
 def usage_chunk(rid: str, model: str, obj: str, use: dict) -> dict:
     return {"id": rid, "object": obj, "created": int(time.time()), "model": model, "choices": [], "usage": use}
+
+
+class ChunkWriter:
+    """The SSE line of one streamed token, with everything but the text and finish reason encoded once: it runs
+    for every token of every stream, on the event loop the whole server shares."""
+
+    def __init__(self, rid: str, model: str, chat: bool):
+        created = int(time.time())
+        if chat:
+            head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
+            self.prefix = "data: " + json.dumps(head)[:-1] + ', "choices": [{"index": 0, "delta": {"content": '
+            self.middle = '}, "logprobs": null, "finish_reason": '
+        else:
+            head = {"id": rid, "object": "text_completion", "created": created, "model": model}
+            self.prefix = "data: " + json.dumps(head)[:-1] + ', "choices": [{"index": 0, "text": '
+            self.middle = ', "logprobs": null, "finish_reason": '
+        self.suffix = "}]}\n\n"
+
+    def __call__(self, text: str, finish_reason: str | None) -> str:
+        return self.prefix + json.dumps(text, ensure_ascii=False) + self.middle + json.dumps(finish_reason) + self.suffix

@@ -112,13 +112,11 @@ def _encode(state: ServingState, text: str, add_special_tokens: bool) -> list[in
 
 
 async def _generate(state: ServingState, http: HttpRequest, body, ids: list[int], max_tokens: int, chat: bool):
-    loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     rid = protocol.new_id("chatcmpl" if chat else "cmpl")
     try:
         params = body.sampling(max_tokens)
-        request = state.scheduler.submit(Request(list(ids), params, lambda out: loop.call_soon_threadsafe(
-            queue.put_nowait, out), request_id=rid))
+        request = state.scheduler.submit(Request(list(ids), params, state.router.emitter(queue), request_id=rid))
     except Exception as exc:  # noqa: BLE001 - UsageError / CapacityError / QueueFull / Draining -> HTTP
         raise error_status(exc) from None
     headers = {"x-luffy-replica": state.settings.replica} if state.settings.replica else {}
@@ -164,6 +162,7 @@ async def _stream(state, request: Request, queue: asyncio.Queue, rid: str, model
     Starlette cancels this generator when the client disconnects; the finally cancels the request."""
     finished = False
     obj = "chat.completion.chunk" if chat else "text_completion"
+    token_chunk = protocol.ChunkWriter(rid, model, chat)
     try:
         if chat:
             yield sse(protocol.chat_chunk(rid, model, {"role": "assistant", "content": ""}, None))
@@ -175,11 +174,7 @@ async def _stream(state, request: Request, queue: asyncio.Queue, rid: str, model
                 yield sse({"error": {**status.body()["error"], "message": out.error or "the request was aborted"}})
                 break
             if out.token_ids or out.text or out.finish_reason:  # one chunk per token, even one that adds no text
-                if chat:
-                    delta = {"content": out.text} if out.text else {}
-                    yield sse(protocol.chat_chunk(rid, model, delta, out.finish_reason))
-                else:
-                    yield sse(protocol.completion_body(rid, model, out.text, out.finish_reason, None))
+                yield token_chunk(out.text, out.finish_reason)
             if out.finish_reason is not None:
                 finished = True
                 if include_usage:

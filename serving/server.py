@@ -35,6 +35,7 @@ class ServerSettings:
     drain_timeout: float = 30.0
     max_request_bytes: int = 1 << 20
     threads: int | None = None  # ORT intra-op threads
+    spin: bool = True  # ORT's pool threads spin between steps (see `luffy serve --help`)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     replica: str | None = None  # scale-out: the name in x-luffy-replica and the metrics' replica label
 
@@ -48,6 +49,7 @@ class ServingState:
         self.engine = self.scheduler = self.metrics = self.chat_template = None
         self.ready = threading.Event()
         self.draining = False
+        self.router: OutputRouter | None = None
         self.load_error: str | None = None
 
     def load(self, engine=None) -> None:
@@ -58,7 +60,7 @@ class ServingState:
         from .scheduler import Scheduler
 
         try:
-            self.engine = engine or load(self.artifact, threads=self.settings.threads)
+            self.engine = engine or load(self.artifact, threads=self.settings.threads, spin=self.settings.spin)
             labels = {"replica": self.settings.replica} if self.settings.replica else None
             self.metrics = ServerMetrics(self.model_name, labels)
             self.scheduler = Scheduler(self.engine, self.settings.scheduler, self.metrics).start()
@@ -84,6 +86,36 @@ class ServingState:
             self.scheduler.begin_drain()
 
 
+class OutputRouter:
+    """Carries scheduler outputs into the event loop with one wake-up per batch, not one per token: an
+    iteration that decodes 16 streams would otherwise write the loop's self-pipe 16 times."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.pending: list = []
+        self.lock = threading.Lock()
+        self.scheduled = False
+
+    def emitter(self, queue: asyncio.Queue):
+        """The ``emit`` for one request: called from the scheduler thread."""
+
+        def emit(output) -> None:
+            with self.lock:
+                self.pending.append((queue, output))
+                if self.scheduled:
+                    return
+                self.scheduled = True
+            self.loop.call_soon_threadsafe(self._deliver)
+
+        return emit
+
+    def _deliver(self) -> None:
+        with self.lock:
+            pending, self.pending, self.scheduled = self.pending, [], False
+        for queue, output in pending:
+            queue.put_nowait(output)
+
+
 def _log(message: str) -> None:
     print(f"luffy serve: {message}", file=sys.stderr, flush=True)
 
@@ -101,6 +133,7 @@ def build_app(artifact: str | Path, settings: ServerSettings | None = None, engi
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        state.router = OutputRouter(asyncio.get_running_loop())
         loader = threading.Thread(target=state.load, args=(engine,), name="luffy-load", daemon=True)
         loader.start()
         yield
