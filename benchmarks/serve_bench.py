@@ -1,7 +1,7 @@
 """`luffy bench serve`: load against a real `luffy serve` process, measured the way `vllm bench serve` measures.
 
 Requests are random token-id prompts with input and output lengths drawn from ranges (``ignore_eos``, so every
-request produces exactly its output length), sent with OpenAI's async client, streamed. Per request:
+request produces exactly its output length), sent with OpenAI's async client, streamed (raw lines, see _one). Per request:
 TTFT (send -> first token's chunk), ITL (gaps between token chunks), TPOT ((E2E - TTFT) / (tokens - 1)) and
 E2E. Per run: request and output-token throughput, mean / median / p99 of each latency, and goodput (requests
 per second meeting every ``--goodput`` SLO). Runs go at a fixed concurrency (a closed loop: each client
@@ -97,21 +97,29 @@ def run_metrics(results: list[dict], duration: float, slos: dict[str, float]) ->
 
 
 async def _one(client, model: str, prompt: list[int], max_tokens: int) -> dict:
+    """One streamed request. The SSE lines are read raw (openai's streaming-response API) and only the usage
+    chunk is parsed: on a 2-core machine the client shares the server's cores, and building one pydantic
+    object per token (the client's default iteration) would slow the server it measures by ~3 %; vLLM's
+    own benchmark reads raw lines too."""
     start = time.perf_counter()
     stamps, usage, error = [], None, None
     try:
-        stream = await client.completions.create(
-            model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True,
-            stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
-        async for chunk in stream:
-            if chunk.choices:
-                stamps.append(time.perf_counter())
-            if chunk.usage is not None:
-                usage = chunk.usage
+        async with client.completions.with_streaming_response.create(
+                model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True,
+                stream_options={"include_usage": True}, extra_body={"ignore_eos": True}) as response:
+            async for line in response.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                if '"choices": []' in line:
+                    usage = json.loads(line[6:])["usage"]
+                elif '"error"' in line[:16]:
+                    error = json.loads(line[6:])["error"]["message"]
+                else:
+                    stamps.append(time.perf_counter())
     except Exception as exc:  # noqa: BLE001 - a failed request is counted, not fatal
         error = f"{type(exc).__name__}: {exc}"
     end = time.perf_counter()
-    tokens = usage.completion_tokens if usage is not None else len(stamps)
+    tokens = usage["completion_tokens"] if usage is not None else len(stamps)
     ok = error is None and bool(stamps)
     ttft = stamps[0] - start if stamps else None
     return {"ok": ok, "error": error, "prompt_tokens": len(prompt), "tokens": tokens, "ttft": ttft,
@@ -204,11 +212,41 @@ class _Server:
         return self.proc.returncode
 
 
-def static_runs(artifact: Path, requests, batch_sizes: list[int], threads: int | None) -> list[dict]:
-    """The same requests through Engine.generate in this process, one static batch after another."""
-    from ..runtimes import load
+def in_process_tpot(engine, prompt: list[int], n: int) -> float:
+    stamps = []
+    engine.generate([prompt], max_new_tokens=n, eos_token_id=None, streamer=lambda _: stamps.append(time.perf_counter()))
+    return (stamps[-1] - stamps[0]) / (n - 1)
 
-    engine = load(artifact, threads=threads)
+
+def _streamed_tpot(url: str, model: str, prompt: list[int], n: int) -> float:
+    import httpx
+
+    stamps = []
+    body = {"model": model, "prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=600) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {") and '"choices": []' not in line:
+                stamps.append(time.perf_counter())
+    return (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+
+
+def streaming_overhead(engine, url: str, model: str, requests, rounds: int) -> dict:
+    """Per-token time of the same request streamed through the server vs Engine.generate in this process,
+    alternated request by request so that drift in the host's speed hits both alike; median of the ratios.
+
+    The stream is read with a plain synchronous httpx client, the lightest reader there is: on a 2-core machine
+    any client shares the server's cores, and this measures what streaming costs the server rather than what
+    the load generator's own parsing costs (the async OpenAI client's share shows in the concurrency-1 row)."""
+    pairs = []
+    for prompt, n in requests[:rounds]:
+        local = in_process_tpot(engine, prompt, n)
+        served = _streamed_tpot(url, model, prompt, n)
+        pairs.append({"in_process_tpot_s": local, "served_tpot_s": served, "ratio": served / local})
+    return {"rounds": pairs, "median_ratio": float(np.median([p["ratio"] for p in pairs])) if pairs else None}
+
+
+def static_runs(engine, requests, batch_sizes: list[int]) -> list[dict]:
+    """The same requests through Engine.generate in this process, one static batch after another."""
     engine.generate([requests[0][0]], max_new_tokens=2, eos_token_id=None)  # warm-up
     runs = []
     for size in batch_sizes:
@@ -231,7 +269,7 @@ def static_runs(artifact: Path, requests, batch_sizes: list[int], threads: int |
 
 def bench_serve(artifact: str | Path, load: ServeLoad, concurrency: list[int], request_rate: float | None = None,
                 slos: dict | None = None, server_args: list[str] | None = None, static_batches=(1, 16),
-                threads: int | None = None, progress=None) -> dict:
+                threads: int | None = None, progress=None, overhead_rounds: int = 6) -> dict:
     """Run the load at each concurrency (or the request rate) against a fresh server; returns the report dict."""
     from ..benchmarks.machine import describe_machine
     from ..runtimes.manifest import read_manifest
@@ -241,8 +279,11 @@ def bench_serve(artifact: str | Path, load: ServeLoad, concurrency: list[int], r
     vocab = next(o["shape"][-1] for o in manifest["io"]["outputs"] if o["name"] == "logits")
     requests = load.requests(vocab)
     say = progress or (lambda *a: None)
+    from ..runtimes import load as load_engine
+
     say("static batches in-process", 0, 1)
-    static = static_runs(artifact, requests, list(static_batches), threads)
+    engine = load_engine(artifact, threads=threads)
+    static = static_runs(engine, requests, list(static_batches))
     args = [*(server_args or []), *(["--threads", str(threads)] if threads else [])]
     server = _Server(artifact, args)
     runs, rss = [], {}
@@ -270,11 +311,14 @@ def bench_serve(artifact: str | Path, load: ServeLoad, concurrency: list[int], r
                          "server_itl_mean_s": (itl_after[0] - itl_before[0]) / gaps if gaps else None,
                          "errors": sorted({r["error"] for r in results if r["error"]})[:3]})
         rss["after_all"], rss["requests"] = server.rss_mib(), served[0]
+        say("streaming overhead, alternated", len(points), len(points) + 1)
+        overhead = streaming_overhead(engine, server.url, model, requests, overhead_rounds)
     finally:
         exit_code = server.stop()
     return {
         "artifact": str(artifact), "machine": describe_machine(), "load": load.__dict__,
         "server_args": args, "slos_s": slos or {}, "static": static, "served": runs, "server_rss_mib": rss,
+        "streaming_overhead": overhead,
         "server_exit_code": exit_code,
         "definitions": {
             "ttft": "request sent -> its first token's chunk", "itl": "gap between two token chunks of a request",
@@ -285,6 +329,8 @@ def bench_serve(artifact: str | Path, load: ServeLoad, concurrency: list[int], r
             "goodput": "requests meeting every SLO / run duration",
             "static": "Engine.generate in-process, batches in request order, each row generating its batch's "
                       "longest output; only the requested tokens count",
+            "streaming_overhead": "served TPOT (streamed, one request at a time, read by a plain httpx client) / "
+                                  "Engine.generate TPOT in this process for the same request, alternated; median",
         },
     }
 
@@ -308,6 +354,11 @@ def to_markdown(report: dict) -> str:
             f"{ms(run['ttft_s'], 'mean')} / {ms(run['ttft_s'], 'median')} / {ms(run['ttft_s'], 'p99')} | "
             f"{ms(run['tpot_s'], 'median', 1)} | {ms(run['itl_s'], 'median', 1)} / {ms(run['itl_s'], 'p99')} | "
             f"{server_itl(run)} | {(run['e2e_s']['median'] or 0):.2f} |")
+    overhead = report.get("streaming_overhead") or {}
+    if overhead.get("median_ratio") is not None:
+        lines.append(f"\nStreaming through the server (read by a plain httpx client) vs Engine.generate in-process, per "
+                     f"token, same request, alternated over {len(overhead['rounds'])} requests: median ratio "
+                     f"{overhead['median_ratio']:.3f}.")
     return "\n".join(lines) + "\n"
 
 

@@ -483,6 +483,8 @@ def bench_serve_cmd(
     max_num_seqs: int = typer.Option(16, "--max-num-seqs", min=1, help="The server's KV slots."),
     max_num_batched_tokens: int = typer.Option(512, "--max-num-batched-tokens", min=1),
     static_batch: str = typer.Option("1,16", "--static-batch", help="In-process Engine.generate batch sizes to compare."),
+    overhead_rounds: int = typer.Option(6, "--overhead-rounds", min=0, help="Requests timed alternately in-process "
+                                        "and streamed through the server (the per-token cost of streaming)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="ORT intra-op threads (server and in-process)."),
     seed: int = typer.Option(0, "--seed"),
     json_file: Optional[Path] = typer.Option(None, "--json", help="Write the full report here."),
@@ -510,7 +512,8 @@ def bench_serve_cmd(
             artifact, load, [int(c) for c in concurrency.split(",")], request_rate, serve_bench.parse_goodput(goodput),
             ["--max-num-seqs", str(max_num_seqs), "--max-num-batched-tokens", str(max_num_batched_tokens)],
             [int(b) for b in static_batch.split(",") if b], threads,
-            progress=lambda what, done, total: status.update(f"luffy bench serve: {what} ({done + 1}/{total})"))
+            progress=lambda what, done, total: status.update(f"luffy bench serve: {what} ({done + 1}/{total})"),
+            overhead_rounds=overhead_rounds)
     serve_bench.write(report, json_file, markdown_file)
     if plot is not None:
         serve_bench.plot(report, plot)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from luffy.benchmarks import bench
+from luffy.benchmarks.serve_bench import ServeLoad
 from luffy.errors import CapacityError, UsageError
 
 BATCHES = [1, 2]
@@ -170,3 +171,30 @@ def test_matmul_ceiling_times_the_artifacts_matmuls_against_the_probe(zoo_artifa
     assert result["matmuls"] == len(matmuls) > 0
     assert result["weight_bytes"] == sum(4 * weights[n.input[1]].dims[0] * weights[n.input[1]].dims[1] for n in matmuls)
     assert result["matmul_gb_per_s"] > 0 and result["probe_gb_per_s"] > 0 and result["fraction"] > 0
+
+
+def test_bench_serve_reports_what_vllm_bench_serve_reports(zoo_artifacts, tmp_path):
+    pytest.importorskip("fastapi", reason="the serve extra is not installed")
+    pytest.importorskip("openai", reason="the openai client is not installed")
+    artifact, _ = zoo_artifacts("llama-pydoc")
+    proc = luffy_cli("bench", "serve", artifact.path, "--concurrency", "1,3", "--num-prompts", "6", "--input-len", "8:16",
+                     "--output-len", "5:9", "--static-batch", "1,3", "--goodput", "ttft:60000", "--json",
+                     tmp_path / "serve.json", "--markdown", tmp_path / "serve.md")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "serve.json").read_text())
+    assert [r["concurrency"] for r in report["served"]] == [1, 3]
+    assert [r["batch"] for r in report["static"]] == [1, 3]
+    for run in report["served"]:
+        assert run["completed"] == 6 and run["failed"] == 0 and run["errors"] == []
+        assert run["goodput"] == pytest.approx(run["request_throughput"])  # a minute's TTFT SLO: every request meets it
+        for key in ("ttft_s", "tpot_s", "itl_s", "e2e_s"):
+            assert 0 < run[key]["median"] <= run[key]["p99"], (key, run[key])
+        assert run["ttft_s"]["median"] < run["e2e_s"]["median"] and run["server_itl_mean_s"] > 0
+    requested = sum(n for _, n in ServeLoad(6, (8, 16), (5, 9), 0).requests(320))
+    served = report["served"][0]
+    assert served["output_throughput"] * served["duration_s"] == pytest.approx(requested)  # ignore_eos: exact lengths
+    assert report["server_exit_code"] == 0 and report["server_rss_mib"]["after_all"] > 0
+    rounds = report["streaming_overhead"]["rounds"]
+    assert len(rounds) == 6 and all(r["ratio"] == pytest.approx(r["served_tpot_s"] / r["in_process_tpot_s"]) for r in rounds)
+    table = (tmp_path / "serve.md").read_text()
+    assert table.count("| luffy serve |") == 2 and table.count("| Engine.generate static batch") == 2
