@@ -254,3 +254,45 @@ def test_soak_with_cancellations_leaks_no_slot_and_bounds_memory(server):
     assert rss[500] <= rss[100] * 1.05, rss  # the bound: no growth with the request count
     np.testing.assert_equal(server.client().completions.create(model="pydoc", prompt="x", max_tokens=1).usage.
                             completion_tokens, 1)  # and it still serves
+
+
+def test_health_is_503_while_loading_and_after_a_failed_load(pydoc, tmp_path):
+    # The real app and routes in-process (httpx's ASGI transport), with the load run by the test, so the
+    # loading window is not a race: 503 "loading" before it, 200 after, 503 naming the cause when it fails.
+    import asyncio
+    import shutil
+
+    from fastapi import FastAPI
+
+    from luffy.serving.routes import add_routes
+    from luffy.serving.server import OutputRouter, ServerSettings, ServingState
+
+    broken = tmp_path / "broken"
+    shutil.copytree(pydoc.path, broken)
+    (broken / "model.onnx").write_bytes(b"\0" * 16)  # no longer matches its hash
+
+    async def scenario():
+        states = {name: ServingState(path, ServerSettings()) for name, path in (("ok", pydoc.path), ("bad", broken))}
+        statuses = {}
+        for name, state in states.items():
+            state.router = OutputRouter(asyncio.get_running_loop())
+            app = FastAPI()
+            add_routes(app, state)
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://luffy") as client:
+                before = await client.get("/health")
+                completion = await client.post("/v1/completions", json={"model": pydoc.path.name, "prompt": "x"})
+                await asyncio.to_thread(state.load)
+                after = await client.get("/health")
+                statuses[name] = (before, completion, after)
+            if state.scheduler is not None:
+                state.scheduler.stop()
+        return statuses
+
+    statuses = asyncio.run(scenario())
+    before, completion, after = statuses["ok"]
+    assert before.status_code == 503 and before.json()["error"]["code"] == "loading"
+    assert before.headers["retry-after"] == "1" and completion.status_code == 503
+    assert after.status_code == 200
+    _, _, failed = statuses["bad"]
+    assert failed.status_code == 503 and "the model failed to load" in failed.json()["error"]["message"]
+    assert "model.onnx: size 16 does not match" in failed.json()["error"]["message"]
