@@ -9,7 +9,7 @@ import numpy as np
 from ..errors import ArtifactError, CapacityError, UsageError
 from .cpu_bf16 import cpu_model
 from .engine import Engine
-from .generation import as_rows, check_capacity, generate_loop, ids_array, left_pad
+from .generation import as_rows, check_capacity, eos_set, generate_loop, ids_array, left_pad
 from .huge_pages import MIN_REGION, NOTHING_COLLAPSED, anonymous_mappings, back_new_mappings_with_huge_pages
 from .manifest import step_graph
 from .ort_compat import import_onnxruntime
@@ -114,7 +114,9 @@ class OrtEngine(Engine):
     def generate(
         self, input_ids, max_new_tokens: int = 32, min_new_tokens: int = 0, do_sample: bool = False,
         temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_token_id="model", pad_token_id=None,
-        seed: int | None = None, output_logits: bool = False, streamer=None,
+        seed: int | None = None, output_logits: bool = False, streamer=None, assistant_model=None,
+        num_assistant_tokens: int = 5, num_assistant_tokens_schedule: str = "heuristic",
+        prompt_lookup_num_tokens: int | None = None, max_matching_ngram_size: int = 2,
     ):
         """Generate up to ``max_new_tokens`` per row; returns int64 [batch, prompt + new], left-padded.
 
@@ -123,6 +125,16 @@ class OrtEngine(Engine):
         disables stopping. ``output_logits=True`` returns ``(ids, logits)`` with the raw logits of every
         generated position, [batch, new, vocab]. ``streamer(tokens)`` receives each step's new tokens
         ([batch] int64) as soon as they are chosen.
+
+        Speculative decoding (Hugging Face's names): ``assistant_model=draft_engine`` proposes
+        ``num_assistant_tokens`` tokens per step (adapted per round under the "heuristic" schedule, fixed under
+        "constant"); ``prompt_lookup_num_tokens=K`` proposes the K tokens that followed the last
+        ``max_matching_ngram_size``-gram earlier in the sequence. The target checks them in one step: greedy
+        output is exactly plain greedy's, sampled output keeps the target's distribution.
+        ``self.generation_stats`` then holds the acceptance rate and tokens per target step.
+
+        >>> draft = luffy.load("build/ref-int8")                                          # doctest: +SKIP
+        >>> engine.generate(ids, max_new_tokens=128, assistant_model=draft)               # doctest: +SKIP
 
         >>> engine.generate([[256, 72], [256, 72, 105, 33]], max_new_tokens=4).shape   # doctest: +SKIP
         (2, 8)
@@ -134,6 +146,12 @@ class OrtEngine(Engine):
         if eos_token_id == "model":
             eos_token_id = self._generation_default("eos_token_id")
         pad = self._pad_id(pad_token_id)
+        if assistant_model is not None or prompt_lookup_num_tokens:
+            return self._speculative(rows, max_new_tokens, pad, seed, output_logits, streamer, assistant_model,
+                                     num_assistant_tokens, num_assistant_tokens_schedule, prompt_lookup_num_tokens,
+                                     max_matching_ngram_size, do_sample=do_sample, temperature=temperature,
+                                     top_k=top_k, top_p=top_p, eos=eos_set(eos_token_id), min_new_tokens=min_new_tokens)
+        self.generation_stats = None
         ids, mask = left_pad(rows, pad)
         slots = self.open_slots(len(rows), prompt_len + max_new_tokens)
 
@@ -145,6 +163,34 @@ class OrtEngine(Engine):
             temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, pad_token_id=pad, seed=seed,
             output_logits=output_logits, streamer=streamer,
         )
+
+    def _speculative(self, rows, max_new_tokens, pad, seed, output_logits, streamer, assistant_model, k, schedule,
+                     lookup_k, max_ngram, **choosing):
+        from . import speculative
+
+        if assistant_model is not None and lookup_k:
+            raise UsageError("give assistant_model or prompt_lookup_num_tokens, not both")
+        if schedule not in ("heuristic", "constant"):
+            raise UsageError(f"num_assistant_tokens_schedule {schedule!r}; choose heuristic or constant")
+        k = lookup_k or k
+        if k < 1 or max_ngram < 1:
+            raise UsageError("the number of proposed tokens and max_matching_ngram_size must be >= 1")
+        if streamer is not None and len(rows) > 1:
+            raise UsageError("streamer with speculative decoding takes one row (each row is verified on its own)")
+        sampling = speculative.Sampling(**choosing)
+        if sampling.do_sample and sampling.temperature <= 0:
+            raise UsageError(f"temperature must be > 0 when sampling, got {sampling.temperature}")
+        width = max(len(r) for r in rows)
+        adaptive = speculative.AdaptiveK(k, schedule == "heuristic", limit=max(k, 16))
+        if assistant_model is not None:
+            speculative.check_draft(self, assistant_model)
+            source = speculative.DraftModel(assistant_model, len(rows), width + max_new_tokens)
+        else:
+            source = speculative.PromptLookup(max_ngram)
+        ids, logits, stats = speculative.generate(self, rows, max_new_tokens, source, adaptive, sampling, pad, seed,
+                                                  output_logits, streamer)
+        self.generation_stats = stats.to_json()
+        return (ids, logits) if output_logits else ids
 
     def score(self, input_ids, attention_mask=None) -> np.ndarray:
         """float32 logits [batch, seq, vocab] for every position (positions follow the attention mask).

@@ -11,6 +11,12 @@ def select_next(
     """Pick one token per row of ``logits`` [batch, vocab]; processors run in transformers' order."""
     if not do_sample:
         return np.argmax(logits, axis=-1)
+    return sample(processed_probs(logits, temperature, top_k, top_p), rng)
+
+
+def processed_probs(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
+    """The distribution sampling draws from: temperature, then top-k, then top-p (transformers' order), softmax.
+    Speculative decoding's acceptance rule compares the target's and the draft's of these."""
     scores = logits.astype(np.float32, copy=True)
     if temperature != 1.0:
         scores /= temperature
@@ -26,8 +32,12 @@ def select_next(
         remove = np.zeros_like(remove_sorted)
         np.put_along_axis(remove, order, remove_sorted, axis=-1)
         scores[remove] = -np.inf
-    probs = _softmax(scores)
-    # Inverse-CDF sampling per row: one uniform draw each, reproducible under a seed.
+    return _softmax(scores)
+
+
+def sample(probs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One token per row of ``probs`` [batch, vocab]: inverse-CDF with one uniform draw per row, reproducible
+    under a seed."""
     draws = rng.random(probs.shape[0])[:, None]
     cdf = np.cumsum(probs, axis=-1)
     picked = (cdf < draws * cdf[:, -1:]).sum(axis=-1)

@@ -1,0 +1,275 @@
+"""Speculative decoding: a cheap source proposes tokens, the target checks them all in one step.
+
+Batch-1 decode reads every weight once per token; verifying K proposed tokens costs about one such read, so
+each accepted token past the first is nearly free. Two sources, with Hugging Face's names:
+  - ``assistant_model``: a draft artifact with the same vocabulary (typically the int8 or int4 build of the
+    same model), run greedily or sampled from its own distribution;
+  - ``prompt_lookup_num_tokens``: the tokens that followed the last n-gram where it occurred earlier in the
+    prompt or output (transformers' prompt-lookup candidate generator), which costs nothing.
+The number of proposed tokens adapts like transformers' "heuristic" schedule: +2 after a round where all were
+accepted, -1 otherwise (at least 1), so a poor source costs little.
+
+Acceptance: greedy keeps the draft tokens the target's argmax agrees with, then adds the target's own next
+token, so the output is exactly plain greedy's. Sampling uses the rejection rule of Leviathan et al. (2023) and
+Chen et al. (2023): keep draft token x with probability min(1, p(x)/q(x)), else draw from max(0, p - q)
+renormalized; a source without a distribution (prompt lookup) has q = 1 on its token. Either way every output
+token is distributed as the target's own. Rejected positions are rolled back by truncating the KV slots.
+
+GroupQueryAttention runs a multi-token step with a cache at batch 1, so each row verifies on its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import UsageError
+from .sampling import processed_probs, sample
+
+
+@dataclass
+class Sampling:
+    """How tokens are chosen (Engine.generate's arguments), and the stop tokens min_new_tokens masks."""
+
+    do_sample: bool
+    temperature: float
+    top_k: int
+    top_p: float
+    eos: np.ndarray
+    min_new_tokens: int
+
+    def logits_at(self, logits: np.ndarray, produced: int) -> np.ndarray:
+        """``logits`` [vocab] with EOS masked while fewer than min_new_tokens are out."""
+        if produced < self.min_new_tokens and self.eos.size:
+            logits = logits.copy()
+            logits[self.eos] = -np.inf
+        return logits
+
+    def probs(self, logits: np.ndarray, produced: int) -> np.ndarray:
+        return processed_probs(self.logits_at(logits, produced)[None, :], self.temperature, self.top_k, self.top_p)[0]
+
+    def choose(self, logits: np.ndarray, produced: int, rng) -> int:
+        if not self.do_sample:
+            return int(np.argmax(self.logits_at(logits, produced)))
+        return int(sample(self.probs(logits, produced)[None, :], rng)[0])
+
+
+@dataclass
+class Stats:
+    """What speculation did over one generate call (``engine.generation_stats``)."""
+
+    source: str
+    target_steps: int = 0  # verification steps (and plain steps when nothing was proposed)
+    drafted: int = 0
+    accepted: int = 0
+    generated: int = 0
+
+    def to_json(self) -> dict:
+        return {
+            "source": self.source, "target_steps": self.target_steps, "draft_tokens": self.drafted,
+            "accepted_tokens": self.accepted, "generated_tokens": self.generated,
+            "acceptance_rate": self.accepted / self.drafted if self.drafted else None,
+            "mean_tokens_per_target_step": self.generated / self.target_steps if self.target_steps else None,
+        }
+
+
+@dataclass
+class AdaptiveK:
+    """transformers' "heuristic" schedule for the number of proposed tokens."""
+
+    k: int
+    adaptive: bool = True
+    limit: int = 64
+
+    def update(self, proposed: int, accepted: int) -> None:
+        if self.adaptive and proposed:
+            self.k = min(self.limit, self.k + 2) if accepted == proposed else max(1, self.k - 1)
+
+
+@dataclass
+class PromptLookup:
+    """Proposals copied from the context: the continuation of the earliest earlier occurrence of the last
+    n-gram, n from ``max_ngram`` down to 1 (transformers' PromptLookupCandidateGenerator)."""
+
+    max_ngram: int = 2
+    name: str = "prompt-lookup"
+
+    def propose(self, row: int, seq: list[int], k: int, sampling: Sampling, produced: int, rng):
+        arr = np.asarray(seq)
+        for n in range(min(self.max_ngram, len(seq) - 1), 0, -1):
+            tail = arr[-n:]
+            windows = np.lib.stride_tricks.sliding_window_view(arr[:-1], n)  # every earlier n-gram
+            for start in np.flatnonzero((windows == tail).all(axis=1)):
+                follow = arr[start + n:start + n + k]
+                if follow.size:
+                    return [int(t) for t in follow], None
+        return [], None
+
+    def rollback(self, row: int, kept: int) -> None:
+        pass
+
+
+@dataclass
+class DraftModel:
+    """Proposals from a draft engine with its own KV slots (one per row), holding seq[:length[row]]."""
+
+    engine: object
+    rows: int
+    capacity: int
+    name: str = "draft"
+    slots: object = None
+    length: list = field(default_factory=list)
+
+    def __post_init__(self):
+        self.slots = self.engine.open_slots(self.rows, self.capacity)
+        self.length = [0] * self.rows
+
+    def propose(self, row: int, seq: list[int], k: int, sampling: Sampling, produced: int, rng):
+        tokens, dists = [], []
+        feed = seq[self.length[row]:]  # what the draft has not seen: the last token, maybe one more
+        for i in range(k):
+            logits = self.slots.step(row, row + 1, np.array([feed], dtype=np.int64))[0, -1]
+            self.length[row] += len(feed)
+            if sampling.do_sample:
+                q = sampling.probs(logits, produced + i)
+                token = int(sample(q[None, :], rng)[0])
+                dists.append(q)
+            else:
+                token = int(np.argmax(sampling.logits_at(logits, produced + i)))
+            tokens.append(token)
+            feed = [token]
+        return tokens, (np.stack(dists) if dists else None)
+
+    def rollback(self, row: int, kept: int) -> None:
+        """Keep the draft's first ``kept`` positions (what the target accepted)."""
+        if self.length[row] > kept:
+            self.slots.cache.truncate(row, kept)
+            self.length[row] = kept
+
+    def prefill(self, row: int, prompt: list[int]) -> None:
+        self.slots.step(row, row + 1, np.array([prompt], dtype=np.int64))
+        self.length[row] = len(prompt)
+
+
+def accept_greedy(logits: np.ndarray, proposed: list[int], sampling: Sampling, produced: int) -> tuple[int, int]:
+    """(accepted count, next token): the target's argmax at each position, while it agrees with the proposal."""
+    for i, token in enumerate(proposed):
+        choice = int(np.argmax(sampling.logits_at(logits[i], produced + i)))
+        if choice != token:
+            return i, choice
+    return len(proposed), int(np.argmax(sampling.logits_at(logits[len(proposed)], produced + len(proposed))))
+
+
+def accept_sampled(logits: np.ndarray, proposed: list[int], q: np.ndarray | None, sampling: Sampling, produced: int,
+                   rng) -> tuple[int, int]:
+    """(accepted count, next token) by the rejection rule; ``q`` [k, vocab] is the draft's distributions (None:
+    a deterministic proposal, q = 1 on its token)."""
+    for i, token in enumerate(proposed):
+        p = sampling.probs(logits[i], produced + i)
+        q_token = 1.0 if q is None else float(q[i, token])  # > 0: the draft drew this token from q
+        if rng.random() < min(1.0, float(p[token]) / q_token):
+            continue
+        if q is None:
+            residual = p.copy()
+            residual[token] = 0.0
+        else:
+            residual = np.maximum(p - q[i], 0.0)
+        total = residual.sum()
+        residual = residual / total if total > 0 else p
+        return i, int(sample(residual[None, :], rng)[0])
+    p = sampling.probs(logits[len(proposed)], produced + len(proposed))
+    return len(proposed), int(sample(p[None, :], rng)[0])
+
+
+def check_draft(target, draft) -> None:
+    """A draft must speak the target's vocabulary (same size, same tokenizer file when both have one)."""
+    if draft.kind != "causal-lm" or not hasattr(draft, "open_slots"):
+        raise UsageError(f"assistant_model {getattr(draft, 'path', draft)}: not a causal-LM engine")
+    if draft.vocab != target.vocab:
+        raise UsageError(f"assistant_model {draft.path}: vocabulary of {draft.vocab} tokens; the target's has "
+                         f"{target.vocab} (a draft must use the same tokenizer)")
+    mine, theirs = target.manifest.get("files", {}), draft.manifest.get("files", {})
+    name_t, name_d = target.manifest.get("tokenizer"), draft.manifest.get("tokenizer")
+    if name_t and name_d and mine[name_t]["sha256"] != theirs[name_d]["sha256"]:
+        raise UsageError(f"assistant_model {draft.path}: its tokenizer.json differs from the target's "
+                         "(a draft must use the same tokenizer)")
+
+
+def generate(engine, rows: list[list[int]], max_new_tokens: int, source, k: AdaptiveK, sampling: Sampling, pad: int,
+             seed: int | None, output_logits: bool, streamer) -> tuple[np.ndarray, np.ndarray | None, Stats]:
+    """Speculative generation of each row on its own; returns Engine.generate's left-padded ids (and logits)."""
+    rng = np.random.default_rng(seed)
+    stats = Stats(source.name)
+    width = max(len(r) for r in rows)
+    # a round proposes at most the tokens still to come, less one: no step writes past prompt + max_new_tokens
+    slots = engine.open_slots(len(rows), width + max_new_tokens)
+    outputs, kept_logits = [], []
+    for row, prompt in enumerate(rows):
+        produced, logits_rows = _generate_row(engine, slots, row, prompt, max_new_tokens, source, k, sampling, rng,
+                                              stats, output_logits, streamer)
+        outputs.append(produced)
+        kept_logits.append(logits_rows)
+    longest = max(len(o) for o in outputs)
+    ids = np.full((len(rows), width + longest), pad, dtype=np.int64)
+    for row, (prompt, produced) in enumerate(zip(rows, outputs)):
+        ids[row, width - len(prompt):width] = prompt
+        ids[row, width:width + len(produced)] = produced
+    logits = None
+    if output_logits:
+        vocab = engine.vocab
+        logits = np.zeros((len(rows), longest, vocab), dtype=np.float32)
+        for row, rows_logits in enumerate(kept_logits):
+            logits[row, :len(rows_logits)] = rows_logits
+    return ids, logits, stats
+
+
+def _generate_row(engine, slots, row, prompt, max_new_tokens, source, k, sampling, rng, stats, output_logits,
+                  streamer) -> tuple[list[int], list]:
+    """One row: prefill, then rounds of propose -> verify -> accept -> roll back, until EOS or the budget."""
+    logits = slots.step(row, row + 1, np.array([prompt], dtype=np.int64))[0, -1]
+    if isinstance(source, DraftModel):
+        source.prefill(row, prompt)
+    seq, produced, kept = list(prompt), [], []
+    if output_logits:
+        kept.append(logits.copy())
+    token = sampling.choose(logits, 0, rng)
+    while True:
+        produced.append(token)
+        seq.append(token)
+        if streamer is not None:
+            streamer(np.array([token], dtype=np.int64))
+        if (sampling.eos.size and token in sampling.eos) or len(produced) >= max_new_tokens:
+            break
+        budget = min(k.k, max_new_tokens - len(produced) - 1)
+        proposed, q = source.propose(row, seq, budget, sampling, len(produced), rng) if budget > 0 else ([], None)
+        base = len(seq) - 1  # the target's cache holds seq[:-1]
+        verify = slots.step(row, row + 1, np.array([[seq[-1], *proposed]], dtype=np.int64), keep=len(proposed) + 1)[0]
+        stats.target_steps += 1
+        if sampling.do_sample:
+            n, token = accept_sampled(verify, proposed, q, sampling, len(produced), rng)
+        else:
+            n, token = accept_greedy(verify, proposed, sampling, len(produced))
+        accepted = _cut_at_eos(proposed[:n], sampling)
+        slots.cache.truncate(row, base + len(accepted) + 1)
+        source.rollback(row, base + len(accepted) + 1)
+        stats.drafted, stats.accepted = stats.drafted + len(proposed), stats.accepted + n
+        k.update(len(proposed), n)
+        if output_logits:  # the logits each kept token was chosen from (the target's next token's too, unless cut)
+            kept.extend(verify[i].copy() for i in range(len(accepted) + (len(accepted) == n)))
+        for t in accepted:
+            produced.append(t)
+            seq.append(t)
+            if streamer is not None:
+                streamer(np.array([t], dtype=np.int64))
+        if len(accepted) < n:  # an accepted draft token was EOS: it ends the row, the target's next token is moot
+            break
+    stats.generated += len(produced)
+    return produced, kept
+
+
+def _cut_at_eos(accepted: list[int], sampling: Sampling) -> list[int]:
+    for i, t in enumerate(accepted):
+        if sampling.eos.size and t in sampling.eos:
+            return accepted[:i + 1]
+    return accepted
