@@ -264,6 +264,17 @@ def serve_cmd(
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="ONNX Runtime intra-op threads [all cores]."),
     spin: bool = typer.Option(True, "--spin/--no-spin", help="ONNX Runtime's threads spin between steps (lowest "
                               "latency) or sleep (cores free for HTTP and other processes)."),
+    prefix_cache: bool = typer.Option(True, "--prefix-cache/--no-prefix-cache", help="Reuse the KV of prompt prefixes "
+                                      "seen before (free slots' contents, then a host-RAM block store)."),
+    prefix_cache_mb: int = typer.Option(256, "--prefix-cache-mb", min=0, help="Host RAM for cached prefix blocks."),
+    draft: Optional[Path] = typer.Option(None, "--draft", metavar="ARTIFACT", help="Speculative decoding with this "
+                                         "draft artifact (same tokenizer; e.g. the --precision int8 build)."),
+    num_assistant_tokens: int = typer.Option(5, "--num-assistant-tokens", min=1, help="Tokens the draft proposes "
+                                             "at first (adapted per request)."),
+    prompt_lookup: Optional[int] = typer.Option(None, "--prompt-lookup", min=1, metavar="K", help="Speculative "
+                                                "decoding with up to K tokens copied from the context."),
+    speculative_max_batch: int = typer.Option(1, "--speculative-max-batch", min=1, help="Speculate while at most "
+                                              "this many requests decode (a batched step already shares the weights)."),
 ):
     """Serve an artifact over an OpenAI-compatible HTTP API with continuous batching.
 
@@ -279,13 +290,27 @@ def serve_cmd(
     from ..serving.server import ServerSettings, serve
 
     _require_serve_extra()
+    if draft is not None and prompt_lookup is not None:
+        raise UsageError("give --draft or --prompt-lookup, not both")
     settings = ServerSettings(
         host=host, port=port, served_model_name=served_model_name, api_key=api_key, drain_timeout=drain_timeout,
-        max_request_bytes=max_request_bytes, threads=threads, spin=spin,
+        max_request_bytes=max_request_bytes, threads=threads, spin=spin, draft=draft,
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_model_len=max_model_len,
-                                  max_num_batched_tokens=max_num_batched_tokens, max_queue=max_queue),
+                                  max_num_batched_tokens=max_num_batched_tokens, max_queue=max_queue,
+                                  prefix_cache=prefix_cache, prefix_cache_mb=prefix_cache_mb,
+                                  speculation=_speculation(draft, num_assistant_tokens, prompt_lookup,
+                                                           speculative_max_batch)),
     )
     raise typer.Exit(serve(artifact, settings))
+
+
+def _speculation(draft, num_assistant_tokens, prompt_lookup, max_batch):
+    if draft is None and prompt_lookup is None:
+        return None
+    from ..serving.speculation import SpeculationConfig
+
+    # the draft engine itself is loaded by the server with the target (ServerSettings.draft)
+    return SpeculationConfig(prompt_lookup=prompt_lookup, num_tokens=num_assistant_tokens, max_batch=max_batch)
 
 
 def _require_serve_extra() -> None:

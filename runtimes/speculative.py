@@ -147,6 +147,15 @@ class DraftModel:
             self.slots.cache.truncate(row, kept)
             self.length[row] = kept
 
+    def clear(self, row: int) -> None:
+        """Forget what ``row`` held (its slot now serves another sequence); the next propose feeds it all."""
+        self.slots.cache.clear(row)
+        self.length[row] = 0
+
+    def swap(self, a: int, b: int) -> None:
+        self.slots.cache.swap(a, b)
+        self.length[a], self.length[b] = self.length[b], self.length[a]
+
     def prefill(self, row: int, prompt: list[int]) -> None:
         self.slots.step(row, row + 1, np.array([prompt], dtype=np.int64))
         self.length[row] = len(prompt)

@@ -42,6 +42,11 @@ class ServerMetrics:
         self.e2e = make(Histogram, "e2e_request_latency_seconds", "Arrival to last token.", buckets=REQUEST_BUCKETS)
         self.queue_time = make(Histogram, "request_queue_time_seconds", "Arrival to getting a KV slot.",
                                buckets=REQUEST_BUCKETS)
+        self.prefix_queries = make(Counter, "prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
+        self.prefix_hits = make(Counter, "prefix_cache_hits", "Prompt tokens found in the prefix cache (not prefilled).")
+        self.spec_drafts = make(Counter, "spec_decode_num_drafts", "Speculative rounds that proposed tokens.")
+        self.spec_draft_tokens = make(Counter, "spec_decode_num_draft_tokens", "Tokens proposed by the draft or lookup.")
+        self.spec_accepted = make(Counter, "spec_decode_num_accepted_tokens", "Proposed tokens the target accepted.")
         self.success = Counter("luffy:request_success", "Finished requests by finish reason.",
                                names + ["finished_reason"], registry=self.registry)
         self.http_errors = Counter("luffy:http_errors", "Requests refused with an HTTP error, by status.",
@@ -52,9 +57,19 @@ class ServerMetrics:
         self.queue_time.observe(request.scheduled_at - request.arrival)
         self.prompt_tokens.inc(len(request.prompt_ids))
 
-    def token(self, request, first: bool, seconds: float) -> None:
-        self.generation_tokens.inc()
+    def token(self, request, first: bool, seconds: float, count: int = 1) -> None:
+        """``count`` tokens arrived for ``request`` after ``seconds`` (vLLM: one latency per iteration)."""
+        self.generation_tokens.inc(count)
         (self.ttft if first else self.itl).observe(seconds)
+
+    def prefix_lookup(self, queried: int, hit: int) -> None:
+        self.prefix_queries.inc(queried)
+        self.prefix_hits.inc(hit)
+
+    def speculated(self, proposed: int, accepted: int) -> None:
+        self.spec_drafts.inc()
+        self.spec_draft_tokens.inc(proposed)
+        self.spec_accepted.inc(accepted)
 
     def request_finished(self, request) -> None:
         if request.finish_reason in ("stop", "length"):

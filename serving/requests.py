@@ -93,6 +93,7 @@ class Request:
     detokenizer: IncrementalDetokenizer | None = None
     rng: np.random.Generator | None = None
     stop_ids: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    spec_k: object = None  # speculative decoding's adaptive proposal length (serving/speculation.py)
 
     def start(self, tokenizer, eos_ids: tuple[int, ...]) -> None:
         """Set up the per-request state the first time the scheduler touches it."""

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import CapacityError, UsageError
+from .prefix_cache import PrefixCache
 from .requests import Output, Request, SamplingParams
 
 
@@ -48,6 +49,9 @@ class SchedulerConfig:
     max_model_len: int | None = None  # default: the artifact's max_seq_len
     max_num_batched_tokens: int = 512
     max_queue: int = 256
+    prefix_cache: bool = True  # reuse free slots' contents and a host-RAM block store (serving/prefix_cache.py)
+    prefix_cache_mb: int = 256  # the block store's size; 0 keeps only what free slots hold
+    speculation: object = None  # a SpeculationConfig (serving/speculation.py), or None
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_queue"):
@@ -59,9 +63,11 @@ class NoMetrics:
     """What the scheduler reports; serving/metrics.py implements it with Prometheus collectors."""
 
     def request_scheduled(self, request: Request) -> None: ...
-    def token(self, request: Request, first: bool, seconds: float) -> None: ...
+    def token(self, request: Request, first: bool, seconds: float, count: int = 1) -> None: ...
     def request_finished(self, request: Request) -> None: ...
     def iteration(self, running: int, waiting: int, kv_usage: float, decoded: int, prefilled: int) -> None: ...
+    def prefix_lookup(self, queried: int, hit: int) -> None: ...
+    def speculated(self, proposed: int, accepted: int) -> None: ...
 
 
 class Scheduler:
@@ -83,6 +89,13 @@ class Scheduler:
         self.eos_ids = _eos_ids(engine)
         self.tokenizer = engine.tokenizer if engine.manifest.get("tokenizer") else None
         self.batched_decode = engine.graph.shared_kv  # concat graphs step each row alone (equal lengths only)
+        self.prefix = PrefixCache(self.config.prefix_cache_mb << 20) if self.config.prefix_cache else None
+        self.speculator = None
+        if self.config.speculation is not None:
+            from .speculation import Speculator
+
+            self.speculator = Speculator(engine, self.config.max_num_seqs, capacity, self.config.speculation,
+                                         self.metrics)
         self._lock = threading.Condition()
         self._waiting: collections.deque[Request] = collections.deque()
         self._owner: list[Request | None] = [None] * self.config.max_num_seqs
@@ -228,6 +241,8 @@ class Scheduler:
         n = self._decoding
         if n == 0:
             return 0
+        if self.speculator is not None and n <= self.speculator.config.max_batch:
+            return self._speculate(n)
         tokens = np.array([[self._owner[row].next_input] for row in range(n)], dtype=np.int64)
         if self.batched_decode:
             logits = self.slots.step(0, n, tokens)[:, -1, :]
@@ -247,6 +262,27 @@ class Scheduler:
         for request in finished:
             self._release(request)
         return n
+
+    def _speculate(self, n: int) -> int:
+        """One speculative round for each of the ``n`` decoding requests; returns the target tokens computed."""
+        computed, finished = 0, []
+        for row in range(n):
+            request = self._owner[row]
+            before = len(request.output_ids)
+            outputs = self.speculator.round(self.slots, request)
+            computed += len(outputs) + 1
+            now = time.monotonic()
+            self.metrics.token(request, False, now - request.last_token_at, len(request.output_ids) - before)
+            request.last_token_at = now
+            last = outputs[-1]
+            request.emit(Output(request.request_id, [t for o in outputs for t in o.token_ids],
+                                "".join(o.text for o in outputs), last.finish_reason, last.prompt_tokens,
+                                last.completion_tokens))
+            if last.finish_reason is not None:
+                finished.append(request)
+        for request in finished:
+            self._release(request)
+        return computed
 
     def _prefill(self, budget: int) -> int:
         """Spend up to ``budget`` prompt tokens; returns how many were computed."""
@@ -270,8 +306,15 @@ class Scheduler:
             if not self._waiting or None not in self._owner[self._decoding:]:
                 return None
             request = self._waiting.popleft()
-        slot = self._decoding + self._owner[self._decoding:].index(None)
-        self.slots.cache.clear(slot)
+        free = [s for s in range(self._decoding, self.config.max_num_seqs) if self._owner[s] is None]
+        if self.prefix is not None:
+            slot, request.prefilled = self.prefix.place(self.slots.cache, free, request.prompt_ids)
+        else:
+            slot, request.prefilled = free[0], 0
+            self.slots.cache.clear(slot)
+        self.metrics.prefix_lookup(len(request.prompt_ids), request.prefilled)
+        if self.speculator is not None:
+            self.speculator.admit(slot)
         self._owner[slot], request.slot = request, slot
         request.start(self.tokenizer, self.eos_ids)
         request.scheduled_at = time.monotonic()
@@ -293,6 +336,8 @@ class Scheduler:
         if slot == target:
             return
         self.slots.cache.swap(slot, target)
+        if self.speculator is not None:
+            self.speculator.swap(slot, target)
         self._owner[slot], self._owner[target] = self._owner[target], self._owner[slot]
         for index in (slot, target):
             if self._owner[index] is not None:

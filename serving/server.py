@@ -38,6 +38,7 @@ class ServerSettings:
     spin: bool = True  # ORT's pool threads spin between steps (see `luffy serve --help`)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     replica: str | None = None  # scale-out: the name in x-luffy-replica and the metrics' replica label
+    draft: Path | None = None  # speculative decoding's draft artifact, loaded beside the target
 
 
 class ServingState:
@@ -63,15 +64,35 @@ class ServingState:
             self.engine = engine or load(self.artifact, threads=self.settings.threads, spin=self.settings.spin)
             labels = {"replica": self.settings.replica} if self.settings.replica else None
             self.metrics = ServerMetrics(self.model_name, labels)
-            self.scheduler = Scheduler(self.engine, self.settings.scheduler, self.metrics).start()
+            self.scheduler = Scheduler(self.engine, self._scheduler_config(), self.metrics).start()
             self.chat_template = ChatTemplate.from_artifact(self.engine.path, self.engine.manifest)
             cache = self.scheduler.slots.cache
             _log(f"KV cache: {cache.num_slots} slots x {cache.capacity} positions x {cache.bytes_per_token} B "
                  f"= {cache.nbytes / 2**20:.1f} MiB ({self.model_name}, {self.engine.manifest['kv_cache'].get('mode')})")
+            config = self.scheduler.config
+            if config.prefix_cache:
+                _log(f"prefix cache: free slots' contents + {config.prefix_cache_mb} MiB of host RAM for blocks")
+            if self.scheduler.speculator is not None:
+                source = self.scheduler.speculator.source
+                extra = f", draft KV {source.slots.cache.nbytes / 2**20:.1f} MiB" if hasattr(source, "slots") else ""
+                _log(f"speculative decoding: {self.scheduler.speculator.name} while at most "
+                     f"{config.speculation.max_batch} request(s) decode{extra}")
             self.ready.set()
         except Exception as exc:  # noqa: BLE001 - /health and every route report it; the process stays up
             self.load_error = str(exc) if isinstance(exc, LuffyError) else f"{type(exc).__name__}: {exc}"
             _log(f"error: {self.load_error}")
+
+    def _scheduler_config(self):
+        """The scheduler's settings, with the draft engine loaded when one is configured."""
+        import dataclasses
+
+        from ..runtimes import load
+
+        config = self.settings.scheduler
+        if self.settings.draft is not None and config.speculation is not None:
+            draft = load(self.settings.draft, threads=self.settings.threads, spin=self.settings.spin)
+            config = dataclasses.replace(config, speculation=dataclasses.replace(config.speculation, draft=draft))
+        return config
 
     def require_ready(self) -> None:
         if self.draining:

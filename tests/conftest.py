@@ -52,3 +52,11 @@ def family_artifact(tmp_path_factory):
         return cache[family]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def pydoc_int8(tmp_path_factory):
+    """llama-pydoc's int8 weight-only build, compiled once per session: the speculative-decoding draft."""
+    import luffy
+
+    return luffy.compile("llama-pydoc", output=tmp_path_factory.mktemp("pydoc-int8") / "int8", precision="int8")

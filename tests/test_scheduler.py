@@ -122,3 +122,66 @@ def test_concat_kv_artifacts_are_served_one_row_per_step(tmp_path):
         assert [g.token_ids for g in got] == [_alone(engine, p, 8) for p in PROMPTS[:3]]
     finally:
         scheduler.stop()
+
+
+@pytest.mark.parametrize("how", ["draft", "prompt-lookup"])
+def test_speculation_in_the_scheduler_gives_the_tokens_alone(pydoc, pydoc_int8, how):
+    from luffy.serving.speculation import SpeculationConfig
+
+    if how == "draft":
+        draft = pydoc_int8.load()
+        speculation = SpeculationConfig(draft=draft, num_tokens=4, max_batch=2)
+    else:
+        speculation = SpeculationConfig(prompt_lookup=4, max_batch=2)
+    scheduler = Scheduler(pydoc, SchedulerConfig(max_num_seqs=3, max_num_batched_tokens=8, speculation=speculation),
+                          metrics=_Counting()).start()
+    try:
+        results = [None] * 5
+
+        def run(i):
+            time.sleep(0.01 * i)  # 1 to 3 decoding at a time: rounds speculate at <= 2, batch at 3
+            results[i] = scheduler.generate(PROMPTS[i], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(5)]
+        [t.start() for t in threads]
+        [t.join(120) for t in threads]
+        assert [r.token_ids for r in results] == [_alone(pydoc, p, 20) for p in PROMPTS[:5]]
+        assert scheduler.metrics.proposed > 0 and 0 < scheduler.metrics.accepted <= scheduler.metrics.proposed
+        assert scheduler.running == 0
+    finally:
+        scheduler.stop()
+
+
+class _Counting:
+    """The scheduler's metrics interface, counting what speculation and the prefix cache report."""
+
+    proposed = accepted = queried = hit = 0
+
+    def request_scheduled(self, request): ...
+    def token(self, request, first, seconds, count=1): ...
+    def request_finished(self, request): ...
+    def iteration(self, *args): ...
+
+    def prefix_lookup(self, queried, hit):
+        self.queried, self.hit = self.queried + queried, self.hit + hit
+
+    def speculated(self, proposed, accepted):
+        self.proposed, self.accepted = self.proposed + proposed, self.accepted + accepted
+
+
+def test_prefix_cache_reuses_free_slots_and_stored_blocks(pydoc):
+    system = list(b"You answer questions about the Python standard library. " * 3)
+    prompts = [system + list(b"What is os.path?"), system + list(b"What is json?"), list(b"Unrelated prompt."),
+               list(b"Another unrelated one."), system + list(b"What is re?")]
+    expected = [_alone(pydoc, p, 12) for p in prompts]
+    metrics = _Counting()
+    # one slot: every request overwrites the last one's contents, so the third and fourth push the system
+    # prompt's blocks into the host-RAM store, and the fifth is served from there
+    scheduler = Scheduler(pydoc, SchedulerConfig(max_num_seqs=1, prefix_cache_mb=4), metrics=metrics).start()
+    try:
+        got = [scheduler.generate(p, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)) for p in prompts]
+        assert [g.token_ids for g in got] == expected
+        assert metrics.hit >= 2 * (len(system) // 16) * 16  # the second (slot) and the fifth (blocks) request
+        assert scheduler.prefix.store.blocks
+    finally:
+        scheduler.stop()

@@ -296,3 +296,57 @@ def test_health_is_503_while_loading_and_after_a_failed_load(pydoc, tmp_path):
     _, _, failed = statuses["bad"]
     assert failed.status_code == 503 and "the model failed to load" in failed.json()["error"]["message"]
     assert "model.onnx: size 16 does not match" in failed.json()["error"]["message"]
+
+
+# -- prefix cache and speculative decoding through the real server ----------------------------------------
+
+@pytest.fixture(scope="module")
+def spec_server(pydoc, pydoc_int8):
+    """Two slots, a 1 MiB block store (16 blocks of llama-pydoc's 64 KiB) and the int8 build as draft."""
+    with ServerProcess(pydoc.path, "--max-num-seqs", "2", "--prefix-cache-mb", "1", "--draft", pydoc_int8.path,
+                       "--served-model-name", "pydoc") as running:
+        yield running
+
+
+def _hits(server) -> float:
+    return server.metric("luffy:prefix_cache_hits_total")
+
+
+def test_prefix_cache_hit_miss_and_eviction_keep_the_output(spec_server, engine):
+    client = spec_server.client()
+
+    def ask(prompt):
+        got = client.completions.create(model="pydoc", prompt=prompt, max_tokens=16, temperature=0,
+                                        extra_body={"ignore_eos": True})
+        assert got.choices[0].text == alone(engine, prompt, 16, eos_token_id=None)[0]  # as with no cache at all
+
+    system = "Functions of the os module. " * 6  # 168 characters: 10 full blocks with <bos>
+    ask(system + "Return the")
+    before = _hits(spec_server)
+    ask(system + "Open the")  # hit: the free slot still holds the system prompt
+    assert _hits(spec_server) - before >= len(system)
+    before = _hits(spec_server)
+    ask("Completely different words.")  # a miss: only the <bos> every prompt starts with is shared
+    assert _hits(spec_server) - before <= 1
+    for i in range(4):  # other long prompts overwrite both slots and push more than 16 blocks through the store
+        ask(f"{i} Unrelated module documentation text. " * 6 + "Read")
+    before = _hits(spec_server)
+    ask(system + "Close the")  # evicted from slots and store: computed again, output unchanged
+    assert _hits(spec_server) - before < 16
+
+
+def test_speculation_is_counted_and_keeps_the_output(spec_server, engine):
+    client = spec_server.client()
+    before = spec_server.metrics()
+    for prompt in ("def parse(", "Return the"):
+        got = client.completions.create(model="pydoc", prompt=prompt, max_tokens=40, temperature=0,
+                                        extra_body={"ignore_eos": True})
+        assert got.choices[0].text == alone(engine, prompt, 40, eos_token_id=None)[0]
+    after = spec_server.metrics()
+
+    def grew(name):
+        key = next(k for k in after if k.split("{")[0] == name)
+        return after[key] - before.get(key, 0)
+
+    drafted, accepted = grew("luffy:spec_decode_num_draft_tokens_total"), grew("luffy:spec_decode_num_accepted_tokens_total")
+    assert drafted > 0 and 0 < accepted <= drafted and grew("luffy:spec_decode_num_drafts_total") > 0

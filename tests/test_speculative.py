@@ -13,11 +13,9 @@ from .helpers import COMMON, NAMED_FAMILIES, PROMPT, make_hf_dir
 
 
 @pytest.fixture(scope="module")
-def pydoc(zoo_artifacts, tmp_path_factory):
+def pydoc(zoo_artifacts, pydoc_int8):
     """llama-pydoc at fp32 (the target) and int8 (its draft)."""
-    target = zoo_artifacts("llama-pydoc")[0].load()
-    draft = luffy.compile("llama-pydoc", output=tmp_path_factory.mktemp("draft") / "int8", precision="int8").load()
-    return target, draft
+    return zoo_artifacts("llama-pydoc")[0].load(), pydoc_int8.load()
 
 
 PROMPTS = [list(b"\x00def parse("), list(b"Return the"), list(b"class Foo:\n    "), list(b"The module"),

@@ -1,0 +1,81 @@
+"""Speculative decoding inside the scheduler: a request decoding alone proposes and verifies several tokens.
+
+At batch 1 a decode step reads every weight for one token, so checking several proposed tokens in one step
+is nearly free; once several requests decode together the batched step already shares that read, and
+verifying rows one at a time (GroupQueryAttention's multi-token steps are batch 1) would cost more than it
+saves. So the scheduler speculates only while at most ``max_batch`` requests are decoding (default 1), and
+decodes batched otherwise. The acceptance rules and candidate sources are the runtime's
+(runtimes/speculative.py), so served output equals Engine.generate's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..runtimes.speculative import AdaptiveK, DraftModel, PromptLookup, Sampling, accept_greedy, accept_sampled, check_draft
+from .requests import Output, Request
+
+
+@dataclass(frozen=True)
+class SpeculationConfig:
+    """``draft``: a draft engine (``luffy serve --draft``); ``prompt_lookup``: tokens proposed by prompt lookup
+    (``--prompt-lookup K``); ``num_tokens``: the draft's initial K (adaptive); ``max_batch``: speculate while at
+    most this many requests decode."""
+
+    draft: object = None
+    prompt_lookup: int | None = None
+    num_tokens: int = 5
+    max_batch: int = 1
+
+
+class Speculator:
+    """Candidate source plus per-request state; the draft's KV slots mirror the target's slot by slot."""
+
+    def __init__(self, engine, num_slots: int, capacity: int, config: SpeculationConfig, metrics):
+        self.config, self.metrics = config, metrics
+        if config.draft is not None:
+            check_draft(engine, config.draft)
+            self.source = DraftModel(config.draft, num_slots, capacity)
+            self.initial_k = config.num_tokens
+        else:
+            self.source = PromptLookup()
+            self.initial_k = config.prompt_lookup
+        self.name = self.source.name
+
+    def admit(self, slot: int) -> None:
+        if isinstance(self.source, DraftModel):
+            self.source.clear(slot)
+
+    def swap(self, a: int, b: int) -> None:
+        if isinstance(self.source, DraftModel):
+            self.source.swap(a, b)
+
+    def round(self, slots, request: Request) -> list[Output]:
+        """Propose, verify in one target step, accept; returns one Output per kept token (the last may finish)."""
+        params, slot = request.params, request.slot
+        if request.spec_k is None:
+            request.spec_k = AdaptiveK(self.initial_k, limit=max(self.initial_k, 16))
+        sampling = Sampling(not params.greedy, params.temperature or 1.0, params.top_k, params.top_p,
+                            request.stop_ids, params.min_tokens)
+        seq = request.prompt_ids + request.output_ids
+        produced = len(request.output_ids)
+        budget = min(request.spec_k.k, params.max_tokens - produced - 1)
+        proposed, q = self.source.propose(slot, seq, budget, sampling, produced, request.rng) if budget > 0 else ([], None)
+        base = len(seq) - 1  # the target's slot holds seq[:-1]
+        verify = slots.step(slot, slot + 1, [[seq[-1], *proposed]], keep=len(proposed) + 1)[0]
+        if sampling.do_sample:
+            n, token = accept_sampled(verify, proposed, q, sampling, produced, request.rng)
+        else:
+            n, token = accept_greedy(verify, proposed, sampling, produced)
+        kept = [*proposed[:n], token]
+        slots.cache.truncate(slot, base + len(kept))
+        self.source.rollback(slot, base + len(kept))
+        request.spec_k.update(len(proposed), n)
+        if proposed:
+            self.metrics.speculated(len(proposed), n)
+        outputs = []
+        for t in kept:
+            outputs.append(request.accept(t))
+            if outputs[-1].finish_reason is not None:
+                break
+        return outputs
