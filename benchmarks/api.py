@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
+import numpy as np
+
 from .. import __version__
 from .. import errors as luffy_errors
 from ..errors import CapacityError, LuffyError, UsageError
@@ -88,13 +90,16 @@ def bench(
     seed: int = 0,
     description: str | None = None,
     progress: Progress | None = None,
+    draft: str | Path | None = None,
+    prompt_lookup: int | None = None,
 ) -> BenchReport:
     """Benchmark an artifact (or a model source, compiled first) against ``vs`` peers on the same weights.
 
     ``model`` is an artifact directory or anything `luffy.compile` takes (zoo name, HF directory, ...).
     Peers need the Hugging Face directory: a source HF directory, a zoo model saved to one, or the
     directory an artifact's manifest names; otherwise they are skipped with the reason. ``workdir`` keeps
-    builds and worker logs (default: a temporary directory, removed afterwards).
+    builds and worker logs (default: a temporary directory, removed afterwards). ``draft`` (an artifact) and
+    ``prompt_lookup`` (K) add rows of the same artifact generating with speculative decoding.
 
     >>> report = bench("llama-tiny", prompt_len=16, gen_len=8, vs="torch", repeats=2)   # doctest: +SKIP
     >>> report.system("luffy")["results"][0]["decode_tok_s"]["median"]                   # doctest: +SKIP
@@ -111,8 +116,17 @@ def bench(
     account = CpuAccount()
     with _workdir(workdir) as work:
         target = _resolve(str(model), work, opt_level)
+        speculative = {}
+        if draft is not None:
+            if not Path(draft).is_dir():
+                raise UsageError(f"--draft {draft}: no such artifact directory")
+            speculative["luffy-draft"] = {"draft": str(Path(draft).resolve())}
+        if prompt_lookup is not None:
+            if prompt_lookup < 1:
+                raise UsageError(f"--prompt-lookup must be >= 1, got {prompt_lookup}")
+            speculative["luffy-lookup"] = {"prompt_lookup": prompt_lookup}
         return _run(target, peers, batches, prompt_len, gen_len, repeats, warmup, opt_level, work, bandwidth,
-                    bandwidth_mib, seed, description, say, account, keep=workdir is not None)
+                    bandwidth_mib, seed, description, say, account, keep=workdir is not None, speculative=speculative)
 
 
 @contextlib.contextmanager
@@ -181,15 +195,16 @@ def _as_luffy_error(exc: WorkerFailed, keep: bool) -> LuffyError:
 
 
 def _run(target, peers, batches, prompt_len, gen_len, repeats, warmup, opt_level, work, bandwidth, bandwidth_mib,
-         seed, description, say, account, keep) -> BenchReport:
-    names = [SUBJECT, *peers]
+         seed, description, say, account, keep, speculative=None) -> BenchReport:
+    speculative = speculative or {}
+    names = [SUBJECT, *speculative, *peers]
     entries = {n: {"name": n, "label": n, "status": "ok", "reason": None} for n in names}
     paths = {}
     for name in names:
         runner = RUNNERS[name]
         paths[name] = {"hf_dir": str(target.hf_dir) if target.hf_dir else None, "artifact": str(target.artifact),
                        "build_dir": str(work / "builds" / name), "compile_source": target.compile_source,
-                       "opt_level": opt_level}
+                       "opt_level": opt_level, **speculative.get(name, {})}
         reason = runner.unavailable()
         if reason is None and runner.needs_hf_dir and target.hf_dir is None:
             reason = target.hf_reason
@@ -312,6 +327,11 @@ def _run(target, peers, batches, prompt_len, gen_len, repeats, warmup, opt_level
             ref, mine = tokens[SUBJECT].get(b, []), tokens[name].get(b, [])
             agree = next((i for i, (x, y) in enumerate(zip(ref, mine)) if x != y), min(len(ref), len(mine)))
             result["tokens_agree_with_luffy"] = agree  # leading new tokens of row 0 identical to luffy's
+            rates = [r["speculation"]["acceptance_rate"] for r in result["runs"] if r.get("speculation")]
+            if rates:
+                result["acceptance_rate"] = float(np.median([r for r in rates if r is not None] or [0.0]))
+                result["tokens_per_target_step"] = float(np.median(
+                    [r["speculation"]["mean_tokens_per_target_step"] for r in result["runs"]]))
             entry["results"].append(result)
     model_info = _model_info(target, entries[SUBJECT])
     data = {

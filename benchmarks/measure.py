@@ -69,6 +69,8 @@ def interleaved_runs(
                 tokens[name][batch] = result["tokens"]
                 if rnd >= warmup:
                     timing = {"ttft_s": result["ttft_s"], "total_s": result["total_s"]}
+                    if "speculation" in result:
+                        timing["speculation"] = result["speculation"]
                     if round_bandwidth is not None:
                         timing["bandwidth_gb_s"] = round_bandwidth
                     if settled is not None:

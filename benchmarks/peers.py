@@ -139,6 +139,47 @@ class LuffyRunner(Runner):
         return out[0, ids.shape[1]:].tolist()
 
 
+class LuffySpeculativeRunner(LuffyRunner):
+    """The same artifact generating with speculative decoding: ``paths["draft"]`` (a draft artifact, e.g. the
+    int8 build) or ``paths["prompt_lookup"]`` (K). Greedy output is identical to plain luffy's (the report's
+    tokens_agree_with_luffy checks it). Rows are verified one after another: at batch > 1 the first token
+    timed is the first row's."""
+
+    def load(self) -> dict:
+        import luffy
+
+        info = self._load(self.paths["artifact"])
+        self.kwargs = {}
+        if self.name == "luffy-draft":
+            draft = luffy.load(self.paths["draft"])
+            self.kwargs = {"assistant_model": draft}
+            info["label"] += f" + draft {draft.manifest.get('precision')}"
+        else:
+            self.kwargs = {"prompt_lookup_num_tokens": int(self.paths["prompt_lookup"])}
+            info["label"] += f" + prompt lookup {self.paths['prompt_lookup']}"
+        return info
+
+    def generate(self, ids, new_tokens, first_token):
+        state = {"first": True}
+
+        def streamer(_tokens):
+            if state["first"]:
+                state["first"] = False
+                first_token()
+
+        out = self.engine.generate(ids, max_new_tokens=new_tokens, eos_token_id=None, streamer=streamer, **self.kwargs)
+        self.last_stats = self.engine.generation_stats
+        return out[0, ids.shape[1]:].tolist()
+
+
+class LuffyDraftRunner(LuffySpeculativeRunner):
+    name = "luffy-draft"
+
+
+class LuffyLookupRunner(LuffySpeculativeRunner):
+    name = "luffy-lookup"
+
+
 # -- transformers eager -----------------------------------------------------------------------------------
 class TorchRunner(Runner):
     """transformers eager fp32 on the same HF directory: ``model.generate`` greedy, torch's default threads."""
@@ -369,7 +410,8 @@ class GenaiInt4Runner(GenaiRunner):
 
 
 RUNNERS: dict[str, type[Runner]] = {
-    cls.name: cls for cls in (LuffyRunner, TorchRunner, OrtExportRunner, GenaiRunner, GenaiInt4Runner, LuffyInt4Runner)
+    cls.name: cls for cls in (LuffyRunner, TorchRunner, OrtExportRunner, GenaiRunner, GenaiInt4Runner, LuffyInt4Runner,
+                              LuffyDraftRunner, LuffyLookupRunner)
 }
 
 

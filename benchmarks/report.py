@@ -177,6 +177,7 @@ class BenchReport:
                     frac = f" ({r['roofline_fraction']:.0%})" if r["roofline_fraction"] else ""
                     cells.append(_fmt(r["decode_tok_s"]["median"]) + frac)
                 lines.append(f"| {sys_['label']} | " + " | ".join(cells) + " |")
+        lines += self._speculation_lines()
         others = [x for x in self.systems if x["status"] != "ok"]
         baseline = max((x.get("baseline_rss_mib") or 0 for x in self.systems), default=0)
         if others:
@@ -188,6 +189,24 @@ class BenchReport:
                   "Peak RSS = peak resident memory (VmHWM) of the system's own worker "
                   f"process, builds excluded; every worker starts at ~{_fmt(baseline)} MiB (Python + luffy's imports)."]
         return "\n".join(lines) + "\n"
+
+    def _speculation_lines(self) -> list[str]:
+        """Acceptance and output identity of the speculative rows, against plain luffy at each batch."""
+        plain = next((x for x in self.systems if x["name"] == "luffy" and x["status"] == "ok"), None)
+        rows = [x for x in self.systems if x["status"] == "ok" and any("acceptance_rate" in r for r in x["results"])]
+        if plain is None or not rows:
+            return []
+        lines = ["", "Speculative decoding against plain luffy (same artifact, greedy):", ""]
+        for sys_ in rows:
+            for r in sys_["results"]:
+                base = next(p for p in plain["results"] if p["batch"] == r["batch"])
+                speedup = r["decode_tok_s"]["median"] / base["decode_tok_s"]["median"]
+                same = "identical" if r["tokens_agree_with_luffy"] == self.data["settings"]["gen_len"] else (
+                    f"first {r['tokens_agree_with_luffy']} tokens identical")
+                lines.append(f"- {sys_['label']}, batch {r['batch']}: decode {speedup:.2f}x, acceptance "
+                             f"{r['acceptance_rate']:.2f}, {r['tokens_per_target_step']:.2f} tokens per target step, "
+                             f"output {same}")
+        return lines
 
     def plot(self, path) -> Path:
         """Bar chart of median decode tok/s per system and batch, with the first system's roofline (dashed) when it

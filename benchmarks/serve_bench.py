@@ -62,6 +62,17 @@ def parse_range(text: str, name: str) -> tuple[int, int]:
     return low, high
 
 
+def parse_prefix(text: str) -> tuple[int, int]:
+    """'1024:32' -> (1024, 32): a shared prefix of 1024 tokens, then 32 new ones."""
+    try:
+        prefix, suffix = (int(p) for p in text.split(":"))
+    except ValueError:
+        raise UsageError(f"--shared-prefix {text!r}: expected PREFIX:SUFFIX token counts, e.g. 1024:32") from None
+    if prefix < 1 or suffix < 1:
+        raise UsageError(f"--shared-prefix {text!r}: both counts must be >= 1")
+    return prefix, suffix
+
+
 def parse_goodput(items: list[str] | None) -> dict[str, float]:
     """['ttft:500', 'tpot:100'] -> {'ttft': 0.5, 'tpot': 0.1} (milliseconds in, seconds out), as vllm bench serve."""
     slos = {}
@@ -212,6 +223,24 @@ class _Server:
         return self.proc.returncode
 
 
+def prefix_ttft(url: str, model: str, vocab: int, prefix_len: int, suffix_len: int, rounds: int, seed: int) -> dict:
+    """TTFT of a request whose first ``prefix_len`` tokens a previous request sent (a prefix-cache hit) against
+    one whose prefix is new (cold), alternated; medians and their ratio."""
+    rng = np.random.default_rng(seed + 1)
+    cold, warm = [], []
+    for _ in range(rounds):
+        prefix = rng.integers(3, vocab, prefix_len).tolist()
+        first = asyncio.run(_drive(url, model, [(prefix + rng.integers(3, vocab, suffix_len).tolist(), 2)], 1, None,
+                                   seed, lambda r: None))[0][0]
+        second = asyncio.run(_drive(url, model, [(prefix + rng.integers(3, vocab, suffix_len).tolist(), 2)], 1, None,
+                                    seed, lambda r: None))[0][0]
+        cold.append(first["ttft"])
+        warm.append(second["ttft"])
+    return {"prefix_len": prefix_len, "suffix_len": suffix_len, "cold_ttft_s": summarize(cold),
+            "hit_ttft_s": summarize(warm), "ratio": float(np.median(warm) / np.median(cold)),
+            "rounds": [{"cold_s": c, "hit_s": w} for c, w in zip(cold, warm)]}
+
+
 def in_process_tpot(engine, prompt: list[int], n: int) -> float:
     stamps = []
     engine.generate([prompt], max_new_tokens=n, eos_token_id=None, streamer=lambda _: stamps.append(time.perf_counter()))
@@ -269,7 +298,8 @@ def static_runs(engine, requests, batch_sizes: list[int]) -> list[dict]:
 
 def bench_serve(artifact: str | Path, load: ServeLoad, concurrency: list[int], request_rate: float | None = None,
                 slos: dict | None = None, server_args: list[str] | None = None, static_batches=(1, 16),
-                threads: int | None = None, progress=None, overhead_rounds: int = 6) -> dict:
+                threads: int | None = None, progress=None, overhead_rounds: int = 6,
+                shared_prefix: tuple[int, int] | None = None) -> dict:
     """Run the load at each concurrency (or the request rate) against a fresh server; returns the report dict."""
     from ..benchmarks.machine import describe_machine
     from ..runtimes.manifest import read_manifest
@@ -313,12 +343,16 @@ def bench_serve(artifact: str | Path, load: ServeLoad, concurrency: list[int], r
         rss["after_all"], rss["requests"] = server.rss_mib(), served[0]
         say("streaming overhead, alternated", len(points), len(points) + 1)
         overhead = streaming_overhead(engine, server.url, model, requests, overhead_rounds)
+        prefix = None
+        if shared_prefix is not None:
+            say("prefix-cache hits, alternated with cold prompts", len(points), len(points) + 1)
+            prefix = prefix_ttft(server.url, model, vocab, shared_prefix[0], shared_prefix[1], 5, load.seed)
     finally:
         exit_code = server.stop()
     return {
         "artifact": str(artifact), "machine": describe_machine(), "load": load.__dict__,
         "server_args": args, "slos_s": slos or {}, "static": static, "served": runs, "server_rss_mib": rss,
-        "streaming_overhead": overhead,
+        "streaming_overhead": overhead, "prefix_cache": prefix,
         "server_exit_code": exit_code,
         "definitions": {
             "ttft": "request sent -> its first token's chunk", "itl": "gap between two token chunks of a request",
@@ -359,6 +393,12 @@ def to_markdown(report: dict) -> str:
         lines.append(f"\nStreaming through the server (read by a plain httpx client) vs Engine.generate in-process, per "
                      f"token, same request, alternated over {len(overhead['rounds'])} requests: median ratio "
                      f"{overhead['median_ratio']:.3f}.")
+    prefix = report.get("prefix_cache")
+    if prefix:
+        lines.append(f"\nPrefix cache: TTFT of a request whose first {prefix['prefix_len']} tokens were sent before "
+                     f"(then {prefix['suffix_len']} new ones): median {prefix['hit_ttft_s']['median'] * 1e3:.0f} ms, "
+                     f"against {prefix['cold_ttft_s']['median'] * 1e3:.0f} ms cold: {prefix['ratio']:.3f}x "
+                     f"({len(prefix['rounds'])} pairs, alternated).")
     return "\n".join(lines) + "\n"
 
 

@@ -80,7 +80,10 @@ class _Session:
         total = time.perf_counter() - start
         if len(marks) != 1 or len(tokens) != new_tokens:
             raise RuntimeError(f"{self.runner.name}: produced {len(tokens)} tokens, first-token marks {len(marks)}")
-        return {"result": {"ttft_s": marks[0] - start, "total_s": total, "tokens": tokens}}
+        result = {"ttft_s": marks[0] - start, "total_s": total, "tokens": tokens}
+        if getattr(self.runner, "last_stats", None):  # speculative decoding: acceptance of this run
+            result["speculation"] = self.runner.last_stats
+        return {"result": result}
 
     def rss(self) -> dict:
         return {"result": {"peak_rss_bytes": _peak_rss_bytes()}}

@@ -434,6 +434,10 @@ def bench_cmd(
     bandwidth: bool = typer.Option(True, "--bandwidth/--no-bandwidth", help="Measure streaming-read bandwidth (roofline)."),
     bandwidth_mib: int = typer.Option(1024, "--bandwidth-mib", min=16, help="Buffer size for the bandwidth measurement."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random prompt token ids."),
+    draft: Optional[Path] = typer.Option(None, "--draft", metavar="ARTIFACT", help="Add a row generating with "
+                                         "speculative decoding from this draft artifact (e.g. the int8 build)."),
+    prompt_lookup: Optional[int] = typer.Option(None, "--prompt-lookup", min=1, metavar="K", help="Add a row "
+                                                "generating with prompt-lookup speculation (up to K tokens)."),
     suite: bool = typer.Option(False, "--suite", help="Rerun the README's benchmark table (reference model, all peers)."),
     out_dir: Path = typer.Option(Path("bench-results"), "--out", help="With --suite: where bench.json / bench.md go."),
 ):
@@ -480,7 +484,7 @@ def bench_cmd(
             )
         else:
             report = bench(target, opt_level=opt_level, workdir=workdir, bandwidth=bandwidth, seed=seed, progress=progress,
-                           **settings)
+                           draft=draft, prompt_lookup=prompt_lookup, **settings)
     if suite:
         err.print(f"[green]✓[/green] wrote {out_dir / 'bench.json'} and {out_dir / 'bench.md'}")
     if markdown_file is not None:
@@ -510,6 +514,9 @@ def bench_serve_cmd(
     static_batch: str = typer.Option("1,16", "--static-batch", help="In-process Engine.generate batch sizes to compare."),
     overhead_rounds: int = typer.Option(6, "--overhead-rounds", min=0, help="Requests timed alternately in-process "
                                         "and streamed through the server (the per-token cost of streaming)."),
+    shared_prefix: Optional[str] = typer.Option(None, "--shared-prefix", metavar="PREFIX:SUFFIX", help="Also time "
+                                                "TTFT of prompts whose first PREFIX tokens were sent before (prefix "
+                                                "cache hits) against new ones, e.g. 1024:32."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="ORT intra-op threads (server and in-process)."),
     seed: int = typer.Option(0, "--seed"),
     json_file: Optional[Path] = typer.Option(None, "--json", help="Write the full report here."),
@@ -538,7 +545,8 @@ def bench_serve_cmd(
             ["--max-num-seqs", str(max_num_seqs), "--max-num-batched-tokens", str(max_num_batched_tokens)],
             [int(b) for b in static_batch.split(",") if b], threads,
             progress=lambda what, done, total: status.update(f"luffy bench serve: {what} ({done + 1}/{total})"),
-            overhead_rounds=overhead_rounds)
+            overhead_rounds=overhead_rounds,
+            shared_prefix=serve_bench.parse_prefix(shared_prefix) if shared_prefix else None)
     serve_bench.write(report, json_file, markdown_file)
     if plot is not None:
         serve_bench.plot(report, plot)

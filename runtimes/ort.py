@@ -130,8 +130,10 @@ class OrtEngine(Engine):
         ``num_assistant_tokens`` tokens per step (adapted per round under the "heuristic" schedule, fixed under
         "constant"); ``prompt_lookup_num_tokens=K`` proposes the K tokens that followed the last
         ``max_matching_ngram_size``-gram earlier in the sequence. The target checks them in one step: greedy
-        output is exactly plain greedy's, sampled output keeps the target's distribution.
-        ``self.generation_stats`` then holds the acceptance rate and tokens per target step.
+        output is exactly plain greedy's, sampled output keeps the target's distribution. Rows are verified one
+        after another (a multi-token step with a cache is batch 1), so ``streamer`` then receives each row's
+        tokens as [1] arrays, row by row. ``self.generation_stats`` holds the acceptance rate and tokens per
+        target step.
 
         >>> draft = luffy.load("build/ref-int8")                                          # doctest: +SKIP
         >>> engine.generate(ids, max_new_tokens=128, assistant_model=draft)               # doctest: +SKIP
@@ -175,8 +177,6 @@ class OrtEngine(Engine):
         k = lookup_k or k
         if k < 1 or max_ngram < 1:
             raise UsageError("the number of proposed tokens and max_matching_ngram_size must be >= 1")
-        if streamer is not None and len(rows) > 1:
-            raise UsageError("streamer with speculative decoding takes one row (each row is verified on its own)")
         sampling = speculative.Sampling(**choosing)
         if sampling.do_sample and sampling.temperature <= 0:
             raise UsageError(f"temperature must be > 0 when sampling, got {sampling.temperature}")

@@ -156,9 +156,6 @@ class DraftModel:
         self.slots.cache.swap(a, b)
         self.length[a], self.length[b] = self.length[b], self.length[a]
 
-    def prefill(self, row: int, prompt: list[int]) -> None:
-        self.slots.step(row, row + 1, np.array([prompt], dtype=np.int64))
-        self.length[row] = len(prompt)
 
 
 def accept_greedy(logits: np.ndarray, proposed: list[int], sampling: Sampling, produced: int) -> tuple[int, int]:
@@ -237,9 +234,7 @@ def _generate_row(engine, slots, row, prompt, max_new_tokens, source, k, samplin
                   streamer) -> tuple[list[int], list]:
     """One row: prefill, then rounds of propose -> verify -> accept -> roll back, until EOS or the budget."""
     logits = slots.step(row, row + 1, np.array([prompt], dtype=np.int64))[0, -1]
-    if isinstance(source, DraftModel):
-        source.prefill(row, prompt)
-    seq, produced, kept = list(prompt), [], []
+    seq, produced, kept = list(prompt), [], []  # a draft reads the prompt in its first proposal (after the 1st token)
     if output_logits:
         kept.append(logits.copy())
     token = sampling.choose(logits, 0, rng)

@@ -178,7 +178,7 @@ def test_bench_serve_reports_what_vllm_bench_serve_reports(zoo_artifacts, tmp_pa
     pytest.importorskip("openai", reason="the openai client is not installed")
     artifact, _ = zoo_artifacts("llama-pydoc")
     proc = luffy_cli("bench", "serve", artifact.path, "--concurrency", "1,3", "--num-prompts", "6", "--input-len", "8:16",
-                     "--output-len", "5:9", "--static-batch", "1,3", "--goodput", "ttft:60000", "--json",
+                     "--output-len", "5:9", "--static-batch", "1,3", "--goodput", "ttft:60000", "--shared-prefix", "96:8", "--json",
                      tmp_path / "serve.json", "--markdown", tmp_path / "serve.md")
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "serve.json").read_text())
@@ -194,6 +194,8 @@ def test_bench_serve_reports_what_vllm_bench_serve_reports(zoo_artifacts, tmp_pa
     served = report["served"][0]
     assert served["output_throughput"] * served["duration_s"] == pytest.approx(requested)  # ignore_eos: exact lengths
     assert report["server_exit_code"] == 0 and report["server_rss_mib"]["after_all"] > 0
+    prefix = report["prefix_cache"]
+    assert prefix["prefix_len"] == 96 and len(prefix["rounds"]) == 5 and prefix["hit_ttft_s"]["median"] > 0
     rounds = report["streaming_overhead"]["rounds"]
     assert len(rounds) == 6 and all(r["ratio"] == pytest.approx(r["served_tpot_s"] / r["in_process_tpot_s"]) for r in rounds)
     table = (tmp_path / "serve.md").read_text()
