@@ -296,12 +296,27 @@ def static_runs(engine, requests, batch_sizes: list[int]) -> list[dict]:
     return runs
 
 
+DEFINITIONS = {
+    "ttft": "request sent -> its first token's chunk", "itl": "gap between two token chunks of a request",
+    "tpot": "(e2e - ttft) / (output tokens - 1)", "e2e": "request sent -> its last chunk",
+    "server_itl_mean_s": "mean gap between a request's tokens as the server's scheduler produced them "
+                         "(luffy:inter_token_latency_seconds), i.e. without the client's own time",
+    "output_throughput": "output tokens of completed requests / run duration",
+    "goodput": "requests meeting every SLO / run duration",
+    "static": "Engine.generate in-process, batches in request order, each row generating its batch's "
+              "longest output; only the requested tokens count",
+    "streaming_overhead": "served TPOT (streamed, one request at a time, read by a plain httpx client) / "
+                          "Engine.generate TPOT in this process for the same request, alternated; median",
+}
+
+
 def bench_serve(artifact: str | Path, load: ServeLoad, concurrency: list[int], request_rate: float | None = None,
                 slos: dict | None = None, server_args: list[str] | None = None, static_batches=(1, 16),
                 threads: int | None = None, progress=None, overhead_rounds: int = 6,
                 shared_prefix: tuple[int, int] | None = None) -> dict:
     """Run the load at each concurrency (or the request rate) against a fresh server; returns the report dict."""
     from ..benchmarks.machine import describe_machine
+    from ..runtimes import load as load_engine
     from ..runtimes.manifest import read_manifest
 
     artifact = Path(artifact)
@@ -309,38 +324,17 @@ def bench_serve(artifact: str | Path, load: ServeLoad, concurrency: list[int], r
     vocab = next(o["shape"][-1] for o in manifest["io"]["outputs"] if o["name"] == "logits")
     requests = load.requests(vocab)
     say = progress or (lambda *a: None)
-    from ..runtimes import load as load_engine
-
     say("static batches in-process", 0, 1)
     engine = load_engine(artifact, threads=threads)
     static = static_runs(engine, requests, list(static_batches))
     args = [*(server_args or []), *(["--threads", str(threads)] if threads else [])]
     server = _Server(artifact, args)
-    runs, rss = [], {}
     try:
         server.wait_ready()
         model = artifact.resolve().name
         asyncio.run(_drive(server.url, model, requests[:2], 2, None, load.seed, lambda r: None))  # warm-up
         points = [("rate", request_rate)] if request_rate else [("concurrency", c) for c in concurrency]
-        served = [0]
-
-        def done(_):
-            served[0] += 1
-            if served[0] == 100:
-                rss["after_100"] = server.rss_mib()
-
-        for i, (kind, value) in enumerate(points):
-            say(f"{kind} {value}", i, len(points))
-            itl_before = server.itl_totals()
-            results, duration = asyncio.run(_drive(
-                server.url, model, requests, value if kind == "concurrency" else None,
-                value if kind == "rate" else None, load.seed, done))
-            itl_after = server.itl_totals()
-            gaps = itl_after[1] - itl_before[1]
-            runs.append({"system": "luffy serve", kind: value, **run_metrics(results, duration, slos or {}),
-                         "server_itl_mean_s": (itl_after[0] - itl_before[0]) / gaps if gaps else None,
-                         "errors": sorted({r["error"] for r in results if r["error"]})[:3]})
-        rss["after_all"], rss["requests"] = server.rss_mib(), served[0]
+        runs, rss = _served_runs(server, model, requests, points, slos or {}, load.seed, say)
         say("streaming overhead, alternated", len(points), len(points) + 1)
         overhead = streaming_overhead(engine, server.url, model, requests, overhead_rounds)
         prefix = None
@@ -350,23 +344,34 @@ def bench_serve(artifact: str | Path, load: ServeLoad, concurrency: list[int], r
     finally:
         exit_code = server.stop()
     return {
-        "artifact": str(artifact), "machine": describe_machine(), "load": load.__dict__,
-        "server_args": args, "slos_s": slos or {}, "static": static, "served": runs, "server_rss_mib": rss,
-        "streaming_overhead": overhead, "prefix_cache": prefix,
-        "server_exit_code": exit_code,
-        "definitions": {
-            "ttft": "request sent -> its first token's chunk", "itl": "gap between two token chunks of a request",
-            "tpot": "(e2e - ttft) / (output tokens - 1)", "e2e": "request sent -> its last chunk",
-            "server_itl_mean_s": "mean gap between a request's tokens as the server's scheduler produced them "
-                                 "(luffy:inter_token_latency_seconds), i.e. without the client's own time",
-            "output_throughput": "output tokens of completed requests / run duration",
-            "goodput": "requests meeting every SLO / run duration",
-            "static": "Engine.generate in-process, batches in request order, each row generating its batch's "
-                      "longest output; only the requested tokens count",
-            "streaming_overhead": "served TPOT (streamed, one request at a time, read by a plain httpx client) / "
-                                  "Engine.generate TPOT in this process for the same request, alternated; median",
-        },
+        "artifact": str(artifact), "machine": describe_machine(), "load": load.__dict__, "server_args": args,
+        "slos_s": slos or {}, "static": static, "served": runs, "server_rss_mib": rss,
+        "streaming_overhead": overhead, "prefix_cache": prefix, "server_exit_code": exit_code,
+        "definitions": DEFINITIONS,
     }
+
+
+def _served_runs(server, model: str, requests, points, slos: dict, seed: int, say) -> tuple[list[dict], dict]:
+    """Every load point against the running server; the server's RSS after its 100th request and at the end."""
+    runs, rss, served = [], {}, [0]
+
+    def done(_):
+        served[0] += 1
+        if served[0] == 100:
+            rss["after_100"] = server.rss_mib()
+
+    for i, (kind, value) in enumerate(points):
+        say(f"{kind} {value}", i, len(points))
+        itl_before = server.itl_totals()
+        results, duration = asyncio.run(_drive(server.url, model, requests, value if kind == "concurrency" else None,
+                                               value if kind == "rate" else None, seed, done))
+        itl_after = server.itl_totals()
+        gaps = itl_after[1] - itl_before[1]
+        runs.append({"system": "luffy serve", kind: value, **run_metrics(results, duration, slos),
+                     "server_itl_mean_s": (itl_after[0] - itl_before[0]) / gaps if gaps else None,
+                     "errors": sorted({r["error"] for r in results if r["error"]})[:3]})
+    rss["after_all"], rss["requests"] = server.rss_mib(), served[0]
+    return runs, rss
 
 
 def to_markdown(report: dict) -> str:
