@@ -191,11 +191,17 @@ def run_cmd(
     top_p: float = typer.Option(1.0, "--top-p"),
     seed: Optional[int] = typer.Option(None, "--seed"),
     no_eos: bool = typer.Option(False, "--no-eos", help="Never stop early at the end-of-sequence token."),
-    as_json: bool = typer.Option(False, "--json", help="Print token ids (and text) as JSON."),
+    draft: Optional[Path] = typer.Option(None, "--draft", metavar="ARTIFACT", help="Speculative decoding with this "
+                                         "draft artifact (same tokenizer, e.g. the --precision int8 build)."),
+    prompt_lookup: Optional[int] = typer.Option(None, "--prompt-lookup", min=1, metavar="K", help="Speculative "
+                                                "decoding with up to K tokens copied from the context."),
+    as_json: bool = typer.Option(False, "--json", help="Print token ids, text and speculation statistics as JSON."),
 ):
     """Generate from a compiled causal LM.
 
-    Example: luffy run build/llama-tiny --prompt "Hello" --max-new-tokens 16
+    Example: luffy run build/pydoc --prompt "Return the" --max-new-tokens 32
+
+    Example (speculative): luffy run build/ref --input-ids 1,2,3 --draft build/ref-int8 --json
     """
     from ..runtimes import load
 
@@ -208,12 +214,17 @@ def run_cmd(
     )
     if no_eos:
         kwargs["eos_token_id"] = None
+    if draft is not None:
+        kwargs["assistant_model"] = load(draft)
+    if prompt_lookup is not None:
+        kwargs["prompt_lookup_num_tokens"] = prompt_lookup
     ids = engine.tokenizer.encode(prompt).ids if prompt is not None else _parse_ids(input_ids)
     result = engine.generate([ids], **kwargs)[0]
     new = [int(t) for t in result[len(ids):]]
     text = engine.tokenizer.decode(new, skip_special_tokens=True) if engine.manifest.get("tokenizer") else None
     if as_json:
-        print(json.dumps({"input_ids": ids, "output_ids": new, "text": text}))
+        print(json.dumps({"input_ids": ids, "output_ids": new, "text": text,
+                          "speculation": getattr(engine, "generation_stats", None)}))
     elif text is not None:
         print(printable((prompt or "") + text))
     else:

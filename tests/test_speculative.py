@@ -99,3 +99,18 @@ def test_the_rejection_rule_emits_the_targets_distribution(draft):
     p = np.exp(target_logits) / np.exp(target_logits).sum()
     assert _chi_square_p(counts, p) > 1e-4
     assert _chi_square_p(wrong, p) < 1e-4 if draft == "model" else wrong[1] == draws
+
+
+def test_luffy_run_reports_speculation(zoo_artifacts, pydoc_int8):
+    import json
+    import subprocess
+    import sys
+
+    artifact, _ = zoo_artifacts("llama-pydoc")
+    base = [sys.executable, "-m", "luffy", "run", str(artifact.path), "--prompt", "Return the", "--max-new-tokens", "24",
+            "--json"]
+    plain = json.loads(subprocess.run(base, capture_output=True, text=True, timeout=120, check=True).stdout)
+    spec = json.loads(subprocess.run([*base, "--draft", str(pydoc_int8.path)], capture_output=True, text=True,
+                                     timeout=120, check=True).stdout)
+    assert spec["output_ids"] == plain["output_ids"] and plain["speculation"] is None
+    assert spec["speculation"]["source"] == "draft" and spec["speculation"]["generated_tokens"] == 24
