@@ -6,10 +6,13 @@ Errors print one line naming the cause and exit with the error kind's code (see 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
 import sys
+import time
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -43,6 +46,27 @@ def _quiet_libraries() -> None:
         return
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    # deprecation notices between torch and transformers are for their developers, not a compile's log
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+@contextlib.contextmanager
+def _progress(title: str):
+    """``say(stage)`` for long work: an animated status line on a terminal; elsewhere (a pipe, a CI log) one
+    plain line per stage with the elapsed time, and no carriage returns or colours."""
+    if err.is_terminal:
+        with err.status(title) as status:
+            yield lambda message: status.update(f"{title}: {message}")
+        return
+    start = time.perf_counter()
+    last = [None]
+
+    def say(message: str) -> None:
+        if message != last[0]:
+            last[0] = message
+            print(f"luffy: {title}: {message} ({time.perf_counter() - start:.1f}s)", file=sys.stderr, flush=True)
+
+    yield say
 
 
 def _version(value: bool):
@@ -141,13 +165,13 @@ def compile_cmd(
 
     compile_artifact = import_compiler("luffy.compiler.compile").compile
     _quiet_libraries()
-    with err.status(f"compiling {source}") as status:
+    with _progress(f"compiling {source}") as say:
         artifact = compile_artifact(
             source, target=target, output=output, precision=precision, opt_level=opt_level, max_seq_len=max_seq_len,
             disable_pass=disable_pass, enable_pass=enable_pass, check_parity=check_parity, external_data=external_data,
             verify=verify, dump_ir=dump_ir, block_size=block_size, calib=calib, eval_file=eval_file,
             accuracy_level=accuracy_level, reduce_range=reduce_range,
-            progress=lambda message: status.update(f"{source}: {message}"),
+            progress=say,
             defer_build=defer_build, trt_version=trt_version, max_batch=max_batch, opt_batch=opt_batch,
             opt_seq_len=opt_seq_len, timing_cache=timing_cache, hardware_compatibility=hardware_compatibility,
             version_compatible=version_compatible,
@@ -160,15 +184,31 @@ def compile_cmd(
     parity_text = f"max |Δ| {parity['max_abs_diff']:.2e} vs PyTorch" if parity else "not checked"
     err.print(
         f"[green]✓[/green] {output}  {report['capture']['nodes']} → {report['nodes']} nodes, "
-        f"{report['parameters']:,} parameters, {report['seconds_total']:.1f}s, parity {parity_text}"
+        f"{report['parameters']:,} parameters, {report['seconds_total']:.1f}s, parity {parity_text}", soft_wrap=True,
     )
     if artifact.manifest.get("state") == "needs-build":
-        err.print(f"  needs-build: TensorRT engine not built here; on the GPU machine run: luffy build {output}")
+        err.print(f"  needs-build: TensorRT engine not built here; on the GPU machine run: luffy build {output}",
+                  soft_wrap=True)
     quality = report.get("quality")
     if quality:
         ref = quality["perplexity_reference"]
         change = f" ({quality['perplexity_increase_pct']:+.2f}% vs {ref:.4f} {quality['reference']})" if ref else ""
-        err.print(f"  perplexity {quality['perplexity']:.4f}{change} on {quality['tokens_scored']:,} tokens")
+        err.print(f"  perplexity {quality['perplexity']:.4f}{change} on {quality['tokens_scored']:,} tokens", soft_wrap=True)
+
+
+@contextlib.contextmanager
+def _bench_progress():
+    """``progress(what, done, total)``: a bar on a terminal, one line per step in a pipe or CI log."""
+    if not err.is_terminal:
+        with _progress("bench") as say:
+            yield lambda what, done, total: say(f"{what} ({min(done + 1, total)}/{total})")
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task("starting", total=None)
+        yield lambda what, done, total: bar.update(task, description=what, completed=done, total=total)
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -357,11 +397,38 @@ def build_cmd(
     """
     from ..compiler.trt_build import build_artifact
 
-    with err.status(f"building {artifact}") as status:
-        manifest = build_artifact(artifact, timing_cache, say=lambda message: status.update(f"{artifact}: {message}"))
+    with _progress(f"building {artifact}") as say:
+        manifest = build_artifact(artifact, timing_cache, say=say)
     build = manifest["tensorrt"]["build"]
     err.print(f"[green]✓[/green] {artifact}  TensorRT {build['tensorrt']} engine for {build['gpu']} "
               f"(sm {build['compute_capability']}), {build['seconds']:.1f}s")
+
+
+@app.command("verify")
+def verify_cmd(
+    artifact: Path = typer.Argument(..., help="Artifact directory to check."),
+    parity: Optional[str] = typer.Option(None, "--parity", metavar="SOURCE", help="Also rerun the parity check "
+                                         "against this source (the zoo name, HF directory or factory it was compiled from)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the checks as JSON."),
+):
+    """Check an artifact before trusting it: file hashes, runtime compatibility, load, a smoke run.
+
+    Each check is one line; the first failure is one line and exit code 6.
+
+    Example: luffy verify build/pydoc --parity llama-pydoc
+    """
+    from ..compiler.artifact_check import verify_artifact
+
+    if parity is not None:
+        _quiet_libraries()
+    with _progress(f"verifying {artifact}") as say:
+        result = verify_artifact(artifact, parity, say=say)
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    for item in result["checks"]:
+        out.print(f"[green]✓[/green] {item['check']}: {item['detail']} ({item['seconds']:.2f}s)", highlight=False,
+                  soft_wrap=True)
 
 
 @app.command("inspect")
@@ -462,8 +529,6 @@ def bench_cmd(
     token. Each system runs in its own process (its peak RSS), runs are interleaved across systems after a
     warm-up, cells are median [min-max]. `luffy bench --suite` rebuilds the README table.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from ..benchmarks.api import bench, parse_batches, parse_peers
 
     if plot is not None:
@@ -479,13 +544,7 @@ def bench_cmd(
         batch=parse_batches(batch if batch is not None else ("1,4,16" if suite else "1")),
     )
     _quiet_libraries()
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=err, transient=True) as bar:
-        task = bar.add_task("starting", total=None)
-
-        def progress(what: str, done: int, total: int):
-            bar.update(task, description=what, completed=done, total=total)
-
+    with _bench_progress() as progress:
         if suite:
             from ..benchmarks.suite import run_suite
 
@@ -550,12 +609,12 @@ def bench_serve_cmd(
     _require_serve_extra()
     load = serve_bench.ServeLoad(num_prompts, serve_bench.parse_range(input_len, "--input-len"),
                                  serve_bench.parse_range(output_len, "--output-len"), seed)
-    with err.status("luffy bench serve") as status:
+    with _progress("luffy bench serve") as say:
         report = serve_bench.bench_serve(
             artifact, load, [int(c) for c in concurrency.split(",")], request_rate, serve_bench.parse_goodput(goodput),
             ["--max-num-seqs", str(max_num_seqs), "--max-num-batched-tokens", str(max_num_batched_tokens)],
             [int(b) for b in static_batch.split(",") if b], threads,
-            progress=lambda what, done, total: status.update(f"luffy bench serve: {what} ({done + 1}/{total})"),
+            progress=lambda what, done, total: say(f"{what} ({done + 1}/{total})"),
             overhead_rounds=overhead_rounds,
             shared_prefix=serve_bench.parse_prefix(shared_prefix) if shared_prefix else None)
     serve_bench.write(report, json_file, markdown_file)

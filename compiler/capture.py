@@ -329,3 +329,28 @@ def capture_module(tm: TorchModel, opset: int = ONNX_OPSET) -> Captured:
     input_names = params[: len(args)] if kwargs is None else None
     model = _export(tm.module, args, kwargs, dynamic_shapes, input_names, None, opset)
     return Captured(model, "module", reference=tm.module, example=(args, kwargs))
+
+
+def reference_only(tm: TorchModel) -> Captured:
+    """What the parity check compares a graph with, without exporting anything: the module the graph was
+    captured from (the decoder's step wrapper, the encoder's output selection) and its example inputs.
+    `luffy verify --parity` checks an existing artifact against its source this way."""
+    import torch
+
+    if tm.kind == CAUSAL_LM:
+        kv = probe_kv_layout(tm.module)
+        return Captured(None, CAUSAL_LM, kv, reference=_DecoderStep(tm.module).module,
+                        example=(decoder_example(kv, vocab=getattr(tm.module.config, "vocab_size", 8)), None))
+    if tm.kind == ENCODER:
+        inputs = encoder_example(tm.module)
+        with torch.no_grad():
+            names = [k for k, v in tm.module(**inputs, return_dict=True).items() if isinstance(v, torch.Tensor)]
+
+        def forward(**kwargs):
+            result = tm.module(**kwargs, return_dict=True)
+            return tuple(result[k] for k in names)
+
+        return Captured(None, ENCODER, reference=forward, example=((), inputs))
+    example = tm.example_inputs
+    return Captured(None, "module", reference=tm.module, example=(example, None) if isinstance(example, tuple)
+                    else ((), example))

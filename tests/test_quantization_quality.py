@@ -211,3 +211,11 @@ def test_eval_refuses_encoders(tmp_path):
     text.write_text("some text to score")
     done = _luffy("compile", "bert-tiny", "-o", str(tmp_path / "e"), "--eval", str(text))
     assert done.returncode == 2 and "causal LM" in done.stderr
+
+
+def test_int4_with_gptq_calibration_is_byte_reproducible(pydoc, tmp_path):
+    # the same source, flags and versions give the same model bytes (tests/test_ci.py checks fp32)
+    again = luffy.compile("llama-pydoc", output=tmp_path / "again", precision="int4", calib=str(calibration_text_path()))
+    first = pydoc["int4-gptq"]
+    assert {k: v["sha256"] for k, v in again.manifest["files"].items() if k.startswith("model.onnx")} == \
+        {k: v["sha256"] for k, v in first.manifest["files"].items() if k.startswith("model.onnx")}
