@@ -14,6 +14,7 @@ from .manifest import read_manifest
 from .ort_compat import check_onnxruntime
 
 RUNTIMES = ("ort", "trt")
+ENGINE_OPTIONS = {"ort": ("threads", "providers", "huge_pages", "spin"), "trt": ()}
 
 
 def load(path: str | os.PathLike, runtime: str | None = None, **options) -> Engine:
@@ -22,7 +23,7 @@ def load(path: str | os.PathLike, runtime: str | None = None, **options) -> Engi
     ``runtime`` defaults to the artifact's target; ``"ort"`` runs any artifact's ONNX graph on ONNX
     Runtime, a TensorRT artifact's portable graph included (how its numerics are checked without a GPU).
     ``"trt"`` refuses an engine built for another TensorRT version or GPU before deserializing it.
-    Options go to the engine (``threads``, ``providers`` for ORT).
+    Options go to the engine: ORT takes ``threads``, ``providers``, ``huge_pages`` and ``spin``; TensorRT none.
 
     >>> import luffy
     >>> engine = luffy.load("build/llama-tiny")       # doctest: +SKIP
@@ -33,6 +34,10 @@ def load(path: str | os.PathLike, runtime: str | None = None, **options) -> Engi
     runtime = runtime or manifest.get("target", "ort")
     if runtime not in RUNTIMES:
         raise UsageError(f"unknown runtime {runtime!r}; this luffy has {', '.join(RUNTIMES)}")
+    unknown = sorted(set(options) - set(ENGINE_OPTIONS[runtime]))
+    if unknown:
+        takes = ", ".join(ENGINE_OPTIONS[runtime]) or "none"
+        raise UsageError(f"load(..., runtime={runtime!r}) has no option {', '.join(unknown)} (it takes: {takes})")
     if runtime == "trt":
         from .trt import TrtEngine, check_engine, gpu_info, installed_tensorrt
 

@@ -49,6 +49,55 @@ class Engine:
     def _generation_default(self, key: str):
         return self.manifest.get("generation", {}).get(key)
 
+    @property
+    def vocab(self) -> int | None:
+        """The logits' last dimension, as the manifest's I/O signature records it."""
+        out = next((o for o in (self.manifest.get("io") or {}).get("outputs", []) if o.get("name") == "logits"), None)
+        dim = (out or {}).get("shape", [None])[-1] if out and out.get("shape") else None
+        return dim if isinstance(dim, int) else None
+
+    # -- the preamble every backend's generate / score shares ------------------------------------------
+    def _require_decoder(self, what: str) -> None:
+        if self.kind != "causal-lm":
+            raise UsageError(f"{self.path}: {what} needs a causal-LM artifact; this one is {self.kind!r}, use run()")
+
+    def _pad_id(self, pad_token_id) -> int:
+        """The id left padding uses: the argument, else the model's pad, else its first EOS, else 0."""
+        if pad_token_id is None:
+            pad_token_id = self._generation_default("pad_token_id")
+        if pad_token_id is not None:
+            return int(pad_token_id)
+        eos = self._generation_default("eos_token_id")
+        if isinstance(eos, list):
+            eos = eos[0] if eos else None
+        return int(eos) if eos is not None else 0
+
+    def _generate_inputs(self, input_ids, max_new_tokens: int, eos_token_id, pad_token_id):
+        """(rows, eos_token_id, pad id) after every check generate makes before any work."""
+        from .generation import as_rows, check_capacity
+
+        self._require_decoder("generate")
+        rows = as_rows(input_ids, self.vocab)
+        check_capacity(max(len(r) for r in rows), max_new_tokens, self.max_seq_len)
+        if eos_token_id == "model":
+            eos_token_id = self._generation_default("eos_token_id")
+        return rows, eos_token_id, self._pad_id(pad_token_id)
+
+    def _score_inputs(self, input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, mask) [batch, seq] for score: ragged rows left-padded, or the caller's ids and mask checked."""
+        from .generation import as_rows, check_capacity, ids_array, left_pad
+
+        self._require_decoder("score")
+        if attention_mask is None:
+            ids, mask = left_pad(as_rows(input_ids, self.vocab), self._pad_id(None))
+        else:
+            ids = ids_array(input_ids, self.vocab)
+            mask = np.asarray(attention_mask, dtype=np.int64)
+            if ids.ndim != 2 or ids.shape != mask.shape:
+                raise UsageError(f"input_ids {ids.shape} and attention_mask {mask.shape} must be equal 2-D shapes")
+        check_capacity(ids.shape[1], 0, self.max_seq_len)
+        return ids, mask
+
     def generate_text(self, prompt: str | list[str], max_new_tokens: int = 32, **kwargs) -> str | list[str]:
         """Tokenize, generate and decode; returns only the new text, one string per prompt.
 

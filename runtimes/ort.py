@@ -9,7 +9,7 @@ import numpy as np
 from ..errors import ArtifactError, CapacityError, UsageError
 from .cpu_bf16 import cpu_model
 from .engine import Engine
-from .generation import as_rows, check_capacity, eos_set, generate_loop, ids_array, left_pad
+from .generation import eos_set, generate_loop, left_pad
 from .huge_pages import MIN_REGION, NOTHING_COLLAPSED, anonymous_mappings, back_new_mappings_with_huge_pages
 from .manifest import step_graph
 from .ort_compat import import_onnxruntime
@@ -80,24 +80,14 @@ class OrtEngine(Engine):
                 self.path, manifest, {i.name: (i.type, i.shape) for i in self.session.get_inputs()},
                 {o.name: o.shape for o in self.session.get_outputs()})
             self.layers = list(self.graph.layers)
-            self.vocab = self.graph.vocab
             self.kv_dtype = _NUMPY_DTYPES.get(self.graph.kv_type, np.float32)
             self.shared_kv = self.graph.shared_kv
 
     # -- decoder --------------------------------------------------------------------------------------
-    def _require_decoder(self, what: str) -> None:
-        if self.kind != "causal-lm":
-            raise UsageError(f"{self.path}: {what} needs a causal-LM artifact; this one is {self.kind!r}, use run()")
-
-    def _pad_id(self, pad_token_id):
-        if pad_token_id is None:
-            pad_token_id = self._generation_default("pad_token_id")
-        if pad_token_id is not None:
-            return int(pad_token_id)
-        eos = self._generation_default("eos_token_id")
-        if isinstance(eos, list):
-            eos = eos[0] if eos else None
-        return int(eos) if eos is not None else 0
+    @property
+    def vocab(self) -> int | None:
+        graph = getattr(self, "graph", None)  # the graph's own logits dimension, checked at load
+        return graph.vocab if graph is not None else super().vocab
 
     def open_slots(self, num_slots: int, capacity: int, allocate=None) -> OrtSlots:
         """A persistent KV cache of ``num_slots`` sequences up to ``capacity`` positions each, and the step that
@@ -141,13 +131,8 @@ class OrtEngine(Engine):
         >>> engine.generate([[256, 72], [256, 72, 105, 33]], max_new_tokens=4).shape   # doctest: +SKIP
         (2, 8)
         """
-        self._require_decoder("generate")
-        rows = as_rows(input_ids, self.vocab)
+        rows, eos_token_id, pad = self._generate_inputs(input_ids, max_new_tokens, eos_token_id, pad_token_id)
         prompt_len = max(len(r) for r in rows)
-        check_capacity(prompt_len, max_new_tokens, self.max_seq_len)
-        if eos_token_id == "model":
-            eos_token_id = self._generation_default("eos_token_id")
-        pad = self._pad_id(pad_token_id)
         if assistant_model is not None or prompt_lookup_num_tokens:
             return self._speculative(rows, max_new_tokens, pad, seed, output_logits, streamer, assistant_model,
                                      num_assistant_tokens, num_assistant_tokens_schedule, prompt_lookup_num_tokens,
@@ -198,16 +183,7 @@ class OrtEngine(Engine):
         >>> engine.score([[256, 72, 105]]).shape   # doctest: +SKIP
         (1, 3, 320)
         """
-        self._require_decoder("score")
-        if attention_mask is None:
-            rows = as_rows(input_ids, self.vocab)
-            ids, mask = left_pad(rows, self._pad_id(None))
-        else:
-            ids = ids_array(input_ids, self.vocab)
-            mask = np.asarray(attention_mask, dtype=np.int64)
-            if ids.ndim != 2 or ids.shape != mask.shape:
-                raise UsageError(f"input_ids {ids.shape} and attention_mask {mask.shape} must be equal 2-D shapes")
-        check_capacity(ids.shape[1], 0, self.max_seq_len)
+        ids, mask = self._score_inputs(input_ids, attention_mask)
         slots = self.open_slots(ids.shape[0], ids.shape[1])
         return np.array(slots.step(0, ids.shape[0], ids, mask, keep=None), copy=True)
 

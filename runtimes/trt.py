@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import ArtifactError, BackendUnavailableError, UsageError
 from .engine import Engine
-from .generation import PositionTracker, as_rows, check_capacity, generate_loop, left_pad, positions_from_mask
+from .generation import PositionTracker, generate_loop, left_pad, positions_from_mask
 
 PREFILL, DECODE = 0, 1  # profile indices, in the order compile writes manifest["tensorrt"]["profiles"]
 
@@ -95,7 +95,10 @@ def check_engine(manifest: dict, path: Path, trt_version: str | None, gpu: dict 
 class TrtEngine(Engine):
     """Runs an artifact's model.engine with TensorRT; the same interface as the ORT engine."""
 
-    def __init__(self, path: Path, manifest: dict, trt, gpu: dict):
+    def __init__(self, path: Path, manifest: dict, trt, gpu: dict, **options):
+        if options:  # ORT's options (threads, providers, huge_pages, spin) have no TensorRT meaning
+            raise UsageError(f"the TensorRT engine takes no options; got {', '.join(sorted(options))} "
+                             "(ONNX Runtime options: load(..., runtime='ort'))")
         super().__init__(path, manifest)
         import torch
 
@@ -162,16 +165,8 @@ class TrtEngine(Engine):
 
     def score(self, input_ids, attention_mask=None) -> np.ndarray:
         """As OrtEngine.score: float32 logits [batch, seq, vocab] for every position, one prefill call."""
-        if self.kind != "causal-lm":
-            raise UsageError(f"{self.path}: score needs a causal-LM artifact; this one is {self.kind!r}")
         torch = self._torch
-        if attention_mask is None:
-            ids, mask = left_pad(as_rows(input_ids), int(self._generation_default("pad_token_id") or 0))
-        else:
-            ids, mask = np.asarray(input_ids, dtype=np.int64), np.asarray(attention_mask, dtype=np.int64)
-            if ids.ndim != 2 or ids.shape != mask.shape:
-                raise UsageError(f"input_ids {ids.shape} and attention_mask {mask.shape} must be equal 2-D shapes")
-        check_capacity(ids.shape[1], 0, self.max_seq_len)
+        ids, mask = self._score_inputs(input_ids, attention_mask)
         feeds = {"input_ids": torch.from_numpy(ids).cuda(), "attention_mask": torch.from_numpy(mask).cuda(),
                  "position_ids": torch.from_numpy(positions_from_mask(mask)).cuda(), **self._empty_cache(ids.shape[0])}
         return self._execute(feeds, PREFILL)["logits"].float().cpu().numpy()
@@ -183,15 +178,13 @@ class TrtEngine(Engine):
         return {k: v.cpu().numpy() for k, v in self._execute(gpu_feeds, PREFILL).items()}
 
     def generate(self, input_ids, max_new_tokens: int = 32, eos_token_id="model", pad_token_id=None, **sampling):
-        """As OrtEngine.generate: left-padded prompts, greedy unless ``do_sample``; int64 [batch, prompt + new]."""
-        if self.kind != "causal-lm":
-            raise UsageError(f"{self.path}: generate needs a causal-LM artifact; this one is {self.kind!r}")
+        """As OrtEngine.generate: left-padded prompts, greedy unless ``do_sample``; int64 [batch, prompt + new].
+        Speculative decoding (``assistant_model``, ``prompt_lookup_num_tokens``) runs on the ORT engine only."""
+        speculative = [k for k in ("assistant_model", "prompt_lookup_num_tokens") if sampling.get(k) is not None]
+        if speculative:
+            raise UsageError(f"{self.path}: {speculative[0]} needs the ONNX Runtime engine (load(..., runtime='ort'))")
         torch, kv = self._torch, self.manifest["kv_cache"]
-        rows = as_rows(input_ids)
-        check_capacity(max(len(r) for r in rows), max_new_tokens, self.max_seq_len)
-        if eos_token_id == "model":
-            eos_token_id = self._generation_default("eos_token_id")
-        pad = int(pad_token_id if pad_token_id is not None else self._generation_default("pad_token_id") or 0)
+        rows, eos_token_id, pad = self._generate_inputs(input_ids, max_new_tokens, eos_token_id, pad_token_id)
         ids, mask = left_pad(rows, pad)
         names = [(kv["past_input"].format(layer=i, kind=k), kv["present_output"].format(layer=i, kind=k))
                  for i in range(kv["num_layers"]) for k in ("key", "value")]

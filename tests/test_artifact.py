@@ -311,3 +311,14 @@ def test_artifacts_follow_the_umask_so_other_users_can_read_them(tmp_path):
         os.umask(previous)
     assert (art.path.stat().st_mode & 0o777) == 0o755
     assert all((p.stat().st_mode & 0o777) == 0o644 for p in art.path.iterdir())
+
+
+def test_engines_share_one_preamble_and_refuse_unknown_options(zoo_artifacts):
+    artifact, _ = zoo_artifacts("llama-tiny")
+    with pytest.raises(UsageError, match=r"runtime='ort'\) has no option thread \(it takes: threads, providers"):
+        luffy.load(artifact.path, thread=2)
+    with pytest.raises(UsageError, match=r"runtime='trt'\) has no option threads \(it takes: none\)"):
+        luffy.load(artifact.path, runtime="trt", threads=2)
+    engine = artifact.load()
+    assert engine.vocab == 320 == engine.graph.vocab  # the manifest's I/O and the graph agree
+    assert engine._pad_id(None) == 258 and engine._pad_id(7) == 7  # the model's pad id, else the caller's
