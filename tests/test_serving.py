@@ -185,6 +185,13 @@ def test_a_client_that_disconnects_frees_its_slot(server):
     assert server.metric("luffy:kv_cache_usage_perc") == 0
     aborted = [v for k, v in server.metrics().items() if 'finished_reason="abort"' in k]
     assert aborted and aborted[0] >= 1
+    # the same for a request that is not streamed: the client gives up waiting
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/completions", headers=server.headers, timeout=0.5,
+                   json={"model": "pydoc", "prompt": "Return the", "max_tokens": 900, "temperature": 0,
+                         "ignore_eos": True})
+    assert _wait_for(lambda: server.metric("luffy:num_requests_running") == 0)
+    assert [v for k, v in server.metrics().items() if 'finished_reason="abort"' in k][0] >= aborted[0] + 1
 
 
 def test_queue_full_is_429_and_a_templateless_artifact_refuses_chat(zoo_artifacts):
