@@ -140,7 +140,7 @@ def _drop_build_metadata(model: ir.Model) -> None:
             node.metadata_props.pop(key, None)
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_NO_ONNX_FUNCTION = re.compile(r"No ONNX function found for <OpOverload\(op='([^']+)'")
+_NO_ONNX_FUNCTION = re.compile(r"No ONNX function found for <OpOverload\(op='([^']+)'[^>]*>\.?(?: Failure message: ([^\n]+))?")
 
 
 def export_error(module, exc: BaseException):
@@ -149,8 +149,11 @@ def export_error(module, exc: BaseException):
     owner = type(getattr(module, "model", module)).__name__
     missing = _NO_ONNX_FUNCTION.search(text)
     if missing:
+        # A common op that fails only on complex tensors (Llama4's rotary: aten.unsqueeze) would otherwise be
+        # blamed as if torch.onnx could not translate it at all.
+        where = " for complex-valued inputs" if "complex-valued input" in (missing.group(2) or "") else ""
         return UnsupportedModelError(
-            f"{owner}: op {missing.group(1)} has no ONNX translation in torch.onnx, so the model cannot be captured"
+            f"{owner}: op {missing.group(1)} has no ONNX translation in torch.onnx{where}, so the model cannot be captured"
         )
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     if "## Exception summary" in lines:
