@@ -23,6 +23,7 @@ from .eliminate_identity import EliminateIdentity
 from .fuse_attention import fuse_mha, fuse_sdpa, lower_sdpa
 from .fuse_gelu import fuse_gelu
 from .fuse_gqa import fuse_gqa
+from .fuse_moe import fuse_moe
 from .fuse_onnx23 import fuse_onnx23
 from .fuse_rms_norm import fuse_rms_norm
 from .fuse_rotary import fuse_rotary
@@ -70,6 +71,9 @@ ORT_FUSIONS = [
     PassStep("fuse-gelu", fuse_gelu, "5-9 elementwise nodes per GELU become one"),
     PassStep("fuse-rms-norm", fuse_rms_norm, "6-8 nodes per RMSNorm become SimplifiedLayerNormalization"),
     PassStep("fuse-skip-norm", fuse_skip_norm, "residual add + norm in one pass over activations"),
+    # Self-contained like the norms: the expert block (router softmax to the weighted sum) shares no node with
+    # the norm and attention fusions around it.
+    PassStep("fuse-moe", fuse_moe, "top-k routing + per-token expert weight gathers -> MoE runs only chosen experts"),
     PassStep("fuse-rotary", fuse_rotary, "rotate-half per q and k and per-step trigonometry become RotaryEmbedding"),
     # Rotary fusion leaves identical cos/sin lookups per layer; merging them lets attention see one.
     PassStep("cse-after-rotary", common.CommonSubexpressionEliminationPass, "one cos/sin lookup for all layers"),
