@@ -30,6 +30,7 @@ from .fuse_rotary import fuse_rotary
 from .fuse_skip_norm import fuse_skip_norm
 from .keep_last_logits import keep_last_logits
 from .quantize_dynamic_int8 import quantize_dynamic_int8
+from .quantize_moe import quantize_moe
 from .quantize_weights import WeightQuantization, quantize_weights
 from .rotary_bsd import rotary_bsd
 from .simplify_no_ops import simplify_no_ops
@@ -200,8 +201,12 @@ def precision_steps(
         spec = weights or WeightQuantization(bits=4 if precision == "int4" else 8)
         if target == "trt":
             spec = dataclasses.replace(spec, layout="qdq", symmetric=True, quantize_embeddings=False)
-        return [PassStep("quantize-weights", lambda: quantize_weights(spec),
-                         "decode reads every weight once per token: fewer bytes, faster tokens"), cleanup]
+        steps = [PassStep("quantize-weights", lambda: quantize_weights(spec),
+                          "decode reads every weight once per token: fewer bytes, faster tokens")]
+        if spec.layout != "qdq":  # fuse-moe is an ORT fusion: a TensorRT graph has no MoE node to quantize
+            steps.append(PassStep("quantize-moe", lambda: quantize_moe(spec),
+                                  "a fused MoE's experts are most of the weights and no MatMul: QMoE reads them in int4/int8"))
+        return [*steps, cleanup]
     if precision == "int8-dynamic" and target == "trt":
         raise UsageError("int8-dynamic is an ONNX Runtime mode; for TensorRT use int8 (QDQ weights)")
     if precision == "int8-dynamic":

@@ -180,3 +180,56 @@ def test_fuse_moe_leaves_a_miswired_repeat_alone():
     _, stats = _fused(model)
     assert stats["matches"] == 0
     assert any("repeat_shape is (1, 3, 1)" in r["reason"] for r in stats["not_matched"])
+
+
+# --- quantize-moe: the int4/int8 precisions' experts --------------------------------------------------------
+
+
+def _dequantize(codes, scales, zeros, bits, block):
+    """QMoE's weight layout back to float: [E, N, K*bits/8] codes, [E, N, K/block] scales, packed zero points."""
+    def unpack(packed):
+        return np.stack([packed & 0xF, packed >> 4], axis=-1).reshape(*packed.shape[:-1], -1) if bits == 4 else packed
+
+    q = unpack(codes).astype(np.float32)
+    e, n, k = q.shape
+    z = np.full((e, n, k // block), 2 ** (bits - 1), np.float32) if zeros is None else \
+        unpack(zeros).astype(np.float32)[..., : k // block]
+    return ((q.reshape(e, n, k // block, block) - z[..., None]) * scales[..., None]).reshape(e, n, k)
+
+
+@pytest.mark.parametrize("bits, symmetric", [(4, False), (4, True)])
+def test_quantize_moe_writes_qmoe_that_matches_its_dequantized_weights(bits, symmetric):
+    from luffy.passes.pipelines import precision_steps
+    from luffy.passes.quantize_weights import WeightQuantization
+
+    fused, _ = _fused(_export_block("mixtral"))
+    # accuracy_level 0: fp32 activations, so the only difference from MoE is the weights' rounding
+    spec = WeightQuantization(bits=bits, symmetric=symmetric, accuracy_level=0)
+    assert [s.name for s in precision_steps("int4", spec)] == ["quantize-weights", "quantize-moe",
+                                                                "remove-unused-after-precision"]
+    quantized, _ = run_passes(ir.from_proto(ir.to_proto(fused)), precision_steps("int4", spec))
+    qmoe = [n for n in quantized.graph if n.op_type == "QMoE"]
+    assert len(qmoe) == 1 and "MoE" not in _ops(quantized)
+    node = qmoe[0]
+    weights = {i: v.const_value.numpy() if v is not None else None for i, v in enumerate(node.inputs) if i >= 2}
+    fc1 = _dequantize(weights[2], weights[3], weights.get(11), bits, 32)  # no zero points when symmetric
+    fc2 = _dequantize(weights[5], weights[6], weights.get(12), bits, 32)
+    moe = next(n for n in fused.graph if n.op_type == "MoE")
+    assert np.abs(fc1 - moe.inputs[2].const_value.numpy()).max() < 0.1  # really the experts, rounded
+    reference = ir.from_proto(ir.to_proto(fused))  # the fp32 MoE with the rounded weights put in
+    ref_moe = next(n for n in reference.graph if n.op_type == "MoE")
+    for index, array in ((2, fc1), (4, fc2)):
+        ref_moe.inputs[index].const_value = ir.tensor(array.astype(np.float32))
+    x = np.random.default_rng(0).standard_normal((2, 7, 64)).astype(np.float32)
+    np.testing.assert_allclose(_run(quantized, x), _run(reference, x), atol=1e-5, rtol=1e-4)
+
+
+def test_quantize_moe_keeps_experts_the_block_size_does_not_divide():
+    from luffy.passes.quantize_moe import quantize_moe
+    from luffy.passes.quantize_weights import WeightQuantization
+
+    fused, _ = _fused(_export_block("mixtral"))
+    p = quantize_moe(WeightQuantization(bits=4, block_size=128))  # hidden size is 64
+    p(fused)
+    assert p.stats["matches"] == 0 and "MoE" in _ops(fused)
+    assert "must be multiples of the block size 128" in p.stats["decisions"][0]["reason"]
