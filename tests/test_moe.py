@@ -104,11 +104,13 @@ def _export_block(family: str, **overrides) -> ir.Model:
 
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model(family, **{**MOE_FAMILIES[family], "num_hidden_layers": 1, **overrides})
+    settings = MOE_FAMILIES.get(family, dict(TOP2, num_local_experts=4, head_dim=16))
+    config = AutoConfig.for_model(family, **{**settings, "num_hidden_layers": 1, **overrides})
     config._experts_implementation = "batched_mm"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        block = AutoModelForCausalLM.from_config(config).model.layers[0].mlp.eval()
+        layer = AutoModelForCausalLM.from_config(config).model.layers[0]
+        block = next(m for m in layer.modules() if hasattr(m, "experts")).eval()  # mlp, block_sparse_moe, ...
     x = torch.randn(2, 5, config.hidden_size)
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
     with warnings.catch_warnings():
@@ -139,9 +141,12 @@ def _run(model: ir.Model, x: np.ndarray) -> np.ndarray:
     return session.run(None, {session.get_inputs()[0].name: x})[0]
 
 
-@pytest.mark.parametrize("family, normalized", [("mixtral", 1), ("qwen3_moe", 0)])
+# The three routings ORT's MoE computes: top-k of softmax renormalized (Mixtral; Hunyuan's softmax is over
+# dim=1), not renormalized (Qwen3-MoE's default), and a softmax over the top-k logits (Granite-MoE).
+@pytest.mark.parametrize("family, normalized", [("mixtral", 1), ("qwen3_moe", 0), ("granitemoe", 1),
+                                                ("hunyuan_v1_moe", 1)])
 def test_fuse_moe_graph_and_parity(family, normalized):
-    model = _export_block(family, norm_topk_prob=bool(normalized))
+    model = _export_block(family, **({"norm_topk_prob": False} if family == "qwen3_moe" else {}))
     fused, stats = _fused(model)
     assert stats == {"matches": 1}
     moe = [n for n in fused.graph if n.op_type == "MoE"]
@@ -149,7 +154,9 @@ def test_fuse_moe_graph_and_parity(family, normalized):
     attrs = {k: a.value for k, a in moe[0].attributes.items()}
     assert attrs == {"k": 2, "activation_type": "swiglu", "swiglu_fusion": 1, "activation_alpha": 1.0,
                      "activation_beta": 0.0, "normalize_routing_weights": normalized}
-    assert not {"TopK", "GatherND", "Softmax", "Sigmoid", "Split"} & set(_ops(fused))
+    assert not {"TopK", "GatherND", "Softmax", "Split"} & set(_ops(fused))
+    # the experts' silu is gone (Hunyuan's shared MLP keeps its own)
+    assert _ops(fused)["Sigmoid"] == _ops(model)["Sigmoid"] - 1
     gate_up = next(n for n in model.graph if n.op_type == "GatherND").inputs[0].const_value.numpy()
     fc1 = moe[0].inputs[2].const_value.numpy()
     np.testing.assert_array_equal(fc1[:, 0::2], gate_up[:, :128])  # gate rows interleaved with up rows
