@@ -88,11 +88,35 @@ def _quiet_export():
             lg.setLevel(level)
 
 
+# transformers' mixture-of-experts layers dispatch on config._experts_implementation. Its default,
+# "grouped_mm", calls a custom op on CPU (transformers::grouped_mm_fallback) that torch.onnx cannot
+# translate, and "eager" loops over the experts a batch happens to hit (nonzero + a Python loop, which
+# torch.export cannot trace: "Could not guard on data-dependent expression"). "batched_mm" gathers each
+# token's top-k expert weights and runs one batched matmul: static shapes, plain ops, the same math.
+EXPORTABLE_EXPERTS = "batched_mm"
+
+
+@contextlib.contextmanager
+def _exportable_experts(module):
+    """Switch the transformers model inside ``module`` to the exportable experts path while it is exported,
+    and back after, so the parity check compares the graph with the model's own default path."""
+    model = next((m for m in module.modules() if hasattr(m, "set_experts_implementation")), None)
+    if model is None or not model._can_set_experts_implementation():  # no experts layer: nothing to switch
+        yield
+        return
+    before = model.get_experts_implementation()
+    model.set_experts_implementation(EXPORTABLE_EXPERTS)
+    try:
+        yield
+    finally:
+        model.set_experts_implementation(before)
+
+
 def _export(module, args, kwargs, dynamic_shapes, input_names, output_names, opset=ONNX_OPSET) -> ir.Model:
     import torch
 
     try:
-        with _quiet_export():
+        with _quiet_export(), _exportable_experts(module):
             program = torch.onnx.export(
                 module, args, kwargs=kwargs, dynamo=True, dynamic_shapes=dynamic_shapes,
                 input_names=input_names, output_names=output_names, opset_version=opset,
@@ -116,7 +140,7 @@ def _drop_build_metadata(model: ir.Model) -> None:
             node.metadata_props.pop(key, None)
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_NO_ONNX_FUNCTION = re.compile(r"No ONNX function found for <OpOverload\(op='([^']+)'")
+_NO_ONNX_FUNCTION = re.compile(r"No ONNX function found for <OpOverload\(op='([^']+)'[^>]*>\.?(?: Failure message: ([^\n]+))?")
 
 
 def export_error(module, exc: BaseException):
@@ -125,8 +149,11 @@ def export_error(module, exc: BaseException):
     owner = type(getattr(module, "model", module)).__name__
     missing = _NO_ONNX_FUNCTION.search(text)
     if missing:
+        # A common op that fails only on complex tensors (Llama4's rotary: aten.unsqueeze) would otherwise be
+        # blamed as if torch.onnx could not translate it at all.
+        where = " for complex-valued inputs" if "complex-valued input" in (missing.group(2) or "") else ""
         return UnsupportedModelError(
-            f"{owner}: op {missing.group(1)} has no ONNX translation in torch.onnx, so the model cannot be captured"
+            f"{owner}: op {missing.group(1)} has no ONNX translation in torch.onnx{where}, so the model cannot be captured"
         )
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     if "## Exception summary" in lines:

@@ -23,12 +23,14 @@ from .eliminate_identity import EliminateIdentity
 from .fuse_attention import fuse_mha, fuse_sdpa, lower_sdpa
 from .fuse_gelu import fuse_gelu
 from .fuse_gqa import fuse_gqa
+from .fuse_moe import fuse_moe
 from .fuse_onnx23 import fuse_onnx23
 from .fuse_rms_norm import fuse_rms_norm
 from .fuse_rotary import fuse_rotary
 from .fuse_skip_norm import fuse_skip_norm
 from .keep_last_logits import keep_last_logits
 from .quantize_dynamic_int8 import quantize_dynamic_int8
+from .quantize_moe import quantize_moe
 from .quantize_weights import WeightQuantization, quantize_weights
 from .rotary_bsd import rotary_bsd
 from .simplify_no_ops import simplify_no_ops
@@ -70,6 +72,9 @@ ORT_FUSIONS = [
     PassStep("fuse-gelu", fuse_gelu, "5-9 elementwise nodes per GELU become one"),
     PassStep("fuse-rms-norm", fuse_rms_norm, "6-8 nodes per RMSNorm become SimplifiedLayerNormalization"),
     PassStep("fuse-skip-norm", fuse_skip_norm, "residual add + norm in one pass over activations"),
+    # Self-contained like the norms: the expert block (router softmax to the weighted sum) shares no node with
+    # the norm and attention fusions around it.
+    PassStep("fuse-moe", fuse_moe, "top-k routing + per-token expert weight gathers -> MoE runs only chosen experts"),
     PassStep("fuse-rotary", fuse_rotary, "rotate-half per q and k and per-step trigonometry become RotaryEmbedding"),
     # Rotary fusion leaves identical cos/sin lookups per layer; merging them lets attention see one.
     PassStep("cse-after-rotary", common.CommonSubexpressionEliminationPass, "one cos/sin lookup for all layers"),
@@ -196,8 +201,12 @@ def precision_steps(
         spec = weights or WeightQuantization(bits=4 if precision == "int4" else 8)
         if target == "trt":
             spec = dataclasses.replace(spec, layout="qdq", symmetric=True, quantize_embeddings=False)
-        return [PassStep("quantize-weights", lambda: quantize_weights(spec),
-                         "decode reads every weight once per token: fewer bytes, faster tokens"), cleanup]
+        steps = [PassStep("quantize-weights", lambda: quantize_weights(spec),
+                          "decode reads every weight once per token: fewer bytes, faster tokens")]
+        if spec.layout != "qdq":  # fuse-moe is an ORT fusion: a TensorRT graph has no MoE node to quantize
+            steps.append(PassStep("quantize-moe", lambda: quantize_moe(spec),
+                                  "a fused MoE's experts are most of the weights and no MatMul: QMoE reads them in int4/int8"))
+        return [*steps, cleanup]
     if precision == "int8-dynamic" and target == "trt":
         raise UsageError("int8-dynamic is an ONNX Runtime mode; for TensorRT use int8 (QDQ weights)")
     if precision == "int8-dynamic":
