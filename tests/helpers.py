@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -73,3 +74,17 @@ def torch_logits(model, ids) -> np.ndarray:
 
     with torch.no_grad():
         return model(torch.as_tensor(np.asarray(ids))).logits.float().numpy()
+
+
+# What `luffy` prints on stderr when it is not a terminal (a pipe, a CI log): one plain line per stage of
+# long work, "luffy: <title>: <stage> (<seconds>s)".
+_PROGRESS_LINE = re.compile(r"^luffy: (?!error: ).+: .+ \(\d+\.\ds\)$")
+
+
+def error_line(stderr: str) -> str:
+    """The one error line of a failed `luffy` run. Besides it stderr may hold only progress lines, before it:
+    no traceback, no warning, no second error."""
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert lines and lines[-1].startswith("luffy: error: "), stderr
+    assert all(_PROGRESS_LINE.match(ln) for ln in lines[:-1]), stderr
+    return lines[-1]

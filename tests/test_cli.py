@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from luffy.tests.helpers import error_line
 from luffy.errors import ArtifactError, CapacityError, SourceError, UnsupportedModelError, UsageError
 
 
@@ -22,11 +23,9 @@ def luffy_cli(*args, check=False):
 
 def assert_one_line_error(proc, exit_code, *fragments):
     assert proc.returncode == exit_code, proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, proc.stderr  # one line, no traceback
-    assert lines[0].startswith("luffy: error: ")
+    line = error_line(proc.stderr)  # one error line, no traceback
     for fragment in fragments:
-        assert fragment in lines[0]
+        assert fragment in line
 
 
 def test_compile_run_inspect_end_to_end(tmp_path):
@@ -168,7 +167,7 @@ def test_a_signalled_compile_says_so_exits_128_plus_n_and_leaves_nothing(tmp_pat
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == code, stderr
-    assert [ln for ln in stderr.splitlines() if ln.strip()] == [f"luffy: error: {word} ({'Ctrl-C' if code == 130 else 'SIGTERM'})"]
+    assert error_line(stderr) == f"luffy: error: {word} ({'Ctrl-C' if code == 130 else 'SIGTERM'})"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["writing"]  # no artifact, no staging directory
 
 
