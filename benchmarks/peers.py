@@ -148,6 +148,10 @@ class LuffySpeculativeRunner(LuffyRunner):
     def load(self) -> dict:
         import luffy
 
+        if self.name == "luffy-draft":  # this worker runs only this system: one ORT pool for target and draft
+            from ..runtimes import share_thread_pool
+
+            share_thread_pool()
         info = self._load(self.paths["artifact"])
         self.kwargs = {}
         if self.name == "luffy-draft":

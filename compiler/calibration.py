@@ -87,6 +87,8 @@ def decoder_feeds(session, ids: list[int]) -> dict[str, np.ndarray]:
 def _session(model: ir.Model, extra_outputs: list[ir.Value] = ()):
     import onnxruntime as ort
 
+    from ..runtimes.ort_compat import session_options
+
     proto = ir.serde.serialize_model(model)
     for value in extra_outputs:
         proto.graph.output.append(ir.serde.serialize_value(value))
@@ -95,7 +97,7 @@ def _session(model: ir.Model, extra_outputs: list[ir.Value] = ()):
 
         path = Path(tmp) / "model.onnx"
         onnx.save(proto, path, save_as_external_data=True, location="model.onnx.data")
-        options = ort.SessionOptions()
+        options = session_options()
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -130,8 +132,9 @@ def graph_perplexity(model_path: Path, windows: list[list[int]], prefix: int) ->
     import onnxruntime as ort
 
     from ..runtimes.cpu_bf16 import cpu_model
+    from ..runtimes.ort_compat import session_options
 
-    session = ort.InferenceSession(cpu_model(model_path), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(cpu_model(model_path), session_options(), providers=["CPUExecutionProvider"])
     return _perplexity((run_step(session, decoder_feeds(session, ids))["logits"][0] for ids in windows), windows, prefix)
 
 

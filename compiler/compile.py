@@ -414,10 +414,10 @@ def _require_loadable_on_ort(model_path: Path, spec: str) -> None:
     """Create an onnxruntime session on the staged graph, as luffy.load will: a graph ORT refuses (a cycle, a
     dangling input, a node its schema rejects) must not be published. The parity check does this already."""
     from ..errors import UnsupportedModelError
-    from ..runtimes.ort_compat import import_onnxruntime
+    from ..runtimes.ort_compat import import_onnxruntime, session_options
 
     ort = import_onnxruntime()
-    options = ort.SessionOptions()
+    options = session_options()
     options.log_severity_level = 3
     try:
         ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])

@@ -81,8 +81,9 @@ def check_parity(captured: Captured, model_path: Path, vocab: int | None = None,
     import onnxruntime as ort
 
     from ..runtimes.cpu_bf16 import cpu_model
+    from ..runtimes.ort_compat import session_options
 
-    session = ort.InferenceSession(cpu_model(model_path), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(cpu_model(model_path), session_options(), providers=["CPUExecutionProvider"])
     cases = {}
     if captured.kind == CAUSAL_LM:
         kv = captured.kv

@@ -15,6 +15,7 @@ import onnx
 import onnx_ir as ir
 
 from ..errors import CaptureError, UsageError
+from ..runtimes.ort_compat import session_options
 from .step_io import run_step
 from .capture import Captured, decoder_example, decoder_io_names
 from .parity import DECODER_CASES, FP32_ATOL, _flatten, _real_positions
@@ -211,7 +212,7 @@ def _all_nodes(graph: onnx.GraphProto):
 def run_cases(proto: onnx.ModelProto, cases: list[Case], where: str) -> list[dict[str, np.ndarray]]:
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
+    options = session_options()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 4  # a failure becomes our one-line CaptureError; ORT need not log it too
     try:

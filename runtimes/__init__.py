@@ -11,7 +11,7 @@ from pathlib import Path
 from ..errors import UsageError
 from .engine import Engine
 from .manifest import read_manifest
-from .ort_compat import check_onnxruntime
+from .ort_compat import check_onnxruntime, share_thread_pool
 
 RUNTIMES = ("ort", "trt")
 ENGINE_OPTIONS = {"ort": ("threads", "providers", "huge_pages", "spin"), "trt": ()}
@@ -50,4 +50,4 @@ def load(path: str | os.PathLike, runtime: str | None = None, **options) -> Engi
     return OrtEngine(path, manifest, **options)
 
 
-__all__ = ["load", "Engine", "RUNTIMES"]
+__all__ = ["load", "Engine", "RUNTIMES", "share_thread_pool"]

@@ -61,7 +61,12 @@ class ServingState:
         from .scheduler import Scheduler
 
         try:
-            self.engine = engine or load(self.artifact, threads=self.settings.threads, spin=self.settings.spin)
+            if self.settings.draft is not None and engine is None:  # target and draft take turns: one thread pool
+                from ..runtimes import share_thread_pool
+
+                share_thread_pool(self.settings.threads)
+            threads = None if self.settings.draft is not None else self.settings.threads
+            self.engine = engine or load(self.artifact, threads=threads, spin=self.settings.spin)
             labels = {"replica": self.settings.replica} if self.settings.replica else None
             self.metrics = ServerMetrics(self.model_name, labels)
             self.scheduler = Scheduler(self.engine, self._scheduler_config(), self.metrics).start()
@@ -90,7 +95,7 @@ class ServingState:
 
         config = self.settings.scheduler
         if self.settings.draft is not None and config.speculation is not None:
-            draft = load(self.settings.draft, threads=self.settings.threads, spin=self.settings.spin)
+            draft = load(self.settings.draft, spin=self.settings.spin)
             config = dataclasses.replace(config, speculation=dataclasses.replace(config.speculation, draft=draft))
         return config
 

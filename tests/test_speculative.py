@@ -3,6 +3,11 @@ sampling, rejected tokens rolled back as if they never ran."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -26,14 +31,41 @@ PROMPTS = [list(b"\x00def parse("), list(b"Return the"), list(b"class Foo:\n    
 def test_greedy_output_is_plain_greedys(pydoc, how):
     target, draft = pydoc
     kwargs = {"assistant_model": draft} if how == "draft" else {"prompt_lookup_num_tokens": 6}
-    for prompt in PROMPTS[:4]:  # batch 1
-        expected = target.generate([prompt], max_new_tokens=48)
-        np.testing.assert_array_equal(target.generate([prompt], max_new_tokens=48, **kwargs), expected)
-    ragged = target.generate(PROMPTS, max_new_tokens=24, eos_token_id=None)
-    np.testing.assert_array_equal(target.generate(PROMPTS, max_new_tokens=24, eos_token_id=None, **kwargs), ragged)
+    # two engines with private ONNX Runtime pools (this process never called share_thread_pool): correct, but
+    # luffy says it is slow
+    warns = pytest.warns(RuntimeWarning, match="share_thread_pool") if how == "draft" else contextlib.nullcontext()
+    with warns:
+        for prompt in PROMPTS[:4]:  # batch 1
+            expected = target.generate([prompt], max_new_tokens=48)
+            np.testing.assert_array_equal(target.generate([prompt], max_new_tokens=48, **kwargs), expected)
+        ragged = target.generate(PROMPTS, max_new_tokens=24, eos_token_id=None)
+        np.testing.assert_array_equal(target.generate(PROMPTS, max_new_tokens=24, eos_token_id=None, **kwargs),
+                                      ragged)
     stats = target.generation_stats
     assert stats["source"] == how and stats["generated_tokens"] == 24 * len(PROMPTS)
     assert 0 <= stats["acceptance_rate"] <= 1 and stats["mean_tokens_per_target_step"] >= 1
+
+
+_SHARED_POOL_SCRIPT = """
+import json, sys, warnings
+import luffy
+from luffy.runtimes import share_thread_pool
+warnings.simplefilter("error")  # no warning about private pools
+share_thread_pool()
+target, draft = luffy.load(sys.argv[1]), luffy.load(sys.argv[2])
+prompt = [list(b"def parse(")]
+spec = target.generate(prompt, max_new_tokens=32, assistant_model=draft)
+print(json.dumps([spec.tolist(), target.generate(prompt, max_new_tokens=32).tolist()]))
+"""
+
+
+def test_a_shared_thread_pool_keeps_greedy_output(zoo_artifacts, pydoc_int8):
+    # share_thread_pool is process-wide and permanent, so it runs in its own process
+    proc = subprocess.run([sys.executable, "-c", _SHARED_POOL_SCRIPT, str(zoo_artifacts("llama-pydoc")[0].path),
+                           str(pydoc_int8.path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    spec, plain = json.loads(proc.stdout)
+    assert spec == plain and plain[0][:10] == list(b"def parse(") and len(plain[0]) > 10
 
 
 def test_rejected_tokens_leave_the_cache_as_if_they_never_ran(pydoc):
