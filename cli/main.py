@@ -323,9 +323,10 @@ def serve_cmd(
                                       "seen before (free slots' contents, then a host-RAM block store)."),
     prefix_cache_mb: int = typer.Option(256, "--prefix-cache-mb", min=0, help="Host RAM for cached prefix blocks."),
     draft: Optional[Path] = typer.Option(None, "--draft", metavar="ARTIFACT", help="Speculative decoding with this "
-                                         "draft artifact (same tokenizer; e.g. the --precision int8 build)."),
-    num_assistant_tokens: int = typer.Option(5, "--num-assistant-tokens", min=1, help="Tokens the draft proposes "
-                                             "at first (adapted per request)."),
+                                         "draft artifact (same tokenizer; e.g. the --precision int8 --block-size 128 "
+                                         "build)."),
+    num_assistant_tokens: int = typer.Option(4, "--num-assistant-tokens", min=1, help="Most tokens the draft "
+                                             "proposes per round (fewer while it is rejected)."),
     prompt_lookup: Optional[int] = typer.Option(None, "--prompt-lookup", min=1, metavar="K", help="Speculative "
                                                 "decoding with up to K tokens copied from the context."),
     speculative_max_batch: int = typer.Option(1, "--speculative-max-batch", min=1, help="Speculate while at most "

@@ -12,7 +12,7 @@ from .engine import Engine
 from .generation import eos_set, generate_loop, left_pad
 from .huge_pages import MIN_REGION, NOTHING_COLLAPSED, anonymous_mappings, back_new_mappings_with_huge_pages
 from .manifest import step_graph
-from .ort_compat import import_onnxruntime
+from .ort_compat import import_onnxruntime, session_options, thread_pool_shared
 from .ort_slots import OrtSlots
 
 _NUMPY_DTYPES = {
@@ -37,6 +37,14 @@ def _require_int8_kernels_fit(manifest: dict, path: Path, providers: list[str] |
             "AMX); this CPU's int8 kernels saturate. Recompile with --reduce-range (correct on every CPU)")
 
 
+def _warn_private_pools() -> None:
+    import warnings
+
+    warnings.warn("speculative decoding with two engines that each own an ONNX Runtime thread pool: their "
+                  "spinning threads compete for the cores (measured 1.8x slower); call "
+                  "luffy.runtimes.share_thread_pool() before loading both", RuntimeWarning, stacklevel=4)
+
+
 class OrtEngine(Engine):
     """Runs an artifact's model.onnx on ONNX Runtime (CPU unless ``providers`` says otherwise).
 
@@ -50,10 +58,11 @@ class OrtEngine(Engine):
     ):
         super().__init__(path, manifest)
         ort = import_onnxruntime()
-        options = ort.SessionOptions()
+        if threads and thread_pool_shared():
+            raise UsageError(f"threads={threads}: this process shares one ONNX Runtime thread pool "
+                             "(share_thread_pool), whose size was set there")
+        options = session_options(threads)
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            options.intra_op_num_threads = threads
         if not spin:  # idle pool threads sleep instead of spinning: the cores go to the server's other threads
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._ort = ort
@@ -105,7 +114,7 @@ class OrtEngine(Engine):
         self, input_ids, max_new_tokens: int = 32, min_new_tokens: int = 0, do_sample: bool = False,
         temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_token_id="model", pad_token_id=None,
         seed: int | None = None, output_logits: bool = False, streamer=None, assistant_model=None,
-        num_assistant_tokens: int = 5, num_assistant_tokens_schedule: str = "heuristic",
+        num_assistant_tokens: int = 4, num_assistant_tokens_schedule: str = "heuristic",
         prompt_lookup_num_tokens: int | None = None, max_matching_ngram_size: int = 2,
     ):
         """Generate up to ``max_new_tokens`` per row; returns int64 [batch, prompt + new], left-padded.
@@ -116,14 +125,14 @@ class OrtEngine(Engine):
         generated position, [batch, new, vocab]. ``streamer(tokens)`` receives each step's new tokens
         ([batch] int64) as soon as they are chosen.
 
-        Speculative decoding (Hugging Face's names): ``assistant_model=draft_engine`` proposes
-        ``num_assistant_tokens`` tokens per step (adapted per round under the "heuristic" schedule, fixed under
-        "constant"); ``prompt_lookup_num_tokens=K`` proposes the K tokens that followed the last
-        ``max_matching_ngram_size``-gram earlier in the sequence. The target checks them in one step: greedy
-        output is exactly plain greedy's, sampled output keeps the target's distribution. Rows are verified one
-        after another (a multi-token step with a cache is batch 1), so ``streamer`` then receives each row's
-        tokens as [1] arrays, row by row. ``self.generation_stats`` holds the acceptance rate and tokens per
-        target step.
+        Speculative decoding (Hugging Face's names): ``assistant_model=draft_engine`` proposes up to
+        ``num_assistant_tokens`` tokens per round, ``prompt_lookup_num_tokens=K`` up to K tokens that followed
+        the last ``max_matching_ngram_size``-gram earlier in the sequence. Under the "heuristic" schedule the
+        count moves like transformers' (+2 after a fully accepted round, -1 otherwise) between 1 and that
+        maximum; "constant" keeps it. The target checks them in one step: greedy output is exactly plain
+        greedy's, sampled output keeps the target's distribution. Rows are verified one after another (a
+        multi-token step with a cache is batch 1), so ``streamer`` then receives each row's tokens as [1]
+        arrays, row by row. ``self.generation_stats`` holds the acceptance rate and tokens per target step.
 
         >>> draft = luffy.load("build/ref-int8")                                          # doctest: +SKIP
         >>> engine.generate(ids, max_new_tokens=128, assistant_model=draft)               # doctest: +SKIP
@@ -166,9 +175,14 @@ class OrtEngine(Engine):
         if sampling.do_sample and sampling.temperature <= 0:
             raise UsageError(f"temperature must be > 0 when sampling, got {sampling.temperature}")
         width = max(len(r) for r in rows)
-        adaptive = speculative.AdaptiveK(k, schedule == "heuristic", limit=max(k, 16))
+        # K is a ceiling, unlike transformers' heuristic, which grows without one: a draft token costs a third
+        # of a target step here (int8 for fp32 on a CPU), and uncapped K drifted to 10-16 and wasted draft steps
+        # past the first rejection (156M reference Llama: 1.41x plain decode uncapped, 1.64x capped at 4)
+        adaptive = speculative.AdaptiveK(k, schedule == "heuristic", limit=k)
         if assistant_model is not None:
             speculative.check_draft(self, assistant_model)
+            if not thread_pool_shared():
+                _warn_private_pools()
             source = speculative.DraftModel(assistant_model, len(rows), width + max_new_tokens)
         else:
             source = speculative.PromptLookup(max_ngram)

@@ -7,7 +7,8 @@ each accepted token past the first is nearly free. Two sources, with Hugging Fac
   - ``prompt_lookup_num_tokens``: the tokens that followed the last n-gram where it occurred earlier in the
     prompt or output (transformers' prompt-lookup candidate generator), which costs nothing.
 The number of proposed tokens adapts like transformers' "heuristic" schedule: +2 after a round where all were
-accepted, -1 otherwise (at least 1), so a poor source costs little.
+accepted, -1 otherwise (at least 1), so a poor source costs little; unlike transformers', it never exceeds the
+number asked for (see OrtEngine._speculative for why).
 
 Acceptance: greedy keeps the draft tokens the target's argmax agrees with, then adds the target's own next
 token, so the output is exactly plain greedy's. Sampling uses the rejection rule of Leviathan et al. (2023) and

@@ -24,7 +24,7 @@ class SpeculationConfig:
 
     draft: object = None
     prompt_lookup: int | None = None
-    num_tokens: int = 5
+    num_tokens: int = 4
     max_batch: int = 1
 
 
@@ -54,7 +54,7 @@ class Speculator:
         """Propose, verify in one target step, accept; returns one Output per kept token (the last may finish)."""
         params, slot = request.params, request.slot
         if request.spec_k is None:
-            request.spec_k = AdaptiveK(self.initial_k, limit=max(self.initial_k, 16))
+            request.spec_k = AdaptiveK(self.initial_k, limit=self.initial_k)  # a ceiling: see OrtEngine._speculative
         sampling = Sampling(not params.greedy, params.temperature or 1.0, params.top_k, params.top_p,
                             request.stop_ids, params.min_tokens)
         seq = request.prompt_ids + request.output_ids
