@@ -92,6 +92,20 @@ def test_named_families_keep_greedy_output_with_prompt_lookup(family_artifact, f
     np.testing.assert_array_equal(got, expected)
 
 
+@pytest.mark.filterwarnings("ignore:speculative decoding with two engines")  # private pools: slower, still exact
+@pytest.mark.parametrize("family", sorted(NAMED_FAMILIES))
+def test_named_families_keep_greedy_output_with_a_draft(family_artifact, family):
+    # the draft is another random family of the same vocabulary: it is mostly wrong, so every round exercises
+    # rejection and rollback on this family's graph (and the draft's multi-token catch-up on the other's)
+    engine = family_artifact(family)[0].load()
+    draft = family_artifact("mistral" if family == "llama" else "llama")[0].load()
+    kwargs = dict(max_new_tokens=20, eos_token_id=None, pad_token_id=0)
+    expected = engine.generate([PROMPT, PROMPT[:9]], **kwargs)
+    got = engine.generate([PROMPT, PROMPT[:9]], assistant_model=draft, num_assistant_tokens=3, **kwargs)
+    np.testing.assert_array_equal(got, expected)
+    assert engine.generation_stats["draft_tokens"] > engine.generation_stats["accepted_tokens"]
+
+
 def test_a_draft_with_another_vocabulary_is_refused(pydoc, tmp_path):
     target, _ = pydoc
     make_hf_dir("llama", dict(COMMON, vocab_size=300), tmp_path / "hf")
