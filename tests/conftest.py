@@ -37,21 +37,9 @@ def llama_verified(tmp_path_factory):
 def family_artifact(tmp_path_factory):
     """Each random-weight family of tests/helpers.py saved as a HF directory and compiled from disk, once per
     session: family -> (Artifact, torch module)."""
-    import luffy
+    from luffy.tests.helpers import NAMED_FAMILIES, OTHER_FAMILIES, compiled_families
 
-    from luffy.tests.helpers import NAMED_FAMILIES, OTHER_FAMILIES, make_hf_dir
-
-    families = {**NAMED_FAMILIES, **OTHER_FAMILIES}
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            root = tmp_path_factory.mktemp(family)
-            model = make_hf_dir(family, families[family], root / "hf")
-            cache[family] = (luffy.compile(str(root / "hf"), output=root / "artifact"), model)
-        return cache[family]
-
-    return get
+    return compiled_families(tmp_path_factory, {**NAMED_FAMILIES, **OTHER_FAMILIES})
 
 
 @pytest.fixture(scope="session")

@@ -88,3 +88,33 @@ def error_line(stderr: str) -> str:
     assert lines and lines[-1].startswith("luffy: error: "), stderr
     assert all(_PROGRESS_LINE.match(ln) for ln in lines[:-1]), stderr
     return lines[-1]
+
+
+def compiled_families(tmp_path_factory, families: dict):
+    """``get(family) -> (Artifact, torch module)``: each family saved as an HF directory and compiled from disk
+    at -O2, once per fixture scope."""
+    import luffy
+
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            root = tmp_path_factory.mktemp(family)
+            model = make_hf_dir(family, families[family], root / "hf")
+            cache[family] = (luffy.compile(str(root / "hf"), output=root / "artifact"), model)
+        return cache[family]
+
+    return get
+
+
+def assert_transformers_generates(model, batch: np.ndarray, rows: list[list[int]], new_tokens: int):
+    """transformers, given the same left-padded prompts (pad 0), greedily generates exactly ``batch``."""
+    import torch
+
+    width = max(len(r) for r in rows)
+    ids = torch.tensor(batch[:, :width])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             do_sample=False, pad_token_id=0)
+    assert ref.numpy().tolist() == batch.tolist()

@@ -7,7 +7,8 @@ greedy generation identical to transformers' generate.
 import numpy as np
 import pytest
 
-from luffy.tests.helpers import NAMED_FAMILIES, OTHER_FAMILIES, PROMPT, hf_greedy, torch_logits
+from luffy.tests.helpers import (NAMED_FAMILIES, OTHER_FAMILIES, PROMPT, assert_transformers_generates, hf_greedy,
+                                 torch_logits)
 
 ATOL = 1e-4
 
@@ -27,8 +28,6 @@ def test_family_parity(family_artifact, family):
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "gpt2", "phi3"])
 def test_ragged_batch_matches_each_row_alone(family_artifact, family):
-    import torch
-
     artifact, model = family_artifact(family)
     engine = artifact.load()
     rows = [PROMPT[:3], PROMPT, PROMPT[5:12]]
@@ -41,11 +40,7 @@ def test_ragged_batch_matches_each_row_alone(family_artifact, family):
         assert batch[i, : width - len(row)].tolist() == [0] * (width - len(row))  # left padding
         assert np.abs(batch_logits[i] - alone_logits[0]).max() <= ATOL
     # and transformers, given the same left-padded batch, generates the same tokens
-    ids = torch.tensor(batch[:, :width])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    with torch.no_grad():
-        ref = model.generate(ids, attention_mask=mask, max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0)
-    assert ref.numpy().tolist() == batch.tolist()
+    assert_transformers_generates(model, batch, rows, 24)
 
 
 def test_text_generation_with_copied_tokenizer(family_artifact):

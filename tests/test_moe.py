@@ -20,7 +20,8 @@ from luffy.errors import UnsupportedModelError
 from luffy.passes.driver import run_passes
 from luffy.passes.fuse_moe import fuse_moe
 from luffy.passes.pipelines import CLEANUP
-from luffy.tests.helpers import COMMON, PROMPT, hf_greedy, make_hf_dir, torch_logits
+from luffy.tests.helpers import (COMMON, PROMPT, assert_transformers_generates, compiled_families, hf_greedy, make_hf_dir,
+                                 torch_logits)
 
 ATOL = 1e-4
 TOP2 = dict(COMMON, num_experts_per_tok=2)
@@ -36,16 +37,7 @@ MOE_FAMILIES = {
 @pytest.fixture(scope="module")
 def moe_artifact(tmp_path_factory):
     """family -> (Artifact compiled at -O2 from the saved HF directory, torch model), once per module."""
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            root = tmp_path_factory.mktemp(family)
-            model = make_hf_dir(family, MOE_FAMILIES[family], root / "hf")
-            cache[family] = (luffy.compile(str(root / "hf"), output=root / "artifact"), model)
-        return cache[family]
-
-    return get
+    return compiled_families(tmp_path_factory, MOE_FAMILIES)
 
 
 @pytest.mark.parametrize("family", list(MOE_FAMILIES))
@@ -74,11 +66,7 @@ def test_moe_ragged_batch_matches_transformers(moe_artifact, family):
     for i, row in enumerate(rows):
         alone = engine.generate([row], max_new_tokens=24, eos_token_id=None)
         assert batch[i, width:].tolist() == alone[0, len(row):].tolist()
-    ids = torch.tensor(batch[:, :width])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    with torch.no_grad():
-        ref = model.generate(ids, attention_mask=mask, max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0)
-    assert ref.numpy().tolist() == batch.tolist()
+    assert_transformers_generates(model, batch, rows, 24)
 
 
 def test_family_that_cannot_be_captured_is_refused_in_one_line(tmp_path):
