@@ -64,12 +64,10 @@ class Engine:
     def _pad_id(self, pad_token_id) -> int:
         """The id left padding uses: the argument, else the model's pad, else its first EOS, else 0."""
         if pad_token_id is None:
-            pad_token_id = self._generation_default("pad_token_id")
+            pad_token_id = _first(self._generation_default("pad_token_id"))  # a manifest may list ids (schema)
         if pad_token_id is not None:
             return int(pad_token_id)
-        eos = self._generation_default("eos_token_id")
-        if isinstance(eos, list):
-            eos = eos[0] if eos else None
+        eos = _first(self._generation_default("eos_token_id"))
         return int(eos) if eos is not None else 0
 
     def _generate_inputs(self, input_ids, max_new_tokens: int, eos_token_id, pad_token_id):
@@ -118,3 +116,10 @@ class Engine:
 
     def run(self, feeds: dict) -> dict:  # pragma: no cover - interface
         raise NotImplementedError
+
+
+def _first(ids):
+    """A manifest's token-id field (an id, a list of ids, or null) as one id or None."""
+    if isinstance(ids, list):
+        return ids[0] if ids else None
+    return ids

@@ -84,6 +84,19 @@ def test_manifest_problems_are_refused(llama_copy):
         luffy.load(llama_copy)
 
 
+@pytest.mark.parametrize("pad", [[], [0], None])
+def test_generation_ids_as_lists_or_null_pad_like_an_id(llama_copy, pad):
+    # the schema lets a token-id field be an id, a list of them, or null (found by tests/fuzz.py: [] raised a
+    # TypeError in generate); padding takes the first id, else the first EOS
+    manifest = json.loads((llama_copy / "manifest.json").read_text())
+    expected = luffy.load(llama_copy).generate([[256, 1, 2], [256]], max_new_tokens=3, eos_token_id=None, pad_token_id=0)
+    manifest["generation"]["pad_token_id"] = pad
+    manifest["generation"]["eos_token_id"] = [0]  # the default pad when the manifest names none
+    (llama_copy / "manifest.json").write_text(json.dumps(manifest))
+    got = luffy.load(llama_copy).generate([[256, 1, 2], [256]], max_new_tokens=3, eos_token_id=None)
+    np.testing.assert_array_equal(got, expected)
+
+
 def test_manifest_entry_escaping_the_artifact_is_refused(llama_copy):
     manifest = json.loads((llama_copy / "manifest.json").read_text())
     manifest["files"]["../outside"] = {"sha256": "0" * 64, "size": 1}
