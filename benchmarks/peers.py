@@ -127,6 +127,8 @@ class LuffyRunner(Runner):
             "huge_pages": self.engine.huge_pages,
         }
 
+    generate_kwargs: dict = {}  # what a subclass adds to every generate call
+
     def generate(self, ids, new_tokens, first_token):
         state = {"first": True}
 
@@ -135,53 +137,50 @@ class LuffyRunner(Runner):
                 state["first"] = False
                 first_token()
 
-        out = self.engine.generate(ids, max_new_tokens=new_tokens, eos_token_id=None, streamer=streamer)
+        out = self.engine.generate(ids, max_new_tokens=new_tokens, eos_token_id=None, streamer=streamer,
+                                   **self.generate_kwargs)
+        self.last_stats = self.engine.generation_stats  # speculative decoding's acceptance, else None
         return out[0, ids.shape[1]:].tolist()
 
 
 class LuffySpeculativeRunner(LuffyRunner):
-    """The same artifact generating with speculative decoding: ``paths["draft"]`` (a draft artifact, e.g. the
-    int8 build) or ``paths["prompt_lookup"]`` (K). Greedy output is identical to plain luffy's (the report's
-    tokens_agree_with_luffy checks it). Rows are verified one after another: at batch > 1 the first token
-    timed is the first row's."""
+    """The same artifact generating with speculative decoding (a subclass says which source). Greedy output is
+    identical to plain luffy's (the report's tokens_agree_with_luffy checks it). Rows are verified one after
+    another: at batch > 1 the first token timed is the first row's."""
 
     def load(self) -> dict:
-        import luffy
-
-        if self.name == "luffy-draft":  # this worker runs only this system: one ORT pool for target and draft
-            from ..runtimes import share_thread_pool
-
-            share_thread_pool()
         info = self._load(self.paths["artifact"])
-        self.kwargs = {}
-        if self.name == "luffy-draft":
-            draft = luffy.load(self.paths["draft"])
-            self.kwargs = {"assistant_model": draft}
-            info["label"] += f" + draft {draft.manifest.get('precision')}"
-        else:
-            self.kwargs = {"prompt_lookup_num_tokens": int(self.paths["prompt_lookup"])}
-            info["label"] += f" + prompt lookup {self.paths['prompt_lookup']}"
+        label, self.generate_kwargs = self._speculation()
+        info["label"] += label
         return info
-
-    def generate(self, ids, new_tokens, first_token):
-        state = {"first": True}
-
-        def streamer(_tokens):
-            if state["first"]:
-                state["first"] = False
-                first_token()
-
-        out = self.engine.generate(ids, max_new_tokens=new_tokens, eos_token_id=None, streamer=streamer, **self.kwargs)
-        self.last_stats = self.engine.generation_stats
-        return out[0, ids.shape[1]:].tolist()
 
 
 class LuffyDraftRunner(LuffySpeculativeRunner):
+    """``paths["draft"]``: a draft artifact, e.g. the int8 build."""
+
     name = "luffy-draft"
+
+    def _load(self, path):
+        from ..runtimes import share_thread_pool
+
+        share_thread_pool()  # this worker runs only this system: one ORT pool for target and draft
+        return super()._load(path)
+
+    def _speculation(self) -> tuple[str, dict]:
+        import luffy
+
+        draft = luffy.load(self.paths["draft"])
+        return f" + draft {draft.manifest.get('precision')}", {"assistant_model": draft}
 
 
 class LuffyLookupRunner(LuffySpeculativeRunner):
+    """``paths["prompt_lookup"]``: K, the most tokens proposed per round."""
+
     name = "luffy-lookup"
+
+    def _speculation(self) -> tuple[str, dict]:
+        k = int(self.paths["prompt_lookup"])
+        return f" + prompt lookup {k}", {"prompt_lookup_num_tokens": k}
 
 
 # -- transformers eager -----------------------------------------------------------------------------------

@@ -164,14 +164,24 @@ async def _drive(url: str, model: str, requests, concurrency: int | None, rate: 
     return results, duration
 
 
-class _Server:
-    """`luffy serve` in a child process on 127.0.0.1 (a port the OS picks); its RSS is readable."""
+class ServeProcess:
+    """`luffy serve` in a child process on 127.0.0.1 (a port the OS picks), its log collected, its RSS readable;
+    tests/server_process.py drives the same class.
 
-    def __init__(self, artifact: Path, args: list[str]):
-        cmd = [sys.executable, "-m", "luffy", "serve", str(artifact), "--host", "127.0.0.1", "--port", "0", *args]
-        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    >>> server = ServeProcess("build/ref", ["--max-num-seqs", "16"]).start(); server.wait_ready()  # doctest: +SKIP
+    """
+
+    def __init__(self, artifact: Path, args: list[str], env: dict | None = None):
+        self.cmd = [sys.executable, "-m", "luffy", "serve", str(artifact), "--host", "127.0.0.1", "--port", "0", *args]
+        self.env = env
+        self.proc: subprocess.Popen | None = None
         self.url, self.log = "", []
+
+    def start(self) -> "ServeProcess":
+        self.proc = subprocess.Popen(self.cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                                     env=self.env)
         threading.Thread(target=self._read, daemon=True).start()
+        return self
 
     def _read(self):
         for line in self.proc.stderr:
@@ -179,22 +189,23 @@ class _Server:
             if match := re.search(r"listening on (http://\S+)", line):
                 self.url = match.group(1)
 
-    def wait_ready(self, timeout: float = 300.0) -> None:
+    def wait_ready(self, timeout: float = 300.0) -> list[int]:
+        """Poll /health until 200 (503 while the model loads); returns every status seen. A server that exits
+        or never gets there is stopped, and the error carries the end of its log."""
         import httpx
 
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                break
+        deadline, seen = time.monotonic() + timeout, []
+        while time.monotonic() < deadline and self.proc.poll() is None:
             if self.url:
                 try:
-                    if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
-                        return
+                    seen.append(httpx.get(f"{self.url}/health", timeout=5).status_code)
                 except httpx.TransportError:
-                    pass
-            time.sleep(0.05)
+                    seen.append(0)
+                if seen[-1] == 200:
+                    return seen
+            time.sleep(0.02)
         self.stop()
-        raise UsageError(f"luffy serve did not become ready: {''.join(self.log)[-500:]}")
+        raise UsageError(f"luffy serve did not become ready (/health: {seen[-5:]}): {''.join(self.log)[-2000:]}")
 
     def itl_totals(self) -> tuple[float, float]:
         """(sum, count) of the server's own luffy:inter_token_latency_seconds: token gaps without the client."""
@@ -212,11 +223,14 @@ class _Server:
             return None
         return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024
 
-    def stop(self) -> int | None:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int | None:
+        """Signal the server (SIGTERM: drain, exit 0), killing it after ``timeout`` s; returns its exit code."""
+        if self.proc is None:
+            return None
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(sig)
             try:
-                self.proc.wait(60)
+                self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
@@ -317,18 +331,15 @@ def bench_serve(artifact: str | Path, load: ServeLoad, concurrency: list[int], r
     """Run the load at each concurrency (or the request rate) against a fresh server; returns the report dict."""
     from ..benchmarks.machine import describe_machine
     from ..runtimes import load as load_engine
-    from ..runtimes.manifest import read_manifest
 
     artifact = Path(artifact)
-    manifest = read_manifest(artifact)
-    vocab = next(o["shape"][-1] for o in manifest["io"]["outputs"] if o["name"] == "logits")
-    requests = load.requests(vocab)
     say = progress or (lambda *a: None)
     say("static batches in-process", 0, 1)
     engine = load_engine(artifact, threads=threads)
+    requests = load.requests(engine.vocab)
     static = static_runs(engine, requests, list(static_batches))
     args = [*(server_args or []), *(["--threads", str(threads)] if threads else [])]
-    server = _Server(artifact, args)
+    server = ServeProcess(artifact, args).start()
     try:
         server.wait_ready()
         model = artifact.resolve().name
@@ -340,7 +351,7 @@ def bench_serve(artifact: str | Path, load: ServeLoad, concurrency: list[int], r
         prefix = None
         if shared_prefix is not None:
             say("prefix-cache hits, alternated with cold prompts", len(points), len(points) + 1)
-            prefix = prefix_ttft(server.url, model, vocab, shared_prefix[0], shared_prefix[1], 5, load.seed)
+            prefix = prefix_ttft(server.url, model, engine.vocab, shared_prefix[0], shared_prefix[1], 5, load.seed)
     finally:
         exit_code = server.stop()
     return {

@@ -22,6 +22,7 @@ from rich.table import Table
 
 from .. import __version__
 from ..errors import LuffyError, UsageError
+from ..extras import require_serve_extra
 
 app = typer.Typer(
     name="luffy",
@@ -345,7 +346,7 @@ def serve_cmd(
     from ..serving.scheduler import SchedulerConfig
     from ..serving.server import ServerSettings, serve
 
-    _require_serve_extra()
+    require_serve_extra()
     if draft is not None and prompt_lookup is not None:
         raise UsageError("give --draft or --prompt-lookup, not both")
     settings = ServerSettings(
@@ -367,20 +368,6 @@ def _speculation(draft, num_assistant_tokens, prompt_lookup, max_batch):
 
     # the draft engine itself is loaded by the server with the target (ServerSettings.draft)
     return SpeculationConfig(prompt_lookup=prompt_lookup, num_tokens=num_assistant_tokens, max_batch=max_batch)
-
-
-def _require_serve_extra() -> None:
-    from ..errors import BackendUnavailableError
-
-    missing = []
-    for name in ("fastapi", "uvicorn", "prometheus_client", "jinja2"):
-        try:
-            __import__(name)
-        except ImportError:
-            missing.append(name)
-    if missing:
-        raise BackendUnavailableError(f"luffy serve needs the 'serve' extra ({', '.join(missing)} not installed): "
-                                      "pip install 'luffy[serve]'")
 
 
 @app.command("build")
@@ -611,15 +598,14 @@ def bench_serve_cmd(
         from ..benchmarks.report import require_matplotlib
 
         require_matplotlib()
-    _require_serve_extra()
+    require_serve_extra()
     load = serve_bench.ServeLoad(num_prompts, serve_bench.parse_range(input_len, "--input-len"),
                                  serve_bench.parse_range(output_len, "--output-len"), seed)
-    with _progress("luffy bench serve") as say:
+    with _bench_progress() as progress:
         report = serve_bench.bench_serve(
             artifact, load, [int(c) for c in concurrency.split(",")], request_rate, serve_bench.parse_goodput(goodput),
             ["--max-num-seqs", str(max_num_seqs), "--max-num-batched-tokens", str(max_num_batched_tokens)],
-            [int(b) for b in static_batch.split(",") if b], threads,
-            progress=lambda what, done, total: say(f"{what} ({done + 1}/{total})"),
+            [int(b) for b in static_batch.split(",") if b], threads, progress=progress,
             overhead_rounds=overhead_rounds,
             shared_prefix=serve_bench.parse_prefix(shared_prefix) if shared_prefix else None)
     serve_bench.write(report, json_file, markdown_file)

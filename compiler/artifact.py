@@ -37,10 +37,9 @@ def _umask() -> int:
     return mask
 
 
-def _remove_stale_staging(output: Path) -> list[str]:
+def _remove_stale_staging(output: Path) -> None:
     """Remove the staging and old-copy directories of earlier compiles of ``output`` whose process is gone (a
     SIGKILL or power loss skips every cleanup). Their names carry the writer's pid."""
-    removed = []
     pattern = re.compile(rf"^\.{re.escape(output.name)}\.(partial|old)-(\d+)-")
     for sibling in output.parent.iterdir() if output.parent.is_dir() else ():
         match = pattern.match(sibling.name)
@@ -55,8 +54,6 @@ def _remove_stale_staging(output: Path) -> list[str]:
         except PermissionError:
             continue
         shutil.rmtree(sibling, ignore_errors=True)
-        removed.append(sibling.name)
-    return removed
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import ArtifactError, LuffyError
+from ..errors import ArtifactError, LuffyError, first_line
 
 
 def verify_artifact(path: str | Path, parity_source=None, say: Callable[[str], None] | None = None) -> dict:
@@ -78,9 +78,9 @@ def _runtime(path: Path, state: dict) -> str:
 
 
 def _load(path: Path, state: dict) -> str:
-    from ..runtimes import load
+    from ..runtimes import open_engine
 
-    state["engine"] = load(path, runtime=state["runtime"])
+    state["engine"] = open_engine(path, state["manifest"], state["runtime"])  # the files check hashed them
     return f"{type(state['engine']).__name__}, {state['manifest']['kind']}"
 
 
@@ -123,7 +123,7 @@ def _parity(path: Path, state: dict, source) -> str:
     if src.kind == "onnx":
         raise ArtifactError(f"--parity {source}: an .onnx file has no PyTorch reference to compare with")
     tm = load_torch_model(src)
-    vocab = getattr(getattr(tm.module, "config", None), "vocab_size", None)
+    vocab = tm.vocab_size
     reference = reference_only(tm)
     if reference.kind != manifest["kind"]:
         raise ArtifactError(f"against {source}: the source is a {reference.kind}, the artifact a {manifest['kind']}")
@@ -138,7 +138,7 @@ def _parity(path: Path, state: dict, source) -> str:
     except LuffyError as exc:
         raise ArtifactError(f"against {source}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - ORT refusing the source's inputs: not the same model
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ArtifactError(f"against {source}: the artifact does not take the source's inputs ({first[:200]})") from None
+        raise ArtifactError(f"against {source}: the artifact does not take the source's inputs "
+                            f"({first_line(exc, 200)})") from None
     tolerance = f" <= {report['tolerance']}" if report["tolerance"] else f" ({manifest.get('precision')})"
     return f"max |diff| {report['max_abs_diff']:.2e}{tolerance} against {source}"

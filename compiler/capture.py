@@ -260,13 +260,16 @@ def decoder_example(kv: KVLayout, batch=2, seq=3, past=4, vocab=8, seed=0):
     return ids, mask, pos, kvs
 
 
+def _decoder_reference(tm: TorchModel):
+    """(KV layout, the step wrapper the graph is exported from, its example inputs)."""
+    kv = probe_kv_layout(tm.module)
+    return kv, _DecoderStep(tm.module), decoder_example(kv, vocab=getattr(tm.module.config, "vocab_size", 8))
+
+
 def capture_causal_lm(tm: TorchModel, opset: int = ONNX_OPSET) -> Captured:
     import torch
 
-    kv = probe_kv_layout(tm.module)
-    step = _DecoderStep(tm.module)
-    vocab = getattr(tm.module.config, "vocab_size", 8)
-    args = decoder_example(kv, vocab=vocab)
+    kv, step, args = _decoder_reference(tm)
     batch, seq, past, total = (torch.export.Dim(n) for n in ("batch", "seq", "past", "total"))
     dynamic_shapes = {
         "input_ids": {0: batch, 1: seq},
@@ -315,7 +318,9 @@ def encoder_example(module, batch=2, seq=5):
     return inputs
 
 
-def capture_encoder(tm: TorchModel, opset: int = ONNX_OPSET) -> Captured:
+def _encoder_reference(tm: TorchModel):
+    """(the module the graph is exported from: the encoder returning its tensor outputs as a tuple, its
+    example inputs, the outputs' names)."""
     import torch
 
     inputs = encoder_example(tm.module)
@@ -333,9 +338,15 @@ def capture_encoder(tm: TorchModel, opset: int = ONNX_OPSET) -> Captured:
             result = self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **extra)
             return tuple(result[k] for k in output_names)
 
+    return Encoder().eval(), inputs, output_names
+
+
+def capture_encoder(tm: TorchModel, opset: int = ONNX_OPSET) -> Captured:
+    import torch
+
+    encoder, inputs, output_names = _encoder_reference(tm)
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
     dynamic_shapes = {name: {0: batch, 1: seq} for name in inputs}
-    encoder = Encoder().eval()
     model = _export(encoder, (), inputs, dynamic_shapes, list(inputs), output_names, opset)
     return Captured(model, ENCODER, reference=encoder, example=((), inputs))
 
@@ -343,8 +354,7 @@ def capture_encoder(tm: TorchModel, opset: int = ONNX_OPSET) -> Captured:
 def capture_module(tm: TorchModel, opset: int = ONNX_OPSET) -> Captured:
     import torch
 
-    example = tm.example_inputs
-    args, kwargs = (example, None) if isinstance(example, tuple) else ((), example)
+    args, kwargs = _module_example(tm)
     dynamic_shapes = tm.dynamic_shapes
     if dynamic_shapes is None:
         # Let torch.export decide which dims can vary; it keeps the rest static instead of failing.
@@ -358,26 +368,19 @@ def capture_module(tm: TorchModel, opset: int = ONNX_OPSET) -> Captured:
     return Captured(model, "module", reference=tm.module, example=(args, kwargs))
 
 
+def _module_example(tm: TorchModel) -> tuple[tuple, dict | None]:
+    example = tm.example_inputs
+    return (example, None) if isinstance(example, tuple) else ((), example)
+
+
 def reference_only(tm: TorchModel) -> Captured:
     """What the parity check compares a graph with, without exporting anything: the module the graph was
     captured from (the decoder's step wrapper, the encoder's output selection) and its example inputs.
     `luffy verify --parity` checks an existing artifact against its source this way."""
-    import torch
-
     if tm.kind == CAUSAL_LM:
-        kv = probe_kv_layout(tm.module)
-        return Captured(None, CAUSAL_LM, kv, reference=_DecoderStep(tm.module).module,
-                        example=(decoder_example(kv, vocab=getattr(tm.module.config, "vocab_size", 8)), None))
+        kv, step, args = _decoder_reference(tm)
+        return Captured(None, CAUSAL_LM, kv, reference=step.module, example=(args, None))
     if tm.kind == ENCODER:
-        inputs = encoder_example(tm.module)
-        with torch.no_grad():
-            names = [k for k, v in tm.module(**inputs, return_dict=True).items() if isinstance(v, torch.Tensor)]
-
-        def forward(**kwargs):
-            result = tm.module(**kwargs, return_dict=True)
-            return tuple(result[k] for k in names)
-
-        return Captured(None, ENCODER, reference=forward, example=((), inputs))
-    example = tm.example_inputs
-    return Captured(None, "module", reference=tm.module, example=(example, None) if isinstance(example, tuple)
-                    else ((), example))
+        encoder, inputs, _ = _encoder_reference(tm)
+        return Captured(None, ENCODER, reference=encoder, example=((), inputs))
+    return Captured(None, "module", reference=tm.module, example=_module_example(tm))

@@ -14,7 +14,7 @@ import numpy as np
 import onnx_ir as ir
 
 from .. import __version__
-from ..errors import UsageError
+from ..errors import UsageError, first_line
 from ..passes.driver import count_nodes, run_passes
 from ..passes.pipelines import pipeline, precision_steps
 from ..runtimes.manifest import FORMAT_VERSION, STATE_READY
@@ -139,11 +139,12 @@ def compile(  # noqa: A001 - the public name the API promises
         captured.notes.append(f"checkpoint tensors outside the model, not used: {', '.join(tm.ignored_weights[:8])}"
                               + (f" and {len(tm.ignored_weights) - 8} more" if len(tm.ignored_weights) > 8 else ""))
     max_len = _max_seq_len(cfg, tm, captured)
+    vocab = tm.vocab_size if tm else None  # what parity checks token ids against
 
     if max_len:
         # fuse-rotary sizes its constant cos/sin tables by this; it is the artifact's promise anyway.
         captured.model.metadata_props["luffy.max_seq_len"] = str(max_len)
-    after_pass = _after_pass_hook(cfg, captured, _vocab(tm), say)
+    after_pass = _after_pass_hook(cfg, captured, vocab, say)
     model, pass_records = run_passes(captured.model, steps, on_pass=lambda name: say(f"pass {name}"), after_pass=after_pass)
     if cfg.target == "trt":
         from ..passes.pipelines import plugin_steps
@@ -178,14 +179,13 @@ def compile(  # noqa: A001 - the public name the API promises
     with staged_directory(Path(output)) as stage:
         say("writing model")
         external = _save_model(model, stage, cfg.external_data)
-        tokenizer_files = _write_tokenizer(stage, src, tm)
-        chat_template = _write_chat_template(stage, src, tm)
+        tokenizer_files, chat_template = _write_tokenizer(stage, src, tm)
         parity = None
         if cfg.check_parity and captured.reference is not None:
             say("checking parity against PyTorch")
             from .parity import check_parity as run_parity_check
 
-            parity = run_parity_check(captured, stage / MODEL_FILE, _vocab(tm), cfg.precision)
+            parity = run_parity_check(captured, stage / MODEL_FILE, vocab, cfg.precision)
         elif cfg.target == "ort":
             say("loading the graph on onnxruntime")
             _require_loadable_on_ort(stage / MODEL_FILE, src.spec)  # what luffy.load would do, before publishing
@@ -289,10 +289,6 @@ def _tensorrt_section(cfg: LuffyConfig, manifest: dict, operator_check: dict) ->
     return dict(manifest, state=STATE_NEEDS_BUILD, tensorrt=section)
 
 
-def _vocab(tm) -> int | None:
-    return getattr(getattr(tm.module, "config", None), "vocab_size", None) if tm else None
-
-
 def _after_pass_hook(cfg: LuffyConfig, captured, vocab: int | None, say):
     """run_passes' after_pass for --dump-ir and --verify (None when neither is on).
 
@@ -375,8 +371,7 @@ def _memory_report(model_path: Path, captured, max_len: int | None) -> dict | No
     except Exception as exc:  # noqa: BLE001 - an estimate: the artifact passed parity, so say why and go on
         # onnxruntime's symbolic shape inference crashes on some graphs (PhiMoE, gpt-oss: a Sub whose output
         # it leaves without a shape, "object of type 'NoneType' has no len()").
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-        report = {"error": f"symbolic shape inference failed ({type(exc).__name__}: {lines[0][:200] if lines else ''})"}
+        report = {"error": f"symbolic shape inference failed ({type(exc).__name__}: {first_line(exc, 200)})"}
     report["kv_cache_bytes_per_token"] = captured.kv.to_json()["bytes_per_token"]
     return report
 
@@ -422,8 +417,7 @@ def _require_loadable_on_ort(model_path: Path, spec: str) -> None:
     try:
         ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - ORT's Fail/InvalidGraph/NotImplemented
-        lines = [ln for ln in str(exc).replace(str(model_path), MODEL_FILE).splitlines() if ln.strip()]
-        reason = lines[0].strip() if lines else type(exc).__name__
+        reason = first_line(exc, text=str(exc).replace(str(model_path), MODEL_FILE))
         raise UnsupportedModelError(f"{spec}: onnxruntime {ort.__version__} cannot load the compiled graph: {reason}") from None
 
 
@@ -456,28 +450,20 @@ def _save_model(model: ir.Model, stage: Path, mode: str) -> bool:
     return external
 
 
-def _write_tokenizer(stage: Path, src, tm) -> list[str]:
-    from .tokenizer_files import write_tokenizer
+def _write_tokenizer(stage: Path, src, tm) -> tuple[list[str], dict | None]:
+    """The tokenizer files written, and the manifest's ``chat_template`` record (None without a template)."""
+    from .tokenizer_files import write_chat_template, write_tokenizer
 
-    if tm is not None:
-        return write_tokenizer(stage, tokenizer=tm.tokenizer, source_dir=tm.tokenizer_dir)
-    if src.kind == "onnx":
-        return write_tokenizer(stage, source_dir=src.path.parent)
-    return []
+    source_dir = tm.tokenizer_dir if tm is not None else (src.path.parent if src.kind == "onnx" else None)
+    names = write_tokenizer(stage, tokenizer=tm.tokenizer if tm is not None else None, source_dir=source_dir)
+    if tm is not None and tm.chat_template is not None:
+        return names, write_chat_template(stage, template=tm.chat_template, special=tm.special_tokens)
+    return names, write_chat_template(stage, source_dir) if source_dir is not None else None
 
 
 def _text(value) -> str:
     # ONNX is proto2: protobuf hands back a string field that is not UTF-8 as bytes
     return value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else str(value)
-
-
-def _write_chat_template(stage: Path, src, tm) -> dict | None:
-    from .tokenizer_files import write_chat_template
-
-    if tm is not None and tm.chat_template is not None:
-        return write_chat_template(stage, template=tm.chat_template, special=tm.special_tokens)
-    source_dir = tm.tokenizer_dir if tm is not None else (src.path.parent if src.kind == "onnx" else None)
-    return write_chat_template(stage, source_dir) if source_dir is not None else None
 
 
 def op_histogram(model: ir.Model) -> dict[str, int]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
-from ..errors import SourceError, UnsupportedModelError
+from ..errors import SourceError, UnsupportedModelError, first_line
 from .capture import Captured, KVLayout
 from .sources import CAUSAL_LM
 
@@ -62,7 +62,7 @@ def load_onnx_source(path: Path) -> Captured:
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:
-        raise SourceError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {_first_line(exc)})") from None
+        raise SourceError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {first_line(exc)})") from None
     # protobuf parses many non-ONNX byte strings as a model with an empty graph: refuse what has nothing to run
     if not proto.graph.node or not proto.graph.output:
         what = "no nodes" if not proto.graph.node else "no outputs"
@@ -76,14 +76,9 @@ def load_onnx_source(path: Path) -> Captured:
             if value.const_value is not None and isinstance(value.const_value, ir.ExternalTensor):
                 value.const_value = ir.tensor(value.const_value.numpy(), name=value.name)
     except Exception as exc:
-        raise SourceError(f"{path}: cannot load ({type(exc).__name__}: {_first_line(exc)})") from None
+        raise SourceError(f"{path}: cannot load ({type(exc).__name__}: {first_line(exc)})") from None
     kv = decoder_layout(model)
     return Captured(model, CAUSAL_LM if kv else "module", kv)
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [ln for ln in str(exc).splitlines() if ln.strip()]
-    return lines[0].strip()[:300] if lines else type(exc).__name__
 
 
 def decoder_layout(model: ir.Model) -> KVLayout | None:

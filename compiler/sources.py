@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import SourceError, UnsupportedModelError
+from ..errors import SourceError, UnsupportedModelError, first_line
 from ..models_zoo import ZOO
 
 _FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -60,6 +60,11 @@ class TorchModel:
     ignored_weights: list = field(default_factory=list)  # checkpoint tensors outside the model (an encoder's head)
     chat_template: str | None = None  # a zoo model's own (HF directories carry theirs in tokenizer files)
     special_tokens: dict | None = None  # bos_token / eos_token text the chat template writes
+
+    @property
+    def vocab_size(self) -> int | None:
+        """The config's vocabulary size (what parity checks token ids against); None for a plain module."""
+        return getattr(getattr(self.module, "config", None), "vocab_size", None)
 
 
 def resolve_source(source: Any) -> Source:
@@ -143,9 +148,9 @@ def _load_hf_dir(path: Path) -> TorchModel:
     try:
         config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False, local_files_only=True)
     except (ValueError, KeyError) as exc:
-        raise UnsupportedModelError(f"{path}/config.json: transformers cannot read this config ({_first_line(exc)})") from None
+        raise UnsupportedModelError(f"{path}/config.json: transformers cannot read this config ({first_line(exc)})") from None
     except OSError as exc:
-        raise SourceError(f"{path}/config.json: {_first_line(exc)}") from None
+        raise SourceError(f"{path}/config.json: {first_line(exc)}") from None
     kind = _transformers_kind(config)
     if kind is None:
         archs = ",".join(getattr(config, "architectures", None) or [config.model_type])
@@ -165,7 +170,7 @@ def _load_hf_dir(path: Path) -> TorchModel:
             output_loading_info=True,
         )
     except Exception as exc:  # transformers raises many types for a bad checkpoint
-        raise SourceError(f"{path}: cannot load weights ({type(exc).__name__}: {_first_line(exc)})") from None
+        raise SourceError(f"{path}: cannot load weights ({type(exc).__name__}: {first_line(exc)})") from None
     ignored = require_complete_weights(path, module, loading, kind)
     torch_model = _from_hf_model(module.eval(), tokenizer_dir=path)
     torch_model.ignored_weights = ignored
@@ -256,14 +261,14 @@ def _load_factory(spec: str) -> TorchModel:
     try:
         mod = importlib.import_module(module_name)
     except ImportError as exc:
-        raise SourceError(f"{spec}: cannot import {module_name} ({_first_line(exc)})") from None
+        raise SourceError(f"{spec}: cannot import {module_name} ({first_line(exc)})") from None
     factory = getattr(mod, attr, None)
     if not callable(factory):
         raise SourceError(f"{spec}: {module_name} has no callable {attr}")
     try:
         result = factory()
     except Exception as exc:  # noqa: BLE001 - whatever the user's factory raises, name it in one line
-        raise SourceError(f"{spec}: calling {attr}() failed ({type(exc).__name__}: {_first_line(exc)})") from None
+        raise SourceError(f"{spec}: calling {attr}() failed ({type(exc).__name__}: {first_line(exc)})") from None
     example_inputs = dynamic_shapes = None
     if isinstance(result, tuple):
         if not 2 <= len(result) <= 3:
@@ -279,8 +284,3 @@ def _load_factory(spec: str) -> TorchModel:
     elif example_inputs is not None and not isinstance(example_inputs, (tuple, dict)):
         example_inputs = (example_inputs,)
     return _from_any_module(module, example_inputs, dynamic_shapes)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

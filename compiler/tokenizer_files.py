@@ -45,13 +45,12 @@ def require_readable_tokenizer(path: Path, source: Path) -> None:
     published, hashed as intact, and fail on the first request."""
     from tokenizers import Tokenizer
 
-    from ..errors import SourceError
+    from ..errors import SourceError, first_line
 
     try:
         Tokenizer.from_file(str(path))
     except Exception as exc:  # noqa: BLE001 - tokenizers raises a bare Exception with serde's message
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SourceError(f"{source}: the tokenizers library cannot read it ({reason})") from None
+        raise SourceError(f"{source}: the tokenizers library cannot read it ({first_line(exc)})") from None
 
 
 def _convert_to_fast(source_dir: Path):

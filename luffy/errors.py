@@ -65,3 +65,11 @@ __all__ = [
     "CapacityError",
     "BackendUnavailableError",
 ]
+
+
+def first_line(exc: BaseException, limit: int = 300, text: str | None = None) -> str:
+    """An upstream exception's message as one line for a luffy error: its first non-empty line (of ``text``
+    when given, e.g. the message with a temporary path replaced), at most ``limit`` characters; its type's
+    name when it says nothing."""
+    lines = [ln.strip() for ln in (str(exc) if text is None else text).splitlines() if ln.strip()]
+    return lines[0][:limit] if lines else type(exc).__name__

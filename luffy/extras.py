@@ -11,6 +11,7 @@ import importlib
 from .errors import BackendUnavailableError
 
 COMPILE_PACKAGES = ("torch", "transformers", "onnxscript")
+SERVE_PACKAGES = ("fastapi", "uvicorn", "prometheus_client", "jinja2")
 
 
 def import_compiler(module: str):
@@ -28,6 +29,14 @@ def import_compiler(module: str):
             f"compiling needs the 'compile' extra ({', '.join(missing)} cannot be imported here): "
             "pip install 'luffy[compile]' (with torch's CPU wheel first on a machine without a GPU)"
         ) from None
+
+
+def require_serve_extra() -> None:
+    """Say which packages of the 'serve' extra are missing, before `luffy serve` or `luffy bench serve` starts."""
+    missing = [name for name in SERVE_PACKAGES if not _importable(name)]
+    if missing:
+        raise BackendUnavailableError(f"luffy serve needs the 'serve' extra ({', '.join(missing)} not installed): "
+                                      "pip install 'luffy[serve]'")
 
 
 def _importable(name: str) -> bool:

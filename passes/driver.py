@@ -8,7 +8,7 @@ from typing import Callable
 
 import onnx_ir as ir
 
-from ..errors import LuffyError, UnsupportedModelError
+from ..errors import LuffyError, UnsupportedModelError, first_line
 
 
 @dataclass(frozen=True)
@@ -47,8 +47,7 @@ def run_passes(
         except LuffyError:
             raise
         except Exception as exc:  # an upstream rewriter's crash: name the pass and the way around it
-            lines = [ln for ln in str(exc).splitlines() if ln.strip()]
-            reason = f"{type(exc).__name__}: {lines[0].strip()[:200]}" if lines else type(exc).__name__
+            reason = type(exc).__name__ + (f": {first_line(exc, 200)}" if str(exc).strip() else "")
             raise UnsupportedModelError(f"pass {step.name!r} failed ({reason}); --disable-pass {step.name} "
                                         "skips it") from exc
         seconds = time.perf_counter() - start

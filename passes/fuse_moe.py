@@ -118,6 +118,8 @@ def cpu_moe_refusal() -> str | None:
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
+    from ..runtimes.ort_compat import session_options
+
     weights = [numpy_helper.from_array(np.ones(shape, np.float32), name)
                for name, shape in (("fc1", (2, 4, 2)), ("fc2", (2, 2, 2)))]
     node = helper.make_node("MoE", ["x", "logits", "fc1", "", "fc2"], ["y"], domain="com.microsoft",
@@ -128,7 +130,7 @@ def cpu_moe_refusal() -> str | None:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])], weights)
     opsets = [helper.make_opsetid("", 20), helper.make_opsetid("com.microsoft", 1)]
     model = helper.make_model(graph, opset_imports=opsets)
-    options = ort.SessionOptions()
+    options = session_options()  # a plain SessionOptions is refused once the process shares one thread pool
     options.log_severity_level = 4  # a refusal is an answer here, not an error to log
     try:
         session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])

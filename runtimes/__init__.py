@@ -29,8 +29,13 @@ def load(path: str | os.PathLike, runtime: str | None = None, **options) -> Engi
     >>> engine = luffy.load("build/llama-tiny")       # doctest: +SKIP
     >>> engine.generate_text("Hello", max_new_tokens=8)  # doctest: +SKIP
     """
-    path = Path(path)
-    manifest = read_manifest(path)
+    return open_engine(Path(path), read_manifest(path), runtime, **options)
+
+
+def open_engine(path: Path, manifest: dict, runtime: str | None = None, **options) -> Engine:
+    """``load`` after the manifest was read and every file's hash checked (``read_manifest``): the runtime
+    checks and the engine. For callers that checked the files themselves (``luffy verify``) and must not hash
+    a multi-GB artifact twice."""
     runtime = runtime or manifest.get("target", "ort")
     if runtime not in RUNTIMES:
         raise UsageError(f"unknown runtime {runtime!r}; this luffy has {', '.join(RUNTIMES)}")
@@ -43,7 +48,7 @@ def load(path: str | os.PathLike, runtime: str | None = None, **options) -> Engi
 
         trt, gpu = installed_tensorrt(), gpu_info()
         check_engine(manifest, path, trt.__version__ if trt is not None else None, gpu)  # before deserializing
-        return TrtEngine(path, manifest, trt, gpu, **options)
+        return TrtEngine(path, manifest, trt, gpu)  # options were checked above: TensorRT takes none
     check_onnxruntime(manifest, path)
     from .ort import OrtEngine
 

@@ -89,6 +89,14 @@ def eos_set(eos_token_id) -> np.ndarray:
     return np.array(list(eos_token_id), dtype=np.int64)
 
 
+def check_sampling(do_sample: bool, temperature: float, top_p: float) -> None:
+    """The sampling arguments every generate path refuses."""
+    if do_sample and temperature <= 0:
+        raise UsageError(f"temperature must be > 0 when sampling, got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise UsageError(f"top_p must be in (0, 1], got {top_p}")
+
+
 def check_capacity(prompt_len: int, max_new_tokens: int, max_seq_len: int | None) -> None:
     if max_new_tokens < 0:
         raise UsageError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -124,10 +132,7 @@ def generate_loop(
     ``output_logits``). ``streamer(tokens)`` is called with each step's new tokens [batch] as soon as they
     are chosen (the first call marks time to first token).
     """
-    if do_sample and temperature <= 0:
-        raise UsageError(f"temperature must be > 0 when sampling, got {temperature}")
-    if not 0.0 < top_p <= 1.0:
-        raise UsageError(f"top_p must be in (0, 1], got {top_p}")
+    check_sampling(do_sample, temperature, top_p)
     batch, prompt_len = ids.shape
     if max_new_tokens == 0:
         return (ids.copy(), np.zeros((batch, 0, 0), np.float32)) if output_logits else ids.copy()

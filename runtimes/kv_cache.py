@@ -50,9 +50,6 @@ class SlotKVCache:
         """Slots [start, stop) of one layer's key (0) or value (1) buffer: [stop - start, heads, capacity, dim]."""
         return self.buffers[layer][kind][start:stop]
 
-    def real_length(self, slot: int) -> int:
-        return len(self.tokens[slot])
-
     def record(self, start: int, ids: np.ndarray, real: np.ndarray) -> None:
         """Book ``ids`` [n, s] just written at each slot's end (``real`` 0 marks left padding)."""
         for row in range(ids.shape[0]):

@@ -9,7 +9,7 @@ import numpy as np
 from ..errors import ArtifactError, CapacityError, UsageError
 from .cpu_bf16 import cpu_model
 from .engine import Engine
-from .generation import eos_set, generate_loop, left_pad
+from .generation import check_sampling, eos_set, generate_loop, left_pad
 from .huge_pages import MIN_REGION, NOTHING_COLLAPSED, anonymous_mappings, back_new_mappings_with_huge_pages
 from .manifest import step_graph
 from .ort_compat import import_onnxruntime, session_options, thread_pool_shared
@@ -88,9 +88,7 @@ class OrtEngine(Engine):
             self.graph = step_graph(
                 self.path, manifest, {i.name: (i.type, i.shape) for i in self.session.get_inputs()},
                 {o.name: o.shape for o in self.session.get_outputs()})
-            self.layers = list(self.graph.layers)
             self.kv_dtype = _NUMPY_DTYPES.get(self.graph.kv_type, np.float32)
-            self.shared_kv = self.graph.shared_kv
 
     # -- decoder --------------------------------------------------------------------------------------
     @property
@@ -142,7 +140,7 @@ class OrtEngine(Engine):
         """
         rows, eos_token_id, pad = self._generate_inputs(input_ids, max_new_tokens, eos_token_id, pad_token_id)
         prompt_len = max(len(r) for r in rows)
-        if assistant_model is not None or prompt_lookup_num_tokens:
+        if (assistant_model is not None or prompt_lookup_num_tokens) and max_new_tokens > 0:
             return self._speculative(rows, max_new_tokens, pad, seed, output_logits, streamer, assistant_model,
                                      num_assistant_tokens, num_assistant_tokens_schedule, prompt_lookup_num_tokens,
                                      max_matching_ngram_size, do_sample=do_sample, temperature=temperature,
@@ -172,18 +170,17 @@ class OrtEngine(Engine):
         if k < 1 or max_ngram < 1:
             raise UsageError("the number of proposed tokens and max_matching_ngram_size must be >= 1")
         sampling = speculative.Sampling(**choosing)
-        if sampling.do_sample and sampling.temperature <= 0:
-            raise UsageError(f"temperature must be > 0 when sampling, got {sampling.temperature}")
+        check_sampling(sampling.do_sample, sampling.temperature, sampling.top_p)
         width = max(len(r) for r in rows)
         # K is a ceiling, unlike transformers' heuristic, which grows without one: a draft token costs a third
         # of a target step here (int8 for fp32 on a CPU), and uncapped K drifted to 10-16 and wasted draft steps
         # past the first rejection (156M reference Llama: 1.41x plain decode uncapped, 1.64x capped at 4)
-        adaptive = speculative.AdaptiveK(k, schedule == "heuristic", limit=k)
+        adaptive = speculative.AdaptiveK(k, schedule == "heuristic")
         if assistant_model is not None:
             speculative.check_draft(self, assistant_model)
             if not thread_pool_shared():
                 _warn_private_pools()
-            source = speculative.DraftModel(assistant_model, len(rows), width + max_new_tokens)
+            source = speculative.DraftModel(assistant_model, 1, width + max_new_tokens)  # rows run one at a time
         else:
             source = speculative.PromptLookup(max_ngram)
         ids, logits, stats = speculative.generate(self, rows, max_new_tokens, source, adaptive, sampling, pad, seed,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import CapacityError, UsageError
+from .generation import positions_from_mask
 from .kv_cache import SlotKVCache, numpy_zeros
 from .manifest import ATTENTION_MASK, INPUT_IDS, KEEP, LOGITS, POSITION_IDS, SEQLENS, TOTAL
 
@@ -78,11 +79,9 @@ class OrtSlots:
         return self._run_concat(start, stop, feeds, kept, int(lengths[0]), width)
 
     def _positions(self, start: int, real: np.ndarray) -> np.ndarray:
-        # transformers' rule: a real token's position counts the real tokens before it; padding gets 1
+        # transformers' rule, continued from the real tokens each slot already holds
         before = np.array([[len(self.cache.tokens[start + row])] for row in range(real.shape[0])], dtype=np.int64)
-        positions = before + np.cumsum(real, axis=1) - 1
-        positions[real == 0] = 1
-        return positions
+        return positions_from_mask(real) + before * real
 
     def _logits_view(self, n: int, kept: int) -> np.ndarray:
         size = n * kept * self.graph.vocab

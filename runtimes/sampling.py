@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 
@@ -48,3 +50,30 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     shifted = x - np.max(x, axis=-1, keepdims=True)
     e = np.exp(shifted)
     return e / e.sum(axis=-1, keepdims=True)
+
+
+@dataclass
+class Sampling:
+    """How tokens are chosen (Engine.generate's arguments), and the stop tokens min_new_tokens masks."""
+
+    do_sample: bool
+    temperature: float
+    top_k: int
+    top_p: float
+    eos: np.ndarray
+    min_new_tokens: int
+
+    def logits_at(self, logits: np.ndarray, produced: int) -> np.ndarray:
+        """``logits`` [vocab] with EOS masked while fewer than min_new_tokens are out."""
+        if produced < self.min_new_tokens and self.eos.size:
+            logits = logits.copy()
+            logits[self.eos] = -np.inf
+        return logits
+
+    def probs(self, logits: np.ndarray, produced: int) -> np.ndarray:
+        return processed_probs(self.logits_at(logits, produced)[None, :], self.temperature, self.top_k, self.top_p)[0]
+
+    def choose(self, logits: np.ndarray, produced: int, rng) -> int:
+        """The next token from ``logits`` [vocab], as Engine.generate chooses it."""
+        return int(select_next(self.logits_at(logits, produced)[None, :], self.do_sample, self.temperature, self.top_k,
+                               self.top_p, rng)[0])

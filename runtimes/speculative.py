@@ -26,34 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import UsageError
-from .sampling import processed_probs, sample
-
-
-@dataclass
-class Sampling:
-    """How tokens are chosen (Engine.generate's arguments), and the stop tokens min_new_tokens masks."""
-
-    do_sample: bool
-    temperature: float
-    top_k: int
-    top_p: float
-    eos: np.ndarray
-    min_new_tokens: int
-
-    def logits_at(self, logits: np.ndarray, produced: int) -> np.ndarray:
-        """``logits`` [vocab] with EOS masked while fewer than min_new_tokens are out."""
-        if produced < self.min_new_tokens and self.eos.size:
-            logits = logits.copy()
-            logits[self.eos] = -np.inf
-        return logits
-
-    def probs(self, logits: np.ndarray, produced: int) -> np.ndarray:
-        return processed_probs(self.logits_at(logits, produced)[None, :], self.temperature, self.top_k, self.top_p)[0]
-
-    def choose(self, logits: np.ndarray, produced: int, rng) -> int:
-        if not self.do_sample:
-            return int(np.argmax(self.logits_at(logits, produced)))
-        return int(sample(self.probs(logits, produced)[None, :], rng)[0])
+from .sampling import Sampling, sample
 
 
 @dataclass
@@ -81,7 +54,9 @@ class AdaptiveK:
 
     k: int
     adaptive: bool = True
-    limit: int = 64
+
+    def __post_init__(self):
+        self.limit = self.k  # K never exceeds the number asked for (see OrtEngine._speculative for why)
 
     def update(self, proposed: int, accepted: int) -> None:
         if self.adaptive and proposed:
@@ -108,6 +83,12 @@ class PromptLookup:
         return [], None
 
     def rollback(self, row: int, kept: int) -> None:
+        pass  # nothing to roll back: proposals are read from the sequence itself
+
+    def clear(self, row: int) -> None:
+        pass
+
+    def swap(self, a: int, b: int) -> None:
         pass
 
 
@@ -203,18 +184,42 @@ def check_draft(target, draft) -> None:
                          "(a draft must use the same tokenizer)")
 
 
+def speculate_round(slots, slot: int, seq: list[int], prompt_len: int, remaining: int, source, k: AdaptiveK,
+                    sampling: Sampling, rng) -> tuple[list[int], int, int, np.ndarray]:
+    """One round for ``seq`` (prompt and output so far) in ``slot``, whose cache holds seq[:-1], with
+    ``remaining`` output tokens still allowed: propose at most K of them less one, verify all in one target
+    step, accept, and roll the target's slot and the source back to what was kept. Returns (proposed, accepted count n, the target's next token, the verify
+    step's logits [n proposed + 1, vocab]); the tokens kept are proposed[:n] and then that token."""
+    produced = len(seq) - prompt_len
+    budget = min(k.k, remaining - 1)
+    proposed, q = source.propose(slot, seq, budget, sampling, produced, rng) if budget > 0 else ([], None)
+    base = len(seq) - 1  # the target's cache holds seq[:-1]
+    verify = slots.step(slot, slot + 1, np.array([[seq[-1], *proposed]], dtype=np.int64), keep=len(proposed) + 1)[0]
+    if sampling.do_sample:
+        n, token = accept_sampled(verify, proposed, q, sampling, produced, rng)
+    else:
+        n, token = accept_greedy(verify, proposed, sampling, produced)
+    slots.cache.truncate(slot, base + n + 1)
+    source.rollback(slot, base + n + 1)
+    k.update(len(proposed), n)
+    return proposed, n, token, verify
+
+
 def generate(engine, rows: list[list[int]], max_new_tokens: int, source, k: AdaptiveK, sampling: Sampling, pad: int,
              seed: int | None, output_logits: bool, streamer) -> tuple[np.ndarray, np.ndarray | None, Stats]:
-    """Speculative generation of each row on its own; returns Engine.generate's left-padded ids (and logits)."""
+    """Speculative generation of each row on its own, in one slot reused row after row (``source`` holds one
+    too); returns Engine.generate's left-padded ids (and logits)."""
     rng = np.random.default_rng(seed)
     stats = Stats(source.name)
     width = max(len(r) for r in rows)
     # a round proposes at most the tokens still to come, less one: no step writes past prompt + max_new_tokens
-    slots = engine.open_slots(len(rows), width + max_new_tokens)
+    slots = engine.open_slots(1, width + max_new_tokens)
     outputs, kept_logits = [], []
-    for row, prompt in enumerate(rows):
-        produced, logits_rows = _generate_row(engine, slots, row, prompt, max_new_tokens, source, k, sampling, rng,
-                                              stats, output_logits, streamer)
+    for prompt in rows:
+        slots.cache.clear(0)
+        source.clear(0)
+        produced, logits_rows = _generate_row(slots, prompt, max_new_tokens, source, k, sampling, rng, stats,
+                                              output_logits, streamer)
         outputs.append(produced)
         kept_logits.append(logits_rows)
     longest = max(len(o) for o in outputs)
@@ -231,10 +236,11 @@ def generate(engine, rows: list[list[int]], max_new_tokens: int, source, k: Adap
     return ids, logits, stats
 
 
-def _generate_row(engine, slots, row, prompt, max_new_tokens, source, k, sampling, rng, stats, output_logits,
+def _generate_row(slots, prompt, max_new_tokens, source, k, sampling, rng, stats, output_logits,
                   streamer) -> tuple[list[int], list]:
-    """One row: prefill, then rounds of propose -> verify -> accept -> roll back, until EOS or the budget."""
-    logits = slots.step(row, row + 1, np.array([prompt], dtype=np.int64))[0, -1]
+    """One row in slot 0: prefill, then rounds of propose -> verify -> accept -> roll back, until EOS or the
+    budget."""
+    logits = slots.step(0, 1, np.array([prompt], dtype=np.int64))[0, -1]
     seq, produced, kept = list(prompt), [], []  # a draft reads the prompt in its first proposal (after the 1st token)
     if output_logits:
         kept.append(logits.copy())
@@ -246,20 +252,11 @@ def _generate_row(engine, slots, row, prompt, max_new_tokens, source, k, samplin
             streamer(np.array([token], dtype=np.int64))
         if (sampling.eos.size and token in sampling.eos) or len(produced) >= max_new_tokens:
             break
-        budget = min(k.k, max_new_tokens - len(produced) - 1)
-        proposed, q = source.propose(row, seq, budget, sampling, len(produced), rng) if budget > 0 else ([], None)
-        base = len(seq) - 1  # the target's cache holds seq[:-1]
-        verify = slots.step(row, row + 1, np.array([[seq[-1], *proposed]], dtype=np.int64), keep=len(proposed) + 1)[0]
+        proposed, n, token, verify = speculate_round(slots, 0, seq, len(prompt), max_new_tokens - len(produced),
+                                                     source, k, sampling, rng)
         stats.target_steps += 1
-        if sampling.do_sample:
-            n, token = accept_sampled(verify, proposed, q, sampling, len(produced), rng)
-        else:
-            n, token = accept_greedy(verify, proposed, sampling, len(produced))
-        accepted = _cut_at_eos(proposed[:n], sampling)
-        slots.cache.truncate(row, base + len(accepted) + 1)
-        source.rollback(row, base + len(accepted) + 1)
         stats.drafted, stats.accepted = stats.drafted + len(proposed), stats.accepted + n
-        k.update(len(proposed), n)
+        accepted = _cut_at_eos(proposed[:n], sampling)
         if output_logits:  # the logits each kept token was chosen from (the target's next token's too, unless cut)
             kept.extend(verify[i].copy() for i in range(len(accepted) + (len(accepted) == n)))
         for t in accepted:

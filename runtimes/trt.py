@@ -95,10 +95,7 @@ def check_engine(manifest: dict, path: Path, trt_version: str | None, gpu: dict 
 class TrtEngine(Engine):
     """Runs an artifact's model.engine with TensorRT; the same interface as the ORT engine."""
 
-    def __init__(self, path: Path, manifest: dict, trt, gpu: dict, **options):
-        if options:  # ORT's options (threads, providers, huge_pages, spin) have no TensorRT meaning
-            raise UsageError(f"the TensorRT engine takes no options; got {', '.join(sorted(options))} "
-                             "(ONNX Runtime options: load(..., runtime='ort'))")
+    def __init__(self, path: Path, manifest: dict, trt, gpu: dict):
         super().__init__(path, manifest)
         import torch
 

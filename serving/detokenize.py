@@ -27,7 +27,6 @@ class IncrementalDetokenizer:
         self.ids: list[int] = list(prompt_ids or [])[-context:]
         self.prefix = 0
         self.read = len(self.ids)
-        self.text = ""
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip)
@@ -40,7 +39,6 @@ class IncrementalDetokenizer:
             return ""  # nothing complete yet: an unfinished character or a token that renders as nothing
         delta = after[len(before):]
         self.prefix, self.read = self.read, len(self.ids)
-        self.text += delta
         return delta
 
     def flush(self) -> str:
@@ -49,5 +47,4 @@ class IncrementalDetokenizer:
         after = self._decode(self.ids[self.prefix:])
         delta = after[len(before):] if len(after) > len(before) else ""
         self.prefix = self.read = len(self.ids)
-        self.text += delta
         return delta

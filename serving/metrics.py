@@ -76,11 +76,15 @@ class ServerMetrics:
             self.e2e.observe((request.last_token_at or request.arrival) - request.arrival)
         self.success.labels(**self.labels, finished_reason=request.finish_reason or "abort").inc()
 
-    def iteration(self, running: int, waiting: int, kv_usage: float, decoded: int, prefilled: int) -> None:
+    def iteration(self, running: int, waiting: int, kv_usage: float) -> None:
+        self.gauges(running, waiting, kv_usage)
+        self.iterations.inc()
+
+    def gauges(self, running: int, waiting: int, kv_usage: float) -> None:
+        """The scheduler's state now (also refreshed at each scrape, so an idle server's gauges are current)."""
         self.running.set(running)
         self.waiting.set(waiting)
         self.kv_usage.set(kv_usage)
-        self.iterations.inc()
 
     def http_error(self, status: int) -> None:
         self.http_errors.labels(**self.labels, status=str(status)).inc()

@@ -45,16 +45,15 @@ class BlockStore:
         self.capacity, self.block = capacity_bytes, block
         self.blocks: collections.OrderedDict[int, list] = collections.OrderedDict()
         self.nbytes = 0
-        self.evictions = 0
 
-    def cached_tokens(self, tokens: list[int]) -> int:
-        """How many leading tokens of ``tokens`` the store holds (whole blocks); marks them recently used."""
-        found = 0
+    def cached_blocks(self, tokens: list[int]) -> list[int]:
+        """The keys of the leading blocks of ``tokens`` the store holds; marks them recently used."""
+        found = []
         for key in block_keys(tokens, self.block):
             if key not in self.blocks:
                 break
             self.blocks.move_to_end(key)
-            found += self.block
+            found.append(key)
         return found
 
     def save(self, cache, slot: int) -> int:
@@ -75,25 +74,24 @@ class BlockStore:
         self._evict()
         return added
 
-    def load(self, cache, slot: int, tokens: list[int], count: int) -> None:
-        """Fill ``slot`` with the first ``count`` tokens' KV (``count`` as ``cached_tokens`` returned)."""
+    def load(self, cache, slot: int, tokens: list[int], keys: list[int]) -> int:
+        """Fill ``slot`` with the KV of the blocks ``keys`` (as ``cached_blocks`` returned for ``tokens``);
+        returns the tokens it now holds."""
         cache.clear(slot)
-        keys = block_keys(tokens[:count], self.block)
         for i, key in enumerate(keys):
             span = slice(i * self.block, (i + 1) * self.block)
             arrays = iter(self.blocks[key])
             for layer in cache.buffers:
                 for buffer in layer:
                     buffer[slot, :, span] = next(arrays)
-        cache.mask[slot, :count] = 1
-        cache.tokens[slot] = list(tokens[:count])
-        cache.lengths[slot] = count
+        count = len(keys) * self.block
+        cache.record(slot, np.array([tokens[:count]], dtype=np.int64), np.ones((1, count), dtype=np.int64))
+        return count
 
     def _evict(self) -> None:
         while self.nbytes > self.capacity and self.blocks:
             _, kv = self.blocks.popitem(last=False)
             self.nbytes -= sum(a.nbytes for a in kv)
-            self.evictions += 1
 
 
 class PrefixCache:
@@ -110,11 +108,11 @@ class PrefixCache:
         reuse, slot = max(scored)
         if reuse == 0:  # no slot shares anything: take the one that holds least, keep the others' contents
             slot = min(free_slots, key=lambda s: int(cache.lengths[s]))
-        stored = self.store.cached_tokens(prompt[:limit]) if self.store is not None else 0
-        if self.store is not None and int(cache.lengths[slot]) > reuse:
-            self.store.save(cache, slot)  # its contents are about to be overwritten: keep their blocks
-        if stored > reuse:
-            self.store.load(cache, slot, prompt, stored)
-            return slot, stored
+        if self.store is not None:
+            if int(cache.lengths[slot]) > reuse:
+                self.store.save(cache, slot)  # its contents are about to be overwritten: keep their blocks
+            stored = self.store.cached_blocks(prompt[:limit])  # after save, whose evictions it must not miss
+            if len(stored) * self.store.block > reuse:
+                return slot, self.store.load(cache, slot, prompt, stored)
         cache.truncate(slot, reuse)
         return slot, reuse

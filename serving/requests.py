@@ -7,6 +7,7 @@ a request with the same parameters gives the same tokens here as ``Engine.genera
 
 from __future__ import annotations
 
+import functools
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import UsageError
-from ..runtimes.sampling import select_next
+from ..runtimes.sampling import Sampling
 from .detokenize import IncrementalDetokenizer
 
 _ids = itertools.count()
@@ -50,6 +51,11 @@ class SamplingParams:
         if any(not s for s in self.stop):
             raise UsageError("stop strings must not be empty")
 
+    @functools.cached_property
+    def longest_stop(self) -> int:
+        """The longest stop string's length (0 without any): how much text a stop string could still complete."""
+        return max(map(len, self.stop), default=0)
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
@@ -67,6 +73,13 @@ class Output:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+
+    @staticmethod
+    def merge(outputs: list["Output"]) -> "Output":
+        """One Output for several in a row of one request: their tokens and text, the last one's state."""
+        last = outputs[-1]
+        return Output(last.request_id, [t for o in outputs for t in o.token_ids], "".join(o.text for o in outputs),
+                      last.finish_reason, last.prompt_tokens, last.completion_tokens, last.error)
 
 
 @dataclass(eq=False)
@@ -86,13 +99,13 @@ class Request:
     cancelled: bool = False
     finish_reason: str | None = None
     scheduled_at: float | None = None
-    first_token_at: float | None = None
     last_token_at: float | None = None
     text: str = ""
     emitted_chars: int = 0
     detokenizer: IncrementalDetokenizer | None = None
     rng: np.random.Generator | None = None
     stop_ids: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    sampling: Sampling | None = None  # how tokens are chosen, as Engine.generate chooses them
     spec_k: object = None  # speculative decoding's adaptive proposal length (serving/speculation.py)
 
     def start(self, tokenizer, eos_ids: tuple[int, ...]) -> None:
@@ -100,16 +113,14 @@ class Request:
         self.rng = np.random.default_rng(self.params.seed)
         self.stop_ids = np.array(sorted(set(self.params.stop_token_ids) | (set() if self.params.ignore_eos
                                                                            else set(eos_ids))), dtype=np.int64)
+        p = self.params
+        self.sampling = Sampling(not p.greedy, p.temperature or 1.0, p.top_k, p.top_p, self.stop_ids, p.min_tokens)
         if tokenizer is not None:
             self.detokenizer = IncrementalDetokenizer(tokenizer, self.prompt_ids)
 
     def choose(self, logits: np.ndarray) -> int:
         """The next token from this request's logits [vocab], as Engine.generate would choose it alone."""
-        if len(self.output_ids) < self.params.min_tokens and self.stop_ids.size:
-            logits = logits.copy()
-            logits[self.stop_ids] = -np.inf
-        p = self.params
-        return int(select_next(logits[None, :], not p.greedy, p.temperature or 1.0, p.top_k, p.top_p, self.rng)[0])
+        return self.sampling.choose(logits, len(self.output_ids), self.rng)
 
     def accept(self, token: int) -> Output:
         """Book a chosen token; returns the Output to emit (finish_reason set when this token ends it)."""
@@ -130,8 +141,7 @@ class Request:
 
     def _stop_string(self, added: int) -> bool:
         """Truncate the text at the first stop string that the last ``added`` characters completed."""
-        longest = max(len(stop) for stop in self.params.stop)
-        begin = max(0, len(self.text) - added - longest + 1)  # earlier text was checked when it arrived
+        begin = max(0, len(self.text) - added - self.params.longest_stop + 1)  # earlier text was checked when it arrived
         hits = [at for at in (self.text.find(stop, begin) for stop in self.params.stop) if at != -1]
         if not hits:
             return False
@@ -143,7 +153,7 @@ class Request:
         held back (at most the longest stop string minus one character)."""
         end = len(self.text)
         if self.finish_reason is None and self.params.stop:
-            end = max(self.emitted_chars, end - (max(len(s) for s in self.params.stop) - 1))
+            end = max(self.emitted_chars, end - (self.params.longest_stop - 1))
         delta = self.text[self.emitted_chars:end]
         self.emitted_chars = end
         return delta

@@ -57,7 +57,7 @@ def add_routes(app: FastAPI, state: ServingState) -> None:
         from .metrics import CONTENT_TYPE
 
         state.require_ready()
-        state.metrics.iteration(state.scheduler.running, state.scheduler.waiting, state.scheduler.kv_cache_usage, 0, 0)
+        state.metrics.gauges(state.scheduler.running, state.scheduler.waiting, state.scheduler.kv_cache_usage)
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
     @app.post("/v1/completions", dependencies=auth)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import CapacityError, UsageError
+from ..runtimes.generation import eos_set
 from .prefix_cache import PrefixCache
 from .requests import Output, Request, SamplingParams
 
@@ -65,7 +66,7 @@ class NoMetrics:
     def request_scheduled(self, request: Request) -> None: ...
     def token(self, request: Request, first: bool, seconds: float, count: int = 1) -> None: ...
     def request_finished(self, request: Request) -> None: ...
-    def iteration(self, running: int, waiting: int, kv_usage: float, decoded: int, prefilled: int) -> None: ...
+    def iteration(self, running: int, waiting: int, kv_usage: float) -> None: ...
     def prefix_lookup(self, queried: int, hit: int) -> None: ...
     def speculated(self, proposed: int, accepted: int) -> None: ...
 
@@ -86,7 +87,7 @@ class Scheduler:
         self.slots = engine.open_slots(self.config.max_num_seqs, capacity)
         self.capacity = capacity
         self.vocab = engine.vocab
-        self.eos_ids = _eos_ids(engine)
+        self.eos_ids = tuple(eos_set(engine.manifest.get("generation", {}).get("eos_token_id")).tolist())
         self.tokenizer = engine.tokenizer if engine.manifest.get("tokenizer") else None
         self.batched_decode = engine.graph.shared_kv  # concat graphs step each row alone (equal lengths only)
         self.prefix = PrefixCache(self.config.prefix_cache_mb << 20) if self.config.prefix_cache else None
@@ -104,7 +105,6 @@ class Scheduler:
         self._cancelled: list[Request] = []
         self._stopping = self._draining = False
         self._thread: threading.Thread | None = None
-        self.iterations = 0
 
     # -- the handlers' side ---------------------------------------------------------------------------
     def start(self) -> "Scheduler":
@@ -156,9 +156,7 @@ class Scheduler:
         if not done.wait(timeout):
             self.cancel(request)
             raise TimeoutError(f"request {request.request_id} did not finish within {timeout} s")
-        last = outputs[-1]
-        return Output(request.request_id, [t for o in outputs for t in o.token_ids], "".join(o.text for o in outputs),
-                      last.finish_reason, last.prompt_tokens, last.completion_tokens, last.error)
+        return Output.merge(outputs)
 
     def begin_drain(self) -> None:
         """Admit nothing more: new submits raise Draining, waiting requests end "abort", running ones go on."""
@@ -166,16 +164,13 @@ class Scheduler:
             self._draining = True
             self._lock.notify()
 
-    def drain(self, timeout: float) -> bool:
-        """begin_drain, let running requests finish for up to ``timeout`` seconds, then stop the loop.
-        True when everything running finished in time."""
-        self.begin_drain()
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for every request in flight to end; True when they did (a drain
+        after ``begin_drain``)."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self.active:
+        while self.active and time.monotonic() < deadline:
             time.sleep(0.02)
-        finished = not self.active
-        self.stop()
-        return finished
+        return not self.active
 
     def stop(self) -> None:
         with self._lock:
@@ -218,13 +213,12 @@ class Scheduler:
         self._abort_all("abort")
 
     def _iteration(self) -> None:
-        self.iterations += 1
         self._drop_cancelled()
         if self._draining:
             self._abort_waiting()
         decoded = self._decode()
-        prefilled = self._prefill(self.config.max_num_batched_tokens - decoded)
-        self.metrics.iteration(self.running, self.waiting, self.kv_cache_usage, decoded, prefilled)
+        self._prefill(self.config.max_num_batched_tokens - decoded)
+        self.metrics.iteration(self.running, self.waiting, self.kv_cache_usage)
 
     def _drop_cancelled(self) -> None:
         with self._lock:
@@ -250,15 +244,8 @@ class Scheduler:
             # each step's logits live in a buffer the next step reuses: copy them out one by one
             logits = np.stack([self.slots.step(row, row + 1, tokens[row:row + 1])[0, -1, :].copy() for row in range(n)])
         now = time.monotonic()
-        finished = []
-        for row in range(n):
-            request = self._owner[row]
-            output = request.accept(request.choose(logits[row]))
-            self.metrics.token(request, False, now - request.last_token_at)
-            request.last_token_at = now
-            request.emit(output)
-            if output.finish_reason is not None:
-                finished.append(request)
+        requests = [self._owner[row] for row in range(n)]
+        finished = [r for row, r in enumerate(requests) if self._deliver(r, [r.accept(r.choose(logits[row]))], now)]
         for request in finished:
             self._release(request)
         return n
@@ -268,21 +255,21 @@ class Scheduler:
         computed, finished = 0, []
         for row in range(n):
             request = self._owner[row]
-            before = len(request.output_ids)
-            outputs = self.speculator.round(self.slots, request)
-            computed += len(outputs) + 1
-            now = time.monotonic()
-            self.metrics.token(request, False, now - request.last_token_at, len(request.output_ids) - before)
-            request.last_token_at = now
-            last = outputs[-1]
-            request.emit(Output(request.request_id, [t for o in outputs for t in o.token_ids],
-                                "".join(o.text for o in outputs), last.finish_reason, last.prompt_tokens,
-                                last.completion_tokens))
-            if last.finish_reason is not None:
+            outputs, width = self.speculator.round(self.slots, request)
+            computed += width
+            if self._deliver(request, outputs, time.monotonic()):
                 finished.append(request)
         for request in finished:
             self._release(request)
         return computed
+
+    def _deliver(self, request: Request, outputs: list[Output], now: float) -> bool:
+        """Report and emit one iteration's outputs for ``request`` (one per token it kept); True when it
+        finished."""
+        self.metrics.token(request, False, now - request.last_token_at, len(outputs))
+        request.last_token_at = now
+        request.emit(outputs[0] if len(outputs) == 1 else Output.merge(outputs))
+        return outputs[-1].finish_reason is not None
 
     def _prefill(self, budget: int) -> int:
         """Spend up to ``budget`` prompt tokens; returns how many were computed."""
@@ -314,7 +301,7 @@ class Scheduler:
             self.slots.cache.clear(slot)
         self.metrics.prefix_lookup(len(request.prompt_ids), request.prefilled)
         if self.speculator is not None:
-            self.speculator.admit(slot)
+            self.speculator.source.clear(slot)  # the slot's draft KV belonged to its last request
         self._owner[slot], request.slot = request, slot
         request.start(self.tokenizer, self.eos_ids)
         request.scheduled_at = time.monotonic()
@@ -324,9 +311,9 @@ class Scheduler:
     def _first_token(self, request: Request, logits: np.ndarray) -> None:
         self._move(request.slot, self._decoding)
         self._decoding += 1
-        request.first_token_at = request.last_token_at = time.monotonic()
+        request.last_token_at = time.monotonic()
         output = request.accept(request.choose(logits))
-        self.metrics.token(request, True, request.first_token_at - request.arrival)
+        self.metrics.token(request, True, request.last_token_at - request.arrival)
         request.emit(output)
         if output.finish_reason is not None:
             self._release(request)
@@ -337,7 +324,7 @@ class Scheduler:
             return
         self.slots.cache.swap(slot, target)
         if self.speculator is not None:
-            self.speculator.swap(slot, target)
+            self.speculator.source.swap(slot, target)
         self._owner[slot], self._owner[target] = self._owner[target], self._owner[slot]
         for index in (slot, target):
             if self._owner[index] is not None:
@@ -377,10 +364,3 @@ class Scheduler:
 
     def _fail_all(self, error: str) -> None:
         self._abort_all("error", error)
-
-
-def _eos_ids(engine) -> tuple[int, ...]:
-    eos = (engine.manifest.get("generation") or {}).get("eos_token_id")
-    if eos is None:
-        return ()
-    return tuple(eos) if isinstance(eos, list) else (int(eos),)

@@ -198,10 +198,8 @@ def serve(artifact: str | Path, settings: ServerSettings) -> int:
                 super().handle_exit(sig, frame)
 
         def _exit_when_drained(self):
-            scheduler = state.scheduler
-            deadline = time.monotonic() + settings.drain_timeout
-            while scheduler is not None and scheduler.active and time.monotonic() < deadline:
-                time.sleep(0.02)
+            if state.scheduler is not None:
+                state.scheduler.wait_idle(settings.drain_timeout)
             time.sleep(0.1)  # the last responses' bytes leave before the listener closes
             self.should_exit = True
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..runtimes.speculative import AdaptiveK, DraftModel, PromptLookup, Sampling, accept_greedy, accept_sampled, check_draft
+from ..runtimes.speculative import AdaptiveK, DraftModel, PromptLookup, check_draft, speculate_round
 from .requests import Output, Request
 
 
@@ -42,40 +42,20 @@ class Speculator:
             self.initial_k = config.prompt_lookup
         self.name = self.source.name
 
-    def admit(self, slot: int) -> None:
-        if isinstance(self.source, DraftModel):
-            self.source.clear(slot)
-
-    def swap(self, a: int, b: int) -> None:
-        if isinstance(self.source, DraftModel):
-            self.source.swap(a, b)
-
-    def round(self, slots, request: Request) -> list[Output]:
-        """Propose, verify in one target step, accept; returns one Output per kept token (the last may finish)."""
-        params, slot = request.params, request.slot
+    def round(self, slots, request: Request) -> tuple[list[Output], int]:
+        """Propose, verify in one target step, accept; returns one Output per kept token (the last may finish)
+        and the tokens the target's step computed."""
         if request.spec_k is None:
-            request.spec_k = AdaptiveK(self.initial_k, limit=self.initial_k)  # a ceiling: see OrtEngine._speculative
-        sampling = Sampling(not params.greedy, params.temperature or 1.0, params.top_k, params.top_p,
-                            request.stop_ids, params.min_tokens)
-        seq = request.prompt_ids + request.output_ids
-        produced = len(request.output_ids)
-        budget = min(request.spec_k.k, params.max_tokens - produced - 1)
-        proposed, q = self.source.propose(slot, seq, budget, sampling, produced, request.rng) if budget > 0 else ([], None)
-        base = len(seq) - 1  # the target's slot holds seq[:-1]
-        verify = slots.step(slot, slot + 1, [[seq[-1], *proposed]], keep=len(proposed) + 1)[0]
-        if sampling.do_sample:
-            n, token = accept_sampled(verify, proposed, q, sampling, produced, request.rng)
-        else:
-            n, token = accept_greedy(verify, proposed, sampling, produced)
-        kept = [*proposed[:n], token]
-        slots.cache.truncate(slot, base + len(kept))
-        self.source.rollback(slot, base + len(kept))
-        request.spec_k.update(len(proposed), n)
+            request.spec_k = AdaptiveK(self.initial_k)
+        proposed, n, token, _ = speculate_round(
+            slots, request.slot, request.prompt_ids + request.output_ids, len(request.prompt_ids),
+            request.params.max_tokens - len(request.output_ids), self.source, request.spec_k, request.sampling,
+            request.rng)
         if proposed:
             self.metrics.speculated(len(proposed), n)
         outputs = []
-        for t in kept:
+        for t in [*proposed[:n], token]:
             outputs.append(request.accept(t))
             if outputs[-1].finish_reason is not None:
                 break
-        return outputs
+        return outputs, len(proposed) + 1

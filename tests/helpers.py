@@ -69,6 +69,17 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int):
     return out.sequences.numpy(), logits
 
 
+def assert_engine_matches_transformers(engine, model, atol: float, new_tokens: int = 32):
+    """The contract on PROMPT: every position's logits equal PyTorch's within ``atol``, and greedy generation
+    gives transformers' tokens, with each step's logits within ``atol``."""
+    assert np.abs(engine.score([PROMPT]) - torch_logits(model, [PROMPT])).max() <= atol
+    ids, logits = engine.generate([PROMPT], max_new_tokens=new_tokens, min_new_tokens=new_tokens, eos_token_id=None,
+                                  output_logits=True)
+    ref_ids, ref_logits = hf_greedy(model, PROMPT, new_tokens)
+    assert ids.tolist() == ref_ids.tolist()
+    assert np.abs(logits - ref_logits).max() <= atol
+
+
 def torch_logits(model, ids) -> np.ndarray:
     import torch
 

@@ -1,63 +1,27 @@
 """A real `luffy serve` process for the tests: started on 127.0.0.1 with a port the OS picks, stopped by the test
-that started it. Every wait is bounded."""
+that started it. Every wait is bounded. The process itself is `luffy bench serve`'s ServeProcess."""
 
 from __future__ import annotations
 
 import os
-import re
-import signal
-import subprocess
-import sys
-import threading
-import time
 from pathlib import Path
 
 import httpx
 
+from luffy.benchmarks.serve_bench import ServeProcess
 
-class ServerProcess:
+
+class ServerProcess(ServeProcess):
     """``with ServerProcess(artifact, "--max-num-seqs", "4") as server: server.url ...``"""
 
     def __init__(self, artifact: Path, *args: str, api_key: str | None = None, start_timeout: float = 120.0):
-        self.artifact, self.args, self.api_key, self.start_timeout = artifact, args, api_key, start_timeout
-        self.proc: subprocess.Popen | None = None
-        self.url = ""
-        self.log: list[str] = []
+        env = {**os.environ, **({"LUFFY_API_KEY": api_key} if api_key else {})}
+        super().__init__(artifact, [str(a) for a in args], env)
+        self.api_key, self.start_timeout = api_key, start_timeout
 
     def __enter__(self) -> "ServerProcess":
-        cmd = [sys.executable, "-m", "luffy", "serve", str(self.artifact), "--host", "127.0.0.1", "--port", "0", *self.args]
-        env = {**os.environ, **({"LUFFY_API_KEY": self.api_key} if self.api_key else {})}
-        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
-        threading.Thread(target=self._read_log, daemon=True).start()
-        deadline = time.monotonic() + self.start_timeout
-        while not self.url:
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise AssertionError(f"luffy serve did not start: {''.join(self.log)[-2000:]}")
-            time.sleep(0.02)
-        self.wait_ready(deadline)
+        self.start().wait_ready(self.start_timeout)
         return self
-
-    def _read_log(self) -> None:
-        for line in self.proc.stderr:
-            self.log.append(line)
-            match = re.search(r"listening on (http://\S+)", line)
-            if match:
-                self.url = match.group(1)
-
-    def wait_ready(self, deadline: float) -> list[int]:
-        """Poll /health until 200; returns every status seen (503 while the model loads)."""
-        seen = []
-        while time.monotonic() < deadline:
-            try:
-                status = httpx.get(f"{self.url}/health", timeout=5).status_code
-            except httpx.TransportError:
-                status = 0
-            seen.append(status)
-            if status == 200:
-                return seen
-            time.sleep(0.01)
-        raise AssertionError(f"/health never answered 200: {seen[-5:]}, log: {''.join(self.log)[-2000:]}")
 
     @property
     def headers(self) -> dict:
@@ -82,20 +46,7 @@ class ServerProcess:
         return next(v for k, v in self.metrics().items() if k.split("{")[0] == name)
 
     def rss_bytes(self) -> int:
-        status = Path(f"/proc/{self.proc.pid}/status").read_text()
-        return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) * 1024
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
-        if self.proc is None:
-            return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        return self.proc.returncode
+        return int(self.rss_mib() * 2**20)
 
     def __exit__(self, *exc) -> None:
         self.stop()

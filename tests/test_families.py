@@ -7,8 +7,8 @@ greedy generation identical to transformers' generate.
 import numpy as np
 import pytest
 
-from luffy.tests.helpers import (NAMED_FAMILIES, OTHER_FAMILIES, PROMPT, assert_transformers_generates, hf_greedy,
-                                 torch_logits)
+from luffy.tests.helpers import (NAMED_FAMILIES, OTHER_FAMILIES, PROMPT, assert_engine_matches_transformers,
+                                 assert_transformers_generates)
 
 ATOL = 1e-4
 
@@ -19,11 +19,7 @@ def test_family_parity(family_artifact, family):
     assert artifact.manifest["source"]["kind"] == "hf-dir"
     assert artifact.manifest["tokenizer"] == "tokenizer.json"
     engine = artifact.load()
-    assert np.abs(engine.score([PROMPT]) - torch_logits(model, [PROMPT])).max() <= ATOL
-    ids, logits = engine.generate([PROMPT], max_new_tokens=32, min_new_tokens=32, eos_token_id=None, output_logits=True)
-    ref_ids, ref_logits = hf_greedy(model, PROMPT, 32)
-    assert ids.tolist() == ref_ids.tolist()
-    assert np.abs(logits - ref_logits).max() <= ATOL
+    assert_engine_matches_transformers(engine, model, ATOL)
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "gpt2", "phi3"])

@@ -79,7 +79,7 @@ def test_shared_buffer_engine_matches_the_concat_engine(zoo_artifacts, tmp_path)
     assert plain.manifest["kv_cache"]["mode"] == "concat"
     assert fused.manifest["dims"]["max_seq"] == {"min": 1, "max": 512}
     a, b = fused.load(), plain.load()
-    assert a.shared_kv and not b.shared_kv
+    assert a.graph.shared_kv and not b.graph.shared_kv
     rows = [[256, *PROMPT[:4]], [256, *PROMPT]]
     ids_a, logits_a = a.generate(rows, max_new_tokens=16, eos_token_id=None, output_logits=True)
     ids_b, logits_b = b.generate(rows, max_new_tokens=16, eos_token_id=None, output_logits=True)

@@ -20,8 +20,8 @@ from luffy.errors import UnsupportedModelError
 from luffy.passes.driver import run_passes
 from luffy.passes.fuse_moe import fuse_moe
 from luffy.passes.pipelines import CLEANUP
-from luffy.tests.helpers import (COMMON, PROMPT, assert_transformers_generates, compiled_families, hf_greedy, make_hf_dir,
-                                 torch_logits)
+from luffy.tests.helpers import (COMMON, PROMPT, assert_engine_matches_transformers, assert_transformers_generates,
+                                 compiled_families, make_hf_dir)
 
 ATOL = 1e-4
 TOP2 = dict(COMMON, num_experts_per_tok=2)
@@ -49,11 +49,7 @@ def test_moe_family_parity_greedy_and_fused(moe_artifact, family):
     assert report["op_histogram"]["com.microsoft::MoE"] == layers
     assert "TopK" not in report["op_histogram"]  # the routing is inside MoE
     engine = artifact.load()
-    assert np.abs(engine.score([PROMPT]) - torch_logits(model, [PROMPT])).max() <= ATOL
-    ids, logits = engine.generate([PROMPT], max_new_tokens=32, min_new_tokens=32, eos_token_id=None, output_logits=True)
-    ref_ids, ref_logits = hf_greedy(model, PROMPT, 32)
-    assert ids.tolist() == ref_ids.tolist()
-    assert np.abs(logits - ref_logits).max() <= ATOL
+    assert_engine_matches_transformers(engine, model, ATOL)
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])

@@ -130,6 +130,10 @@ def test_models_health_and_metrics(server):
             "luffy:e2e_request_latency_seconds_count", "luffy:request_queue_time_seconds_count",
             "luffy:num_requests_running", "luffy:num_requests_waiting", "luffy:kv_cache_usage_perc",
             "luffy:prompt_tokens_total", "luffy:generation_tokens_total", "luffy:request_success_total"} <= names
+    # a scrape refreshes the gauges; it is not a scheduler iteration
+    assert _wait_for(lambda: server.metric("luffy:num_requests_running") == 0)
+    iterations = server.metric("luffy:scheduler_iterations_total")
+    assert [server.metric("luffy:scheduler_iterations_total") for _ in range(3)] == [iterations] * 3
 
 
 @pytest.mark.parametrize("body, status, fragment", [

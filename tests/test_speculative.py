@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 import luffy
-from luffy.runtimes.speculative import Sampling, accept_sampled
+from luffy.runtimes.sampling import Sampling
+from luffy.runtimes.speculative import accept_sampled
 
 from .helpers import COMMON, NAMED_FAMILIES, PROMPT, make_hf_dir
 
