@@ -69,6 +69,15 @@ def test_a_shared_thread_pool_keeps_greedy_output(zoo_artifacts, pydoc_int8):
     assert spec == plain and plain[0][:10] == list(b"def parse(") and len(plain[0]) > 10
 
 
+def test_zero_new_tokens_and_bad_top_p_are_handled_like_plain_generate(pydoc):
+    target, draft = pydoc
+    prompt = [list(b"def parse(")]
+    for kwargs in ({"assistant_model": draft}, {"prompt_lookup_num_tokens": 4}):
+        np.testing.assert_array_equal(target.generate(prompt, max_new_tokens=0, **kwargs), np.array(prompt))
+        with pytest.raises(luffy.UsageError, match="top_p"):
+            target.generate(prompt, max_new_tokens=4, do_sample=True, top_p=0.0, **kwargs)
+
+
 def test_rejected_tokens_leave_the_cache_as_if_they_never_ran(pydoc):
     # prompt lookup on a prompt with repeats proposes tokens the target mostly rejects: every rejection is
     # rolled back by truncating the slot, and every later logit still equals plain decoding's
