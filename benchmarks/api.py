@@ -24,7 +24,8 @@ from .. import __version__
 from .. import errors as luffy_errors
 from ..errors import CapacityError, LuffyError, UsageError
 from .bandwidth import BandwidthProbe, streaming_read_bandwidth
-from .machine import CpuAccount, describe_machine, wait_for_quiet_cpu
+from ..runtimes.timing import wait_for_quiet_cpu
+from .machine import CpuAccount, describe_machine
 from .measure import interleaved_runs
 from .peers import PEERS, RUNNERS, SUBJECT, Runner
 from .report import DEFINITIONS, BenchReport, batch_result, count, summarize

@@ -8,6 +8,7 @@ import platform
 import resource
 import time
 
+from ..runtimes.timing import busy_ticks as _busy_ticks
 from .bandwidth import usable_cores
 
 VERSIONED = ("luffy", "numpy", "onnx", "onnx-ir", "onnxscript", "onnxruntime", "onnxruntime-genai", "torch", "transformers")
@@ -81,38 +82,6 @@ def describe_machine() -> dict:
         "versions": versions(),
         "luffy_source": luffy_source_state(),
     }
-
-
-def _busy_ticks() -> int | None:
-    try:
-        fields = open("/proc/stat").readline().split()[1:]
-    except OSError:
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
-    return user + nice + system + irq + softirq + steal
-
-
-def wait_for_quiet_cpu(limit_s: float = 3.0, window_s: float = 0.05, busy_share: float = 0.1) -> float:
-    """Sleep until one ``window_s`` window has the machine's CPUs at most ``busy_share`` busy (/proc/stat),
-    or ``limit_s`` passed; returns the seconds waited.
-
-    Why: runtimes keep their threads spinning after a run (ONNX Runtime's intra-op pool, OpenMP's
-    GOMP_SPINCOUNT under torch), for milliseconds to a good part of a second. Without a pause, the system
-    timed next shares the cores with the last one's spinning threads, and its prefill pays for it.
-    """
-    start = time.perf_counter()
-    ticks_per_window = os.sysconf("SC_CLK_TCK") * window_s * (os.cpu_count() or 1)
-    before = _busy_ticks()
-    if before is None:  # not Linux: a fixed pause instead
-        time.sleep(min(limit_s, 0.5))
-        return round(time.perf_counter() - start, 3)
-    while time.perf_counter() - start < limit_s:
-        time.sleep(window_s)
-        now = _busy_ticks()
-        if now - before <= busy_share * ticks_per_window:
-            break
-        before = now
-    return round(time.perf_counter() - start, 3)
 
 
 def _own_cpu_seconds() -> float:

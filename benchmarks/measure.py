@@ -11,14 +11,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-import numpy as np
-
+from ..runtimes.timing import prompt_ids
 from .worker import Worker, WorkerFailed
-
-
-def prompt_ids(batch: int, prompt_len: int, vocab: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng([seed, batch, prompt_len])
-    return rng.integers(0, vocab, size=(batch, prompt_len), dtype=np.int64)
 
 
 def interleaved_runs(

@@ -130,17 +130,11 @@ class LuffyRunner(Runner):
     generate_kwargs: dict = {}  # what a subclass adds to every generate call
 
     def generate(self, ids, new_tokens, first_token):
-        state = {"first": True}
+        from ..runtimes.timing import engine_generate
 
-        def streamer(_tokens):  # the first call is the first token: prefill is done
-            if state["first"]:
-                state["first"] = False
-                first_token()
-
-        out = self.engine.generate(ids, max_new_tokens=new_tokens, eos_token_id=None, streamer=streamer,
-                                   **self.generate_kwargs)
+        tokens = engine_generate(self.engine, ids, new_tokens, first_token, **self.generate_kwargs)
         self.last_stats = self.engine.generation_stats  # speculative decoding's acceptance, else None
-        return out[0, ids.shape[1]:].tolist()
+        return tokens
 
 
 class LuffySpeculativeRunner(LuffyRunner):

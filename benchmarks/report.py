@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..runtimes.timing import decode_tokens_per_s, prefill_ms
+
 DEFINITIONS = {
     "prefill_ms": "time to first token: from the generate call until the first new token exists (prompt forward pass + first pick)",
     "decode_tok_s": "batch x (new tokens - 1) / (generation time - time to first token), per run",
@@ -37,8 +39,8 @@ def summarize(values: list[float]) -> dict:
 
 def batch_result(batch: int, new_tokens: int, runs: list[dict], streamed_bytes: int | None, bandwidth: float | None) -> dict:
     """Stats of one system at one batch size from its timed runs ({ttft_s, total_s})."""
-    prefill = [r["ttft_s"] * 1e3 for r in runs]
-    decode = [batch * (new_tokens - 1) / (r["total_s"] - r["ttft_s"]) for r in runs]
+    prefill = [prefill_ms(r) for r in runs]
+    decode = [decode_tokens_per_s(batch, new_tokens, r) for r in runs]
     e2e = [batch * new_tokens / r["total_s"] for r in runs]
     out = {"batch": batch, "runs": runs, "prefill_ms": summarize(prefill), "decode_tok_s": summarize(decode),
            "e2e_tok_s": summarize(e2e), "roofline_tok_s": None, "roofline_fraction": None}

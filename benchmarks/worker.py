@@ -73,14 +73,11 @@ class _Session:
     def run(self, ids: list, new_tokens: int) -> dict:
         import numpy as np
 
+        from ..runtimes.timing import time_generation
+
         array = np.asarray(ids, dtype=np.int64)
-        marks = []
-        start = time.perf_counter()
-        tokens = self.runner.generate(array, new_tokens, lambda: marks.append(time.perf_counter()))
-        total = time.perf_counter() - start
-        if len(marks) != 1 or len(tokens) != new_tokens:
-            raise RuntimeError(f"{self.runner.name}: produced {len(tokens)} tokens, first-token marks {len(marks)}")
-        result = {"ttft_s": marks[0] - start, "total_s": total, "tokens": tokens}
+        result = time_generation(lambda first_token: self.runner.generate(array, new_tokens, first_token), new_tokens,
+                                 self.runner.name)
         if getattr(self.runner, "last_stats", None):  # speculative decoding: acceptance of this run
             result["speculation"] = self.runner.last_stats
         return {"result": result}
