@@ -110,10 +110,10 @@ def compile_cmd(
         None, "--reduce-range/--no-reduce-range", help="int8-dynamic: 7-bit weights, correct on every x86 CPU; "
         "--no-reduce-range: 8-bit, only for CPUs with VNNI [decided by this CPU]",
     ),
-    opt_level: int = typer.Option(2, "-O", "--opt-level", min=0, max=3, help="0 none, 1 cleanup, 2 fusions (default), 3 all."),
+    opt_level: int = typer.Option(2, "-O", "--opt-level", min=0, max=2, help="0 none, 1 cleanup, 2 fusions (default)."),
     max_seq_len: Optional[int] = typer.Option(None, "--max-seq-len", help="Longest prompt + generation the artifact serves."),
     disable_pass: List[str] = typer.Option([], "--disable-pass", help="Skip a pass by name (repeatable)."),
-    enable_pass: List[str] = typer.Option([], "--enable-pass", help="Add a pass from -O3 by name (repeatable)."),
+    enable_pass: List[str] = typer.Option([], "--enable-pass", help="Add a pass from the -O2 list by name, to -O0/-O1 (repeatable)."),
     check_parity: bool = typer.Option(True, "--check-parity/--no-check-parity", help="Compare with PyTorch before publishing."),
     external_data: str = typer.Option("auto", "--external-data", help="Weights in model.onnx.data: auto | always | never."),
     verify: bool = typer.Option(
@@ -332,6 +332,23 @@ def serve_cmd(
                                                 "decoding with up to K tokens copied from the context."),
     speculative_max_batch: int = typer.Option(1, "--speculative-max-batch", min=1, help="Speculate while at most "
                                               "this many requests decode (a batched step already shares the weights)."),
+    replicas: Optional[int] = typer.Option(None, "--replicas", min=1, help="Run N replicas on Ray Serve behind one "
+                                           "endpoint (extra 'ray'); with --min/--max-replicas: the initial count."),
+    min_replicas: Optional[int] = typer.Option(None, "--min-replicas", min=0, help="Autoscale on Ray Serve, down to "
+                                               "this many replicas."),
+    max_replicas: Optional[int] = typer.Option(None, "--max-replicas", min=1, help="Autoscale on Ray Serve, up to "
+                                               "this many replicas."),
+    target_ongoing_requests: Optional[float] = typer.Option(
+        None, "--target-ongoing-requests", min=0.1, help="Autoscaling target: requests in flight per replica (in a "
+        "slot or waiting) [--max-num-seqs: add replicas while requests wait for slots]."),
+    upscale_delay: float = typer.Option(5.0, "--upscale-delay", min=0, help="Seconds over target before a replica "
+                                        "is added."),
+    downscale_delay: float = typer.Option(30.0, "--downscale-delay", min=0, help="Seconds under target before a "
+                                          "replica is removed."),
+    routing: str = typer.Option("prefix", "--routing", help="Ray Serve routing: prefix (the replica holding the "
+                                "longest cached prefix, unless it is busier) or pow2 (Ray's default)."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join this Ray cluster (e.g. "
+                                              "ray://head:10001 or auto) instead of starting a local one."),
 ):
     """Serve an artifact over an OpenAI-compatible HTTP API with continuous batching.
 
@@ -339,6 +356,8 @@ def serve_cmd(
     /health, /metrics (Prometheus, luffy:* named like vLLM's vllm:*).
 
     Example: luffy serve build/pydoc --port 8000 --max-num-seqs 16
+
+    Example (Ray Serve): luffy serve build/pydoc --replicas 2 --threads 1, or --min-replicas 1 --max-replicas 4
 
     Example (client): curl -s localhost:8000/v1/completions -H 'Content-Type: application/json'
     -d '{"model": "pydoc", "prompt": "Return the", "max_tokens": 32, "temperature": 0}'
@@ -358,6 +377,14 @@ def serve_cmd(
                                   speculation=_speculation(draft, num_assistant_tokens, prompt_lookup,
                                                            speculative_max_batch)),
     )
+    if any(v is not None for v in (replicas, min_replicas, max_replicas, ray_address)):
+        from ..serving.ray import RayOptions, serve_on_ray
+
+        options = RayOptions(replicas=replicas, min_replicas=min_replicas, max_replicas=max_replicas,
+                             target_ongoing_requests=target_ongoing_requests, upscale_delay_s=upscale_delay,
+                             downscale_delay_s=downscale_delay, routing=routing, address=ray_address,
+                             replica_cpus=float(threads or 1))
+        raise typer.Exit(serve_on_ray(artifact, settings, options))
     raise typer.Exit(serve(artifact, settings))
 
 

@@ -12,6 +12,7 @@ from .errors import BackendUnavailableError
 
 COMPILE_PACKAGES = ("torch", "transformers", "onnxscript")
 SERVE_PACKAGES = ("fastapi", "uvicorn", "prometheus_client", "jinja2")
+RAY_PACKAGES = ("ray", "ray.serve")
 
 
 def import_compiler(module: str):
@@ -37,6 +38,14 @@ def require_serve_extra() -> None:
     if missing:
         raise BackendUnavailableError(f"luffy serve needs the 'serve' extra ({', '.join(missing)} not installed): "
                                       "pip install 'luffy[serve]'")
+
+
+def require_ray_extra() -> None:
+    """Say that the 'ray' extra is missing, before `luffy serve --replicas` starts anything."""
+    missing = [name for name in RAY_PACKAGES if not _importable(name)]
+    if missing:
+        raise BackendUnavailableError(f"luffy serve --replicas/--ray-address runs on Ray Serve: the 'ray' extra "
+                                      f"({', '.join(missing)} not installed): pip install 'luffy[ray]'")
 
 
 def _importable(name: str) -> bool:

@@ -91,3 +91,20 @@ class ServerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def merge_exposition(texts: list[str]) -> str:
+    """Several registries' text exposition as one (Ray Serve: every replica's metrics in one scrape): each
+    family's HELP and TYPE once, then its samples from every text (the ``replica`` label keeps them apart)."""
+    families: dict[str, tuple[list[str], list[str]]] = {}
+    for text in texts:
+        current = None
+        for line in text.splitlines():
+            if line.startswith(("# HELP ", "# TYPE ")):
+                current = line.split(" ", 3)[2]
+                headers, _ = families.setdefault(current, ([], []))
+                if line not in headers:
+                    headers.append(line)
+            elif line and current is not None:
+                families[current][1].append(line)
+    return "".join("\n".join(headers + samples) + "\n" for headers, samples in families.values())

@@ -1,0 +1,499 @@
+"""`luffy serve ARTIFACT --replicas N`: the server and scheduler of serving/server.py in N Ray Serve replicas behind
+one OpenAI-compatible ingress (extra ``ray``: ``pip install 'luffy[ray]'``).
+
+    HTTP ──▶ Serve proxy ──▶ LuffyIngress ──handle (PrefixAwareRouter)──▶ LuffyReplica × N
+                             tokenizes the prompt for routing,            each: build_app(artifact) from
+                             /health (replicas running), /metrics         server.py, its scheduler thread
+                             (every replica's, merged)                    and engine; the request runs
+                                                                          through that ASGI app as is
+
+A replica runs the single-process server's FastAPI app in-process (no socket): the ingress forwards the HTTP
+request (method, path, headers, body) and streams back the app's response messages, so routes, errors, auth,
+streaming and cancellation are the same code as `luffy serve` without Ray. Each replica's name is its Serve
+replica id: the ``x-luffy-replica`` header and the ``replica`` label of its metrics. Replicas push their
+metrics to a small board actor every second; the ingress's /metrics is all of them merged.
+
+``build_app(args)`` is the Serve application builder: ``serve run luffy.serving.ray:build_app
+artifact=build/pydoc replicas=2`` and a Serve config file deploy the same application as the CLI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import LuffyError, UsageError
+from .protocol import ProtocolError
+from .server import ServerSettings, sse
+
+APP_NAME = "luffy"
+METRICS_PERIOD_S = 1.0  # how often a replica pushes its metrics to the board
+FORWARDED = ("/v1/completions", "/v1/chat/completions")
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """How many replicas and where: a fixed ``replicas``, or autoscaling between ``min_replicas`` and
+    ``max_replicas`` on requests in flight per replica (``target_ongoing_requests``, default the replica's KV
+    slots: a replica is added while requests wait for slots, removed while slots sit free)."""
+
+    replicas: int | None = None
+    min_replicas: int | None = None
+    max_replicas: int | None = None
+    target_ongoing_requests: float | None = None  # default: max_num_seqs
+    upscale_delay_s: float = 5.0
+    downscale_delay_s: float = 30.0
+    look_back_period_s: float = 5.0
+    routing: str = "prefix"  # "prefix" (serving/ray_router.py) or "pow2" (Ray Serve's default router)
+    imbalance: int = 2  # the prefix router's load slack, in requests
+    replica_cpus: float = 1.0  # Ray CPUs a replica reserves (give each --threads N: N)
+    address: str | None = None  # an existing Ray cluster; None starts a local one
+    app_name: str = APP_NAME
+    health_check_period_s: float = 2.0
+
+    def __post_init__(self):
+        if self.routing not in ("prefix", "pow2"):
+            raise UsageError(f"--routing {self.routing!r}: expected prefix or pow2")
+        for name in ("replicas", "min_replicas", "max_replicas"):
+            value = getattr(self, name)
+            if value is not None and value < (0 if name == "min_replicas" else 1):
+                raise UsageError(f"--{name.replace('_', '-')} must be >= {0 if name == 'min_replicas' else 1}, got {value}")
+        if self.autoscaling:
+            low, high = self.min_replicas or 1, self.max_replicas or max(self.min_replicas or 1, self.replicas or 1)
+            if low > high:
+                raise UsageError(f"--min-replicas {low} exceeds --max-replicas {high}")
+
+    @property
+    def autoscaling(self) -> bool:
+        return self.min_replicas is not None or self.max_replicas is not None
+
+    def autoscaling_config(self, slots: int) -> dict | None:
+        if not self.autoscaling:
+            return None
+        low = self.min_replicas if self.min_replicas is not None else 1
+        high = self.max_replicas if self.max_replicas is not None else max(low, self.replicas or 1)
+        return {"min_replicas": low, "max_replicas": high, "initial_replicas": self.replicas or max(low, 1),
+                "target_ongoing_requests": self.target_ongoing_requests or slots,
+                "upscale_delay_s": self.upscale_delay_s, "downscale_delay_s": self.downscale_delay_s,
+                "look_back_period_s": self.look_back_period_s}
+
+    @property
+    def most_replicas(self) -> int:
+        return max(self.replicas or 1, self.max_replicas or 1, self.min_replicas or 1)
+
+
+@dataclass
+class HttpCall:
+    """One HTTP request as the ingress forwards it; ``prefix``: the prompt's block keys, read by the router."""
+
+    method: str
+    path: str
+    query: bytes
+    headers: list
+    body: bytes
+    prefix: list
+
+
+class MetricsBoard:
+    """A plain Ray actor: the latest metrics text of each replica (pushed every second), for the ingress."""
+
+    def __init__(self):
+        self.texts: dict[str, tuple[float, str]] = {}
+
+    def put(self, replica: str, text: str) -> None:
+        self.texts[replica] = (time.monotonic(), text)
+
+    def drop(self, replica: str) -> None:
+        self.texts.pop(replica, None)
+
+    def collect(self, max_age_s: float) -> list[str]:
+        now = time.monotonic()
+        for name in [n for n, (at, _) in self.texts.items() if now - at > max_age_s]:
+            del self.texts[name]  # a replica that stopped pushing (killed, scaled down) leaves the scrape
+        return [text for _, text in sorted(self.texts.values())]
+
+
+def _board(app_name: str, create: bool):
+    import ray
+
+    name = f"luffy-metrics-{app_name}"
+    if create:
+        actor = ray.remote(num_cpus=0)(MetricsBoard)
+        return actor.options(name=name, namespace="luffy", get_if_exists=True).remote()
+    return ray.get_actor(name, namespace="luffy")
+
+
+class LuffyReplica:
+    """One engine + scheduler + the FastAPI app of serving/server.py, driven through ASGI by ``handle``."""
+
+    async def __init__(self, artifact: str, settings: ServerSettings, app_name: str = APP_NAME):
+        from ray import serve
+
+        from .server import OutputRouter, build_app
+
+        self.name = serve.get_replica_context().replica_id.unique_id
+        self.app = build_app(artifact, dataclasses.replace(settings, replica=self.name))
+        self.state = self.app.state.luffy
+        self.state.router = OutputRouter(asyncio.get_running_loop())
+        await asyncio.to_thread(self.state.load)
+        if self.state.load_error:  # Serve marks the replica failed and retries; the CLI reports the reason
+            raise RuntimeError(f"luffy replica {self.name}: {self.state.load_error}")
+        self.app_name = app_name
+        self.pusher = asyncio.ensure_future(self._push_metrics())
+
+    async def handle(self, call: HttpCall):
+        """Run ``call`` through the app; yields the response's start ({"status", "headers"}), then body chunks.
+        Closing the generator (the client went away, or the ingress cancelled) cancels the request."""
+        messages: asyncio.Queue = asyncio.Queue()
+        gone = asyncio.Event()
+        sent = False
+
+        async def receive():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": call.body, "more_body": False}
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": call.method,
+                 "scheme": "http", "path": call.path, "raw_path": call.path.encode(), "query_string": call.query,
+                 "root_path": "", "headers": call.headers, "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 0)}
+        task = asyncio.ensure_future(self.app(scope, receive, messages.put))
+        task.add_done_callback(lambda _: messages.put_nowait(None))
+        try:
+            while (message := await messages.get()) is not None:
+                if message["type"] == "http.response.start":
+                    yield {"status": message["status"], "headers": [(k.decode("latin-1"), v.decode("latin-1"))
+                                                                    for k, v in message.get("headers", [])]}
+                elif message.get("body"):
+                    yield message["body"]
+            task.result()  # an exception the app let through
+        finally:
+            gone.set()
+            if not task.done():
+                await asyncio.wait([task], timeout=5)
+                task.cancel()
+
+    async def _push_metrics(self) -> None:
+        board = None
+        while True:
+            try:
+                board = board or _board(self.app_name, create=False)
+                state = self.state
+                state.metrics.gauges(state.scheduler.running, state.scheduler.waiting, state.scheduler.kv_cache_usage)
+                board.put.remote(self.name, state.metrics.render().decode())
+            except Exception:  # noqa: BLE001 - the board is not up yet, or was restarted: look it up again
+                board = None
+            await asyncio.sleep(METRICS_PERIOD_S)
+
+    def check_health(self) -> None:
+        if self.state.scheduler is None or not self.state.scheduler._thread.is_alive():
+            raise RuntimeError(f"luffy replica {self.name}: the scheduler thread is not running")
+
+    def __del__(self):
+        state = getattr(self, "state", None)
+        if state is not None and state.scheduler is not None:
+            state.scheduler.stop()
+
+
+class LuffyIngress:
+    """The HTTP entry: /health and /metrics here, every other route forwarded to a replica chosen by the router."""
+
+    def __init__(self, artifact: str, settings: ServerSettings, replicas, app_name: str = APP_NAME):
+        from ..runtimes.manifest import read_manifest
+        from .chat import ChatTemplate
+
+        self.artifact, self.settings, self.replicas, self.app_name = Path(artifact), settings, replicas, app_name
+        manifest = read_manifest(self.artifact, verify_files=False)
+        self.tokenizer = None
+        if manifest.get("tokenizer"):
+            from tokenizers import Tokenizer
+
+            self.tokenizer = Tokenizer.from_file(str(self.artifact / manifest["tokenizer"]))
+        self.chat = ChatTemplate.from_artifact(self.artifact, manifest)
+        self.board = _board(app_name, create=True)
+        self.status_cache: tuple[float, dict] = (0.0, {})
+        from prometheus_client import CollectorRegistry, Counter
+
+        self.registry = CollectorRegistry()
+        self.errors = Counter("luffy:ingress_http_errors", "Requests the ingress answered with an error, by status.",
+                              ["status"], registry=self.registry)
+
+    async def __call__(self, request):
+        from starlette.responses import Response
+
+        try:
+            if request.url.path == "/health":
+                return self._health()
+            if request.url.path == "/metrics":
+                self._auth(request)
+                return Response(await self._metrics(), media_type="text/plain; version=0.0.4; charset=utf-8")
+            body = await self._body(request)
+            call = HttpCall(request.method, request.url.path, request.url.query.encode(), list(request.headers.raw),
+                            body, self._prefix(request.url.path, body))
+            return await self._forward(call)
+        except ProtocolError as exc:
+            return self._error(exc)
+
+    def _error(self, exc: ProtocolError):
+        from starlette.responses import JSONResponse
+
+        self.errors.labels(status=str(exc.status)).inc()
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    def _auth(self, request) -> None:
+        import hmac
+
+        key = self.settings.api_key
+        if key is None:
+            return
+        given = request.headers.get("authorization", "")
+        token = given[7:] if given.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(token.encode(), key.encode()):
+            raise ProtocolError(401, "missing or incorrect API key (send Authorization: Bearer KEY)",
+                                code="invalid_api_key")
+
+    async def _body(self, request) -> bytes:
+        limit, chunks, seen = self.settings.max_request_bytes, [], 0
+        async for chunk in request.stream():
+            seen += len(chunk)
+            if seen > limit:
+                raise ProtocolError(413, f"request body over {limit} bytes (--max-request-bytes)")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _prefix(self, path: str, body: bytes) -> list[int]:
+        """The prompt's block keys as the replica will tokenize it; [] when it cannot tell (the replica then
+        answers whatever is wrong with the request)."""
+        from .prefix_cache import block_keys
+
+        if path not in FORWARDED or not body:
+            return []
+        try:
+            data = json.loads(body)
+            if path == "/v1/completions":
+                prompt = data.get("prompt")
+                prompt = prompt[0] if isinstance(prompt, list) and len(prompt) == 1 and not isinstance(prompt[0], int) \
+                    else prompt
+                ids = prompt if isinstance(prompt, list) else self.tokenizer.encode(prompt, add_special_tokens=True).ids
+            else:
+                from .protocol import ChatCompletionRequest
+
+                chat = ChatCompletionRequest.model_validate(data)
+                text = self.chat.render([m.for_template() for m in chat.messages], chat.add_generation_prompt)
+                ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+            return block_keys([int(t) for t in ids])
+        except Exception:  # noqa: BLE001 - malformed requests are the replica's to refuse
+            return []
+
+    async def _forward(self, call: HttpCall):
+        from ray.exceptions import RayError
+        from ray.serve.exceptions import BackPressureError
+        from starlette.responses import StreamingResponse
+
+        stream = self.replicas.options(stream=True).handle.remote(call)
+        try:
+            start = await stream.__anext__()
+        except BackPressureError:
+            raise ProtocolError(429, "too many requests are waiting for a replica (--max-queue)", "rate_limit_error",
+                                code="queue_full", headers={"Retry-After": "1"}) from None
+        except (RayError, StopAsyncIteration) as exc:
+            raise _replica_failed(exc) from None
+
+        async def body():
+            try:
+                async for chunk in stream:
+                    yield chunk
+            except RayError as exc:  # the replica died mid-stream: the status is sent, so end with an error event
+                self.errors.labels(status="503").inc()
+                yield sse(_replica_failed(exc).body()).encode()
+            finally:
+                stream.cancel()
+
+        headers = {k: v for k, v in start["headers"] if k.lower() not in ("content-length", "transfer-encoding")}
+        if not any(k.lower() == "content-type" for k in headers):
+            headers["content-type"] = "application/json"
+        return StreamingResponse(body(), status_code=start["status"], headers=headers)
+
+    def _replicas_running(self) -> dict:
+        """Replica states from the Serve controller (cached for half a second: /health is polled)."""
+        at, states = self.status_cache
+        if time.monotonic() - at > 0.5:
+            from ray import serve
+
+            app = serve.status().applications.get(self.app_name)
+            deployment = app.deployments.get("LuffyReplica") if app else None
+            states = dict(deployment.replica_states) if deployment else {}
+            self.status_cache = (time.monotonic(), states)
+        return states
+
+    def _health(self):
+        from starlette.responses import JSONResponse
+
+        states = self._replicas_running()
+        if not states.get("RUNNING"):
+            raise ProtocolError(503, f"no replica is running yet ({states or 'none started'})", "server_error",
+                                code="loading", headers={"Retry-After": "1"})
+        return JSONResponse({"status": "ok", "replicas": states})
+
+    async def _metrics(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        from .metrics import merge_exposition
+
+        texts = await self.board.collect.remote(3 * METRICS_PERIOD_S + 1)
+        return merge_exposition([*texts, generate_latest(self.registry).decode()]).encode()
+
+
+def _replica_failed(exc: Exception) -> ProtocolError:
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return ProtocolError(503, f"the replica serving this request failed ({type(exc).__name__}: {reason[:200]}); "
+                              "retry", "server_error", code="replica_failed", headers={"Retry-After": "1"})
+
+
+def application(artifact: str | Path, settings: ServerSettings, options: RayOptions):
+    """The Serve application: ``LuffyIngress`` bound to ``LuffyReplica``, configured from ``options``."""
+    from ray import serve
+    from ray.serve.config import RequestRouterConfig
+
+    slots = settings.scheduler.max_num_seqs
+    replica_config = dict(
+        name="LuffyReplica", max_ongoing_requests=slots, max_queued_requests=settings.scheduler.max_queue,
+        ray_actor_options={"num_cpus": options.replica_cpus},
+        health_check_period_s=options.health_check_period_s, health_check_timeout_s=30,
+        graceful_shutdown_timeout_s=max(1.0, settings.drain_timeout), graceful_shutdown_wait_loop_s=0.5)
+    scaling = options.autoscaling_config(slots)
+    if scaling:
+        replica_config["autoscaling_config"] = scaling
+    else:
+        replica_config["num_replicas"] = options.replicas or 1
+    if options.routing == "prefix":
+        replica_config["request_router_config"] = RequestRouterConfig(
+            request_router_class="luffy.serving.ray_router:PrefixAwareRouter",
+            request_router_kwargs={"imbalance": options.imbalance})
+    replica = serve.deployment(LuffyReplica, **replica_config).bind(str(artifact), settings, options.app_name)
+    ingress = serve.deployment(LuffyIngress, name="LuffyIngress", ray_actor_options={"num_cpus": 0},
+                               max_ongoing_requests=1 << 16)
+    return ingress.bind(str(artifact), settings, replica, options.app_name)
+
+
+def build_app(args: dict):
+    """Serve's application builder: ``serve run luffy.serving.ray:build_app artifact=PATH replicas=2`` or a config
+    file's ``import_path: luffy.serving.ray:build_app`` with ``args``. Keys: artifact (required); replicas,
+    min_replicas, max_replicas, target_ongoing_requests, routing, imbalance, replica_cpus; max_num_seqs,
+    max_model_len, max_num_batched_tokens, max_queue, threads, served_model_name, api_key (default
+    $LUFFY_API_KEY), drain_timeout, prefix_cache_mb."""
+    from .scheduler import SchedulerConfig
+
+    args = dict(args)
+    if "artifact" not in args:
+        raise UsageError("build_app needs artifact=PATH")
+    artifact = args.pop("artifact")
+
+    def take(name, kind, default=None):
+        value = args.pop(name, None)
+        return default if value is None else kind(value)
+
+    scheduler = SchedulerConfig(
+        max_num_seqs=take("max_num_seqs", int, 16), max_model_len=take("max_model_len", int),
+        max_num_batched_tokens=take("max_num_batched_tokens", int, 512), max_queue=take("max_queue", int, 256),
+        prefix_cache_mb=take("prefix_cache_mb", int, 256))
+    settings = ServerSettings(served_model_name=take("served_model_name", str),
+                              api_key=take("api_key", str, os.environ.get("LUFFY_API_KEY")),
+                              threads=take("threads", int), drain_timeout=take("drain_timeout", float, 30.0),
+                              scheduler=scheduler)
+    fields = {f.name: f.type for f in dataclasses.fields(RayOptions)}
+    options = {}
+    for name in ("replicas", "min_replicas", "max_replicas", "imbalance"):
+        options[name] = take(name, int)
+    for name in ("target_ongoing_requests", "replica_cpus", "upscale_delay_s", "downscale_delay_s"):
+        options[name] = take(name, float)
+    options["routing"] = take("routing", str)
+    if args:
+        raise UsageError(f"build_app: unknown argument(s) {', '.join(sorted(args))} (known: artifact, "
+                         f"{', '.join(sorted(fields))}, max_num_seqs, ...)")
+    return application(artifact, settings, RayOptions(**{k: v for k, v in options.items() if v is not None}))
+
+
+def _free_port(host: str, port: int) -> int:
+    """``port``, checked free on ``host``; port 0 picks one (Ray Serve's proxy binds it a moment later)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise UsageError(f"--host {host} --port {port}: cannot bind ({exc.strerror or exc})") from None
+        return sock.getsockname()[1]
+
+
+def _log(message: str) -> None:
+    print(f"luffy serve: {message}", file=sys.stderr, flush=True)
+
+
+def serve_on_ray(artifact: str | Path, settings: ServerSettings, options: RayOptions) -> int:
+    """Deploy on a local Ray cluster (started here, stopped on exit) or on ``options.address``; serve until SIGTERM
+    or Ctrl-C, then delete the application (replicas drain up to the drain timeout) and stop what was started."""
+    from ..extras import require_ray_extra
+    from ..runtimes.manifest import read_manifest
+
+    require_ray_extra()
+    manifest = read_manifest(artifact, verify_files=False)
+    if manifest["kind"] != "causal-lm":
+        raise UsageError(f"{artifact}: luffy serve generates text; this artifact is {manifest['kind']!r}")
+    artifact = Path(artifact).resolve()  # replicas may start in another working directory
+    port = _free_port(settings.host, settings.port)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a local cluster reports nothing anywhere
+    import ray
+    from ray import serve
+
+    stop = threading.Event()
+    previous: dict = {}
+    local = options.address is None
+    try:
+        _log(f"starting {'a local Ray cluster' if local else f'on the Ray cluster at {options.address}'}")
+        if local:
+            cpus = max(os.cpu_count() or 1, int(options.most_replicas * options.replica_cpus + 0.999))
+            ray.init(include_dashboard=False, num_cpus=cpus, _node_ip_address="127.0.0.1", log_to_driver=False,
+                     object_store_memory=128 << 20, configure_logging=False)
+        else:
+            ray.init(address=options.address, log_to_driver=False, configure_logging=False)
+        # after ray.init, which installs its own SIGTERM handler (stop the node's processes, exit 1, no drain)
+        previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+        serve.start(http_options={"host": settings.host, "port": port}, logging_config={"log_level": "WARNING"})
+        try:
+            serve.run(application(artifact, settings, options), name=options.app_name, route_prefix="/")
+        except RuntimeError as exc:
+            raise LuffyError(f"Ray Serve could not deploy {artifact.name}: {str(exc).strip().splitlines()[-1]}") \
+                from None
+        model = settings.served_model_name or artifact.name
+        shown = f"[{settings.host}]" if ":" in settings.host else settings.host
+        count = (f"{options.replicas or 1} replica(s)" if not options.autoscaling else
+                 f"autoscaling {options.autoscaling_config(1)['min_replicas']}-"
+                 f"{options.autoscaling_config(1)['max_replicas']} replicas")
+        _log(f"listening on http://{shown}:{port} (model {model}, {count}, {options.routing} routing, Ray Serve)")
+        while not stop.wait(0.5):
+            pass
+        _log("stopping: deleting the application (replicas drain requests in flight)")
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if ray.is_initialized():
+            try:
+                if local:
+                    serve.shutdown()
+                else:
+                    serve.delete(options.app_name)
+            finally:
+                ray.shutdown()
+    return 0
