@@ -12,7 +12,7 @@ from .errors import BackendUnavailableError
 
 COMPILE_PACKAGES = ("torch", "transformers", "onnxscript")
 SERVE_PACKAGES = ("fastapi", "uvicorn", "prometheus_client", "jinja2")
-RAY_PACKAGES = ("ray", "ray.serve")
+RAY_PACKAGES = ("ray", "ray.serve", "ray.serve.request_router")
 
 
 def import_compiler(module: str):

@@ -84,7 +84,7 @@ class RayOptions:
         return {"min_replicas": low, "max_replicas": high, "initial_replicas": self.replicas or max(low, 1),
                 "target_ongoing_requests": self.target_ongoing_requests or slots,
                 "upscale_delay_s": self.upscale_delay_s, "downscale_delay_s": self.downscale_delay_s,
-                "look_back_period_s": self.look_back_period_s}
+                "look_back_period_s": self.look_back_period_s, "metrics_interval_s": min(1.0, self.look_back_period_s)}
 
     @property
     def most_replicas(self) -> int:
