@@ -125,6 +125,19 @@ def compile_cmd(
         "(00-captured.onnx first; weights in one shared DIR/weights.data).",
     ),
     report_json: bool = typer.Option(False, "--json", help="Print the compile report as JSON on stdout."),
+    auto: bool = typer.Option(
+        False, "--auto", help="Compile every precision ONNX Runtime runs here (fp32; int4 block 128/32 and int8, "
+        "round-to-nearest and with --calib GPTQ; int8-dynamic), measure quality on --eval and speed on this machine, "
+        "and write the fastest within --max-quality-loss. --precision P: only P's variants.", rich_help_panel="Auto",
+    ),
+    max_quality_loss: Optional[float] = typer.Option(
+        None, "--max-quality-loss", metavar="PCT", help="--auto: the largest quality loss allowed, in percent "
+        "(decoders: perplexity increase on --eval; encoders: 100 x (1 - embedding cosine)).", rich_help_panel="Auto",
+    ),
+    auto_time_budget: Optional[float] = typer.Option(
+        None, "--auto-time-budget", metavar="SECONDS", help="--auto: start no further candidate once this would be "
+        "exceeded; the report says which were skipped.", rich_help_panel="Auto",
+    ),
     defer_build: bool = typer.Option(
         False, "--defer-build", help="trt: write the legalized ONNX, profiles and a trtexec line (state needs-build) "
         "without TensorRT; finish with `luffy build DIR` on the GPU machine.", rich_help_panel="TensorRT",
@@ -172,6 +185,7 @@ def compile_cmd(
             disable_pass=disable_pass, enable_pass=enable_pass, check_parity=check_parity, external_data=external_data,
             verify=verify, dump_ir=dump_ir, block_size=block_size, calib=calib, eval_file=eval_file,
             accuracy_level=accuracy_level, reduce_range=reduce_range,
+            auto=auto or None, max_quality_loss=max_quality_loss, auto_time_budget=auto_time_budget,
             progress=say,
             defer_build=defer_build, trt_version=trt_version, max_batch=max_batch, opt_batch=opt_batch,
             opt_seq_len=opt_seq_len, timing_cache=timing_cache, hardware_compatibility=hardware_compatibility,
@@ -190,6 +204,8 @@ def compile_cmd(
     if artifact.manifest.get("state") == "needs-build":
         err.print(f"  needs-build: TensorRT engine not built here; on the GPU machine run: luffy build {output}",
                   soft_wrap=True)
+    if report.get("auto"):
+        err.print(auto_table(report["auto"]))
     quality = report.get("quality")
     if quality:
         ref = quality["perplexity_reference"]
@@ -347,6 +363,8 @@ def serve_cmd(
                                           "replica is removed."),
     routing: str = typer.Option("prefix", "--routing", help="Ray Serve routing: prefix (the replica holding the "
                                 "longest cached prefix, unless it is busier) or pow2 (Ray's default)."),
+    routing_imbalance: int = typer.Option(2, "--routing-imbalance", min=0, help="Prefix routing: a replica more "
+                                          "than this many requests busier than the least busy one is passed over."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join this Ray cluster (e.g. "
                                               "ray://head:10001 or auto) instead of starting a local one."),
 ):
@@ -382,7 +400,8 @@ def serve_cmd(
 
         options = RayOptions(replicas=replicas, min_replicas=min_replicas, max_replicas=max_replicas,
                              target_ongoing_requests=target_ongoing_requests, upscale_delay_s=upscale_delay,
-                             downscale_delay_s=downscale_delay, routing=routing, address=ray_address,
+                             downscale_delay_s=downscale_delay, routing=routing, imbalance=routing_imbalance,
+                             address=ray_address,
                              replica_cpus=float(threads or 1))
         raise typer.Exit(serve_on_ray(artifact, settings, options))
     raise typer.Exit(serve(artifact, settings))
@@ -469,7 +488,7 @@ def inspect_cmd(
         return
     table = Table(title=f"luffy inspect {target}", show_header=False)
     for key, value in info.items():
-        if key in ("op_histogram", "io"):
+        if key in ("op_histogram", "io", "auto"):
             continue
         table.add_row(key, json.dumps(value) if isinstance(value, (dict, list)) else str(value))
     out.print(table)
@@ -481,6 +500,8 @@ def inspect_cmd(
             for v in info["io"][direction]:
                 io.add_row(direction[:-1], v["name"], v["dtype"], str(v["shape"]))
         out.print(io)
+    if info.get("auto"):
+        out.print(auto_table(info["auto"]))
     if info.get("op_histogram"):
         ops = Table(title="ops")
         ops.add_column("op")
@@ -488,6 +509,25 @@ def inspect_cmd(
         for op, count in info["op_histogram"].items():
             ops.add_row(op, str(count))
         out.print(ops)
+
+
+def auto_table(auto: dict) -> Table:
+    """report["auto"] as a table: one row per candidate measured, the chosen one marked, what was skipped."""
+    table = Table(title=f"--auto: the fastest within {auto['max_quality_loss_pct']:g}% quality loss",
+                  caption="; ".join(filter(None, [f"chosen: {auto['chosen']}", auto["choice_rule"], (
+                      f"skipped: {', '.join(s['name'] for s in auto['skipped'])} ({auto['skipped'][0]['reason']})"
+                      if auto["skipped"] else "")])))
+    for col in ("candidate", "loss %", "decode tok/s", "prefill ms", "MB", "within budget"):
+        table.add_column(col, justify="left" if col == "candidate" else "right")
+    for c in auto["candidates"]:
+        def num(value, fmt):
+            return "—" if value is None else format(value, fmt)
+
+        table.add_row(("▶ " if c["name"] == auto["chosen"] else "  ") + c["name"], num(c["quality_loss_pct"], "+.3f"),
+                      num(c["decode_tokens_per_s"], ".0f"), num(c["prefill_ms"], ".1f"),
+                      num(None if c["size_bytes"] is None else c["size_bytes"] / 1e6, ".2f"),
+                      c.get("error") or ("yes" if c["within_budget"] else "no"))
+    return table
 
 
 @app.command("zoo")

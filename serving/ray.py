@@ -33,7 +33,7 @@ from pathlib import Path
 
 from ..errors import LuffyError, UsageError
 from .protocol import ProtocolError
-from .server import ServerSettings, sse
+from .server import ServerSettings, error_status, sse
 
 APP_NAME = "luffy"
 METRICS_PERIOD_S = 1.0  # how often a replica pushes its metrics to the board
@@ -135,19 +135,19 @@ def _board(app_name: str, create: bool):
 class LuffyReplica:
     """One engine + scheduler + the FastAPI app of serving/server.py, driven through ASGI by ``handle``."""
 
-    async def __init__(self, artifact: str, settings: ServerSettings, app_name: str = APP_NAME):
+    async def __init__(self, artifact: str, settings: ServerSettings):
         from ray import serve
 
         from .server import OutputRouter, build_app
 
-        self.name = serve.get_replica_context().replica_id.unique_id
+        context = serve.get_replica_context()
+        self.name, self.app_name = context.replica_id.unique_id, context.app_name
         self.app = build_app(artifact, dataclasses.replace(settings, replica=self.name))
         self.state = self.app.state.luffy
         self.state.router = OutputRouter(asyncio.get_running_loop())
         await asyncio.to_thread(self.state.load)
         if self.state.load_error:  # Serve marks the replica failed and retries; the CLI reports the reason
             raise RuntimeError(f"luffy replica {self.name}: {self.state.load_error}")
-        self.app_name = app_name
         self.pusher = asyncio.ensure_future(self._push_metrics())
 
     async def handle(self, call: HttpCall):
@@ -173,8 +173,10 @@ class LuffyReplica:
         try:
             while (message := await messages.get()) is not None:
                 if message["type"] == "http.response.start":
-                    yield {"status": message["status"], "headers": [(k.decode("latin-1"), v.decode("latin-1"))
-                                                                    for k, v in message.get("headers", [])]}
+                    headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in message.get("headers", [])]
+                    if not any(k.lower() == "x-luffy-replica" for k, _ in headers):  # errors carry it too
+                        headers.append(("x-luffy-replica", self.name))
+                    yield {"status": message["status"], "headers": headers}
                 elif message.get("body"):
                     yield message["body"]
             task.result()  # an exception the app let through
@@ -209,11 +211,18 @@ class LuffyReplica:
 class LuffyIngress:
     """The HTTP entry: /health and /metrics here, every other route forwarded to a replica chosen by the router."""
 
-    def __init__(self, artifact: str, settings: ServerSettings, replicas, app_name: str = APP_NAME):
+    def __init__(self, artifact: str, settings: ServerSettings, replicas):
+        from ray import serve
+
         from ..runtimes.manifest import read_manifest
         from .chat import ChatTemplate
 
-        self.artifact, self.settings, self.replicas, self.app_name = Path(artifact), settings, replicas, app_name
+        from .routes import _auth
+        from .server import ServingState
+
+        self.artifact, self.settings, self.replicas = Path(artifact), settings, replicas
+        self.auth = _auth(ServingState(self.artifact, settings))  # a state that never loads: only its settings
+        self.app_name = serve.get_replica_context().app_name
         manifest = read_manifest(self.artifact, verify_files=False)
         self.tokenizer = None
         if manifest.get("tokenizer"):
@@ -221,7 +230,7 @@ class LuffyIngress:
 
             self.tokenizer = Tokenizer.from_file(str(self.artifact / manifest["tokenizer"]))
         self.chat = ChatTemplate.from_artifact(self.artifact, manifest)
-        self.board = _board(app_name, create=True)
+        self.board = _board(self.app_name, create=True)
         self.status_cache: tuple[float, dict] = (0.0, {})
         from prometheus_client import CollectorRegistry, Counter
 
@@ -234,9 +243,9 @@ class LuffyIngress:
 
         try:
             if request.url.path == "/health":
-                return self._health()
+                return await self._health()
             if request.url.path == "/metrics":
-                self._auth(request)
+                await self.auth(request)  # the single-process server's check (routes.py)
                 return Response(await self._metrics(), media_type="text/plain; version=0.0.4; charset=utf-8")
             body = await self._body(request)
             call = HttpCall(request.method, request.url.path, request.url.query.encode(), list(request.headers.raw),
@@ -244,24 +253,14 @@ class LuffyIngress:
             return await self._forward(call)
         except ProtocolError as exc:
             return self._error(exc)
+        except Exception as exc:  # noqa: BLE001 - OpenAI's error shape, whatever failed here
+            return self._error(error_status(exc))
 
     def _error(self, exc: ProtocolError):
         from starlette.responses import JSONResponse
 
         self.errors.labels(status=str(exc.status)).inc()
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
-
-    def _auth(self, request) -> None:
-        import hmac
-
-        key = self.settings.api_key
-        if key is None:
-            return
-        given = request.headers.get("authorization", "")
-        token = given[7:] if given.lower().startswith("bearer ") else ""
-        if not hmac.compare_digest(token.encode(), key.encode()):
-            raise ProtocolError(401, "missing or incorrect API key (send Authorization: Bearer KEY)",
-                                code="invalid_api_key")
 
     async def _body(self, request) -> bytes:
         limit, chunks, seen = self.settings.max_request_bytes, [], 0
@@ -301,8 +300,8 @@ class LuffyIngress:
         from ray.serve.exceptions import BackPressureError
         from starlette.responses import StreamingResponse
 
-        stream = self.replicas.options(stream=True).handle.remote(call)
         try:
+            stream = self.replicas.options(stream=True).handle.remote(call)
             start = await stream.__anext__()
         except BackPressureError:
             raise ProtocolError(429, "too many requests are waiting for a replica (--max-queue)", "rate_limit_error",
@@ -337,10 +336,10 @@ class LuffyIngress:
             self.status_cache = (time.monotonic(), states)
         return states
 
-    def _health(self):
+    async def _health(self):
         from starlette.responses import JSONResponse
 
-        states = self._replicas_running()
+        states = await asyncio.to_thread(self._replicas_running)
         if not states.get("RUNNING"):
             raise ProtocolError(503, f"no replica is running yet ({states or 'none started'})", "server_error",
                                 code="loading", headers={"Retry-After": "1"})
@@ -381,18 +380,18 @@ def application(artifact: str | Path, settings: ServerSettings, options: RayOpti
         replica_config["request_router_config"] = RequestRouterConfig(
             request_router_class="luffy.serving.ray_router:PrefixAwareRouter",
             request_router_kwargs={"imbalance": options.imbalance})
-    replica = serve.deployment(LuffyReplica, **replica_config).bind(str(artifact), settings, options.app_name)
+    replica = serve.deployment(LuffyReplica, **replica_config).bind(str(artifact), settings)
     ingress = serve.deployment(LuffyIngress, name="LuffyIngress", ray_actor_options={"num_cpus": 0},
                                max_ongoing_requests=1 << 16)
-    return ingress.bind(str(artifact), settings, replica, options.app_name)
+    return ingress.bind(str(artifact), settings, replica)
 
 
 def build_app(args: dict):
     """Serve's application builder: ``serve run luffy.serving.ray:build_app artifact=PATH replicas=2`` or a config
     file's ``import_path: luffy.serving.ray:build_app`` with ``args``. Keys: artifact (required); replicas,
-    min_replicas, max_replicas, target_ongoing_requests, routing, imbalance, replica_cpus; max_num_seqs,
-    max_model_len, max_num_batched_tokens, max_queue, threads, served_model_name, api_key (default
-    $LUFFY_API_KEY), drain_timeout, prefix_cache_mb."""
+    min_replicas, max_replicas, target_ongoing_requests, upscale_delay_s, downscale_delay_s, routing, imbalance,
+    replica_cpus; max_num_seqs, max_model_len, max_num_batched_tokens, max_queue, threads, served_model_name,
+    api_key (default $LUFFY_API_KEY), drain_timeout, prefix_cache_mb."""
     from .scheduler import SchedulerConfig
 
     args = dict(args)
@@ -412,16 +411,15 @@ def build_app(args: dict):
                               api_key=take("api_key", str, os.environ.get("LUFFY_API_KEY")),
                               threads=take("threads", int), drain_timeout=take("drain_timeout", float, 30.0),
                               scheduler=scheduler)
-    fields = {f.name: f.type for f in dataclasses.fields(RayOptions)}
     options = {}
     for name in ("replicas", "min_replicas", "max_replicas", "imbalance"):
         options[name] = take(name, int)
     for name in ("target_ongoing_requests", "replica_cpus", "upscale_delay_s", "downscale_delay_s"):
         options[name] = take(name, float)
     options["routing"] = take("routing", str)
+    options["replica_cpus"] = options["replica_cpus"] or float(settings.threads or 1)  # as the CLI reserves
     if args:
-        raise UsageError(f"build_app: unknown argument(s) {', '.join(sorted(args))} (known: artifact, "
-                         f"{', '.join(sorted(fields))}, max_num_seqs, ...)")
+        raise UsageError(f"build_app: unknown argument(s) {', '.join(sorted(args))}; see build_app's docstring")
     return application(artifact, settings, RayOptions(**{k: v for k, v in options.items() if v is not None}))
 
 
@@ -452,6 +450,8 @@ def serve_on_ray(artifact: str | Path, settings: ServerSettings, options: RayOpt
     if manifest["kind"] != "causal-lm":
         raise UsageError(f"{artifact}: luffy serve generates text; this artifact is {manifest['kind']!r}")
     artifact = Path(artifact).resolve()  # replicas may start in another working directory
+    if settings.draft is not None:
+        settings = dataclasses.replace(settings, draft=Path(settings.draft).resolve())
     port = _free_port(settings.host, settings.port)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a local cluster reports nothing anywhere
     import ray

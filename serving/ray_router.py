@@ -12,7 +12,8 @@ routed. For each request:
   1. load = requests in flight per replica (Ray's queue-length cache, probed when stale);
   2. the replicas within ``imbalance`` of the least loaded are eligible;
   3. among them, the one holding the longest run of the prompt's leading blocks wins, ties to the less loaded,
-     then at random; the others follow, least loaded first.
+     then to the one that was sent fewer blocks (so new prefixes spread), then at random; the others follow,
+     least loaded first.
 
 So a shared system prompt stays on the replica that has it while that replica keeps up, and spills to an idle
 one once it is ``imbalance`` requests ahead; the replica it spills to then holds the prefix too, and the two
@@ -66,7 +67,8 @@ class PrefixAwareRouter(RequestRouter):
         def rank(r: RunningReplica):
             load = loads[r.replica_id]
             eligible = load - lightest <= self.imbalance and load < r.max_ongoing_requests
-            return (not eligible, -self.matched(r.replica_id, keys) if eligible else 0, load, random.random())
+            held = len(self.held.get(r.replica_id, ()))  # a new prefix goes where fewer are kept (Ray's "smallest tenant")
+            return (not eligible, -self.matched(r.replica_id, keys) if eligible else 0, load, held, random.random())
 
         ordered = sorted(known, key=rank)
         return [[r] for r in ordered]

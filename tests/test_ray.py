@@ -17,7 +17,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -27,8 +26,10 @@ import pytest
 pytest.importorskip("fastapi", reason="the serve extra (pip install 'luffy[serve]') is not installed")
 pytest.importorskip("openai", reason="the openai client is not installed")
 
+from luffy.benchmarks.ray_serve import Traffic, descendants  # noqa: E402
+
 from .server_process import ServerProcess  # noqa: E402
-from .test_serving import PROMPTS, alone  # noqa: E402
+from .test_serving import PROMPTS, alone, engine, pydoc  # noqa: E402,F401 (the same module fixtures)
 
 KEY = "ray-test-key"
 # four "system prompts" of 4+ full 16-token blocks each (the byte tokenizer: about a token per character)
@@ -39,17 +40,6 @@ SYSTEMS = [f"# System {i}: " + text * 3 for i, text in enumerate(
 
 def _needs_ray():
     pytest.importorskip("ray.serve.request_router", reason="the ray extra (pip install 'luffy[ray]') is not installed")
-
-
-@pytest.fixture(scope="module")
-def pydoc(zoo_artifacts):
-    artifact, _ = zoo_artifacts("llama-pydoc")
-    return artifact
-
-
-@pytest.fixture(scope="module")
-def engine(pydoc):
-    return pydoc.load()
 
 
 @pytest.fixture(scope="module")
@@ -82,33 +72,9 @@ def _wait(condition, timeout: float, what: str, step: float = 0.25):
     raise AssertionError(f"not within {timeout:g} s: {what}")
 
 
-class Load:
-    """``clients`` threads sending long requests back to back until stopped (at most ``limit_s``); keeps every
-    response's status and replica."""
-
-    def __init__(self, server, clients: int, max_tokens: int = 300, limit_s: float = 90.0):
-        self.server, self.max_tokens, self.limit_s = server, max_tokens, limit_s
-        self.stop, self.seen = threading.Event(), []
-        self.threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(clients)]
-
-    def _client(self, i: int):
-        deadline = time.monotonic() + self.limit_s
-        while not self.stop.is_set() and time.monotonic() < deadline:
-            try:
-                response = _post(self.server, PROMPTS[i % len(PROMPTS)], self.max_tokens, ignore_eos=True)
-                self.seen.append((response.status_code, response.headers.get("x-luffy-replica")))
-            except httpx.HTTPError as exc:
-                self.seen.append((type(exc).__name__, None))
-
-    def __enter__(self):
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(60)
+def Load(server, clients: int, max_tokens: int = 300):
+    """``clients`` threads sending long requests back to back (at most 90 s); ``.seen``: (time, status, replica)."""
+    return Traffic(lambda i: _post(server, PROMPTS[i % len(PROMPTS)], max_tokens, ignore_eos=True), clients, 90.0)
 
 
 def _two_replicas(server):
@@ -139,9 +105,9 @@ def test_scales_up_under_load_and_both_replicas_answer_like_generate_alone(clust
                 model="pydoc", prompt=p, max_tokens=24, temperature=0, extra_body={"ignore_eos": True}), expected))
     got = {p: r.parse().choices[0].text for p, r in zip(expected, replies)}
     assert got == expected
-    names = {r.headers["x-luffy-replica"] for r in replies} | {name for _, name in load.seen[-40:] if name}
+    names = {r.headers["x-luffy-replica"] for r in replies} | {name for _, _, name in load.seen[-40:] if name}
     assert len(names) == 2, (names, scaled)
-    assert all(status == 200 for status, _ in load.seen), sorted({s for s, _ in load.seen})
+    assert all(status == 200 for _, status, _ in load.seen), sorted({s for _, s, _ in load.seen})
     # the single-process server's routes, errors, auth and streaming, through the ingress
     assert httpx.post(f"{cluster.url}/v1/completions", json={"model": "pydoc", "prompt": "a"}).status_code == 401
     wrong = _post(cluster, "Return the", 4, model_typo=1)
@@ -173,28 +139,6 @@ def test_a_prefix_goes_to_the_replica_that_holds_it_until_that_one_is_full(clust
     assert len({r.headers["x-luffy-replica"] for r in burst}) == 2
 
 
-def _descendants(pid: int) -> dict[int, str]:
-    """Every live process below ``pid``: pid -> command line (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if fields[0] != "Z":
-                children.setdefault(int(fields[1]), []).append(int(entry.name))
-    found, todo = {}, list(children.get(pid, []))
-    while todo:
-        child = todo.pop()
-        try:
-            found[child] = (Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip())
-        except OSError:
-            continue
-        todo.extend(children.get(child, []))
-    return found
-
-
 def _together(n: int, request) -> list:
     with concurrent.futures.ThreadPoolExecutor(n) as pool:
         return list(pool.map(request, range(n)))
@@ -204,29 +148,29 @@ def test_a_killed_replica_fails_its_requests_at_once_and_is_replaced(cluster):
     _two_replicas(cluster)
     before = {r.headers["x-luffy-replica"] for r in _together(4, lambda i: _post(cluster, PROMPTS[i], 100,
                                                                                    ignore_eos=True))}
-    replicas = [pid for pid, cmd in _descendants(cluster.proc.pid).items() if "ServeReplica:luffy:LuffyReplica" in cmd]
+    replicas = [pid for pid, cmd in descendants(cluster.proc.pid).items() if "ServeReplica:luffy:LuffyReplica" in cmd]
     assert len(replicas) == 2 and len(before) == 2, (replicas, before)
-    with Load(cluster, clients=2, max_tokens=200), concurrent.futures.ThreadPoolExecutor(4) as pool:
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
         def long_request(i):
             response = _post(cluster, PROMPTS[i] * 8, 800, ignore_eos=True)
             return response, time.monotonic()
         futures = [pool.submit(long_request, i) for i in range(4)]
-        time.sleep(1.0)  # the four are running: 2 slots on each replica
+        time.sleep(0.6)  # the four are running: each replica's 2 slots hold 2 of them
         killed_at = time.monotonic()
         os.kill(replicas[0], signal.SIGKILL)
-        results = [f.result(timeout=120) for f in futures]
-        failed = [(r, end - killed_at) for r, end in results if r.status_code >= 500]
-        served = [r for r, _ in results if r.status_code == 200]
-        assert failed and served and len(failed) + len(served) == 4, [(r.status_code, r.text[:80]) for r, _ in results]
-        assert all(r.json()["error"]["type"] == "server_error" for r, _ in failed)
-        assert max(after for _, after in failed) < 15, failed  # ended promptly after the kill, nothing hung
-        survivor = {r.headers["x-luffy-replica"] for r in served}
-        assert len(survivor) == 1 and survivor <= before
-        _wait(lambda: _running(cluster) >= 2, 90, "the killed replica replaced")
-    new = _wait(lambda: {r.headers.get("x-luffy-replica") for r in _together(
-        4, lambda i: _post(cluster, PROMPTS[i], 50, ignore_eos=True)) if r.status_code == 200} - before,
-        30, "the new replica answering")
-    assert new and not new & before
+        with Load(cluster, clients=2, max_tokens=200) as load:  # traffic on: the autoscaler keeps wanting 2
+            results = [f.result(timeout=120) for f in futures]
+            failed = [(r, end - killed_at) for r, end in results if r.status_code >= 500]
+            served = [r for r, _ in results if r.status_code == 200]
+            assert len(failed) == 2 and len(served) == 2, [(r.status_code, r.text[:80]) for r, _ in results]
+            assert all(r.json()["error"]["type"] == "server_error" for r, _ in failed)
+            assert max(after for _, after in failed) < 15, failed  # ended promptly after the kill, nothing hung
+            survivor = {r.headers["x-luffy-replica"] for r in served}
+            assert len(survivor) == 1 and survivor <= before
+            new = _wait(lambda: {name for _, status, name in load.seen if status == 200} - before, 90,
+                        "a replacement replica serving")
+    assert new and len(replicas) == 2
+    assert _wait(lambda: _running(cluster) == 2, 30, "two replicas running")
 
 
 def test_scales_back_down_when_idle(cluster):
@@ -235,7 +179,7 @@ def test_scales_back_down_when_idle(cluster):
 
 
 def test_sigterm_stops_the_application_and_every_ray_process(cluster):
-    started = _descendants(cluster.proc.pid)
+    started = descendants(cluster.proc.pid)
     assert any("raylet" in cmd for cmd in started.values()) and any("gcs_server" in cmd for cmd in started.values())
     assert cluster.stop(signal.SIGTERM, timeout=90) == 0, "".join(cluster.log)[-2000:]
     _wait(lambda: not [p for p in started if Path(f"/proc/{p}").exists() and _alive(p)], 30,
