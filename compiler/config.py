@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields, replace
 
 from ..errors import UsageError
 
-OPTIMIZATION_LEVELS = {"none": 0, "conservative": 1, "balanced": 2, "aggressive": 3}
+OPTIMIZATION_LEVELS = {"none": 0, "conservative": 1, "balanced": 2}
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4", "int8-dynamic")
 WEIGHT_ONLY = ("int8", "int4")
 BLOCK_SIZES = (16, 32, 64, 128)
@@ -19,11 +19,11 @@ HARDWARE_COMPATIBILITY = ("none", "ampere+")
 class LuffyConfig:
     """Compile options.
 
-    ``optimization_level`` is the named form of ``opt_level`` ("conservative" = 1, "balanced" = 2,
-    "aggressive" = 3); when given it wins.
+    ``optimization_level`` is the named form of ``opt_level`` ("none" = 0, "conservative" = 1,
+    "balanced" = 2); when given it wins.
 
-    >>> LuffyConfig(optimization_level="aggressive").opt_level
-    3
+    >>> LuffyConfig(optimization_level="conservative").opt_level
+    1
     """
 
     target: str = "ort"
@@ -40,6 +40,11 @@ class LuffyConfig:
     block_size: int = 32  # weight-only int8/int4: weights per scale (smaller = more accurate, more bytes)
     calib: str | None = None  # text or token ids (.json) for calibrated quantization (GPTQ); none = RTN
     eval_file: str | None = None  # text or token ids: perplexity before and after, into the report
+    # --auto: compile every precision this target runs, measure quality on eval_file and speed here, keep the
+    # fastest within max_quality_loss (percent); auto_time_budget (seconds) bounds it (compiler/auto.py)
+    auto: bool = False
+    max_quality_loss: float | None = None
+    auto_time_budget: float | None = None
     accuracy_level: int = 4  # MatMulNBits: 4 = int8 products on the CPU (fast); 0 = fp32 products
     # int8-dynamic: 7-bit weights, which x86 CPUs without VNNI need (their u8s8 kernels saturate). None: decided
     # by the compiling CPU; True gives an artifact correct on every CPU.
@@ -84,7 +89,8 @@ class LuffyConfig:
                                           ("--hardware-compatibility", self.hardware_compatibility != "none")) if on]
         if trt_only and self.target != "trt":
             raise UsageError(f"{trt_only[0]} is a TensorRT option; add --target trt")
-        if self.calib is not None and self.precision not in WEIGHT_ONLY:
+        self._check_auto()
+        if self.calib is not None and self.precision not in WEIGHT_ONLY and not self.auto:
             raise UsageError(f"--calib calibrates int8/int4 weight-only quantization; precision {self.precision} takes none")
         for name in ("calib", "eval_file"):
             if getattr(self, name) is not None:
@@ -94,6 +100,24 @@ class LuffyConfig:
         for name in ("dump_ir", "timing_cache"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, os.fspath(getattr(self, name)))  # a Path is welcome; JSON wants str  # a Path is welcome; JSON wants str
+
+    def _check_auto(self) -> None:
+        if not self.auto:
+            if self.max_quality_loss is not None or self.auto_time_budget is not None:
+                raise UsageError("--max-quality-loss and --auto-time-budget take effect with --auto; add --auto")
+            return
+        if self.max_quality_loss is None or self.eval_file is None:
+            raise UsageError("--auto needs --max-quality-loss PCT and --eval FILE (the budget and what it is measured on)")
+        if not isinstance(self.max_quality_loss, (int, float)) or not 0 <= self.max_quality_loss < 100:
+            raise UsageError(f"--max-quality-loss {self.max_quality_loss!r} must be a percentage >= 0 and < 100")
+        if self.auto_time_budget is not None and not (isinstance(self.auto_time_budget, (int, float))
+                                                      and self.auto_time_budget > 0):
+            raise UsageError(f"--auto-time-budget {self.auto_time_budget!r} must be a number of seconds > 0")
+        if self.dump_ir is not None:
+            raise UsageError("--dump-ir with --auto: every candidate would overwrite the dump; dump one --precision")
+        if self.target != "ort":
+            raise UsageError(f"--auto measures candidates on ONNX Runtime on this machine; --target {self.target} "
+                             f"is not supported (compile with an explicit --precision)")
 
     def with_overrides(self, **overrides) -> "LuffyConfig":
         """A copy with every non-None override applied (how `compile`'s keywords beat ``config``)."""
@@ -114,6 +138,8 @@ class LuffyConfig:
             "external_data": self.external_data, "verify": self.verify, "dump_ir": self.dump_ir,
             "block_size": self.block_size, "calib": self.calib, "eval_file": self.eval_file,
             "accuracy_level": self.accuracy_level, "reduce_range": self.reduce_range,
+            **({"auto": True, "max_quality_loss": self.max_quality_loss, "auto_time_budget": self.auto_time_budget}
+               if self.auto else {}),
             **({"trt_version": self.trt_version, "defer_build": self.defer_build, "max_batch": self.max_batch,
                 "opt_batch": self.opt_batch, "opt_seq_len": self.opt_seq_len, "timing_cache": self.timing_cache,
                 "hardware_compatibility": self.hardware_compatibility, "version_compatible": self.version_compatible}

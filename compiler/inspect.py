@@ -46,6 +46,7 @@ def _inspect_artifact(path: Path) -> dict:
         "parity": report.get("parity"),
         "fusions": fusion_summary(report, kv.get("num_layers") if kv else None),
         "memory": report.get("memory"),
+        "auto": report.get("auto"),  # --auto: every candidate measured and the one chosen
         "files": {name: info["size"] for name, info in m["files"].items()},
         "versions": m.get("versions"),
         "io": m.get("io"),
@@ -71,7 +72,8 @@ def fusion_summary(report: dict, num_layers: int | None) -> dict:
 
 
 def _inspect_onnx(path: Path) -> dict:
-    from .compile import io_signature, op_histogram, parameter_count
+    from .manifest import io_signature
+    from .report import op_histogram, parameter_count
     from .onnx_source import load_onnx_source
     from ..passes.driver import count_nodes
 

@@ -55,6 +55,12 @@ class QualityMeasure:
                 self.reference_ppl = graph_perplexity(Path(tmp) / MODEL_FILE, windows, prefix)
             self.reference_kind = "optimized fp32 graph"
 
+    def weights_for(self, model: ir.Model):
+        """The precision stage's quantization spec for ``model`` (the fused fp32 graph), after measuring that
+        graph's reference perplexity for --eval: both need the model before it is quantized."""
+        self.measure_reference(model)
+        return self.weight_spec(model)
+
     def weight_spec(self, model: ir.Model):
         if self.cfg.precision not in WEIGHT_ONLY:
             return None

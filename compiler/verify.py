@@ -162,7 +162,7 @@ def checked_proto(model: ir.Model, where: str) -> onnx.ModelProto:
         onnx.shape_inference.infer_shapes(checkable, check_type=True, strict_mode=True)
     except Exception as exc:
         raise CaptureError(f"{where} produced a model that fails strict shape inference: {_one_line(exc)}") from None
-    # Emission lowers the IR version the same way (compile._lower_ir_version); ORT may not read the newest.
+    # Emission lowers the IR version the same way (compile._lower_ir_version, in _run_stages); ORT may not read the newest.
     needed = onnx.helper.find_min_ir_version_for(list(proto.opset_import), ignore_unknown=True)
     proto.ir_version = min(proto.ir_version, needed)
     return proto

@@ -3,14 +3,19 @@
     -O0  nothing: the captured graph as exported
     -O1  cleanup: folding, dead code, duplicate weights
     -O2  -O1 + fusions (the default)
-    -O3  -O2 + every safe rewrite, layout changes included
 
-Fusion and attention passes join the -O2/-O3 lists as they land; each entry says why it sits where it does.
+There is no -O3: it was the -O2 list under another name, and a level that does nothing more is a promise
+the compiler does not keep. A level joins when it has passes of its own, measured. `stages` lists what one
+compile runs, in order: the opt-level pipeline, the target's extra passes, the precision passes. Each entry
+says why it sits where it does.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
+
+import onnx_ir as ir
 
 from onnx_ir.passes import common
 
@@ -37,7 +42,7 @@ from .simplify_no_ops import simplify_no_ops
 from .use_plugins import use_plugins
 
 TARGETS = ("ort", "trt")
-OPT_LEVELS = (0, 1, 2, 3)
+OPT_LEVELS = (0, 1, 2)
 
 
 def _fold_constants():
@@ -113,11 +118,9 @@ PIPELINES: dict[tuple[str, int], list[PassStep]] = {
     ("ort", 0): [],
     ("ort", 1): CLEANUP,
     ("ort", 2): CLEANUP + ORT_FUSIONS,
-    ("ort", 3): CLEANUP + ORT_FUSIONS,
     ("trt", 0): [],
     ("trt", 1): CLEANUP,
     ("trt", 2): CLEANUP + PORTABLE_FUSIONS,
-    ("trt", 3): CLEANUP + PORTABLE_FUSIONS,
 }
 
 
@@ -158,7 +161,7 @@ def plugin_steps(target: str, opt_level: int, trt_version: tuple[int, ...] | Non
 
 
 def pipeline(target: str, opt_level: int, disabled=(), enabled=()) -> list[PassStep]:
-    """The ordered passes for ``target`` at ``opt_level``, minus ``disabled``, plus ``enabled`` ones from -O3.
+    """The ordered passes for ``target`` at ``opt_level``, minus ``disabled``, plus ``enabled`` ones from -O2.
 
     >>> [s.name for s in pipeline("ort", 1, disabled=["cse"])][:3]
     ['inline', 'fold-constants', 'eliminate-identity']
@@ -166,15 +169,16 @@ def pipeline(target: str, opt_level: int, disabled=(), enabled=()) -> list[PassS
     if target not in TARGETS:
         raise UsageError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     if opt_level not in OPT_LEVELS:
-        raise UsageError(f"opt level {opt_level!r} is out of range; choose 0, 1, 2 or 3")
+        raise UsageError(f"opt level {opt_level!r} is out of range; choose 0, 1 or 2"
+                         + (" (-O3 ran the -O2 passes and was removed)" if opt_level == 3 else ""))
     known = all_pass_names()
     for name in (*disabled, *enabled):
         if name not in known:
             raise UsageError(f"unknown pass {name!r}; known passes: {', '.join(known)}")
     chosen = {s.name for s in PIPELINES[(target, opt_level)]} | set(enabled)
     chosen -= set(disabled)
-    # Keep the -O3 order for everything chosen, so enabling a pass never changes where it runs.
-    return [s for s in PIPELINES[(target, 3)] if s.name in chosen]
+    # Keep the -O2 order for everything chosen, so enabling a pass never changes where it runs.
+    return [s for s in PIPELINES[(target, max(OPT_LEVELS))] if s.name in chosen]
 
 
 def precision_steps(
@@ -213,3 +217,44 @@ def precision_steps(
         return [PassStep("quantize-dynamic-int8", lambda: quantize_dynamic_int8(reduce_range),
                          "int8 weights and int8 products, activation scales found at run time"), cleanup]
     raise UsageError(f"precision {precision!r} has no pass list")
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One stage of a compile: its passes are built from the graph the stages before it left."""
+
+    name: str
+    steps: Callable[[ir.Model], list[PassStep]]
+    numeric_check: bool  # --verify holds the stage to fp32 parity; a precision stage is judged by --eval
+    why: str
+
+
+def stages(
+    target: str, opt_level: int, precision: str, *, disabled=(), enabled=(), target_steps: list[PassStep] = (),
+    weights: Callable[[ir.Model], WeightQuantization | None] = lambda model: None, reduce_range: bool = True,
+) -> list[Stage]:
+    """Everything one compile runs over the captured graph, in order. Unknown passes, levels and precisions
+    the target cannot take fail here, before capture.
+
+    ``target_steps`` are the target's own passes (TensorRT's plugins); ``weights(model)`` gives the precision
+    passes their quantization spec from the graph they will quantize (GPTQ calibrates on it).
+
+    >>> [s.name for s in stages("ort", 2, "int4")]
+    ['opt-level', 'target', 'precision']
+    """
+    level = pipeline(target, opt_level, disabled, enabled)
+    precision_steps(precision, target=target)  # validates the pair now, not after minutes of capture
+
+    def precision_stage(model: ir.Model) -> list[PassStep]:
+        if precision == "fp32":
+            return []
+        return precision_steps(precision, weights(model), target, reduce_range)
+
+    return [
+        Stage("opt-level", lambda model: level, True, f"-O{opt_level}: cleanup and fusions on the fp32 graph"),
+        # After the opt level, whose cleanup leaves the patterns the plugins match in their plain form, and
+        # before precision, whose Casts and quantized MatMuls would split them.
+        Stage("target", lambda model: list(target_steps), True, "ops the target's runtime lacks, as plugins"),
+        # Last: quantization and fp16 match the fused fp32 graph, and a fusion never sees a quantized node.
+        Stage("precision", precision_stage, False, f"{precision}: weights (and activations) in fewer bytes"),
+    ]

@@ -6,14 +6,14 @@ import pytest
 from onnx import helper, numpy_helper
 
 import luffy
-from luffy.passes.pipelines import all_pass_names, pipeline
+from luffy.passes.pipelines import all_pass_names, pipeline, plugin_steps, stages
 
 
 def test_levels_are_explicit_lists():
     assert pipeline("ort", 0) == []
     names = [s.name for s in pipeline("ort", 1)]
     assert names[0] == "inline" and names[-1] == "topological-sort"
-    assert all(step.why for step in pipeline("ort", 3))
+    assert all(step.why for step in pipeline("ort", 2))
     assert [s.name for s in pipeline("ort", 1, disabled=["cse"])] == [n for n in names if n != "cse"]
     assert [s.name for s in pipeline("ort", 0, enabled=["cse"])] == ["cse"]
     assert set(all_pass_names()) >= set(names)
@@ -22,11 +22,32 @@ def test_levels_are_explicit_lists():
 @pytest.mark.parametrize("kwargs, message", [
     (dict(target="tpu", opt_level=2), "unknown target 'tpu'"),
     (dict(target="ort", opt_level=7), "opt level 7"),
+    (dict(target="ort", opt_level=3), r"choose 0, 1 or 2 \(-O3 ran the -O2 passes and was removed\)"),
     (dict(target="ort", opt_level=2, disabled=["fuse-everything"]), "unknown pass 'fuse-everything'"),
 ])
 def test_bad_pipeline_requests(kwargs, message):
     with pytest.raises(luffy.UsageError, match=message):
         pipeline(**kwargs)
+
+
+def test_stages_list_level_target_and_precision_in_order():
+    plugins = plugin_steps("trt", 2, (10, 8))
+    seen = []
+    plan = stages("trt", 2, "int4", target_steps=plugins, weights=lambda model: seen.append(model))
+    assert [(s.name, s.numeric_check) for s in plan] == [("opt-level", True), ("target", True), ("precision", False)]
+    assert plan[0].steps(None) == pipeline("trt", 2)
+    assert plan[1].steps(None) == plugins
+    # the precision passes are built from the graph the earlier stages left (GPTQ calibrates on it)
+    assert [s.name for s in plan[2].steps("fused graph")] == ["quantize-weights", "remove-unused-after-precision"]
+    assert seen == ["fused graph"]
+    assert stages("ort", 2, "fp32")[2].steps("fused graph") == []
+
+
+def test_stages_refuse_before_capture():
+    with pytest.raises(luffy.UsageError, match="int8-dynamic is an ONNX Runtime mode"):
+        stages("trt", 2, "int8-dynamic")
+    with pytest.raises(luffy.UsageError, match="unknown pass 'fuse-nothing'"):
+        stages("ort", 2, "fp32", disabled=["fuse-nothing"])
 
 
 def _messy_model(path):
