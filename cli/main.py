@@ -7,11 +7,14 @@ Errors print one line naming the cause and exit with the error kind's code (see 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import inspect
 import json
 import os
 import shlex
 import sys
 import time
+import typing
 import warnings
 from pathlib import Path
 from typing import List, Optional
@@ -84,87 +87,7 @@ def _main(
     _state["debug"] = _state["debug"] or debug
 
 
-@app.command("compile")
-def compile_cmd(
-    source: str = typer.Argument(..., help="Zoo name, local Hugging Face directory, .onnx file or package.module:factory."),
-    output: Path = typer.Option(..., "-o", "--output", help="Artifact directory to write (replaced atomically)."),
-    target: str = typer.Option("ort", "--target", help="ort (ONNX Runtime) or trt (TensorRT)."),
-    precision: str = typer.Option(
-        "fp32", "--precision", help="fp32 | fp16 | bf16 | int8 | int4 | int8-dynamic. int8/int4: weight-only, blockwise "
-        "(MatMulNBits), GPTQ with --calib else round-to-nearest; int8-dynamic: int8 activations too; fp16/bf16: weights and "
-        "activations (fp32 kept for norms' reductions, softmax and logits). bf16 is for GPUs; on a CPU luffy checks it "
-        "by rounding each op's fp32 result to bf16 (slow, not a serving mode).",
-    ),
-    block_size: int = typer.Option(32, "--block-size", help="int8/int4: weights per scale, 16 | 32 | 64 | 128."),
-    calib: Optional[Path] = typer.Option(
-        None, "--calib", metavar="FILE", help="int8/int4: text (or token ids as .json) to calibrate on; "
-        "quantizes by GPTQ instead of round-to-nearest.",
-    ),
-    eval_file: Optional[Path] = typer.Option(
-        None, "--eval", metavar="FILE", help="Text (or .json token ids): perplexity before and after, in the report.",
-    ),
-    accuracy_level: int = typer.Option(
-        4, "--accuracy-level", min=0, max=4, help="int8/int4 MatMulNBits: 4 = int8 products (fast on CPU), 0 = fp32.",
-    ),
-    reduce_range: Optional[bool] = typer.Option(
-        None, "--reduce-range/--no-reduce-range", help="int8-dynamic: 7-bit weights, correct on every x86 CPU; "
-        "--no-reduce-range: 8-bit, only for CPUs with VNNI [decided by this CPU]",
-    ),
-    opt_level: int = typer.Option(2, "-O", "--opt-level", min=0, max=2, help="0 none, 1 cleanup, 2 fusions (default)."),
-    max_seq_len: Optional[int] = typer.Option(None, "--max-seq-len", help="Longest prompt + generation the artifact serves."),
-    disable_pass: List[str] = typer.Option([], "--disable-pass", help="Skip a pass by name (repeatable)."),
-    enable_pass: List[str] = typer.Option([], "--enable-pass", help="Add a pass from the -O2 list by name, to -O0/-O1 (repeatable)."),
-    check_parity: bool = typer.Option(True, "--check-parity/--no-check-parity", help="Compare with PyTorch before publishing."),
-    external_data: str = typer.Option("auto", "--external-data", help="Weights in model.onnx.data: auto | always | never."),
-    verify: bool = typer.Option(
-        False, "--verify", help="After every pass run the ONNX checker, shape inference and a numeric check on "
-        "ONNX Runtime against the captured graph; fail naming the pass that broke parity.",
-    ),
-    dump_ir: Optional[Path] = typer.Option(
-        None, "--dump-ir", metavar="DIR", help="Write the graph after every pass as DIR/NN-<pass>.onnx "
-        "(00-captured.onnx first; weights in one shared DIR/weights.data).",
-    ),
-    report_json: bool = typer.Option(False, "--json", help="Print the compile report as JSON on stdout."),
-    auto: bool = typer.Option(
-        False, "--auto", help="Compile every precision ONNX Runtime runs here (fp32; int4 block 128/32 and int8, "
-        "round-to-nearest and with --calib GPTQ; int8-dynamic), measure quality on --eval and speed on this machine, "
-        "and write the fastest within --max-quality-loss. --precision P: only P's variants.", rich_help_panel="Auto",
-    ),
-    max_quality_loss: Optional[float] = typer.Option(
-        None, "--max-quality-loss", metavar="PCT", help="--auto: the largest quality loss allowed, in percent "
-        "(decoders: perplexity increase on --eval; encoders: 100 x (1 - embedding cosine)).", rich_help_panel="Auto",
-    ),
-    auto_time_budget: Optional[float] = typer.Option(
-        None, "--auto-time-budget", metavar="SECONDS", help="--auto: start no further candidate once this would be "
-        "exceeded; the report says which were skipped.", rich_help_panel="Auto",
-    ),
-    defer_build: bool = typer.Option(
-        False, "--defer-build", help="trt: write the legalized ONNX, profiles and a trtexec line (state needs-build) "
-        "without TensorRT; finish with `luffy build DIR` on the GPU machine.", rich_help_panel="TensorRT",
-    ),
-    trt_version: Optional[str] = typer.Option(
-        None, "--trt-version", help="trt: the TensorRT whose ONNX parser the graph must pass (e.g. 10.16) "
-        "[installed, else the newest luffy knows].", rich_help_panel="TensorRT",
-    ),
-    max_batch: int = typer.Option(8, "--max-batch", min=1, help="trt: largest batch in the profiles.", rich_help_panel="TensorRT"),
-    opt_batch: int = typer.Option(1, "--opt-batch", min=1, help="trt: batch the kernels are tuned for.", rich_help_panel="TensorRT"),
-    opt_seq_len: Optional[int] = typer.Option(
-        None, "--opt-seq-len", min=1, help="trt: prompt length the prefill profile is tuned for [min(128, max)].",
-        rich_help_panel="TensorRT",
-    ),
-    timing_cache: Optional[Path] = typer.Option(
-        None, "--timing-cache", metavar="FILE", help="trt: persistent timing cache, safe to share between builds "
-        "[~/.cache/luffy/trt-timing.cache].", rich_help_panel="TensorRT",
-    ),
-    hardware_compatibility: str = typer.Option(
-        "none", "--hardware-compatibility", help="trt: none (this GPU's architecture) | ampere+ (any Ampere or newer).",
-        rich_help_panel="TensorRT",
-    ),
-    version_compatible: bool = typer.Option(
-        False, "--version-compatible", help="trt: an engine newer TensorRT versions and the lean runtime can load.",
-        rich_help_panel="TensorRT",
-    ),
-):
+def compile_cmd(source: str, output: Path, report_json: bool, **options):
     """Compile a model into an artifact directory.
 
     Example: luffy compile ./my-llama -o build/my-llama --target ort -O2
@@ -180,17 +103,7 @@ def compile_cmd(
     compile_artifact = import_compiler("luffy.compiler.compile").compile
     _quiet_libraries()
     with _progress(f"compiling {source}") as say:
-        artifact = compile_artifact(
-            source, target=target, output=output, precision=precision, opt_level=opt_level, max_seq_len=max_seq_len,
-            disable_pass=disable_pass, enable_pass=enable_pass, check_parity=check_parity, external_data=external_data,
-            verify=verify, dump_ir=dump_ir, block_size=block_size, calib=calib, eval_file=eval_file,
-            accuracy_level=accuracy_level, reduce_range=reduce_range,
-            auto=auto or None, max_quality_loss=max_quality_loss, auto_time_budget=auto_time_budget,
-            progress=say,
-            defer_build=defer_build, trt_version=trt_version, max_batch=max_batch, opt_batch=opt_batch,
-            opt_seq_len=opt_seq_len, timing_cache=timing_cache, hardware_compatibility=hardware_compatibility,
-            version_compatible=version_compatible,
-        )
+        artifact = compile_artifact(source, output=output, progress=say, **options)
     report = artifact.report
     if report_json:
         print(json.dumps(report, indent=2))
@@ -211,6 +124,37 @@ def compile_cmd(
         ref = quality["perplexity_reference"]
         change = f" ({quality['perplexity_increase_pct']:+.2f}% vs {ref:.4f} {quality['reference']})" if ref else ""
         err.print(f"  perplexity {quality['perplexity']:.4f}{change} on {quality['tokens_scored']:,} tokens", soft_wrap=True)
+
+
+def _compile_parameters() -> list[inspect.Parameter]:
+    """compile_cmd's signature: SOURCE, -o, --json, then one flag per LuffyConfig option field (in field order;
+    compiler/config.py `option` is where an option is added, not here)."""
+    from ..compiler.config import LuffyConfig  # plain dataclasses: no torch, no compiler imports
+
+    fixed = [
+        ("source", str, typer.Argument(..., help="Zoo name, local Hugging Face directory, .onnx file or "
+                                                 "package.module:factory.")),
+        ("output", Path, typer.Option(..., "-o", "--output", help="Artifact directory to write (replaced atomically).")),
+        ("report_json", bool, typer.Option(False, "--json", help="Print the compile report as JSON on stdout.")),
+    ]
+    params = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=kind)
+              for name, kind, default in fixed]
+    hints = typing.get_type_hints(LuffyConfig)
+    panels = {"trt": "TensorRT", "auto": "Auto"}
+    for f in dataclasses.fields(LuffyConfig):
+        meta = f.metadata
+        if "flags" not in meta:
+            continue
+        kind = List[str] if f.name.endswith("_passes") else hints[f.name]
+        default = list(f.default) if isinstance(f.default, tuple) else f.default
+        flags = meta["flags"] or ("--" + f.name.replace("_", "-"),)
+        option = typer.Option(default, *flags, help=meta["help"], rich_help_panel=panels.get(meta["group"]), **meta["cli"])
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind))
+    return params
+
+
+compile_cmd.__signature__ = inspect.Signature(_compile_parameters())
+app.command("compile")(compile_cmd)
 
 
 @contextlib.contextmanager

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 from ..errors import UsageError
 
@@ -13,6 +13,17 @@ WEIGHT_ONLY = ("int8", "int4")
 BLOCK_SIZES = (16, 32, 64, 128)
 EXTERNAL_DATA_MODES = ("auto", "always", "never")
 HARDWARE_COMPATIBILITY = ("none", "ampere+")
+
+
+def option(default, help: str, *flags: str, group: str | None = None, **cli):
+    """A LuffyConfig field that is also a `luffy compile` flag: adding an option is this one field.
+
+    ``flags`` default to ``--field-name``; ``group`` "trt" puts it in --help's TensorRT panel and in the
+    manifest only for --target trt ("auto": only with --auto); ``cli`` goes to typer.Option (min, max,
+    metavar). The CLI's default, its help, `luffy.compile`'s keyword and the manifest's options all come
+    from here.
+    """
+    return field(default=default, metadata={"help": help, "flags": flags, "group": group, "cli": cli})
 
 
 @dataclass(frozen=True)
@@ -26,38 +37,61 @@ class LuffyConfig:
     1
     """
 
-    target: str = "ort"
-    precision: str = "fp32"
-    opt_level: int = 2
-    optimization_level: str | None = None
-    max_seq_len: int | None = None  # default: the model's own position limit
-    disabled_passes: tuple[str, ...] = ()
-    enabled_passes: tuple[str, ...] = ()
-    check_parity: bool = True  # compare the emitted graph with PyTorch before the artifact is published
-    external_data: str = "auto"  # weights in model.onnx.data: auto (when large), always, never
-    verify: bool = False  # check + shape-infer + run the graph after every pass; name the pass that breaks it
-    dump_ir: str | None = None  # directory for the graph after every pass (NN-<pass>.onnx)
-    block_size: int = 32  # weight-only int8/int4: weights per scale (smaller = more accurate, more bytes)
-    calib: str | None = None  # text or token ids (.json) for calibrated quantization (GPTQ); none = RTN
-    eval_file: str | None = None  # text or token ids: perplexity before and after, into the report
+    target: str = option("ort", "ort (ONNX Runtime) or trt (TensorRT).")
+    precision: str = option(
+        "fp32", "fp32 | fp16 | bf16 | int8 | int4 | int8-dynamic. int8/int4: weight-only, blockwise (MatMulNBits), "
+        "GPTQ with --calib else round-to-nearest; int8-dynamic: int8 activations too; fp16/bf16: weights and "
+        "activations (fp32 kept for norms' reductions, softmax and logits). bf16 is for GPUs; on a CPU luffy checks it "
+        "by rounding each op's fp32 result to bf16 (slow, not a serving mode).")
+    block_size: int = option(32, "int8/int4: weights per scale, 16 | 32 | 64 | 128 (smaller: more accurate, more bytes).")
+    calib: str | None = option(None, "int8/int4: text (or token ids as .json) to calibrate on; quantizes by GPTQ instead "
+                               "of round-to-nearest.", metavar="FILE")
+    eval_file: str | None = option(None, "Text (or .json token ids): perplexity before and after, in the report.",
+                                   "--eval", metavar="FILE")
     # --auto: compile every precision this target runs, measure quality on eval_file and speed here, keep the
     # fastest within max_quality_loss (percent); auto_time_budget (seconds) bounds it (compiler/auto.py)
-    auto: bool = False
-    max_quality_loss: float | None = None
-    auto_time_budget: float | None = None
-    accuracy_level: int = 4  # MatMulNBits: 4 = int8 products on the CPU (fast); 0 = fp32 products
-    # int8-dynamic: 7-bit weights, which x86 CPUs without VNNI need (their u8s8 kernels saturate). None: decided
-    # by the compiling CPU; True gives an artifact correct on every CPU.
-    reduce_range: bool | None = None
-    # --target trt
-    trt_version: str | None = None  # the TensorRT the graph must parse on; default: installed, else newest known
-    defer_build: bool = False  # write the portable ONNX + profiles (state needs-build); `luffy build` finishes it
-    max_batch: int = 8  # optimization profiles: the largest batch the engine serves
-    opt_batch: int = 1  # ...and the batch TensorRT tunes its kernels for
-    opt_seq_len: int | None = None  # prefill profile's tuned prompt length (default min(128, max_seq_len))
-    timing_cache: str | None = None  # persistent TensorRT timing cache (default ~/.cache/luffy/trt-timing.cache)
-    hardware_compatibility: str = "none"  # none | ampere+: an engine for any Ampere-or-newer GPU
-    version_compatible: bool = False  # an engine later TensorRT versions (and the lean runtime) can load
+    auto: bool = option(
+        False, "Compile every precision ONNX Runtime runs here (fp32; int4 block 128/32 and int8, round-to-nearest "
+        "and with --calib GPTQ; int8-dynamic), measure quality on --eval and speed on this machine, and write the "
+        "fastest within --max-quality-loss. --precision P: only P's variants.", group="auto")
+    max_quality_loss: float | None = option(
+        None, "--auto: the largest quality loss allowed, in percent (decoders: perplexity increase on --eval; "
+        "encoders: 100 x (1 - embedding cosine)).", metavar="PCT", group="auto")
+    auto_time_budget: float | None = option(
+        None, "--auto: start no further candidate once this would be exceeded; the report says which were skipped.",
+        metavar="SECONDS", group="auto")
+    accuracy_level: int = option(4, "int8/int4 MatMulNBits: 4 = int8 products (fast on CPU), 0 = fp32.", min=0, max=4)
+    # None: decided by the compiling CPU (x86 CPUs without VNNI need 7-bit weights: their u8s8 kernels saturate)
+    reduce_range: bool | None = option(
+        None, "int8-dynamic: 7-bit weights, correct on every x86 CPU; --no-reduce-range: 8-bit, only for CPUs with "
+        "VNNI [decided by this CPU]", "--reduce-range/--no-reduce-range")
+    opt_level: int = option(2, "0 none, 1 cleanup, 2 fusions (default).", "-O", "--opt-level", min=0, max=2)
+    optimization_level: str | None = None  # the API's named form of opt_level
+    max_seq_len: int | None = option(None, "Longest prompt + generation the artifact serves [the model's position "
+                                     "limit].")
+    disabled_passes: tuple[str, ...] = option((), "Skip a pass by name (repeatable).", "--disable-pass", metavar="PASS")
+    enabled_passes: tuple[str, ...] = option((), "Add a pass from the -O2 list by name, to -O0/-O1 (repeatable).",
+                                             "--enable-pass", metavar="PASS")
+    check_parity: bool = option(True, "Compare with PyTorch before publishing.", "--check-parity/--no-check-parity")
+    external_data: str = option("auto", "Weights in model.onnx.data: auto (when large) | always | never.")
+    verify: bool = option(False, "After every pass run the ONNX checker, shape inference and a numeric check on ONNX "
+                          "Runtime against the captured graph; fail naming the pass that broke parity.")
+    dump_ir: str | None = option(None, "Write the graph after every pass as DIR/NN-<pass>.onnx (00-captured.onnx "
+                                 "first; weights in one shared DIR/weights.data).", metavar="DIR")
+    trt_version: str | None = option(None, "trt: the TensorRT whose ONNX parser the graph must pass (e.g. 10.16) "
+                                     "[installed, else the newest luffy knows].", group="trt")
+    defer_build: bool = option(False, "trt: write the legalized ONNX, profiles and a trtexec line (state needs-build) "
+                               "without TensorRT; finish with `luffy build DIR` on the GPU machine.", group="trt")
+    max_batch: int = option(8, "trt: largest batch in the profiles.", min=1, group="trt")
+    opt_batch: int = option(1, "trt: batch the kernels are tuned for.", min=1, group="trt")
+    opt_seq_len: int | None = option(None, "trt: prompt length the prefill profile is tuned for [min(128, max)].",
+                                     min=1, group="trt")
+    timing_cache: str | None = option(None, "trt: persistent timing cache, safe to share between builds "
+                                      "[~/.cache/luffy/trt-timing.cache].", metavar="FILE", group="trt")
+    hardware_compatibility: str = option("none", "trt: none (this GPU's architecture) | ampere+ (any Ampere or newer).",
+                                         group="trt")
+    version_compatible: bool = option(False, "trt: an engine newer TensorRT versions and the lean runtime can load.",
+                                      group="trt")
 
     def __post_init__(self):
         if self.optimization_level is not None:
@@ -131,17 +165,13 @@ class LuffyConfig:
         return replace(self, **given)
 
     def to_json(self) -> dict:
-        return {
-            "target": self.target, "precision": self.precision, "opt_level": self.opt_level,
-            "max_seq_len": self.max_seq_len, "disabled_passes": list(self.disabled_passes),
-            "enabled_passes": list(self.enabled_passes), "check_parity": self.check_parity,
-            "external_data": self.external_data, "verify": self.verify, "dump_ir": self.dump_ir,
-            "block_size": self.block_size, "calib": self.calib, "eval_file": self.eval_file,
-            "accuracy_level": self.accuracy_level, "reduce_range": self.reduce_range,
-            **({"auto": True, "max_quality_loss": self.max_quality_loss, "auto_time_budget": self.auto_time_budget}
-               if self.auto else {}),
-            **({"trt_version": self.trt_version, "defer_build": self.defer_build, "max_batch": self.max_batch,
-                "opt_batch": self.opt_batch, "opt_seq_len": self.opt_seq_len, "timing_cache": self.timing_cache,
-                "hardware_compatibility": self.hardware_compatibility, "version_compatible": self.version_compatible}
-               if self.target == "trt" else {}),
-        }
+        """The options as the manifest records them: every field with a flag; a group's fields (TensorRT's,
+        --auto's) only when that group is on."""
+        out = {}
+        for f in fields(self):
+            group = f.metadata.get("group")
+            if "flags" not in f.metadata or (group == "trt" and self.target != "trt") or (group == "auto" and not self.auto):
+                continue
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out

@@ -176,3 +176,29 @@ def test_run_escapes_control_bytes_a_model_generates():
 
     assert printable("def f():\n\treturn 1\x1b[2J\x07\u202e") == "def f():\n\treturn 1\\x1b[2J\\x07\\u202e"
     assert printable("naïve – 日本語 🙂") == "naïve – 日本語 🙂"
+
+
+def test_every_config_option_is_a_compile_flag_and_a_manifest_option():
+    """An option is one LuffyConfig field: its flag, default and help reach `luffy compile --help`, its value
+    reaches the config, and it is recorded in the manifest's options (a group's only when that group is on)."""
+    import dataclasses
+
+    from typer.testing import CliRunner
+
+    from luffy.cli.main import app
+    from luffy.compiler.config import LuffyConfig
+
+    help_text = " ".join(CliRunner().invoke(app, ["compile", "--help"], terminal_width=1000, max_content_width=1000).output.split())
+    options = [f for f in dataclasses.fields(LuffyConfig) if "flags" in f.metadata]
+    assert len(options) >= 25
+    for f in options:
+        flag = (f.metadata["flags"] or ("--" + f.name.replace("_", "-"),))[0].split("/")[0]
+        assert flag in help_text, f.name
+        assert " ".join(f.metadata["help"].split()) in help_text, f.name
+    groups = {f.name: f.metadata["group"] for f in options}
+    assert set(LuffyConfig().to_json()) == {name for name, group in groups.items() if group is None}
+    assert set(LuffyConfig(target="trt").to_json()) == {name for name, group in groups.items() if group != "auto"}
+    # a flag's value reaches LuffyConfig's own validation, which names the option
+    result = subprocess.run([sys.executable, "-m", "luffy", "compile", "llama-tiny", "-o", "unused", "--block-size", "7"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == UsageError.exit_code and "block_size 7" in error_line(result.stderr)
