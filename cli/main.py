@@ -445,7 +445,10 @@ def inspect_cmd(
                 io.add_row(direction[:-1], v["name"], v["dtype"], str(v["shape"]))
         out.print(io)
     if info.get("auto"):
-        out.print(auto_table(info["auto"]))
+        try:
+            out.print(auto_table(info["auto"]))
+        except (KeyError, TypeError, ValueError, AttributeError):  # the report is informational: say so, go on
+            out.print("--auto: report['auto'] is not in the form this luffy writes; see --json")
     if info.get("op_histogram"):
         ops = Table(title="ops")
         ops.add_column("op")
@@ -461,8 +464,8 @@ def auto_table(auto: dict) -> Table:
                   caption="; ".join(filter(None, [f"chosen: {auto['chosen']}", auto["choice_rule"], (
                       f"skipped: {', '.join(s['name'] for s in auto['skipped'])} ({auto['skipped'][0]['reason']})"
                       if auto["skipped"] else "")])))
-    for col in ("candidate", "loss %", "decode tok/s", "prefill ms", "MB", "within budget"):
-        table.add_column(col, justify="left" if col == "candidate" else "right")
+    for col in ("candidate", "loss %", "decode tok/s", "prefill ms", "MB", "in budget"):
+        table.add_column(col, justify="left" if col == "candidate" else "right", no_wrap=col == "candidate")
     for c in auto["candidates"]:
         def num(value, fmt):
             return "—" if value is None else format(value, fmt)

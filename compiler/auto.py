@@ -366,7 +366,8 @@ def _publish(artifact, output: Path, cfg: LuffyConfig, auto: dict):
     manifest = dict(artifact.manifest)
     manifest["options"] = {**manifest["options"], "eval_file": cfg.eval_file, "auto": True,
                            "max_quality_loss": cfg.max_quality_loss, "auto_time_budget": cfg.auto_time_budget}
-    manifest["report"] = {**manifest["report"], "auto": auto}
+    # seconds_total: the whole decider run (each candidate's own compile time is in its row)
+    manifest["report"] = {**manifest["report"], "seconds_total": auto["seconds"], "auto": auto}
     with staged_directory(output) as stage:
         for item in artifact.path.iterdir():
             os.replace(item, stage / item.name)
