@@ -27,7 +27,7 @@ from pathlib import Path
 from ..errors import LuffyError, UsageError, first_line
 from .artifact import check_output_location, staged_directory, write_manifest
 from .config import LuffyConfig
-from .sources import CAUSAL_LM
+from .sources import CAUSAL_LM, ENCODER
 
 PROMPT_TOKENS, NEW_TOKENS, WARMUP, REPEATS = 64, 16, 1, 5  # short and bounded: the ranking, not the table
 MAX_SENTENCES = 64  # encoder --eval lines used for the cosine
@@ -210,12 +210,16 @@ class _QualityProbe:
         if self.src.kind == "onnx":
             from .onnx_source import load_onnx_source
 
-            self.decoder, self.layers = load_onnx_source(self.src.path).kind == CAUSAL_LM, None
+            kind, self.layers = load_onnx_source(self.src.path).kind, None
         else:
             tm = load_torch_model(self.src)
-            self.decoder = tm.kind == CAUSAL_LM
+            kind = tm.kind
             self.layers = getattr(getattr(tm.module, "config", None), "num_hidden_layers", None)
-            self.tm = None if self.decoder else tm  # a decoder's module is not needed again: let it go
+            self.tm = None if kind == CAUSAL_LM else tm  # a decoder's module is not needed again: let it go
+        self.decoder = kind == CAUSAL_LM
+        if kind not in (CAUSAL_LM, ENCODER) or (kind == ENCODER and self.tm is None):
+            raise UsageError(f"--auto measures causal LMs (perplexity) and encoders with a PyTorch reference "
+                             f"(embedding cosine); {self.src.spec} is {'an .onnx encoder' if kind == ENCODER else 'a ' + kind}")
         self.metric = ("perplexity increase % on --eval vs PyTorch fp32" if self.decoder else
                        "100 x (1 - lowest mean-pooled embedding cosine over --eval lines) vs PyTorch fp32")
 
