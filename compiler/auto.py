@@ -4,7 +4,7 @@ this machine, and publish only the fastest within the quality budget.
     >>> art = luffy.compile("llama-pydoc", output="build/auto", auto=True, max_quality_loss=0.5,
     ...                     eval_file="heldout.txt", calib="calib.txt")            # doctest: +SKIP
     >>> art.report["auto"]["chosen"], art.manifest["precision"]                   # doctest: +SKIP
-    ('int4-b128-gptq', 'int4')
+    ('int4-b32-gptq', 'int4')
 
 Quality: decoders, the perplexity increase on ``eval_file`` against PyTorch fp32 (the compile's own
 ``report["quality"]``); encoders, 100 x (1 - the lowest mean-pooled embedding cosine over the file's lines)
