@@ -27,7 +27,9 @@ CONFIGS = {  # name -> `luffy serve` flags; every replica gets --threads 1 unles
     "1 replica (Ray), 1 thread": ["--replicas", "1", "--threads", "1"],
     "2 replicas (Ray), 1 thread each": ["--replicas", "2", "--threads", "1"],
     "1 replica (Ray), 2 threads": ["--replicas", "1", "--threads", "2"],
+    "no Ray, 1 thread": ["--threads", "1"],
     "no Ray, 2 threads": ["--threads", "2"],
+    "no Ray, 2 threads, --no-spin": ["--threads", "2", "--no-spin"],
 }
 
 
@@ -123,48 +125,67 @@ async def _routed(url: str, model: str, prompts: list[tuple[int, list[int]]], co
         return await asyncio.gather(*(one(s, p) for s, p in prompts))
 
 
+POLICIES = {"prefix": ["--routing", "prefix"], "prefix, imbalance 0": ["--routing", "prefix", "--routing-imbalance", "0"],
+            "pow2": ["--routing", "pow2"]}
+
+
 def routing(artifact: Path, num_requests: int, system_len: int, suffix_len: int, concurrencies: list[int],
-            slots: int, seed: int, say) -> dict:
-    """Four system prompts of ``system_len`` tokens, each request one of them (uniformly) plus ``suffix_len`` new
-    tokens, through 2 replicas with the prefix router and with Ray's default router, at each concurrency."""
+            slots: int, rounds: int, seed: int, say, policies: list[str] | None = None,
+            server_args: list[str] | None = None) -> dict:
+    """Requests that each start with one of four system prompts of ``system_len`` tokens (uniformly) and add
+    ``suffix_len`` new tokens, through 2 replicas, per routing policy; one server per policy and round (policies
+    alternated), running each concurrency in turn with its own four system prompts (so one run's cache does not
+    serve the next)."""
     from ..runtimes import load as load_engine
 
     vocab = load_engine(artifact, threads=1).vocab
-    rng = np.random.default_rng(seed)
-    systems = [rng.integers(3, vocab, system_len).tolist() for _ in range(4)]
-    prompts = [(int(s), systems[s] + rng.integers(3, vocab, suffix_len).tolist())
-               for s in rng.integers(0, 4, num_requests)]
+    policies = {name: POLICIES[name] for name in (policies or POLICIES)}
     out = {"num_requests": num_requests, "system_len": system_len, "suffix_len": suffix_len, "max_num_seqs": slots,
-           "runs": []}
-    for concurrency in concurrencies:
-        for policy in ("prefix", "pow2"):
-            say(f"routing: {policy}, concurrency {concurrency}")
-            out["runs"].append({"routing": policy, "concurrency": concurrency,
-                                **_routing_run(artifact, prompts, policy, concurrency, slots)})
+           "rounds": rounds, "policies": policies, "server_args": server_args or [], "runs": []}
+    for r in range(rounds):
+        rng = np.random.default_rng(seed + r)
+        workloads = {}
+        for concurrency in concurrencies:
+            systems = [rng.integers(3, vocab, system_len).tolist() for _ in range(4)]
+            workloads[concurrency] = [(int(s), systems[s] + rng.integers(3, vocab, suffix_len).tolist())
+                                      for s in rng.integers(0, 4, num_requests)]
+        for policy, flags in policies.items():
+            say(f"routing round {r + 1}/{rounds}: {policy}")
+            server = _server(artifact, ["--replicas", "2", "--threads", "1", "--max-num-seqs", str(slots), *flags,
+                                        *(server_args or [])])
+            try:
+                for concurrency, prompts in workloads.items():
+                    out["runs"].append({"round": r, "routing": policy, "concurrency": concurrency,
+                                        **_routing_run(server, artifact.resolve().name, prompts, concurrency)})
+            finally:
+                server.stop()
+    out["medians"] = {f"{policy}, concurrency {c}": {key: float(np.median([run[key] for run in out["runs"]
+                                                                          if run["routing"] == policy
+                                                                          and run["concurrency"] == c]))
+                                                     for key in ("token_hit_rate", "system_prompt_cold_starts",
+                                                                 "latency_median_s", "duration_s")}
+                      for policy in policies for c in concurrencies}
     return out
 
 
-def _routing_run(artifact: Path, prompts, policy: str, concurrency: int, slots: int) -> dict:
-    server = _server(artifact, ["--replicas", "2", "--threads", "1", "--max-num-seqs", str(slots), "--routing", policy])
-    try:
-        time.sleep(3)  # the board holds every replica's metrics (each pushes once a second)
-        before = {n: metric_sum(server.url, f"luffy:prefix_cache_{n}_total") for n in ("hits", "queries")}
-        results = asyncio.run(_routed(server.url, artifact.resolve().name, prompts, concurrency, 8))
-        time.sleep(3)
-        after = {n: metric_sum(server.url, f"luffy:prefix_cache_{n}_total") for n in ("hits", "queries")}
-    finally:
-        server.stop()
-    seen, routed_hits, placement = set(), 0, {}
-    for system, replica, _ in results:  # completion order: close to routing order at these concurrencies
-        routed_hits += (system, replica) in seen
+def _routing_run(server: ServeProcess, model: str, prompts, concurrency: int) -> dict:
+    time.sleep(3)  # the board holds every replica's metrics (each pushes once a second)
+    before = {n: metric_sum(server.url, f"luffy:prefix_cache_{n}_total") for n in ("hits", "queries")}
+    start = time.perf_counter()
+    results = asyncio.run(_routed(server.url, model, prompts, concurrency, 8))
+    duration = time.perf_counter() - start
+    time.sleep(3)
+    after = {n: metric_sum(server.url, f"luffy:prefix_cache_{n}_total") for n in ("hits", "queries")}
+    seen, placement = set(), {}
+    for system, replica, _ in results:
         seen.add((system, replica))
         placement.setdefault(str(system), {}).setdefault(replica, 0)
         placement[str(system)][replica] += 1
     hits, queries = after["hits"] - before["hits"], after["queries"] - before["queries"]
+    latency = summarize([s for *_, s in results])
     return {"token_hit_rate": hits / queries if queries else None, "prompt_tokens": queries, "cached_tokens": hits,
-            "requests_on_a_replica_that_had_the_system_prompt": routed_hits / len(results),
-            "system_prompt_cold_starts": len(seen), "latency_s": summarize([s for *_, s in results]),
-            "placement": placement}
+            "system_prompt_cold_starts": len(seen), "latency_s": latency, "latency_median_s": latency["median"],
+            "duration_s": duration, "placement": placement}
 
 
 class Traffic:
@@ -246,13 +267,17 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("artifact", type=Path)
-    parser.add_argument("--rounds", type=int, default=3, help="throughput rounds (configurations alternated)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of throughput and routing runs (configurations "
+                        "alternated within a round)")
     parser.add_argument("--num-prompts", type=int, default=32)
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-num-seqs", type=int, default=8, help="KV slots per replica")
     parser.add_argument("--routing-requests", type=int, default=48)
+    parser.add_argument("--routing-concurrency", default="2,8", help="comma-separated")
+    parser.add_argument("--policy", action="append", choices=list(POLICIES), help="routing policies [all]")
+    parser.add_argument("--prefix-cache-mb", type=int, help="the routing servers' --prefix-cache-mb [luffy's default]")
     parser.add_argument("--kills", type=int, default=3)
     parser.add_argument("--only", choices=("throughput", "routing", "recovery"), action="append")
     parser.add_argument("--seed", type=int, default=0)
@@ -264,14 +289,18 @@ def main(argv: list[str] | None = None) -> int:
 
     parts = args.only or ["throughput", "routing", "recovery"]
     command = " ".join(["python -m luffy.benchmarks.ray_serve", *(sys.argv[1:] if argv is None else argv)])
-    report = {"artifact": str(args.artifact), "command": command, "machine": describe_machine(), "cpus": os.cpu_count()}
+    import ray
+
+    report = {"artifact": str(args.artifact), "command": command, "machine": describe_machine(), "ray": ray.__version__}
     if "throughput" in parts:
         load = ServeLoad(args.num_prompts, (args.input_len, args.input_len), (args.output_len, args.output_len),
                          args.seed)
         report["throughput"] = throughput(args.artifact, load, args.concurrency, args.rounds, args.max_num_seqs, say)
     if "routing" in parts:
-        report["routing"] = routing(args.artifact, args.routing_requests, 256, 32, [2, 8], args.max_num_seqs,
-                                    args.seed, say)
+        extra = [] if args.prefix_cache_mb is None else ["--prefix-cache-mb", str(args.prefix_cache_mb)]
+        report["routing"] = routing(args.artifact, args.routing_requests, 256, 32,
+                                    [int(c) for c in args.routing_concurrency.split(",")], args.max_num_seqs,
+                                    args.rounds, args.seed, say, args.policy, extra)
     if "recovery" in parts:
         report["recovery"] = recovery(args.artifact, args.kills, say)
     text = json.dumps(report, indent=2, default=float)

@@ -452,14 +452,20 @@ def serve_on_ray(artifact: str | Path, settings: ServerSettings, options: RayOpt
     artifact = Path(artifact).resolve()  # replicas may start in another working directory
     if settings.draft is not None:
         settings = dataclasses.replace(settings, draft=Path(settings.draft).resolve())
-    port = _free_port(settings.host, settings.port)
+    local = options.address is None
+    if local:
+        port = _free_port(settings.host, settings.port)
+    elif settings.port == 0:
+        raise UsageError("--port 0 picks a free port on this machine; with --ray-address Serve's proxies listen on "
+                         "the cluster's nodes: give a port")
+    else:
+        port = settings.port  # bound by the cluster's proxies (unless Serve already runs there with its own)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a local cluster reports nothing anywhere
     import ray
     from ray import serve
 
     stop = threading.Event()
     previous: dict = {}
-    local = options.address is None
     try:
         _log(f"starting {'a local Ray cluster' if local else f'on the Ray cluster at {options.address}'}")
         if local:
@@ -467,7 +473,10 @@ def serve_on_ray(artifact: str | Path, settings: ServerSettings, options: RayOpt
             ray.init(include_dashboard=False, num_cpus=cpus, _node_ip_address="127.0.0.1", log_to_driver=False,
                      object_store_memory=128 << 20, configure_logging=False)
         else:
-            ray.init(address=options.address, log_to_driver=False, configure_logging=False)
+            try:
+                ray.init(address=options.address, log_to_driver=False, configure_logging=False)
+            except ConnectionError as exc:
+                raise UsageError(f"--ray-address {options.address}: cannot join ({exc})") from None
         # after ray.init, which installs its own SIGTERM handler (stop the node's processes, exit 1, no drain)
         previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
         serve.start(http_options={"host": settings.host, "port": port}, logging_config={"log_level": "WARNING"})
