@@ -120,6 +120,11 @@ def test_scales_up_under_load_and_both_replicas_answer_like_generate_alone(clust
     text = _wait(lambda: (t := httpx.get(f"{cluster.url}/metrics", headers=cluster.headers, timeout=10).text)
                  .count("luffy:generation_tokens_total{") >= 2 and t, 10, "both replicas in /metrics")
     assert all(f'replica="{name}"' in text for name in names)
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = {f.name: f for f in text_string_to_metric_families(text)}  # one valid exposition, merged
+    tokens = {s.labels["replica"]: s.value for s in families["luffy:generation_tokens"].samples}
+    assert set(tokens) == names and all(v > 0 for v in tokens.values())
 
 
 def test_a_prefix_goes_to_the_replica_that_holds_it_until_that_one_is_full(cluster):
