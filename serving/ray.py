@@ -382,7 +382,8 @@ def application(artifact: str | Path, settings: ServerSettings, options: RayOpti
             request_router_kwargs={"imbalance": options.imbalance})
     replica = serve.deployment(LuffyReplica, **replica_config).bind(str(artifact), settings)
     ingress = serve.deployment(LuffyIngress, name="LuffyIngress", ray_actor_options={"num_cpus": 0},
-                               max_ongoing_requests=1 << 16)
+                               max_ongoing_requests=1 << 16, graceful_shutdown_timeout_s=max(1.0, settings.drain_timeout),
+                               graceful_shutdown_wait_loop_s=0.5)
     return ingress.bind(str(artifact), settings, replica)
 
 
@@ -498,11 +499,10 @@ def serve_on_ray(artifact: str | Path, settings: ServerSettings, options: RayOpt
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         if ray.is_initialized():
-            try:
+            try:  # the proxy stays up while the deployments drain (serve.shutdown alone cuts open streams)
+                serve.delete(options.app_name)
                 if local:
                     serve.shutdown()
-                else:
-                    serve.delete(options.app_name)
             finally:
                 ray.shutdown()
     return 0

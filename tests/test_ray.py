@@ -7,7 +7,7 @@ order and each first brings the deployment to the state it needs, every wait bou
   2. the same prompt prefix lands on the replica that holds it, and spills to the other when that one is full;
   3. a SIGKILLed replica: requests on it end at once with a 5xx, the rest succeed, Ray Serve replaces it;
   4. idle, it scales back to 1;
-  5. SIGTERM stops the application and every process of the Ray cluster it started.
+  5. SIGTERM lets a stream in flight finish, then stops the application and every process of the Ray cluster.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def cluster(pydoc):
     _needs_ray()
     server = ServerProcess(pydoc.path, "--min-replicas", "1", "--max-replicas", "2", "--threads", "1",
                            "--max-num-seqs", "2", "--upscale-delay", "1", "--downscale-delay", "8",
-                           "--drain-timeout", "5", "--served-model-name", "pydoc", api_key=KEY, start_timeout=180)
+                           "--drain-timeout", "20", "--served-model-name", "pydoc", api_key=KEY, start_timeout=180)
     with server:
         yield server
 
@@ -183,10 +183,21 @@ def test_scales_back_down_when_idle(cluster):
     assert _post(cluster, "Return the", 4).status_code == 200
 
 
-def test_sigterm_stops_the_application_and_every_ray_process(cluster):
+def test_sigterm_drains_then_stops_the_application_and_every_ray_process(cluster):
     started = descendants(cluster.proc.pid)
     assert any("raylet" in cmd for cmd in started.values()) and any("gcs_server" in cmd for cmd in started.values())
-    assert cluster.stop(signal.SIGTERM, timeout=90) == 0, "".join(cluster.log)[-2000:]
+    body = {"model": "pydoc", "prompt": "Return the", "max_tokens": 300, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+    lines = []
+    with httpx.stream("POST", f"{cluster.url}/v1/completions", json=body, headers=cluster.headers,
+                      timeout=60) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: ") and not lines:  # the stream is under way: now SIGTERM
+                cluster.proc.send_signal(signal.SIGTERM)
+            if line:
+                lines.append(line)
+    assert lines[-1] == "data: [DONE]" and sum('"text"' in line for line in lines) == 300  # drained, not cut
+    assert cluster.proc.wait(timeout=90) == 0, "".join(cluster.log)[-2000:]  # (a second SIGTERM: stop at once)
     _wait(lambda: not [p for p in started if Path(f"/proc/{p}").exists() and _alive(p)], 30,
           f"every Ray process stopped: {[started[p] for p in started if _alive(p)]}")
 
