@@ -31,7 +31,7 @@ from .sources import CAUSAL_LM, ENCODER
 
 PROMPT_TOKENS, NEW_TOKENS, WARMUP, REPEATS = 64, 16, 1, 7  # short and bounded: the ranking, not the table
 MAX_SENTENCES = 64  # encoder --eval lines used for the cosine
-# Speeds this close to the fastest are a tie, which the least loss wins: twins with identical bytes and graphs
+# Speeds this close to the fastest are a tie, which the least loss wins: twins of the same size and graph
 # (GPTQ and round-to-nearest at one block size) measured 0-12 % apart in two runs on a shared 2-core machine.
 SPEED_TIE = 0.05
 
