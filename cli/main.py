@@ -309,8 +309,8 @@ def serve_cmd(
                                 "longest cached prefix, unless it is busier) or pow2 (Ray's default)."),
     routing_imbalance: int = typer.Option(2, "--routing-imbalance", min=0, help="Prefix routing: a replica more "
                                           "than this many requests busier than the least busy one is passed over."),
-    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join this Ray cluster (e.g. "
-                                              "ray://head:10001 or auto) instead of starting a local one."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join this Ray cluster (auto, or "
+                                              "the head's host:port) instead of starting a local one."),
 ):
     """Serve an artifact over an OpenAI-compatible HTTP API with continuous batching.
 
