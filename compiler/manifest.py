@@ -3,6 +3,7 @@ and validates it; this module only builds it)."""
 
 from __future__ import annotations
 
+import functools
 import platform
 
 import numpy as np
@@ -40,7 +41,7 @@ def build_manifest(cfg: LuffyConfig, capture, model: ir.Model, emitted: dict, re
         "precision": cfg.precision,
         "opt_level": cfg.opt_level,
         "options": cfg.to_json(),
-        "versions": _versions(),
+        "versions": dict(_versions()),
         "source": {**src.describe(), "architecture": tm.architecture if tm is not None else None},
         "model_file": MODEL_FILE,
         "external_data": DATA_FILE if emitted["external"] else None,
@@ -105,6 +106,7 @@ def _kv_json(captured, signature: dict) -> dict | None:
     return {**captured.kv.to_json(), "mode": "shared-buffer" if shared else "concat"}
 
 
+@functools.cache  # importlib.metadata parses each package's METADATA: ~12 ms a compile, for the same answer
 def _versions() -> dict:
     import importlib.metadata as md
 

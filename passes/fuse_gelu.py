@@ -8,6 +8,7 @@ order must not decide whether a GELU is fused.
 
 from __future__ import annotations
 
+import functools
 import math
 
 from onnxscript.rewriter import RewriteRuleSet, pattern
@@ -33,6 +34,12 @@ class HalfXTanhGelu(pattern.RewriteRuleClassBase):
         return op.FastGelu(x, _domain="com.microsoft")
 
 
+# Built once per process: commuting a rule set copies every pattern per operand order (most of a small
+# graph's compile time), and the rules hold no state between applications; each compile gets a fresh RulePass.
+@functools.cache
+def _gelu_rules() -> RewriteRuleSet:
+    return RewriteRuleSet([*erf_gelu_rules.rules, *gelu_rules.rules, HalfXTanhGelu.rule()], commute=True)
+
+
 def fuse_gelu() -> RulePass:
-    rules = [*erf_gelu_rules.rules, *gelu_rules.rules, HalfXTanhGelu.rule()]
-    return RulePass(RewriteRuleSet(rules, commute=True))
+    return RulePass(_gelu_rules())

@@ -171,6 +171,12 @@ def _layout_mismatch(top_k: int, hidden: int, consts: dict, normalized: bool) ->
     return None
 
 
+# Built once per process: commuting a rule set copies every pattern per operand order (most of a small
+# graph's compile time), and the rules hold no state between applications; each compile gets a fresh RulePass.
+@functools.cache
+def _moe_rules() -> RewriteRuleSet:
+    return RewriteRuleSet([TopKSwiGLUExperts.rule(routing=routing) for routing in ROUTINGS], commute=True)
+
+
 def fuse_moe() -> RulePass:
-    rules = [TopKSwiGLUExperts.rule(routing=routing) for routing in ROUTINGS]
-    return RulePass(RewriteRuleSet(rules, commute=True))
+    return RulePass(_moe_rules())

@@ -10,6 +10,8 @@ subgraph by the pipeline, so ``matches`` counts only rotaries that really became
 
 from __future__ import annotations
 
+import functools
+
 import onnx_ir as ir
 from onnxscript.rewriter import RewriteRuleSet, _ir_utils, pattern
 from onnxscript.rewriter.ort_fusions.cos_sin_cache import CosSinCacheFusion, cos_sin_cache_rules
@@ -55,6 +57,7 @@ class OuterProductCosSin(CosSinCacheFusion):
         return result
 
 
+@functools.cache  # per cache length: commuting the rules is most of a small graph's compile time
 def _cos_sin_rules(max_seq_len: int | None) -> RewriteRuleSet:
     # positions 0 .. max_seq_len - 1
     max_pos_id = max_seq_len - 1 if max_seq_len is not None else None
