@@ -16,6 +16,7 @@ staging directory beside the output; the chosen one is moved into place atomical
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import statistics
@@ -30,6 +31,10 @@ from .config import LuffyConfig
 from .sources import CAUSAL_LM, ENCODER
 
 PROMPT_TOKENS, NEW_TOKENS, WARMUP, REPEATS = 64, 16, 1, 7  # short and bounded: the ranking, not the table
+# A timed decode lasts at least this long: 16 tokens of a 3M-parameter model take ~20 ms, less than a shared
+# machine's scheduling noise. After the warm-up round every candidate decodes the same number of tokens,
+# enough for the fastest to take this long (16 at least; bounded by the artifacts' max_seq_len).
+MIN_DECODE_SECONDS = 0.2
 MAX_SENTENCES = 64  # encoder --eval lines used for the cosine
 # Speeds this close to the fastest are a tie, which the least loss wins: twins of the same size and graph
 # (GPTQ and round-to-nearest at one block size) measured 0-12 % apart in two runs on a shared 2-core machine.
@@ -282,9 +287,16 @@ def _prompt_len(max_seq_len: int | None) -> int:
     return max(1, min(PROMPT_TOKENS, (max_seq_len or 2048) - NEW_TOKENS - 1))
 
 
+def _decode_length(warm_rates: list[float], engines) -> int:
+    """New tokens per timed run: the fastest warm-up rate times MIN_DECODE_SECONDS, within the artifacts' room."""
+    room = min((e.max_seq_len or 2048) - _prompt_len(e.max_seq_len) - 1 for e in engines)
+    wanted = math.ceil(max(warm_rates, default=0.0) * MIN_DECODE_SECONDS)
+    return max(min(NEW_TOKENS, room), min(wanted, room))
+
+
 def measure_speeds(paths: dict[str, Path], decoder: bool = True, say=lambda message: None) -> dict[str, dict]:
-    """Median decode tok/s and prefill ms per artifact (decoders: batch 1, a ``PROMPT_TOKENS`` prompt, ``NEW_TOKENS``
-    new, the bench's timing) or forward ms (encoders: one ``PROMPT_TOKENS``-token row), ``WARMUP`` runs discarded.
+    """Median decode tok/s and prefill ms per artifact (decoders: batch 1, a ``PROMPT_TOKENS`` prompt, new tokens
+    enough for the fastest warm-up to last ``MIN_DECODE_SECONDS``, at least ``NEW_TOKENS``; the bench's timing) or forward ms (encoders: one ``PROMPT_TOKENS``-token row), ``WARMUP`` runs discarded.
 
     The artifacts are timed in interleaved rounds, each round starting one further along, so a slow drift of a
     shared machine spreads over all of them instead of penalising whichever ran last; all are loaded at once
@@ -299,29 +311,35 @@ def measure_speeds(paths: dict[str, Path], decoder: bool = True, say=lambda mess
     together = sum(sizes.values()) <= _available_memory() // 4
     groups = [list(paths)] if together else [[name] for name in paths]
     samples = {name: ([], []) for name in paths}
+    new_tokens, warm_rates = None, []
     for group in groups:
         engines = {name: load(paths[name]) for name in group}
         for rnd in range(WARMUP + REPEATS):
             say(f"auto: timing {', '.join(group)} (round {rnd + 1}/{WARMUP + REPEATS}{', warm-up' if rnd < WARMUP else ''})")
             for name in group[rnd % len(group):] + group[:rnd % len(group)]:
-                decode, prefill = _timed_run(engines[name], decoder)
+                decode, prefill = _timed_run(engines[name], decoder, new_tokens or NEW_TOKENS)
                 if rnd >= WARMUP:
                     samples[name][0].append(decode)
                     samples[name][1].append(prefill)
+                elif decoder:
+                    warm_rates.append(decode)
+            if rnd == WARMUP - 1 and decoder and new_tokens is None:  # one length for every candidate and group
+                new_tokens = _decode_length(warm_rates, engines.values())
         del engines
     return {name: {"decode_tokens_per_s": statistics.median(d) if decoder else None,
-                   "prefill_ms": statistics.median(p)} for name, (d, p) in samples.items()}
+                   "prefill_ms": statistics.median(p), "timed_new_tokens": new_tokens}
+            for name, (d, p) in samples.items()}
 
 
-def _timed_run(engine, decoder: bool) -> tuple[float | None, float]:
+def _timed_run(engine, decoder: bool, new_tokens: int = NEW_TOKENS) -> tuple[float | None, float]:
     from ..runtimes.timing import (decode_tokens_per_s, engine_generate, prefill_ms, prompt_ids, time_generation,
                                    wait_for_quiet_cpu)
 
     ids = prompt_ids(1, _prompt_len(engine.max_seq_len), engine.vocab or 100, seed=0)
     wait_for_quiet_cpu(limit_s=0.25)  # the last run's spinning threads; bounded, as the machine may be shared
     if decoder:
-        run = time_generation(lambda first: engine_generate(engine, ids, NEW_TOKENS, first), NEW_TOKENS, "--auto")
-        return decode_tokens_per_s(1, NEW_TOKENS, run), prefill_ms(run)
+        run = time_generation(lambda first: engine_generate(engine, ids, new_tokens, first), new_tokens, "--auto")
+        return decode_tokens_per_s(1, new_tokens, run), prefill_ms(run)
     feeds = {"input_ids": ids, "attention_mask": ids * 0 + 1, "token_type_ids": ids * 0}
     t0 = time.perf_counter()
     engine.run({k: v for k, v in feeds.items() if k in engine.input_types})
@@ -359,7 +377,9 @@ def _auto_report(cfg, quality, rows, skipped, chosen, built, seconds) -> dict:
         "metric": quality.metric, "max_quality_loss_pct": cfg.max_quality_loss, "eval_file": cfg.eval_file,
         "calib": cfg.calib, "time_budget_s": cfg.auto_time_budget, "seconds": round(seconds, 1),
         "speed": {"batch": 1, "prompt_tokens": _prompt_len(first.manifest.get("max_seq_len")),
-                  "new_tokens": NEW_TOKENS if quality.decoder else None, "warmup": WARMUP, "repeats": REPEATS,
+                  "new_tokens": next((r["timed_new_tokens"] for r in rows if r.get("timed_new_tokens")), None),
+                  "min_decode_seconds": MIN_DECODE_SECONDS if quality.decoder else None,
+                  "warmup": WARMUP, "repeats": REPEATS,
                   "statistic": "median", "timing": "runtimes/timing.py (the bench's)"},
         "analysis": _analysis(first, quality),
         "choice_rule": rule + "; fp32 is within every budget",
