@@ -91,12 +91,8 @@ def compile_auto(source, output, cfg: LuffyConfig, progress=None):
     >>> [(c["name"], c["within_budget"]) for c in art.report["auto"]["candidates"]]      # doctest: +SKIP
     [('fp32', True), ('int4-b128-rtn', True), ...]
     """
-    if output is None:
-        raise UsageError("an output directory is required (-o DIR)")
-    say = progress or (lambda message: None)
+    say = progress or (lambda message: None)  # compile() checked the output, --eval and --calib paths
     listed = candidates(cfg)
-    if not Path(cfg.eval_file).is_file():
-        raise UsageError(f"--eval {cfg.eval_file}: no such file")
     output = Path(output)
     check_output_location(output)  # before minutes of compiles
     started = time.perf_counter()

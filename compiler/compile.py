@@ -111,13 +111,13 @@ def compile(  # noqa: A001 - the public name the API promises
     True
     """
     cfg = _config(config, target=target, precision=precision, opt_level=opt_level, **options)
-    if cfg.auto:  # the decider compiles each candidate through this function (compiler/auto.py)
-        from .auto import compile_auto
-        return compile_auto(source, output, cfg, progress)
     say = progress or (lambda message: None)
     started = time.perf_counter()
     # resolve: every refusal that needs no capture happens here, before minutes of torch.export
     _check_paths(cfg, output)
+    if cfg.auto:  # the decider compiles each candidate through this function (compiler/auto.py)
+        from .auto import compile_auto
+        return compile_auto(source, output, cfg, progress)
     compile_target = target_for(cfg)
     cfg = compile_target.cfg  # with what the target resolved (TensorRT's version)
     quality: QualityMeasure | None = None  # set after capture; the precision stage's weights read it

@@ -133,7 +133,7 @@ class LuffyConfig:
         object.__setattr__(self, "enabled_passes", tuple(self.enabled_passes))
         for name in ("dump_ir", "timing_cache"):
             if getattr(self, name) is not None:
-                object.__setattr__(self, name, os.fspath(getattr(self, name)))  # a Path is welcome; JSON wants str  # a Path is welcome; JSON wants str
+                object.__setattr__(self, name, os.fspath(getattr(self, name)))  # a Path is welcome; JSON wants str
 
     def _check_auto(self) -> None:
         if not self.auto:

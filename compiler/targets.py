@@ -12,6 +12,7 @@ A target owns four things, so `compile()` holds no per-target branch:
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 from typing import Callable
 
@@ -47,9 +48,9 @@ class OrtTarget:
         """Refuse to publish what `luffy.load` would refuse: the same probe of the installed onnxruntime."""
         from ..errors import UnsupportedModelError
         from ..runtimes.ort_compat import ort_refusal
+        from .manifest import opset_imports
 
-        opsets = {domain or "ai.onnx": version for domain, version in model.opset_imports.items()}
-        reason = ort_refusal(opsets, model.ir_version)
+        reason = ort_refusal(opset_imports(model), model.ir_version)
         if reason is not None:
             import onnxruntime
 
@@ -164,9 +165,8 @@ def _tensorrt_section(cfg: LuffyConfig, manifest: dict, operator_check: dict) ->
     from .trt_support import version_tuple
 
     profiles = optimization_profiles(manifest, cfg.max_batch, cfg.opt_batch, cfg.opt_seq_len)
-    options = {k: v for k, v in cfg.to_json().items() if k in (
-        "trt_version", "max_batch", "opt_batch", "opt_seq_len", "timing_cache", "hardware_compatibility",
-        "version_compatible")}
+    trt_fields = {f.name for f in fields(cfg) if f.metadata.get("group") == "trt"} - {"defer_build"}
+    options = {k: v for k, v in cfg.to_json().items() if k in trt_fields}
     command = trtexec_command(profiles, manifest["model_file"], ENGINE_FILE,
                               strongly_typed=version_tuple(cfg.trt_version) < (11,),
                               hardware_compatibility=cfg.hardware_compatibility,
