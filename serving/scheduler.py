@@ -29,7 +29,7 @@ import numpy as np
 from ..errors import CapacityError, UsageError
 from ..runtimes.generation import eos_set
 from .prefix_cache import PrefixCache
-from .requests import Output, Request, SamplingParams
+from .requests import Output, ParameterError, Request, SamplingParams
 
 
 class QueueFull(Exception):
@@ -115,10 +115,11 @@ class Scheduler:
     def check(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Refuse, before any work, a request the artifact cannot hold (one-line UsageError/CapacityError)."""
         if not prompt_ids:
-            raise UsageError("the prompt is empty")
+            raise ParameterError("prompt", "the prompt is empty")
         bad = next((t for t in prompt_ids if not 0 <= t < self.vocab), None)
         if bad is not None:
-            raise UsageError(f"token id {bad} is outside the vocabulary of size {self.vocab}")
+            raise ParameterError("prompt", f"token id {bad} is outside the vocabulary of size {self.vocab}")
+        params.check(self.vocab)
         if len(prompt_ids) + params.max_tokens > self.capacity:
             raise CapacityError(f"prompt length {len(prompt_ids)} + max_tokens {params.max_tokens} = "
                                 f"{len(prompt_ids) + params.max_tokens} exceeds the maximum context length "
@@ -208,8 +209,9 @@ class Scheduler:
                     break
             try:
                 self._iteration()
-            except Exception as exc:  # noqa: BLE001 - the engine failed: every request in flight ends with it
-                self._fail_all(f"{type(exc).__name__}: {exc}")
+            except Exception as exc:  # noqa: BLE001 - a fault outside any one request's step (the steps catch
+                # their own, see _fail): the scheduler's state is suspect, so every request in flight ends
+                self._fail_all(_one_line(exc))
         self._abort_all("abort")
 
     def _iteration(self) -> None:
@@ -237,28 +239,43 @@ class Scheduler:
             return 0
         if self.speculator is not None and n <= self.speculator.config.max_batch:
             return self._speculate(n)
-        tokens = np.array([[self._owner[row].next_input] for row in range(n)], dtype=np.int64)
-        if self.batched_decode:
-            logits = self.slots.step(0, n, tokens)[:, -1, :]
-        else:
-            # each step's logits live in a buffer the next step reuses: copy them out one by one
-            logits = np.stack([self.slots.step(row, row + 1, tokens[row:row + 1])[0, -1, :].copy() for row in range(n)])
-        now = time.monotonic()
         requests = [self._owner[row] for row in range(n)]
-        finished = [r for row, r in enumerate(requests) if self._deliver(r, [r.accept(r.choose(logits[row]))], now)]
+        try:
+            logits = self._decode_logits(n)
+        except Exception as exc:  # noqa: BLE001 - the batched step failed: it ends the requests it held, only
+            self._fail(requests, exc)
+            return n
+        now = time.monotonic()
+        finished = []
+        for row, request in enumerate(requests):
+            try:
+                if self._deliver(request, [request.accept(request.choose(logits[row]))], now):
+                    finished.append(request)
+            except Exception as exc:  # noqa: BLE001 - this row's choice or text failed: this request alone ends
+                self._fail([request], exc)
         for request in finished:
             self._release(request)
         return n
 
+    def _decode_logits(self, n: int) -> np.ndarray:
+        """The next-token logits [n, vocab] of decoding rows [0, n)."""
+        tokens = np.array([[self._owner[row].next_input] for row in range(n)], dtype=np.int64)
+        if self.batched_decode:
+            return self.slots.step(0, n, tokens)[:, -1, :]
+        # each step's logits live in a buffer the next step reuses: copy them out one by one
+        return np.stack([self.slots.step(row, row + 1, tokens[row:row + 1])[0, -1, :].copy() for row in range(n)])
+
     def _speculate(self, n: int) -> int:
         """One speculative round for each of the ``n`` decoding requests; returns the target tokens computed."""
         computed, finished = 0, []
-        for row in range(n):
-            request = self._owner[row]
-            outputs, width = self.speculator.round(self.slots, request)
-            computed += width
-            if self._deliver(request, outputs, time.monotonic()):
-                finished.append(request)
+        for request in [self._owner[row] for row in range(n)]:
+            try:
+                outputs, width = self.speculator.round(self.slots, request)
+                computed += width
+                if self._deliver(request, outputs, time.monotonic()):
+                    finished.append(request)
+            except Exception as exc:  # noqa: BLE001 - its round touched its slot alone
+                self._fail([request], exc)
         for request in finished:
             self._release(request)
         return computed
@@ -279,20 +296,37 @@ class Scheduler:
             if request is None:
                 break
             self._prefilling = request
-            chunk = request.prompt_ids[request.prefilled:request.prefilled + (budget - spent)]
-            logits = self.slots.step(request.slot, request.slot + 1, np.array([chunk], dtype=np.int64))[0, -1, :]
-            request.prefilled += len(chunk)
-            spent += len(chunk)
-            if request.prefilled == len(request.prompt_ids):
-                self._prefilling = None
-                self._first_token(request, logits)
+            try:
+                spent += self._prefill_chunk(request, budget - spent)
+            except Exception as exc:  # noqa: BLE001 - the chunk touched this request's slot alone
+                self._fail([request], exc)
         return spent
 
+    def _prefill_chunk(self, request: Request, budget: int) -> int:
+        """Prefill up to ``budget`` more of ``request``'s prompt; the last chunk chooses its first token."""
+        chunk = request.prompt_ids[request.prefilled:request.prefilled + budget]
+        logits = self.slots.step(request.slot, request.slot + 1, np.array([chunk], dtype=np.int64))[0, -1, :]
+        request.prefilled += len(chunk)
+        if request.prefilled == len(request.prompt_ids):
+            self._prefilling = None
+            self._first_token(request, logits)
+        return len(chunk)
+
     def _admit(self) -> Request | None:
-        with self._lock:
-            if not self._waiting or None not in self._owner[self._decoding:]:
-                return None
-            request = self._waiting.popleft()
+        """The next waiting request, placed in a free slot; None when none waits or no slot is free."""
+        while True:
+            with self._lock:
+                if not self._waiting or None not in self._owner[self._decoding:]:
+                    return None
+                request = self._waiting.popleft()
+            try:
+                self._place(request)
+                return request
+            except Exception as exc:  # noqa: BLE001 - setting this request up failed: it alone ends
+                self._fail([request], exc)
+
+    def _place(self, request: Request) -> None:
+        """Give ``request`` the free slot that holds the longest prefix of its prompt, and its per-request state."""
         free = [s for s in range(self._decoding, self.config.max_num_seqs) if self._owner[s] is None]
         if self.prefix is not None:
             slot, request.prefilled = self.prefix.place(self.slots.cache, free, request.prompt_ids)
@@ -306,7 +340,6 @@ class Scheduler:
         request.start(self.tokenizer, self.eos_ids)
         request.scheduled_at = time.monotonic()
         self.metrics.request_scheduled(request)
-        return request
 
     def _first_token(self, request: Request, logits: np.ndarray) -> None:
         self._move(request.slot, self._decoding)
@@ -345,11 +378,31 @@ class Scheduler:
         self.metrics.request_finished(request)
 
     def _finish(self, request: Request, output: Output) -> None:
-        request.emit(output)
-        if request.slot is not None or self._prefilling is request:
-            self._release(request)
-        else:
-            self.metrics.request_finished(request)
+        try:
+            request.emit(output)
+        finally:  # a failing emit (its event loop is gone) still frees the slot
+            if request.slot is not None or self._prefilling is request:
+                self._release(request)
+            else:
+                self.metrics.request_finished(request)
+
+    def _fail(self, requests: list, exc: Exception) -> None:
+        """End ``requests`` with an error after a step that touched them failed: each gets its error output
+        (an error event, then [DONE], on a stream), its slot is freed and cleared (it may hold half a step's
+        KV, which the prefix cache must not reuse), and every other request goes on."""
+        error = _one_line(exc)
+        for request in requests:
+            if request is None or (request.finish_reason is not None and request.slot is None):
+                continue  # admission found nothing, or it already ended
+            slot = request.slot
+            try:
+                self._finish(request, request.finish("error", error))
+            except Exception:  # noqa: BLE001 - its client cannot be told (its loop is gone); the slot is free
+                pass
+            if slot is not None:
+                self.slots.cache.clear(slot)
+                if self.speculator is not None:
+                    self.speculator.source.clear(slot)
 
     def _abort_waiting(self) -> None:
         with self._lock:
@@ -364,3 +417,9 @@ class Scheduler:
 
     def _fail_all(self, error: str) -> None:
         self._abort_all("error", error)
+
+
+def _one_line(exc: Exception) -> str:
+    """An exception as the one-line error a failed request carries."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
