@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import CapacityError, UsageError
+from ..options import option
 from ..runtimes.generation import eos_set
 from .prefix_cache import PrefixCache
 from .requests import Output, ParameterError, Request, SamplingParams
@@ -44,14 +45,20 @@ class Draining(Exception):
 class SchedulerConfig:
     """``max_num_seqs`` slots of ``max_model_len`` positions each (the KV cache, allocated once);
     ``max_num_batched_tokens``: decode tokens plus prompt tokens per iteration; ``max_queue``: waiting
-    requests beyond which submit refuses."""
+    requests beyond which submit refuses. Each field is also a `luffy serve` flag (serving/options.py)."""
 
-    max_num_seqs: int = 16
-    max_model_len: int | None = None  # default: the artifact's max_seq_len
-    max_num_batched_tokens: int = 512
-    max_queue: int = 256
-    prefix_cache: bool = True  # reuse free slots' contents and a host-RAM block store (serving/prefix_cache.py)
-    prefix_cache_mb: int = 256  # the block store's size; 0 keeps only what free slots hold
+    max_num_seqs: int = option(16, "Sequences decoded together (KV slots).", min=1)
+    max_model_len: int | None = option(
+        None, "Positions per KV slot (prompt + max_tokens) [the artifact's max_seq_len]; the KV cache is "
+        "max-num-seqs x this, allocated once.", min=2)
+    max_num_batched_tokens: int = option(
+        512, "Decode plus prompt tokens per scheduler iteration; longer prompts are prefilled in chunks, so running "
+        "streams wait at most one chunk.", min=1)
+    max_queue: int = option(256, "Waiting requests beyond which new ones get 429.", min=1)
+    # reuse free slots' contents and a host-RAM block store (serving/prefix_cache.py)
+    prefix_cache: bool = option(True, "Reuse the KV of prompt prefixes seen before (free slots' contents, then a "
+                                "host-RAM block store).", "--prefix-cache/--no-prefix-cache")
+    prefix_cache_mb: int = option(256, "Host RAM for cached prefix blocks (0: only what free slots hold).", min=0)
     speculation: object = None  # a SpeculationConfig (serving/speculation.py), or None
 
     def __post_init__(self):
@@ -104,6 +111,7 @@ class Scheduler:
         self._prefilling: Request | None = None
         self._cancelled: list[Request] = []
         self._stopping = self._draining = False
+        self._stop_error: str | None = None
         self._thread: threading.Thread | None = None
 
     # -- the handlers' side ---------------------------------------------------------------------------
@@ -173,9 +181,11 @@ class Scheduler:
             time.sleep(0.02)
         return not self.active
 
-    def stop(self) -> None:
+    def stop(self, error: str | None = None) -> None:
+        """End the loop; requests still waiting or running end "abort", with ``error`` as their message."""
         with self._lock:
             self._stopping = True
+            self._stop_error = self._stop_error or error
             self._lock.notify()
         if self._thread is not None:
             self._thread.join(timeout=30)
@@ -212,7 +222,7 @@ class Scheduler:
             except Exception as exc:  # noqa: BLE001 - a fault outside any one request's step (the steps catch
                 # their own, see _fail): the scheduler's state is suspect, so every request in flight ends
                 self._fail_all(_one_line(exc))
-        self._abort_all("abort")
+        self._abort_all("abort", self._stop_error or "the server stopped")
 
     def _iteration(self) -> None:
         self._drop_cancelled()
@@ -380,11 +390,12 @@ class Scheduler:
     def _finish(self, request: Request, output: Output) -> None:
         try:
             request.emit(output)
-        finally:  # a failing emit (its event loop is gone) still frees the slot
-            if request.slot is not None or self._prefilling is request:
-                self._release(request)
-            else:
-                self.metrics.request_finished(request)
+        except Exception:  # noqa: BLE001 - its client cannot be told (its event loop is gone); the slot is freed
+            pass
+        if request.slot is not None or self._prefilling is request:
+            self._release(request)
+        else:
+            self.metrics.request_finished(request)
 
     def _fail(self, requests: list, exc: Exception) -> None:
         """End ``requests`` with an error after a step that touched them failed: each gets its error output
@@ -395,10 +406,7 @@ class Scheduler:
             if request is None or (request.finish_reason is not None and request.slot is None):
                 continue  # admission found nothing, or it already ended
             slot = request.slot
-            try:
-                self._finish(request, request.finish("error", error))
-            except Exception:  # noqa: BLE001 - its client cannot be told (its loop is gone); the slot is free
-                pass
+            self._finish(request, request.finish("error", error))
             if slot is not None:
                 self.slots.cache.clear(slot)
                 if self.speculator is not None:
