@@ -120,8 +120,8 @@ def validation_message(errors: list) -> ProtocolError:
              and isinstance(e["loc"][2], str)]
     if len(set(forms)) > 1:  # a union (prompt, stop, content): name the forms it takes, not the first one's error
         return ProtocolError(400, f"{loc[0]}: expected one of {', '.join(dict.fromkeys(forms))}", param=str(loc[0]))
-    where = ".".join(str(p) for p in loc)
-    return ProtocolError(400, f"{where}: {first['msg']}" if where else first["msg"], param=where or None)
+    where, message = ".".join(str(p) for p in loc), first["msg"].removeprefix("Value error, ")
+    return ProtocolError(400, f"{where}: {message}" if where else message, param=where or None)
 
 
 def router_status(request, exc: StarletteHTTPException) -> ProtocolError:

@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
 
 from .requests import SamplingParams
 
@@ -37,6 +37,17 @@ STRICT = ConfigDict(extra="forbid", strict=True)
 INT64 = (-(1 << 63), (1 << 63) - 1)  # OpenAI's and vLLM's seed range
 
 
+def _int64(value: int) -> int:
+    if not INT64[0] <= value <= INT64[1]:
+        raise ValueError("must be a signed 64-bit integer, in [-2**63, 2**63 - 1]")
+    return value
+
+
+# OpenAPI's int64 format states the bounds exactly (a minimum/maximum would pass through FastAPI's float fields,
+# and 2**63 - 1 would be declared as 2**63)
+Int64 = Annotated[int, AfterValidator(_int64), WithJsonSchema({"type": "integer", "format": "int64"})]
+
+
 class StreamOptions(BaseModel):
     model_config = STRICT
     include_usage: bool = False
@@ -54,7 +65,7 @@ class _Sampling(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: Union[str, list[str], None] = None
-    seed: int | None = Field(default=None, ge=INT64[0], le=INT64[1], description=(
+    seed: Int64 | None = Field(default=None, description=(
         "Signed 64-bit as OpenAI and vLLM take it; a negative seed draws as its two's complement (seed + 2**64), "
         "so Engine.generate(seed=seed % 2**64) gives the same tokens."))
     user: str | None = None

@@ -119,6 +119,7 @@ class Request:
     cancelled: bool = False
     finish_reason: str | None = None
     scheduled_at: float | None = None
+    first_token_at: float | None = None
     last_token_at: float | None = None
     text: str = ""
     emitted_chars: int = 0

@@ -354,7 +354,7 @@ class Scheduler:
     def _first_token(self, request: Request, logits: np.ndarray) -> None:
         self._move(request.slot, self._decoding)
         self._decoding += 1
-        request.last_token_at = time.monotonic()
+        request.first_token_at = request.last_token_at = time.monotonic()
         output = request.accept(request.choose(logits))
         self.metrics.token(request, True, request.last_token_at - request.arrival)
         request.emit(output)
