@@ -31,6 +31,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from fastapi import FastAPI, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
 from ..errors import LuffyError, UsageError
 from .edge import install_edge, require_api_key, sse
 from .options import RayOptions, ServerSettings, serve_options
@@ -187,9 +190,6 @@ class LuffyIngress:
 
     def __serve_build_asgi_app__(self):
         """Serve's ingress app (``serve.ingress()`` calls it once the constructor ran)."""
-        from fastapi import FastAPI, Request
-        from starlette.responses import Response
-
         # /openapi.json is the replicas' (forwarded): their app is the one whose routes it describes
         app = FastAPI(title="luffy", docs_url=None, redoc_url=None, openapi_url=None)
         install_edge(app, self.settings.max_request_bytes, self.settings.body_timeout, self._count_error)
@@ -241,7 +241,6 @@ class LuffyIngress:
     async def _forward(self, call: HttpCall):
         from ray.exceptions import RayError
         from ray.serve.exceptions import BackPressureError
-        from starlette.responses import StreamingResponse
 
         try:
             stream = self.replicas.options(stream=True).handle.remote(call)
@@ -283,7 +282,6 @@ class LuffyIngress:
         return states
 
     async def _health(self):
-        from starlette.responses import JSONResponse
 
         states = await asyncio.to_thread(self._replicas_running)
         if not states.get("RUNNING"):
