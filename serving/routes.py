@@ -9,6 +9,7 @@ Every error is OpenAI's JSON (``{"error": {"message", "type", "param", "code"}}`
 from __future__ import annotations
 
 import asyncio
+import copy
 
 from fastapi import FastAPI, Request as HttpRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -30,6 +31,8 @@ GENERATION_RESPONSES = {
 def add_routes(app: FastAPI, state: ServingState) -> None:
     """Install the edge and register the routes on ``app``."""
     install_edge(app, state.settings.max_request_bytes, state.settings.body_timeout, state.metrics.http_error)
+    edge_schema = app.openapi
+    app.openapi = lambda: declare_model_limits(edge_schema(), state)
     auth = [require_api_key(state.settings.api_key)]
 
     @app.get("/health", responses={200: {"content": {"application/json": {"example": {"status": "ok"}}}},
@@ -57,7 +60,8 @@ def add_routes(app: FastAPI, state: ServingState) -> None:
     async def completions(body: CompletionRequest, http: HttpRequest):
         _check_request(state, body)
         prompt = body.single_prompt()
-        ids = prompt if isinstance(prompt, list) else _encode(state, prompt, add_special_tokens=True)
+        # a long text takes a while to tokenize: off the event loop, which every stream's tokens go through
+        ids = prompt if isinstance(prompt, list) else await asyncio.to_thread(_encode, state, prompt, True)
         max_tokens = body.max_tokens or body.max_completion_tokens or 16  # OpenAI's default for completions
         return await _generate(state, http, body, ids, max_tokens, chat=False)
 
@@ -72,6 +76,37 @@ def add_routes(app: FastAPI, state: ServingState) -> None:
         ids = _encode(state, text, add_special_tokens=False)  # the template writes its own special tokens
         max_tokens = body.max_completion_tokens or body.max_tokens or max(1, state.scheduler.capacity - len(ids))
         return await _generate(state, http, body, ids, max_tokens, chat=True)
+
+
+def declare_model_limits(schema: dict, state: ServingState) -> dict:
+    """``schema`` with the loaded model's limits, which the routes enforce (400): token ids in [0, vocab) and
+    ``max_tokens`` below the context (a prompt takes at least one position). Before the load, as it is."""
+    if not state.ready.is_set():
+        return schema
+    if state.limited_schema is None:
+        limited = copy.deepcopy(schema)
+        vocab, capacity = state.scheduler.vocab, state.scheduler.capacity
+        for name in ("CompletionRequest", "ChatCompletionRequest"):
+            props = limited["components"]["schemas"][name]["properties"]
+            for key in ("max_tokens", "max_completion_tokens"):
+                for form in _forms(props[key]):
+                    form["maximum"] = capacity - 1
+            for key in ("prompt", "stop_token_ids"):
+                for form in _forms(props.get(key, {})):
+                    form.update(minimum=0, maximum=vocab - 1)
+        state.limited_schema = limited
+    return state.limited_schema
+
+
+def _forms(prop: dict) -> list[dict]:
+    """The integer schemas inside ``prop`` (through anyOf and array items)."""
+    found, todo = [], [prop]
+    while todo:
+        item = todo.pop()
+        todo += item.get("anyOf", []) + ([item["items"]] if isinstance(item.get("items"), dict) else [])
+        if item.get("type") == "integer":
+            found.append(item)
+    return found
 
 
 def _check_request(state: ServingState, body) -> None:

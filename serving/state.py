@@ -31,6 +31,7 @@ class ServingState:
         self.draining = False
         self.router: OutputRouter | None = None
         self.load_error: str | None = None
+        self.limited_schema: dict | None = None  # /openapi.json with the model's limits (routes.py), once loaded
 
     def load(self, engine=None) -> None:
         """Load the artifact and start the scheduler (in a thread, so /health can say 503 meanwhile)."""

@@ -153,6 +153,15 @@ def test_openapi_declares_what_the_server_does(server):
         body = {"model": "pydoc", "prompt": "x", "max_tokens": 2, name: number}
         response = httpx.post(f"{server.url}/v1/completions", json=body, timeout=30)
         assert response.status_code == 200, (name, number, response.text)
+    # the model's own limits, declared once it is loaded: token ids below the vocabulary, max_tokens in the context
+    stop_ids = next(f for f in props["stop_token_ids"]["anyOf"] if f.get("type") == "array")["items"]
+    max_tokens = next(f for f in props["max_tokens"]["anyOf"] if f.get("type") == "integer")
+    assert (stop_ids["minimum"], stop_ids["maximum"], max_tokens["maximum"]) == (0, 319, 1023)
+    for body, status in (({"stop_token_ids": [319]}, 200), ({"stop_token_ids": [320]}, 400),
+                         ({"prompt": [1], "max_tokens": 1024}, 400)):
+        response = httpx.post(f"{server.url}/v1/completions", json={"model": "pydoc", "prompt": "x", "max_tokens": 2,
+                                                                    **body}, timeout=30)
+        assert response.status_code == status, (body, response.text)
 
 
 def test_the_fuzzer_gets_no_5xx_and_damages_no_stream(server, engine):
