@@ -100,7 +100,7 @@ def compile_cmd(source: str, output: Path, report_json: bool, **options):
     """
     from ..extras import import_compiler
 
-    compile_artifact = import_compiler("luffy.compiler.compile").compile
+    compile_artifact = import_compiler("luffy.auto").compile
     _quiet_libraries()
     with _progress(f"compiling {source}") as say:
         artifact = compile_artifact(source, output=output, progress=say, **options)
@@ -377,7 +377,7 @@ def build_cmd(
     Example: luffy compile ./my-llama -o build/trt --target trt --defer-build   (CPU CI job)
     then:    luffy build build/trt                                               (GPU job)
     """
-    from ..compiler.trt_build import build_artifact
+    from ..compiler.targets.trt_build import build_artifact
 
     with _progress(f"building {artifact}") as say:
         manifest = build_artifact(artifact, timing_cache, say=say)
@@ -399,7 +399,7 @@ def verify_cmd(
 
     Example: luffy verify build/pydoc --parity llama-pydoc
     """
-    from ..compiler.artifact_check import verify_artifact
+    from ..compiler.quality.artifact_check import verify_artifact
 
     if parity is not None:
         _quiet_libraries()
@@ -422,7 +422,7 @@ def inspect_cmd(
 
     Example: luffy inspect build/llama-tiny --json
     """
-    from ..compiler.inspect import inspect_path
+    from ..compiler.report.inspect import inspect_path
 
     if not (Path(target) / "manifest.json").is_file():
         _quiet_libraries()

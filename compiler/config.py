@@ -39,7 +39,7 @@ class LuffyConfig:
     eval_file: str | None = option(None, "Text (or .json token ids): perplexity before and after, in the report.",
                                    "--eval", metavar="FILE")
     # --auto: compile every precision this target runs, measure quality on eval_file and speed here, keep the
-    # fastest within max_quality_loss (percent); auto_time_budget (seconds) bounds it (compiler/auto.py)
+    # fastest within max_quality_loss (percent); auto_time_budget (seconds) bounds it (luffy/auto.py)
     auto: bool = option(
         False, "Compile every precision ONNX Runtime runs here (fp32; int4 block 128/32 and int8, round-to-nearest "
         "and with --calib GPTQ; int8-dynamic), measure quality on --eval and speed on this machine, and write the "

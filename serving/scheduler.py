@@ -127,7 +127,7 @@ class Scheduler:
         bad = next((t for t in prompt_ids if not 0 <= t < self.vocab), None)
         if bad is not None:
             raise ParameterError("prompt", f"token id {bad} is outside the vocabulary of size {self.vocab}")
-        params.check(self.vocab)
+        params.check(self.vocab)  # stop_token_ids and logit_bias ids inside the vocabulary
         if len(prompt_ids) + params.max_tokens > self.capacity:
             raise CapacityError(f"prompt length {len(prompt_ids)} + max_tokens {params.max_tokens} = "
                                 f"{len(prompt_ids) + params.max_tokens} exceeds the maximum context length "

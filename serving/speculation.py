@@ -52,8 +52,8 @@ class Speculator:
         if request.spec_k is None:
             request.spec_k = AdaptiveK(self.initial_k)
         proposed, n, token, _ = speculate_round(
-            slots, request.slot, request.prompt_ids + request.output_ids, len(request.prompt_ids),
-            request.params.max_tokens - len(request.output_ids), self.source, request.spec_k, request.sampling,
+            slots, request.slot, request.prompt_ids + request.output_ids,
+            request.params.max_tokens - len(request.output_ids), self.source, request.spec_k, request.chooser,
             request.rng)
         if proposed:
             self.metrics.speculated(len(proposed), n)
