@@ -22,13 +22,12 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import CapacityError, UsageError
-from ..options import option
+from ..errors import CapacityError
 from ..runtimes.generation import eos_set
+from .options import SchedulerConfig
 from .prefix_cache import PrefixCache
 from .requests import Output, ParameterError, Request, SamplingParams
 
@@ -39,32 +38,6 @@ class QueueFull(Exception):
 
 class Draining(Exception):
     """The scheduler is shutting down and admits nothing new: the server answers 503."""
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    """``max_num_seqs`` slots of ``max_model_len`` positions each (the KV cache, allocated once);
-    ``max_num_batched_tokens``: decode tokens plus prompt tokens per iteration; ``max_queue``: waiting
-    requests beyond which submit refuses. Each field is also a `luffy serve` flag (serving/options.py)."""
-
-    max_num_seqs: int = option(16, "Sequences decoded together (KV slots).", min=1)
-    max_model_len: int | None = option(
-        None, "Positions per KV slot (prompt + max_tokens) [the artifact's max_seq_len]; the KV cache is "
-        "max-num-seqs x this, allocated once.", min=2)
-    max_num_batched_tokens: int = option(
-        512, "Decode plus prompt tokens per scheduler iteration; longer prompts are prefilled in chunks, so running "
-        "streams wait at most one chunk.", min=1)
-    max_queue: int = option(256, "Waiting requests beyond which new ones get 429.", min=1)
-    # reuse free slots' contents and a host-RAM block store (serving/prefix_cache.py)
-    prefix_cache: bool = option(True, "Reuse the KV of prompt prefixes seen before (free slots' contents, then a "
-                                "host-RAM block store).", "--prefix-cache/--no-prefix-cache")
-    prefix_cache_mb: int = option(256, "Host RAM for cached prefix blocks (0: only what free slots hold).", min=0)
-    speculation: object = None  # a SpeculationConfig (serving/speculation.py), or None
-
-    def __post_init__(self):
-        for name in ("max_num_seqs", "max_num_batched_tokens", "max_queue"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 class NoMetrics:
