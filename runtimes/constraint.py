@@ -33,8 +33,8 @@ def words(vocab: int) -> int:
 
 
 class TokenTable:
-    """Per tokenizer: how each token moves a JSON document in and out of strings, and the tokens that close a
-    string (their first byte is the closing quote)."""
+    """Per tokenizer: how each token moves a JSON document in and out of strings, the tokens that close a string
+    (their first byte is the closing quote) and those that close a container or end the output."""
 
     def __init__(self, tokenizer, vocab: int):
         self.vocab = vocab
@@ -46,7 +46,8 @@ class TokenTable:
             for state in (OUTSIDE, IN_STRING, ESCAPED):
                 self.after[state, token] = _scan(state, data)
         self.closes_string = first == 0x22
-        self.closes_container = (first == 0x7D) | (first == 0x5D)  # } or ]
+        self.closes_container = (first == 0x7D) | (first == 0x5D)  # } or ], or the end of the sequence:
+        self.closes_container[[t for t in tokenizer.eos_tokens if t < vocab]] = True  # no more parallel calls
         self.closing_string, self.closing_container = pack(self.closes_string), pack(self.closes_container)
 
 

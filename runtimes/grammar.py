@@ -59,23 +59,24 @@ class GrammarSpec:
     / GBNF grammar text for ``grammar``.
 
     >>> GrammarSpec("choice", ["yes", "no"]).key
-    ('choice', '["yes", "no"]', False)
+    ('choice', '["yes", "no"]', False, False)
     """
 
     kind: str
     spec: object = None
     strict: bool = False
+    closes_json: bool | None = None  # the output is JSON, closed near the budget; default: the json kinds
 
     @property
-    def key(self) -> tuple[str, str, bool]:
-        """The cache key: kind, the spec as canonical text, strict."""
+    def key(self) -> tuple[str, str, bool, bool]:
+        """The cache key: kind, the spec as canonical text, strict, closes_json."""
         if self.kind not in KINDS:
             raise GrammarError(f"unknown structured output kind {self.kind!r}; luffy takes {', '.join(KINDS)}")
-        return self.kind, _canonical_text(self.kind, self.spec), self.strict
+        return self.kind, _canonical_text(self.kind, self.spec), self.strict, self.is_json
 
     @property
     def is_json(self) -> bool:
-        return self.kind in ("json_schema", "json_object")
+        return self.kind in ("json_schema", "json_object") if self.closes_json is None else self.closes_json
 
 
 def _canonical_text(kind: str, spec) -> str:
@@ -224,7 +225,7 @@ class GrammarCompiler:
     def _build(self, spec: GrammarSpec, key: tuple) -> CompiledGrammar:
         start = time.perf_counter()
         try:
-            grammar = llguidance_grammar(*key)
+            grammar = llguidance_grammar(*key[:3])
         except ValueError as exc:
             raise GrammarError(f"{spec.kind}: {one_line(str(exc))}") from None
         matcher = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
