@@ -18,6 +18,7 @@ document is what a caller of a JSON schema asked for. ``wrapped_up`` says when i
 
 from __future__ import annotations
 
+import llguidance
 import numpy as np
 
 from ..errors import UsageError
@@ -33,8 +34,9 @@ def words(vocab: int) -> int:
 
 
 class TokenTable:
-    """Per tokenizer: how each token moves a JSON document in and out of strings, the tokens that close a string
-    (their first byte is the closing quote) and those that close a container or end the output."""
+    """Per tokenizer: how each token moves a JSON document in and out of strings, and the closing rule's preferred
+    tokens: in a string those that close it (first byte a quote); outside, those that close a container or end
+    the output, else a comma."""
 
     def __init__(self, tokenizer, vocab: int):
         self.vocab = vocab
@@ -45,10 +47,13 @@ class TokenTable:
             first[token] = data[0] if data else -1
             for state in (OUTSIDE, IN_STRING, ESCAPED):
                 self.after[state, token] = _scan(state, data)
-        self.closes_string = first == 0x22
-        self.closes_container = (first == 0x7D) | (first == 0x5D)  # } or ], or the end of the sequence:
-        self.closes_container[[t for t in tokenizer.eos_tokens if t < vocab]] = True  # no more parallel calls
-        self.closing_string, self.closing_container = pack(self.closes_string), pack(self.closes_container)
+        closes_string = first == 0x22
+        closes_container = (first == 0x7D) | (first == 0x5D)  # } or ], or the end of the sequence:
+        closes_container[[t for t in tokenizer.eos_tokens if t < vocab]] = True  # no more parallel calls
+        separates = first == 0x2C  # a comma ends a number or value and moves on to the next required one
+        # the closing rule's choices in order, per string state: the first with an allowed token wins
+        self.preferred = {IN_STRING: [closes_string], OUTSIDE: [closes_container, separates], ESCAPED: []}
+        self.preferred_bits = {state: [pack(t) for t in tiers] for state, tiers in self.preferred.items()}
 
 
 def _scan(state: int, data: bytes) -> int:
@@ -89,10 +94,12 @@ class GrammarConstraint:
         """Apply the closing rule to this request's freshly filled bitmask ``row`` [words], in place."""
         if self.reserve is None or self.max_tokens - self.accepted > self.reserve:
             return
-        closing = row & (self.tokens.closing_string if self.states[-1] == IN_STRING else self.tokens.closing_container)
-        if closing.any():
-            self.wrapped_up = self.wrapped_up or not np.array_equal(closing, row)
-            row[:] = closing
+        for tier in self.tokens.preferred_bits[self.states[-1]]:
+            closing = row & tier
+            if closing.any():
+                self.wrapped_up = self.wrapped_up or not np.array_equal(closing, row)
+                row[:] = closing
+                return
 
     def accept(self, token: int) -> None:
         """Advance the grammar by the chosen ``token``; UsageError if the grammar does not allow it."""
@@ -116,6 +123,37 @@ class GrammarConstraint:
     def complete(self) -> bool:
         """The output so far is a whole sentence of the grammar (it could end here)."""
         return self.matcher.is_accepting()
+
+
+class BatchMasker:
+    """A decode step's grammar masks: every constrained row's bitmask filled in one llguidance call (in parallel,
+    without the GIL), then -inf set where a bit is 0; rows without a constraint are left as they are.
+
+    >>> masker = BatchMasker(engine.grammars.executor)          # doctest: +SKIP
+    >>> masker.apply(logits, [constraint_a, None, constraint_b])  # doctest: +SKIP
+    """
+
+    def __init__(self, executor):
+        self.executor = executor
+        self._bitmask = np.empty((0, 0), dtype=np.int32)
+
+    def apply(self, logits: np.ndarray, constraints: list) -> int:
+        """Mask ``logits`` [rows, vocab] in place by ``constraints`` (one per row, None for a free row); returns
+        how many rows were constrained."""
+        rows = [i for i, c in enumerate(constraints) if c is not None]
+        if not rows:
+            return 0
+        width = words(logits.shape[-1])
+        if self._bitmask.shape[0] < len(rows) or self._bitmask.shape[1] != width:
+            self._bitmask = np.empty((max(len(rows), len(constraints)), width), dtype=np.int32)
+        bitmask = self._bitmask[:len(rows)]
+        fill_bitmasks(self.executor, [constraints[i] for i in rows], bitmask)
+        if len(rows) == logits.shape[0]:
+            apply_bitmask(logits, bitmask)
+        else:
+            for k, row in enumerate(rows):
+                apply_bitmask(logits[row:row + 1], bitmask[k:k + 1])
+        return len(rows)
 
 
 def apply_bitmask(logits: np.ndarray, bitmask: np.ndarray) -> None:
@@ -150,8 +188,8 @@ def closing_reserve(matcher, tokens: TokenTable, walks: int = 3, seed: int = 0) 
         while not probe.is_accepting() and steps < _SIMULATION_LIMIT:
             probe.unsafe_compute_mask_ptr(row.ctypes.data, row.nbytes)
             allowed = unpack(row, tokens.vocab)
-            closing = allowed & (tokens.closes_string if state == IN_STRING else tokens.closes_container)
-            choice = np.flatnonzero(closing if closing.any() else allowed)
+            tiers = [allowed & tier for tier in tokens.preferred[state]]
+            choice = np.flatnonzero(next((t for t in tiers if t.any()), allowed))
             if not choice.size:
                 break
             token = int(rng.choice(choice))

@@ -7,6 +7,7 @@ every backend generates the same tokens.
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Sequence
 
 import numpy as np
@@ -123,6 +124,8 @@ def generate_loop(
     seed: int | None = None,
     output_logits: bool = False,
     streamer: Callable[[np.ndarray], None] | None = None,
+    constraints: list | None = None,
+    masker=None,
 ):
     """Prefill, then decode one token per step; returns [batch, prompt + generated] like transformers.
 
@@ -130,7 +133,9 @@ def generate_loop(
     (``real`` 0 marks left padding) and owns the cache, positions and attention mask. With ``output_logits``
     also returns the raw logits each new token was chosen from, [batch, new, vocab] (transformers'
     ``output_logits``). ``streamer(tokens)`` is called with each step's new tokens [batch] as soon as they
-    are chosen (the first call marks time to first token).
+    are chosen (the first call marks time to first token). ``constraints`` (one grammar constraint per row, see
+    runtimes/constraint.py) mask each row's logits through ``masker`` (a BatchMasker) before the token is chosen;
+    a row whose grammar is complete and allows nothing more ends there.
     """
     check_sampling(do_sample, temperature, top_p)
     batch, prompt_len = ids.shape
@@ -152,8 +157,12 @@ def generate_loop(
         if produced < min_new_tokens and eos.size:
             logits = logits.copy()
             logits[:, eos] = -np.inf
+        if constraints is not None:
+            masker.apply(logits, [None if done else c for c, done in zip(constraints, finished)])
         token = select_next(logits, do_sample, temperature, top_k, top_p, rng).astype(np.int64)
         token[finished] = pad_token_id
+        if constraints is not None:
+            finished |= advance(constraints, token, finished)
         out[:, length] = token
         if streamer is not None:
             streamer(token)
@@ -163,9 +172,29 @@ def generate_loop(
         if finished.all() or produced == max_new_tokens - 1:
             break
         logits = step(token[:, None], every_row)
+    warn_incomplete(constraints, max_new_tokens)
     if output_logits:
         return out[:, :length], np.stack(kept_logits, axis=1)
     return out[:, :length]
+
+
+def advance(constraints: list, token: np.ndarray, finished: np.ndarray) -> np.ndarray:
+    """Advance each unfinished row's grammar by its chosen token; True where the grammar is now complete and
+    allows nothing more (the row ends)."""
+    done = np.zeros_like(finished)
+    for row, constraint in enumerate(constraints):
+        if not finished[row]:
+            constraint.accept(int(token[row]))
+            done[row] = constraint.is_finished()
+    return done
+
+
+def warn_incomplete(constraints: list | None, max_new_tokens: int) -> None:
+    """Say which rows ran out of ``max_new_tokens`` before their grammar was complete (their output is cut)."""
+    cut = [row for row, c in enumerate(constraints or []) if not c.complete]
+    if cut:
+        warnings.warn(f"rows {cut}: max_new_tokens={max_new_tokens} ran out before the grammar was complete; their "
+                      "output is cut off (raise max_new_tokens)", RuntimeWarning, stacklevel=4)
 
 
 class PositionTracker:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import llguidance
 
 from ..errors import UsageError
-from .constraint import GrammarConstraint, TokenTable, closing_reserve
+from .constraint import BatchMasker, GrammarConstraint, TokenTable, closing_reserve
 
 KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
 MAX_WHITESPACE = 32  # per place in non-strict JSON: pretty-printing a few levels deep fits
@@ -182,6 +182,7 @@ class GrammarCompiler:
             raise UsageError(f"{source}: llguidance cannot build a tokenizer from it ({one_line(str(exc))})") from None
         self.vocab = vocab
         self.tokens = TokenTable(self.tokenizer, vocab)
+        self.executor = llguidance.LLExecutor()  # fills a batch's masks in parallel (BatchMasker)
         self.listener = None
         self._cache: collections.OrderedDict[tuple, concurrent.futures.Future] = collections.OrderedDict()
         self._lock = threading.Lock()
@@ -221,6 +222,14 @@ class GrammarCompiler:
         """A fresh constraint for one request of at most ``max_tokens`` output tokens."""
         return GrammarConstraint(compiled.matcher.deep_copy(), self.tokens, max_tokens,
                                  compiled.reserve if compiled.spec.is_json else None)
+
+    def constraints(self, spec: GrammarSpec, rows: int, max_tokens: int) -> list[GrammarConstraint]:
+        """``rows`` fresh constraints for ``spec`` (compiled or from the cache), each for ``max_tokens`` tokens."""
+        compiled = self.compile(spec)
+        return [self.constraint(compiled, max_tokens) for _ in range(rows)]
+
+    def masker(self) -> BatchMasker:
+        return BatchMasker(self.executor)
 
     def _build(self, spec: GrammarSpec, key: tuple) -> CompiledGrammar:
         start = time.perf_counter()

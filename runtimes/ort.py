@@ -113,7 +113,8 @@ class OrtEngine(Engine):
         temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_token_id="model", pad_token_id=None,
         seed: int | None = None, output_logits: bool = False, streamer=None, assistant_model=None,
         num_assistant_tokens: int = 4, num_assistant_tokens_schedule: str = "heuristic",
-        prompt_lookup_num_tokens: int | None = None, max_matching_ngram_size: int = 2,
+        prompt_lookup_num_tokens: int | None = None, max_matching_ngram_size: int = 2, json_schema=None,
+        regex: str | None = None, grammar: str | None = None, choice: list[str] | None = None,
     ):
         """Generate up to ``max_new_tokens`` per row; returns int64 [batch, prompt + new], left-padded.
 
@@ -137,9 +138,21 @@ class OrtEngine(Engine):
 
         >>> engine.generate([[256, 72], [256, 72, 105, 33]], max_new_tokens=4).shape   # doctest: +SKIP
         (2, 8)
+
+        Structured outputs: ``json_schema`` (a dict or JSON text; output compact, as OpenAI's ``strict``),
+        ``regex``, ``grammar`` (Lark or GBNF) or ``choice`` (a list of strings) constrain every row's output while
+        decoding (llguidance; runtimes/grammar.py). A row ends when its grammar is complete and allows nothing
+        more; one that runs out of ``max_new_tokens`` first is cut off, with a RuntimeWarning.
+
+        >>> ids = engine.generate(rows, 64, json_schema={"type": "object", "properties": {"n": {"type": "integer"}}})  # doctest: +SKIP
         """
         rows, eos_token_id, pad = self._generate_inputs(input_ids, max_new_tokens, eos_token_id, pad_token_id)
         prompt_len = max(len(r) for r in rows)
+        constraints = self._constraints(len(rows), max_new_tokens, dict(json_schema=json_schema, regex=regex,
+                                                                         grammar=grammar, choice=choice))
+        if constraints is not None and (assistant_model is not None or prompt_lookup_num_tokens):
+            raise UsageError("structured outputs with speculative decoding run in `luffy serve`; Engine.generate "
+                             "takes one of the two")
         if (assistant_model is not None or prompt_lookup_num_tokens) and max_new_tokens > 0:
             return self._speculative(rows, max_new_tokens, pad, seed, output_logits, streamer, assistant_model,
                                      num_assistant_tokens, num_assistant_tokens_schedule, prompt_lookup_num_tokens,
@@ -155,7 +168,8 @@ class OrtEngine(Engine):
         return generate_loop(
             last_logits, ids, mask, max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample,
             temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, pad_token_id=pad, seed=seed,
-            output_logits=output_logits, streamer=streamer,
+            output_logits=output_logits, streamer=streamer, constraints=constraints,
+            masker=self.grammars.masker() if constraints is not None else None,
         )
 
     def _speculative(self, rows, max_new_tokens, pad, seed, output_logits, streamer, assistant_model, k, schedule,

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ArtifactError, BackendUnavailableError, UsageError
-from .engine import Engine
+from .engine import STRUCTURED, Engine
 from .generation import PositionTracker, generate_loop, left_pad, positions_from_mask
 
 PREFILL, DECODE = 0, 1  # profile indices, in the order compile writes manifest["tensorrt"]["profiles"]
@@ -182,6 +182,7 @@ class TrtEngine(Engine):
             raise UsageError(f"{self.path}: {speculative[0]} needs the ONNX Runtime engine (load(..., runtime='ort'))")
         torch, kv = self._torch, self.manifest["kv_cache"]
         rows, eos_token_id, pad = self._generate_inputs(input_ids, max_new_tokens, eos_token_id, pad_token_id)
+        constraints = self._constraints(len(rows), max_new_tokens, {k: sampling.pop(k, None) for k in STRUCTURED})
         ids, mask = left_pad(rows, pad)
         names = [(kv["past_input"].format(layer=i, kind=k), kv["present_output"].format(layer=i, kind=k))
                  for i in range(kv["num_layers"]) for k in ("key", "value")]
@@ -196,4 +197,5 @@ class TrtEngine(Engine):
             return out["logits"][:, -1, :].float().cpu().numpy()
 
         return generate_loop(PositionTracker(step), ids, mask, max_new_tokens, eos_token_id=eos_token_id,
-                             pad_token_id=pad, **sampling)
+                             pad_token_id=pad, constraints=constraints,
+                             masker=self.grammars.masker() if constraints is not None else None, **sampling)

@@ -79,9 +79,10 @@ def test_a_refused_spec_names_its_construct_in_one_line(grammars, kind, spec, na
 def test_limits_on_spec_size_and_compile_time():
     with pytest.raises(GrammarError, match=r"json_schema of \d+ bytes exceeds the limit of 100 bytes"):
         compiler(max_spec_bytes=100).compile(GrammarSpec("json_schema", {"enum": ["x" * 100]}))
-    slow = compiler(compile_timeout=1e-6)  # a compile takes milliseconds: this one cannot make it
-    with pytest.raises(GrammarError, match=r"compiling took longer than the limit of 1e-06 s"):
-        slow.compile(GrammarSpec("json_schema", {"type": "object", "properties": {"a": {"type": "string"}}}))
+    slow = compiler(compile_timeout=0.05, max_spec_bytes=1 << 20)
+    many = {f"p{i}": {"type": "string", "pattern": "^[a-z]{3}[0-9]{2}$"} for i in range(2000)}  # ~1 s to compile
+    with pytest.raises(GrammarError, match=r"json_schema: compiling took longer than the limit of 0.05 s"):
+        slow.compile(GrammarSpec("json_schema", {"type": "object", "properties": many}))
 
 
 def test_grammars_compile_once_and_the_cache_is_bounded():
