@@ -140,23 +140,35 @@ class DraftModel:
 
 
 
-def accept_greedy(logits: np.ndarray, proposed: list[int], sampling: Sampling, produced: int) -> tuple[int, int]:
-    """(accepted count, next token): the target's argmax at each position, while it agrees with the proposal."""
+def accept_greedy(logits: np.ndarray, proposed: list[int], sampling: Sampling, produced: int,
+                  constraint=None) -> tuple[int, int]:
+    """(accepted count, next token): the target's argmax at each position, while it agrees with the proposal.
+    With a grammar ``constraint`` each position is masked by the grammar as the proposal advanced it (a draft
+    token the grammar refuses is never the argmax); the constraint ends where it started."""
     for i, token in enumerate(proposed):
-        choice = int(np.argmax(sampling.logits_at(logits[i], produced + i)))
+        choice = int(np.argmax(_target_logits(logits[i], sampling, produced + i, constraint)))
         if choice != token:
+            _undo(constraint, i)
             return i, choice
-    return len(proposed), int(np.argmax(sampling.logits_at(logits[len(proposed)], produced + len(proposed))))
+        if constraint is not None:
+            constraint.accept(token)
+    final = int(np.argmax(_target_logits(logits[len(proposed)], sampling, produced + len(proposed), constraint)))
+    _undo(constraint, len(proposed))
+    return len(proposed), final
 
 
 def accept_sampled(logits: np.ndarray, proposed: list[int], q: np.ndarray | None, sampling: Sampling, produced: int,
-                   rng) -> tuple[int, int]:
+                   rng, constraint=None) -> tuple[int, int]:
     """(accepted count, next token) by the rejection rule; ``q`` [k, vocab] is the draft's distributions (None:
-    a deterministic proposal, q = 1 on its token)."""
+    a deterministic proposal, q = 1 on its token). The target's distribution p is the grammar-masked one when
+    there is a ``constraint`` (a token the grammar refuses has p = 0: always rejected); the constraint ends
+    where it started."""
     for i, token in enumerate(proposed):
-        p = sampling.probs(logits[i], produced + i)
+        p = sampling.probs(_target_logits(logits[i], sampling, produced + i, constraint), produced + i)
         q_token = 1.0 if q is None else float(q[i, token])  # > 0: the draft drew this token from q
         if rng.random() < min(1.0, float(p[token]) / q_token):
+            if constraint is not None:
+                constraint.accept(token)
             continue
         if q is None:
             residual = p.copy()
@@ -165,9 +177,26 @@ def accept_sampled(logits: np.ndarray, proposed: list[int], q: np.ndarray | None
             residual = np.maximum(p - q[i], 0.0)
         total = residual.sum()
         residual = residual / total if total > 0 else p
+        _undo(constraint, i)
         return i, int(sample(residual[None, :], rng)[0])
-    p = sampling.probs(logits[len(proposed)], produced + len(proposed))
-    return len(proposed), int(sample(p[None, :], rng)[0])
+    n = len(proposed)
+    p = sampling.probs(_target_logits(logits[n], sampling, produced + n, constraint), produced + n)
+    _undo(constraint, n)
+    return n, int(sample(p[None, :], rng)[0])
+
+
+def _target_logits(row: np.ndarray, sampling: Sampling, produced: int, constraint) -> np.ndarray:
+    """The target's logits at one position as it chooses from them: min_new_tokens, then the grammar mask."""
+    row = sampling.logits_at(row, produced)
+    if constraint is not None:
+        row = np.array(row, dtype=np.float32, copy=True)  # the verify step's raw logits stay as they are
+        constraint.mask(row)
+    return row
+
+
+def _undo(constraint, tokens: int) -> None:
+    if constraint is not None:
+        constraint.rollback(tokens)
 
 
 def check_draft(target, draft) -> None:
@@ -185,20 +214,21 @@ def check_draft(target, draft) -> None:
 
 
 def speculate_round(slots, slot: int, seq: list[int], prompt_len: int, remaining: int, source, k: AdaptiveK,
-                    sampling: Sampling, rng) -> tuple[list[int], int, int, np.ndarray]:
+                    sampling: Sampling, rng, constraint=None) -> tuple[list[int], int, int, np.ndarray]:
     """One round for ``seq`` (prompt and output so far) in ``slot``, whose cache holds seq[:-1], with
     ``remaining`` output tokens still allowed: propose at most K of them less one, verify all in one target
     step, accept, and roll the target's slot and the source back to what was kept. Returns (proposed, accepted count n, the target's next token, the verify
-    step's logits [n proposed + 1, vocab]); the tokens kept are proposed[:n] and then that token."""
+    step's logits [n proposed + 1, vocab]); the tokens kept are proposed[:n] and then that token. A grammar
+    ``constraint`` (at seq's end) checks the proposals and is left as it was: the caller accepts what it keeps."""
     produced = len(seq) - prompt_len
     budget = min(k.k, remaining - 1)
     proposed, q = source.propose(slot, seq, budget, sampling, produced, rng) if budget > 0 else ([], None)
     base = len(seq) - 1  # the target's cache holds seq[:-1]
     verify = slots.step(slot, slot + 1, np.array([[seq[-1], *proposed]], dtype=np.int64), keep=len(proposed) + 1)[0]
     if sampling.do_sample:
-        n, token = accept_sampled(verify, proposed, q, sampling, produced, rng)
+        n, token = accept_sampled(verify, proposed, q, sampling, produced, rng, constraint)
     else:
-        n, token = accept_greedy(verify, proposed, sampling, produced)
+        n, token = accept_greedy(verify, proposed, sampling, produced, constraint)
     slots.cache.truncate(slot, base + n + 1)
     source.rollback(slot, base + n + 1)
     k.update(len(proposed), n)

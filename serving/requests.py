@@ -73,13 +73,14 @@ class Output:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    grammar: str | None = None  # a constrained request's last Output: "complete", "closed_early" or "incomplete"
 
     @staticmethod
     def merge(outputs: list["Output"]) -> "Output":
         """One Output for several in a row of one request: their tokens and text, the last one's state."""
         last = outputs[-1]
         return Output(last.request_id, [t for o in outputs for t in o.token_ids], "".join(o.text for o in outputs),
-                      last.finish_reason, last.prompt_tokens, last.completion_tokens, last.error)
+                      last.finish_reason, last.prompt_tokens, last.completion_tokens, last.error, last.grammar)
 
 
 @dataclass(eq=False)
@@ -107,6 +108,7 @@ class Request:
     stop_ids: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
     sampling: Sampling | None = None  # how tokens are chosen, as Engine.generate chooses them
     spec_k: object = None  # speculative decoding's adaptive proposal length (serving/speculation.py)
+    constraint: object = None  # the grammar the output follows (runtimes/constraint.py), compiled before submit
 
     def start(self, tokenizer, eos_ids: tuple[int, ...]) -> None:
         """Set up the per-request state the first time the scheduler touches it."""
@@ -126,10 +128,14 @@ class Request:
         """Book a chosen token; returns the Output to emit (finish_reason set when this token ends it)."""
         self.output_ids.append(token)
         self.next_input = token
+        if self.constraint is not None:
+            self.constraint.accept(token)
         delta = self.detokenizer.add([token]) if self.detokenizer is not None else ""
         self.text += delta
         if self.stop_ids.size and token in self.stop_ids:
             self.finish_reason = "stop"
+        elif self.constraint is not None and self.constraint.is_finished():
+            self.finish_reason = "stop"  # the grammar is complete and allows nothing more
         elif self.params.stop and delta and self._stop_string(len(delta)):
             self.finish_reason = "stop"
         elif len(self.output_ids) >= self.params.max_tokens:
@@ -137,7 +143,15 @@ class Request:
         if self.finish_reason is not None and self.detokenizer is not None and self.finish_reason == "length":
             self.text += self.detokenizer.flush()
         return Output(self.request_id, [token], self._releasable_text(), self.finish_reason, len(self.prompt_ids),
-                      len(self.output_ids))
+                      len(self.output_ids), grammar=self.grammar_state())
+
+    def grammar_state(self) -> str | None:
+        """How a finished constrained output stands: complete, closed early by the budget, or cut off."""
+        if self.constraint is None or self.finish_reason is None:
+            return None
+        if not self.constraint.complete:
+            return "incomplete"
+        return "closed_early" if self.constraint.wrapped_up else "complete"
 
     def _stop_string(self, added: int) -> bool:
         """Truncate the text at the first stop string that the last ``added`` characters completed."""

@@ -69,6 +69,7 @@ class NoMetrics:
     def iteration(self, running: int, waiting: int, kv_usage: float) -> None: ...
     def prefix_lookup(self, queried: int, hit: int) -> None: ...
     def speculated(self, proposed: int, accepted: int) -> None: ...
+    def grammar_masked(self, seconds: float, rows: int) -> None: ...
 
 
 class Scheduler:
@@ -105,6 +106,7 @@ class Scheduler:
         self._cancelled: list[Request] = []
         self._stopping = self._draining = False
         self._thread: threading.Thread | None = None
+        self._masker = None  # fills a decode batch's grammar masks in one call; made for the first constraint
 
     # -- the handlers' side ---------------------------------------------------------------------------
     def start(self) -> "Scheduler":
@@ -243,12 +245,25 @@ class Scheduler:
         else:
             # each step's logits live in a buffer the next step reuses: copy them out one by one
             logits = np.stack([self.slots.step(row, row + 1, tokens[row:row + 1])[0, -1, :].copy() for row in range(n)])
-        now = time.monotonic()
         requests = [self._owner[row] for row in range(n)]
+        self._mask(logits, requests)
+        now = time.monotonic()
         finished = [r for row, r in enumerate(requests) if self._deliver(r, [r.accept(r.choose(logits[row]))], now)]
         for request in finished:
             self._release(request)
         return n
+
+    def _mask(self, logits: np.ndarray, requests: list[Request]) -> None:
+        """Set what each constrained request's grammar does not allow next to -inf in its row of ``logits``, all
+        rows' masks filled in one llguidance call; free rows are untouched."""
+        constraints = [r.constraint for r in requests]
+        if all(c is None for c in constraints):
+            return
+        if self._masker is None:
+            self._masker = self.engine.grammars.masker()
+        start = time.perf_counter()
+        rows = self._masker.apply(logits, constraints)
+        self.metrics.grammar_masked(time.perf_counter() - start, rows)
 
     def _speculate(self, n: int) -> int:
         """One speculative round for each of the ``n`` decoding requests; returns the target tokens computed."""
@@ -312,6 +327,7 @@ class Scheduler:
         self._move(request.slot, self._decoding)
         self._decoding += 1
         request.last_token_at = time.monotonic()
+        self._mask(logits[None, :], [request])
         output = request.accept(request.choose(logits))
         self.metrics.token(request, True, request.last_token_at - request.arrival)
         request.emit(output)

@@ -70,6 +70,8 @@ class ServingState:
             labels = {"replica": self.settings.replica} if self.settings.replica else None
             self.metrics = ServerMetrics(self.model_name, labels)
             self.scheduler = Scheduler(self.engine, self._scheduler_config(), self.metrics).start()
+            if self.engine.manifest.get("tokenizer"):  # structured outputs: the grammar compiler, made once here
+                self.engine.grammars.listener = self.metrics.grammar_compiled
             self.chat_template = ChatTemplate.from_artifact(self.engine.path, self.engine.manifest)
             cache = self.scheduler.slots.cache
             _log(f"KV cache: {cache.num_slots} slots x {cache.capacity} positions x {cache.bytes_per_token} B "

@@ -50,7 +50,7 @@ class Speculator:
         proposed, n, token, _ = speculate_round(
             slots, request.slot, request.prompt_ids + request.output_ids, len(request.prompt_ids),
             request.params.max_tokens - len(request.output_ids), self.source, request.spec_k, request.sampling,
-            request.rng)
+            request.rng, request.constraint)
         if proposed:
             self.metrics.speculated(len(proposed), n)
         outputs = []
