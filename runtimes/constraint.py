@@ -18,7 +18,8 @@ document is what a caller of a JSON schema asked for. ``wrapped_up`` says when i
 
 from __future__ import annotations
 
-import llguidance
+import warnings
+
 import numpy as np
 
 from ..errors import UsageError
@@ -72,13 +73,15 @@ def _scan(state: int, data: bytes) -> int:
 class GrammarConstraint:
     """One request's grammar state: implements the sampling chain's ``Constraint`` protocol (``mask``,
     ``accept``, ``rollback``, ``is_finished``). ``reserve`` is None for grammars that are not JSON (no closing
-    rule)."""
+    rule). A mask filled ahead for the current state (``BatchMasker.fill``) is used by ``mask`` as it is."""
 
     def __init__(self, matcher, tokens: TokenTable, max_tokens: int, reserve: int | None):
         self.matcher, self.tokens, self.max_tokens, self.reserve = matcher, tokens, max_tokens, reserve
         self.states = [OUTSIDE]  # the JSON string state after each accepted token
         self.wrapped_up = False
-        self._row = np.empty(words(tokens.vocab), dtype=np.int32)
+        self.row = np.empty(words(tokens.vocab), dtype=np.int32)  # the next token's packed mask, once filled
+        self._moves = 0  # accepts and rollbacks so far: the mask in ``row`` is for the state after _filled_at
+        self._filled_at = -1
 
     @property
     def accepted(self) -> int:
@@ -86,19 +89,24 @@ class GrammarConstraint:
 
     def mask(self, logits: np.ndarray) -> None:
         """Set the tokens the grammar does not allow next to -inf in ``logits`` [vocab], in place."""
-        self.matcher.unsafe_compute_mask_ptr(self._row.ctypes.data, self._row.nbytes)
-        self.narrow(self._row)
-        apply_bitmask(logits[None, :], self._row[None, :])
+        if self._filled_at != self._moves:
+            self.matcher.unsafe_compute_mask_ptr(self.row.ctypes.data, self.row.nbytes)
+            self.filled(self.row)
+        apply_bitmask(logits[None, :], self.row[None, :])
 
-    def narrow(self, row: np.ndarray) -> None:
-        """Apply the closing rule to this request's freshly filled bitmask ``row`` [words], in place."""
+    def filled(self, row: np.ndarray) -> None:
+        """Take ``row`` [words], llguidance's mask for the current state, as the next mask (applying the closing
+        rule to it)."""
+        if row is not self.row:
+            self.row[:] = row
+        self._filled_at = self._moves
         if self.reserve is None or self.max_tokens - self.accepted > self.reserve:
             return
         for tier in self.tokens.preferred_bits[self.states[-1]]:
-            closing = row & tier
+            closing = self.row & tier
             if closing.any():
-                self.wrapped_up = self.wrapped_up or not np.array_equal(closing, row)
-                row[:] = closing
+                self.wrapped_up = self.wrapped_up or not np.array_equal(closing, self.row)
+                self.row[:] = closing
                 return
 
     def accept(self, token: int) -> None:
@@ -106,6 +114,7 @@ class GrammarConstraint:
         if not self.matcher.consume_token(int(token)):
             raise UsageError(f"token {token} is not allowed by the grammar here ({self.matcher.get_error()})")
         self.states.append(int(self.tokens.after[self.states[-1], token]))
+        self._moves += 1
 
     def rollback(self, tokens: int) -> None:
         """Undo the last ``tokens`` accepted tokens (a speculative step rejected them)."""
@@ -114,6 +123,7 @@ class GrammarConstraint:
         if tokens > self.accepted or not self.matcher.rollback(tokens):
             raise UsageError(f"cannot roll back {tokens} tokens: the grammar has accepted {self.accepted}")
         del self.states[-tokens:]
+        self._moves += 1
 
     def is_finished(self) -> bool:
         """The grammar is complete and allows nothing more (only the end of sequence)."""
@@ -126,34 +136,32 @@ class GrammarConstraint:
 
 
 class BatchMasker:
-    """A decode step's grammar masks: every constrained row's bitmask filled in one llguidance call (in parallel,
-    without the GIL), then -inf set where a bit is 0; rows without a constraint are left as they are.
+    """A decode step's grammar masks filled in one llguidance call (in parallel, without the GIL) for every
+    constrained row; each constraint's ``mask`` then applies its own when the logits chain reaches it.
 
-    >>> masker = BatchMasker(engine.grammars.executor)          # doctest: +SKIP
-    >>> masker.apply(logits, [constraint_a, None, constraint_b])  # doctest: +SKIP
+    >>> masker = BatchMasker(engine.grammars.executor)   # doctest: +SKIP
+    >>> masker.fill([constraint_a, constraint_b])         # doctest: +SKIP
     """
 
     def __init__(self, executor):
         self.executor = executor
         self._bitmask = np.empty((0, 0), dtype=np.int32)
 
-    def apply(self, logits: np.ndarray, constraints: list) -> int:
-        """Mask ``logits`` [rows, vocab] in place by ``constraints`` (one per row, None for a free row); returns
-        how many rows were constrained."""
-        rows = [i for i, c in enumerate(constraints) if c is not None]
-        if not rows:
-            return 0
-        width = words(logits.shape[-1])
-        if self._bitmask.shape[0] < len(rows) or self._bitmask.shape[1] != width:
-            self._bitmask = np.empty((max(len(rows), len(constraints)), width), dtype=np.int32)
-        bitmask = self._bitmask[:len(rows)]
-        fill_bitmasks(self.executor, [constraints[i] for i in rows], bitmask)
-        if len(rows) == logits.shape[0]:
-            apply_bitmask(logits, bitmask)
-        else:
-            for k, row in enumerate(rows):
-                apply_bitmask(logits[row:row + 1], bitmask[k:k + 1])
-        return len(rows)
+    def fill(self, constraints: list[GrammarConstraint]) -> None:
+        if not constraints:
+            return
+        width = constraints[0].row.size
+        if self._bitmask.shape[0] < len(constraints) or self._bitmask.shape[1] != width:
+            self._bitmask = np.empty((len(constraints), width), dtype=np.int32)
+        fill_bitmasks(self.executor, constraints, self._bitmask[:len(constraints)])
+
+
+def warn_incomplete(constraints: list | None, max_new_tokens: int) -> None:
+    """Say which rows ran out of ``max_new_tokens`` before their grammar was complete (their output is cut)."""
+    cut = [row for row, c in enumerate(constraints or []) if c is not None and not getattr(c, "complete", True)]
+    if cut:
+        warnings.warn(f"rows {cut}: max_new_tokens={max_new_tokens} ran out before the grammar was complete; their "
+                      "output is cut off (raise max_new_tokens)", RuntimeWarning, stacklevel=3)
 
 
 def apply_bitmask(logits: np.ndarray, bitmask: np.ndarray) -> None:
@@ -165,13 +173,14 @@ def apply_bitmask(logits: np.ndarray, bitmask: np.ndarray) -> None:
 
 def fill_bitmasks(executor, constraints: list[GrammarConstraint], bitmask: np.ndarray) -> None:
     """Fill ``bitmask`` [len(constraints), words] with each constraint's next-token mask in one parallel call,
-    then apply each one's closing rule."""
+    and hand each constraint its row (with its closing rule applied)."""
     if bitmask.dtype != np.int32 or not bitmask.flags.c_contiguous:
         raise UsageError("the bitmask must be a C-contiguous int32 array")
     executor.unsafe_compute_mask_ptr([(c.matcher, i) for i, c in enumerate(constraints)], bitmask.ctypes.data,
                                      bitmask.shape[1] * 4, bitmask.shape[0])
     for i, constraint in enumerate(constraints):
-        constraint.narrow(bitmask[i])
+        constraint.filled(bitmask[i])
+        bitmask[i] = constraint.row
 
 
 def closing_reserve(matcher, tokens: TokenTable, walks: int = 3, seed: int = 0) -> int:

@@ -1,8 +1,9 @@
 """A request in the scheduler: its sampling parameters, its state, and how it decides to stop.
 
 Parameters use the names of OpenAI's API and vLLM's extras (``max_tokens``, ``min_tokens``, ``stop``,
-``stop_token_ids``, ``ignore_eos``, ``seed``); sampling is ``Engine.generate``'s (runtimes/sampling.py), so
-a request with the same parameters gives the same tokens here as ``Engine.generate`` gives it alone.
+``stop_token_ids``, ``ignore_eos``, ``seed``, the penalties, ``logit_bias``, ``min_p``); tokens are chosen
+through ``Engine.generate``'s logits chain (runtimes/sampling.py), so a request with the same parameters gives
+the same tokens here as ``Engine.generate`` gives it alone.
 """
 
 from __future__ import annotations
@@ -16,16 +17,27 @@ from typing import Callable
 import numpy as np
 
 from ..errors import UsageError
-from ..runtimes.sampling import Sampling
+from ..runtimes.sampling import GREEDY_BELOW, Constraint, Sampling, TokenChooser
 from .detokenize import IncrementalDetokenizer
 
 _ids = itertools.count()
+SEED_LIMIT = 1 << 64  # numpy's default_rng takes seeds in [0, 2**64); the HTTP edge maps OpenAI's signed ones here
+
+
+class ParameterError(UsageError):
+    """A request parameter outside what the model or luffy allows; ``param`` names the field (OpenAI's
+    ``error.param``)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """``temperature`` 0 is greedy (OpenAI's convention); otherwise sampling with ``top_k``/``top_p`` as in
-    transformers, reproducible under ``seed``."""
+    """``temperature`` 0 (below 1e-5) is greedy (OpenAI's convention); otherwise sampling with ``top_k``/
+    ``top_p``/``min_p`` as in transformers, reproducible under ``seed``. ``repetition_penalty`` (transformers'),
+    ``presence_penalty``/``frequency_penalty`` and ``logit_bias`` (OpenAI's) apply first (runtimes/sampling.py)."""
 
     max_tokens: int = 16
     min_tokens: int = 0
@@ -36,20 +48,39 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.max_tokens < 1:
-            raise UsageError(f"max_tokens must be >= 1, got {self.max_tokens}")
+            raise ParameterError("max_tokens", f"max_tokens must be >= 1, got {self.max_tokens}")
         if not 0 <= self.min_tokens <= self.max_tokens:
-            raise UsageError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
-        if self.temperature < 0:
-            raise UsageError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise UsageError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise UsageError(f"top_k must be >= 0, got {self.top_k}")
+            raise ParameterError("min_tokens", f"min_tokens must be in [0, max_tokens={self.max_tokens}], "
+                                               f"got {self.min_tokens}")
+        if not 0 <= self.temperature < float("inf"):  # also refuses NaN
+            raise ParameterError("temperature", f"temperature must be a finite number >= 0, got {self.temperature}")
         if any(not s for s in self.stop):
-            raise UsageError("stop strings must not be empty")
+            raise ParameterError("stop", "stop strings must not be empty")
+        if self.seed is not None and not 0 <= self.seed < SEED_LIMIT:
+            raise ParameterError("seed", f"seed must be in [0, 2**64) (numpy's generator), got {self.seed}")
+        self.sampling(()).check()  # top_p, top_k, min_p, the penalties, the biases' range
+
+    def check(self, vocab: int) -> None:
+        """Refuse token ids the model does not have (before the request reaches a scheduler step)."""
+        bad = next((t for t in self.stop_token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ParameterError("stop_token_ids", f"stop_token_ids: token id {bad} is outside the vocabulary of "
+                                                   f"size {vocab}")
+        self.sampling(()).check(vocab)  # logit_bias ids inside the vocabulary
+
+    def sampling(self, stop_ids) -> Sampling:
+        """The logits chain's parameters for this request; ``stop_ids`` are what min_tokens masks."""
+        return Sampling(not self.greedy, self.temperature or 1.0, self.top_k, self.top_p, self.min_p,
+                        self.repetition_penalty, self.presence_penalty, self.frequency_penalty, dict(self.logit_bias),
+                        np.asarray(stop_ids, dtype=np.int64), self.min_tokens)
 
     @functools.cached_property
     def longest_stop(self) -> int:
@@ -58,7 +89,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
 
 @dataclass
@@ -100,42 +131,39 @@ class Request:
     cancelled: bool = False
     finish_reason: str | None = None
     scheduled_at: float | None = None
+    first_token_at: float | None = None
     last_token_at: float | None = None
     text: str = ""
     emitted_chars: int = 0
     detokenizer: IncrementalDetokenizer | None = None
     rng: np.random.Generator | None = None
     stop_ids: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
-    sampling: Sampling | None = None  # how tokens are chosen, as Engine.generate chooses them
+    constraint: Constraint | None = None  # the request's grammar (structured outputs), None for free text
+    chooser: TokenChooser | None = None  # how tokens are chosen (the logits chain and its state), set by start()
     spec_k: object = None  # speculative decoding's adaptive proposal length (serving/speculation.py)
-    constraint: object = None  # the grammar the output follows (runtimes/constraint.py), compiled before submit
 
     def start(self, tokenizer, eos_ids: tuple[int, ...]) -> None:
         """Set up the per-request state the first time the scheduler touches it."""
         self.rng = np.random.default_rng(self.params.seed)
         self.stop_ids = np.array(sorted(set(self.params.stop_token_ids) | (set() if self.params.ignore_eos
                                                                            else set(eos_ids))), dtype=np.int64)
-        p = self.params
-        self.sampling = Sampling(not p.greedy, p.temperature or 1.0, p.top_k, p.top_p, self.stop_ids, p.min_tokens)
+        self.chooser = TokenChooser(self.params.sampling(self.stop_ids), self.prompt_ids, self.constraint)
         if tokenizer is not None:
             self.detokenizer = IncrementalDetokenizer(tokenizer, self.prompt_ids)
 
     def choose(self, logits: np.ndarray) -> int:
         """The next token from this request's logits [vocab], as Engine.generate would choose it alone."""
-        return self.sampling.choose(logits, len(self.output_ids), self.rng)
+        return self.chooser.choose(logits, self.rng)
 
     def accept(self, token: int) -> Output:
         """Book a chosen token; returns the Output to emit (finish_reason set when this token ends it)."""
         self.output_ids.append(token)
+        self.chooser.accept(token)
         self.next_input = token
-        if self.constraint is not None:
-            self.constraint.accept(token)
         delta = self.detokenizer.add([token]) if self.detokenizer is not None else ""
         self.text += delta
-        if self.stop_ids.size and token in self.stop_ids:
+        if (self.stop_ids.size and token in self.stop_ids) or self.chooser.finished:
             self.finish_reason = "stop"
-        elif self.constraint is not None and self.constraint.is_finished():
-            self.finish_reason = "stop"  # the grammar is complete and allows nothing more
         elif self.params.stop and delta and self._stop_string(len(delta)):
             self.finish_reason = "stop"
         elif len(self.output_ids) >= self.params.max_tokens:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..options import option
 from ..runtimes.speculative import AdaptiveK, DraftModel, PromptLookup, check_draft, speculate_round
 from .requests import Output, Request
 
@@ -22,10 +23,13 @@ class SpeculationConfig:
     (``--prompt-lookup K``); ``num_tokens``: the draft's initial K (adaptive); ``max_batch``: speculate while at
     most this many requests decode."""
 
-    draft: object = None
-    prompt_lookup: int | None = None
-    num_tokens: int = 4
-    max_batch: int = 1
+    draft: object = None  # the engine; `luffy serve --draft ARTIFACT` names its artifact (ServerSettings.draft)
+    prompt_lookup: int | None = option(None, "Speculative decoding with up to K tokens copied from the context.",
+                                       min=1, metavar="K")
+    num_tokens: int = option(4, "Most tokens the draft proposes per round (fewer while it is rejected).", min=1,
+                             key="num_assistant_tokens")
+    max_batch: int = option(1, "Speculate while at most this many requests decode (a batched step already shares "
+                            "the weights).", min=1, key="speculative_max_batch")
 
 
 class Speculator:
@@ -48,9 +52,9 @@ class Speculator:
         if request.spec_k is None:
             request.spec_k = AdaptiveK(self.initial_k)
         proposed, n, token, _ = speculate_round(
-            slots, request.slot, request.prompt_ids + request.output_ids, len(request.prompt_ids),
-            request.params.max_tokens - len(request.output_ids), self.source, request.spec_k, request.sampling,
-            request.rng, request.constraint)
+            slots, request.slot, request.prompt_ids + request.output_ids,
+            request.params.max_tokens - len(request.output_ids), self.source, request.spec_k, request.chooser,
+            request.rng)
         if proposed:
             self.metrics.speculated(len(proposed), n)
         outputs = []

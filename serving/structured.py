@@ -15,7 +15,7 @@ import asyncio
 from ..runtimes.grammar import GrammarError, GrammarSpec
 from . import protocol, tools
 from .protocol import ProtocolError
-from .server import sse
+from .edge import sse
 
 
 def grammar_request(body, tool_plan: tools.ToolPlan | None) -> tuple[GrammarSpec, str] | None:

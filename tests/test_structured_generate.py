@@ -66,7 +66,7 @@ def test_a_budget_too_small_warns_and_bad_arguments_are_refused(tiny):
         tiny.generate_text("x", max_new_tokens=4, json_schema={"type": "object", "properties": {"name": {
             "type": "string"}}, "required": ["name"]})
     assert any("ran out before the grammar was complete" in str(w.message) for w in caught)
-    with pytest.raises(UsageError, match="give one of json_schema, regex, grammar, choice; got regex, choice"):
+    with pytest.raises(UsageError, match="give one of json_schema, regex, grammar, choice or constraint; got regex, choice"):
         tiny.generate([[256, 1]], 4, regex="a", choice=["a"])
     with pytest.raises(UsageError, match=r'json_schema: Unimplemented keys: \["not"\]'):
         tiny.generate([[256, 1]], 4, json_schema={"not": {}})

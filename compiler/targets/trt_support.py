@@ -14,9 +14,9 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from ..errors import UnsupportedModelError, UsageError
-from ..plugins import DOMAIN as PLUGIN_DOMAIN
-from ..plugins import plugin_for
+from ...errors import UnsupportedModelError, UsageError
+from ...plugins import DOMAIN as PLUGIN_DOMAIN
+from ...plugins import plugin_for
 
 OPS_FILE = Path(__file__).with_name("trt_onnx_ops.json")
 STANDARD_DOMAINS = ("", "ai.onnx")

@@ -14,12 +14,12 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from ..errors import CaptureError, UsageError
-from ..runtimes.ort_compat import session_options
+from ...errors import CaptureError, UsageError
+from ...runtimes.ort_compat import session_options
 from .step_io import run_step
-from .capture import Captured, decoder_example, decoder_io_names
+from ..capture.torch_export import Captured, decoder_example, decoder_io_names
 from .parity import DECODER_CASES, FP32_ATOL, _flatten, _real_positions
-from .sources import CAUSAL_LM
+from ..sources.resolve import CAUSAL_LM
 
 SYMBOLIC_DIM = 2  # the size a synthesized input gets for every named (dynamic) dim
 MAX_PROTO_BYTES = 2 << 30  # protobuf's limit: --verify hands ORT the model in memory

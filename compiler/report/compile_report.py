@@ -7,10 +7,10 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from ..errors import first_line
-from ..passes.driver import count_nodes
-from .config import LuffyConfig
-from .sources import CAUSAL_LM
+from ...errors import first_line
+from ...passes.driver import count_nodes
+from ..config import LuffyConfig
+from ..sources.resolve import CAUSAL_LM
 
 
 def compile_report(cfg: LuffyConfig, capture, model: ir.Model, records: list[dict], checks: dict, seconds: float) -> dict:
@@ -65,7 +65,7 @@ def parameter_count(model: ir.Model) -> int:
 
 
 def reduce_range(cfg: LuffyConfig) -> bool:
-    from ..runtimes.cpu_features import u8s8_saturates
+    from ...runtimes.cpu_features import u8s8_saturates
 
     return u8s8_saturates() if cfg.reduce_range is None else cfg.reduce_range
 
@@ -74,7 +74,7 @@ def _precision_report(cfg: LuffyConfig, records: list[dict]) -> dict:
     """What was quantized and how: the precision passes' own records, plus totals by op."""
     out = {"precision": cfg.precision}
     if cfg.precision == "int8-dynamic":
-        from ..runtimes.cpu_features import int8_kernel_path
+        from ...runtimes.cpu_features import int8_kernel_path
 
         out["reduce_range_chosen_by"] = "this CPU" if cfg.reduce_range is None else "option"
         out["compiled_on"] = int8_kernel_path()

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import CaptureError
-from .capture import Captured, decoder_example, decoder_io_names
-from .sources import CAUSAL_LM
+from ...errors import CaptureError
+from ..capture.torch_export import Captured, decoder_example, decoder_io_names
+from ..sources.resolve import CAUSAL_LM
 from .step_io import run_step
 
 FP32_ATOL = 1e-4  # DESIGN.md: fp32 logits within 1e-4 of PyTorch
@@ -80,8 +80,8 @@ def check_parity(captured: Captured, model_path: Path, vocab: int | None = None,
     """
     import onnxruntime as ort
 
-    from ..runtimes.cpu_bf16 import cpu_model
-    from ..runtimes.ort_compat import session_options
+    from ...runtimes.cpu_bf16 import cpu_model
+    from ...runtimes.ort_compat import session_options
 
     session = ort.InferenceSession(cpu_model(model_path), session_options(), providers=["CPUExecutionProvider"])
     cases = {}

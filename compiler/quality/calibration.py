@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from ..errors import SourceError, UsageError
+from ...errors import SourceError, UsageError
 from .step_io import run_step
 
 WINDOW = 256  # tokens per calibration / evaluation window (fewer when the artifact's max_seq_len is smaller)
@@ -87,7 +87,7 @@ def decoder_feeds(session, ids: list[int]) -> dict[str, np.ndarray]:
 def _session(model: ir.Model, extra_outputs: list[ir.Value] = ()):
     import onnxruntime as ort
 
-    from ..runtimes.ort_compat import session_options
+    from ...runtimes.ort_compat import session_options
 
     proto = ir.serde.serialize_model(model)
     for value in extra_outputs:
@@ -131,8 +131,8 @@ def graph_perplexity(model_path: Path, windows: list[list[int]], prefix: int) ->
     """Perplexity of a decoder step graph on ``windows`` (logits at every position, empty cache)."""
     import onnxruntime as ort
 
-    from ..runtimes.cpu_bf16 import cpu_model
-    from ..runtimes.ort_compat import session_options
+    from ...runtimes.cpu_bf16 import cpu_model
+    from ...runtimes.ort_compat import session_options
 
     session = ort.InferenceSession(cpu_model(model_path), session_options(), providers=["CPUExecutionProvider"])
     return _perplexity((run_step(session, decoder_feeds(session, ids))["logits"][0] for ids in windows), windows, prefix)

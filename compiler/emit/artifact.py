@@ -17,8 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from ..errors import ArtifactError, UsageError
-from ..runtimes.manifest import MANIFEST, sha256_file
+from ...errors import ArtifactError, UsageError
+from ...runtimes.manifest import MANIFEST, sha256_file
 
 
 def file_table(directory: Path) -> dict[str, dict]:

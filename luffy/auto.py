@@ -1,6 +1,10 @@
 """`luffy compile --auto`: compile every precision the target runs, measure each one's quality and speed on
 this machine, and publish only the fastest within the quality budget.
 
+The decider sits above the compiler: it calls the compiler's ``compile()`` once per candidate, and the
+compiler never imports it. ``luffy.compile`` is :func:`compile` below, which dispatches here when
+``auto=True`` and to the compiler otherwise.
+
     >>> art = luffy.compile("llama-pydoc", output="build/auto", auto=True, max_quality_loss=0.5,
     ...                     eval_file="heldout.txt", calib="calib.txt")            # doctest: +SKIP
     >>> art.report["auto"]["chosen"], art.manifest["precision"]                   # doctest: +SKIP
@@ -16,6 +20,7 @@ staging directory beside the output; the chosen one is moved into place atomical
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import shutil
@@ -25,10 +30,12 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from ..errors import LuffyError, UsageError, first_line
-from .artifact import check_output_location, staged_directory, write_manifest
-from .config import LuffyConfig
-from .sources import CAUSAL_LM, ENCODER
+from .compiler import compile as compiler_compile
+from .compiler.compile import Artifact, check_paths, config_with
+from .compiler.config import LuffyConfig
+from .compiler.emit.artifact import check_output_location, staged_directory, write_manifest
+from .compiler.sources.resolve import CAUSAL_LM, ENCODER
+from .errors import LuffyError, UsageError, first_line
 
 PROMPT_TOKENS, NEW_TOKENS, WARMUP, REPEATS = 64, 16, 1, 7  # short and bounded: the ranking, not the table
 # A timed decode lasts at least this long: 16 tokens of a 3M-parameter model take ~20 ms, less than a shared
@@ -83,6 +90,17 @@ def candidates(cfg: LuffyConfig) -> list[Candidate]:
     return [c for c in listed if c.precision == cfg.precision]
 
 
+@functools.wraps(compiler_compile.compile)  # luffy.compile: the compiler's signature and docstring
+def compile(source, target=None, output=None, precision=None, opt_level=None, config=None, *,  # noqa: A001
+            progress=None, **options) -> Artifact:
+    cfg = config_with(config, target=target, precision=precision, opt_level=opt_level, **options)
+    if not cfg.auto:
+        return compiler_compile.compile(source, target, output, precision, opt_level, config, progress=progress,
+                                        **options)
+    check_paths(cfg, output)  # the compiler's own checks of the output, --eval and --calib paths
+    return compile_auto(source, output, cfg, progress)
+
+
 def compile_auto(source, output, cfg: LuffyConfig, progress=None):
     """The decider behind ``compile(..., auto=True)``: see the module docstring.
 
@@ -91,7 +109,7 @@ def compile_auto(source, output, cfg: LuffyConfig, progress=None):
     >>> [(c["name"], c["within_budget"]) for c in art.report["auto"]["candidates"]]      # doctest: +SKIP
     [('fp32', True), ('int4-b128-rtn', True), ...]
     """
-    say = progress or (lambda message: None)  # compile() checked the output, --eval and --calib paths
+    say = progress or (lambda message: None)  # compile() above checked the output, --eval and --calib paths
     listed = candidates(cfg)
     output = Path(output)
     check_output_location(output)  # before minutes of compiles
@@ -150,12 +168,10 @@ def _build_all(source, cfg, listed, quality, work, started, say):
 
 
 def _compile_candidate(source, cfg, cand, quality, work, say):
-    from .compile import compile as compile_one
-
     one = replace(cfg, auto=False, max_quality_loss=None, auto_time_budget=None, precision=cand.precision,
                   block_size=cand.block_size or cfg.block_size, calib=cfg.calib if cand.method == "gptq" else None,
                   eval_file=cfg.eval_file if quality.decoder else None)  # --eval on an encoder: cosine, here
-    return compile_one(source, output=work / cand.name, config=one, progress=say)
+    return compiler_compile.compile(source, output=work / cand.name, config=one, progress=say)
 
 
 def within_budget(row: dict, max_quality_loss: float) -> bool:
@@ -210,11 +226,12 @@ class _QualityProbe:
     compile measured it into report["quality"]), an encoder's embedding cosine against PyTorch (here)."""
 
     def __init__(self, source, cfg: LuffyConfig):
-        from .sources import load_torch_model, resolve_source
+        from .compiler.sources.resolve import resolve_source
+        from .compiler.sources.torch_model import load_torch_model
 
         self.src, self.cfg, self.tm, self.reference = resolve_source(source), cfg, None, None
         if self.src.kind == "onnx":
-            from .onnx_source import load_onnx_source
+            from .compiler.capture.onnx_file import load_onnx_source
 
             kind, self.layers = load_onnx_source(self.src.path).kind, None
         else:
@@ -237,7 +254,7 @@ class _QualityProbe:
             return {"quality_loss_pct": loss, "perplexity": q["perplexity"], "perplexity_reference": q["perplexity_reference"]}
         import numpy as np
 
-        from ..runtimes import load
+        from .runtimes import load
 
         engine = load(artifact.path)
         rows = self._encoded(engine)
@@ -251,7 +268,7 @@ class _QualityProbe:
     def _encoded(self, engine) -> list[dict]:
         import numpy as np
 
-        from .calibration import load_tokenizer
+        from .compiler.quality.calibration import load_tokenizer
 
         tokenizer = load_tokenizer(self.src, self.tm)
         if tokenizer is None:
@@ -301,7 +318,7 @@ def measure_speeds(paths: dict[str, Path], decoder: bool = True, say=lambda mess
     >>> measure_speeds({"fp32": Path("build/fp32"), "int4": Path("build/int4")})          # doctest: +SKIP
     {'fp32': {'decode_tokens_per_s': 601.2, 'prefill_ms': 9.8}, 'int4': {...}}
     """
-    from ..runtimes import load
+    from .runtimes import load
 
     sizes = {name: sum(f.stat().st_size for f in Path(path).iterdir()) for name, path in paths.items()}
     together = sum(sizes.values()) <= _available_memory() // 4
@@ -328,7 +345,7 @@ def measure_speeds(paths: dict[str, Path], decoder: bool = True, say=lambda mess
 
 
 def _timed_run(engine, decoder: bool, new_tokens: int = NEW_TOKENS) -> tuple[float | None, float]:
-    from ..runtimes.timing import (decode_tokens_per_s, engine_generate, prefill_ms, prompt_ids, time_generation,
+    from .runtimes.timing import (decode_tokens_per_s, engine_generate, prefill_ms, prompt_ids, time_generation,
                                    wait_for_quiet_cpu)
 
     ids = prompt_ids(1, _prompt_len(engine.max_seq_len), engine.vocab or 100, seed=0)
@@ -354,7 +371,7 @@ def _available_memory() -> int:
 
 def _analysis(artifact, quality: _QualityProbe) -> dict:
     """What the decider knows about the model, from the unquantized build when there is one."""
-    from .inspect import fusion_summary
+    from .compiler.report.inspect import fusion_summary
 
     manifest, report = artifact.manifest, artifact.report
     kv = manifest.get("kv_cache")
@@ -386,8 +403,6 @@ def _auto_report(cfg, quality, rows, skipped, chosen, built, seconds) -> dict:
 def _publish(artifact, output: Path, cfg: LuffyConfig, auto: dict):
     """Move the chosen candidate's files into a fresh staging directory and publish it with report["auto"]
     (write_manifest recomputes the file table, so the hashes stay right)."""
-    from .compile import Artifact
-
     manifest = dict(artifact.manifest)
     manifest["options"] = {**manifest["options"], "eval_file": cfg.eval_file, "auto": True,
                            "max_quality_loss": cfg.max_quality_loss, "auto_time_budget": cfg.auto_time_budget}

@@ -78,7 +78,7 @@ def infer(model_path: Path) -> onnx.ModelProto:
     # opset-23 standard ops of the same names (the TensorRT target's) get their own shape rule.
     for op_type in STANDARD_OPS_WITH_CONTRIB_NAMES:
         inference.dispatcher_[op_type] = _by_domain(inference, op_type, inference.dispatcher_.get(op_type))
-    from ..plugins import PLUGINS
+    from ...plugins import PLUGINS
 
     for plugin in PLUGINS:  # ORT's inference knows no luffy op; each plugin's output is its input's like()
         inference.dispatcher_[plugin.name] = _like_first_input(inference)

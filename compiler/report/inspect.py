@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import SourceError
-from ..runtimes.manifest import MANIFEST, read_manifest
+from ...errors import SourceError
+from ...runtimes.manifest import MANIFEST, read_manifest
 
 
 def inspect_path(target: str) -> dict:
@@ -17,7 +17,7 @@ def inspect_path(target: str) -> dict:
     path = Path(target)
     if path.is_dir() and (path / MANIFEST).is_file():
         return _inspect_artifact(path)
-    from .sources import resolve_source
+    from ..sources.resolve import resolve_source
 
     src = resolve_source(target)
     if src.kind == "onnx":
@@ -72,10 +72,10 @@ def fusion_summary(report: dict, num_layers: int | None) -> dict:
 
 
 def _inspect_onnx(path: Path) -> dict:
-    from .manifest import io_signature
-    from .report import op_histogram, parameter_count
-    from .onnx_source import load_onnx_source
-    from ..passes.driver import count_nodes
+    from ..emit.manifest import io_signature
+    from .compile_report import op_histogram, parameter_count
+    from ..capture.onnx_file import load_onnx_source
+    from ...passes.driver import count_nodes
 
     captured = load_onnx_source(path)
     return {
@@ -90,8 +90,9 @@ def _inspect_onnx(path: Path) -> dict:
 
 
 def _inspect_torch(src) -> dict:
-    from .capture import probe_kv_layout
-    from .sources import CAUSAL_LM, load_torch_model
+    from ..capture.torch_export import probe_kv_layout
+    from ..sources.resolve import CAUSAL_LM
+    from ..sources.torch_model import load_torch_model
 
     tm = load_torch_model(src)
     config = getattr(tm.module, "config", None)

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from ..errors import UsageError
+from ...errors import UsageError
 from .calibration import WINDOW
-from .config import WEIGHT_ONLY, LuffyConfig
-from .sources import CAUSAL_LM
+from ..config import WEIGHT_ONLY, LuffyConfig
+from ..sources.resolve import CAUSAL_LM
 
 MODEL_FILE, DATA_FILE = "model.onnx", "model.onnx.data"
 
@@ -64,7 +64,7 @@ class QualityMeasure:
     def weight_spec(self, model: ir.Model):
         if self.cfg.precision not in WEIGHT_ONLY:
             return None
-        from ..passes.quantize_weights import WeightQuantization
+        from ...passes.quantize_weights import WeightQuantization
 
         hessians = {}
         if self.cfg.calib:

@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
-from ..errors import CaptureError, UnsupportedModelError
-from .sources import CAUSAL_LM, ENCODER, TorchModel
+from ...errors import CaptureError, UnsupportedModelError
+from ..sources.resolve import CAUSAL_LM, ENCODER
+from ..sources.torch_model import TorchModel
 
 PAST_NAME = "past_key_values.{layer}.{kind}"
 PRESENT_NAME = "present.{layer}.{kind}"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import shlex
 
-from ..errors import UsageError
+from ...errors import UsageError
 
 DEFAULT_OPT_PROMPT = 128
 

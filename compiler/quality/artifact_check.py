@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import ArtifactError, LuffyError, first_line
+from ...errors import ArtifactError, LuffyError, first_line
 
 
 def verify_artifact(path: str | Path, parity_source=None, say: Callable[[str], None] | None = None) -> dict:
@@ -24,7 +24,7 @@ def verify_artifact(path: str | Path, parity_source=None, say: Callable[[str], N
     >>> verify_artifact("build/pydoc", parity_source="llama-pydoc")["ok"]   # doctest: +SKIP
     True
     """
-    from ..runtimes.manifest import read_manifest
+    from ...runtimes.manifest import read_manifest
 
     path = Path(path)
     say = say or (lambda message: None)
@@ -59,12 +59,12 @@ def _files(path: Path, manifest: dict, state: dict) -> str:
 def _runtime(path: Path, state: dict) -> str:
     import importlib.metadata as md
 
-    from ..runtimes.ort_compat import check_onnxruntime
+    from ...runtimes.ort_compat import check_onnxruntime
 
     manifest = state["manifest"]
     state["runtime"] = "ort"
     if manifest["target"] == "trt" and manifest["state"] == "ready":
-        from ..runtimes.trt import check_engine, gpu_info, installed_tensorrt
+        from ...runtimes.trt import check_engine, gpu_info, installed_tensorrt
 
         trt = installed_tensorrt()
         check_engine(manifest, path, trt.__version__ if trt is not None else None, gpu_info())
@@ -78,7 +78,7 @@ def _runtime(path: Path, state: dict) -> str:
 
 
 def _load(path: Path, state: dict) -> str:
-    from ..runtimes import open_engine
+    from ...runtimes import open_engine
 
     state["engine"] = open_engine(path, state["manifest"], state["runtime"])  # the files check hashed them
     return f"{type(state['engine']).__name__}, {state['manifest']['kind']}"
@@ -103,7 +103,7 @@ def _smoke(engine) -> str:
 
 def _example_feeds(engine) -> dict:
     """Small inputs of the declared types: symbolic dims 2, token-id-like integer inputs 1."""
-    from ..runtimes.ort import _NUMPY_DTYPES
+    from ...runtimes.ort import _NUMPY_DTYPES
 
     feeds = {}
     for value in engine.session.get_inputs():
@@ -114,9 +114,10 @@ def _example_feeds(engine) -> dict:
 
 
 def _parity(path: Path, state: dict, source) -> str:
-    from .capture import reference_only
+    from ..capture.torch_export import reference_only
     from .parity import check_parity
-    from .sources import load_torch_model, resolve_source
+    from ..sources.resolve import resolve_source
+    from ..sources.torch_model import load_torch_model
 
     manifest = state["manifest"]
     src = resolve_source(source)

@@ -13,8 +13,8 @@ import os
 import time
 from pathlib import Path
 
-from ..errors import ArtifactError, BackendUnavailableError, UnsupportedModelError
-from ..runtimes.trt import gpu_info, installed_tensorrt
+from ...errors import ArtifactError, BackendUnavailableError, UnsupportedModelError
+from ...runtimes.trt import gpu_info, installed_tensorrt
 
 HOW_TO_PROCEED = ("compile with --defer-build here (writes the portable ONNX, profiles and a trtexec line), then "
                   "run `luffy build ARTIFACT` on the GPU machine")
@@ -67,7 +67,7 @@ def build_engine(trt, onnx_path: Path, profiles: list[dict], engine_path: Path, 
         flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
     if plugin_ids:
-        from ..plugins import register_tensorrt
+        from ...plugins import register_tensorrt
 
         say(f"registering luffy plugins {', '.join(plugin_ids)}")
         register_tensorrt(plugin_ids)  # before parsing: the parser looks creators up by name
@@ -145,8 +145,8 @@ def build_artifact(path: str | os.PathLike, timing_cache: str | os.PathLike | No
 
     import onnx_ir as ir
 
-    from ..runtimes.manifest import STATE_NEEDS_BUILD, read_manifest
-    from .artifact import staged_directory, write_manifest
+    from ...runtimes.manifest import STATE_NEEDS_BUILD, read_manifest
+    from ..emit.artifact import staged_directory, write_manifest
     from .trt_support import check_graph, require_supported
 
     path = Path(path)

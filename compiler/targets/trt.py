@@ -1,14 +1,5 @@
-"""The compile targets: what each runtime needs around the shared capture → passes → emit flow.
-
-A target owns four things, so `compile()` holds no per-target branch:
-  capture_opset   the ONNX opset the graph is exported at (its runtime's parser sets the ceiling)
-  extra_steps     passes between the opt-level pipeline and the precision passes (TensorRT's plugins)
-  check           the legality check before anything is written (the runtime's own op/opset rules)
-  finish          what turns the staged directory into this target's artifact (TensorRT: profiles, build)
-
->>> target_for(LuffyConfig()).name
-'ort'
-"""
+"""The TensorRT target: a portable graph TensorRT's ONNX parser reads, plugins where it lacks an op, profiles,
+and a build where a builder and a GPU are present (see targets/__init__.py for what a target owns)."""
 
 from __future__ import annotations
 
@@ -18,62 +9,10 @@ from typing import Callable
 
 import onnx_ir as ir
 
-from ..errors import UsageError, first_line
-from .config import LuffyConfig
+from ...errors import UsageError
+from ..config import LuffyConfig
 
-MODEL_FILE = "model.onnx"
 PORTABLE_OPS_SINCE = (10, 15)  # the first TensorRT whose parser has Attention, RMSNormalization, RotaryEmbedding
-
-
-class OrtTarget:
-    """ONNX Runtime: the com.microsoft fusions, a graph the installed onnxruntime must load before it is published."""
-
-    name = "ort"
-
-    def __init__(self, cfg: LuffyConfig):
-        self.cfg = cfg
-
-    def capture_opset(self) -> int:
-        from .capture import CAPTURE_OPSET
-
-        return CAPTURE_OPSET["ort"]
-
-    def extra_steps(self) -> list:
-        return []
-
-    def require_tools(self) -> None:
-        """onnxruntime is a dependency of luffy itself: nothing to check before capture."""
-
-    def check(self, model: ir.Model, spec: str, say: Callable[[str], None]) -> None:
-        """Refuse to publish what `luffy.load` would refuse: the same probe of the installed onnxruntime."""
-        from ..errors import UnsupportedModelError
-        from ..runtimes.ort_compat import ort_refusal
-        from .manifest import opset_imports
-
-        reason = ort_refusal(opset_imports(model), model.ir_version)
-        if reason is not None:
-            import onnxruntime
-
-            raise UnsupportedModelError(f"{spec}: onnxruntime {onnxruntime.__version__} cannot run the compiled graph: {reason}")
-
-    def check_loadable(self, model_path: Path, spec: str, say: Callable[[str], None]) -> None:
-        """Create an onnxruntime session on the staged graph, as luffy.load will: a graph ORT refuses (a cycle, a
-        dangling input, a node its schema rejects) must not be published. The parity check does this already."""
-        from ..errors import UnsupportedModelError
-        from ..runtimes.ort_compat import import_onnxruntime, session_options
-
-        say("loading the graph on onnxruntime")
-        ort = import_onnxruntime()
-        options = session_options()
-        options.log_severity_level = 3
-        try:
-            ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # noqa: BLE001 - ORT's Fail/InvalidGraph/NotImplemented
-            reason = first_line(exc, text=str(exc).replace(str(model_path), MODEL_FILE))
-            raise UnsupportedModelError(f"{spec}: onnxruntime {ort.__version__} cannot load the compiled graph: {reason}") from None
-
-    def finish(self, stage: Path, manifest: dict, say: Callable[[str], None]) -> dict:
-        return manifest
 
 
 class TrtTarget:
@@ -99,7 +38,7 @@ class TrtTarget:
             self.builder = require_builder()
 
     def capture_opset(self) -> int:
-        from .capture import CAPTURE_OPSET, ONNX_OPSET
+        from ..capture.torch_export import CAPTURE_OPSET, ONNX_OPSET
         from .trt_support import operator_list, version_tuple
 
         # TensorRT before 10.15 parses neither RMSNormalization nor RotaryEmbedding: those get a decomposed
@@ -111,7 +50,7 @@ class TrtTarget:
         return CAPTURE_OPSET["trt"]
 
     def extra_steps(self) -> list:
-        from ..passes.pipelines import plugin_steps
+        from ...passes.pipelines import plugin_steps
         from .trt_support import version_tuple
 
         cfg = self.cfg
@@ -136,16 +75,6 @@ class TrtTarget:
         return manifest
 
 
-TARGETS = {"ort": OrtTarget, "trt": TrtTarget}
-
-
-def target_for(cfg: LuffyConfig) -> OrtTarget | TrtTarget:
-    """The target object for ``cfg.target``; TensorRT's version and builder are resolved (and refused) here."""
-    if cfg.target not in TARGETS:
-        raise UsageError(f"unknown target {cfg.target!r}; choose one of {', '.join(TARGETS)}")
-    return TARGETS[cfg.target](cfg)
-
-
 def _trt_version(cfg: LuffyConfig) -> str:
     from .trt_build import installed_tensorrt
     from .trt_support import known_versions, operator_list
@@ -159,7 +88,7 @@ def _trt_version(cfg: LuffyConfig) -> str:
 
 def _tensorrt_section(cfg: LuffyConfig, manifest: dict, operator_check: dict) -> dict:
     """The needs-build state: profiles, the operator check, and the trtexec line that builds the engine."""
-    from ..runtimes.manifest import STATE_NEEDS_BUILD
+    from ...runtimes.manifest import STATE_NEEDS_BUILD
     from .trt_build import ENGINE_FILE, operator_check_summary
     from .trt_profiles import optimization_profiles, trtexec_command
     from .trt_support import version_tuple

@@ -45,7 +45,7 @@ def require_readable_tokenizer(path: Path, source: Path) -> None:
     published, hashed as intact, and fail on the first request."""
     from tokenizers import Tokenizer
 
-    from ..errors import SourceError, first_line
+    from ...errors import SourceError, first_line
 
     try:
         Tokenizer.from_file(str(path))

@@ -9,11 +9,11 @@ import platform
 import numpy as np
 import onnx_ir as ir
 
-from .. import __version__
-from ..runtimes.manifest import FORMAT_VERSION, STATE_READY
-from .config import LuffyConfig
-from .report import reduce_range, text
-from .sources import CAUSAL_LM
+from ... import __version__
+from ...runtimes.manifest import FORMAT_VERSION, STATE_READY
+from ..config import LuffyConfig
+from ..report.compile_report import reduce_range, text
+from ..sources.resolve import CAUSAL_LM
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"

@@ -13,9 +13,9 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
-from ..errors import SourceError, UnsupportedModelError, first_line
-from .capture import Captured, KVLayout
-from .sources import CAUSAL_LM
+from ...errors import SourceError, UnsupportedModelError, first_line
+from .torch_export import Captured, KVLayout
+from ..sources.resolve import CAUSAL_LM
 
 _PAST_RE = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 
