@@ -42,6 +42,7 @@ class ChatTemplate:
         except Exception as exc:  # noqa: BLE001 - jinja2's TemplateSyntaxError and friends
             raise TemplateError(f"chat template does not compile: {exc}") from None
         self.special = {"bos_token": bos_token or "", "eos_token": eos_token or ""}
+        self.source = source  # what serving/tools.py reads the model's tool-call format from
 
     @classmethod
     def from_artifact(cls, path: Path, manifest: dict) -> "ChatTemplate | None":
@@ -51,9 +52,9 @@ class ChatTemplate:
         source = (path / chat["file"]).read_text()
         return cls(source, chat.get("bos_token"), chat.get("eos_token"))
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str:
         try:
-            return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=None,
+            return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=tools,
                                         **self.special)
         except TemplateError:
             raise

@@ -104,13 +104,14 @@ class Output:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    grammar: str | None = None  # a constrained request's last Output: "complete", "closed_early" or "incomplete"
 
     @staticmethod
     def merge(outputs: list["Output"]) -> "Output":
         """One Output for several in a row of one request: their tokens and text, the last one's state."""
         last = outputs[-1]
         return Output(last.request_id, [t for o in outputs for t in o.token_ids], "".join(o.text for o in outputs),
-                      last.finish_reason, last.prompt_tokens, last.completion_tokens, last.error)
+                      last.finish_reason, last.prompt_tokens, last.completion_tokens, last.error, last.grammar)
 
 
 @dataclass(eq=False)
@@ -170,7 +171,15 @@ class Request:
         if self.finish_reason is not None and self.detokenizer is not None and self.finish_reason == "length":
             self.text += self.detokenizer.flush()
         return Output(self.request_id, [token], self._releasable_text(), self.finish_reason, len(self.prompt_ids),
-                      len(self.output_ids))
+                      len(self.output_ids), grammar=self.grammar_state())
+
+    def grammar_state(self) -> str | None:
+        """How a finished constrained output stands: complete, closed early by the budget, or cut off."""
+        if self.constraint is None or self.finish_reason is None:
+            return None
+        if not self.constraint.complete:
+            return "incomplete"
+        return "closed_early" if self.constraint.wrapped_up else "complete"
 
     def _stop_string(self, added: int) -> bool:
         """Truncate the text at the first stop string that the last ``added`` characters completed."""

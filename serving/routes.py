@@ -14,7 +14,7 @@ import copy
 from fastapi import FastAPI, Request as HttpRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from . import protocol
+from . import protocol, structured, tools
 from .edge import error_responses, error_status, install_edge, require_api_key, sse, watch_disconnect
 from .metrics import CONTENT_TYPE
 from .protocol import ChatCompletionRequest, CompletionRequest, ProtocolError
@@ -71,11 +71,23 @@ def add_routes(app: FastAPI, state: ServingState) -> None:
         if state.chat_template is None:
             raise ProtocolError(400, f"artifact {state.artifact.name} has no chat template; compile from a model "
                                      "directory whose tokenizer has one, or use /v1/completions", param="messages")
-        messages = [m.for_template() for m in body.messages]
-        text = await asyncio.to_thread(state.chat_template.render, messages, body.add_generation_prompt)
+        messages, tool_plan = _with_tools(state, body, [m.for_template() for m in body.messages])
+        text = await asyncio.to_thread(state.chat_template.render, messages, body.add_generation_prompt, body.tools)
         ids = _encode(state, text, add_special_tokens=False)  # the template writes its own special tokens
         max_tokens = body.max_completion_tokens or body.max_tokens or max(1, state.scheduler.capacity - len(ids))
-        return await _generate(state, http, body, ids, max_tokens, chat=True)
+        return await _generate(state, http, body, ids, max_tokens, chat=True, tool_plan=tool_plan)
+
+
+def _with_tools(state: ServingState, body: ChatCompletionRequest, messages: list[dict]):
+    """(messages, ToolPlan or None): a template that does not show the model its tools gets luffy's system
+    message that does (serving/tools.py)."""
+    try:
+        tool_plan = tools.plan(body.tools, body.tool_choice, body.parallel_tool_calls, state.chat_template.source)
+    except tools.ToolError as exc:
+        raise ProtocolError(400, str(exc), param=exc.param) from None
+    if body.tools and body.tool_choice != "none" and not tools.renders_tools(state.chat_template.source):
+        messages = [tools.system_message(body.tools), *messages]
+    return messages, tool_plan
 
 
 def declare_model_limits(schema: dict, state: ServingState) -> dict:
@@ -124,18 +136,22 @@ def _encode(state: ServingState, text: str, add_special_tokens: bool) -> list[in
     return state.engine.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
 
-async def _generate(state: ServingState, http: HttpRequest, body, ids: list[int], max_tokens: int, chat: bool):
+async def _generate(state: ServingState, http: HttpRequest, body, ids: list[int], max_tokens: int, chat: bool,
+                    tool_plan=None):
     queue: asyncio.Queue = asyncio.Queue()
     rid = protocol.new_id("chatcmpl" if chat else "cmpl")
+    grammar = structured.grammar_request(body, tool_plan)
+    constraint = await structured.constraint(state, grammar, max_tokens) if grammar is not None else None
     try:
         params = body.sampling(max_tokens)
-        request = state.scheduler.submit(Request(list(ids), params, state.router.emitter(queue), request_id=rid))
+        request = state.scheduler.submit(Request(list(ids), params, state.router.emitter(queue), request_id=rid,
+                                                 constraint=constraint))
     except Exception as exc:  # noqa: BLE001 - UsageError / CapacityError / QueueFull / Draining -> HTTP
         raise error_status(exc) from None
     headers = {"x-luffy-replica": state.settings.replica} if state.settings.replica else {}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = _stream(state, request, queue, rid, body.model, chat, include_usage)
+        events = _stream(state, request, queue, rid, body.model, chat, include_usage, tool_plan)
         return StreamingResponse(events, media_type="text/event-stream", headers=headers)
     outputs = await _collect(state, request, queue, http)
     last = outputs[-1]
@@ -143,8 +159,13 @@ async def _generate(state: ServingState, http: HttpRequest, body, ids: list[int]
         raise _failure(last)
     text = "".join(o.text for o in outputs)
     use = protocol.usage(last.prompt_tokens, last.completion_tokens)
-    make = protocol.chat_body if chat else protocol.completion_body
-    return JSONResponse(make(rid, body.model, text, last.finish_reason, use), headers=headers)
+    if not chat:
+        return JSONResponse(structured.noted(protocol.completion_body(rid, body.model, text, last.finish_reason, use),
+                                             last.grammar), headers=headers)
+    message, finish_reason = structured.chat_message(text, tool_plan, last.finish_reason)
+    response = protocol.chat_body(rid, body.model, text, finish_reason, use)
+    response["choices"][0]["message"] = message
+    return JSONResponse(structured.noted(response, last.grammar), headers=headers)
 
 
 async def _collect(state: ServingState, request: Request, queue: asyncio.Queue, http: HttpRequest) -> list:
@@ -169,12 +190,14 @@ async def _collect(state: ServingState, request: Request, queue: asyncio.Queue, 
 
 
 async def _stream(state, request: Request, queue: asyncio.Queue, rid: str, model: str, chat: bool,
-                  include_usage: bool):
+                  include_usage: bool, tool_plan=None):
     """Server-sent events: one chunk per step that adds text, the finish reason, usage if asked, [DONE].
     Starlette cancels this generator when the client disconnects; the finally cancels the request."""
     finished = False
     obj = "chat.completion.chunk" if chat else "text_completion"
     token_chunk = protocol.ChunkWriter(rid, model, chat)
+    if tool_plan is not None:  # tool calls leave as tool_calls deltas (serving/structured.py)
+        token_chunk = structured.ToolChunks(rid, model, tool_plan)
     try:
         if chat:
             yield sse(protocol.chat_chunk(rid, model, {"role": "assistant", "content": ""}, None))
@@ -184,7 +207,9 @@ async def _stream(state, request: Request, queue: asyncio.Queue, rid: str, model
                 finished = True
                 yield sse(_failure(out).body())
                 break
-            if out.token_ids or out.text or out.finish_reason:  # one chunk per token, even one that adds no text
+            if out.finish_reason is not None and out.grammar is not None and tool_plan is None:
+                yield sse(structured.last_chunk(rid, model, chat, out))
+            elif out.token_ids or out.text or out.finish_reason:  # one chunk per token, even one adding no text
                 yield token_chunk(out.text, out.finish_reason)
             if out.finish_reason is not None:
                 finished = True

@@ -49,6 +49,7 @@ class NoMetrics:
     def iteration(self, running: int, waiting: int, kv_usage: float) -> None: ...
     def prefix_lookup(self, queried: int, hit: int) -> None: ...
     def speculated(self, proposed: int, accepted: int) -> None: ...
+    def grammar_masked(self, seconds: float, rows: int) -> None: ...
 
 
 class Scheduler:
@@ -86,6 +87,7 @@ class Scheduler:
         self._stopping = self._draining = False
         self._stop_error: str | None = None
         self._thread: threading.Thread | None = None
+        self._masker = None  # fills a decode batch's grammar masks in one call; made for the first constraint
 
     # -- the handlers' side ---------------------------------------------------------------------------
     def start(self) -> "Scheduler":
@@ -225,6 +227,7 @@ class Scheduler:
         requests = [self._owner[row] for row in range(n)]
         try:
             logits = self._decode_logits(n)
+            self._fill_masks(requests)
         except Exception as exc:  # noqa: BLE001 - the batched step failed: it ends the requests it held, only
             self._fail(requests, exc)
             return n
@@ -247,6 +250,18 @@ class Scheduler:
             return self.slots.step(0, n, tokens)[:, -1, :]
         # each step's logits live in a buffer the next step reuses: copy them out one by one
         return np.stack([self.slots.step(row, row + 1, tokens[row:row + 1])[0, -1, :].copy() for row in range(n)])
+
+    def _fill_masks(self, requests: list[Request]) -> None:
+        """Fill the grammar masks of the batch's constrained requests in one llguidance call, before each row's
+        chooser applies its own (runtimes/constraint.py); free rows cost nothing."""
+        constraints = [r.constraint for r in requests if r.constraint is not None]
+        if not constraints:
+            return
+        if self._masker is None:
+            self._masker = self.engine.grammars.masker()
+        start = time.perf_counter()
+        self._masker.fill(constraints)
+        self.metrics.grammar_masked(time.perf_counter() - start, len(constraints))
 
     def _speculate(self, n: int) -> int:
         """One speculative round for each of the ``n`` decoding requests; returns the target tokens computed."""

@@ -41,6 +41,8 @@ class ServingState:
             threads = None if self.settings.draft is not None else self.settings.threads
             self.engine = engine or load(self.artifact, threads=threads, spin=self.settings.spin)
             self.scheduler = Scheduler(self.engine, self._scheduler_config(), self.metrics).start()
+            if self.engine.manifest.get("tokenizer"):  # structured outputs: the grammar compiler, made once here
+                self.engine.grammars.listener = self.metrics.grammar_compiled
             self.chat_template = ChatTemplate.from_artifact(self.engine.path, self.engine.manifest)
             cache = self.scheduler.slots.cache
             log(f"KV cache: {cache.num_slots} slots x {cache.capacity} positions x {cache.bytes_per_token} B "
