@@ -1,74 +1,71 @@
-"""The HTTP routes of `luffy serve`, their auth, request-size limit and error handling.
+"""The HTTP routes of `luffy serve`, behind the edge of serving/edge.py (errors, body limits, strict JSON, auth).
 
 Every error is OpenAI's JSON (``{"error": {"message", "type", "param", "code"}}``): 400 for bad parameters,
-401 for a missing or wrong API key, 404 for another model's name, 413 for a body over the limit, 429 with
-Retry-After when the queue is full, 503 while loading or draining.
+401 for a missing or wrong API key, 404 for another model's name, 408 and 413 for a slow or oversized body,
+429 with Retry-After when the queue is full, 500 when the request failed inside the server (others go on),
+503 while loading or draining. /openapi.json declares each route's statuses and content types.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
+import copy
 
-from fastapi import Depends, FastAPI, Request as HttpRequest
-from fastapi.exceptions import RequestValidationError
+from fastapi import FastAPI, Request as HttpRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from . import protocol
+from .edge import error_responses, error_status, install_edge, require_api_key, sse, watch_disconnect
+from .metrics import CONTENT_TYPE
 from .protocol import ChatCompletionRequest, CompletionRequest, ProtocolError
 from .requests import Request
-from .server import ServingState, error_status, sse, watch_disconnect
+from .state import ServingState
+
+GENERATION_RESPONSES = {
+    200: {"description": "The completion as JSON, or with stream=true server-sent events (text/event-stream): one "
+                         "chunk per token, a usage chunk if asked, an error event if the request fails, then [DONE].",
+          "content": {"application/json": {}, "text/event-stream": {"schema": {"type": "string"}}}},
+    **error_responses(400, 401, 404, 408, 413, 429, 500, 503)}
 
 
 def add_routes(app: FastAPI, state: ServingState) -> None:
-    """Register the routes, the exception handlers and the body-size limit on ``app``."""
-    app.add_middleware(BodyLimit, limit=state.settings.max_request_bytes, state=state)
-    auth = [Depends(_auth(state))]
+    """Install the edge and register the routes on ``app``."""
+    install_edge(app, state.settings.max_request_bytes, state.settings.body_timeout, state.metrics.http_error)
+    edge_schema = app.openapi
+    app.openapi = lambda: declare_model_limits(edge_schema(), state)
+    auth = [require_api_key(state.settings.api_key)]
 
-    @app.exception_handler(ProtocolError)
-    async def protocol_error(request, exc: ProtocolError):
-        return _error_response(state, exc)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request, exc: RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        return _error_response(state, ProtocolError(400, f"{where}: {first['msg']}" if where else first["msg"],
-                                                     param=where or None))
-
-    @app.exception_handler(Exception)
-    async def internal_error(request, exc: Exception):
-        return _error_response(state, error_status(exc))
-
-    @app.get("/health")
+    @app.get("/health", responses={200: {"content": {"application/json": {"example": {"status": "ok"}}}},
+                                   **error_responses(503)})
     async def health():
         state.require_ready()
         return {"status": "ok"}
 
-    @app.get("/v1/models", dependencies=auth)
+    @app.get("/v1/models", dependencies=auth, responses=error_responses(401, 503))
     async def models():
         state.require_ready()
         return {"object": "list", "data": [{
             "id": state.model_name, "object": "model", "created": int(state.artifact.stat().st_mtime),
             "owned_by": "luffy", "root": str(state.artifact), "max_model_len": state.scheduler.capacity}]}
 
-    @app.get("/metrics", dependencies=auth)
+    @app.get("/metrics", dependencies=auth, response_class=Response, responses={
+        200: {"description": "Prometheus text exposition (luffy:* named like vLLM's vllm:*).",
+              "content": {CONTENT_TYPE: {"schema": {"type": "string"}}}}, **error_responses(401, 503)})
     async def metrics():
-        from .metrics import CONTENT_TYPE
-
         state.require_ready()
         state.metrics.gauges(state.scheduler.running, state.scheduler.waiting, state.scheduler.kv_cache_usage)
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
-    @app.post("/v1/completions", dependencies=auth)
+    @app.post("/v1/completions", dependencies=auth, response_class=JSONResponse, responses=GENERATION_RESPONSES)
     async def completions(body: CompletionRequest, http: HttpRequest):
         _check_request(state, body)
         prompt = body.single_prompt()
-        ids = prompt if isinstance(prompt, list) else _encode(state, prompt, add_special_tokens=True)
+        # a long text takes a while to tokenize: off the event loop, which every stream's tokens go through
+        ids = prompt if isinstance(prompt, list) else await asyncio.to_thread(_encode, state, prompt, True)
         max_tokens = body.max_tokens or body.max_completion_tokens or 16  # OpenAI's default for completions
         return await _generate(state, http, body, ids, max_tokens, chat=False)
 
-    @app.post("/v1/chat/completions", dependencies=auth)
+    @app.post("/v1/chat/completions", dependencies=auth, response_class=JSONResponse, responses=GENERATION_RESPONSES)
     async def chat_completions(body: ChatCompletionRequest, http: HttpRequest):
         _check_request(state, body)
         if state.chat_template is None:
@@ -81,19 +78,35 @@ def add_routes(app: FastAPI, state: ServingState) -> None:
         return await _generate(state, http, body, ids, max_tokens, chat=True)
 
 
-def _auth(state: ServingState):
-    key = state.settings.api_key
+def declare_model_limits(schema: dict, state: ServingState) -> dict:
+    """``schema`` with the loaded model's limits, which the routes enforce (400): token ids in [0, vocab) and
+    ``max_tokens`` below the context (a prompt takes at least one position). Before the load, as it is."""
+    if not state.ready.is_set():
+        return schema
+    if state.limited_schema is None:
+        limited = copy.deepcopy(schema)
+        vocab, capacity = state.scheduler.vocab, state.scheduler.capacity
+        for name in ("CompletionRequest", "ChatCompletionRequest"):
+            props = limited["components"]["schemas"][name]["properties"]
+            for key in ("max_tokens", "max_completion_tokens"):
+                for form in _forms(props[key]):
+                    form["maximum"] = capacity - 1
+            for key in ("prompt", "stop_token_ids"):
+                for form in _forms(props.get(key, {})):
+                    form.update(minimum=0, maximum=vocab - 1)
+        state.limited_schema = limited
+    return state.limited_schema
 
-    async def check(http: HttpRequest):
-        if key is None:
-            return
-        given = http.headers.get("authorization", "")
-        token = given[7:] if given.lower().startswith("bearer ") else ""
-        if not hmac.compare_digest(token.encode(), key.encode()):  # constant time: no timing oracle on the key
-            raise ProtocolError(401, "missing or incorrect API key (send Authorization: Bearer KEY)",
-                                code="invalid_api_key")
 
-    return check
+def _forms(prop: dict) -> list[dict]:
+    """The integer schemas inside ``prop`` (through anyOf and array items)."""
+    found, todo = [], [prop]
+    while todo:
+        item = todo.pop()
+        todo += item.get("anyOf", []) + ([item["items"]] if isinstance(item.get("items"), dict) else [])
+        if item.get("type") == "integer":
+            found.append(item)
+    return found
 
 
 def _check_request(state: ServingState, body) -> None:
@@ -127,8 +140,7 @@ async def _generate(state: ServingState, http: HttpRequest, body, ids: list[int]
     outputs = await _collect(state, request, queue, http)
     last = outputs[-1]
     if last.finish_reason in ("error", "abort"):
-        status = 500 if last.finish_reason == "error" else 503
-        raise ProtocolError(status, last.error or "the request was aborted", "server_error")
+        raise _failure(last)
     text = "".join(o.text for o in outputs)
     use = protocol.usage(last.prompt_tokens, last.completion_tokens)
     make = protocol.chat_body if chat else protocol.completion_body
@@ -170,8 +182,7 @@ async def _stream(state, request: Request, queue: asyncio.Queue, rid: str, model
             out = await queue.get()
             if out.finish_reason in ("error", "abort"):
                 finished = True
-                status = error_status(RuntimeError(out.error or "aborted"))
-                yield sse({"error": {**status.body()["error"], "message": out.error or "the request was aborted"}})
+                yield sse(_failure(out).body())
                 break
             if out.token_ids or out.text or out.finish_reason:  # one chunk per token, even one that adds no text
                 yield token_chunk(out.text, out.finish_reason)
@@ -187,44 +198,9 @@ async def _stream(state, request: Request, queue: asyncio.Queue, rid: str, model
             state.scheduler.cancel(request)
 
 
-def _error_response(state: ServingState, exc: ProtocolError) -> JSONResponse:
-    if state.metrics is not None:
-        state.metrics.http_error(exc.status)
-    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
-
-
-class BodyLimit:
-    """Refuse request bodies over ``limit`` bytes with 413, before they are parsed (pure ASGI middleware)."""
-
-    def __init__(self, app, limit: int, state: ServingState):
-        self.app, self.limit, self.state = app, limit, state
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await self._refuse(scope, receive, send)
-        seen = 0
-
-        async def counted():
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise _TooLarge()
-            return message
-
-        try:
-            await self.app(scope, counted, send)
-        except _TooLarge:
-            await self._refuse(scope, receive, send)
-
-    async def _refuse(self, scope, receive, send):
-        error = ProtocolError(413, f"request body over {self.limit} bytes (--max-request-bytes)")
-        await _error_response(self.state, error)(scope, receive, send)
-
-
-class _TooLarge(Exception):
-    pass
-
+def _failure(out) -> ProtocolError:
+    """The error of a request that ended inside the server: "error" (a step failed: 500, this request alone) or
+    "abort" (the server stopped: 503)."""
+    if out.finish_reason == "error":
+        return ProtocolError(500, out.error or "the request failed", "server_error")
+    return ProtocolError(503, out.error or "the request was aborted", "server_error", code="aborted")
