@@ -12,15 +12,40 @@ import functools
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 
 from ..errors import UsageError
-from ..runtimes.sampling import GREEDY_BELOW, Constraint, Sampling, TokenChooser
+from ..runtimes.sampling import GREEDY_BELOW, Constraint, Sampling, TokenChooser, logprobs
 from .detokenize import IncrementalDetokenizer
 
 _ids = itertools.count()
+MAX_LOGPROBS = 20  # top alternatives per token (vLLM's default max_logprobs; OpenAI's chat allows 20)
+
+
+class TokenLogprob(NamedTuple):
+    """A token, its logprob (the log-softmax of the model's raw logits) and the top alternatives [(id, logprob)]."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+def token_logprobs(logits: np.ndarray, tokens: list[int], top: int) -> list[TokenLogprob]:
+    """One TokenLogprob per row of ``logits`` [n, vocab] for the token that followed it, with ``top``
+    alternatives, best first."""
+    lp = logprobs(logits)
+    rows = np.arange(len(tokens))
+    chosen = lp[rows, tokens]
+    if top:
+        best = np.argpartition(-lp, top - 1, axis=-1)[:, :top] if top < lp.shape[-1] else np.tile(
+            np.arange(lp.shape[-1]), (len(tokens), 1))
+        order = np.argsort(-np.take_along_axis(lp, best, axis=-1), axis=-1, kind="stable")
+        best = np.take_along_axis(best, order, axis=-1)
+        values = np.take_along_axis(lp, best, axis=-1)
+    return [TokenLogprob(int(t), float(chosen[i]),
+                         list(zip(best[i].tolist(), values[i].tolist())) if top else []) for i, t in enumerate(tokens)]
 
 
 @dataclass(frozen=True)
@@ -43,10 +68,15 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)
+    logprobs: int | None = None  # per output token: its logprob and this many top alternatives
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first (skips the prefix cache)
 
     def __post_init__(self):
-        if self.max_tokens < 1:
-            raise UsageError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.max_tokens < (0 if self.prompt_logprobs is not None else 1):
+            raise UsageError(f"max_tokens must be >= 1 (0 only to score a prompt), got {self.max_tokens}")
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None and not 0 <= getattr(self, name) <= MAX_LOGPROBS:
+                raise UsageError(f"{name} must be in [0, {MAX_LOGPROBS}], got {getattr(self, name)}")
         if not 0 <= self.min_tokens <= self.max_tokens:
             raise UsageError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
         if self.temperature < 0:
@@ -83,13 +113,18 @@ class Output:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per token in token_ids, when the request asked
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # on the first Output: None for the first prompt token
 
     @staticmethod
     def merge(outputs: list["Output"]) -> "Output":
         """One Output for several in a row of one request: their tokens and text, the last one's state."""
         last = outputs[-1]
+        logprobs = None if outputs[0].logprobs is None and last.logprobs is None else [
+            entry for o in outputs for entry in (o.logprobs or [])]
+        prompt = next((o.prompt_logprobs for o in outputs if o.prompt_logprobs is not None), None)
         return Output(last.request_id, [t for o in outputs for t in o.token_ids], "".join(o.text for o in outputs),
-                      last.finish_reason, last.prompt_tokens, last.completion_tokens, last.error)
+                      last.finish_reason, last.prompt_tokens, last.completion_tokens, last.error, logprobs, prompt)
 
 
 @dataclass(eq=False)
@@ -118,6 +153,8 @@ class Request:
     constraint: Constraint | None = None  # the request's grammar (structured outputs), None for free text
     chooser: TokenChooser | None = None  # how tokens are chosen (the logits chain and its state), set by start()
     spec_k: object = None  # speculative decoding's adaptive proposal length (serving/speculation.py)
+    siblings: list["Request"] = field(default_factory=list)  # n > 1: the other choices, prefilled from this one
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # filled chunk by chunk when params ask
 
     def start(self, tokenizer, eos_ids: tuple[int, ...]) -> None:
         """Set up the per-request state the first time the scheduler touches it."""
@@ -132,8 +169,20 @@ class Request:
         """The next token from this request's logits [vocab], as Engine.generate would choose it alone."""
         return self.chooser.choose(logits, self.rng)
 
-    def accept(self, token: int) -> Output:
-        """Book a chosen token; returns the Output to emit (finish_reason set when this token ends it)."""
+    def book_prompt_logprobs(self, start: int, logits: np.ndarray) -> None:
+        """Record the logprobs of the prompt tokens that ``logits`` [chunk, vocab] (the positions from ``start``
+        on) predict: position p predicts prompt token p + 1; the last prompt position predicts no prompt token."""
+        if self.prompt_logprobs is None:
+            self.prompt_logprobs = [None]  # the first prompt token has no context to be predicted from
+        following = self.prompt_ids[start + 1:start + 1 + len(logits)]
+        self.prompt_logprobs += token_logprobs(logits[:len(following)], following, self.params.prompt_logprobs)
+
+    def accept(self, token: int, logits: np.ndarray | None = None) -> Output:
+        """Book a chosen token, ``logits`` [vocab] the model's raw ones it was chosen from (for logprobs); returns
+        the Output to emit (finish_reason set when this token ends it)."""
+        entry = None
+        if self.params.logprobs is not None and logits is not None:
+            entry = token_logprobs(logits[None, :], [token], self.params.logprobs)
         self.output_ids.append(token)
         self.chooser.accept(token)
         self.next_input = token
@@ -148,7 +197,12 @@ class Request:
         if self.finish_reason is not None and self.detokenizer is not None and self.finish_reason == "length":
             self.text += self.detokenizer.flush()
         return Output(self.request_id, [token], self._releasable_text(), self.finish_reason, len(self.prompt_ids),
-                      len(self.output_ids))
+                      len(self.output_ids), logprobs=entry, prompt_logprobs=self._take_prompt_logprobs())
+
+    def _take_prompt_logprobs(self):
+        """The prompt's logprobs, handed out once (with the first Output)."""
+        taken, self.prompt_logprobs = self.prompt_logprobs, None
+        return taken
 
     def _stop_string(self, added: int) -> bool:
         """Truncate the text at the first stop string that the last ``added`` characters completed."""
@@ -172,4 +226,4 @@ class Request:
     def finish(self, reason: str, error: str | None = None) -> Output:
         self.finish_reason = reason
         return Output(self.request_id, [], self._releasable_text(), reason, len(self.prompt_ids), len(self.output_ids),
-                      error)
+                      error, prompt_logprobs=self._take_prompt_logprobs())

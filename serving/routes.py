@@ -15,9 +15,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from . import protocol
-from .protocol import ChatCompletionRequest, CompletionRequest, ProtocolError
-from .requests import Request
-from .server import ServingState, error_status, sse, watch_disconnect
+from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ProtocolError, TokenizeRequest
+from .choices import ChoiceSet, Prompt
+from .server import ServingState, error_status
 
 
 def add_routes(app: FastAPI, state: ServingState) -> None:
@@ -48,9 +48,35 @@ def add_routes(app: FastAPI, state: ServingState) -> None:
     @app.get("/v1/models", dependencies=auth)
     async def models():
         state.require_ready()
-        return {"object": "list", "data": [{
-            "id": state.model_name, "object": "model", "created": int(state.artifact.stat().st_mtime),
-            "owned_by": "luffy", "root": str(state.artifact), "max_model_len": state.scheduler.capacity}]}
+        return {"object": "list", "data": [_model_card(state)]}
+
+    @app.get("/v1/models/{model:path}", dependencies=auth)
+    async def model(model: str):
+        state.require_ready()
+        listed = _model_card(state)
+        if model != listed["id"]:
+            raise ProtocolError(404, f"model {model!r} does not exist; this server serves {state.model_name!r}",
+                                param="model", code="model_not_found")
+        return listed
+
+    @app.post("/tokenize", dependencies=auth)
+    async def tokenize(body: TokenizeRequest):
+        _check_model(state, body.model)
+        if body.messages is not None:
+            ids = await _chat_ids(state, body.messages, body.add_generation_prompt)
+        else:
+            ids = _encode(state, body.prompt, add_special_tokens=body.add_special_tokens)
+        strs = [state.token_text.text(t) for t in ids] if body.return_token_strs else None
+        return {"count": len(ids), "max_model_len": state.scheduler.capacity, "tokens": ids, "token_strs": strs}
+
+    @app.post("/detokenize", dependencies=auth)
+    async def detokenize(body: DetokenizeRequest):
+        _check_model(state, body.model)
+        bad = next((t for t in body.tokens if not 0 <= t < state.scheduler.vocab), None)
+        if bad is not None:
+            raise ProtocolError(400, f"token id {bad} is outside the vocabulary of size {state.scheduler.vocab}",
+                                param="tokens")
+        return {"prompt": _tokenizer(state).decode(body.tokens, skip_special_tokens=False)}
 
     @app.get("/metrics", dependencies=auth)
     async def metrics():
@@ -63,22 +89,16 @@ def add_routes(app: FastAPI, state: ServingState) -> None:
     @app.post("/v1/completions", dependencies=auth)
     async def completions(body: CompletionRequest, http: HttpRequest):
         _check_request(state, body)
-        prompt = body.single_prompt()
-        ids = prompt if isinstance(prompt, list) else _encode(state, prompt, add_special_tokens=True)
-        max_tokens = body.max_tokens or body.max_completion_tokens or 16  # OpenAI's default for completions
-        return await _generate(state, http, body, ids, max_tokens, chat=False)
+        prompts = [_prompt(state, p, body.echo) for p in body.prompts()]
+        max_tokens = next((m for m in (body.max_tokens, body.max_completion_tokens) if m is not None), 16)  # OpenAI's
+        return await _generate(state, http, body, prompts, max_tokens, chat=False)
 
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(body: ChatCompletionRequest, http: HttpRequest):
         _check_request(state, body)
-        if state.chat_template is None:
-            raise ProtocolError(400, f"artifact {state.artifact.name} has no chat template; compile from a model "
-                                     "directory whose tokenizer has one, or use /v1/completions", param="messages")
-        messages = [m.for_template() for m in body.messages]
-        text = await asyncio.to_thread(state.chat_template.render, messages, body.add_generation_prompt)
-        ids = _encode(state, text, add_special_tokens=False)  # the template writes its own special tokens
+        ids = await _chat_ids(state, body.messages, body.add_generation_prompt)
         max_tokens = body.max_completion_tokens or body.max_tokens or max(1, state.scheduler.capacity - len(ids))
-        return await _generate(state, http, body, ids, max_tokens, chat=True)
+        return await _generate(state, http, body, [Prompt(ids, "")], max_tokens, chat=True)
 
 
 def _auth(state: ServingState):
@@ -96,95 +116,68 @@ def _auth(state: ServingState):
     return check
 
 
-def _check_request(state: ServingState, body) -> None:
+def _model_card(state: ServingState) -> dict:
+    return {"id": state.model_name, "object": "model", "created": int(state.artifact.stat().st_mtime),
+            "owned_by": "luffy", "root": str(state.artifact), "max_model_len": state.scheduler.capacity}
+
+
+def _check_model(state: ServingState, model: str | None) -> None:
+    """Ready, and ``model`` (when given) is the one served."""
     state.require_ready()
-    if body.model != state.model_name:
-        raise ProtocolError(404, f"model {body.model!r} does not exist; this server serves {state.model_name!r}",
+    if model is not None and model != state.model_name:
+        raise ProtocolError(404, f"model {model!r} does not exist; this server serves {state.model_name!r}",
                             param="model", code="model_not_found")
+
+
+def _check_request(state: ServingState, body) -> None:
+    _check_model(state, body.model)
     body.refuse_unsupported()
 
 
-def _encode(state: ServingState, text: str, add_special_tokens: bool) -> list[int]:
+async def _chat_ids(state: ServingState, messages, add_generation_prompt: bool) -> list[int]:
+    """The chat's prompt ids: the template places the control tokens, special-token strings inside content stay
+    text (serving/chat.py ChatTokens)."""
+    if state.chat_template is None or state.chat_tokens is None:
+        raise ProtocolError(400, f"artifact {state.artifact.name} has no chat template; compile from a model "
+                                 "directory whose tokenizer has one, or use /v1/completions", param="messages")
+    rendered = [m.for_template() for m in messages]
+    return await asyncio.to_thread(state.chat_tokens.encode, state.chat_template, rendered, add_generation_prompt)
+
+
+def _tokenizer(state: ServingState):
     if not state.engine.manifest.get("tokenizer"):
         raise ProtocolError(400, f"artifact {state.artifact.name} has no tokenizer; send the prompt as token ids",
                             param="prompt")
-    return state.engine.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+    return state.engine.tokenizer
 
 
-async def _generate(state: ServingState, http: HttpRequest, body, ids: list[int], max_tokens: int, chat: bool):
-    queue: asyncio.Queue = asyncio.Queue()
+def _encode(state: ServingState, text: str, add_special_tokens: bool) -> list[int]:
+    return _tokenizer(state).encode(text, add_special_tokens=add_special_tokens).ids
+
+
+def _prompt(state: ServingState, prompt, echo: bool) -> Prompt:
+    """A completions prompt (text, or token ids) as ids and the text echo returns."""
+    if isinstance(prompt, str):
+        return Prompt(_encode(state, prompt, add_special_tokens=True), prompt)
+    known = all(0 <= t < state.scheduler.vocab for t in prompt)  # the scheduler refuses the others, by name
+    text = _tokenizer(state).decode(prompt, skip_special_tokens=True) if echo and known else ""
+    return Prompt(list(prompt), text)
+
+
+async def _generate(state: ServingState, http: HttpRequest, body, prompts: list[Prompt], max_tokens: int,
+                    chat: bool):
+    """Submit the request's choices (n for each prompt) and answer with all of them, or stream them."""
     rid = protocol.new_id("chatcmpl" if chat else "cmpl")
     try:
-        params = body.sampling(max_tokens)
-        request = state.scheduler.submit(Request(list(ids), params, state.router.emitter(queue), request_id=rid))
+        choices = ChoiceSet(state, body, rid, prompts, max_tokens, chat)
+        state.scheduler.submit_all(choices.requests)
     except Exception as exc:  # noqa: BLE001 - UsageError / CapacityError / QueueFull / Draining -> HTTP
         raise error_status(exc) from None
     headers = {"x-luffy-replica": state.settings.replica} if state.settings.replica else {}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = _stream(state, request, queue, rid, body.model, chat, include_usage)
-        return StreamingResponse(events, media_type="text/event-stream", headers=headers)
-    outputs = await _collect(state, request, queue, http)
-    last = outputs[-1]
-    if last.finish_reason in ("error", "abort"):
-        status = 500 if last.finish_reason == "error" else 503
-        raise ProtocolError(status, last.error or "the request was aborted", "server_error")
-    text = "".join(o.text for o in outputs)
-    use = protocol.usage(last.prompt_tokens, last.completion_tokens)
-    make = protocol.chat_body if chat else protocol.completion_body
-    return JSONResponse(make(rid, body.model, text, last.finish_reason, use), headers=headers)
-
-
-async def _collect(state: ServingState, request: Request, queue: asyncio.Queue, http: HttpRequest) -> list:
-    """All outputs of a non-streamed request; a client that disconnects meanwhile cancels it."""
-    outputs = []
-    gone = asyncio.ensure_future(watch_disconnect(http.receive))
-    try:
-        while True:
-            getter = asyncio.ensure_future(queue.get())
-            done, _ = await asyncio.wait({getter, gone}, return_when=asyncio.FIRST_COMPLETED)
-            if getter not in done:
-                getter.cancel()
-                state.scheduler.cancel(request)
-                raise asyncio.CancelledError("client disconnected")
-            outputs.append(getter.result())
-            if outputs[-1].finish_reason is not None:
-                return outputs
-    finally:
-        gone.cancel()
-        if not outputs or outputs[-1].finish_reason is None:
-            state.scheduler.cancel(request)
-
-
-async def _stream(state, request: Request, queue: asyncio.Queue, rid: str, model: str, chat: bool,
-                  include_usage: bool):
-    """Server-sent events: one chunk per step that adds text, the finish reason, usage if asked, [DONE].
-    Starlette cancels this generator when the client disconnects; the finally cancels the request."""
-    finished = False
-    obj = "chat.completion.chunk" if chat else "text_completion"
-    token_chunk = protocol.ChunkWriter(rid, model, chat)
-    try:
-        if chat:
-            yield sse(protocol.chat_chunk(rid, model, {"role": "assistant", "content": ""}, None))
-        while True:
-            out = await queue.get()
-            if out.finish_reason in ("error", "abort"):
-                finished = True
-                status = error_status(RuntimeError(out.error or "aborted"))
-                yield sse({"error": {**status.body()["error"], "message": out.error or "the request was aborted"}})
-                break
-            if out.token_ids or out.text or out.finish_reason:  # one chunk per token, even one that adds no text
-                yield token_chunk(out.text, out.finish_reason)
-            if out.finish_reason is not None:
-                finished = True
-                if include_usage:
-                    yield sse(protocol.usage_chunk(rid, model, obj, protocol.usage(out.prompt_tokens,
-                                                                                    out.completion_tokens)))
-                break
-        yield sse("[DONE]")
-    finally:
-        if not finished:
-            state.scheduler.cancel(request)
+        return StreamingResponse(choices.stream(include_usage), media_type="text/event-stream", headers=headers)
+    return JSONResponse(await choices.collect(http.receive), headers=headers)
 
 
 def _error_response(state: ServingState, exc: ProtocolError) -> JSONResponse:

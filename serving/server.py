@@ -47,7 +47,8 @@ class ServingState:
     def __init__(self, artifact: Path, settings: ServerSettings):
         self.artifact, self.settings = Path(artifact), settings
         self.model_name = settings.served_model_name or self.artifact.resolve().name
-        self.engine = self.scheduler = self.metrics = self.chat_template = None
+        self.engine = self.scheduler = self.metrics = self.chat_template = self.token_text = None
+        self.chat_tokens = None
         self.ready = threading.Event()
         self.draining = False
         self.router: OutputRouter | None = None
@@ -56,7 +57,8 @@ class ServingState:
     def load(self, engine=None) -> None:
         """Load the artifact and start the scheduler (in a thread, so /health can say 503 meanwhile)."""
         from ..runtimes import load
-        from .chat import ChatTemplate
+        from .chat import ChatTemplate, ChatTokens
+        from .logprobs import TokenText
         from .metrics import ServerMetrics
         from .scheduler import Scheduler
 
@@ -71,6 +73,9 @@ class ServingState:
             self.metrics = ServerMetrics(self.model_name, labels)
             self.scheduler = Scheduler(self.engine, self._scheduler_config(), self.metrics).start()
             self.chat_template = ChatTemplate.from_artifact(self.engine.path, self.engine.manifest)
+            self.token_text = TokenText(self.scheduler.tokenizer)
+            if self.chat_template is not None and self.scheduler.tokenizer is not None:
+                self.chat_tokens = ChatTokens(self.scheduler.tokenizer)
             cache = self.scheduler.slots.cache
             _log(f"KV cache: {cache.num_slots} slots x {cache.capacity} positions x {cache.bytes_per_token} B "
                  f"= {cache.nbytes / 2**20:.1f} MiB ({self.model_name}, {self.engine.manifest['kv_cache'].get('mode')})")
