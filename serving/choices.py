@@ -18,7 +18,7 @@ from . import protocol
 from .logprobs import TextOffsets, chat_logprobs, completion_logprobs
 from .protocol import ProtocolError
 from .requests import Output, Request, SamplingParams
-from .server import sse, watch_disconnect
+from .edge import sse, watch_disconnect
 
 SEEDS = 1 << 64  # numpy's generator takes seeds in [0, 2**64)
 

@@ -39,6 +39,12 @@ class ServerMetrics:
         self.ttft = make(Histogram, "time_to_first_token_seconds", "Arrival to first token.", buckets=TTFT_BUCKETS)
         self.itl = make(Histogram, "inter_token_latency_seconds", "Time between two tokens of a request.",
                         buckets=ITL_BUCKETS)
+        # vLLM keeps its older name for the same per-step gaps (dashboards built on it still work), and adds TPOT
+        # as `vllm bench serve` defines it: per request, (last token - first token) / (output tokens - 1)
+        self.tpot = make(Histogram, "time_per_output_token_seconds", "Time between two tokens of a request (vLLM's "
+                         "older name of inter_token_latency_seconds).", buckets=ITL_BUCKETS)
+        self.request_tpot = make(Histogram, "request_time_per_output_token_seconds", "Per finished request: time "
+                                 "after its first token over its further tokens (TPOT).", buckets=ITL_BUCKETS)
         self.e2e = make(Histogram, "e2e_request_latency_seconds", "Arrival to last token.", buckets=REQUEST_BUCKETS)
         self.queue_time = make(Histogram, "request_queue_time_seconds", "Arrival to getting a KV slot.",
                                buckets=REQUEST_BUCKETS)
@@ -60,7 +66,11 @@ class ServerMetrics:
     def token(self, request, first: bool, seconds: float, count: int = 1) -> None:
         """``count`` tokens arrived for ``request`` after ``seconds`` (vLLM: one latency per iteration)."""
         self.generation_tokens.inc(count)
-        (self.ttft if first else self.itl).observe(seconds)
+        if first:
+            self.ttft.observe(seconds)
+        else:
+            self.itl.observe(seconds)
+            self.tpot.observe(seconds)
 
     def prefix_lookup(self, queried: int, hit: int) -> None:
         self.prefix_queries.inc(queried)
@@ -74,6 +84,9 @@ class ServerMetrics:
     def request_finished(self, request) -> None:
         if request.finish_reason in ("stop", "length"):
             self.e2e.observe((request.last_token_at or request.arrival) - request.arrival)
+            if len(request.output_ids) > 1 and request.first_token_at is not None:
+                self.request_tpot.observe((request.last_token_at - request.first_token_at) /
+                                          (len(request.output_ids) - 1))
         self.success.labels(**self.labels, finished_reason=request.finish_reason or "abort").inc()
 
     def iteration(self, running: int, waiting: int, kv_usage: float) -> None:

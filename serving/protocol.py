@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 
 from .requests import MAX_LOGPROBS, SamplingParams
 
@@ -32,13 +32,30 @@ class ProtocolError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+# Strict: JSON's types as they are (OpenAI refuses "10" or true for an integer and 0 for a boolean; coercing
+# them would accept requests that mean something else). An integer is a number, so float fields take 1 as 1.0.
+STRICT = ConfigDict(extra="forbid", strict=True)
+INT64 = (-(1 << 63), (1 << 63) - 1)  # OpenAI's and vLLM's seed range
+
+
+def _int64(value: int) -> int:
+    if not INT64[0] <= value <= INT64[1]:
+        raise ValueError("must be a signed 64-bit integer, in [-2**63, 2**63 - 1]")
+    return value
+
+
+# OpenAPI's int64 format states the bounds exactly (a minimum/maximum would pass through FastAPI's float fields,
+# and 2**63 - 1 would be declared as 2**63)
+Int64 = Annotated[int, AfterValidator(_int64), WithJsonSchema({"type": "integer", "format": "int64"})]
+
+
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     include_usage: bool = False
 
 
 class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
@@ -49,7 +66,9 @@ class _Sampling(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: Union[str, list[str], None] = None
-    seed: int | None = None
+    seed: Int64 | None = Field(default=None, description=(
+        "Signed 64-bit as OpenAI and vLLM take it; a negative seed draws as its two's complement (seed + 2**64), "
+        "so Engine.generate(seed=seed % 2**64) gives the same tokens."))
     user: str | None = None
     presence_penalty: float = Field(default=0.0, ge=-2, le=2)
     frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
@@ -89,10 +108,11 @@ class _Sampling(BaseModel):
         logprobs, prompt_logprobs = self.logprob_counts()
         return SamplingParams(
             max_tokens=max_tokens, min_tokens=self.min_tokens, temperature=self.temperature, top_p=self.top_p,
-            top_k=max(self.top_k, 0), seed=self.seed, stop=stop, stop_token_ids=tuple(self.stop_token_ids or ()),
-            ignore_eos=self.ignore_eos, min_p=self.min_p, repetition_penalty=self.repetition_penalty,
-            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-            logit_bias=self.token_biases(), logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+            top_k=max(self.top_k, 0), seed=None if self.seed is None else self.seed % (1 << 64), stop=stop,
+            stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos, min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty, logit_bias=self.token_biases(), logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
         )
 
 
@@ -134,7 +154,7 @@ class CompletionRequest(_Sampling):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")  # name, tool_call_id, ... go to the template as they are
+    model_config = ConfigDict(extra="allow", strict=True)  # name, tool_call_id, ... go to the template as they are
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[dict], None] = None
 
@@ -171,7 +191,7 @@ class TokenizeRequest(BaseModel):
     """vLLM's /tokenize: a ``prompt`` (``add_special_tokens`` as in completions), or chat ``messages`` rendered
     through the chat template as /v1/chat/completions renders them."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
@@ -189,7 +209,7 @@ class TokenizeRequest(BaseModel):
 class DetokenizeRequest(BaseModel):
     """vLLM's /detokenize: token ids back to text (special tokens included)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     model: str | None = None
     tokens: list[int]
 

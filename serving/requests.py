@@ -21,6 +21,18 @@ from ..runtimes.sampling import GREEDY_BELOW, Constraint, Sampling, TokenChooser
 from .detokenize import IncrementalDetokenizer
 
 _ids = itertools.count()
+SEED_LIMIT = 1 << 64  # numpy's default_rng takes seeds in [0, 2**64); the HTTP edge maps OpenAI's signed ones here
+
+
+class ParameterError(UsageError):
+    """A request parameter outside what the model or luffy allows; ``param`` names the field (OpenAI's
+    ``error.param``)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
 MAX_LOGPROBS = 20  # top alternatives per token (vLLM's default max_logprobs; OpenAI's chat allows 20)
 
 
@@ -73,17 +85,29 @@ class SamplingParams:
 
     def __post_init__(self):
         if self.max_tokens < (0 if self.prompt_logprobs is not None else 1):
-            raise UsageError(f"max_tokens must be >= 1 (0 only to score a prompt), got {self.max_tokens}")
+            raise ParameterError("max_tokens", f"max_tokens must be >= 1 (0 only to score a prompt), got "
+                                               f"{self.max_tokens}")
         for name in ("logprobs", "prompt_logprobs"):
             if getattr(self, name) is not None and not 0 <= getattr(self, name) <= MAX_LOGPROBS:
-                raise UsageError(f"{name} must be in [0, {MAX_LOGPROBS}], got {getattr(self, name)}")
+                raise ParameterError(name, f"{name} must be in [0, {MAX_LOGPROBS}], got {getattr(self, name)}")
         if not 0 <= self.min_tokens <= self.max_tokens:
-            raise UsageError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
-        if self.temperature < 0:
-            raise UsageError(f"temperature must be >= 0, got {self.temperature}")
+            raise ParameterError("min_tokens", f"min_tokens must be in [0, max_tokens={self.max_tokens}], "
+                                               f"got {self.min_tokens}")
+        if not 0 <= self.temperature < float("inf"):  # also refuses NaN
+            raise ParameterError("temperature", f"temperature must be a finite number >= 0, got {self.temperature}")
         if any(not s for s in self.stop):
-            raise UsageError("stop strings must not be empty")
+            raise ParameterError("stop", "stop strings must not be empty")
+        if self.seed is not None and not 0 <= self.seed < SEED_LIMIT:
+            raise ParameterError("seed", f"seed must be in [0, 2**64) (numpy's generator), got {self.seed}")
         self.sampling(()).check()  # top_p, top_k, min_p, the penalties, the biases' range
+
+    def check(self, vocab: int) -> None:
+        """Refuse token ids the model does not have (before the request reaches a scheduler step)."""
+        bad = next((t for t in self.stop_token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ParameterError("stop_token_ids", f"stop_token_ids: token id {bad} is outside the vocabulary of "
+                                                   f"size {vocab}")
+        self.sampling(()).check(vocab)  # logit_bias ids inside the vocabulary
 
     def sampling(self, stop_ids) -> Sampling:
         """The logits chain's parameters for this request; ``stop_ids`` are what min_tokens masks."""
@@ -144,6 +168,7 @@ class Request:
     cancelled: bool = False
     finish_reason: str | None = None
     scheduled_at: float | None = None
+    first_token_at: float | None = None
     last_token_at: float | None = None
     text: str = ""
     emitted_chars: int = 0

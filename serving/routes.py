@@ -1,75 +1,71 @@
-"""The HTTP routes of `luffy serve`, their auth, request-size limit and error handling.
+"""The HTTP routes of `luffy serve`, behind the edge of serving/edge.py (errors, body limits, strict JSON, auth).
 
 Every error is OpenAI's JSON (``{"error": {"message", "type", "param", "code"}}``): 400 for bad parameters,
-401 for a missing or wrong API key, 404 for another model's name, 413 for a body over the limit, 429 with
-Retry-After when the queue is full, 503 while loading or draining.
+401 for a missing or wrong API key, 404 for another model's name, 408 and 413 for a slow or oversized body,
+429 with Retry-After when the queue is full, 500 when the request failed inside the server (others go on),
+503 while loading or draining. /openapi.json declares each route's statuses and content types.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
+import copy
 
-from fastapi import Depends, FastAPI, Request as HttpRequest
-from fastapi.exceptions import RequestValidationError
+from fastapi import FastAPI, Request as HttpRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from . import protocol
-from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ProtocolError, TokenizeRequest
 from .choices import ChoiceSet, Prompt
-from .server import ServingState, error_status
+from .edge import error_responses, error_status, install_edge, require_api_key
+from .metrics import CONTENT_TYPE
+from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ProtocolError, TokenizeRequest
+from .state import ServingState
+
+GENERATION_RESPONSES = {
+    200: {"description": "The completion as JSON, or with stream=true server-sent events (text/event-stream): one "
+                         "chunk per token, a usage chunk if asked, an error event if the request fails, then [DONE].",
+          "content": {"application/json": {}, "text/event-stream": {"schema": {"type": "string"}}}},
+    **error_responses(400, 401, 404, 408, 413, 429, 500, 503)}
+TOKENIZE_RESPONSES = {200: {"description": "count, max_model_len, tokens (ids), token_strs (when asked)."},
+                      **error_responses(400, 401, 404, 408, 413, 503)}
 
 
 def add_routes(app: FastAPI, state: ServingState) -> None:
-    """Register the routes, the exception handlers and the body-size limit on ``app``."""
-    app.add_middleware(BodyLimit, limit=state.settings.max_request_bytes, state=state)
-    auth = [Depends(_auth(state))]
+    """Install the edge and register the routes on ``app``."""
+    install_edge(app, state.settings.max_request_bytes, state.settings.body_timeout, state.metrics.http_error)
+    edge_schema = app.openapi
+    app.openapi = lambda: declare_model_limits(edge_schema(), state)
+    auth = [require_api_key(state.settings.api_key)]
 
-    @app.exception_handler(ProtocolError)
-    async def protocol_error(request, exc: ProtocolError):
-        return _error_response(state, exc)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request, exc: RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        return _error_response(state, ProtocolError(400, f"{where}: {first['msg']}" if where else first["msg"],
-                                                     param=where or None))
-
-    @app.exception_handler(Exception)
-    async def internal_error(request, exc: Exception):
-        return _error_response(state, error_status(exc))
-
-    @app.get("/health")
+    @app.get("/health", responses={200: {"content": {"application/json": {"example": {"status": "ok"}}}},
+                                   **error_responses(503)})
     async def health():
         state.require_ready()
         return {"status": "ok"}
 
-    @app.get("/v1/models", dependencies=auth)
+    @app.get("/v1/models", dependencies=auth, responses=error_responses(401, 503))
     async def models():
         state.require_ready()
         return {"object": "list", "data": [_model_card(state)]}
 
-    @app.get("/v1/models/{model:path}", dependencies=auth)
+    @app.get("/v1/models/{model:path}", dependencies=auth, responses=error_responses(401, 404, 503))
     async def model(model: str):
-        state.require_ready()
-        listed = _model_card(state)
-        if model != listed["id"]:
-            raise ProtocolError(404, f"model {model!r} does not exist; this server serves {state.model_name!r}",
-                                param="model", code="model_not_found")
-        return listed
+        _check_model(state, model)
+        return _model_card(state)
 
-    @app.post("/tokenize", dependencies=auth)
+    @app.post("/tokenize", dependencies=auth, responses=TOKENIZE_RESPONSES)
     async def tokenize(body: TokenizeRequest):
         _check_model(state, body.model)
         if body.messages is not None:
             ids = await _chat_ids(state, body.messages, body.add_generation_prompt)
         else:
-            ids = _encode(state, body.prompt, add_special_tokens=body.add_special_tokens)
+            ids = await asyncio.to_thread(_encode, state, body.prompt, body.add_special_tokens)
         strs = [state.token_text.text(t) for t in ids] if body.return_token_strs else None
         return {"count": len(ids), "max_model_len": state.scheduler.capacity, "tokens": ids, "token_strs": strs}
 
-    @app.post("/detokenize", dependencies=auth)
+    @app.post("/detokenize", dependencies=auth, responses={
+        200: {"description": "prompt: the text of the token ids (special tokens included)."},
+        **error_responses(400, 401, 404, 408, 413, 503)})
     async def detokenize(body: DetokenizeRequest):
         _check_model(state, body.model)
         bad = next((t for t in body.tokens if not 0 <= t < state.scheduler.vocab), None)
@@ -78,22 +74,23 @@ def add_routes(app: FastAPI, state: ServingState) -> None:
                                 param="tokens")
         return {"prompt": _tokenizer(state).decode(body.tokens, skip_special_tokens=False)}
 
-    @app.get("/metrics", dependencies=auth)
+    @app.get("/metrics", dependencies=auth, response_class=Response, responses={
+        200: {"description": "Prometheus text exposition (luffy:* named like vLLM's vllm:*).",
+              "content": {CONTENT_TYPE: {"schema": {"type": "string"}}}}, **error_responses(401, 503)})
     async def metrics():
-        from .metrics import CONTENT_TYPE
-
         state.require_ready()
         state.metrics.gauges(state.scheduler.running, state.scheduler.waiting, state.scheduler.kv_cache_usage)
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
-    @app.post("/v1/completions", dependencies=auth)
+    @app.post("/v1/completions", dependencies=auth, response_class=JSONResponse, responses=GENERATION_RESPONSES)
     async def completions(body: CompletionRequest, http: HttpRequest):
         _check_request(state, body)
-        prompts = [_prompt(state, p, body.echo) for p in body.prompts()]
+        # a long text takes a while to tokenize: off the event loop, which every stream's tokens go through
+        prompts = await asyncio.to_thread(lambda: [_prompt(state, p, body.echo) for p in body.prompts()])
         max_tokens = next((m for m in (body.max_tokens, body.max_completion_tokens) if m is not None), 16)  # OpenAI's
         return await _generate(state, http, body, prompts, max_tokens, chat=False)
 
-    @app.post("/v1/chat/completions", dependencies=auth)
+    @app.post("/v1/chat/completions", dependencies=auth, response_class=JSONResponse, responses=GENERATION_RESPONSES)
     async def chat_completions(body: ChatCompletionRequest, http: HttpRequest):
         _check_request(state, body)
         ids = await _chat_ids(state, body.messages, body.add_generation_prompt)
@@ -101,19 +98,35 @@ def add_routes(app: FastAPI, state: ServingState) -> None:
         return await _generate(state, http, body, [Prompt(ids, "")], max_tokens, chat=True)
 
 
-def _auth(state: ServingState):
-    key = state.settings.api_key
+def declare_model_limits(schema: dict, state: ServingState) -> dict:
+    """``schema`` with the loaded model's limits, which the routes enforce (400): token ids in [0, vocab) and
+    ``max_tokens`` below the context (a prompt takes at least one position). Before the load, as it is."""
+    if not state.ready.is_set():
+        return schema
+    if state.limited_schema is None:
+        limited = copy.deepcopy(schema)
+        vocab, capacity = state.scheduler.vocab, state.scheduler.capacity
+        for name in ("CompletionRequest", "ChatCompletionRequest"):
+            props = limited["components"]["schemas"][name]["properties"]
+            for key in ("max_tokens", "max_completion_tokens"):
+                for form in _forms(props[key]):
+                    form["maximum"] = capacity - 1
+            for key in ("prompt", "stop_token_ids"):
+                for form in _forms(props.get(key, {})):
+                    form.update(minimum=0, maximum=vocab - 1)
+        state.limited_schema = limited
+    return state.limited_schema
 
-    async def check(http: HttpRequest):
-        if key is None:
-            return
-        given = http.headers.get("authorization", "")
-        token = given[7:] if given.lower().startswith("bearer ") else ""
-        if not hmac.compare_digest(token.encode(), key.encode()):  # constant time: no timing oracle on the key
-            raise ProtocolError(401, "missing or incorrect API key (send Authorization: Bearer KEY)",
-                                code="invalid_api_key")
 
-    return check
+def _forms(prop: dict) -> list[dict]:
+    """The integer schemas inside ``prop`` (through anyOf and array items)."""
+    found, todo = [], [prop]
+    while todo:
+        item = todo.pop()
+        todo += item.get("anyOf", []) + ([item["items"]] if isinstance(item.get("items"), dict) else [])
+        if item.get("type") == "integer":
+            found.append(item)
+    return found
 
 
 def _model_card(state: ServingState) -> dict:
@@ -134,16 +147,6 @@ def _check_request(state: ServingState, body) -> None:
     body.refuse_unsupported()
 
 
-async def _chat_ids(state: ServingState, messages, add_generation_prompt: bool) -> list[int]:
-    """The chat's prompt ids: the template places the control tokens, special-token strings inside content stay
-    text (serving/chat.py ChatTokens)."""
-    if state.chat_template is None or state.chat_tokens is None:
-        raise ProtocolError(400, f"artifact {state.artifact.name} has no chat template; compile from a model "
-                                 "directory whose tokenizer has one, or use /v1/completions", param="messages")
-    rendered = [m.for_template() for m in messages]
-    return await asyncio.to_thread(state.chat_tokens.encode, state.chat_template, rendered, add_generation_prompt)
-
-
 def _tokenizer(state: ServingState):
     if not state.engine.manifest.get("tokenizer"):
         raise ProtocolError(400, f"artifact {state.artifact.name} has no tokenizer; send the prompt as token ids",
@@ -153,6 +156,16 @@ def _tokenizer(state: ServingState):
 
 def _encode(state: ServingState, text: str, add_special_tokens: bool) -> list[int]:
     return _tokenizer(state).encode(text, add_special_tokens=add_special_tokens).ids
+
+
+async def _chat_ids(state: ServingState, messages, add_generation_prompt: bool) -> list[int]:
+    """The chat's prompt ids: the template places the control tokens, special-token strings inside content stay
+    text (serving/chat.py ChatTokens)."""
+    if state.chat_template is None or state.chat_tokens is None:
+        raise ProtocolError(400, f"artifact {state.artifact.name} has no chat template; compile from a model "
+                                 "directory whose tokenizer has one, or use /v1/completions", param="messages")
+    rendered = [m.for_template() for m in messages]
+    return await asyncio.to_thread(state.chat_tokens.encode, state.chat_template, rendered, add_generation_prompt)
 
 
 def _prompt(state: ServingState, prompt, echo: bool) -> Prompt:
@@ -178,46 +191,3 @@ async def _generate(state: ServingState, http: HttpRequest, body, prompts: list[
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(choices.stream(include_usage), media_type="text/event-stream", headers=headers)
     return JSONResponse(await choices.collect(http.receive), headers=headers)
-
-
-def _error_response(state: ServingState, exc: ProtocolError) -> JSONResponse:
-    if state.metrics is not None:
-        state.metrics.http_error(exc.status)
-    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
-
-
-class BodyLimit:
-    """Refuse request bodies over ``limit`` bytes with 413, before they are parsed (pure ASGI middleware)."""
-
-    def __init__(self, app, limit: int, state: ServingState):
-        self.app, self.limit, self.state = app, limit, state
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await self._refuse(scope, receive, send)
-        seen = 0
-
-        async def counted():
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise _TooLarge()
-            return message
-
-        try:
-            await self.app(scope, counted, send)
-        except _TooLarge:
-            await self._refuse(scope, receive, send)
-
-    async def _refuse(self, scope, receive, send):
-        error = ProtocolError(413, f"request body over {self.limit} bytes (--max-request-bytes)")
-        await _error_response(self.state, error)(scope, receive, send)
-
-
-class _TooLarge(Exception):
-    pass
-

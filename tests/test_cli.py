@@ -172,7 +172,7 @@ def test_a_signalled_compile_says_so_exits_128_plus_n_and_leaves_nothing(tmp_pat
 
 
 def test_run_escapes_control_bytes_a_model_generates():
-    from luffy.cli.main import printable
+    from luffy.cli.console import printable
 
     assert printable("def f():\n\treturn 1\x1b[2J\x07\u202e") == "def f():\n\treturn 1\\x1b[2J\\x07\\u202e"
     assert printable("naïve – 日本語 🙂") == "naïve – 日本語 🙂"

@@ -187,6 +187,49 @@ def test_prefix_cache_reuses_free_slots_and_stored_blocks(pydoc):
         scheduler.stop()
 
 
+def test_a_request_that_fails_inside_a_step_ends_alone(pydoc):
+    """A request whose output cannot be delivered (its client's event loop is gone: emit raises) fails inside
+    the scheduler's decode and prefill steps; the requests beside it keep the tokens they get alone, its slot
+    is freed and cleared, and the scheduler goes on serving."""
+    from luffy.serving.requests import Output, Request
+
+    scheduler = Scheduler(pydoc, SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=6)).start()
+    try:
+        failed = []
+
+        def broken(after: int):
+            seen = []
+
+            def emit(output: Output):
+                seen.append(output)
+                if output.finish_reason is not None:
+                    failed.append(output)
+                elif len(seen) > after:
+                    raise RuntimeError("Event loop is closed")
+
+            return emit
+
+        good = {}
+
+        def run(i):
+            good[i] = scheduler.generate(PROMPTS[i], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+        [t.start() for t in threads]
+        for after in (0, 3):  # fails at its first token (prefill) and at its fourth (batched decode)
+            scheduler.submit(Request(PROMPTS[5 + after // 3], SamplingParams(max_tokens=20, temperature=0,
+                                                                            ignore_eos=True), broken(after)))
+        [t.join(120) for t in threads]
+        assert [good[i].token_ids for i in range(3)] == [_alone(pydoc, PROMPTS[i], 20) for i in range(3)]
+        assert [o.finish_reason for o in failed] == ["error", "error"]
+        assert all("RuntimeError: Event loop is closed" in o.error for o in failed)
+        assert scheduler.running == 0 and scheduler.kv_cache_usage == 0
+        after = scheduler.generate(PROMPTS[7], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+        assert after.token_ids == _alone(pydoc, PROMPTS[7], 8)  # the engine goes on
+    finally:
+        scheduler.stop()
+
+
 def test_the_logits_chain_in_the_scheduler_gives_the_tokens_alone(pydoc):
     # penalties, logit_bias and min_p through the one chain: a request batched with others equals Engine.generate
     chained = dict(repetition_penalty=1.3, presence_penalty=0.4, frequency_penalty=0.3, logit_bias={ord("e"): -3.0},

@@ -280,7 +280,8 @@ def test_health_is_503_while_loading_and_after_a_failed_load(pydoc, tmp_path):
     from fastapi import FastAPI
 
     from luffy.serving.routes import add_routes
-    from luffy.serving.server import OutputRouter, ServerSettings, ServingState
+    from luffy.serving.options import ServerSettings
+    from luffy.serving.state import OutputRouter, ServingState
 
     broken = tmp_path / "broken"
     shutil.copytree(pydoc.path, broken)
