@@ -214,6 +214,25 @@ class DetokenizeRequest(BaseModel):
     tokens: list[int]
 
 
+class EmbeddingRequest(BaseModel):
+    """OpenAI's /v1/embeddings: ``input`` as one text, a list of texts, one list of token ids, or a list of them."""
+
+    model_config = STRICT
+    model: str
+    input: Union[str, list[str], list[int], list[list[int]]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, ge=1)
+    user: str | None = None
+
+    def inputs(self) -> list[Union[str, list[int]]]:
+        given = self.input
+        inputs = list(given) if isinstance(given, list) and given and isinstance(given[0], (str, list)) else [given]
+        for i, one in enumerate(inputs):
+            if not one:
+                raise ProtocolError(400, f"input {i} is empty" if len(inputs) > 1 else "input is empty", param="input")
+        return inputs
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 

@@ -18,7 +18,9 @@ from . import protocol
 from .choices import ChoiceSet, Prompt
 from .edge import error_responses, error_status, install_edge, require_api_key
 from .metrics import CONTENT_TYPE
-from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ProtocolError, TokenizeRequest
+from .embeddings import MAX_INPUTS, encoded
+from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, ProtocolError,
+                       TokenizeRequest)
 from .state import ServingState
 
 GENERATION_RESPONSES = {
@@ -61,17 +63,16 @@ def add_routes(app: FastAPI, state: ServingState) -> None:
         else:
             ids = await asyncio.to_thread(_encode, state, body.prompt, body.add_special_tokens)
         strs = [state.token_text.text(t) for t in ids] if body.return_token_strs else None
-        return {"count": len(ids), "max_model_len": state.scheduler.capacity, "tokens": ids, "token_strs": strs}
+        return {"count": len(ids), "max_model_len": state.max_model_len, "tokens": ids, "token_strs": strs}
 
     @app.post("/detokenize", dependencies=auth, responses={
         200: {"description": "prompt: the text of the token ids (special tokens included)."},
         **error_responses(400, 401, 404, 408, 413, 503)})
     async def detokenize(body: DetokenizeRequest):
         _check_model(state, body.model)
-        bad = next((t for t in body.tokens if not 0 <= t < state.scheduler.vocab), None)
+        bad = next((t for t in body.tokens if not 0 <= t < state.vocab), None)
         if bad is not None:
-            raise ProtocolError(400, f"token id {bad} is outside the vocabulary of size {state.scheduler.vocab}",
-                                param="tokens")
+            raise ProtocolError(400, f"token id {bad} is outside the vocabulary of size {state.vocab}", param="tokens")
         return {"prompt": _tokenizer(state).decode(body.tokens, skip_special_tokens=False)}
 
     @app.get("/metrics", dependencies=auth, response_class=Response, responses={
@@ -79,8 +80,25 @@ def add_routes(app: FastAPI, state: ServingState) -> None:
               "content": {CONTENT_TYPE: {"schema": {"type": "string"}}}}, **error_responses(401, 503)})
     async def metrics():
         state.require_ready()
-        state.metrics.gauges(state.scheduler.running, state.scheduler.waiting, state.scheduler.kv_cache_usage)
+        if state.scheduler is not None:
+            state.metrics.gauges(state.scheduler.running, state.scheduler.waiting, state.scheduler.kv_cache_usage)
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.post("/v1/embeddings", dependencies=auth, responses={
+        200: {"description": "One unit-length, mean-pooled vector per input (floats, or base64 float32)."},
+        **error_responses(400, 401, 404, 408, 413, 503)})
+    async def embeddings(body: EmbeddingRequest):
+        _check_model(state, body.model)
+        if state.embedder is None:
+            raise ProtocolError(400, f"artifact {state.artifact.name} is a causal LM; /v1/embeddings needs an "
+                                     "encoder artifact (luffy serve ENCODER_ARTIFACT)", param="model")
+        rows = await asyncio.to_thread(_embedding_rows, state.embedder, body)
+        vectors = await asyncio.to_thread(state.embedder.embed, rows)
+        data = [{"object": "embedding", "index": i, "embedding": encoded(v, body.encoding_format)}
+                for i, v in enumerate(vectors)]
+        tokens = sum(map(len, rows))
+        return {"object": "list", "data": data, "model": body.model,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
     @app.post("/v1/completions", dependencies=auth, response_class=JSONResponse, responses=GENERATION_RESPONSES)
     async def completions(body: CompletionRequest, http: HttpRequest):
@@ -101,7 +119,7 @@ def add_routes(app: FastAPI, state: ServingState) -> None:
 def declare_model_limits(schema: dict, state: ServingState) -> dict:
     """``schema`` with the loaded model's limits, which the routes enforce (400): token ids in [0, vocab) and
     ``max_tokens`` below the context (a prompt takes at least one position). Before the load, as it is."""
-    if not state.ready.is_set():
+    if not state.ready.is_set() or state.scheduler is None:
         return schema
     if state.limited_schema is None:
         limited = copy.deepcopy(schema)
@@ -131,7 +149,7 @@ def _forms(prop: dict) -> list[dict]:
 
 def _model_card(state: ServingState) -> dict:
     return {"id": state.model_name, "object": "model", "created": int(state.artifact.stat().st_mtime),
-            "owned_by": "luffy", "root": str(state.artifact), "max_model_len": state.scheduler.capacity}
+            "owned_by": "luffy", "root": str(state.artifact), "max_model_len": state.max_model_len}
 
 
 def _check_model(state: ServingState, model: str | None) -> None:
@@ -144,14 +162,40 @@ def _check_model(state: ServingState, model: str | None) -> None:
 
 def _check_request(state: ServingState, body) -> None:
     _check_model(state, body.model)
+    if state.scheduler is None:
+        raise ProtocolError(400, f"artifact {state.artifact.name} is an encoder: it serves /v1/embeddings, not text",
+                            param="model")
     body.refuse_unsupported()
+
+
+def _embedding_rows(embedder, body) -> list[list[int]]:
+    """The request's inputs as token ids, each checked against the vocabulary and the artifact's length."""
+    inputs = body.inputs()
+    if len(inputs) > MAX_INPUTS:
+        raise ProtocolError(400, f"{len(inputs)} inputs; at most {MAX_INPUTS} per request", param="input")
+    if body.dimensions is not None and body.dimensions != embedder.dimensions:
+        raise ProtocolError(400, f"dimensions {body.dimensions}: this model's embeddings have {embedder.dimensions} "
+                                 "(luffy does not shorten them)", param="dimensions")
+    texts = [i for i, one in enumerate(inputs) if isinstance(one, str)]
+    rows = list(inputs)
+    for i, ids in zip(texts, embedder.encode([inputs[i] for i in texts]) if texts else []):
+        rows[i] = ids
+    for i, row in enumerate(rows):
+        bad = next((t for t in row if not 0 <= t < (embedder.vocab or 1 << 62)), None)
+        if bad is not None:
+            raise ProtocolError(400, f"input {i}: token id {bad} is outside the vocabulary of size {embedder.vocab}",
+                                param="input")
+        if embedder.max_len is not None and len(row) > embedder.max_len:
+            raise ProtocolError(400, f"input {i} is {len(row)} tokens; the model takes at most {embedder.max_len}",
+                                param="input", code="context_length_exceeded")
+    return rows
 
 
 def _tokenizer(state: ServingState):
     if not state.engine.manifest.get("tokenizer"):
         raise ProtocolError(400, f"artifact {state.artifact.name} has no tokenizer; send the prompt as token ids",
                             param="prompt")
-    return state.engine.tokenizer
+    return state.embedder.tokenizer if state.embedder is not None else state.engine.tokenizer
 
 
 def _encode(state: ServingState, text: str, add_special_tokens: bool) -> list[int]:
@@ -172,7 +216,7 @@ def _prompt(state: ServingState, prompt, echo: bool) -> Prompt:
     """A completions prompt (text, or token ids) as ids and the text echo returns."""
     if isinstance(prompt, str):
         return Prompt(_encode(state, prompt, add_special_tokens=True), prompt)
-    known = all(0 <= t < state.scheduler.vocab for t in prompt)  # the scheduler refuses the others, by name
+    known = all(0 <= t < state.vocab for t in prompt)  # the scheduler refuses the others, by name
     text = _tokenizer(state).decode(prompt, skip_special_tokens=True) if echo and known else ""
     return Prompt(list(prompt), text)
 
