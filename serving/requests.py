@@ -17,7 +17,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 
 from ..errors import UsageError
-from ..runtimes.sampling import GREEDY_BELOW, Constraint, Sampling, TokenChooser, logprobs
+from ..runtimes.sampling import GREEDY_BELOW, Constraint, Sampling, TokenChooser
 from .detokenize import IncrementalDetokenizer
 
 _ids = itertools.count()
@@ -46,18 +46,22 @@ class TokenLogprob(NamedTuple):
 
 def token_logprobs(logits: np.ndarray, tokens: list[int], top: int) -> list[TokenLogprob]:
     """One TokenLogprob per row of ``logits`` [n, vocab] for the token that followed it, with ``top``
-    alternatives, best first."""
-    lp = logprobs(logits)
+    alternatives, best first: logit - logsumexp(row), the log-softmax without materializing it (one pass of
+    exp over the vocabulary, then a partial sort of the logits themselves, whose order is the logprobs')."""
+    logits = np.asarray(logits, dtype=np.float32)
+    peak = logits.max(axis=-1, keepdims=True)
+    norm = peak + np.log(np.exp(logits - peak).sum(axis=-1, keepdims=True))  # logsumexp per row
     rows = np.arange(len(tokens))
-    chosen = lp[rows, tokens]
+    chosen = logits[rows, tokens] - norm[:, 0]
+    alternatives = [[] for _ in tokens]
     if top:
-        best = np.argpartition(-lp, top - 1, axis=-1)[:, :top] if top < lp.shape[-1] else np.tile(
-            np.arange(lp.shape[-1]), (len(tokens), 1))
-        order = np.argsort(-np.take_along_axis(lp, best, axis=-1), axis=-1, kind="stable")
-        best = np.take_along_axis(best, order, axis=-1)
-        values = np.take_along_axis(lp, best, axis=-1)
-    return [TokenLogprob(int(t), float(chosen[i]),
-                         list(zip(best[i].tolist(), values[i].tolist())) if top else []) for i, t in enumerate(tokens)]
+        top = min(top, logits.shape[-1])
+        kth = np.partition(logits, -top, axis=-1)[:, -top]  # values only: twice as fast as argpartition
+        for i in rows:
+            best = np.flatnonzero(logits[i] >= kth[i])
+            best = best[np.argsort(-logits[i, best], kind="stable")[:top]]
+            alternatives[i] = list(zip(best.tolist(), (logits[i, best] - norm[i, 0]).tolist()))
+    return [TokenLogprob(int(t), float(chosen[i]), alternatives[i]) for i, t in enumerate(tokens)]
 
 
 @dataclass(frozen=True)
