@@ -8,7 +8,8 @@ import numpy as np
 
 from ..errors import ArtifactError, CapacityError, UsageError
 from .cpu_bf16 import cpu_model
-from .engine import Engine, row_constraints
+from .constraint import warn_incomplete
+from .engine import Engine
 from .generation import generate_loop, left_pad
 from .huge_pages import MIN_REGION, NOTHING_COLLAPSED, anonymous_mappings, back_new_mappings_with_huge_pages
 from .manifest import step_graph
@@ -115,7 +116,8 @@ class OrtEngine(Engine):
         logit_bias: dict | None = None, constraint=None, eos_token_id="model", pad_token_id=None,
         seed: int | None = None, output_logits: bool = False, streamer=None, assistant_model=None,
         num_assistant_tokens: int = 4, num_assistant_tokens_schedule: str = "heuristic",
-        prompt_lookup_num_tokens: int | None = None, max_matching_ngram_size: int = 2,
+        prompt_lookup_num_tokens: int | None = None, max_matching_ngram_size: int = 2, json_schema=None,
+        regex: str | None = None, grammar: str | None = None, choice: list[str] | None = None,
     ):
         """Generate up to ``max_new_tokens`` per row; returns int64 [batch, prompt + new], left-padded.
 
@@ -145,16 +147,26 @@ class OrtEngine(Engine):
 
         >>> engine.generate([[256, 72], [256, 72, 105, 33]], max_new_tokens=4).shape   # doctest: +SKIP
         (2, 8)
+
+        Structured outputs: ``json_schema`` (a dict or JSON text; output compact, as OpenAI's ``strict``),
+        ``regex``, ``grammar`` (Lark or GBNF) or ``choice`` (a list of strings) give every row an llguidance
+        grammar (runtimes/grammar.py) as its ``constraint``. A row ends when its grammar is complete and allows
+        nothing more; one that runs out of ``max_new_tokens`` first is cut off, with a RuntimeWarning.
+
+        >>> ids = engine.generate(rows, 64, json_schema={"type": "object", "properties": {"n": {"type": "integer"}}})  # doctest: +SKIP
         """
         rows, eos_token_id, pad = self._generate_inputs(input_ids, max_new_tokens, eos_token_id, pad_token_id)
         sampling = self._sampling(eos_token_id, min_new_tokens, do_sample, temperature, top_k, top_p, min_p,
                                   repetition_penalty, presence_penalty, frequency_penalty, logit_bias)
-        constraints = row_constraints(constraint, len(rows))
+        constraints = self._row_constraints(constraint, len(rows), max_new_tokens, dict(
+            json_schema=json_schema, regex=regex, grammar=grammar, choice=choice))
         prompt_len = max(len(r) for r in rows)
         if (assistant_model is not None or prompt_lookup_num_tokens) and max_new_tokens > 0:
-            return self._speculative(rows, max_new_tokens, pad, seed, output_logits, streamer, assistant_model,
-                                     num_assistant_tokens, num_assistant_tokens_schedule, prompt_lookup_num_tokens,
-                                     max_matching_ngram_size, sampling, constraints)
+            out = self._speculative(rows, max_new_tokens, pad, seed, output_logits, streamer, assistant_model,
+                                    num_assistant_tokens, num_assistant_tokens_schedule, prompt_lookup_num_tokens,
+                                    max_matching_ngram_size, sampling, constraints)
+            warn_incomplete(constraints, max_new_tokens)
+            return out
         self.generation_stats = None
         ids, mask = left_pad(rows, pad)
         slots = self.open_slots(len(rows), prompt_len + max_new_tokens)
@@ -162,8 +174,10 @@ class OrtEngine(Engine):
         def last_logits(step_ids, real):  # every row steps together: left padding keeps their lengths equal
             return slots.step(0, len(rows), step_ids, real, keep=1)[:, -1, :]
 
-        return generate_loop(last_logits, ids, mask, max_new_tokens, sampling, pad_token_id=pad, seed=seed,
-                             output_logits=output_logits, streamer=streamer, constraints=constraints)
+        out = generate_loop(last_logits, ids, mask, max_new_tokens, sampling, pad_token_id=pad, seed=seed,
+                            output_logits=output_logits, streamer=streamer, constraints=constraints)
+        warn_incomplete(constraints, max_new_tokens)
+        return out
 
     def _speculative(self, rows, max_new_tokens, pad, seed, output_logits, streamer, assistant_model, k, schedule,
                      lookup_k, max_ngram, sampling, constraints):

@@ -47,6 +47,7 @@ class ChatTemplate:
         except Exception as exc:  # noqa: BLE001 - jinja2's TemplateSyntaxError and friends
             raise TemplateError(f"chat template does not compile: {exc}") from None
         self.special = {"bos_token": bos_token or "", "eos_token": eos_token or ""}
+        self.source = source  # what serving/tools.py reads the model's tool-call format from
 
     @classmethod
     def from_artifact(cls, path: Path, manifest: dict) -> "ChatTemplate | None":
@@ -56,9 +57,9 @@ class ChatTemplate:
         source = (path / chat["file"]).read_text()
         return cls(source, chat.get("bos_token"), chat.get("eos_token"))
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str:
         try:
-            return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=None,
+            return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=tools,
                                         **self.special)
         except TemplateError:
             raise
@@ -90,7 +91,8 @@ class ChatTokens:
                           key=len, reverse=True)
         self.specials = re.compile("|".join(map(re.escape, specials))) if specials else None
 
-    def encode(self, template: ChatTemplate, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def encode(self, template: ChatTemplate, messages: list[dict], add_generation_prompt: bool = True,
+               tools: list[dict] | None = None) -> list[int]:
         nonce = uuid.uuid4().hex
         found: list[str] = []
 
@@ -101,7 +103,7 @@ class ChatTokens:
         if self.specials is not None:
             messages = [{**m, "content": self.specials.sub(hide, m["content"])} if isinstance(m.get("content"), str)
                         else m for m in messages]
-        text = template.render(messages, add_generation_prompt)
+        text = template.render(messages, add_generation_prompt, tools)
         if not found:
             return self.tokenizer.encode(text, add_special_tokens=False).ids
         ids: list[int] = []

@@ -14,11 +14,11 @@ import asyncio
 import dataclasses
 from dataclasses import dataclass, field
 
-from . import protocol
+from . import protocol, structured
+from .edge import sse, watch_disconnect
 from .logprobs import TextOffsets, chat_logprobs, completion_logprobs
 from .protocol import ProtocolError
 from .requests import Output, Request, SamplingParams
-from .edge import sse, watch_disconnect
 
 SEEDS = 1 << 64  # numpy's generator takes seeds in [0, 2**64)
 
@@ -39,6 +39,7 @@ class Choice:
     request: Request
     outputs: list[Output] = field(default_factory=list)
     offsets: TextOffsets | None = None  # where streamed tokens start in the choice's text (completions logprobs)
+    tool_chunks: structured.ToolChunks | None = None  # a chat stream with tools: this choice's call deltas
 
     @property
     def done(self) -> bool:
@@ -52,8 +53,9 @@ class ChoiceSet:
     >>> state.scheduler.submit_all(choices.requests)                                                       # doctest: +SKIP
     """
 
-    def __init__(self, state, body, rid: str, prompts: list[Prompt], max_tokens: int, chat: bool):
-        self.state, self.body, self.rid, self.chat = state, body, rid, chat
+    def __init__(self, state, body, rid: str, prompts: list[Prompt], max_tokens: int, chat: bool, tool_plan=None,
+                 constraints: list | None = None):
+        self.state, self.body, self.rid, self.chat, self.tool_plan = state, body, rid, chat, tool_plan
         self.prompts = prompts
         self.queue: asyncio.Queue = asyncio.Queue()
         self.strings = state.token_text
@@ -61,9 +63,13 @@ class ChoiceSet:
         params, n = body.sampling(max_tokens), body.n
         self.choices: list[Choice] = []
         for p, prompt in enumerate(prompts):
-            group = [Choice(p * n + i, p, prompt, Request(list(prompt.ids), _seeded(params, i), emit,
-                                                       request_id=f"{rid}-{p * n + i}")) for i in range(n)]
+            group = [Choice(k, p, prompt, Request(list(prompt.ids), _seeded(params, i), emit, request_id=f"{rid}-{k}",
+                                                  constraint=constraints[k] if constraints else None))
+                     for i, k in ((i, p * n + i) for i in range(n))]
             group[0].request.siblings = [c.request for c in group[1:]]
+            if tool_plan is not None:
+                for choice in group:
+                    choice.tool_chunks = structured.ToolChunks(rid, body.model, tool_plan, choice.index)
             self.choices += group
         self._by_id = {c.request.request_id: c for c in self.choices}
         self._prompt_logprobs: dict[int, list] = {}  # prompt index -> its tokens' logprobs (from its first choice)
@@ -119,7 +125,8 @@ class ChoiceSet:
 
     def _completion_choice(self, choice: Choice, out: Output) -> dict:
         text = (choice.prompt.text if self.echo else "") + out.text
-        return protocol.completion_choice(choice.index, text, out.finish_reason, self._completion_logprobs(choice, out))
+        logprobs = self._completion_logprobs(choice, out)
+        return structured.noted(protocol.completion_choice(choice.index, text, out.finish_reason, logprobs), out.grammar)
 
     def _completion_logprobs(self, choice: Choice, out: Output, first: bool = True) -> dict | None:
         """The completions logprobs of ``out`` (with the prompt's before them when echoing and ``first``)."""
@@ -135,7 +142,10 @@ class ChoiceSet:
 
     def _chat_choice(self, choice: Choice, out: Output) -> dict:
         logprobs = chat_logprobs(self.strings, out.logprobs or []) if self.body.logprobs else None
-        return protocol.chat_choice(choice.index, out.text, out.finish_reason, logprobs)
+        message, finish_reason = structured.chat_message(out.text, self.tool_plan, out.finish_reason)
+        body = protocol.chat_choice(choice.index, out.text, finish_reason, logprobs)
+        body["message"] = message  # with tools: content and tool_calls parsed from the text
+        return structured.noted(body, out.grammar)
 
     # -- the stream ----------------------------------------------------------------------------------------
     async def stream(self, include_usage: bool):
@@ -170,10 +180,15 @@ class ChoiceSet:
         text = (choice.prompt.text if self.echo and first and not self.chat else "") + output.text
         if not (output.token_ids or text or output.finish_reason):
             return None
+        if choice.tool_chunks is not None:  # tool calls leave as tool_calls deltas (serving/structured.py)
+            return choice.tool_chunks(text, output.finish_reason) or None
         if self.chat:
             logprobs = chat_logprobs(self.strings, output.logprobs or []) if self.body.logprobs else None
         else:
             logprobs = self._completion_logprobs(choice, output, first)
+        if output.finish_reason is not None and output.grammar is not None:
+            last = dataclasses.replace(output, text=text)
+            return sse(structured.last_chunk(self.rid, self.body.model, self.chat, last, choice.index, logprobs))
         return writer(text, output.finish_reason, choice.index, logprobs)
 
 

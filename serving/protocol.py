@@ -3,7 +3,8 @@
 Request bodies are pydantic models that refuse unknown fields (OpenAI answers "Unrecognized request
 argument"); accepted fields luffy cannot honour (``suffix``, ``best_of`` > 1) are refused with a 400 naming the
 field rather than silently ignored. vLLM's extras ``ignore_eos``, ``min_tokens``, ``top_k``, ``min_p``,
-``repetition_penalty`` and ``stop_token_ids`` are accepted. The response bodies (with their logprobs) are
+``repetition_penalty``, ``stop_token_ids`` and ``structured_outputs`` are accepted; ``response_format`` and
+``tools`` are enforced while decoding (serving/structured.py). The response bodies (with their logprobs) are
 built in serving/choices.py.
 """
 
@@ -54,6 +55,37 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    """``response_format.json_schema``: OpenAI's named schema; ``strict`` makes the JSON compact."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: Union[dict, bool, None] = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's ``response_format``: ``text`` (no constraint), ``json_object`` or ``json_schema``."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's ``structured_outputs``: exactly one of ``json`` (a schema), ``regex``, ``choice``, ``grammar``
+    (Lark or GBNF) or ``json_object``; ``disable_any_whitespace`` makes JSON compact."""
+
+    model_config = ConfigDict(extra="forbid")
+    json_: Union[dict, str, None] = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+
+
 class _Sampling(BaseModel):
     model_config = STRICT
 
@@ -81,6 +113,9 @@ class _Sampling(BaseModel):
     min_tokens: int = Field(default=0, ge=0)
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
+    # structured outputs (serving/structured.py): OpenAI's response_format, vLLM's structured_outputs
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
 
     def refuse_unsupported(self) -> None:
         if self.stream_options is not None and not self.stream:
@@ -168,12 +203,28 @@ class ChatMessage(BaseModel):
                                         param="messages")
                 texts.append(part["text"])
             message["content"] = "".join(texts)
+        for call in message.get("tool_calls") or []:  # templates format the arguments themselves: give a dict
+            function = call.get("function") if isinstance(call, dict) else None
+            if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+                function["arguments"] = _json_object_or(function["arguments"])
         return message
+
+
+def _json_object_or(text: str):
+    """``text`` parsed when it is a JSON object, else ``text``."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return value if isinstance(value, dict) else text
 
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     add_generation_prompt: bool = True  # vLLM's extra
+    tools: list[dict] | None = None  # OpenAI's {"type": "function", "function": {...}} (serving/tools.py)
+    tool_choice: Union[Literal["none", "auto", "required"], dict, None] = None
+    parallel_tool_calls: bool = True
     logprobs: bool = Field(default=False, description="Each output token's logprob (log-softmax of the raw logits).")
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS, description=(
         "With logprobs: this many most likely alternatives per token."))
@@ -231,6 +282,7 @@ class EmbeddingRequest(BaseModel):
             if not one:
                 raise ProtocolError(400, f"input {i} is empty" if len(inputs) > 1 else "input is empty", param="input")
         return inputs
+
 
 
 def new_id(prefix: str) -> str:

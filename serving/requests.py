@@ -141,6 +141,7 @@ class Output:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    grammar: str | None = None  # a constrained request's last Output: "complete", "closed_early" or "incomplete"
     logprobs: list[TokenLogprob] | None = None  # one per token in token_ids, when the request asked
     prompt_logprobs: list[TokenLogprob | None] | None = None  # on the first Output: None for the first prompt token
 
@@ -152,7 +153,8 @@ class Output:
             entry for o in outputs for entry in (o.logprobs or [])]
         prompt = next((o.prompt_logprobs for o in outputs if o.prompt_logprobs is not None), None)
         return Output(last.request_id, [t for o in outputs for t in o.token_ids], "".join(o.text for o in outputs),
-                      last.finish_reason, last.prompt_tokens, last.completion_tokens, last.error, logprobs, prompt)
+                      last.finish_reason, last.prompt_tokens, last.completion_tokens, last.error, last.grammar,
+                      logprobs, prompt)
 
 
 @dataclass(eq=False)
@@ -226,7 +228,16 @@ class Request:
         if self.finish_reason is not None and self.detokenizer is not None and self.finish_reason == "length":
             self.text += self.detokenizer.flush()
         return Output(self.request_id, [token], self._releasable_text(), self.finish_reason, len(self.prompt_ids),
-                      len(self.output_ids), logprobs=entry, prompt_logprobs=self._take_prompt_logprobs())
+                      len(self.output_ids), grammar=self.grammar_state(), logprobs=entry,
+                      prompt_logprobs=self._take_prompt_logprobs())
+
+    def grammar_state(self) -> str | None:
+        """How a finished constrained output stands: complete, closed early by the budget, or cut off."""
+        if self.constraint is None or self.finish_reason is None:
+            return None
+        if not self.constraint.complete:
+            return "incomplete"
+        return "closed_early" if self.constraint.wrapped_up else "complete"
 
     def _take_prompt_logprobs(self):
         """The prompt's logprobs, handed out once (with the first Output)."""

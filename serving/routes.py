@@ -14,7 +14,7 @@ import copy
 from fastapi import FastAPI, Request as HttpRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from . import protocol
+from . import protocol, structured, tools
 from .choices import ChoiceSet, Prompt
 from .edge import error_responses, error_status, install_edge, require_api_key
 from .metrics import CONTENT_TYPE
@@ -59,7 +59,8 @@ def add_routes(app: FastAPI, state: ServingState) -> None:
     async def tokenize(body: TokenizeRequest):
         _check_model(state, body.model)
         if body.messages is not None:
-            ids = await _chat_ids(state, body.messages, body.add_generation_prompt)
+            _require_chat_template(state)
+            ids = await _chat_ids(state, [m.for_template() for m in body.messages], body.add_generation_prompt)
         else:
             ids = await asyncio.to_thread(_encode, state, body.prompt, body.add_special_tokens)
         strs = [state.token_text.text(t) for t in ids] if body.return_token_strs else None
@@ -111,9 +112,23 @@ def add_routes(app: FastAPI, state: ServingState) -> None:
     @app.post("/v1/chat/completions", dependencies=auth, response_class=JSONResponse, responses=GENERATION_RESPONSES)
     async def chat_completions(body: ChatCompletionRequest, http: HttpRequest):
         _check_request(state, body)
-        ids = await _chat_ids(state, body.messages, body.add_generation_prompt)
+        _require_chat_template(state)
+        messages, tool_plan = _with_tools(state, body, [m.for_template() for m in body.messages])
+        ids = await _chat_ids(state, messages, body.add_generation_prompt, body.tools)
         max_tokens = body.max_completion_tokens or body.max_tokens or max(1, state.scheduler.capacity - len(ids))
-        return await _generate(state, http, body, [Prompt(ids, "")], max_tokens, chat=True)
+        return await _generate(state, http, body, [Prompt(ids, "")], max_tokens, chat=True, tool_plan=tool_plan)
+
+
+def _with_tools(state: ServingState, body: ChatCompletionRequest, messages: list[dict]):
+    """(messages, ToolPlan or None): a template that does not show the model its tools gets luffy's system
+    message that does (serving/tools.py)."""
+    try:
+        tool_plan = tools.plan(body.tools, body.tool_choice, body.parallel_tool_calls, state.chat_template.source)
+    except tools.ToolError as exc:
+        raise ProtocolError(400, str(exc), param=exc.param) from None
+    if body.tools and body.tool_choice != "none" and not tools.renders_tools(state.chat_template.source):
+        messages = [tools.system_message(body.tools), *messages]
+    return messages, tool_plan
 
 
 def declare_model_limits(schema: dict, state: ServingState) -> dict:
@@ -202,14 +217,18 @@ def _encode(state: ServingState, text: str, add_special_tokens: bool) -> list[in
     return _tokenizer(state).encode(text, add_special_tokens=add_special_tokens).ids
 
 
-async def _chat_ids(state: ServingState, messages, add_generation_prompt: bool) -> list[int]:
-    """The chat's prompt ids: the template places the control tokens, special-token strings inside content stay
-    text (serving/chat.py ChatTokens)."""
+def _require_chat_template(state: ServingState) -> None:
     if state.chat_template is None or state.chat_tokens is None:
         raise ProtocolError(400, f"artifact {state.artifact.name} has no chat template; compile from a model "
                                  "directory whose tokenizer has one, or use /v1/completions", param="messages")
-    rendered = [m.for_template() for m in messages]
-    return await asyncio.to_thread(state.chat_tokens.encode, state.chat_template, rendered, add_generation_prompt)
+
+
+async def _chat_ids(state: ServingState, messages: list[dict], add_generation_prompt: bool,
+                    tool_specs: list[dict] | None = None) -> list[int]:
+    """The chat's prompt ids: the template places the control tokens, special-token strings inside content stay
+    text (serving/chat.py ChatTokens)."""
+    return await asyncio.to_thread(state.chat_tokens.encode, state.chat_template, messages, add_generation_prompt,
+                                   tool_specs)
 
 
 def _prompt(state: ServingState, prompt, echo: bool) -> Prompt:
@@ -222,11 +241,16 @@ def _prompt(state: ServingState, prompt, echo: bool) -> Prompt:
 
 
 async def _generate(state: ServingState, http: HttpRequest, body, prompts: list[Prompt], max_tokens: int,
-                    chat: bool):
-    """Submit the request's choices (n for each prompt) and answer with all of them, or stream them."""
+                    chat: bool, tool_plan=None):
+    """Submit the request's choices (n for each prompt, each with its own grammar when the request has one) and
+    answer with all of them, or stream them."""
     rid = protocol.new_id("chatcmpl" if chat else "cmpl")
+    grammar = structured.grammar_request(body, tool_plan)
+    constraints = None
+    if grammar is not None:  # compiled once (cached); each choice walks its own copy of the grammar
+        constraints = [await structured.constraint(state, grammar, max_tokens) for _ in range(len(prompts) * body.n)]
     try:
-        choices = ChoiceSet(state, body, rid, prompts, max_tokens, chat)
+        choices = ChoiceSet(state, body, rid, prompts, max_tokens, chat, tool_plan, constraints)
         state.scheduler.submit_all(choices.requests)
     except Exception as exc:  # noqa: BLE001 - UsageError / CapacityError / QueueFull / Draining -> HTTP
         raise error_status(exc) from None

@@ -22,13 +22,12 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import CapacityError, UsageError
-from ..options import option
+from ..errors import CapacityError
 from ..runtimes.generation import eos_set
+from .options import SchedulerConfig
 from .prefix_cache import PrefixCache
 from .requests import Output, ParameterError, Request, SamplingParams
 
@@ -41,32 +40,6 @@ class Draining(Exception):
     """The scheduler is shutting down and admits nothing new: the server answers 503."""
 
 
-@dataclass(frozen=True)
-class SchedulerConfig:
-    """``max_num_seqs`` slots of ``max_model_len`` positions each (the KV cache, allocated once);
-    ``max_num_batched_tokens``: decode tokens plus prompt tokens per iteration; ``max_queue``: waiting
-    requests beyond which submit refuses. Each field is also a `luffy serve` flag (serving/options.py)."""
-
-    max_num_seqs: int = option(16, "Sequences decoded together (KV slots).", min=1)
-    max_model_len: int | None = option(
-        None, "Positions per KV slot (prompt + max_tokens) [the artifact's max_seq_len]; the KV cache is "
-        "max-num-seqs x this, allocated once.", min=2)
-    max_num_batched_tokens: int = option(
-        512, "Decode plus prompt tokens per scheduler iteration; longer prompts are prefilled in chunks, so running "
-        "streams wait at most one chunk.", min=1)
-    max_queue: int = option(256, "Waiting requests beyond which new ones get 429.", min=1)
-    # reuse free slots' contents and a host-RAM block store (serving/prefix_cache.py)
-    prefix_cache: bool = option(True, "Reuse the KV of prompt prefixes seen before (free slots' contents, then a "
-                                "host-RAM block store).", "--prefix-cache/--no-prefix-cache")
-    prefix_cache_mb: int = option(256, "Host RAM for cached prefix blocks (0: only what free slots hold).", min=0)
-    speculation: object = None  # a SpeculationConfig (serving/speculation.py), or None
-
-    def __post_init__(self):
-        for name in ("max_num_seqs", "max_num_batched_tokens", "max_queue"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
-
-
 class NoMetrics:
     """What the scheduler reports; serving/metrics.py implements it with Prometheus collectors."""
 
@@ -76,6 +49,7 @@ class NoMetrics:
     def iteration(self, running: int, waiting: int, kv_usage: float) -> None: ...
     def prefix_lookup(self, queried: int, hit: int) -> None: ...
     def speculated(self, proposed: int, accepted: int) -> None: ...
+    def grammar_masked(self, seconds: float, rows: int) -> None: ...
 
 
 class Scheduler:
@@ -113,6 +87,7 @@ class Scheduler:
         self._stopping = self._draining = False
         self._stop_error: str | None = None
         self._thread: threading.Thread | None = None
+        self._masker = None  # fills a decode batch's grammar masks in one call; made for the first constraint
 
     # -- the handlers' side ---------------------------------------------------------------------------
     def start(self) -> "Scheduler":
@@ -140,8 +115,8 @@ class Scheduler:
         """Queue several requests at once (the choices of one HTTP request), all or none: each is checked, and
         the queue must have room for all of them."""
         if len(requests) > self.config.max_queue:
-            raise UsageError(f"{len(requests)} choices in one request exceed the queue's {self.config.max_queue} "
-                             "places (--max-queue); send fewer prompts or a smaller n")
+            raise ParameterError("n", f"{len(requests)} choices in one request exceed the queue's "
+                                      f"{self.config.max_queue} places (--max-queue); send fewer prompts or a smaller n")
         for request in requests:
             self.check(request.prompt_ids, request.params)
         with self._lock:
@@ -261,6 +236,7 @@ class Scheduler:
         requests = [self._owner[row] for row in range(n)]
         try:
             logits = self._decode_logits(n)
+            self._fill_masks(requests)
         except Exception as exc:  # noqa: BLE001 - the batched step failed: it ends the requests it held, only
             self._fail(requests, exc)
             return n
@@ -283,6 +259,18 @@ class Scheduler:
             return self.slots.step(0, n, tokens)[:, -1, :]
         # each step's logits live in a buffer the next step reuses: copy them out one by one
         return np.stack([self.slots.step(row, row + 1, tokens[row:row + 1])[0, -1, :].copy() for row in range(n)])
+
+    def _fill_masks(self, requests: list[Request]) -> None:
+        """Fill the grammar masks of the batch's constrained requests in one llguidance call, before each row's
+        chooser applies its own (runtimes/constraint.py); free rows cost nothing."""
+        constraints = [r.constraint for r in requests if r.constraint is not None]
+        if not constraints:
+            return
+        if self._masker is None:
+            self._masker = self.engine.grammars.masker()
+        start = time.perf_counter()
+        self._masker.fill(constraints)
+        self.metrics.grammar_masked(time.perf_counter() - start, len(constraints))
 
     def _speculate(self, n: int) -> int:
         """One speculative round for each of the ``n`` decoding requests; returns the target tokens computed."""

@@ -10,26 +10,10 @@ decodes batched otherwise. The acceptance rules and candidate sources are the ru
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
-from ..options import option
 from ..runtimes.speculative import AdaptiveK, DraftModel, PromptLookup, check_draft, speculate_round
+from .options import SpeculationConfig
 from .requests import Output, Request
-
-
-@dataclass(frozen=True)
-class SpeculationConfig:
-    """``draft``: a draft engine (``luffy serve --draft``); ``prompt_lookup``: tokens proposed by prompt lookup
-    (``--prompt-lookup K``); ``num_tokens``: the draft's initial K (adaptive); ``max_batch``: speculate while at
-    most this many requests decode."""
-
-    draft: object = None  # the engine; `luffy serve --draft ARTIFACT` names its artifact (ServerSettings.draft)
-    prompt_lookup: int | None = option(None, "Speculative decoding with up to K tokens copied from the context.",
-                                       min=1, metavar="K")
-    num_tokens: int = option(4, "Most tokens the draft proposes per round (fewer while it is rejected).", min=1,
-                             key="num_assistant_tokens")
-    max_batch: int = option(1, "Speculate while at most this many requests decode (a batched step already shares "
-                            "the weights).", min=1, key="speculative_max_batch")
 
 
 class Speculator:

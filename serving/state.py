@@ -53,6 +53,8 @@ class ServingState:
                 self.ready.set()
                 return
             self.scheduler = Scheduler(self.engine, self._scheduler_config(), self.metrics).start()
+            if self.engine.manifest.get("tokenizer"):  # structured outputs: the grammar compiler, made once here
+                self.engine.grammars.listener = self.metrics.grammar_compiled
             self.chat_template = ChatTemplate.from_artifact(self.engine.path, self.engine.manifest)
             self.token_text = TokenText(self.scheduler.tokenizer)
             if self.chat_template is not None and self.scheduler.tokenizer is not None:
