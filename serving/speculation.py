@@ -35,15 +35,15 @@ class Speculator:
         and the tokens the target's step computed."""
         if request.spec_k is None:
             request.spec_k = AdaptiveK(self.initial_k)
-        proposed, n, token, _ = speculate_round(
+        proposed, n, token, verify = speculate_round(
             slots, request.slot, request.prompt_ids + request.output_ids,
             request.params.max_tokens - len(request.output_ids), self.source, request.spec_k, request.chooser,
             request.rng)
         if proposed:
             self.metrics.speculated(len(proposed), n)
         outputs = []
-        for t in [*proposed[:n], token]:
-            outputs.append(request.accept(t))
+        for i, t in enumerate([*proposed[:n], token]):
+            outputs.append(request.accept(t, verify[i]))  # the target's logits at the position that chose t
             if outputs[-1].finish_reason is not None:
                 break
         return outputs, len(proposed) + 1
