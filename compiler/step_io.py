@@ -12,7 +12,7 @@ import re
 
 import numpy as np
 
-SEQLENS, TOTAL, KEEP = "seqlens_k", "total_sequence_length", "logits_to_keep"
+SEQLENS, TOTAL, KEEP, QUERY_SEQLENS = "seqlens_k", "total_sequence_length", "logits_to_keep", "query_seqlens"
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 EXTRA_CAPACITY = 3  # buffers a little longer than needed, so a graph that confuses capacity with length fails
 
@@ -49,7 +49,10 @@ def run_step(session, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             value = ort.OrtValue.ortvalue_from_numpy(np.require(array, requirements="C"))
             binding.bind_ortvalue_input(name, value)
         keep.append(value)
-    for name, array in ((SEQLENS, np.full(batch, total - 1, np.int32)), (TOTAL, np.array(total, np.int32))):
+    lengths = [(SEQLENS, np.full(batch, total - 1, np.int32)), (TOTAL, np.array(total, np.int32))]
+    if QUERY_SEQLENS in inputs:  # multi-row graphs: every row's new tokens are all valid
+        lengths.append((QUERY_SEQLENS, np.full(batch, new, np.int32)))
+    for name, array in lengths:
         value = ort.OrtValue.ortvalue_from_numpy(array)
         keep.append(value)
         binding.bind_ortvalue_input(name, value)
