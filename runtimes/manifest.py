@@ -27,9 +27,10 @@ KINDS = ("causal-lm", "encoder", "module")
 #   past_key_values.N.key/value -> present.N.key/value, logits [batch, kept, vocab].
 # KV_SHARED graphs (fuse-gqa) take capacity-sized buffers bound as past and present, plus seqlens_k
 # [batch] (each row's length - 1 after the step) and total_sequence_length; KV_CONCAT graphs return
-# present = past + new. logits_to_keep, when present, is how many last positions get logits.
+# present = past + new. logits_to_keep, when present, is how many last positions get logits. query_seqlens
+# [batch] (multi-row graphs): each row's valid tokens in a right-padded step; its logits are kept per row.
 INPUT_IDS, ATTENTION_MASK, POSITION_IDS, LOGITS = "input_ids", "attention_mask", "position_ids", "logits"
-SEQLENS, TOTAL, KEEP = "seqlens_k", "total_sequence_length", "logits_to_keep"
+SEQLENS, TOTAL, KEEP, QUERY_SEQLENS = "seqlens_k", "total_sequence_length", "logits_to_keep", "query_seqlens"
 KV_SHARED, KV_CONCAT = "shared-buffer", "concat"
 
 
@@ -225,6 +226,7 @@ class StepGraph:
     shared_kv: bool  # KV_SHARED: one buffer per layer and kind is both past and present
     takes_positions: bool
     keeps_logits: bool  # takes logits_to_keep
+    multi_row: bool  # takes query_seqlens: several rows of several tokens with a cache in one step
     past_names: tuple[tuple[str, str], ...]  # per layer: (key, value) inputs
     present_names: tuple[tuple[str, str], ...]
 
@@ -246,7 +248,8 @@ def step_graph(path: Path, manifest: dict, inputs: dict[str, tuple[str, list]], 
     if missing:
         raise ArtifactError(f"{path}: the manifest's step graph names {', '.join(missing[:4])}, which the graph "
                             f"does not have")
-    unknown = set(inputs) - {INPUT_IDS, ATTENTION_MASK, POSITION_IDS, SEQLENS, TOTAL, KEEP} - {n for p in past for n in p}
+    unknown = set(inputs) - {INPUT_IDS, ATTENTION_MASK, POSITION_IDS, SEQLENS, TOTAL, KEEP, QUERY_SEQLENS} - \
+        {n for p in past for n in p}
     if unknown:
         raise ArtifactError(f"{path}: decoder graph has inputs the runtime cannot feed: {', '.join(sorted(unknown))}")
     shapes = []
@@ -260,5 +263,6 @@ def step_graph(path: Path, manifest: dict, inputs: dict[str, tuple[str, list]], 
         raise ArtifactError(f"{path}: logits output has no static vocabulary dimension ({outputs[LOGITS]})")
     return StepGraph(
         layers=tuple(shapes), vocab=vocab, kv_type=inputs[past[0][0]][0], shared_kv=SEQLENS in inputs,
-        takes_positions=POSITION_IDS in inputs, keeps_logits=KEEP in inputs, past_names=past, present_names=present,
+        takes_positions=POSITION_IDS in inputs, keeps_logits=KEEP in inputs, multi_row=QUERY_SEQLENS in inputs,
+        past_names=past, present_names=present,
     )

@@ -52,6 +52,8 @@ def _compare(session, reference, args, kwargs, input_names=None, valid=None) -> 
     got = [produced[n] for n in out_names]
     diffs = {}
     for name, g, e in zip(out_names, got, expected):
+        if g.dtype in (np.int8, np.uint8):
+            continue  # a quantized KV cache's codes: what they hold is judged through the logits
         e = e.detach().float().numpy()
         if g.shape != e.shape:
             raise CaptureError(f"parity check: output {name} has shape {g.shape} on ORT but {e.shape} in PyTorch")
@@ -87,7 +89,10 @@ def check_parity(captured: Captured, model_path: Path, vocab: int | None = None,
     cases = {}
     if captured.kind == CAUSAL_LM:
         kv = captured.kv
-        for label, shape in DECODER_CASES:
+        # an int8/int4 cache cannot take the decode case's random float past (its scales live in the graph):
+        # its prefill is compared (a prompt reads back the quantized keys and values it wrote), quality by --eval
+        quantized = any(i.type in ("tensor(int8)", "tensor(uint8)") for i in session.get_inputs())
+        for label, shape in DECODER_CASES[:1] if quantized else DECODER_CASES:
             args = decoder_example(kv, vocab=vocab or 8, seed=17, **shape)
             mask = args[1].numpy().astype(bool)
             cases[label] = _compare(
