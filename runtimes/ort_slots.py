@@ -64,7 +64,9 @@ class OrtSlots:
         total = int(lengths.max()) + width
         if total > self.capacity:
             raise CapacityError(f"{total} positions exceed the KV slots' capacity {self.capacity}")
-        positions = self._positions(start, real)
+        if self.graph.positions_from_buffer:
+            self._refuse_gaps(start, real)
+        positions = self._positions(start, real) if self.graph.takes_positions else None
         self.cache.record(start, ids, real)
         kept = width if keep is None or not self.graph.keeps_logits else min(keep, width)
         feeds = {INPUT_IDS: ids, ATTENTION_MASK: np.ascontiguousarray(self.cache.mask[start:stop, :total])}
@@ -77,6 +79,21 @@ class OrtSlots:
             feeds[TOTAL] = np.array(total, dtype=np.int32)
             return self._run_shared(start, stop, feeds, kept)
         return self._run_concat(start, stop, feeds, kept, int(lengths[0]), width)
+
+    def _refuse_gaps(self, start: int, real: np.ndarray) -> None:
+        """A graph that numbers positions by buffer index (kv_cache.positions "buffer") equals transformers only
+        while each row is padding, then real tokens, then (once finished) padding: no real token after a gap."""
+        lengths = self.cache.lengths[start:start + real.shape[0]]
+        ends_masked = (lengths > 0) & (self.cache.mask[start + np.arange(real.shape[0]), np.maximum(lengths - 1, 0)] == 0)
+        if real.all() and not ends_masked.any():
+            return  # the common case, decided without looking at whole rows
+        for row in range(real.shape[0]):
+            held = self.cache.mask[start + row, :lengths[row]]
+            real_at = np.flatnonzero(np.concatenate([held, real[row]]))
+            if real_at.size and real_at[-1] - real_at[0] + 1 != real_at.size:
+                raise UsageError(f"slot {start + row}: a real token after a masked one inside the sequence; this "
+                                 "artifact rotates by KV buffer position (kv_cache.positions = buffer), which equals "
+                                 "transformers' numbering for left or right padding only")
 
     def _positions(self, start: int, real: np.ndarray) -> np.ndarray:
         # transformers' rule, continued from the real tokens each slot already holds
