@@ -22,6 +22,7 @@ from pathlib import Path
 from ..errors import CapacityError, LuffyError, UsageError
 from .protocol import ProtocolError
 from .scheduler import SchedulerConfig
+from .warmup import warm_up
 
 
 @dataclass(frozen=True)
@@ -61,15 +62,13 @@ class ServingState:
         from .scheduler import Scheduler
 
         try:
-            if self.settings.draft is not None and engine is None:  # target and draft take turns: one thread pool
-                from ..runtimes import share_thread_pool
-
-                share_thread_pool(self.settings.threads)
-            threads = None if self.settings.draft is not None else self.settings.threads
-            self.engine = engine or load(self.artifact, threads=threads, spin=self.settings.spin)
+            # a draft loaded beside it joins the same process-wide thread pool (luffy.load)
+            self.engine = engine or load(self.artifact, threads=self.settings.threads, spin=self.settings.spin)
             labels = {"replica": self.settings.replica} if self.settings.replica else None
             self.metrics = ServerMetrics(self.model_name, labels)
-            self.scheduler = Scheduler(self.engine, self._scheduler_config(), self.metrics).start()
+            scheduler = Scheduler(self.engine, self._scheduler_config(), self.metrics)
+            warmed = warm_up(scheduler)  # before the scheduler thread owns the engine, and before /health is ready
+            self.scheduler = scheduler.start()
             self.chat_template = ChatTemplate.from_artifact(self.engine.path, self.engine.manifest)
             cache = self.scheduler.slots.cache
             _log(f"KV cache: {cache.num_slots} slots x {cache.capacity} positions x {cache.bytes_per_token} B "
@@ -82,6 +81,7 @@ class ServingState:
                 extra = f", draft KV {source.slots.cache.nbytes / 2**20:.1f} MiB" if hasattr(source, "slots") else ""
                 _log(f"speculative decoding: {self.scheduler.speculator.name} while at most "
                      f"{config.speculation.max_batch} request(s) decode{extra}")
+            _log(f"warm-up: {warmed['steps']} steps in {warmed['seconds']:.2f} s")
             self.ready.set()
         except Exception as exc:  # noqa: BLE001 - /health and every route report it; the process stays up
             self.load_error = str(exc) if isinstance(exc, LuffyError) else f"{type(exc).__name__}: {exc}"
