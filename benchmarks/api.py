@@ -146,7 +146,7 @@ def _workdir(workdir):
 
 def _resolve(model: str, work: Path, opt_level: int) -> _Target:
     from ..runtimes.manifest import MANIFEST, read_manifest
-    from ..compiler.sources import resolve_source
+    from ..compiler.sources.resolve import resolve_source
 
     if (Path(model) / MANIFEST).is_file():
         manifest = read_manifest(model)

@@ -1,6 +1,6 @@
 """`luffy.compile`: resolve → capture → passes → check → emit → publish.
 
-What differs between ONNX Runtime and TensorRT lives in targets.py, the pass stages in passes/pipelines.py,
+What differs between ONNX Runtime and TensorRT lives in targets/, the pass stages in passes/pipelines.py,
 the manifest and report in their own modules; this file is the data flow between them.
 """
 
@@ -19,12 +19,12 @@ from .. import __version__
 from ..errors import UsageError
 from ..passes.driver import count_nodes, run_passes
 from ..passes.pipelines import stages
-from .artifact import check_output_location, staged_directory, write_manifest
+from .emit.artifact import check_output_location, staged_directory, write_manifest
 from .config import LuffyConfig
-from .manifest import DATA_FILE, MODEL_FILE, build_manifest
-from .quality import QualityMeasure
-from .report import compile_report, memory_report, reduce_range
-from .sources import CAUSAL_LM, resolve_source
+from .emit.manifest import DATA_FILE, MODEL_FILE, build_manifest
+from .quality.quality_measure import QualityMeasure
+from .report.compile_report import compile_report, memory_report, reduce_range
+from .sources.resolve import CAUSAL_LM, resolve_source
 from .targets import target_for
 
 EXTERNAL_DATA_BYTES = 128 << 20  # above this, weights go to model.onnx.data (protobuf stays small, ORT mmaps)
@@ -110,14 +110,14 @@ def compile(  # noqa: A001 - the public name the API promises
     >>> art.report["parity"]["passed"]                                 # doctest: +SKIP
     True
     """
-    cfg = _config(config, target=target, precision=precision, opt_level=opt_level, **options)
+    cfg = config_with(config, target=target, precision=precision, opt_level=opt_level, **options)
     say = progress or (lambda message: None)
     started = time.perf_counter()
     # resolve: every refusal that needs no capture happens here, before minutes of torch.export
-    _check_paths(cfg, output)
-    if cfg.auto:  # the decider compiles each candidate through this function (compiler/auto.py)
-        from .auto import compile_auto
-        return compile_auto(source, output, cfg, progress)
+    check_paths(cfg, output)
+    if cfg.auto:  # the decider sits above the compiler and compiles each candidate through this function
+        raise UsageError("auto=True is decided above the compiler: call luffy.compile (luffy/auto.py), which "
+                         "compiles each candidate here")
     compile_target = target_for(cfg)
     cfg = compile_target.cfg  # with what the target resolved (TensorRT's version)
     quality: QualityMeasure | None = None  # set after capture; the precision stage's weights read it
@@ -143,15 +143,17 @@ def compile(  # noqa: A001 - the public name the API promises
     return Artifact(Path(output), manifest)
 
 
-def _config(config: LuffyConfig | None, **keywords) -> LuffyConfig:
-    """``config`` with the keywords that are not None applied; lists of passes become tuples."""
+def config_with(config: LuffyConfig | None, **keywords) -> LuffyConfig:
+    """``config`` with the keywords that are not None applied; lists of passes become tuples (compile's
+    keywords, and luffy.compile's before it dispatches)."""
     options = {OPTION_ALIASES.get(name, name): value for name, value in keywords.items()}
     for name in ("disabled_passes", "enabled_passes"):
         options[name] = tuple(options[name]) if options.get(name) else None
     return (config or LuffyConfig()).with_overrides(**options)
 
 
-def _check_paths(cfg: LuffyConfig, output) -> None:
+def check_paths(cfg: LuffyConfig, output) -> None:
+    """The output, --dump-ir, --calib and --eval paths, refused in one line before any capture."""
     if output is None:
         raise UsageError("an output directory is required (-o DIR)")
     if cfg.dump_ir is not None and Path(cfg.dump_ir).resolve().is_relative_to(Path(output).resolve()):
@@ -165,12 +167,13 @@ def _capture(src, opset: int, cfg: LuffyConfig, say) -> CaptureResult:
     say(f"capturing {src.spec}")
     t0 = time.perf_counter()
     if src.kind == "onnx":
-        from .onnx_source import load_onnx_source
+        from .capture.onnx_file import load_onnx_source
 
         captured, tm = load_onnx_source(src.path), None
     else:
-        from .capture import capture_causal_lm, capture_encoder, capture_module
-        from .sources import ENCODER, load_torch_model
+        from .capture.torch_export import capture_causal_lm, capture_encoder, capture_module
+        from .sources.resolve import ENCODER
+        from .sources.torch_model import load_torch_model
 
         tm = load_torch_model(src)
         captured = {CAUSAL_LM: capture_causal_lm, ENCODER: capture_encoder}.get(tm.kind, capture_module)(tm, opset)
@@ -211,7 +214,7 @@ def _check_staged(model_path: Path, capture: CaptureResult, cfg: LuffyConfig, co
     parity = None
     if cfg.check_parity and capture.graph.reference is not None:
         say("checking parity against PyTorch")
-        from .parity import check_parity as run_parity_check
+        from .quality.parity import check_parity as run_parity_check
 
         parity = run_parity_check(capture.graph, model_path, capture.vocab, cfg.precision)
     else:
@@ -231,13 +234,13 @@ def _after_pass_hook(cfg: LuffyConfig, captured, vocab: int | None, say):
     """
     hooks = []
     if cfg.dump_ir is not None:
-        from .dump_ir import IRDumper
+        from .report.dump_ir import IRDumper
 
         dumper = IRDumper(cfg.dump_ir)
         dumper.dump("captured", captured.model)
         hooks.append(dumper)
     if cfg.verify:
-        from .verify import Verifier
+        from .quality.verify import Verifier
 
         say("computing --verify references on the captured graph")
         hooks.append(Verifier(captured, vocab))
@@ -315,7 +318,7 @@ def _save_model(model: ir.Model, stage: Path, mode: str) -> bool:
 
 def _write_tokenizer(stage: Path, src, tm) -> tuple[list[str], dict | None]:
     """The tokenizer files written, and the manifest's ``chat_template`` record (None without a template)."""
-    from .tokenizer_files import write_chat_template, write_tokenizer
+    from .emit.tokenizer_files import write_chat_template, write_tokenizer
 
     source_dir = tm.tokenizer_dir if tm is not None else (src.path.parent if src.kind == "onnx" else None)
     names = write_tokenizer(stage, tokenizer=tm.tokenizer if tm is not None else None, source_dir=source_dir)

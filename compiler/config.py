@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 
 from ..errors import UsageError
+from ..options import option  # an option is one field: its flag, help and default (luffy/options.py)
 
 OPTIMIZATION_LEVELS = {"none": 0, "conservative": 1, "balanced": 2}
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4", "int8-dynamic")
@@ -13,17 +14,6 @@ WEIGHT_ONLY = ("int8", "int4")
 BLOCK_SIZES = (16, 32, 64, 128)
 EXTERNAL_DATA_MODES = ("auto", "always", "never")
 HARDWARE_COMPATIBILITY = ("none", "ampere+")
-
-
-def option(default, help: str, *flags: str, group: str | None = None, **cli):
-    """A LuffyConfig field that is also a `luffy compile` flag: adding an option is this one field.
-
-    ``flags`` default to ``--field-name``; ``group`` "trt" puts it in --help's TensorRT panel and in the
-    manifest only for --target trt ("auto": only with --auto); ``cli`` goes to typer.Option (min, max,
-    metavar). The CLI's default, its help, `luffy.compile`'s keyword and the manifest's options all come
-    from here.
-    """
-    return field(default=default, metadata={"help": help, "flags": flags, "group": group, "cli": cli})
 
 
 @dataclass(frozen=True)
@@ -49,7 +39,7 @@ class LuffyConfig:
     eval_file: str | None = option(None, "Text (or .json token ids): perplexity before and after, in the report.",
                                    "--eval", metavar="FILE")
     # --auto: compile every precision this target runs, measure quality on eval_file and speed here, keep the
-    # fastest within max_quality_loss (percent); auto_time_budget (seconds) bounds it (compiler/auto.py)
+    # fastest within max_quality_loss (percent); auto_time_budget (seconds) bounds it (luffy/auto.py)
     auto: bool = option(
         False, "Compile every precision ONNX Runtime runs here (fp32; int4 block 128/32 and int8, round-to-nearest "
         "and with --calib GPTQ; int8-dynamic), measure quality on --eval and speed on this machine, and write the "

@@ -1,6 +1,6 @@
 """Top-k mixture-of-experts SwiGLU block -> one com.microsoft MoE.
 
-luffy captures transformers' experts through their "batched_mm" path (compiler/capture.py), which exports
+luffy captures transformers' experts through their "batched_mm" path (compiler/capture/torch_export.py), which exports
 per layer as: the routing (Softmax(router logits) -> TopK, then divided by the top-k sum or not; or TopK of
 the logits -> Softmax over the k, which is the same division), every token repeated k times, each copy's
 expert weights gathered out of the stacked [E, 2I, H] gate_up and [E, H, I] down tensors (GatherND: a copy

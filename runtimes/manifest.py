@@ -1,6 +1,6 @@
 """The artifact contract both sides keep: the manifest's schema, reading it, and the step graph's names.
 
-The compiler writes artifacts (compiler/artifact.py) and the runtimes read them; everything both must agree on
+The compiler writes artifacts (compiler/emit/artifact.py) and the runtimes read them; everything both must agree on
 lives here, so a serving process needs neither the compiler nor torch to check an artifact. The schema is a
 small table checked by hand rather than JSON Schema: the runtime's dependencies stay onnxruntime, numpy and
 tokenizers, and every failure is one line naming the manifest and the field.

@@ -8,8 +8,9 @@ import numpy as np
 
 from ..errors import ArtifactError, CapacityError, UsageError
 from .cpu_bf16 import cpu_model
+from .constraint import warn_incomplete
 from .engine import Engine
-from .generation import check_sampling, eos_set, generate_loop, left_pad
+from .generation import generate_loop, left_pad
 from .huge_pages import MIN_REGION, NOTHING_COLLAPSED, anonymous_mappings, back_new_mappings_with_huge_pages
 from .manifest import step_graph
 from .ort_compat import engine_session_options, import_onnxruntime
@@ -108,10 +109,13 @@ class OrtEngine(Engine):
 
     def generate(
         self, input_ids, max_new_tokens: int = 32, min_new_tokens: int = 0, do_sample: bool = False,
-        temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_token_id="model", pad_token_id=None,
+        temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+        repetition_penalty: float = 1.0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+        logit_bias: dict | None = None, constraint=None, eos_token_id="model", pad_token_id=None,
         seed: int | None = None, output_logits: bool = False, streamer=None, assistant_model=None,
         num_assistant_tokens: int = 4, num_assistant_tokens_schedule: str = "heuristic",
-        prompt_lookup_num_tokens: int | None = None, max_matching_ngram_size: int = 2,
+        prompt_lookup_num_tokens: int | None = None, max_matching_ngram_size: int = 2, json_schema=None,
+        regex: str | None = None, grammar: str | None = None, choice: list[str] | None = None,
     ):
         """Generate up to ``max_new_tokens`` per row; returns int64 [batch, prompt + new], left-padded.
 
@@ -120,6 +124,12 @@ class OrtEngine(Engine):
         disables stopping. ``output_logits=True`` returns ``(ids, logits)`` with the raw logits of every
         generated position, [batch, new, vocab]. ``streamer(tokens)`` receives each step's new tokens
         ([batch] int64) as soon as they are chosen.
+
+        Tokens are chosen through the one logits chain (runtimes/sampling.py), in its order: the penalties
+        (``repetition_penalty`` as transformers', over each row's prompt and output; OpenAI's
+        ``presence_penalty`` and ``frequency_penalty`` over its output), ``logit_bias`` ({token id: bias}),
+        the ``constraint`` (a grammar: one object, or a list with one per row), ``min_new_tokens``, then
+        ``temperature`` (below 1e-5: greedy), ``top_k``, ``top_p``, ``min_p``.
 
         Speculative decoding (Hugging Face's names): ``assistant_model=draft_engine`` proposes up to
         ``num_assistant_tokens`` tokens per round, ``prompt_lookup_num_tokens=K`` up to K tokens that followed
@@ -135,14 +145,26 @@ class OrtEngine(Engine):
 
         >>> engine.generate([[256, 72], [256, 72, 105, 33]], max_new_tokens=4).shape   # doctest: +SKIP
         (2, 8)
+
+        Structured outputs: ``json_schema`` (a dict or JSON text; output compact, as OpenAI's ``strict``),
+        ``regex``, ``grammar`` (Lark or GBNF) or ``choice`` (a list of strings) give every row an llguidance
+        grammar (runtimes/grammar.py) as its ``constraint``. A row ends when its grammar is complete and allows
+        nothing more; one that runs out of ``max_new_tokens`` first is cut off, with a RuntimeWarning.
+
+        >>> ids = engine.generate(rows, 64, json_schema={"type": "object", "properties": {"n": {"type": "integer"}}})  # doctest: +SKIP
         """
         rows, eos_token_id, pad = self._generate_inputs(input_ids, max_new_tokens, eos_token_id, pad_token_id)
+        sampling = self._sampling(eos_token_id, min_new_tokens, do_sample, temperature, top_k, top_p, min_p,
+                                  repetition_penalty, presence_penalty, frequency_penalty, logit_bias)
+        constraints = self._row_constraints(constraint, len(rows), max_new_tokens, dict(
+            json_schema=json_schema, regex=regex, grammar=grammar, choice=choice))
         prompt_len = max(len(r) for r in rows)
         if (assistant_model is not None or prompt_lookup_num_tokens) and max_new_tokens > 0:
-            return self._speculative(rows, max_new_tokens, pad, seed, output_logits, streamer, assistant_model,
-                                     num_assistant_tokens, num_assistant_tokens_schedule, prompt_lookup_num_tokens,
-                                     max_matching_ngram_size, do_sample=do_sample, temperature=temperature,
-                                     top_k=top_k, top_p=top_p, eos=eos_set(eos_token_id), min_new_tokens=min_new_tokens)
+            out = self._speculative(rows, max_new_tokens, pad, seed, output_logits, streamer, assistant_model,
+                                    num_assistant_tokens, num_assistant_tokens_schedule, prompt_lookup_num_tokens,
+                                    max_matching_ngram_size, sampling, constraints)
+            warn_incomplete(constraints, max_new_tokens)
+            return out
         self.generation_stats = None
         ids, mask = left_pad(rows, pad)
         slots = self.open_slots(len(rows), prompt_len + max_new_tokens)
@@ -150,14 +172,13 @@ class OrtEngine(Engine):
         def last_logits(step_ids, real):  # every row steps together: left padding keeps their lengths equal
             return slots.step(0, len(rows), step_ids, real, keep=1)[:, -1, :]
 
-        return generate_loop(
-            last_logits, ids, mask, max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample,
-            temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, pad_token_id=pad, seed=seed,
-            output_logits=output_logits, streamer=streamer,
-        )
+        out = generate_loop(last_logits, ids, mask, max_new_tokens, sampling, pad_token_id=pad, seed=seed,
+                            output_logits=output_logits, streamer=streamer, constraints=constraints)
+        warn_incomplete(constraints, max_new_tokens)
+        return out
 
     def _speculative(self, rows, max_new_tokens, pad, seed, output_logits, streamer, assistant_model, k, schedule,
-                     lookup_k, max_ngram, **choosing):
+                     lookup_k, max_ngram, sampling, constraints):
         from . import speculative
 
         if assistant_model is not None and lookup_k:
@@ -167,8 +188,6 @@ class OrtEngine(Engine):
         k = lookup_k or k
         if k < 1 or max_ngram < 1:
             raise UsageError("the number of proposed tokens and max_matching_ngram_size must be >= 1")
-        sampling = speculative.Sampling(**choosing)
-        check_sampling(sampling.do_sample, sampling.temperature, sampling.top_p)
         width = max(len(r) for r in rows)
         # K is a ceiling, unlike transformers' heuristic, which grows without one: a draft token costs a third
         # of a target step here (int8 for fp32 on a CPU), and uncapped K drifted to 10-16 and wasted draft steps
@@ -182,7 +201,7 @@ class OrtEngine(Engine):
         else:
             source = speculative.PromptLookup(max_ngram)
         ids, logits, stats = speculative.generate(self, rows, max_new_tokens, source, adaptive, sampling, pad, seed,
-                                                  output_logits, streamer)
+                                                  output_logits, streamer, constraints)
         self.generation_stats = stats.to_json()
         return (ids, logits) if output_logits else ids
 

@@ -1,5 +1,5 @@
 """How a generation is timed: one definition of prefill ms and decode tok/s, shared by `luffy bench`
-(benchmarks/) and `luffy compile --auto` (compiler/auto.py), so both report the same numbers.
+(benchmarks/) and `luffy compile --auto` (luffy/auto.py), so both report the same numbers.
 
     >>> run = time_generation(lambda first_token: engine_generate(engine, ids, 32, first_token), 32)  # doctest: +SKIP
     >>> prefill_ms(run), decode_tokens_per_s(len(ids), 32, run)                                          # doctest: +SKIP

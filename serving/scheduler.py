@@ -22,14 +22,14 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import CapacityError, UsageError
+from ..errors import CapacityError
 from ..runtimes.generation import eos_set
+from .options import SchedulerConfig
 from .prefix_cache import PrefixCache
-from .requests import Output, Request, SamplingParams
+from .requests import Output, ParameterError, Request, SamplingParams
 
 
 class QueueFull(Exception):
@@ -38,26 +38,6 @@ class QueueFull(Exception):
 
 class Draining(Exception):
     """The scheduler is shutting down and admits nothing new: the server answers 503."""
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    """``max_num_seqs`` slots of ``max_model_len`` positions each (the KV cache, allocated once);
-    ``max_num_batched_tokens``: decode tokens plus prompt tokens per iteration; ``max_queue``: waiting
-    requests beyond which submit refuses."""
-
-    max_num_seqs: int = 16
-    max_model_len: int | None = None  # default: the artifact's max_seq_len
-    max_num_batched_tokens: int = 512
-    max_queue: int = 256
-    prefix_cache: bool = True  # reuse free slots' contents and a host-RAM block store (serving/prefix_cache.py)
-    prefix_cache_mb: int = 256  # the block store's size; 0 keeps only what free slots hold
-    speculation: object = None  # a SpeculationConfig (serving/speculation.py), or None
-
-    def __post_init__(self):
-        for name in ("max_num_seqs", "max_num_batched_tokens", "max_queue"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 class NoMetrics:
@@ -69,6 +49,7 @@ class NoMetrics:
     def iteration(self, running: int, waiting: int, kv_usage: float) -> None: ...
     def prefix_lookup(self, queried: int, hit: int) -> None: ...
     def speculated(self, proposed: int, accepted: int) -> None: ...
+    def grammar_masked(self, seconds: float, rows: int) -> None: ...
 
 
 class Scheduler:
@@ -104,7 +85,9 @@ class Scheduler:
         self._prefilling: Request | None = None
         self._cancelled: list[Request] = []
         self._stopping = self._draining = False
+        self._stop_error: str | None = None
         self._thread: threading.Thread | None = None
+        self._masker = None  # fills a decode batch's grammar masks in one call; made for the first constraint
 
     # -- the handlers' side ---------------------------------------------------------------------------
     def start(self) -> "Scheduler":
@@ -115,25 +98,35 @@ class Scheduler:
     def check(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Refuse, before any work, a request the artifact cannot hold (one-line UsageError/CapacityError)."""
         if not prompt_ids:
-            raise UsageError("the prompt is empty")
+            raise ParameterError("prompt", "the prompt is empty")
         bad = next((t for t in prompt_ids if not 0 <= t < self.vocab), None)
         if bad is not None:
-            raise UsageError(f"token id {bad} is outside the vocabulary of size {self.vocab}")
+            raise ParameterError("prompt", f"token id {bad} is outside the vocabulary of size {self.vocab}")
+        params.check(self.vocab)  # stop_token_ids and logit_bias ids inside the vocabulary
         if len(prompt_ids) + params.max_tokens > self.capacity:
             raise CapacityError(f"prompt length {len(prompt_ids)} + max_tokens {params.max_tokens} = "
                                 f"{len(prompt_ids) + params.max_tokens} exceeds the maximum context length "
                                 f"{self.capacity}")
 
     def submit(self, request: Request) -> Request:
-        self.check(request.prompt_ids, request.params)
+        return self.submit_all([request])[0]
+
+    def submit_all(self, requests: list[Request]) -> list[Request]:
+        """Queue several requests at once (the choices of one HTTP request), all or none: each is checked, and
+        the queue must have room for all of them."""
+        if len(requests) > self.config.max_queue:
+            raise ParameterError("n", f"{len(requests)} choices in one request exceed the queue's "
+                                      f"{self.config.max_queue} places (--max-queue); send fewer prompts or a smaller n")
+        for request in requests:
+            self.check(request.prompt_ids, request.params)
         with self._lock:
             if self._draining or self._stopping:
                 raise Draining("the server is shutting down")
-            if len(self._waiting) >= self.config.max_queue:
+            if len(self._waiting) + len(requests) > self.config.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests are waiting (--max-queue {self.config.max_queue})")
-            self._waiting.append(request)
+            self._waiting.extend(requests)
             self._lock.notify()
-        return request
+        return requests
 
     def cancel(self, request: Request) -> None:
         """Stop ``request`` (its client went away); its slot is free after the current iteration."""
@@ -172,9 +165,11 @@ class Scheduler:
             time.sleep(0.02)
         return not self.active
 
-    def stop(self) -> None:
+    def stop(self, error: str | None = None) -> None:
+        """End the loop; requests still waiting or running end "abort", with ``error`` as their message."""
         with self._lock:
             self._stopping = True
+            self._stop_error = self._stop_error or error
             self._lock.notify()
         if self._thread is not None:
             self._thread.join(timeout=30)
@@ -208,9 +203,10 @@ class Scheduler:
                     break
             try:
                 self._iteration()
-            except Exception as exc:  # noqa: BLE001 - the engine failed: every request in flight ends with it
-                self._fail_all(f"{type(exc).__name__}: {exc}")
-        self._abort_all("abort")
+            except Exception as exc:  # noqa: BLE001 - a fault outside any one request's step (the steps catch
+                # their own, see _fail): the scheduler's state is suspect, so every request in flight ends
+                self._fail_all(_one_line(exc))
+        self._abort_all("abort", self._stop_error or "the server stopped")
 
     def _iteration(self) -> None:
         self._drop_cancelled()
@@ -237,28 +233,56 @@ class Scheduler:
             return 0
         if self.speculator is not None and n <= self.speculator.config.max_batch:
             return self._speculate(n)
-        tokens = np.array([[self._owner[row].next_input] for row in range(n)], dtype=np.int64)
-        if self.batched_decode:
-            logits = self.slots.step(0, n, tokens)[:, -1, :]
-        else:
-            # each step's logits live in a buffer the next step reuses: copy them out one by one
-            logits = np.stack([self.slots.step(row, row + 1, tokens[row:row + 1])[0, -1, :].copy() for row in range(n)])
-        now = time.monotonic()
         requests = [self._owner[row] for row in range(n)]
-        finished = [r for row, r in enumerate(requests) if self._deliver(r, [r.accept(r.choose(logits[row]))], now)]
+        try:
+            logits = self._decode_logits(n)
+            self._fill_masks(requests)
+        except Exception as exc:  # noqa: BLE001 - the batched step failed: it ends the requests it held, only
+            self._fail(requests, exc)
+            return n
+        now = time.monotonic()
+        finished = []
+        for row, request in enumerate(requests):
+            try:
+                if self._deliver(request, [request.accept(request.choose(logits[row]), logits[row])], now):
+                    finished.append(request)
+            except Exception as exc:  # noqa: BLE001 - this row's choice or text failed: this request alone ends
+                self._fail([request], exc)
         for request in finished:
             self._release(request)
         return n
 
+    def _decode_logits(self, n: int) -> np.ndarray:
+        """The next-token logits [n, vocab] of decoding rows [0, n)."""
+        tokens = np.array([[self._owner[row].next_input] for row in range(n)], dtype=np.int64)
+        if self.batched_decode:
+            return self.slots.step(0, n, tokens)[:, -1, :]
+        # each step's logits live in a buffer the next step reuses: copy them out one by one
+        return np.stack([self.slots.step(row, row + 1, tokens[row:row + 1])[0, -1, :].copy() for row in range(n)])
+
+    def _fill_masks(self, requests: list[Request]) -> None:
+        """Fill the grammar masks of the batch's constrained requests in one llguidance call, before each row's
+        chooser applies its own (runtimes/constraint.py); free rows cost nothing."""
+        constraints = [r.constraint for r in requests if r.constraint is not None]
+        if not constraints:
+            return
+        if self._masker is None:
+            self._masker = self.engine.grammars.masker()
+        start = time.perf_counter()
+        self._masker.fill(constraints)
+        self.metrics.grammar_masked(time.perf_counter() - start, len(constraints))
+
     def _speculate(self, n: int) -> int:
         """One speculative round for each of the ``n`` decoding requests; returns the target tokens computed."""
         computed, finished = 0, []
-        for row in range(n):
-            request = self._owner[row]
-            outputs, width = self.speculator.round(self.slots, request)
-            computed += width
-            if self._deliver(request, outputs, time.monotonic()):
-                finished.append(request)
+        for request in [self._owner[row] for row in range(n)]:
+            try:
+                outputs, width = self.speculator.round(self.slots, request)
+                computed += width
+                if self._deliver(request, outputs, time.monotonic()):
+                    finished.append(request)
+            except Exception as exc:  # noqa: BLE001 - its round touched its slot alone
+                self._fail([request], exc)
         for request in finished:
             self._release(request)
         return computed
@@ -279,44 +303,108 @@ class Scheduler:
             if request is None:
                 break
             self._prefilling = request
-            chunk = request.prompt_ids[request.prefilled:request.prefilled + (budget - spent)]
-            logits = self.slots.step(request.slot, request.slot + 1, np.array([chunk], dtype=np.int64))[0, -1, :]
-            request.prefilled += len(chunk)
-            spent += len(chunk)
-            if request.prefilled == len(request.prompt_ids):
-                self._prefilling = None
-                self._first_token(request, logits)
+            try:
+                spent += self._prefill_chunk(request, budget - spent)
+            except Exception as exc:  # noqa: BLE001 - the chunk touched this request's slot alone
+                self._fail([request], exc)
         return spent
 
+    def _prefill_chunk(self, request: Request, budget: int) -> int:
+        """Prefill up to ``budget`` more of ``request``'s prompt; the last chunk chooses its first token."""
+        chunk = request.prompt_ids[request.prefilled:request.prefilled + budget]
+        scoring = request.params.prompt_logprobs is not None  # every position's logits, not the last only
+        logits = self.slots.step(request.slot, request.slot + 1, np.array([chunk], dtype=np.int64),
+                                 keep=None if scoring else 1)[0]
+        if scoring:
+            request.book_prompt_logprobs(request.prefilled, logits)
+        logits = logits[-1]
+        request.prefilled += len(chunk)
+        if request.prefilled == len(request.prompt_ids):
+            self._prefilling = None
+            self._first_token(request, logits)
+        return len(chunk)
+
     def _admit(self) -> Request | None:
-        with self._lock:
-            if not self._waiting or None not in self._owner[self._decoding:]:
-                return None
-            request = self._waiting.popleft()
-        free = [s for s in range(self._decoding, self.config.max_num_seqs) if self._owner[s] is None]
-        if self.prefix is not None:
+        """The next waiting request, placed in a free slot; None when none waits or no slot is free."""
+        while True:
+            with self._lock:
+                if not self._waiting or None not in self._owner[self._decoding:]:
+                    return None
+                request = self._waiting.popleft()
+            try:
+                self._place(request)
+                return request
+            except Exception as exc:  # noqa: BLE001 - setting this request up failed: it alone ends
+                self._fail([request], exc)
+
+    def _place(self, request: Request) -> None:
+        """Give ``request`` the free slot that holds the longest prefix of its prompt (any free one, emptied, when
+        it needs its prompt's logprobs), and its per-request state."""
+        free = self._free_slots()
+        if self.prefix is not None and request.params.prompt_logprobs is None:
             slot, request.prefilled = self.prefix.place(self.slots.cache, free, request.prompt_ids)
-        else:
-            slot, request.prefilled = free[0], 0
-            self.slots.cache.clear(slot)
-        self.metrics.prefix_lookup(len(request.prompt_ids), request.prefilled)
+            self.metrics.prefix_lookup(len(request.prompt_ids), request.prefilled)
+        else:  # prompt logprobs need every position's logits: nothing cached can stand in
+            slot, request.prefilled = self._empty_slot(free), 0
+        self._take_slot(request, slot)
+
+    def _free_slots(self) -> list[int]:
+        return [s for s in range(self._decoding, self.config.max_num_seqs) if self._owner[s] is None]
+
+    def _empty_slot(self, free: list[int]) -> int:
+        """The free slot holding least, cleared (its full blocks saved to the prefix store first)."""
+        slot = min(free, key=lambda s: int(self.slots.cache.lengths[s]))
+        if self.prefix is not None and self.prefix.store is not None:
+            self.prefix.store.save(self.slots.cache, slot)
+        self.slots.cache.clear(slot)
+        return slot
+
+    def _take_slot(self, request: Request, slot: int) -> None:
         if self.speculator is not None:
             self.speculator.source.clear(slot)  # the slot's draft KV belonged to its last request
         self._owner[slot], request.slot = request, slot
         request.start(self.tokenizer, self.eos_ids)
         request.scheduled_at = time.monotonic()
         self.metrics.request_scheduled(request)
-        return request
 
     def _first_token(self, request: Request, logits: np.ndarray) -> None:
-        self._move(request.slot, self._decoding)
-        self._decoding += 1
-        request.last_token_at = time.monotonic()
-        output = request.accept(request.choose(logits))
-        self.metrics.token(request, True, request.last_token_at - request.arrival)
+        """The prompt is in: choose the first token from the last position's ``logits`` (or, scoring a prompt
+        with max_tokens 0, end with its logprobs); then the request's siblings (n > 1) copy its prompt's KV
+        into free slots and choose theirs from the same logits."""
+        request.first_token_at = request.last_token_at = time.monotonic()
+        if request.params.max_tokens == 0:
+            output = request.finish("length")
+        else:
+            self._move(request.slot, self._decoding)
+            self._decoding += 1
+            output = request.accept(request.choose(logits), logits)
+        self.metrics.token(request, True, request.last_token_at - request.arrival, len(output.token_ids))
         request.emit(output)
+        self._admit_siblings(request, logits)  # after the first output: it carries the prompt's logprobs
         if output.finish_reason is not None:
             self._release(request)
+
+    def _admit_siblings(self, leader: Request, logits: np.ndarray) -> None:
+        """Give each waiting sibling of ``leader`` a free slot holding a copy of the prompt's KV, and its first
+        token from the prompt's last logits: n choices cost one prefill. Siblings left without a slot stay in
+        the queue and are prefilled when admitted (the prefix cache may still spare most of it)."""
+        with self._lock:
+            waiting = [r for r in leader.siblings if r in self._waiting and not r.cancelled]
+        for sibling in waiting:
+            free = self._free_slots()
+            if not free:
+                return
+            with self._lock:
+                self._waiting.remove(sibling)
+            try:
+                slot = self._empty_slot(free)
+                self.slots.cache.copy_prefix(leader.slot, slot, len(leader.prompt_ids))
+                sibling.prefilled = len(sibling.prompt_ids)
+                self.metrics.prefix_lookup(sibling.prefilled, sibling.prefilled)  # as vLLM counts n > 1 children
+                self._take_slot(sibling, slot)
+                self._first_token(sibling, logits)
+            except Exception as exc:  # noqa: BLE001 - this sibling's setup or first token failed: it alone ends
+                self._fail([sibling], exc)
 
     def _move(self, slot: int, target: int) -> None:
         """Swap slots ``slot`` and ``target`` (contents and owners)."""
@@ -345,11 +433,29 @@ class Scheduler:
         self.metrics.request_finished(request)
 
     def _finish(self, request: Request, output: Output) -> None:
-        request.emit(output)
+        try:
+            request.emit(output)
+        except Exception:  # noqa: BLE001 - its client cannot be told (its event loop is gone); the slot is freed
+            pass
         if request.slot is not None or self._prefilling is request:
             self._release(request)
         else:
             self.metrics.request_finished(request)
+
+    def _fail(self, requests: list, exc: Exception) -> None:
+        """End ``requests`` with an error after a step that touched them failed: each gets its error output
+        (an error event, then [DONE], on a stream), its slot is freed and cleared (it may hold half a step's
+        KV, which the prefix cache must not reuse), and every other request goes on."""
+        error = _one_line(exc)
+        for request in requests:
+            if request is None or (request.finish_reason is not None and request.slot is None):
+                continue  # admission found nothing, or it already ended
+            slot = request.slot
+            self._finish(request, request.finish("error", error))
+            if slot is not None:
+                self.slots.cache.clear(slot)
+                if self.speculator is not None:
+                    self.speculator.source.clear(slot)
 
     def _abort_waiting(self) -> None:
         with self._lock:
@@ -364,3 +470,9 @@ class Scheduler:
 
     def _fail_all(self, error: str) -> None:
         self._abort_all("error", error)
+
+
+def _one_line(exc: Exception) -> str:
+    """An exception as the one-line error a failed request carries."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__

@@ -10,22 +10,10 @@ decodes batched otherwise. The acceptance rules and candidate sources are the ru
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 from ..runtimes.speculative import AdaptiveK, DraftModel, PromptLookup, check_draft, speculate_round
+from .options import SpeculationConfig
 from .requests import Output, Request
-
-
-@dataclass(frozen=True)
-class SpeculationConfig:
-    """``draft``: a draft engine (``luffy serve --draft``); ``prompt_lookup``: tokens proposed by prompt lookup
-    (``--prompt-lookup K``); ``num_tokens``: the draft's initial K (adaptive); ``max_batch``: speculate while at
-    most this many requests decode."""
-
-    draft: object = None
-    prompt_lookup: int | None = None
-    num_tokens: int = 4
-    max_batch: int = 1
 
 
 class Speculator:
@@ -47,15 +35,15 @@ class Speculator:
         and the tokens the target's step computed."""
         if request.spec_k is None:
             request.spec_k = AdaptiveK(self.initial_k)
-        proposed, n, token, _ = speculate_round(
-            slots, request.slot, request.prompt_ids + request.output_ids, len(request.prompt_ids),
-            request.params.max_tokens - len(request.output_ids), self.source, request.spec_k, request.sampling,
+        proposed, n, token, verify = speculate_round(
+            slots, request.slot, request.prompt_ids + request.output_ids,
+            request.params.max_tokens - len(request.output_ids), self.source, request.spec_k, request.chooser,
             request.rng)
         if proposed:
             self.metrics.speculated(len(proposed), n)
         outputs = []
-        for t in [*proposed[:n], token]:
-            outputs.append(request.accept(t))
+        for i, t in enumerate([*proposed[:n], token]):
+            outputs.append(request.accept(t, verify[i]))  # the target's logits at the position that chose t
             if outputs[-1].finish_reason is not None:
                 break
         return outputs, len(proposed) + 1

@@ -198,7 +198,7 @@ def outcome(call) -> str:
 
 def fuzz_onnx(workdir: Path, examples: int, seed_value: int, counts: collections.Counter) -> None:
     from luffy.cli.main import main as cli_main
-    from luffy.compiler.inspect import inspect_path
+    from luffy.compiler.report.inspect import inspect_path
 
     @seed(seed_value)
     @settings(max_examples=examples, deadline=None, database=None, suppress_health_check=list(HealthCheck),
@@ -226,7 +226,7 @@ def fuzz_onnx(workdir: Path, examples: int, seed_value: int, counts: collections
 
 def fuzz_manifests(workdir: Path, examples: int, seed_value: int, counts: collections.Counter) -> None:
     from luffy.cli.main import main as cli_main
-    from luffy.compiler.inspect import inspect_path
+    from luffy.compiler.report.inspect import inspect_path
 
     source = workdir / "valid-artifact"
     if not source.exists():

@@ -14,7 +14,7 @@ import sys
 import pytest
 
 import luffy
-from luffy.compiler.auto import SPEED_TIE, candidates, choose, within_budget
+from luffy.auto import SPEED_TIE, candidates, choose, within_budget
 from luffy.models_zoo.trained import heldout_text_path
 
 from .test_quantization_quality import SENTENCES

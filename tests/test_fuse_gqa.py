@@ -7,8 +7,9 @@ import onnx_ir as ir
 import pytest
 
 import luffy
-from luffy.compiler.capture import capture_causal_lm
-from luffy.compiler.sources import load_torch_model, resolve_source
+from luffy.compiler.capture.torch_export import capture_causal_lm
+from luffy.compiler.sources.resolve import resolve_source
+from luffy.compiler.sources.torch_model import load_torch_model
 from luffy.passes.driver import run_passes
 from luffy.passes.fuse_gqa import fuse_gqa
 from luffy.passes.pipelines import pipeline

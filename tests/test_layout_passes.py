@@ -11,8 +11,9 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from luffy.compiler.capture import capture_causal_lm
-from luffy.compiler.sources import load_torch_model, resolve_source
+from luffy.compiler.capture.torch_export import capture_causal_lm
+from luffy.compiler.sources.resolve import resolve_source
+from luffy.compiler.sources.torch_model import load_torch_model
 from luffy.passes.collapse_reshapes import _resolve, collapse_reshapes
 from luffy.passes.driver import run_passes
 from luffy.passes.pipelines import pipeline

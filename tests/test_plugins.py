@@ -16,7 +16,7 @@ from onnx import TensorProto, helper
 
 import luffy
 from luffy.runtimes.trt import gpu_info, installed_tensorrt
-from luffy.compiler.trt_support import check_graph
+from luffy.compiler.targets.trt_support import check_graph
 from luffy.passes.pipelines import plugin_steps
 from luffy.passes.use_plugins import use_plugins
 from luffy.plugins import PLUGINS, RMS_NORM, plugins_for_tensorrt
@@ -209,7 +209,7 @@ def test_tensorrt_registration_is_idempotent():
 def test_plugin_artifact_builds_and_generates_like_pytorch(plugin_artifact, tmp_path, zoo_artifacts):
     import shutil
 
-    from luffy.compiler.trt_build import build_artifact
+    from luffy.compiler.targets.trt_build import build_artifact
 
     copy = tmp_path / "art"
     shutil.copytree(plugin_artifact.path, copy)

@@ -6,9 +6,10 @@ import collections
 import onnx_ir as ir
 import torch
 
-from luffy.compiler.capture import CAPTURE_OPSET, capture_causal_lm
-from luffy.compiler.parity import check_parity
-from luffy.compiler.sources import load_torch_model, resolve_source
+from luffy.compiler.capture.torch_export import CAPTURE_OPSET, capture_causal_lm
+from luffy.compiler.quality.parity import check_parity
+from luffy.compiler.sources.resolve import resolve_source
+from luffy.compiler.sources.torch_model import load_torch_model
 from luffy.passes.driver import run_passes
 from luffy.passes.fuse_onnx23 import fuse_onnx23
 from luffy.passes.pipelines import pipeline
@@ -55,7 +56,7 @@ def test_opset_20_graph_is_left_alone():
 def test_int4_on_the_trt_pipeline_is_qdq_in_standard_onnx(tmp_path):
     # TensorRT's strongly typed networks take precision from the graph: blockwise int4 DequantizeLinear
     # feeding each MatMul, no com.microsoft op; checked on ORT by perplexity on the trained zoo model.
-    from luffy.compiler.calibration import graph_perplexity, token_windows, torch_perplexity
+    from luffy.compiler.quality.calibration import graph_perplexity, token_windows, torch_perplexity
     from luffy.models_zoo.byte_tokenizer import byte_tokenizer
     from luffy.models_zoo.trained import heldout_text_path
     from luffy.passes.pipelines import precision_steps

@@ -117,6 +117,15 @@ def test_scales_up_under_load_and_both_replicas_answer_like_generate_alone(clust
     chunks = list(client.chat.completions.create(model="pydoc", messages=[{"role": "user", "content": "Open the"}],
                                                  max_tokens=6, temperature=0, stream=True))
     assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+    # the edge of serving/edge.py at the ingress (router, chunked body limit) and in the replicas (strict JSON)
+    edge = [httpx.get(f"{cluster.url}/v1/nope", headers=cluster.headers),
+            httpx.post(f"{cluster.url}/v1/completions", headers=cluster.headers,
+                       content=iter([b'{"prompt": "' + b"x" * 65536] * 20)),
+            httpx.post(f"{cluster.url}/v1/completions", headers=cluster.headers,
+                       content=b'{"model": "pydoc", "prompt": "\\ud800 \ud800"}')]
+    assert [r.status_code for r in edge] == [404, 413, 400]
+    assert all(set(r.json()["error"]) == {"message", "type", "param", "code"} for r in edge)
+    assert "lone UTF-16 surrogate" in edge[2].json()["error"]["message"]
     text = _wait(lambda: (t := httpx.get(f"{cluster.url}/metrics", headers=cluster.headers, timeout=10).text)
                  .count("luffy:generation_tokens_total{") >= 2 and t, 10, "both replicas in /metrics")
     assert all(f'replica="{name}"' in text for name in names)

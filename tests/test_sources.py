@@ -149,7 +149,8 @@ def test_checkpoint_with_tensors_the_config_does_not_have_is_refused(tmp_path):
 
 
 def test_an_encoders_task_head_in_the_checkpoint_is_ignored_and_reported():
-    from luffy.compiler.sources import ENCODER, require_complete_weights
+    from luffy.compiler.sources.resolve import ENCODER
+    from luffy.compiler.sources.torch_model import require_complete_weights
     from luffy.models_zoo import ZOO
 
     bert = ZOO["bert-tiny"].build_model()  # BertModel: children embeddings, encoder, pooler

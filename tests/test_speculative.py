@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import luffy
-from luffy.runtimes.sampling import Sampling
+from luffy.runtimes.sampling import Sampling, TokenChooser
 from luffy.runtimes.speculative import accept_sampled
 
 from .helpers import COMMON, NAMED_FAMILIES, PROMPT, make_hf_dir
@@ -149,12 +149,12 @@ def test_the_rejection_rule_emits_the_targets_distribution(draft):
     vocab, draws = 8, 20_000
     target_logits = np.log(np.array([0.30, 0.05, 0.20, 0.10, 0.15, 0.02, 0.08, 0.10]))
     q = np.array([0.05, 0.40, 0.05, 0.20, 0.05, 0.15, 0.05, 0.05])
-    sampling = Sampling(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, eos=np.empty(0, np.int64), min_new_tokens=0)
+    chooser = TokenChooser(Sampling(do_sample=True))
     logits = np.stack([target_logits, target_logits])  # position 0 checks the draft token, position 1 is the bonus
     counts, wrong = np.zeros(vocab, np.int64), np.zeros(vocab, np.int64)
     for _ in range(draws):
         token = int(rng.choice(vocab, p=q)) if draft == "model" else 1  # lookup: always proposes token 1
-        n, nxt = accept_sampled(logits, [token], q[None, :] if draft == "model" else None, sampling, 0, rng)
+        n, nxt = accept_sampled(logits, [token], q[None, :] if draft == "model" else None, chooser, rng)
         counts[token if n == 1 else nxt] += 1
         wrong[token] += 1  # always accepting the draft emits q, not p
     p = np.exp(target_logits) / np.exp(target_logits).sum()

@@ -16,8 +16,8 @@ import pytest
 
 import luffy
 from luffy.runtimes.trt import gpu_info, installed_tensorrt
-from luffy.compiler.trt_profiles import optimization_profiles
-from luffy.compiler.trt_support import check_graph, operator_list, require_supported
+from luffy.compiler.targets.trt_profiles import optimization_profiles
+from luffy.compiler.targets.trt_support import check_graph, operator_list, require_supported
 from luffy.errors import ArtifactError, BackendUnavailableError, UnsupportedModelError, UsageError
 from luffy.runtimes.trt import check_engine
 
@@ -232,7 +232,7 @@ def test_tampered_engine_is_refused_before_deserializing(deferred, tmp_path):
     # the engine is a file of the artifact like any other: read_manifest checks its sha256 first
     import shutil
 
-    from luffy.compiler.artifact import write_manifest
+    from luffy.compiler.emit.artifact import write_manifest
 
     copy = tmp_path / "art"
     shutil.copytree(deferred.path, copy)
@@ -249,7 +249,7 @@ def test_tampered_engine_is_refused_before_deserializing(deferred, tmp_path):
 def test_build_and_run_the_engine(deferred, tmp_path, zoo_artifacts):
     import shutil
 
-    from luffy.compiler.trt_build import build_artifact
+    from luffy.compiler.targets.trt_build import build_artifact
 
     copy = tmp_path / "art"
     shutil.copytree(deferred.path, copy)

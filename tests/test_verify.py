@@ -12,8 +12,8 @@ from onnx import helper, numpy_helper
 from onnx_ir.passes import common
 
 import luffy
-from luffy.compiler.onnx_source import load_onnx_source
-from luffy.compiler.verify import Verifier
+from luffy.compiler.capture.onnx_file import load_onnx_source
+from luffy.compiler.quality.verify import Verifier
 from luffy.passes.driver import PassStep, run_passes
 
 TOLERANCE = 1e-4

@@ -1,0 +1,103 @@
+"""The compile report: per-pass records, op histogram, parameters, memory and precision, in one dict."""
+
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+
+import onnx_ir as ir
+
+from ...errors import first_line
+from ...passes.driver import count_nodes
+from ..config import LuffyConfig
+from ..sources.resolve import CAUSAL_LM
+
+
+def compile_report(cfg: LuffyConfig, capture, model: ir.Model, records: list[dict], checks: dict, seconds: float) -> dict:
+    """``checks`` holds what was measured on the staged files: ``parity``, ``memory`` and ``quality`` (each None
+    when not run)."""
+    return {
+        "seconds_total": round(seconds, 3),
+        "capture": {
+            "seconds": round(capture.seconds, 3),
+            "method": "onnx file" if capture.src.kind == "onnx" else "torch.export + torch.onnx (dynamo)",
+            "nodes": capture.nodes, "notes": capture.graph.notes,
+        },
+        "passes": records,
+        "nodes": count_nodes(model),
+        "op_histogram": op_histogram(model),
+        "parameters": parameter_count(model),
+        "parity": checks["parity"],
+        "memory": checks["memory"],
+        "precision": _precision_report(cfg, records),
+        "quality": checks["quality"],
+    }
+
+
+def text(value) -> str:
+    # ONNX is proto2: protobuf hands back a string field that is not UTF-8 as bytes
+    return value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else str(value)
+
+
+def op_histogram(model: ir.Model) -> dict[str, int]:
+    counts = collections.Counter(
+        f"{text(n.domain)}::{text(n.op_type)}" if n.domain not in ("", "ai.onnx") else text(n.op_type)
+        for n in ir.traversal.RecursiveGraphIterator(model.graph)
+    )
+    return dict(counts.most_common())
+
+
+def parameter_count(model: ir.Model) -> int:
+    """Weights the model holds, counted as the original matrices (a packed int4 MatMulNBits weight of
+    K x N counts K*N, not its bytes; its scales and zero points are not parameters)."""
+    quant_aux, total = set(), 0
+    for node in model.graph:
+        k, n = node.attributes.get("K"), node.attributes.get("N")
+        if node.op_type == "MatMulNBits" and node.domain == "com.microsoft" and k is not None and n is not None:
+            total += k.value * n.value if isinstance(k.value, int) and isinstance(n.value, int) else 0
+            quant_aux.update(id(v) for v in node.inputs[1:] if v is not None)
+        elif node.op_type in ("GatherBlockQuantized", "DequantizeLinear"):
+            quant_aux.update(id(v) for v in node.inputs[1:] if v is not None)
+    for value in model.graph.initializers.values():
+        if id(value) not in quant_aux and value.const_value is not None:
+            total += value.const_value.size
+    return total
+
+
+def reduce_range(cfg: LuffyConfig) -> bool:
+    from ...runtimes.cpu_features import u8s8_saturates
+
+    return u8s8_saturates() if cfg.reduce_range is None else cfg.reduce_range
+
+
+def _precision_report(cfg: LuffyConfig, records: list[dict]) -> dict:
+    """What was quantized and how: the precision passes' own records, plus totals by op."""
+    out = {"precision": cfg.precision}
+    if cfg.precision == "int8-dynamic":
+        from ...runtimes.cpu_features import int8_kernel_path
+
+        out["reduce_range_chosen_by"] = "this CPU" if cfg.reduce_range is None else "option"
+        out["compiled_on"] = int8_kernel_path()
+    for record in records:
+        if record["name"] in ("quantize-weights", "convert-fp16", "quantize-dynamic-int8"):
+            out.update({k: v for k, v in record.items() if k not in ("name", "modified", "nodes_before", "nodes_after")})
+    return out
+
+
+MEMORY_SCENARIO_TOKENS = 128  # the report's reference prefill / decode point (the benchmark's prompt length)
+
+
+def memory_report(model_path: Path, captured, max_len: int | None) -> dict | None:
+    if captured.kind != CAUSAL_LM:
+        return None
+    from .memory import decoder_memory_report
+
+    tokens = min(MEMORY_SCENARIO_TOKENS, (max_len or MEMORY_SCENARIO_TOKENS) - 1)
+    try:
+        report = decoder_memory_report(model_path, tokens)
+    except Exception as exc:  # noqa: BLE001 - an estimate: the artifact passed parity, so say why and go on
+        # onnxruntime's symbolic shape inference crashes on some graphs (PhiMoE, gpt-oss: a Sub whose output
+        # it leaves without a shape, "object of type 'NoneType' has no len()").
+        report = {"error": f"symbolic shape inference failed ({type(exc).__name__}: {first_line(exc, 200)})"}
+    report["kv_cache_bytes_per_token"] = captured.kv.to_json()["bytes_per_token"]
+    return report
