@@ -154,6 +154,12 @@ class LuffyDraftRunner(LuffySpeculativeRunner):
 
     name = "luffy-draft"
 
+    def _load(self, path):
+        from ..runtimes import share_thread_pool
+
+        share_thread_pool()  # this worker runs only this system: one ORT pool for target and draft
+        return super()._load(path)
+
     def _speculation(self) -> tuple[str, dict]:
         import luffy
 

@@ -42,9 +42,10 @@ def _require_int8_kernels_fit(manifest: dict, path: Path, providers: list[str] |
 def _warn_unshared_pools() -> None:
     import warnings
 
-    warnings.warn("speculative decoding with a target and a draft on different ONNX Runtime thread pools (one was "
-                  "loaded with spin=False before the pool was shared): spinning threads compete for the cores "
-                  "(measured 1.8x slower); load both with the default spin=True", RuntimeWarning, stacklevel=4)
+    warnings.warn("speculative decoding with a target and a draft on different ONNX Runtime thread pools: their "
+                  "spinning threads compete for the cores (measured 1.8x slower); call "
+                  "luffy.runtimes.share_thread_pool() before loading both (luffy run/serve --draft do)",
+                  RuntimeWarning, stacklevel=4)
 
 
 class OrtEngine(Engine):
@@ -52,8 +53,8 @@ class OrtEngine(Engine):
 
     ``huge_pages`` (default on) backs the weights ORT allocates on the CPU with transparent huge pages
     (see huge_pages.py; ``self.huge_pages`` reports what the kernel did). Engines of one process run on one
-    shared ONNX Runtime thread pool, made by the first (``threads`` sizes it; see ort_compat.share_thread_pool);
-    ``self.thread_pool`` says which pool this one runs on.
+    ONNX Runtime thread pool once ``share_thread_pool`` made it, else each owns one (see
+    ort_compat.share_thread_pool for why that is the caller's choice); ``self.thread_pool`` says which pool.
     """
 
     def __init__(

@@ -19,15 +19,19 @@ _SHARED_POOL = {"on": False, "threads": None}
 
 
 def share_thread_pool(threads: int | None = None) -> None:
-    """Size the one intra-op thread pool that every ONNX Runtime session luffy creates in this process shares
-    (``threads`` threads; all cores by default). ``luffy.load`` makes the pool itself when it loads the first
-    engine (sized by its ``threads``), so calling this is only needed to size the pool before then.
+    """Make the one intra-op thread pool that every ONNX Runtime session luffy creates afterwards in this process
+    shares (``threads`` threads; all cores by default). ``luffy run --draft``, ``luffy serve --draft`` and the
+    bench workers call it themselves: a library call must ask for it.
 
     Why one pool: each session otherwise owns a pool whose threads spin for a while after every step. Two
-    engines that take turns (a target and its speculative draft, or several artifacts in a server) then
-    leave each other's cores busy: measured on the 2-core reference machine, a 156M fp32 target with its
-    int8 draft (K=4) took 18.5 ms per token with two pools and 10.2 with one. Once the pool exists, ONNX
-    Runtime refuses sessions with a pool of their own anywhere in the process, and its size is fixed.
+    engines that take turns (a target and its speculative draft) then leave each other's cores busy:
+    measured on the 2-core reference machine, a 156M fp32 target with its int8 draft (K=4) took 18.5 ms per
+    token with two pools and 10.2 with one.
+
+    Why not by default in ``luffy.load``: ONNX Runtime's pools are then global to the process, and it refuses
+    every later session that keeps the default ``use_per_session_threads=True`` ("use_per_session_threads
+    must be false when using a global thread pool"): any other ONNX Runtime user in the caller's process (its
+    own models, onnxruntime.quantization) would break behind its back. The pool's size is fixed once made.
 
     >>> luffy.runtimes.share_thread_pool(2); target = luffy.load(a); draft = luffy.load(b)   # doctest: +SKIP
     """
@@ -36,8 +40,8 @@ def share_thread_pool(threads: int | None = None) -> None:
         if threads not in (None, _SHARED_POOL["threads"]):
             made = _SHARED_POOL["threads"] or "all cores'"
             raise UsageError(f"threads={threads}: the engines of this process share one ONNX Runtime thread pool of "
-                             f"{made} threads, made by the first luffy.load (or share_thread_pool); load every "
-                             f"engine with the same threads, or none")
+                             f"{made} threads, made by share_thread_pool; load every engine with the same "
+                             "threads, or none")
         return
     ort.set_global_thread_pool_sizes(threads or 0, 1)
     _SHARED_POOL.update(on=True, threads=threads)
@@ -61,17 +65,17 @@ def session_options(threads: int | None = None):
 def engine_session_options(threads: int | None, spin: bool):
     """(SessionOptions, what pool the engine runs on) for an engine's session.
 
-    Engines share the process's pool (``share_thread_pool``), made here by the first one. The exception is
-    ``spin=False`` before any pool is shared: that engine gets a pool of its own whose idle threads sleep
-    instead of spinning, which takes no core from anything else (a server that leaves the cores to its HTTP
-    threads). Once the pool is shared, ONNX Runtime's global pool spins whatever the session asks.
+    On the process's shared pool once ``share_thread_pool`` made it (``threads`` must then match its size);
+    otherwise a pool of the engine's own, whose idle threads sleep instead of spinning when ``spin=False``
+    (a server that leaves the cores to its HTTP threads). ONNX Runtime's global pool spins whatever a session asks.
     """
-    if not spin and not _SHARED_POOL["on"]:
-        options = session_options(threads)
+    if _SHARED_POOL["on"]:
+        share_thread_pool(threads)  # refuses another size in one line
+        return session_options(), {"shared": True, "threads": _SHARED_POOL["threads"] or "all cores", "spinning": True}
+    options = session_options(threads)
+    if not spin:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        return options, {"shared": False, "threads": threads or "all cores", "spinning": False}
-    share_thread_pool(threads)
-    return session_options(), {"shared": True, "threads": _SHARED_POOL["threads"] or "all cores", "spinning": True}
+    return options, {"shared": False, "threads": threads or "all cores", "spinning": spin}
 
 
 def import_onnxruntime():
