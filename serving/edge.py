@@ -7,7 +7,7 @@
   time (408: a client that sends its body slowly holds no connection forever).
 - JSON bodies are strict (``StrictJsonRoute``): UTF-8 only, no lone UTF-16 surrogates, no NaN or Infinity; the
   request models refuse coerced types (``"10"`` or ``true`` for an integer, ``0`` for a boolean).
-- The API key, and the server-sent events streams end with.
+- The API key check (constant time), and the server-sent event framing both servers' streams use.
 
 vLLM's ``entrypoints/openai`` builds every error through one function in the same way; FastAPI's own 422 and
 ``{"detail"}`` shapes never reach a client here.
