@@ -25,6 +25,8 @@ from typing import Callable
 
 import numpy as np
 
+from ..measure import engine_generate
+
 SUBJECT = "luffy"
 PEERS = ("torch", "ort-export", "genai", "genai-int4", "luffy-int4")
 
@@ -130,8 +132,6 @@ class LuffyRunner(Runner):
     generate_kwargs: dict = {}  # what a subclass adds to every generate call
 
     def generate(self, ids, new_tokens, first_token):
-        from ..runtimes.timing import engine_generate
-
         tokens = engine_generate(self.engine, ids, new_tokens, first_token, **self.generate_kwargs)
         self.last_stats = self.engine.generation_stats  # speculative decoding's acceptance, else None
         return tokens

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .serve_bench import ServeLoad, ServeProcess, _drive, run_metrics, summarize
+from ..measure import latency_summary
+from .serve_bench import ServeLoad, ServeProcess, _drive, run_metrics
 
 CONFIGS = {  # name -> `luffy serve` flags; every replica gets --threads 1 unless the name says otherwise
     "1 replica (Ray), 1 thread": ["--replicas", "1", "--threads", "1"],
@@ -182,7 +183,7 @@ def _routing_run(server: ServeProcess, model: str, prompts, concurrency: int) ->
         placement.setdefault(str(system), {}).setdefault(replica, 0)
         placement[str(system)][replica] += 1
     hits, queries = after["hits"] - before["hits"], after["queries"] - before["queries"]
-    latency = summarize([s for *_, s in results])
+    latency = latency_summary([s for *_, s in results])
     return {"token_hit_rate": hits / queries if queries else None, "prompt_tokens": queries, "cached_tokens": hits,
             "system_prompt_cold_starts": len(seen), "latency_s": latency, "latency_median_s": latency["median"],
             "duration_s": duration, "placement": placement}

@@ -28,7 +28,7 @@ import numpy as np
 
 from ..errors import CapacityError, UsageError
 from ..options import option
-from ..runtimes.generation import eos_set
+from ..runtimes.generation import check_capacity, eos_set
 from .prefix_cache import PrefixCache
 from .requests import Output, ParameterError, Request, SamplingParams
 
@@ -128,10 +128,7 @@ class Scheduler:
         if bad is not None:
             raise ParameterError("prompt", f"token id {bad} is outside the vocabulary of size {self.vocab}")
         params.check(self.vocab)  # stop_token_ids and logit_bias ids inside the vocabulary
-        if len(prompt_ids) + params.max_tokens > self.capacity:
-            raise CapacityError(f"prompt length {len(prompt_ids)} + max_tokens {params.max_tokens} = "
-                                f"{len(prompt_ids) + params.max_tokens} exceeds the maximum context length "
-                                f"{self.capacity}")
+        check_capacity(len(prompt_ids), params.max_tokens, self.capacity, "max_tokens", "the maximum context length")
 
     def submit(self, request: Request) -> Request:
         self.check(request.prompt_ids, request.params)
