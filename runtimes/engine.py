@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ArtifactError, UsageError
+from ..errors import ArtifactError, UsageError, first_line
 
 
 class Engine:
@@ -42,7 +42,7 @@ class Engine:
             try:
                 self._tokenizer = Tokenizer.from_file(str(self.path / name))
             except Exception as exc:  # noqa: BLE001 - tokenizers raises a bare Exception
-                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                reason = first_line(exc)
                 raise ArtifactError(f"{self.path / name}: the tokenizers library cannot read it ({reason})") from None
         return self._tokenizer
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ArtifactError, CapacityError, UsageError
+from ..errors import ArtifactError, CapacityError, UsageError, first_line
 from .cpu_bf16 import cpu_model
 from .engine import Engine, row_constraints
 from .generation import generate_loop, left_pad
@@ -78,7 +78,7 @@ class OrtEngine(Engine):
             mappings_before = anonymous_mappings() if track else None
             self.session = ort.InferenceSession(source, options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            reason = first_line(exc)
             raise ArtifactError(f"{model_path}: onnxruntime {ort.__version__} cannot load it: {reason}") from None
         self.huge_pages = None if not (huge_pages and on_cpu) else (
             back_new_mappings_with_huge_pages(mappings_before) if track else dict(NOTHING_COLLAPSED))
@@ -232,5 +232,5 @@ class OrtEngine(Engine):
         try:
             outputs = self.session.run(None, arrays)
         except Exception as exc:  # ORT raises its own exception types for shape/type errors
-            raise UsageError(f"{self.path}: {str(exc).strip().splitlines()[0]}") from None
+            raise UsageError(f"{self.path}: {first_line(exc)}") from None
         return dict(zip(self.output_names, outputs))

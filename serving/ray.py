@@ -34,7 +34,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from ..errors import LuffyError, UsageError
+from ..errors import LuffyError, UsageError, first_line
 from .edge import install_edge, require_api_key, sse
 from .options import RayOptions, ServerSettings, serve_options
 from .protocol import ProtocolError
@@ -299,7 +299,7 @@ class LuffyIngress:
 
 
 def _replica_failed(exc: Exception) -> ProtocolError:
-    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    reason = first_line(exc)
     return ProtocolError(503, f"the replica serving this request failed ({type(exc).__name__}: {reason[:200]}); "
                               "retry", "server_error", code="replica_failed", headers={"Retry-After": "1"})
 
