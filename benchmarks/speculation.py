@@ -18,7 +18,7 @@ import json
 import numpy as np
 
 from ..measure import decode_tokens_per_s, engine_generate, time_generation
-from ..runtimes import load, share_thread_pool
+from ..runtimes import load
 
 
 def _decode_rate(engine, prompt: list[int], new_tokens: int, **kwargs) -> tuple[float, list[int], dict | None]:
@@ -30,9 +30,7 @@ def _decode_rate(engine, prompt: list[int], new_tokens: int, **kwargs) -> tuple[
 
 def compare(artifact: str, draft: str | None, lookup: int | None, runs: int, prompt_len: int, new_tokens: int,
             seed: int = 0) -> dict:
-    if draft:  # target and draft take turns on the cores: one ONNX Runtime pool (see share_thread_pool)
-        share_thread_pool()
-    target = load(artifact)
+    target = load(artifact)  # with its draft, on the process's one ONNX Runtime pool (no manual call)
     cases = {"plain": {}}
     if draft:
         cases["draft"] = {"assistant_model": load(draft)}

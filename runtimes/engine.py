@@ -7,6 +7,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ArtifactError, UsageError, first_line
+from .generation import eos_set
+from .grammar import GrammarCompiler, GrammarSpec
+
+STRUCTURED = ("json_schema", "regex", "grammar", "choice")  # Engine.generate's structured-output arguments
 
 
 class Engine:
@@ -21,6 +25,7 @@ class Engine:
         self.path = Path(path)
         self.manifest = manifest
         self._tokenizer = None
+        self._grammars = None
 
     @property
     def kind(self) -> str:
@@ -45,6 +50,30 @@ class Engine:
                 reason = first_line(exc)
                 raise ArtifactError(f"{self.path / name}: the tokenizers library cannot read it ({reason})") from None
         return self._tokenizer
+
+    @property
+    def grammars(self) -> GrammarCompiler:
+        """Compiles and caches this artifact's structured-output grammars (llguidance on its tokenizer.json)."""
+        if self._grammars is None:
+            name = self.manifest.get("tokenizer")
+            if not name or self.vocab is None:
+                raise UsageError(f"{self.path}: structured outputs need the artifact's tokenizer and vocabulary size")
+            self._grammars = GrammarCompiler((self.path / name).read_text(), self.vocab,
+                                             eos_set(self._generation_default("eos_token_id")).tolist(),
+                                             source=str(self.path / name))
+        return self._grammars
+
+    def _row_constraints(self, constraint, rows: int, max_new_tokens: int, structured: dict) -> list | None:
+        """generate's grammars, one per row (or None): the ``constraint`` objects given, or those compiled from
+        ``json_schema`` / ``regex`` / ``grammar`` / ``choice`` (at most one of them; JSON compact, as ``strict``)."""
+        given = {k: v for k, v in structured.items() if v is not None}
+        if not given:
+            return row_constraints(constraint, rows)
+        if len(given) > 1 or constraint is not None:
+            named = [*given, *(["constraint"] if constraint is not None else [])]
+            raise UsageError(f"give one of {', '.join(STRUCTURED)} or constraint; got {', '.join(named)}")
+        (kind, spec), = given.items()
+        return self.grammars.constraints(GrammarSpec(kind, spec, strict=True), rows, max_new_tokens)
 
     def _generation_default(self, key: str):
         return self.manifest.get("generation", {}).get(key)

@@ -8,16 +8,18 @@ import numpy as np
 
 from ..errors import ArtifactError, CapacityError, UsageError, first_line
 from .cpu_bf16 import cpu_model
-from .engine import Engine, row_constraints
+from .constraint import warn_incomplete
+from .engine import Engine
 from .generation import generate_loop, left_pad
 from .huge_pages import MIN_REGION, NOTHING_COLLAPSED, anonymous_mappings, back_new_mappings_with_huge_pages
 from .manifest import step_graph
-from .ort_compat import import_onnxruntime, session_options, thread_pool_shared
+from .ort_compat import engine_session_options, import_onnxruntime
 from .ort_slots import OrtSlots
 
 _NUMPY_DTYPES = {
     "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
     "tensor(int32)": np.int32, "tensor(bool)": np.bool_, "tensor(double)": np.float64,
+    "tensor(int8)": np.int8, "tensor(uint8)": np.uint8,  # int8 and 4-bit packed KV caches
 }
 
 
@@ -37,19 +39,21 @@ def _require_int8_kernels_fit(manifest: dict, path: Path, providers: list[str] |
             "AMX); this CPU's int8 kernels saturate. Recompile with --reduce-range (correct on every CPU)")
 
 
-def _warn_private_pools() -> None:
+def _warn_unshared_pools() -> None:
     import warnings
 
-    warnings.warn("speculative decoding with two engines that each own an ONNX Runtime thread pool: their "
-                  "spinning threads compete for the cores (measured 1.8x slower); call "
-                  "luffy.runtimes.share_thread_pool() before loading both", RuntimeWarning, stacklevel=4)
+    warnings.warn("speculative decoding with a target and a draft on different ONNX Runtime thread pools (one was "
+                  "loaded with spin=False before the pool was shared): spinning threads compete for the cores "
+                  "(measured 1.8x slower); load both with the default spin=True", RuntimeWarning, stacklevel=4)
 
 
 class OrtEngine(Engine):
     """Runs an artifact's model.onnx on ONNX Runtime (CPU unless ``providers`` says otherwise).
 
     ``huge_pages`` (default on) backs the weights ORT allocates on the CPU with transparent huge pages
-    (see huge_pages.py; ``self.huge_pages`` reports what the kernel did).
+    (see huge_pages.py; ``self.huge_pages`` reports what the kernel did). Engines of one process run on one
+    shared ONNX Runtime thread pool, made by the first (``threads`` sizes it; see ort_compat.share_thread_pool);
+    ``self.thread_pool`` says which pool this one runs on.
     """
 
     def __init__(
@@ -58,13 +62,9 @@ class OrtEngine(Engine):
     ):
         super().__init__(path, manifest)
         ort = import_onnxruntime()
-        if threads and thread_pool_shared():
-            raise UsageError(f"threads={threads}: this process shares one ONNX Runtime thread pool "
-                             "(share_thread_pool), whose size was set there")
-        options = session_options(threads)
+        # the process's one thread pool (made by the first engine), so engines that take turns never fight
+        options, self.thread_pool = engine_session_options(threads, spin)
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if not spin:  # idle pool threads sleep instead of spinning: the cores go to the server's other threads
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._ort = ort
         model_path = self.path / manifest["model_file"]
         _require_int8_kernels_fit(manifest, self.path, providers)
@@ -115,7 +115,8 @@ class OrtEngine(Engine):
         logit_bias: dict | None = None, constraint=None, eos_token_id="model", pad_token_id=None,
         seed: int | None = None, output_logits: bool = False, streamer=None, assistant_model=None,
         num_assistant_tokens: int = 4, num_assistant_tokens_schedule: str = "heuristic",
-        prompt_lookup_num_tokens: int | None = None, max_matching_ngram_size: int = 2,
+        prompt_lookup_num_tokens: int | None = None, max_matching_ngram_size: int = 2, json_schema=None,
+        regex: str | None = None, grammar: str | None = None, choice: list[str] | None = None,
     ):
         """Generate up to ``max_new_tokens`` per row; returns int64 [batch, prompt + new], left-padded.
 
@@ -145,16 +146,26 @@ class OrtEngine(Engine):
 
         >>> engine.generate([[256, 72], [256, 72, 105, 33]], max_new_tokens=4).shape   # doctest: +SKIP
         (2, 8)
+
+        Structured outputs: ``json_schema`` (a dict or JSON text; output compact, as OpenAI's ``strict``),
+        ``regex``, ``grammar`` (Lark or GBNF) or ``choice`` (a list of strings) give every row an llguidance
+        grammar (runtimes/grammar.py) as its ``constraint``. A row ends when its grammar is complete and allows
+        nothing more; one that runs out of ``max_new_tokens`` first is cut off, with a RuntimeWarning.
+
+        >>> ids = engine.generate(rows, 64, json_schema={"type": "object", "properties": {"n": {"type": "integer"}}})  # doctest: +SKIP
         """
         rows, eos_token_id, pad = self._generate_inputs(input_ids, max_new_tokens, eos_token_id, pad_token_id)
         sampling = self._sampling(eos_token_id, min_new_tokens, do_sample, temperature, top_k, top_p, min_p,
                                   repetition_penalty, presence_penalty, frequency_penalty, logit_bias)
-        constraints = row_constraints(constraint, len(rows))
+        constraints = self._row_constraints(constraint, len(rows), max_new_tokens, dict(
+            json_schema=json_schema, regex=regex, grammar=grammar, choice=choice))
         prompt_len = max(len(r) for r in rows)
         if (assistant_model is not None or prompt_lookup_num_tokens) and max_new_tokens > 0:
-            return self._speculative(rows, max_new_tokens, pad, seed, output_logits, streamer, assistant_model,
-                                     num_assistant_tokens, num_assistant_tokens_schedule, prompt_lookup_num_tokens,
-                                     max_matching_ngram_size, sampling, constraints)
+            out = self._speculative(rows, max_new_tokens, pad, seed, output_logits, streamer, assistant_model,
+                                    num_assistant_tokens, num_assistant_tokens_schedule, prompt_lookup_num_tokens,
+                                    max_matching_ngram_size, sampling, constraints)
+            warn_incomplete(constraints, max_new_tokens)
+            return out
         self.generation_stats = None
         ids, mask = left_pad(rows, pad)
         slots = self.open_slots(len(rows), prompt_len + max_new_tokens)
@@ -162,8 +173,10 @@ class OrtEngine(Engine):
         def last_logits(step_ids, real):  # every row steps together: left padding keeps their lengths equal
             return slots.step(0, len(rows), step_ids, real, keep=1)[:, -1, :]
 
-        return generate_loop(last_logits, ids, mask, max_new_tokens, sampling, pad_token_id=pad, seed=seed,
-                             output_logits=output_logits, streamer=streamer, constraints=constraints)
+        out = generate_loop(last_logits, ids, mask, max_new_tokens, sampling, pad_token_id=pad, seed=seed,
+                            output_logits=output_logits, streamer=streamer, constraints=constraints)
+        warn_incomplete(constraints, max_new_tokens)
+        return out
 
     def _speculative(self, rows, max_new_tokens, pad, seed, output_logits, streamer, assistant_model, k, schedule,
                      lookup_k, max_ngram, sampling, constraints):
@@ -183,8 +196,8 @@ class OrtEngine(Engine):
         adaptive = speculative.AdaptiveK(k, schedule == "heuristic")
         if assistant_model is not None:
             speculative.check_draft(self, assistant_model)
-            if not thread_pool_shared():
-                _warn_private_pools()
+            if not (self.thread_pool["shared"] and getattr(assistant_model, "thread_pool", {}).get("shared")):
+                _warn_unshared_pools()
             source = speculative.DraftModel(assistant_model, 1, width + max_new_tokens)  # rows run one at a time
         else:
             source = speculative.PromptLookup(max_ngram)

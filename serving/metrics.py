@@ -16,6 +16,8 @@ ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.
                80.0)
 REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
                    480.0, 960.0, 1920.0, 7680.0)
+GRAMMAR_COMPILE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+GRAMMAR_MASK_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -53,6 +55,15 @@ class ServerMetrics:
         self.spec_drafts = make(Counter, "spec_decode_num_drafts", "Speculative rounds that proposed tokens.")
         self.spec_draft_tokens = make(Counter, "spec_decode_num_draft_tokens", "Tokens proposed by the draft or lookup.")
         self.spec_accepted = make(Counter, "spec_decode_num_accepted_tokens", "Proposed tokens the target accepted.")
+        self.grammar_compile = make(Histogram, "structured_output_compile_seconds", "Compile time of a grammar not in "
+                                    "the cache (what a request with a new schema waits).", buckets=GRAMMAR_COMPILE_BUCKETS)
+        self.grammar_hits = make(Counter, "structured_output_cache_hits", "Grammars found compiled in the cache.")
+        self.grammar_mask = make(Histogram, "structured_output_mask_seconds", "Time to fill and apply a decode "
+                                 "step's grammar masks (all constrained rows, one call).", buckets=GRAMMAR_MASK_BUCKETS)
+        self.grammar_rows = make(Counter, "structured_output_masked_rows", "Rows masked by a grammar in decode steps.")
+        self.grammar_outcomes = Counter("luffy:structured_output_requests", "Finished constrained requests by how "
+                                        "their output stands (complete, closed_early, incomplete).",
+                                        names + ["structured_output"], registry=self.registry)
         self.success = Counter("luffy:request_success", "Finished requests by finish reason.",
                                names + ["finished_reason"], registry=self.registry)
         self.http_errors = Counter("luffy:http_errors", "Requests refused with an HTTP error, by status.",
@@ -81,7 +92,21 @@ class ServerMetrics:
         self.spec_draft_tokens.inc(proposed)
         self.spec_accepted.inc(accepted)
 
+    def grammar_compiled(self, seconds: float, hit: bool) -> None:
+        """The grammar compiler's listener (runtimes/grammar.py): a lookup's compile time, or a cache hit."""
+        if hit:
+            self.grammar_hits.inc()
+        else:
+            self.grammar_compile.observe(seconds)
+
+    def grammar_masked(self, seconds: float, rows: int) -> None:
+        self.grammar_mask.observe(seconds)
+        self.grammar_rows.inc(rows)
+
     def request_finished(self, request) -> None:
+        outcome = request.grammar_state() if request.finish_reason in ("stop", "length") else None
+        if outcome is not None:
+            self.grammar_outcomes.labels(**self.labels, structured_output=outcome).inc()
         if request.finish_reason in ("stop", "length"):
             self.e2e.observe((request.last_token_at or request.arrival) - request.arrival)
             if len(request.output_ids) > 1 and request.first_token_at is not None:
