@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib.metadata as md
 import os
 import platform
+import subprocess
+from pathlib import Path
 
 from .bandwidth import usable_cores
 
@@ -51,9 +53,6 @@ def versions() -> dict:
 
 def luffy_source_state() -> str | None:
     """``<commit>`` or ``<commit>+dirty`` when luffy runs from a git checkout (the numbers depend on the tree)."""
-    import subprocess
-    from pathlib import Path
-
     root = Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ..errors import BackendUnavailableError
 from ..measure import decode_tokens_per_s, prefill_ms, spread
 
 DEFINITIONS = {
@@ -59,11 +61,7 @@ def count(n: int | None) -> str:
 
 def require_matplotlib() -> None:
     """Fail fast (before a long bench) when --plot cannot be honoured."""
-    import importlib.util
-
     if importlib.util.find_spec("matplotlib") is None:
-        from ..errors import BackendUnavailableError
-
         raise BackendUnavailableError("--plot needs matplotlib: pip install 'luffy[bench]'")
 
 

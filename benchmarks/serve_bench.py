@@ -27,8 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..benchmarks.machine import describe_machine
 from ..errors import UsageError
 from ..measure import latency_summary, time_per_output_token
+from ..runtimes import load as load_engine
 
 
 @dataclass(frozen=True)
@@ -323,9 +325,6 @@ def bench_serve(artifact: str | Path, load: ServeLoad, concurrency: list[int], r
                 threads: int | None = None, progress=None, overhead_rounds: int = 6,
                 shared_prefix: tuple[int, int] | None = None) -> dict:
     """Run the load at each concurrency (or the request rate) against a fresh server; returns the report dict."""
-    from ..benchmarks.machine import describe_machine
-    from ..runtimes import load as load_engine
-
     artifact = Path(artifact)
     say = progress or (lambda *a: None)
     say("static batches in-process", 0, 1)

@@ -30,6 +30,7 @@ from ..runtimes.generation import check_capacity, eos_set
 from .options import SchedulerConfig
 from .prefix_cache import PrefixCache
 from .requests import Output, ParameterError, Request, SamplingParams
+from .speculation import Speculator
 
 
 class QueueFull(Exception):
@@ -74,8 +75,6 @@ class Scheduler:
         self.prefix = PrefixCache(self.config.prefix_cache_mb << 20) if self.config.prefix_cache else None
         self.speculator = None
         if self.config.speculation is not None:
-            from .speculation import Speculator
-
             self.speculator = Speculator(engine, self.config.max_num_seqs, capacity, self.config.speculation,
                                          self.metrics)
         self._lock = threading.Condition()
