@@ -247,6 +247,8 @@ class OrtExportRunner(Runner):
         model = AutoModelForCausalLM.from_pretrained(self.paths["hf_dir"], dtype=torch.float32, local_files_only=True).eval()
         takes_positions = "position_ids" in inspect.signature(model.forward).parameters
 
+        # Its own step wrapper, not luffy's capture (compiler/capture/torch_export.py): this peer is what a user
+        # assembles without luffy, so it shares none of luffy's code.
         class Step(torch.nn.Module):
             def __init__(self):
                 super().__init__()

@@ -24,6 +24,18 @@ def zoo_artifacts(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def pydoc(zoo_artifacts):
+    """llama-pydoc's default build, the serving tests' model (trained weights: greedy continuations are text)."""
+    return zoo_artifacts("llama-pydoc")[0]
+
+
+@pytest.fixture(scope="module")
+def engine(pydoc):
+    """That build loaded once per test module: what a served request is compared with (Engine.generate alone)."""
+    return pydoc.load()
+
+
+@pytest.fixture(scope="session")
 def llama_verified(tmp_path_factory):
     """llama-tiny compiled once at the default level with --verify and --dump-ir: (artifact, dump directory)."""
     import luffy

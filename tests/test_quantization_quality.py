@@ -10,8 +10,6 @@ cosine >= 0.999 at fp16 and bf16, >= 0.99 at int8. bf16 runs on the CPU through 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -19,7 +17,7 @@ import pytest
 import luffy
 from luffy.models_zoo.trained import calibration_text_path, heldout_text_path
 
-from .helpers import NAMED_FAMILIES, make_hf_dir
+from .helpers import NAMED_FAMILIES, luffy_cli, make_hf_dir
 
 # fp16, int8 and int4's bounds are the issue's; bf16 is held to fp16's (luffy's own choice: the bf16 pass keeps
 # the same fp32 islands, and bf16's 8-bit mantissa measured +0.01 % here).
@@ -176,13 +174,9 @@ def test_minilm_embedding_cosine(minilm, tmp_path, precision):
 
 # -- the CLI ---------------------------------------------------------------------------------------
 
-def _luffy(*args):
-    return subprocess.run([sys.executable, "-m", "luffy", *args], capture_output=True, text=True)
-
-
 def test_cli_int4_with_calib_and_eval(tmp_path):
     out = tmp_path / "q4"
-    done = _luffy("compile", "llama-pydoc", "-o", str(out), "--precision", "int4", "--block-size", "64",
+    done = luffy_cli("compile", "llama-pydoc", "-o", str(out), "--precision", "int4", "--block-size", "64",
                   "--calib", str(calibration_text_path()), "--eval", str(heldout_text_path()))
     assert done.returncode == 0, done.stderr
     assert "perplexity" in done.stderr
@@ -200,7 +194,7 @@ def test_cli_int4_with_calib_and_eval(tmp_path):
 ])
 def test_cli_refuses_bad_precision_options(tmp_path, args, needle):
     out = tmp_path / "never"
-    done = _luffy("compile", "llama-tiny", "-o", str(out), *args)
+    done = luffy_cli("compile", "llama-tiny", "-o", str(out), *args)
     assert done.returncode == 2
     assert needle in done.stderr and len(done.stderr.strip().splitlines()) == 1
     assert not out.exists()
@@ -209,7 +203,7 @@ def test_cli_refuses_bad_precision_options(tmp_path, args, needle):
 def test_eval_refuses_encoders(tmp_path):
     text = tmp_path / "t.txt"
     text.write_text("some text to score")
-    done = _luffy("compile", "bert-tiny", "-o", str(tmp_path / "e"), "--eval", str(text))
+    done = luffy_cli("compile", "bert-tiny", "-o", str(tmp_path / "e"), "--eval", str(text))
     assert done.returncode == 2 and "causal LM" in done.stderr
 
 
