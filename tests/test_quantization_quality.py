@@ -25,9 +25,9 @@ GATES = {"fp16": 0.1, "bf16": 0.1, "int8": 0.5, "int4-gptq": 3.0, "int8-dynamic"
 
 
 @pytest.fixture(scope="module")
-def pydoc(tmp_path_factory):
-    """llama-pydoc compiled at every precision with --eval on the held-out text: name -> Artifact."""
-    root = tmp_path_factory.mktemp("pydoc")
+def pydoc(pydoc_build):
+    """llama-pydoc compiled at every precision with --eval on the held-out text: name -> Artifact (the session's
+    builds: the int8 one is also the speculative-decoding draft)."""
     heldout, calib = str(heldout_text_path()), str(calibration_text_path())
     variants = {
         "fp32": dict(precision="fp32"),
@@ -39,8 +39,7 @@ def pydoc(tmp_path_factory):
         # reduce_range as this CPU needs it: measured +0.33 % with 7-bit weights, +0.26 % with 8-bit (VNNI)
         "int8-dynamic": dict(precision="int8-dynamic"),
     }
-    return {name: luffy.compile("llama-pydoc", output=root / name, eval_file=heldout, **kw)
-            for name, kw in variants.items()}
+    return {name: pydoc_build(eval_file=heldout, **kw) for name, kw in variants.items()}
 
 
 def _increase(artifact) -> float:
