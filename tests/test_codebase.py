@@ -199,3 +199,21 @@ def test_imports_sit_at_module_tops_except_the_optional_extras():
             continue
         misplaced.append(f"{rel}:{line}: {name}")
     assert not misplaced, "imports inside functions that belong at the module top: " + ", ".join(misplaced)
+
+
+# Layers point one way (cli -> serving -> runtimes; cli -> luffy.auto -> compiler -> passes -> plugins): what each
+# layer must never import, anywhere in its modules. A serving machine has no torch, transformers or onnxscript.
+FORBIDDEN = {
+    "luffy.runtimes": ("luffy.compiler", "luffy.passes", "luffy.serving", "luffy.cli", "luffy.auto", "luffy.benchmarks"),
+    "luffy.serving": ("luffy.compiler", "luffy.passes", "luffy.cli", "luffy.auto", "luffy.benchmarks"),
+    "luffy.compiler": ("luffy.auto", "luffy.serving", "luffy.cli", "luffy.benchmarks"),
+    "luffy.passes": ("luffy.compiler", "luffy.auto", "luffy.serving", "luffy.cli", "luffy.benchmarks"),
+    "luffy.plugins": ("luffy.compiler", "luffy.passes", "luffy.auto", "luffy.serving", "luffy.cli", "luffy.benchmarks"),
+}
+
+
+def test_layers_point_one_way():
+    crossings = [f"{module} imports {target}" for module, targets in _import_edges().items()
+                 for layer, forbidden in FORBIDDEN.items() if module == layer or module.startswith(layer + ".")
+                 for target in sorted(targets) if target.startswith(forbidden)]
+    assert not crossings, crossings
