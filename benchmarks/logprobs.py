@@ -21,13 +21,15 @@ import time
 
 import numpy as np
 
+import luffy
+from luffy.serving.scheduler import Scheduler, SchedulerConfig
+
+from ..serving.requests import Output, Request, SamplingParams
 from .machine import describe_machine
 
 
 def _served(scheduler, prompts: list[list[int]], new_tokens: int, top: int | None) -> tuple[float, list[list[int]]]:
     """(decode tok/s, tokens) of ``prompts`` served together, each asking ``top`` logprobs (None: none)."""
-    from ..serving.requests import Output, Request, SamplingParams
-
     done, stamps, outputs = threading.Event(), {}, {}
     lock = threading.Lock()
 
@@ -50,9 +52,6 @@ def _served(scheduler, prompts: list[list[int]], new_tokens: int, top: int | Non
 
 def compare(artifact: str, streams: list[int], tops: list[int], runs: int, prompt_len: int, new_tokens: int,
             seed: int = 0) -> dict:
-    import luffy
-    from luffy.serving.scheduler import Scheduler, SchedulerConfig
-
     engine = luffy.load(artifact)
     rng = np.random.default_rng(seed)
     cases = {"none": None, **{f"top {k}": k for k in tops}}

@@ -16,10 +16,10 @@ import dataclasses
 from typing import Callable
 
 import onnx_ir as ir
-
 from onnx_ir.passes import common
 
 from ..errors import UsageError
+from ..plugins import plugins_for_tensorrt
 from .collapse_reshapes import collapse_reshapes
 from .convert_bf16 import convert_bf16
 from .convert_fp16 import convert_fp16
@@ -154,8 +154,6 @@ def plugin_steps(target: str, opt_level: int, trt_version: tuple[int, ...] | Non
     >>> plugin_steps("trt", 2, (10, 15))
     []
     """
-    from ..plugins import plugins_for_tensorrt
-
     if target != "trt" or opt_level == 0 or USE_PLUGINS in disabled or trt_version is None:
         return []
     plugins = plugins_for_tensorrt(trt_version)

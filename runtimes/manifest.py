@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from ..errors import ArtifactError
+from ..errors import ArtifactError, first_line
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -191,7 +191,7 @@ def read_manifest(directory: str | os.PathLike, verify_files: bool = True) -> di
     try:
         manifest = json.loads(path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise ArtifactError(f"{path}: not valid JSON ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        raise ArtifactError(f"{path}: not valid JSON ({first_line(exc)})") from None
     except OSError as exc:
         raise ArtifactError(f"{path}: cannot read it ({exc.strerror or exc})") from None
     validate_manifest(path, manifest)

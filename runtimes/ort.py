@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import ArtifactError, CapacityError, UsageError
-from .cpu_bf16 import cpu_model
+from ..errors import ArtifactError, CapacityError, UsageError, first_line
+from . import speculative
 from .constraint import warn_incomplete
+from .cpu_bf16 import cpu_model
+from .cpu_features import u8s8_saturates
 from .engine import Engine
 from .generation import generate_loop, left_pad
 from .huge_pages import MIN_REGION, NOTHING_COLLAPSED, anonymous_mappings, back_new_mappings_with_huge_pages
@@ -30,8 +33,6 @@ def _weight_file_bytes(manifest: dict) -> int:
 
 def _require_int8_kernels_fit(manifest: dict, path: Path, providers: list[str] | None) -> None:
     """An int8-dynamic artifact with 8-bit weights gives wrong outputs on x86 CPUs without VNNI."""
-    from .cpu_features import u8s8_saturates
-
     on_cpu = not providers or providers == ["CPUExecutionProvider"]
     if manifest.get("int8_reduce_range") is False and on_cpu and u8s8_saturates():
         raise ArtifactError(
@@ -40,8 +41,6 @@ def _require_int8_kernels_fit(manifest: dict, path: Path, providers: list[str] |
 
 
 def _warn_unshared_pools() -> None:
-    import warnings
-
     warnings.warn("speculative decoding with a target and a draft on different ONNX Runtime thread pools: their "
                   "spinning threads compete for the cores (measured 1.8x slower); call "
                   "luffy.runtimes.share_thread_pool() before loading both (luffy run/serve --draft do)",
@@ -79,7 +78,7 @@ class OrtEngine(Engine):
             mappings_before = anonymous_mappings() if track else None
             self.session = ort.InferenceSession(source, options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            reason = first_line(exc)
             raise ArtifactError(f"{model_path}: onnxruntime {ort.__version__} cannot load it: {reason}") from None
         self.huge_pages = None if not (huge_pages and on_cpu) else (
             back_new_mappings_with_huge_pages(mappings_before) if track else dict(NOTHING_COLLAPSED))
@@ -181,8 +180,6 @@ class OrtEngine(Engine):
 
     def _speculative(self, rows, max_new_tokens, pad, seed, output_logits, streamer, assistant_model, k, schedule,
                      lookup_k, max_ngram, sampling, constraints):
-        from . import speculative
-
         if assistant_model is not None and lookup_k:
             raise UsageError("give assistant_model or prompt_lookup_num_tokens, not both")
         if schedule not in ("heuristic", "constant"):
@@ -246,5 +243,5 @@ class OrtEngine(Engine):
         try:
             outputs = self.session.run(None, arrays)
         except Exception as exc:  # ORT raises its own exception types for shape/type errors
-            raise UsageError(f"{self.path}: {str(exc).strip().splitlines()[0]}") from None
+            raise UsageError(f"{self.path}: {first_line(exc)}") from None
         return dict(zip(self.output_names, outputs))

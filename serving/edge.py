@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import CapacityError, UsageError
 from .protocol import ProtocolError
+from .scheduler import Draining, QueueFull
 
 _ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
                 405: "invalid_request_error", 408: "invalid_request_error", 413: "invalid_request_error",
@@ -67,8 +68,6 @@ _STATUS_DESCRIPTIONS = {
 
 def error_status(exc: Exception) -> ProtocolError:
     """The OpenAI-shaped HTTP error for an exception raised while handling a request."""
-    from .scheduler import Draining, QueueFull
-
     if isinstance(exc, ProtocolError):
         return exc
     if isinstance(exc, QueueFull):

@@ -85,6 +85,12 @@ def add_routes(app: FastAPI, state: ServingState) -> None:
             state.metrics.gauges(state.scheduler.running, state.scheduler.waiting, state.scheduler.kv_cache_usage)
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
+    _add_generation_routes(app, state, auth)
+
+
+def _add_generation_routes(app: FastAPI, state: ServingState, auth: list) -> None:
+    """The routes that run the model: /v1/embeddings, /v1/completions, /v1/chat/completions."""
+
     @app.post("/v1/embeddings", dependencies=auth, responses={
         200: {"description": "One unit-length, mean-pooled vector per input (floats, or base64 float32)."},
         **error_responses(400, 401, 404, 408, 413, 503)})

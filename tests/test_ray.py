@@ -29,7 +29,7 @@ pytest.importorskip("openai", reason="the openai client is not installed")
 from luffy.benchmarks.ray_serve import Traffic, descendants  # noqa: E402
 
 from .server_process import ServerProcess  # noqa: E402
-from .test_serving import PROMPTS, alone, engine, pydoc  # noqa: E402,F401 (the same module fixtures)
+from .test_serving import PROMPTS, alone  # noqa: E402
 
 KEY = "ray-test-key"
 # four "system prompts" of 4+ full 16-token blocks each (the byte tokenizer: about a token per character)

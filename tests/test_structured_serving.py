@@ -35,17 +35,6 @@ USER = [{"role": "user", "content": "What is the weather in Oslo?"}]
 
 
 @pytest.fixture(scope="module")
-def pydoc(zoo_artifacts):
-    artifact, _ = zoo_artifacts("llama-pydoc")
-    return artifact
-
-
-@pytest.fixture(scope="module")
-def engine(pydoc):
-    return pydoc.load()
-
-
-@pytest.fixture(scope="module")
 def server(pydoc):
     with ServerProcess(pydoc.path, "--max-num-seqs", "4", "--served-model-name", "pydoc") as running:
         yield running

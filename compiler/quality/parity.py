@@ -9,8 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 
 from ...errors import CaptureError
+from ...runtimes.cpu_bf16 import cpu_model
+from ...runtimes.ort_compat import session_options
 from ..capture.torch_export import Captured, decoder_example, decoder_io_names
 from ..sources.resolve import CAUSAL_LM
 from .step_io import run_step
@@ -95,11 +98,6 @@ def check_parity(captured: Captured, model_path: Path, vocab: int | None = None,
     A reduced-precision artifact is not held to 1e-4 (its quality is measured by task metrics: --eval);
     its difference is reported, and a NaN or Inf anywhere fails the compile.
     """
-    import onnxruntime as ort
-
-    from ...runtimes.cpu_bf16 import cpu_model
-    from ...runtimes.ort_compat import session_options
-
     session = ort.InferenceSession(cpu_model(model_path), session_options(), providers=["CPUExecutionProvider"])
     cases = {}
     if captured.kind == CAUSAL_LM:
