@@ -463,6 +463,14 @@ def _hits(server) -> float:
     return server.metric("luffy:prefix_cache_hits_total")
 
 
+def test_warm_up_runs_before_ready_and_leaves_nothing_behind(spec_server):
+    # target and draft: a prefill chunk and two decode steps over every slot each, before /health said ok
+    assert any("warm-up: 6 steps" in line for line in spec_server.log)
+    # before any request: the warm-up is no scheduler iteration, no token, and left no block to hit
+    for name in ("luffy:scheduler_iterations_total", "luffy:generation_tokens_total", "luffy:prefix_cache_queries_total"):
+        assert spec_server.metric(name) == 0
+
+
 def test_prefix_cache_hit_miss_and_eviction_keep_the_output(spec_server, engine):
     client = spec_server.client()
 
