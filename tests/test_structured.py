@@ -11,7 +11,8 @@ import pytest
 from luffy.errors import UsageError
 from luffy.models_zoo import ZOO, build_tokenizer
 from luffy.models_zoo.byte_tokenizer import EOS_ID
-from luffy.runtimes.constraint import fill_bitmasks, unpack, words
+from luffy.runtimes.constraint import BatchMasker, fill_bitmasks
+from luffy.runtimes.json_closing import MARGIN, unpack, words
 from luffy.runtimes.grammar import DATE_PATTERNS, GrammarCompiler, GrammarError, GrammarLimits, GrammarSpec
 from luffy.serving import tools
 
@@ -127,10 +128,14 @@ def test_one_batched_fill_equals_each_constraint_alone(grammars):
     for constraint, prefix in zip(constraints, ["ab", "[1,", "al"]):
         for token in encode(prefix):
             constraint.accept(token)
+    alone = [list(allowed(c)) for c in constraints]
     bitmask = np.zeros((3, words(VOCAB)), dtype=np.int32)
     fill_bitmasks(llguidance.LLExecutor(2), constraints, bitmask)
-    for row, constraint in enumerate(constraints):
-        assert list(np.flatnonzero(unpack(bitmask[row], VOCAB))) == list(allowed(constraint))
+    assert [list(np.flatnonzero(unpack(row, VOCAB))) for row in bitmask] == alone
+    for constraint in constraints:
+        constraint.row[:] = 0  # what a fill writes is what mask() applies next
+    BatchMasker(None).fill(constraints)
+    assert [list(allowed(c)) for c in constraints] == alone
 
 
 def test_dates_and_times_are_the_ones_rfc3339_validators_take(grammars):
@@ -151,15 +156,15 @@ def test_dates_and_times_are_the_ones_rfc3339_validators_take(grammars):
 
 
 def test_json_closes_its_strings_when_the_budget_runs_short(grammars):
-    """Logits that always favour "a" never close a string by themselves; within the reserve the constraint
-    allows only the closing quote, so the output is whole JSON."""
+    """Logits that always favour "a" never close a string by themselves; once the tokens left fall to what
+    closing takes, the constraint allows only the closing quote, so the output is whole JSON."""
     schema = {"type": "object", "properties": {"name": {"type": "string"}, "tags": {"type": "array", "items": {
         "type": "string"}}}, "required": ["name", "tags"]}
     spec = GrammarSpec("json_schema", schema, strict=True)
-    budget = grammars.compile(spec).reserve + 40  # 40 tokens of free choice, then the reserve
+    budget = 2 * (2 * grammars.compile(spec).closing_need + MARGIN)  # the rule's second half of the budget
     text, constraint = drive(grammars, spec, budget, favour=ord("a"))
     value = json.loads(text)
-    assert set(value) == {"name", "tags"} and value["name"].startswith("a" * 30) and constraint.wrapped_up
+    assert set(value) == {"name", "tags"} and value["name"].startswith("a" * (budget // 2 - 9)) and constraint.wrapped_up
     assert constraint.is_finished() and constraint.accepted <= budget
     regex_text, regex = drive(grammars, GrammarSpec("regex", "[a-z]+"), 20, favour=ord("a"))
     assert regex_text == "a" * 20 and not regex.wrapped_up and not regex.is_finished()  # only JSON is closed
