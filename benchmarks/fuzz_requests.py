@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
 FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "min_tokens", "n", "stream", "stop",
-          "stop_token_ids", "ignore_eos", "presence_penalty", "frequency_penalty", "stream_options", "prompt")
+          "stop_token_ids", "ignore_eos", "presence_penalty", "frequency_penalty", "stream_options", "prompt",
+          "logprobs", "echo", "logit_bias", "min_p", "repetition_penalty")
 WRONG_TYPES = ("10", True, False, None, [], {}, [1], "yes", 1.5, "", {"a": 1}, ["x", 1])
 EXTREME_NUMBERS = (0, -1, 1, 2, 1e-40, 1e-320, 1e308, -1e308, 2**31, 2**63 - 1, 2**63, -(2**63), -(2**63) - 1,
                    2**64, 10**30, -(10**30), 0.5, 1.0000001, 3)
@@ -56,16 +57,21 @@ def wrong_type(rng, model, vocab) -> FuzzRequest:
 
 def extreme_number(rng, model, vocab) -> FuzzRequest:
     body = _base(rng, model)
-    body[rng.choice(FIELDS[:7] + ("presence_penalty", "frequency_penalty"))] = rng.choice(EXTREME_NUMBERS)
+    body[rng.choice(FIELDS[:7] + ("presence_penalty", "frequency_penalty", "logprobs", "min_p",
+                                  "repetition_penalty"))] = rng.choice(EXTREME_NUMBERS)
     return _json("extreme_number", body)
 
 
 def token_ids(rng, model, vocab) -> FuzzRequest:
     body = _base(rng, model)
     bad = rng.choice([vocab, vocab + 1, -1, 2**63, 10**20, 2**31])
-    where = rng.choice(["prompt", "stop_token_ids", "stop_token_ids+min_tokens"])
+    where = rng.choice(["prompt", "stop_token_ids", "stop_token_ids+min_tokens", "logit_bias", "echo"])
     if where == "prompt":
         body["prompt"] = [1, 2, bad]
+    elif where == "logit_bias":
+        body["logit_bias"] = {str(bad): 1.0}
+    elif where == "echo":  # echo decodes the prompt: an id it cannot decode must still be a 400
+        body.update(prompt=[[1, 2], [3, bad]], echo=True, logprobs=1)
     else:
         body["stop_token_ids"] = [bad]
         if where.endswith("min_tokens"):
@@ -141,7 +147,10 @@ def valid_extreme(rng, model, vocab) -> FuzzRequest:
         {"seed": 2**63 - 1, "temperature": 1.5}, {"stop": ["\n", "the", "e", "x" * 50]}, {"top_k": -1},
         {"stream": True, "stream_options": {"include_usage": True}}, {"stop_token_ids": [0, vocab - 1]},
         {"prompt": [vocab - 1, 0, 1]}, {"prompt": "<bos><eos> special text, \u2603 \U0001f600 \u0000"},
-        {"ignore_eos": True, "min_tokens": 1}]))
+        {"ignore_eos": True, "min_tokens": 1},
+        {"n": 3, "prompt": ["a", "b"], "logprobs": 20, "seed": 1}, {"echo": True, "logprobs": 0, "max_tokens": 0},
+        {"echo": True, "stream": True, "logprobs": 5, "n": 2}, {"logit_bias": {"0": -100, str(vocab - 1): 100}},
+        {"repetition_penalty": 10, "presence_penalty": -2, "frequency_penalty": 2, "min_p": 1}]))
     return _json("valid_extreme", body)
 
 

@@ -123,7 +123,7 @@ class LuffyRunner(Runner):
         return {
             **weights, "vocab": self.engine.vocab, "max_seq_len": self.engine.max_seq_len,
             "label": f"luffy -O{manifest.get('opt_level')} {manifest.get('precision')}",
-            "threads": self.engine.session.get_session_options().intra_op_num_threads or "ORT default",
+            "threads": self.engine.thread_pool["threads"], "thread_pool": self.engine.thread_pool,
             "huge_pages": self.engine.huge_pages,
         }
 
@@ -153,12 +153,6 @@ class LuffyDraftRunner(LuffySpeculativeRunner):
     """``paths["draft"]``: a draft artifact, e.g. the int8 build."""
 
     name = "luffy-draft"
-
-    def _load(self, path):
-        from ..runtimes import share_thread_pool
-
-        share_thread_pool()  # this worker runs only this system: one ORT pool for target and draft
-        return super()._load(path)
 
     def _speculation(self) -> tuple[str, dict]:
         import luffy

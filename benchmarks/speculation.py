@@ -29,11 +29,8 @@ def _decode_rate(engine, prompt: list[int], new_tokens: int, **kwargs) -> tuple[
 def compare(artifact: str, draft: str | None, lookup: int | None, runs: int, prompt_len: int, new_tokens: int,
             seed: int = 0) -> dict:
     import luffy
-    from luffy.runtimes import share_thread_pool
 
-    if draft:  # target and draft take turns on the cores: one ONNX Runtime pool (see share_thread_pool)
-        share_thread_pool()
-    target = luffy.load(artifact)
+    target = luffy.load(artifact)  # with its draft, on the process's one ONNX Runtime pool (no manual call)
     cases = {"plain": {}}
     if draft:
         cases["draft"] = {"assistant_model": luffy.load(draft)}

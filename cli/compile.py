@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import json
 import typing
@@ -13,7 +12,9 @@ import typer
 
 from ..compiler.config import LuffyConfig  # plain dataclasses: no torch, no compiler imports
 from ..extras import import_compiler
+from ..options import option_fields
 from .console import err, progress_line, quiet_libraries
+from .flags import flag_parameter
 from .inspect import auto_table
 
 
@@ -45,6 +46,11 @@ def compile_cmd(source: str, output: Path, report_json: bool, **options):
     if artifact.manifest.get("state") == "needs-build":
         err.print(f"  needs-build: TensorRT engine not built here; on the GPU machine run: luffy build {output}",
                   soft_wrap=True)
+    if report.get("kv_cache"):
+        kv = report["kv_cache"]
+        err.print(f"  KV cache {kv['dtype']}: {kv['bytes_per_token']:,} bytes per token"
+                  + ("" if kv["multi_row_steps"] else "; multi-token steps with a cache take one row each"),
+                  soft_wrap=True)
     if report.get("auto"):
         err.print(auto_table(report["auto"]))
     quality = report.get("quality")
@@ -67,15 +73,9 @@ def _compile_parameters() -> list[inspect.Parameter]:
               for name, kind, default in fixed]
     hints = typing.get_type_hints(LuffyConfig)
     panels = {"trt": "TensorRT", "auto": "Auto"}
-    for f in dataclasses.fields(LuffyConfig):
-        meta = f.metadata
-        if "flags" not in meta:
-            continue
+    for f in option_fields(LuffyConfig):
         kind = List[str] if f.name.endswith("_passes") else hints[f.name]
-        default = list(f.default) if isinstance(f.default, tuple) else f.default
-        flags = meta["flags"] or ("--" + f.name.replace("_", "-"),)
-        option = typer.Option(default, *flags, help=meta["help"], rich_help_panel=panels.get(meta["group"]), **meta["cli"])
-        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind))
+        params.append(flag_parameter(f, kind, panels.get(f.metadata["group"])))
     return params
 
 

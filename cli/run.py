@@ -47,11 +47,7 @@ def run_cmd(
 
     if (prompt is None) == (input_ids is None):
         raise UsageError("give exactly one of --prompt TEXT or --input-ids 1,2,3")
-    if draft is not None:  # two engines take turns: one thread pool, or their spinning threads fight
-        from ..runtimes import share_thread_pool
-
-        share_thread_pool()
-    engine = load(artifact)
+    engine = load(artifact)  # target and draft share the process's thread pool (luffy.load does it)
     kwargs = dict(
         max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature,
         top_k=top_k, top_p=top_p, seed=seed,

@@ -123,7 +123,8 @@ def compile(  # noqa: A001 - the public name the API promises
     quality: QualityMeasure | None = None  # set after capture; the precision stage's weights read it
     plan = stages(cfg.target, cfg.opt_level, cfg.precision, disabled=cfg.disabled_passes, enabled=cfg.enabled_passes,
                   target_steps=compile_target.extra_steps(), weights=lambda model: quality.weights_for(model),
-                  reduce_range=reduce_range(cfg))
+                  reduce_range=reduce_range(cfg), kv_cache=cfg.kv_cache_dtype,
+                  kv_ranges=lambda model: quality.kv_ranges_for(model))
     compile_target.require_tools()
     src = resolve_source(source)
     check_output_location(Path(output))  # an unwritable output fails now, not after minutes of capture
@@ -197,7 +198,7 @@ def _run_stages(plan, capture: CaptureResult, cfg: LuffyConfig, say) -> tuple[ir
                                           after_pass=after_pass if stage.numeric_check else _dump_only(after_pass))
         records += stage_records
     if capture.graph.kv is not None:
-        capture.graph.kv.dtype = _kv_dtype(model, capture.graph.kv.dtype)
+        capture.graph.kv.dtype = _kv_dtype(model, capture.graph.kv.dtype, cfg.kv_cache_dtype)
     model.producer_name, model.producer_version = "luffy", __version__
     _lower_ir_version(model)
     return model, records
@@ -216,7 +217,9 @@ def _check_staged(model_path: Path, capture: CaptureResult, cfg: LuffyConfig, co
         say("checking parity against PyTorch")
         from .quality.parity import check_parity as run_parity_check
 
-        parity = run_parity_check(capture.graph, model_path, capture.vocab, cfg.precision)
+        kv = cfg.kv_cache_dtype  # a reduced KV cache is judged like reduced weights: by --eval, not by 1e-4
+        precision = cfg.precision if kv in ("auto", "fp32") else f"{cfg.precision} with a {kv} KV cache"
+        parity = run_parity_check(capture.graph, model_path, capture.vocab, precision)
     else:
         compile_target.check_loadable(model_path, capture.src.spec, say)  # what luffy.load would do
     return {
@@ -267,7 +270,9 @@ def _dump_only(after_pass):
     return lambda name, model: {k: v for h in hooks for k, v in (h(name, model) or {}).items()}
 
 
-def _kv_dtype(model: ir.Model, default: str) -> str:
+def _kv_dtype(model: ir.Model, default: str, chosen: str = "auto") -> str:
+    if chosen == "int4":  # stored two to a byte (uint8): numpy's name would say uint8
+        return "int4"
     for value in model.graph.inputs:
         if value.name.startswith("past_key_values.") and value.dtype is not None:
             return str(np.dtype(value.dtype.numpy()))

@@ -5,12 +5,19 @@ generation reads only the last row: for a 32k vocabulary and 1024 hidden that is
 position, about a tenth of a 128-token prefill of a 156M model. The rewrite slices the hidden states to
 the last `logits_to_keep` positions right before the lm_head MatMul; the runtime passes 1 when generating
 and the sequence length when scoring, so one graph serves both (transformers calls this logits_to_keep).
+
+A graph that takes ``query_seqlens`` (fuse-gqa's multi-row steps: rows right-padded to the step's width)
+keeps the last ``logits_to_keep`` *valid* positions of each row instead: row b's are [Q_b - keep, Q_b),
+gathered per row (GatherND, batch_dims=1), so a row that prefills a short chunk beside a long one still
+gets its last token's logits. Unpadded rows (Q_b = width) get exactly the slice's positions.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+
+from .gqa_multi_row import QUERY_SEQLENS
 
 KEEP = "logits_to_keep"
 # Elementwise ops that may sit between the lm_head MatMul and the logits output (scaling, softcap, casts).
@@ -29,17 +36,15 @@ class KeepLastLogits(ir.passes.InPlacePass):
             return ir.passes.PassResult(model, modified=False)
         keep = ir.Value(name=KEEP, shape=ir.Shape([]), type=ir.TensorType(ir.DataType.INT64))
         model.graph.inputs.append(keep)
-        axes = _const(model.graph, "keep_axes", [0])
-        start = ir.node("Unsqueeze", [keep, axes])
-        negated = ir.node("Neg", [start.outputs[0]])
         hidden = matmul.inputs[0]
-        sliced = ir.node("Slice", [hidden, negated.outputs[0], _const(model.graph, "keep_end", [np.iinfo(np.int64).max]),
-                                   _const(model.graph, "keep_axis", [1])])
-        kept = sliced.outputs[0]
+        counts = next((v for v in model.graph.inputs if v.name == QUERY_SEQLENS), None)
+        nodes = _gather_kept(model.graph, hidden, keep, counts) if counts is not None else \
+            _slice_kept(model.graph, hidden, keep)
+        kept = nodes[-1].outputs[0]
         kept.dtype = hidden.dtype
         kept.shape = ir.Shape([hidden.shape[0], "kept", hidden.shape[2]])  # names the dim for shape inference
-        model.graph.insert_before(matmul, [start, negated, sliced])
-        matmul.replace_input_with(0, sliced.outputs[0])
+        model.graph.insert_before(matmul, nodes)
+        matmul.replace_input_with(0, kept)
         logits = next(v for v in model.graph.outputs if v.name == "logits")
         logits.shape = ir.Shape(["batch", "kept", logits.shape[2] if logits.shape is not None else "vocab"])
         self.stats = {"matches": 1}
@@ -48,6 +53,29 @@ class KeepLastLogits(ir.passes.InPlacePass):
 
 def keep_last_logits() -> KeepLastLogits:
     return KeepLastLogits()
+
+
+def _slice_kept(graph: ir.Graph, hidden: ir.Value, keep: ir.Value) -> list[ir.Node]:
+    """hidden[:, -keep:]"""
+    start = ir.node("Unsqueeze", [keep, _const(graph, "keep_axes", [0])])
+    negated = ir.node("Neg", [start.outputs[0]])
+    sliced = ir.node("Slice", [hidden, negated.outputs[0], _const(graph, "keep_end", [np.iinfo(np.int64).max]),
+                               _const(graph, "keep_axis", [1])])
+    return [start, negated, sliced]
+
+
+def _gather_kept(graph: ir.Graph, hidden: ir.Value, keep: ir.Value, counts: ir.Value) -> list[ir.Node]:
+    """hidden[b, max(Q_b - keep + j, 0)] for j in [0, keep): each row's last ``keep`` valid positions."""
+    zero = _const(graph, "keep_zero", 0)
+    nodes = [ir.node("Range", [zero, keep, _const(graph, "keep_one", 1)])]  # [keep]
+    nodes.append(ir.node("Cast", [counts], attributes={"to": ir.DataType.INT64}))
+    nodes.append(ir.node("Unsqueeze", [nodes[-1].outputs[0], _const(graph, "keep_rows", [1])]))  # [batch, 1]
+    nodes.append(ir.node("Sub", [nodes[-1].outputs[0], keep]))
+    nodes.append(ir.node("Add", [nodes[-1].outputs[0], nodes[0].outputs[0]]))  # [batch, keep]
+    nodes.append(ir.node("Max", [nodes[-1].outputs[0], zero]))
+    nodes.append(ir.node("Unsqueeze", [nodes[-1].outputs[0], _const(graph, "keep_last", [2])]))  # [batch, keep, 1]
+    nodes.append(ir.node("GatherND", [hidden, nodes[-1].outputs[0]], attributes={"batch_dims": 1}))
+    return nodes
 
 
 def _const(graph: ir.Graph, name: str, values) -> ir.Value:

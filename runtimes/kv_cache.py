@@ -50,12 +50,14 @@ class SlotKVCache:
         """Slots [start, stop) of one layer's key (0) or value (1) buffer: [stop - start, heads, capacity, dim]."""
         return self.buffers[layer][kind][start:stop]
 
-    def record(self, start: int, ids: np.ndarray, real: np.ndarray) -> None:
-        """Book ``ids`` [n, s] just written at each slot's end (``real`` 0 marks left padding)."""
+    def record(self, start: int, ids: np.ndarray, real: np.ndarray, counts=None) -> None:
+        """Book ``ids`` [n, s] just written at each slot's end (``real`` 0 marks left padding); with ``counts``,
+        only row r's first counts[r] columns (the rest is right padding, which the graph does not write)."""
         for row in range(ids.shape[0]):
-            slot, length, width = start + row, int(self.lengths[start + row]), ids.shape[1]
-            self.mask[slot, length:length + width] = real[row]
-            self.tokens[slot].extend(int(t) for t, r in zip(ids[row], real[row]) if r)
+            slot, length = start + row, int(self.lengths[start + row])
+            width = ids.shape[1] if counts is None else int(counts[row])
+            self.mask[slot, length:length + width] = real[row, :width]
+            self.tokens[slot].extend(int(t) for t, r in zip(ids[row, :width], real[row, :width]) if r)
             self.lengths[slot] = length + width
 
     def truncate(self, slot: int, length: int) -> None:

@@ -13,12 +13,13 @@ from .engine import Engine
 from .generation import generate_loop, left_pad
 from .huge_pages import MIN_REGION, NOTHING_COLLAPSED, anonymous_mappings, back_new_mappings_with_huge_pages
 from .manifest import step_graph
-from .ort_compat import import_onnxruntime, session_options, thread_pool_shared
+from .ort_compat import engine_session_options, import_onnxruntime
 from .ort_slots import OrtSlots
 
 _NUMPY_DTYPES = {
     "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
     "tensor(int32)": np.int32, "tensor(bool)": np.bool_, "tensor(double)": np.float64,
+    "tensor(int8)": np.int8, "tensor(uint8)": np.uint8,  # int8 and 4-bit packed KV caches
 }
 
 
@@ -38,19 +39,21 @@ def _require_int8_kernels_fit(manifest: dict, path: Path, providers: list[str] |
             "AMX); this CPU's int8 kernels saturate. Recompile with --reduce-range (correct on every CPU)")
 
 
-def _warn_private_pools() -> None:
+def _warn_unshared_pools() -> None:
     import warnings
 
-    warnings.warn("speculative decoding with two engines that each own an ONNX Runtime thread pool: their "
-                  "spinning threads compete for the cores (measured 1.8x slower); call "
-                  "luffy.runtimes.share_thread_pool() before loading both", RuntimeWarning, stacklevel=4)
+    warnings.warn("speculative decoding with a target and a draft on different ONNX Runtime thread pools (one was "
+                  "loaded with spin=False before the pool was shared): spinning threads compete for the cores "
+                  "(measured 1.8x slower); load both with the default spin=True", RuntimeWarning, stacklevel=4)
 
 
 class OrtEngine(Engine):
     """Runs an artifact's model.onnx on ONNX Runtime (CPU unless ``providers`` says otherwise).
 
     ``huge_pages`` (default on) backs the weights ORT allocates on the CPU with transparent huge pages
-    (see huge_pages.py; ``self.huge_pages`` reports what the kernel did).
+    (see huge_pages.py; ``self.huge_pages`` reports what the kernel did). Engines of one process run on one
+    shared ONNX Runtime thread pool, made by the first (``threads`` sizes it; see ort_compat.share_thread_pool);
+    ``self.thread_pool`` says which pool this one runs on.
     """
 
     def __init__(
@@ -59,13 +62,9 @@ class OrtEngine(Engine):
     ):
         super().__init__(path, manifest)
         ort = import_onnxruntime()
-        if threads and thread_pool_shared():
-            raise UsageError(f"threads={threads}: this process shares one ONNX Runtime thread pool "
-                             "(share_thread_pool), whose size was set there")
-        options = session_options(threads)
+        # the process's one thread pool (made by the first engine), so engines that take turns never fight
+        options, self.thread_pool = engine_session_options(threads, spin)
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if not spin:  # idle pool threads sleep instead of spinning: the cores go to the server's other threads
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._ort = ort
         model_path = self.path / manifest["model_file"]
         _require_int8_kernels_fit(manifest, self.path, providers)
@@ -197,8 +196,8 @@ class OrtEngine(Engine):
         adaptive = speculative.AdaptiveK(k, schedule == "heuristic")
         if assistant_model is not None:
             speculative.check_draft(self, assistant_model)
-            if not thread_pool_shared():
-                _warn_private_pools()
+            if not (self.thread_pool["shared"] and getattr(assistant_model, "thread_pool", {}).get("shared")):
+                _warn_unshared_pools()
             source = speculative.DraftModel(assistant_model, 1, width + max_new_tokens)  # rows run one at a time
         else:
             source = speculative.PromptLookup(max_ngram)

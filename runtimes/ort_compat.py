@@ -19,23 +19,25 @@ _SHARED_POOL = {"on": False, "threads": None}
 
 
 def share_thread_pool(threads: int | None = None) -> None:
-    """Make every ONNX Runtime session luffy creates from now on in this process share one intra-op thread
-    pool of ``threads`` threads (all cores by default).
+    """Size the one intra-op thread pool that every ONNX Runtime session luffy creates in this process shares
+    (``threads`` threads; all cores by default). ``luffy.load`` makes the pool itself when it loads the first
+    engine (sized by its ``threads``), so calling this is only needed to size the pool before then.
 
-    Why: each session otherwise owns a pool whose threads spin for a while after every step. Two engines
-    that take turns (a target and its speculative draft) then leave each other's cores busy: measured on the
-    2-core reference machine, a 156M fp32 target with its int8 draft (K=4) took 18.5 ms per token with two
-    pools and 10.2 with one. After this call ONNX Runtime refuses sessions with their own pool anywhere in
-    the process, so call it in a process that loads and runs artifacts (`luffy serve --draft` and `luffy run
-    --draft` do), before it creates any session.
+    Why one pool: each session otherwise owns a pool whose threads spin for a while after every step. Two
+    engines that take turns (a target and its speculative draft, or several artifacts in a server) then
+    leave each other's cores busy: measured on the 2-core reference machine, a 156M fp32 target with its
+    int8 draft (K=4) took 18.5 ms per token with two pools and 10.2 with one. Once the pool exists, ONNX
+    Runtime refuses sessions with a pool of their own anywhere in the process, and its size is fixed.
 
-    >>> luffy.runtimes.share_thread_pool(); target = luffy.load(a); draft = luffy.load(b)   # doctest: +SKIP
+    >>> luffy.runtimes.share_thread_pool(2); target = luffy.load(a); draft = luffy.load(b)   # doctest: +SKIP
     """
     ort = import_onnxruntime()
     if _SHARED_POOL["on"]:
         if threads not in (None, _SHARED_POOL["threads"]):
-            raise UsageError(f"the shared ONNX Runtime thread pool already has {_SHARED_POOL['threads'] or 'all'} "
-                             f"threads; it cannot become {threads}")
+            made = _SHARED_POOL["threads"] or "all cores'"
+            raise UsageError(f"threads={threads}: the engines of this process share one ONNX Runtime thread pool of "
+                             f"{made} threads, made by the first luffy.load (or share_thread_pool); load every "
+                             f"engine with the same threads, or none")
         return
     ort.set_global_thread_pool_sizes(threads or 0, 1)
     _SHARED_POOL.update(on=True, threads=threads)
@@ -46,7 +48,7 @@ def thread_pool_shared() -> bool:
 
 
 def session_options(threads: int | None = None):
-    """SessionOptions for a luffy session: its own pool of ``threads`` (default), or the shared one."""
+    """SessionOptions for a luffy session: the shared pool once it exists, else a pool of its own of ``threads``."""
     ort = import_onnxruntime()
     options = ort.SessionOptions()
     if _SHARED_POOL["on"]:
@@ -54,6 +56,22 @@ def session_options(threads: int | None = None):
     elif threads:
         options.intra_op_num_threads = threads
     return options
+
+
+def engine_session_options(threads: int | None, spin: bool):
+    """(SessionOptions, what pool the engine runs on) for an engine's session.
+
+    Engines share the process's pool (``share_thread_pool``), made here by the first one. The exception is
+    ``spin=False`` before any pool is shared: that engine gets a pool of its own whose idle threads sleep
+    instead of spinning, which takes no core from anything else (a server that leaves the cores to its HTTP
+    threads). Once the pool is shared, ONNX Runtime's global pool spins whatever the session asks.
+    """
+    if not spin and not _SHARED_POOL["on"]:
+        options = session_options(threads)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        return options, {"shared": False, "threads": threads or "all cores", "spinning": False}
+    share_thread_pool(threads)
+    return session_options(), {"shared": True, "threads": _SHARED_POOL["threads"] or "all cores", "spinning": True}
 
 
 def import_onnxruntime():

@@ -1,9 +1,10 @@
 """`luffy serve`'s options, each declared once as a field (luffy/options.py ``option``).
 
-The server's own (``ServerSettings``), the scheduler's (``SchedulerConfig``), speculative decoding's
-(``SpeculationConfig``) and Ray Serve's (``RayOptions``) together are one flat set of keys: the CLI's flags and
---help are generated from them, and Ray Serve's builder (``serve run luffy.serving.ray:build_app k=v``, or a Serve
-config file's ``args:``) takes the same keys through ``serve_options``.
+The scheduler's (``SchedulerConfig``), speculative decoding's (``SpeculationConfig``), the server's own
+(``ServerSettings``) and Ray Serve's (``RayOptions``) together are one flat set of keys: the CLI's flags and
+--help are generated from them (cli/serve.py), and Ray Serve's builder (``serve run luffy.serving.ray:build_app
+k=v``, or a Serve config file's ``args:``) takes the same keys through ``serve_options``. This module imports
+nothing heavy, so `luffy --help` stays quick.
 
 >>> settings, ray = serve_options({"artifact": "build/pydoc", "max_num_seqs": "8", "replicas": 2})[1:]
 >>> settings.scheduler.max_num_seqs, ray.replicas
@@ -20,8 +21,47 @@ from pathlib import Path
 
 from ..errors import UsageError
 from ..options import option, option_fields, option_key
-from .scheduler import SchedulerConfig
-from .speculation import SpeculationConfig
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """``max_num_seqs`` slots of ``max_model_len`` positions each (the KV cache, allocated once);
+    ``max_num_batched_tokens``: decode tokens plus prompt tokens per iteration; ``max_queue``: waiting
+    requests beyond which submit refuses. Each field is also a `luffy serve` flag (serving/options.py)."""
+
+    max_num_seqs: int = option(16, "Sequences decoded together (KV slots).", min=1)
+    max_model_len: int | None = option(
+        None, "Positions per KV slot (prompt + max_tokens) [the artifact's max_seq_len]; the KV cache is "
+        "max-num-seqs x this, allocated once.", min=2)
+    max_num_batched_tokens: int = option(
+        512, "Decode plus prompt tokens per scheduler iteration; longer prompts are prefilled in chunks, so running "
+        "streams wait at most one chunk.", min=1)
+    max_queue: int = option(256, "Waiting requests beyond which new ones get 429.", min=1)
+    # reuse free slots' contents and a host-RAM block store (serving/prefix_cache.py)
+    prefix_cache: bool = option(True, "Reuse the KV of prompt prefixes seen before (free slots' contents, then a "
+                                "host-RAM block store).", "--prefix-cache/--no-prefix-cache")
+    prefix_cache_mb: int = option(256, "Host RAM for cached prefix blocks (0: only what free slots hold).", min=0)
+    speculation: object = None  # a SpeculationConfig (serving/speculation.py), or None
+
+    def __post_init__(self):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_queue"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class SpeculationConfig:
+    """``draft``: a draft engine (``luffy serve --draft``); ``prompt_lookup``: tokens proposed by prompt lookup
+    (``--prompt-lookup K``); ``num_tokens``: the draft's initial K (adaptive); ``max_batch``: speculate while at
+    most this many requests decode."""
+
+    draft: object = None  # the engine; `luffy serve --draft ARTIFACT` names its artifact (ServerSettings.draft)
+    prompt_lookup: int | None = option(None, "Speculative decoding with up to K tokens copied from the context.",
+                                       min=1, metavar="K")
+    num_tokens: int = option(4, "Most tokens the draft proposes per round (fewer while it is rejected).", min=1,
+                             key="num_assistant_tokens")
+    max_batch: int = option(1, "Speculate while at most this many requests decode (a batched step already shares "
+                            "the weights).", min=1, key="speculative_max_batch")
 
 
 @dataclass(frozen=True)

@@ -336,7 +336,8 @@ def build_app(args: dict):
     file's ``import_path: luffy.serving.ray:build_app`` with ``args``. The keys are `luffy serve`'s options
     (serving/options.py: ``max_num_seqs``, ``replicas``, ``min_replicas``, ``routing``, ``api_key`` [default
     $LUFFY_API_KEY], ...), each as the CLI flag's name with underscores, except ``upscale_delay_s``,
-    ``downscale_delay_s`` and ``imbalance`` (--upscale-delay, --downscale-delay, --routing-imbalance)."""
+    ``downscale_delay_s``, ``imbalance`` and ``address`` (--upscale-delay, --downscale-delay, --routing-imbalance,
+    --ray-address)."""
     artifact, settings, options = serve_options(dict(args))
     return application(artifact, settings, options or RayOptions(replica_cpus=float(settings.threads or 1)))
 

@@ -12,7 +12,7 @@ import functools
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -31,6 +31,37 @@ class ParameterError(UsageError):
     def __init__(self, param: str, message: str):
         super().__init__(message)
         self.param = param
+
+
+MAX_LOGPROBS = 20  # top alternatives per token (vLLM's default max_logprobs; OpenAI's chat allows 20)
+
+
+class TokenLogprob(NamedTuple):
+    """A token, its logprob (the log-softmax of the model's raw logits) and the top alternatives [(id, logprob)]."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+def token_logprobs(logits: np.ndarray, tokens: list[int], top: int) -> list[TokenLogprob]:
+    """One TokenLogprob per row of ``logits`` [n, vocab] for the token that followed it, with ``top``
+    alternatives, best first: logit - logsumexp(row), the log-softmax without materializing it (one pass of
+    exp over the vocabulary, then a partial sort of the logits themselves, whose order is the logprobs')."""
+    logits = np.asarray(logits, dtype=np.float32)
+    peak = logits.max(axis=-1, keepdims=True)
+    norm = peak + np.log(np.exp(logits - peak).sum(axis=-1, keepdims=True))  # logsumexp per row
+    rows = np.arange(len(tokens))
+    chosen = logits[rows, tokens] - norm[:, 0]
+    alternatives = [[] for _ in tokens]
+    if top:
+        top = min(top, logits.shape[-1])
+        kth = np.partition(logits, -top, axis=-1)[:, -top]  # values only: twice as fast as argpartition
+        for i in rows:
+            best = np.flatnonzero(logits[i] >= kth[i])
+            best = best[np.argsort(-logits[i, best], kind="stable")[:top]]
+            alternatives[i] = list(zip(best.tolist(), (logits[i, best] - norm[i, 0]).tolist()))
+    return [TokenLogprob(int(t), float(chosen[i]), alternatives[i]) for i, t in enumerate(tokens)]
 
 
 @dataclass(frozen=True)
@@ -53,10 +84,16 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)
+    logprobs: int | None = None  # per output token: its logprob and this many top alternatives
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first (skips the prefix cache)
 
     def __post_init__(self):
-        if self.max_tokens < 1:
-            raise ParameterError("max_tokens", f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.max_tokens < (0 if self.prompt_logprobs is not None else 1):
+            raise ParameterError("max_tokens", f"max_tokens must be >= 1 (0 only to score a prompt), got "
+                                               f"{self.max_tokens}")
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None and not 0 <= getattr(self, name) <= MAX_LOGPROBS:
+                raise ParameterError(name, f"{name} must be in [0, {MAX_LOGPROBS}], got {getattr(self, name)}")
         if not 0 <= self.min_tokens <= self.max_tokens:
             raise ParameterError("min_tokens", f"min_tokens must be in [0, max_tokens={self.max_tokens}], "
                                                f"got {self.min_tokens}")
@@ -105,13 +142,19 @@ class Output:
     completion_tokens: int = 0
     error: str | None = None
     grammar: str | None = None  # a constrained request's last Output: "complete", "closed_early" or "incomplete"
+    logprobs: list[TokenLogprob] | None = None  # one per token in token_ids, when the request asked
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # on the first Output: None for the first prompt token
 
     @staticmethod
     def merge(outputs: list["Output"]) -> "Output":
         """One Output for several in a row of one request: their tokens and text, the last one's state."""
         last = outputs[-1]
+        logprobs = None if outputs[0].logprobs is None and last.logprobs is None else [
+            entry for o in outputs for entry in (o.logprobs or [])]
+        prompt = next((o.prompt_logprobs for o in outputs if o.prompt_logprobs is not None), None)
         return Output(last.request_id, [t for o in outputs for t in o.token_ids], "".join(o.text for o in outputs),
-                      last.finish_reason, last.prompt_tokens, last.completion_tokens, last.error, last.grammar)
+                      last.finish_reason, last.prompt_tokens, last.completion_tokens, last.error, last.grammar,
+                      logprobs, prompt)
 
 
 @dataclass(eq=False)
@@ -141,6 +184,8 @@ class Request:
     constraint: Constraint | None = None  # the request's grammar (structured outputs), None for free text
     chooser: TokenChooser | None = None  # how tokens are chosen (the logits chain and its state), set by start()
     spec_k: object = None  # speculative decoding's adaptive proposal length (serving/speculation.py)
+    siblings: list["Request"] = field(default_factory=list)  # n > 1: the other choices, prefilled from this one
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # filled chunk by chunk when params ask
 
     def start(self, tokenizer, eos_ids: tuple[int, ...]) -> None:
         """Set up the per-request state the first time the scheduler touches it."""
@@ -155,8 +200,20 @@ class Request:
         """The next token from this request's logits [vocab], as Engine.generate would choose it alone."""
         return self.chooser.choose(logits, self.rng)
 
-    def accept(self, token: int) -> Output:
-        """Book a chosen token; returns the Output to emit (finish_reason set when this token ends it)."""
+    def book_prompt_logprobs(self, start: int, logits: np.ndarray) -> None:
+        """Record the logprobs of the prompt tokens that ``logits`` [chunk, vocab] (the positions from ``start``
+        on) predict: position p predicts prompt token p + 1; the last prompt position predicts no prompt token."""
+        if self.prompt_logprobs is None:
+            self.prompt_logprobs = [None]  # the first prompt token has no context to be predicted from
+        following = self.prompt_ids[start + 1:start + 1 + len(logits)]
+        self.prompt_logprobs += token_logprobs(logits[:len(following)], following, self.params.prompt_logprobs)
+
+    def accept(self, token: int, logits: np.ndarray | None = None) -> Output:
+        """Book a chosen token, ``logits`` [vocab] the model's raw ones it was chosen from (for logprobs); returns
+        the Output to emit (finish_reason set when this token ends it)."""
+        entry = None
+        if self.params.logprobs is not None and logits is not None:
+            entry = token_logprobs(logits[None, :], [token], self.params.logprobs)
         self.output_ids.append(token)
         self.chooser.accept(token)
         self.next_input = token
@@ -171,7 +228,8 @@ class Request:
         if self.finish_reason is not None and self.detokenizer is not None and self.finish_reason == "length":
             self.text += self.detokenizer.flush()
         return Output(self.request_id, [token], self._releasable_text(), self.finish_reason, len(self.prompt_ids),
-                      len(self.output_ids), grammar=self.grammar_state())
+                      len(self.output_ids), grammar=self.grammar_state(), logprobs=entry,
+                      prompt_logprobs=self._take_prompt_logprobs())
 
     def grammar_state(self) -> str | None:
         """How a finished constrained output stands: complete, closed early by the budget, or cut off."""
@@ -180,6 +238,11 @@ class Request:
         if not self.constraint.complete:
             return "incomplete"
         return "closed_early" if self.constraint.wrapped_up else "complete"
+
+    def _take_prompt_logprobs(self):
+        """The prompt's logprobs, handed out once (with the first Output)."""
+        taken, self.prompt_logprobs = self.prompt_logprobs, None
+        return taken
 
     def _stop_string(self, added: int) -> bool:
         """Truncate the text at the first stop string that the last ``added`` characters completed."""
@@ -203,4 +266,4 @@ class Request:
     def finish(self, reason: str, error: str | None = None) -> Output:
         self.finish_reason = reason
         return Output(self.request_id, [], self._releasable_text(), reason, len(self.prompt_ids), len(self.output_ids),
-                      error)
+                      error, prompt_logprobs=self._take_prompt_logprobs())

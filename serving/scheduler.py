@@ -22,13 +22,12 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import CapacityError, UsageError
-from ..options import option
+from ..errors import CapacityError
 from ..runtimes.generation import eos_set
+from .options import SchedulerConfig
 from .prefix_cache import PrefixCache
 from .requests import Output, ParameterError, Request, SamplingParams
 
@@ -39,32 +38,6 @@ class QueueFull(Exception):
 
 class Draining(Exception):
     """The scheduler is shutting down and admits nothing new: the server answers 503."""
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    """``max_num_seqs`` slots of ``max_model_len`` positions each (the KV cache, allocated once);
-    ``max_num_batched_tokens``: decode tokens plus prompt tokens per iteration; ``max_queue``: waiting
-    requests beyond which submit refuses. Each field is also a `luffy serve` flag (serving/options.py)."""
-
-    max_num_seqs: int = option(16, "Sequences decoded together (KV slots).", min=1)
-    max_model_len: int | None = option(
-        None, "Positions per KV slot (prompt + max_tokens) [the artifact's max_seq_len]; the KV cache is "
-        "max-num-seqs x this, allocated once.", min=2)
-    max_num_batched_tokens: int = option(
-        512, "Decode plus prompt tokens per scheduler iteration; longer prompts are prefilled in chunks, so running "
-        "streams wait at most one chunk.", min=1)
-    max_queue: int = option(256, "Waiting requests beyond which new ones get 429.", min=1)
-    # reuse free slots' contents and a host-RAM block store (serving/prefix_cache.py)
-    prefix_cache: bool = option(True, "Reuse the KV of prompt prefixes seen before (free slots' contents, then a "
-                                "host-RAM block store).", "--prefix-cache/--no-prefix-cache")
-    prefix_cache_mb: int = option(256, "Host RAM for cached prefix blocks (0: only what free slots hold).", min=0)
-    speculation: object = None  # a SpeculationConfig (serving/speculation.py), or None
-
-    def __post_init__(self):
-        for name in ("max_num_seqs", "max_num_batched_tokens", "max_queue"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 class NoMetrics:
@@ -136,15 +109,24 @@ class Scheduler:
                                 f"{self.capacity}")
 
     def submit(self, request: Request) -> Request:
-        self.check(request.prompt_ids, request.params)
+        return self.submit_all([request])[0]
+
+    def submit_all(self, requests: list[Request]) -> list[Request]:
+        """Queue several requests at once (the choices of one HTTP request), all or none: each is checked, and
+        the queue must have room for all of them."""
+        if len(requests) > self.config.max_queue:
+            raise ParameterError("n", f"{len(requests)} choices in one request exceed the queue's "
+                                      f"{self.config.max_queue} places (--max-queue); send fewer prompts or a smaller n")
+        for request in requests:
+            self.check(request.prompt_ids, request.params)
         with self._lock:
             if self._draining or self._stopping:
                 raise Draining("the server is shutting down")
-            if len(self._waiting) >= self.config.max_queue:
+            if len(self._waiting) + len(requests) > self.config.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests are waiting (--max-queue {self.config.max_queue})")
-            self._waiting.append(request)
+            self._waiting.extend(requests)
             self._lock.notify()
-        return request
+        return requests
 
     def cancel(self, request: Request) -> None:
         """Stop ``request`` (its client went away); its slot is free after the current iteration."""
@@ -262,7 +244,7 @@ class Scheduler:
         finished = []
         for row, request in enumerate(requests):
             try:
-                if self._deliver(request, [request.accept(request.choose(logits[row]))], now):
+                if self._deliver(request, [request.accept(request.choose(logits[row]), logits[row])], now):
                     finished.append(request)
             except Exception as exc:  # noqa: BLE001 - this row's choice or text failed: this request alone ends
                 self._fail([request], exc)
@@ -330,7 +312,12 @@ class Scheduler:
     def _prefill_chunk(self, request: Request, budget: int) -> int:
         """Prefill up to ``budget`` more of ``request``'s prompt; the last chunk chooses its first token."""
         chunk = request.prompt_ids[request.prefilled:request.prefilled + budget]
-        logits = self.slots.step(request.slot, request.slot + 1, np.array([chunk], dtype=np.int64))[0, -1, :]
+        scoring = request.params.prompt_logprobs is not None  # every position's logits, not the last only
+        logits = self.slots.step(request.slot, request.slot + 1, np.array([chunk], dtype=np.int64),
+                                 keep=None if scoring else 1)[0]
+        if scoring:
+            request.book_prompt_logprobs(request.prefilled, logits)
+        logits = logits[-1]
         request.prefilled += len(chunk)
         if request.prefilled == len(request.prompt_ids):
             self._prefilling = None
@@ -351,14 +338,28 @@ class Scheduler:
                 self._fail([request], exc)
 
     def _place(self, request: Request) -> None:
-        """Give ``request`` the free slot that holds the longest prefix of its prompt, and its per-request state."""
-        free = [s for s in range(self._decoding, self.config.max_num_seqs) if self._owner[s] is None]
-        if self.prefix is not None:
+        """Give ``request`` the free slot that holds the longest prefix of its prompt (any free one, emptied, when
+        it needs its prompt's logprobs), and its per-request state."""
+        free = self._free_slots()
+        if self.prefix is not None and request.params.prompt_logprobs is None:
             slot, request.prefilled = self.prefix.place(self.slots.cache, free, request.prompt_ids)
-        else:
-            slot, request.prefilled = free[0], 0
-            self.slots.cache.clear(slot)
-        self.metrics.prefix_lookup(len(request.prompt_ids), request.prefilled)
+            self.metrics.prefix_lookup(len(request.prompt_ids), request.prefilled)
+        else:  # prompt logprobs need every position's logits: nothing cached can stand in
+            slot, request.prefilled = self._empty_slot(free), 0
+        self._take_slot(request, slot)
+
+    def _free_slots(self) -> list[int]:
+        return [s for s in range(self._decoding, self.config.max_num_seqs) if self._owner[s] is None]
+
+    def _empty_slot(self, free: list[int]) -> int:
+        """The free slot holding least, cleared (its full blocks saved to the prefix store first)."""
+        slot = min(free, key=lambda s: int(self.slots.cache.lengths[s]))
+        if self.prefix is not None and self.prefix.store is not None:
+            self.prefix.store.save(self.slots.cache, slot)
+        self.slots.cache.clear(slot)
+        return slot
+
+    def _take_slot(self, request: Request, slot: int) -> None:
         if self.speculator is not None:
             self.speculator.source.clear(slot)  # the slot's draft KV belonged to its last request
         self._owner[slot], request.slot = request, slot
@@ -367,14 +368,43 @@ class Scheduler:
         self.metrics.request_scheduled(request)
 
     def _first_token(self, request: Request, logits: np.ndarray) -> None:
-        self._move(request.slot, self._decoding)
-        self._decoding += 1
+        """The prompt is in: choose the first token from the last position's ``logits`` (or, scoring a prompt
+        with max_tokens 0, end with its logprobs); then the request's siblings (n > 1) copy its prompt's KV
+        into free slots and choose theirs from the same logits."""
         request.first_token_at = request.last_token_at = time.monotonic()
-        output = request.accept(request.choose(logits))
-        self.metrics.token(request, True, request.last_token_at - request.arrival)
+        if request.params.max_tokens == 0:
+            output = request.finish("length")
+        else:
+            self._move(request.slot, self._decoding)
+            self._decoding += 1
+            output = request.accept(request.choose(logits), logits)
+        self.metrics.token(request, True, request.last_token_at - request.arrival, len(output.token_ids))
         request.emit(output)
+        self._admit_siblings(request, logits)  # after the first output: it carries the prompt's logprobs
         if output.finish_reason is not None:
             self._release(request)
+
+    def _admit_siblings(self, leader: Request, logits: np.ndarray) -> None:
+        """Give each waiting sibling of ``leader`` a free slot holding a copy of the prompt's KV, and its first
+        token from the prompt's last logits: n choices cost one prefill. Siblings left without a slot stay in
+        the queue and are prefilled when admitted (the prefix cache may still spare most of it)."""
+        with self._lock:
+            waiting = [r for r in leader.siblings if r in self._waiting and not r.cancelled]
+        for sibling in waiting:
+            free = self._free_slots()
+            if not free:
+                return
+            with self._lock:
+                self._waiting.remove(sibling)
+            try:
+                slot = self._empty_slot(free)
+                self.slots.cache.copy_prefix(leader.slot, slot, len(leader.prompt_ids))
+                sibling.prefilled = len(sibling.prompt_ids)
+                self.metrics.prefix_lookup(sibling.prefilled, sibling.prefilled)  # as vLLM counts n > 1 children
+                self._take_slot(sibling, slot)
+                self._first_token(sibling, logits)
+            except Exception as exc:  # noqa: BLE001 - this sibling's setup or first token failed: it alone ends
+                self._fail([sibling], exc)
 
     def _move(self, slot: int, target: int) -> None:
         """Swap slots ``slot`` and ``target`` (contents and owners)."""

@@ -57,8 +57,9 @@ def serve(artifact: str | Path, settings: ServerSettings) -> int:
     import uvicorn
 
     manifest = read_manifest(artifact, verify_files=False)  # fail at once on what cannot be served
-    if manifest["kind"] != "causal-lm":
-        raise UsageError(f"{artifact}: luffy serve generates text; this artifact is {manifest['kind']!r}")
+    if manifest["kind"] not in ("causal-lm", "encoder"):
+        raise UsageError(f"{artifact}: luffy serve generates text (a causal LM) or embeddings (an encoder); this "
+                         f"artifact is {manifest['kind']!r}")
     app = build_app(artifact, settings)
     state: ServingState = app.state.luffy
     sock = _bind(settings.host, settings.port)

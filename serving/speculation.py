@@ -10,26 +10,10 @@ decodes batched otherwise. The acceptance rules and candidate sources are the ru
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
-from ..options import option
 from ..runtimes.speculative import AdaptiveK, DraftModel, PromptLookup, check_draft, speculate_round
+from .options import SpeculationConfig
 from .requests import Output, Request
-
-
-@dataclass(frozen=True)
-class SpeculationConfig:
-    """``draft``: a draft engine (``luffy serve --draft``); ``prompt_lookup``: tokens proposed by prompt lookup
-    (``--prompt-lookup K``); ``num_tokens``: the draft's initial K (adaptive); ``max_batch``: speculate while at
-    most this many requests decode."""
-
-    draft: object = None  # the engine; `luffy serve --draft ARTIFACT` names its artifact (ServerSettings.draft)
-    prompt_lookup: int | None = option(None, "Speculative decoding with up to K tokens copied from the context.",
-                                       min=1, metavar="K")
-    num_tokens: int = option(4, "Most tokens the draft proposes per round (fewer while it is rejected).", min=1,
-                             key="num_assistant_tokens")
-    max_batch: int = option(1, "Speculate while at most this many requests decode (a batched step already shares "
-                            "the weights).", min=1, key="speculative_max_batch")
 
 
 class Speculator:
@@ -51,15 +35,15 @@ class Speculator:
         and the tokens the target's step computed."""
         if request.spec_k is None:
             request.spec_k = AdaptiveK(self.initial_k)
-        proposed, n, token, _ = speculate_round(
+        proposed, n, token, verify = speculate_round(
             slots, request.slot, request.prompt_ids + request.output_ids,
             request.params.max_tokens - len(request.output_ids), self.source, request.spec_k, request.chooser,
             request.rng)
         if proposed:
             self.metrics.speculated(len(proposed), n)
         outputs = []
-        for t in [*proposed[:n], token]:
-            outputs.append(request.accept(t))
+        for i, t in enumerate([*proposed[:n], token]):
+            outputs.append(request.accept(t, verify[i]))  # the target's logits at the position that chose t
             if outputs[-1].finish_reason is not None:
                 break
         return outputs, len(proposed) + 1

@@ -10,12 +10,15 @@ import threading
 from pathlib import Path
 
 from ..errors import LuffyError
-from ..runtimes import load, share_thread_pool
-from .chat import ChatTemplate
+from ..runtimes import load
+from .chat import ChatTemplate, ChatTokens
+from .embeddings import Embedder
+from .logprobs import TokenText
 from .metrics import ServerMetrics
 from .options import ServerSettings
 from .protocol import ProtocolError
 from .scheduler import Scheduler
+from .warmup import warm_up
 
 
 class ServingState:
@@ -27,6 +30,9 @@ class ServingState:
         labels = {"replica": settings.replica} if settings.replica else None
         self.metrics = ServerMetrics(self.model_name, labels)  # before the load: errors meanwhile are counted too
         self.engine = self.scheduler = self.chat_template = None
+        self.token_text: TokenText | None = None  # token strings for logprobs
+        self.chat_tokens: ChatTokens | None = None  # chat prompts' ids, content kept as text
+        self.embedder: Embedder | None = None  # an encoder artifact serves /v1/embeddings instead of a scheduler
         self.ready = threading.Event()
         self.draining = False
         self.router: OutputRouter | None = None
@@ -36,14 +42,24 @@ class ServingState:
     def load(self, engine=None) -> None:
         """Load the artifact and start the scheduler (in a thread, so /health can say 503 meanwhile)."""
         try:
-            if self.settings.draft is not None and engine is None:  # target and draft take turns: one thread pool
-                share_thread_pool(self.settings.threads)
-            threads = None if self.settings.draft is not None else self.settings.threads
-            self.engine = engine or load(self.artifact, threads=threads, spin=self.settings.spin)
-            self.scheduler = Scheduler(self.engine, self._scheduler_config(), self.metrics).start()
+            # a draft loaded beside it joins the same process-wide thread pool (luffy.load)
+            self.engine = engine or load(self.artifact, threads=self.settings.threads, spin=self.settings.spin)
+            if self.engine.kind == "encoder":
+                self.embedder = Embedder(self.engine)
+                self.token_text = TokenText(self.embedder.tokenizer)
+                log(f"embeddings: {self.model_name}, {self.embedder.dimensions} dimensions, mean pooling, "
+                    f"inputs up to {self.embedder.max_len} tokens")
+                self.ready.set()
+                return
+            scheduler = Scheduler(self.engine, self._scheduler_config(), self.metrics)
+            warmed = warm_up(scheduler)  # before the scheduler thread owns the engine, and before /health is ready
+            self.scheduler = scheduler.start()
             if self.engine.manifest.get("tokenizer"):  # structured outputs: the grammar compiler, made once here
                 self.engine.grammars.listener = self.metrics.grammar_compiled
             self.chat_template = ChatTemplate.from_artifact(self.engine.path, self.engine.manifest)
+            self.token_text = TokenText(self.scheduler.tokenizer)
+            if self.chat_template is not None and self.scheduler.tokenizer is not None:
+                self.chat_tokens = ChatTokens(self.scheduler.tokenizer)
             cache = self.scheduler.slots.cache
             log(f"KV cache: {cache.num_slots} slots x {cache.capacity} positions x {cache.bytes_per_token} B "
                  f"= {cache.nbytes / 2**20:.1f} MiB ({self.model_name}, {self.engine.manifest['kv_cache'].get('mode')})")
@@ -55,6 +71,7 @@ class ServingState:
                 extra = f", draft KV {source.slots.cache.nbytes / 2**20:.1f} MiB" if hasattr(source, "slots") else ""
                 log(f"speculative decoding: {self.scheduler.speculator.name} while at most "
                      f"{config.speculation.max_batch} request(s) decode{extra}")
+            log(f"warm-up: {warmed['steps']} steps in {warmed['seconds']:.2f} s")
             self.ready.set()
         except Exception as exc:  # noqa: BLE001 - /health and every route report it; the process stays up
             self.load_error = str(exc) if isinstance(exc, LuffyError) else f"{type(exc).__name__}: {exc}"
@@ -67,6 +84,14 @@ class ServingState:
             draft = load(self.settings.draft, spin=self.settings.spin)
             config = dataclasses.replace(config, speculation=dataclasses.replace(config.speculation, draft=draft))
         return config
+
+    @property
+    def max_model_len(self) -> int | None:
+        return self.scheduler.capacity if self.scheduler is not None else self.engine.max_seq_len
+
+    @property
+    def vocab(self) -> int | None:
+        return self.scheduler.vocab if self.scheduler is not None else self.embedder.vocab
 
     def require_ready(self) -> None:
         if self.draining:

@@ -147,35 +147,39 @@ def _partial_suffix(text: str, trigger: str) -> int:
     return 0
 
 
-def noted(response: dict, grammar: str | None) -> dict:
-    """``response`` with its choice's ``structured_output`` set when the request had a grammar: "complete",
-    "closed_early" (the budget ran short and the closing rule ended strings early) or "incomplete" (cut off by
-    max_tokens: it does not parse; finish_reason is "length")."""
+def noted(choice: dict, grammar: str | None) -> dict:
+    """``choice`` (of a response or a chunk) with ``structured_output`` set when the request had a grammar:
+    "complete", "closed_early" (the budget ran short and the closing rule ended strings early) or "incomplete"
+    (cut off by max_tokens: it does not parse; finish_reason is "length")."""
     if grammar is not None:
-        response["choices"][0]["structured_output"] = grammar
-    return response
+        choice["structured_output"] = grammar
+    return choice
 
 
-def last_chunk(rid: str, model: str, chat: bool, out) -> dict:
-    """The final streamed chunk of a constrained request: its text, finish reason and ``structured_output``."""
+def last_chunk(rid: str, model: str, chat: bool, out, index: int = 0, logprobs: dict | None = None) -> dict:
+    """The final streamed chunk of a constrained request's choice ``index``: its text, finish reason, logprobs
+    and ``structured_output``."""
     if chat:
-        chunk = protocol.chat_chunk(rid, model, {"content": out.text} if out.text else {}, out.finish_reason)
+        chunk = protocol.chat_chunk(rid, model, {"content": out.text} if out.text else {}, out.finish_reason, index)
+        chunk["choices"][0]["logprobs"] = logprobs
     else:
-        chunk = protocol.completion_body(rid, model, out.text, out.finish_reason, None)
-    return noted(chunk, out.grammar)
+        chunk = protocol.completion_body(rid, model, [protocol.completion_choice(index, out.text, out.finish_reason,
+                                                                                 logprobs)], None)
+    noted(chunk["choices"][0], out.grammar)
+    return chunk
 
 
 class ToolChunks:
     """The SSE lines of a chat stream with tools: content and tool-call deltas (ToolCallStream), then the finish
     reason ("tool_calls" when the output called any)."""
 
-    def __init__(self, rid: str, model: str, tool_plan: tools.ToolPlan):
-        self.rid, self.model, self.split = rid, model, ToolCallStream(tool_plan)
+    def __init__(self, rid: str, model: str, tool_plan: tools.ToolPlan, index: int = 0):
+        self.rid, self.model, self.split, self.index = rid, model, ToolCallStream(tool_plan), index
 
     def __call__(self, text: str, finish_reason: str | None) -> str:
         deltas = self.split.feed(text) + (self.split.finish() if finish_reason is not None else [])
-        lines = [sse(protocol.chat_chunk(self.rid, self.model, delta, None)) for delta in deltas]
+        lines = [sse(protocol.chat_chunk(self.rid, self.model, delta, None, self.index)) for delta in deltas]
         if finish_reason is not None:
             reason = "tool_calls" if self.split.calls and finish_reason == "stop" else finish_reason
-            lines.append(sse(protocol.chat_chunk(self.rid, self.model, {}, reason)))
+            lines.append(sse(protocol.chat_chunk(self.rid, self.model, {}, reason, self.index)))
         return "".join(lines)

@@ -28,7 +28,7 @@ ERROR_KEYS = {"message", "type", "param", "code"}
 @pytest.fixture(scope="module")
 def server(pydoc):
     with ServerProcess(pydoc.path, "--max-num-seqs", "6", "--max-num-batched-tokens", "32", "--served-model-name",
-                       "pydoc") as running:
+                       "pydoc", "--header-timeout", "1", "--body-timeout", "1") as running:
         yield running
 
 
@@ -123,6 +123,20 @@ def test_every_error_is_openai_shaped_declared_and_counted(server, request_, sta
     assert fragment in response.json()["error"]["message"]
     key = f'luffy:http_errors_total{{model_name="pydoc",status="{status}"}}'
     assert server.metrics()[key] == before.get(key, 0) + 1
+
+
+def test_slow_headers_and_bodies_get_408(server):
+    """--header-timeout 1 / --body-timeout 1: a client that sends part of its headers, or of its body, and stops
+    is answered 408 in OpenAI's shape and its connection closed (uvicorn alone would wait forever)."""
+    before = server.metrics().get('luffy:http_errors_total{model_name="pydoc",status="408"}', 0)
+    headers_only = _raw(server, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n")
+    half_body = _raw(server, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"model\": ")
+    for answer, what in ((headers_only, "headers"), (half_body, "body")):
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408"), answer
+        error = json.loads(body)["error"]
+        assert set(error) == ERROR_KEYS and f"the request {what} did not arrive within 1 s" in error["message"]
+    assert server.metrics()['luffy:http_errors_total{model_name="pydoc",status="408"}'] == before + 2
 
 
 def test_openapi_declares_what_the_server_does(server):

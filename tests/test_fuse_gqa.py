@@ -34,7 +34,7 @@ def test_graph_after_fuse_gqa(before_gqa):
     model = ir.from_proto(before_gqa)
     p = fuse_gqa()
     p(model)
-    assert p.stats == {"matches": 2}
+    assert p.stats == {"matches": 2, "multi_row": True}
     ops = _ops(model)
     assert ops["GroupQueryAttention"] == 2 and ops["SDPA"] == 0 and ops["Expand"] < _ops(ir.from_proto(before_gqa))["Expand"]
     inputs = {v.name: v for v in model.graph.inputs}
@@ -86,3 +86,29 @@ def test_shared_buffer_engine_matches_the_concat_engine(zoo_artifacts, tmp_path)
     ids_b, logits_b = b.generate(rows, max_new_tokens=16, eos_token_id=None, output_logits=True)
     assert ids_a.tolist() == ids_b.tolist()
     assert np.abs(logits_a - logits_b).max() <= 1e-4
+
+
+def test_multi_row_graph_takes_query_seqlens_with_causal_attention(before_gqa):
+    model = ir.from_proto(before_gqa)
+    fuse_gqa()(model)
+    inputs = {v.name: v for v in model.graph.inputs}
+    assert inputs["query_seqlens"].dtype == ir.DataType.INT32 and list(inputs["query_seqlens"].shape) == ["batch"]
+    for node in (n for n in model.graph if n.op_type == "GroupQueryAttention"):
+        assert node.attributes["causal"].value == 1 and node.inputs[16] is inputs["query_seqlens"]
+        assert node.inputs[10] is not None  # the model's own mask stays, as attention_bias
+
+
+def test_a_sliding_window_keeps_one_multi_token_row_per_step(family_artifact):
+    artifact, _ = family_artifact("mistral")  # window 16: relative to each query's own position
+    record = next(r for r in artifact.report["passes"] if r["name"] == "fuse-gqa")
+    assert record["matches"] == 2 and record["multi_row"] is False
+    assert "not causal plus padding alone" in record["not_matched"][0]["reason"]
+    model = ir.load(artifact.path / "model.onnx")
+    lm_head = next(v for v in model.graph.outputs if v.name == "logits").producer()
+    assert lm_head.inputs[0].producer().op_type == "Slice"  # keep-last-logits' plain form: the last positions
+    engine = artifact.load()
+    assert engine.graph.shared_kv and not engine.graph.multi_row
+    slots = engine.open_slots(2, 64)
+    slots.step(0, 2, np.array([PROMPT[:3], PROMPT[:3]]))  # rows that start empty still step together
+    with pytest.raises(luffy.UsageError, match="one row at a time"):
+        slots.step(0, 2, np.array([PROMPT[3:5], PROMPT[5:7]]))

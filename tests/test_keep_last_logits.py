@@ -17,7 +17,11 @@ def test_graph_after_keep_last_logits(zoo_artifacts):
 
     model = ir.load(artifact.path / "model.onnx")
     lm_head = next(v for v in model.graph.outputs if v.name == "logits").producer()
-    assert lm_head.op_type == "MatMul" and lm_head.inputs[0].producer().op_type == "Slice"
+    # a multi-row graph (query_seqlens) keeps each row's last valid positions: a per-row gather, not a slice
+    gather = lm_head.inputs[0].producer()
+    assert lm_head.op_type == "MatMul" and gather.op_type == "GatherND" and gather.attributes["batch_dims"].value == 1
+    reads = {v.name for node in model.graph for v in node.inputs if v is not None}
+    assert "query_seqlens" in reads
 
 
 def test_encoder_is_untouched_with_a_reason(zoo_artifacts):

@@ -273,3 +273,34 @@ def test_speculation_with_penalties_keeps_the_tokens_alone(pydoc, pydoc_int8):
         assert expected != _alone(pydoc, prompt, 32)
     finally:
         scheduler.stop()
+
+
+def test_siblings_share_one_prefill_and_wait_for_slots_when_none_is_free(pydoc):
+    # n = 3 choices with 2 slots: the second copies the first's prompt KV, the third waits and is prefilled
+    # when a slot frees; each equals Engine.generate with its own seed either way
+    prompt = PROMPTS[6]
+    done, outputs = threading.Event(), {}
+
+    def emit(output):
+        outputs.setdefault(output.request_id, []).append(output)
+        if sum(o[-1].finish_reason is not None for o in outputs.values()) == 3:
+            done.set()
+
+    group = [luffy.serving.requests.Request(list(prompt), SamplingParams(max_tokens=10, temperature=0.9, seed=7 + i,
+                                                                          ignore_eos=True), emit, request_id=f"c{i}")
+             for i in range(3)]
+    group[0].siblings = group[1:]
+    metrics = _Counting()
+    scheduler = Scheduler(pydoc, SchedulerConfig(max_num_seqs=2, prefix_cache=False), metrics=metrics).start()
+    try:
+        scheduler.submit_all(group)
+        assert done.wait(60)
+        for i in range(3):
+            expected = pydoc.generate([prompt], max_new_tokens=10, eos_token_id=None, do_sample=True, temperature=0.9,
+                                      seed=7 + i)[0, len(prompt):].tolist()
+            assert luffy.serving.requests.Output.merge(outputs[f"c{i}"]).token_ids == expected
+        assert metrics.hit == len(prompt)  # the second choice's copy; the third was prefilled
+        scored = scheduler.generate(prompt, SamplingParams(max_tokens=0, prompt_logprobs=2))
+        assert scored.finish_reason == "length" and scored.token_ids == [] and len(scored.prompt_logprobs) == len(prompt)
+    finally:
+        scheduler.stop()

@@ -80,6 +80,15 @@ class QualityMeasure:
             lm_head_bits=bits, quantize_embeddings=bits == 4, hessians=hessians,
         )
 
+    def kv_ranges_for(self, model: ir.Model) -> dict:
+        """Per layer the largest |key| and |value| per channel on --calib: an int8/int4 KV cache's scales."""
+        self._require_decoder("--kv-cache-dtype")
+        from .calibration import MAX_CALIB_WINDOWS, collect_kv_ranges
+
+        windows, _ = self._windows(self.cfg.calib, "--calib", MAX_CALIB_WINDOWS)
+        self.say(f"calibrating the {self.cfg.kv_cache_dtype} KV cache on {len(windows)} windows")
+        return collect_kv_ranges(model, windows, self.say)
+
     def evaluate(self, model_path: Path) -> dict:
         self._require_decoder("--eval")
         from .calibration import graph_perplexity, torch_perplexity

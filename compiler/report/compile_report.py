@@ -30,6 +30,7 @@ def compile_report(cfg: LuffyConfig, capture, model: ir.Model, records: list[dic
         "parity": checks["parity"],
         "memory": checks["memory"],
         "precision": _precision_report(cfg, records),
+        "kv_cache": _kv_cache_report(cfg, capture, records),
         "quality": checks["quality"],
     }
 
@@ -81,6 +82,19 @@ def _precision_report(cfg: LuffyConfig, records: list[dict]) -> dict:
     for record in records:
         if record["name"] in ("quantize-weights", "convert-fp16", "quantize-dynamic-int8"):
             out.update({k: v for k, v in record.items() if k not in ("name", "modified", "nodes_before", "nodes_after")})
+    return out
+
+
+def _kv_cache_report(cfg: LuffyConfig, capture, records: list[dict]) -> dict | None:
+    """The KV cache's precision (chosen or the compute's), bytes per token, scales, and how a step takes rows."""
+    kv = capture.graph.kv
+    if kv is None:
+        return None
+    gqa = next((r for r in records if r["name"] == "fuse-gqa"), {})
+    out = {"dtype": kv.dtype, "chosen": cfg.kv_cache_dtype, "bytes_per_token": kv.to_json()["bytes_per_token"],
+           "multi_row_steps": bool(gqa.get("multi_row"))}
+    if cfg.kv_cache_dtype in ("int8", "int4"):
+        out["scales"] = f"static per-channel (key and value), largest |x| on --calib {cfg.calib}"
     return out
 
 

@@ -1,0 +1,82 @@
+"""kv-cache-dtype: GroupQueryAttention's cache in fp16, or int8/int4 with calibrated per-channel scales."""
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+import luffy
+from luffy.compiler.config import LuffyConfig
+from luffy.models_zoo.trained import CALIB_FILE, PYDOC_LLAMA_DIR
+from luffy.passes.kv_cache_dtype import kv_cache_dtype
+from luffy.tests.helpers import PROMPT
+
+CALIB = PYDOC_LLAMA_DIR / CALIB_FILE
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(kv_cache_dtype="bf16"), "no bf16 cache"),
+    (dict(kv_cache_dtype="int8"), "needs --calib FILE"),
+    (dict(kv_cache_dtype="fp32", precision="fp16"), "would hold fp16 values"),
+    (dict(kv_cache_dtype="int9"), "choose one of auto, fp32, fp16, bf16, int8, int4"),
+    (dict(calib="calib.txt"), "precision fp32 with KV cache auto takes none"),
+])
+def test_kv_cache_choices_refused_before_capture(options, message):
+    with pytest.raises(luffy.UsageError, match=message):
+        LuffyConfig(**options)
+
+
+def _ranges(layers=2, heads=2, dim=16):
+    rng = np.random.default_rng(0)
+    return {layer: (rng.uniform(1, 4, (heads, dim)), rng.uniform(1, 4, (heads, dim))) for layer in range(layers)}
+
+
+@pytest.mark.parametrize("dtype, storage, dim, bits", [
+    ("int8", ir.DataType.INT8, 16, 8), ("int4", ir.DataType.UINT8, 8, 4), ("fp16", ir.DataType.FLOAT16, 16, None)])
+def test_graph_after_kv_cache_dtype(zoo_artifacts, dtype, storage, dim, bits):
+    model = ir.load(zoo_artifacts("llama-tiny")[0].path / "model.onnx")
+    ranges = _ranges()
+    p = kv_cache_dtype(dtype, ranges)
+    p(model)
+    assert p.stats["matches"] == 2 and p.stats["kv_cache_dtype"] == dtype
+    caches = [v for v in [*model.graph.inputs, *model.graph.outputs] if v.name.startswith(("past_", "present."))]
+    assert len(caches) == 8 and all(v.dtype == storage and v.shape[3] == dim for v in caches)
+    for node in (n for n in model.graph if n.op_type == "GroupQueryAttention"):
+        layer = int(node.inputs[3].name.split(".")[1])
+        if bits is None:
+            assert node.inputs[12] is None and node.inputs[13] is None and "k_quant_type" not in node.attributes
+            continue
+        assert node.attributes["kv_cache_bit_width"].value == bits
+        assert node.attributes["k_quant_type"].value == node.attributes["v_quant_type"].value == "PER_CHANNEL"
+        key, value = (node.inputs[i].const_value.numpy() for i in (12, 13))
+        assert key.shape == value.shape == (1, 2, 1, 16)
+        levels = 127 if bits == 8 else 7
+        np.testing.assert_allclose(value[0, :, 0] * levels, ranges[layer][1], rtol=1e-6)
+        # a key channel's scale covers its rotary partner (i and i + 8 rotate into each other)
+        np.testing.assert_allclose(key[0, :, 0, :8], key[0, :, 0, 8:])
+        assert (key[0, :, 0] * levels >= ranges[layer][0] - 1e-6).all()
+
+
+def test_a_graph_without_group_query_attention_is_refused(zoo_artifacts):
+    model = ir.load(zoo_artifacts("bert-tiny")[0].path / "model.onnx")
+    with pytest.raises(luffy.UnsupportedModelError, match="needs the graph's attention fused into GroupQueryAttention"):
+        kv_cache_dtype("int8", {})(model)
+
+
+def test_int8_kv_cache_artifact(zoo_artifacts, tmp_path):
+    fp32 = zoo_artifacts("llama-tiny")[0]
+    art = luffy.compile("llama-tiny", output=tmp_path / "int8kv", kv_cache_dtype="int8", calib=CALIB, eval_file=CALIB)
+    kv = art.manifest["kv_cache"]
+    assert kv["dtype"] == "int8" and kv["bytes_per_token"] * 4 == fp32.manifest["kv_cache"]["bytes_per_token"]
+    assert art.report["kv_cache"]["scales"].startswith("static per-channel")
+    assert art.report["kv_cache"]["multi_row_steps"] and art.report["parity"]["tolerance"] is None
+    assert abs(art.report["quality"]["perplexity_increase_pct"]) < 1.0  # random weights: near-flat logits
+    engine = art.load()
+    slots = engine.open_slots(2, 64)
+    assert engine.kv_dtype == np.int8 and slots.cache.buffers[0][0].dtype == np.int8
+    assert slots.cache.nbytes * 4 == fp32.load().open_slots(2, 64).cache.nbytes
+    # a step reads back the codes it wrote: a chunked prompt equals the same prompt in one step
+    whole = engine.open_slots(1, 64).step(0, 1, np.array([PROMPT]))[0, -1].copy()
+    slots.step(0, 1, np.array([PROMPT[:7]]))
+    assert np.abs(slots.step(0, 1, np.array([PROMPT[7:]]))[0, -1] - whole).max() <= 1e-4
+    assert engine.generate([PROMPT], max_new_tokens=4, eos_token_id=None)[0, :len(PROMPT) + 1].tolist() == \
+        fp32.load().generate([PROMPT], max_new_tokens=1, eos_token_id=None)[0].tolist()
