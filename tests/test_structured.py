@@ -243,3 +243,23 @@ def test_bad_tools_name_the_field(tool_list, choice, param, message):
         tools.plan(tool_list, choice, True, None)
     assert error.value.param == param
     assert tools.plan([WEATHER], "none", True, None) is None
+
+
+def test_a_streamed_hermes_output_holds_back_only_what_may_start_a_call():
+    from luffy.serving.structured import ToolCallStream
+
+    plan = tools.plan([WEATHER, CLOCK], "auto", True, TEMPLATES["hermes"])
+    text = ('Let me <b>check</b>. <tool_call>\n{"name": "get_time", "arguments": {"zone": "Rome"}}\n</tool_call>'
+            "<tool_call>\n" '{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "C"}}\n</tool_call> ok <tool')
+    split, released = ToolCallStream(plan), []
+    for at, char in enumerate(text):  # one character at a time, as the detokenizer may release it
+        for delta in split.feed(char):
+            released.append((at, delta))
+    released += [(len(text), delta) for delta in split.finish()]
+    content = "".join(d.get("content", "") for _, d in released)
+    calls = [(at, d["tool_calls"][0]) for at, d in released if "tool_calls" in d]
+    assert content == "Let me <b>check</b>.  ok <tool"
+    assert [c["index"] for _, c in calls] == [0, 1] and calls[0][1]["function"]["name"] == "get_time"
+    assert json.loads(calls[1][1]["function"]["arguments"]) == {"city": "Oslo", "unit": "C"}
+    assert calls[0][0] == text.index("</tool_call>") + len("</tool_call>") - 1  # out as soon as the call closes
+    assert next(at for at, d in released if d.get("content", "").startswith("<b")) < text.index("check")
