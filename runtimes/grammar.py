@@ -183,7 +183,7 @@ class GrammarCompiler:
             raise UsageError(f"{source}: llguidance cannot build a tokenizer from it ({one_line(str(exc))})") from None
         self.vocab = vocab
         self.tokens = TokenTable(self.tokenizer, vocab)
-        self.executor = llguidance.LLExecutor()  # fills a batch's masks in parallel (BatchMasker)
+        self._executor = None  # llguidance's thread pool, made only for a parallel BatchMasker
         self.listener = None
         self._cache: collections.OrderedDict[tuple, concurrent.futures.Future] = collections.OrderedDict()
         self._lock = threading.Lock()
@@ -228,8 +228,11 @@ class GrammarCompiler:
         compiled = self.compile(spec)
         return [self.constraint(compiled, max_tokens) for _ in range(rows)]
 
-    def masker(self) -> BatchMasker:
-        return BatchMasker(self.executor)
+    def masker(self, parallel: bool = False) -> BatchMasker:
+        """What fills a decode batch's masks (one after another unless ``parallel``: see BatchMasker)."""
+        if parallel and self._executor is None:
+            self._executor = llguidance.LLExecutor()
+        return BatchMasker(self._executor, parallel)
 
     def _build(self, spec: GrammarSpec, key: tuple) -> CompiledGrammar:
         start = time.perf_counter()
