@@ -205,11 +205,15 @@ class ServeProcess:
 
     def itl_totals(self) -> tuple[float, float]:
         """(sum, count) of the server's own luffy:inter_token_latency_seconds: token gaps without the client."""
+        return self.histogram_totals("luffy:inter_token_latency_seconds")
+
+    def histogram_totals(self, name: str) -> tuple[float, float]:
+        """(sum, count) of one of the server's histograms."""
         import httpx
 
         text = httpx.get(f"{self.url}/metrics", timeout=10).text
         found = {m.group(1): float(m.group(2)) for m in re.finditer(
-            r"^luffy:inter_token_latency_seconds_(sum|count)\{[^}]*\} (\S+)$", text, re.MULTILINE)}
+            rf"^{re.escape(name)}_(sum|count)\{{[^}}]*\}} (\S+)$", text, re.MULTILINE)}
         return found.get("sum", 0.0), found.get("count", 0.0)
 
     def rss_mib(self) -> float | None:
