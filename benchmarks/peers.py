@@ -14,8 +14,10 @@ Nothing here imports torch or onnxruntime at module level: the parent process on
 
 from __future__ import annotations
 
+import importlib.metadata as md
 import importlib.util
 import inspect
+import json
 import os
 import subprocess
 import sys
@@ -24,6 +26,14 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import onnx
+import onnxruntime as ort
+
+import luffy
+
+from ..errors import UsageError
+from ..measure import engine_generate
+from ..runtimes import share_thread_pool
 
 SUBJECT = "luffy"
 PEERS = ("torch", "ort-export", "genai", "genai-int4", "luffy-int4")
@@ -35,8 +45,6 @@ def onnx_weight_bytes(model_path: Path) -> dict:
     Tables read only through ``Gather`` (embedding lookups) are excluded from the streamed bytes: a step
     reads one row per token from them, not the whole table. External data is not loaded.
     """
-    import onnx
-
     model = onnx.load(str(model_path), load_external_data=False)
     sizes = {}
     for init in model.graph.initializer:
@@ -95,8 +103,6 @@ class LuffyRunner(Runner):
     def build(self) -> dict:
         if not self.paths.get("compile_source"):
             return {}
-        import luffy
-
         result = {}
 
         def compile_it():
@@ -111,27 +117,21 @@ class LuffyRunner(Runner):
         return self._load(self.paths["artifact"])
 
     def _load(self, artifact: str) -> dict:
-        import luffy
-
         self.engine = luffy.load(artifact)
         manifest = self.engine.manifest
         if manifest.get("kind") != "causal-lm":
-            from ..errors import UsageError
-
             raise UsageError(f"{artifact}: luffy bench times causal LMs; this artifact is {manifest.get('kind')!r}")
         weights = onnx_weight_bytes(Path(artifact) / manifest["model_file"])
         return {
             **weights, "vocab": self.engine.vocab, "max_seq_len": self.engine.max_seq_len,
             "label": f"luffy -O{manifest.get('opt_level')} {manifest.get('precision')}",
-            "threads": self.engine.session.get_session_options().intra_op_num_threads or "ORT default",
+            "threads": self.engine.thread_pool["threads"], "thread_pool": self.engine.thread_pool,
             "huge_pages": self.engine.huge_pages,
         }
 
     generate_kwargs: dict = {}  # what a subclass adds to every generate call
 
     def generate(self, ids, new_tokens, first_token):
-        from ..runtimes.timing import engine_generate
-
         tokens = engine_generate(self.engine, ids, new_tokens, first_token, **self.generate_kwargs)
         self.last_stats = self.engine.generation_stats  # speculative decoding's acceptance, else None
         return tokens
@@ -155,14 +155,10 @@ class LuffyDraftRunner(LuffySpeculativeRunner):
     name = "luffy-draft"
 
     def _load(self, path):
-        from ..runtimes import share_thread_pool
-
         share_thread_pool()  # this worker runs only this system: one ORT pool for target and draft
         return super()._load(path)
 
     def _speculation(self) -> tuple[str, dict]:
-        import luffy
-
         draft = luffy.load(self.paths["draft"])
         return f" + draft {draft.manifest.get('precision')}", {"assistant_model": draft}
 
@@ -256,6 +252,8 @@ class OrtExportRunner(Runner):
         model = AutoModelForCausalLM.from_pretrained(self.paths["hf_dir"], dtype=torch.float32, local_files_only=True).eval()
         takes_positions = "position_ids" in inspect.signature(model.forward).parameters
 
+        # Its own step wrapper, not luffy's capture (compiler/capture/torch_export.py): this peer is what a user
+        # assembles without luffy, so it shares none of luffy's code.
         class Step(torch.nn.Module):
             def __init__(self):
                 super().__init__()
@@ -292,8 +290,6 @@ class OrtExportRunner(Runner):
         return {"build_s": round(time.perf_counter() - start, 3)}
 
     def load(self) -> dict:
-        import onnxruntime as ort
-
         path = Path(self.paths["build_dir"]) / "model.onnx"
         self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         self.inputs = {i.name: i for i in self.session.get_inputs()}
@@ -330,8 +326,6 @@ class LuffyInt4Runner(LuffyRunner):
     needs_hf_dir = True
 
     def build(self) -> dict:
-        import luffy
-
         seconds = _timed(lambda: luffy.compile(
             self.paths["hf_dir"], output=self.paths["build_dir"], precision="int4", opt_level=self.paths.get("opt_level", 2),
         ))
@@ -376,8 +370,6 @@ class GenaiRunner(Runner):
 
         self.og = og
         self.model = og.Model(str(self.paths["build_dir"]))
-        import json
-
         config = json.loads((Path(self.paths["build_dir"]) / "genai_config.json").read_text())["model"]
         weights = onnx_weight_bytes(Path(self.paths["build_dir"]) / config["decoder"]["filename"])
         return {**weights, "vocab": config["vocab_size"], "max_seq_len": config.get("context_length"),
@@ -413,8 +405,6 @@ RUNNERS: dict[str, type[Runner]] = {
 
 
 def _version(package: str) -> str:
-    import importlib.metadata as md
-
     try:
         return md.version(package)
     except md.PackageNotFoundError:

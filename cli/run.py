@@ -43,13 +43,11 @@ def run_cmd(
 
     Example (speculative): luffy run build/ref --input-ids 1,2,3 --draft build/ref-int8 --json
     """
-    from ..runtimes import load
+    from ..runtimes import load, share_thread_pool
 
     if (prompt is None) == (input_ids is None):
         raise UsageError("give exactly one of --prompt TEXT or --input-ids 1,2,3")
-    if draft is not None:  # two engines take turns: one thread pool, or their spinning threads fight
-        from ..runtimes import share_thread_pool
-
+    if draft is not None:  # target and draft take turns: one thread pool, or their spinning threads fight
         share_thread_pool()
     engine = load(artifact)
     kwargs = dict(

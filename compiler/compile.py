@@ -13,18 +13,27 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 
 from .. import __version__
-from ..errors import UsageError
+from ..errors import UnsupportedModelError, UsageError
 from ..passes.driver import count_nodes, run_passes
 from ..passes.pipelines import stages
-from .emit.artifact import check_output_location, staged_directory, write_manifest
+from ..runtimes import load
+from .capture.onnx_file import load_onnx_source
+from .capture.torch_export import capture_causal_lm, capture_encoder, capture_module
 from .config import LuffyConfig
+from .emit.artifact import check_output_location, staged_directory, write_manifest
 from .emit.manifest import DATA_FILE, MODEL_FILE, build_manifest
+from .emit.tokenizer_files import write_chat_template, write_tokenizer
+from .quality.parity import check_parity as run_parity_check
 from .quality.quality_measure import QualityMeasure
+from .quality.verify import Verifier
 from .report.compile_report import compile_report, memory_report, reduce_range
-from .sources.resolve import CAUSAL_LM, resolve_source
+from .report.dump_ir import IRDumper
+from .sources.resolve import CAUSAL_LM, ENCODER, resolve_source
+from .sources.torch_model import load_torch_model
 from .targets import target_for
 
 EXTERNAL_DATA_BYTES = 128 << 20  # above this, weights go to model.onnx.data (protobuf stays small, ORT mmaps)
@@ -44,8 +53,6 @@ class Artifact:
         return self.manifest["report"]
 
     def load(self, **kwargs):
-        from ..runtimes import load
-
         return load(self.path, **kwargs)
 
 
@@ -168,14 +175,8 @@ def _capture(src, opset: int, cfg: LuffyConfig, say) -> CaptureResult:
     say(f"capturing {src.spec}")
     t0 = time.perf_counter()
     if src.kind == "onnx":
-        from .capture.onnx_file import load_onnx_source
-
         captured, tm = load_onnx_source(src.path), None
     else:
-        from .capture.torch_export import capture_causal_lm, capture_encoder, capture_module
-        from .sources.resolve import ENCODER
-        from .sources.torch_model import load_torch_model
-
         tm = load_torch_model(src)
         captured = {CAUSAL_LM: capture_causal_lm, ENCODER: capture_encoder}.get(tm.kind, capture_module)(tm, opset)
     seconds = time.perf_counter() - t0
@@ -215,8 +216,6 @@ def _check_staged(model_path: Path, capture: CaptureResult, cfg: LuffyConfig, co
     parity = None
     if cfg.check_parity and capture.graph.reference is not None:
         say("checking parity against PyTorch")
-        from .quality.parity import check_parity as run_parity_check
-
         kv = cfg.kv_cache_dtype  # a reduced KV cache is judged like reduced weights: by --eval, not by 1e-4
         precision = cfg.precision if kv in ("auto", "fp32") else f"{cfg.precision} with a {kv} KV cache"
         parity = run_parity_check(capture.graph, model_path, capture.vocab, precision)
@@ -237,14 +236,10 @@ def _after_pass_hook(cfg: LuffyConfig, captured, vocab: int | None, say):
     """
     hooks = []
     if cfg.dump_ir is not None:
-        from .report.dump_ir import IRDumper
-
         dumper = IRDumper(cfg.dump_ir)
         dumper.dump("captured", captured.model)
         hooks.append(dumper)
     if cfg.verify:
-        from .quality.verify import Verifier
-
         say("computing --verify references on the captured graph")
         hooks.append(Verifier(captured, vocab))
     if not hooks:
@@ -282,8 +277,6 @@ def _kv_dtype(model: ir.Model, default: str, chosen: str = "auto") -> str:
 def _lower_ir_version(model: ir.Model) -> None:
     # onnx.helper stamps the newest IR version it knows, which a released onnxruntime may not read yet
     # ("Unsupported model IR version: 14"). The opsets in use fix the IR version actually required.
-    import onnx
-
     needed = onnx.helper.find_min_ir_version_for(
         [onnx.helper.make_opsetid(domain, version) for domain, version in model.opset_imports.items()],
         ignore_unknown=True,
@@ -304,8 +297,6 @@ def _max_seq_len(cfg: LuffyConfig, tm, captured) -> int | None:
 
 
 def _save_model(model: ir.Model, stage: Path, mode: str) -> bool:
-    from ..errors import UnsupportedModelError
-
     try:
         weight_bytes = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
         external = mode == "always" or (mode == "auto" and weight_bytes > EXTERNAL_DATA_BYTES)
@@ -323,8 +314,6 @@ def _save_model(model: ir.Model, stage: Path, mode: str) -> bool:
 
 def _write_tokenizer(stage: Path, src, tm) -> tuple[list[str], dict | None]:
     """The tokenizer files written, and the manifest's ``chat_template`` record (None without a template)."""
-    from .emit.tokenizer_files import write_chat_template, write_tokenizer
-
     source_dir = tm.tokenizer_dir if tm is not None else (src.path.parent if src.kind == "onnx" else None)
     names = write_tokenizer(stage, tokenizer=tm.tokenizer if tm is not None else None, source_dir=source_dir)
     if tm is not None and tm.chat_template is not None:

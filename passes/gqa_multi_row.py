@@ -20,7 +20,11 @@ from __future__ import annotations
 import functools
 
 import numpy as np
+import onnx
 import onnx_ir as ir
+import onnxruntime
+from onnx.reference import ReferenceEvaluator
+from onnxruntime.capi import onnxruntime_pybind11_state as state
 
 QUERY_SEQLENS = "query_seqlens"
 QUERY_SEQLENS_INDEX = 16  # GroupQueryAttention's input slot for it (com.microsoft opset 1)
@@ -33,9 +37,6 @@ _FEEDABLE = ("input_ids", "attention_mask", "position_ids")
 @functools.cache
 def ort_takes_query_seqlens() -> str | None:
     """None when the installed onnxruntime's GroupQueryAttention has ``query_seqlens``, else why not."""
-    import onnxruntime
-    from onnxruntime.capi import onnxruntime_pybind11_state as state
-
     schema = next((s for s in state.get_all_operator_schema()
                    if s.name == "GroupQueryAttention" and s.domain == "com.microsoft"), None)
     if schema is not None and any(i.name == QUERY_SEQLENS for i in schema.inputs):
@@ -61,9 +62,6 @@ def mask_rule_refusal(model: ir.Model, biases: list[ir.Value]) -> str | None:
 
 def _evaluate(model: ir.Model, bias: ir.Value) -> np.ndarray:
     """The [width, total] keys ``bias`` lets each query see, for one unpadded row at the probe's lengths."""
-    import onnx
-    from onnx.reference import ReferenceEvaluator
-
     nodes, inputs, constants = _producers(model.graph, bias)
     unknown = sorted(set(inputs) - set(_FEEDABLE))
     if unknown:

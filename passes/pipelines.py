@@ -16,10 +16,10 @@ import dataclasses
 from typing import Callable
 
 import onnx_ir as ir
-
 from onnx_ir.passes import common
 
 from ..errors import UsageError
+from ..plugins import plugins_for_tensorrt
 from .collapse_reshapes import collapse_reshapes
 from .convert_bf16 import convert_bf16
 from .convert_fp16 import convert_fp16
@@ -35,6 +35,8 @@ from .fuse_rotary import fuse_rotary
 from .fuse_skip_norm import fuse_skip_norm
 from .keep_last_logits import keep_last_logits
 from .kv_cache_dtype import kv_cache_dtype
+from .pack_gate_up import pack_gate_up
+from .pack_qkv import pack_qkv
 from .quantize_dynamic_int8 import quantize_dynamic_int8
 from .quantize_moe import quantize_moe
 from .quantize_weights import WeightQuantization, quantize_weights
@@ -101,6 +103,11 @@ ORT_FUSIONS = [
     # read the flat layout itself, and the Reshape pairs on v and on the attention output undo each other.
     PassStep("rotary-bsd", rotary_bsd, "rotary on GQA's [B,S,H*d] layout: no Reshape/Transpose around it"),
     PassStep("collapse-reshapes", collapse_reshapes, "Reshape pairs that provably undo each other"),
+    # Once q, k and v reach GQA straight from their projections (and rotary sits on the flat layout), the
+    # three MatMuls become one and GQA rotates inside; before any precision pass, which then quantizes the
+    # packed weight (block quantization along K gives the same codes as quantizing each part).
+    PassStep("pack-qkv", pack_qkv, "Q/K/V as one MatMul read by GQA as packed QKV, rotary inside GQA"),
+    PassStep("pack-gate-up", pack_gate_up, "a gated MLP's gate and up projections as one MatMul and a Split"),
     PassStep("lift-constants", lambda: common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
              "rewrites and inlined functions leave Constant nodes; weights belong in initializers"),
     # fuse-gqa re-derives past/total lengths from the inputs; the model read the same dims its own way.
@@ -147,8 +154,6 @@ def plugin_steps(target: str, opt_level: int, trt_version: tuple[int, ...] | Non
     >>> plugin_steps("trt", 2, (10, 15))
     []
     """
-    from ..plugins import plugins_for_tensorrt
-
     if target != "trt" or opt_level == 0 or USE_PLUGINS in disabled or trt_version is None:
         return []
     plugins = plugins_for_tensorrt(trt_version)

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from ..errors import ArtifactError
+from ..errors import ArtifactError, first_line
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -73,7 +73,8 @@ SCHEMA = {
     "report": (_DICT, False),
 }
 KV_SCHEMA = {"num_layers": (_INT, True), "past_input": (_STR, True), "present_output": (_STR, True),
-             "mode": (_STR, False)}
+             "mode": (_STR, False), "positions": (_STR, False)}
+POSITIONS_INPUT, POSITIONS_BUFFER = "input", "buffer"  # kv_cache.positions: position_ids, or the KV buffer index
 FILE_SCHEMA = {"sha256": (_STR, True), "size": (_INT, True)}
 CHAT_SCHEMA = {"file": (_STR, True), "bos_token": (_STR + _NONE, False), "eos_token": (_STR + _NONE, False)}
 IO_SCHEMA = {"name": (_STR, True), "dtype": (_STR, True), "shape": ((list,) + _NONE, True)}
@@ -107,6 +108,9 @@ def _check_values(path: Path, manifest: dict) -> None:
         _check_fields(path, "kv_cache.", kv, KV_SCHEMA)
         if kv["num_layers"] < 1 or kv.get("mode", KV_CONCAT) not in (KV_SHARED, KV_CONCAT):
             raise ArtifactError(f"{path}: field kv_cache has num_layers {kv['num_layers']} and mode {kv.get('mode')!r}")
+        if kv.get("positions", POSITIONS_INPUT) not in (POSITIONS_INPUT, POSITIONS_BUFFER):
+            raise ArtifactError(f"{path}: field kv_cache.positions is {kv['positions']!r}; expected "
+                                f"{POSITIONS_INPUT} or {POSITIONS_BUFFER}")
         for key in ("past_input", "present_output"):
             if "{layer}" not in kv[key] or "{kind}" not in kv[key]:
                 raise ArtifactError(f"{path}: field kv_cache.{key} {kv[key]!r} must contain {{layer}} and {{kind}}")
@@ -187,7 +191,7 @@ def read_manifest(directory: str | os.PathLike, verify_files: bool = True) -> di
     try:
         manifest = json.loads(path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise ArtifactError(f"{path}: not valid JSON ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        raise ArtifactError(f"{path}: not valid JSON ({first_line(exc)})") from None
     except OSError as exc:
         raise ArtifactError(f"{path}: cannot read it ({exc.strerror or exc})") from None
     validate_manifest(path, manifest)
@@ -225,6 +229,9 @@ class StepGraph:
     kv_type: str  # the past inputs' ONNX type, e.g. "tensor(float)"
     shared_kv: bool  # KV_SHARED: one buffer per layer and kind is both past and present
     takes_positions: bool
+    # kv_cache.positions "buffer": attention rotates by KV buffer index, so a row may be left-padded but hold no
+    # masked position between real ones (transformers would number the later tokens differently)
+    positions_from_buffer: bool
     keeps_logits: bool  # takes logits_to_keep
     multi_row: bool  # takes query_seqlens: several rows of several tokens with a cache in one step
     past_names: tuple[tuple[str, str], ...]  # per layer: (key, value) inputs
@@ -263,6 +270,6 @@ def step_graph(path: Path, manifest: dict, inputs: dict[str, tuple[str, list]], 
         raise ArtifactError(f"{path}: logits output has no static vocabulary dimension ({outputs[LOGITS]})")
     return StepGraph(
         layers=tuple(shapes), vocab=vocab, kv_type=inputs[past[0][0]][0], shared_kv=SEQLENS in inputs,
-        takes_positions=POSITION_IDS in inputs, keeps_logits=KEEP in inputs, multi_row=QUERY_SEQLENS in inputs,
-        past_names=past, present_names=present,
+        takes_positions=POSITION_IDS in inputs, positions_from_buffer=kv.get("positions") == POSITIONS_BUFFER,
+        keeps_logits=KEEP in inputs, multi_row=QUERY_SEQLENS in inputs, past_names=past, present_names=present,
     )

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import ArtifactError, CapacityError, UsageError
-from .cpu_bf16 import cpu_model
+from ..errors import ArtifactError, CapacityError, UsageError, first_line
+from . import speculative
 from .constraint import warn_incomplete
+from .cpu_bf16 import cpu_model
+from .cpu_features import u8s8_saturates
 from .engine import Engine
 from .generation import generate_loop, left_pad
 from .huge_pages import MIN_REGION, NOTHING_COLLAPSED, anonymous_mappings, back_new_mappings_with_huge_pages
 from .manifest import step_graph
-from .ort_compat import import_onnxruntime, session_options, thread_pool_shared
+from .ort_compat import engine_session_options, import_onnxruntime
 from .ort_slots import OrtSlots
 
 _NUMPY_DTYPES = {
@@ -30,8 +33,6 @@ def _weight_file_bytes(manifest: dict) -> int:
 
 def _require_int8_kernels_fit(manifest: dict, path: Path, providers: list[str] | None) -> None:
     """An int8-dynamic artifact with 8-bit weights gives wrong outputs on x86 CPUs without VNNI."""
-    from .cpu_features import u8s8_saturates
-
     on_cpu = not providers or providers == ["CPUExecutionProvider"]
     if manifest.get("int8_reduce_range") is False and on_cpu and u8s8_saturates():
         raise ArtifactError(
@@ -39,19 +40,20 @@ def _require_int8_kernels_fit(manifest: dict, path: Path, providers: list[str] |
             "AMX); this CPU's int8 kernels saturate. Recompile with --reduce-range (correct on every CPU)")
 
 
-def _warn_private_pools() -> None:
-    import warnings
-
-    warnings.warn("speculative decoding with two engines that each own an ONNX Runtime thread pool: their "
+def _warn_unshared_pools() -> None:
+    warnings.warn("speculative decoding with a target and a draft on different ONNX Runtime thread pools: their "
                   "spinning threads compete for the cores (measured 1.8x slower); call "
-                  "luffy.runtimes.share_thread_pool() before loading both", RuntimeWarning, stacklevel=4)
+                  "luffy.runtimes.share_thread_pool() before loading both (luffy run/serve --draft do)",
+                  RuntimeWarning, stacklevel=4)
 
 
 class OrtEngine(Engine):
     """Runs an artifact's model.onnx on ONNX Runtime (CPU unless ``providers`` says otherwise).
 
     ``huge_pages`` (default on) backs the weights ORT allocates on the CPU with transparent huge pages
-    (see huge_pages.py; ``self.huge_pages`` reports what the kernel did).
+    (see huge_pages.py; ``self.huge_pages`` reports what the kernel did). Engines of one process run on one
+    ONNX Runtime thread pool once ``share_thread_pool`` made it, else each owns one (see
+    ort_compat.share_thread_pool for why that is the caller's choice); ``self.thread_pool`` says which pool.
     """
 
     def __init__(
@@ -60,13 +62,9 @@ class OrtEngine(Engine):
     ):
         super().__init__(path, manifest)
         ort = import_onnxruntime()
-        if threads and thread_pool_shared():
-            raise UsageError(f"threads={threads}: this process shares one ONNX Runtime thread pool "
-                             "(share_thread_pool), whose size was set there")
-        options = session_options(threads)
+        # the process's one thread pool (made by the first engine), so engines that take turns never fight
+        options, self.thread_pool = engine_session_options(threads, spin)
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if not spin:  # idle pool threads sleep instead of spinning: the cores go to the server's other threads
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._ort = ort
         model_path = self.path / manifest["model_file"]
         _require_int8_kernels_fit(manifest, self.path, providers)
@@ -80,7 +78,7 @@ class OrtEngine(Engine):
             mappings_before = anonymous_mappings() if track else None
             self.session = ort.InferenceSession(source, options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            reason = first_line(exc)
             raise ArtifactError(f"{model_path}: onnxruntime {ort.__version__} cannot load it: {reason}") from None
         self.huge_pages = None if not (huge_pages and on_cpu) else (
             back_new_mappings_with_huge_pages(mappings_before) if track else dict(NOTHING_COLLAPSED))
@@ -182,8 +180,6 @@ class OrtEngine(Engine):
 
     def _speculative(self, rows, max_new_tokens, pad, seed, output_logits, streamer, assistant_model, k, schedule,
                      lookup_k, max_ngram, sampling, constraints):
-        from . import speculative
-
         if assistant_model is not None and lookup_k:
             raise UsageError("give assistant_model or prompt_lookup_num_tokens, not both")
         if schedule not in ("heuristic", "constant"):
@@ -198,8 +194,8 @@ class OrtEngine(Engine):
         adaptive = speculative.AdaptiveK(k, schedule == "heuristic")
         if assistant_model is not None:
             speculative.check_draft(self, assistant_model)
-            if not thread_pool_shared():
-                _warn_private_pools()
+            if not (self.thread_pool["shared"] and getattr(assistant_model, "thread_pool", {}).get("shared")):
+                _warn_unshared_pools()
             source = speculative.DraftModel(assistant_model, 1, width + max_new_tokens)  # rows run one at a time
         else:
             source = speculative.PromptLookup(max_ngram)
@@ -247,5 +243,5 @@ class OrtEngine(Engine):
         try:
             outputs = self.session.run(None, arrays)
         except Exception as exc:  # ORT raises its own exception types for shape/type errors
-            raise UsageError(f"{self.path}: {str(exc).strip().splitlines()[0]}") from None
+            raise UsageError(f"{self.path}: {first_line(exc)}") from None
         return dict(zip(self.output_names, outputs))

@@ -74,7 +74,9 @@ class OrtSlots:
         total = int(lengths.max()) + width  # right padding needs room too (GroupQueryAttention: P + S <= C)
         if total > self.capacity:
             raise CapacityError(f"{total} positions exceed the KV slots' capacity {self.capacity}")
-        positions = self._positions(start, real)
+        if self.graph.positions_from_buffer:
+            self._refuse_gaps(start, real)
+        positions = self._positions(start, real) if self.graph.takes_positions else None
         self.cache.record(start, ids, real, counts if padded else None)
         kept = width if keep is None or not self.graph.keeps_logits else min(keep, width)
         feeds = {INPUT_IDS: ids, ATTENTION_MASK: np.ascontiguousarray(self.cache.mask[start:stop, :total])}
@@ -107,6 +109,21 @@ class OrtSlots:
                              "without query_seqlens)")
         if not self.graph.shared_kv and (lengths != lengths[0]).any():
             raise UsageError("a concat-KV graph steps rows of equal length together; step these rows one at a time")
+
+    def _refuse_gaps(self, start: int, real: np.ndarray) -> None:
+        """A graph that numbers positions by buffer index (kv_cache.positions "buffer") equals transformers only
+        while each row is padding, then real tokens, then (once finished) padding: no real token after a gap."""
+        lengths = self.cache.lengths[start:start + real.shape[0]]
+        ends_masked = (lengths > 0) & (self.cache.mask[start + np.arange(real.shape[0]), np.maximum(lengths - 1, 0)] == 0)
+        if real.all() and not ends_masked.any():
+            return  # the common case, decided without looking at whole rows
+        for row in range(real.shape[0]):
+            held = self.cache.mask[start + row, :lengths[row]]
+            real_at = np.flatnonzero(np.concatenate([held, real[row]]))
+            if real_at.size and real_at[-1] - real_at[0] + 1 != real_at.size:
+                raise UsageError(f"slot {start + row}: a real token after a masked one inside the sequence; this "
+                                 "artifact rotates by KV buffer position (kv_cache.positions = buffer), which equals "
+                                 "transformers' numbering for left or right padding only")
 
     def _positions(self, start: int, real: np.ndarray) -> np.ndarray:
         # transformers' rule, continued from the real tokens each slot already holds

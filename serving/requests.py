@@ -103,7 +103,7 @@ class SamplingParams:
             raise ParameterError("stop", "stop strings must not be empty")
         if self.seed is not None and not 0 <= self.seed < SEED_LIMIT:
             raise ParameterError("seed", f"seed must be in [0, 2**64) (numpy's generator), got {self.seed}")
-        self.sampling(()).check()  # top_p, top_k, min_p, the penalties, the biases' range
+        self._check_chain()  # top_p, top_k, min_p, the penalties, the biases' range
 
     def check(self, vocab: int) -> None:
         """Refuse token ids the model does not have (before the request reaches a scheduler step)."""
@@ -111,7 +111,14 @@ class SamplingParams:
         if bad is not None:
             raise ParameterError("stop_token_ids", f"stop_token_ids: token id {bad} is outside the vocabulary of "
                                                    f"size {vocab}")
-        self.sampling(()).check(vocab)  # logit_bias ids inside the vocabulary
+        self._check_chain(vocab)  # logit_bias ids inside the vocabulary
+
+    def _check_chain(self, vocab: int | None = None) -> None:
+        """The logits chain's own checks, as ParameterErrors: its messages begin with the field they name."""
+        try:
+            self.sampling(()).check(vocab)
+        except UsageError as exc:
+            raise ParameterError(str(exc).split()[0].rstrip(":"), str(exc)) from None
 
     def sampling(self, stop_ids) -> Sampling:
         """The logits chain's parameters for this request; ``stop_ids`` are what min_tokens masks."""

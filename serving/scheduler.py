@@ -31,13 +31,14 @@ import time
 import numpy as np
 
 from ..errors import CapacityError
-from ..runtimes.generation import eos_set
+from ..runtimes.generation import check_capacity, eos_set
 from ..runtimes.kv_memory import ReservedMemory
 from .kv_pool import KVPool
 from .options import SchedulerConfig, parse_bytes
 from .prefill_plan import plan_chunks
 from .prefix_cache import PrefixCache
 from .requests import Output, ParameterError, Request, SamplingParams
+from .speculation import Speculator
 
 
 class QueueFull(Exception):
@@ -94,8 +95,6 @@ class Scheduler:
         self.prefix = PrefixCache(self.config.prefix_cache_mb << 20) if self.config.prefix_cache else None
         self.speculator = None
         if self.config.speculation is not None:
-            from .speculation import Speculator
-
             self.speculator = Speculator(engine, self.config.max_num_seqs, capacity, self.config.speculation,
                                          self.metrics)
         self._lock = threading.Condition()
@@ -124,10 +123,10 @@ class Scheduler:
         if bad is not None:
             raise ParameterError("prompt", f"token id {bad} is outside the vocabulary of size {self.vocab}")
         params.check(self.vocab)  # stop_token_ids and logit_bias ids inside the vocabulary
-        if len(prompt_ids) + params.max_tokens > self.capacity:
-            raise CapacityError(f"prompt length {len(prompt_ids)} + max_tokens {params.max_tokens} = "
-                                f"{len(prompt_ids) + params.max_tokens} exceeds the maximum context length "
-                                f"{self.capacity}{self._limit_note}")
+        try:
+            check_capacity(len(prompt_ids), params.max_tokens, self.capacity, "max_tokens", "the maximum context length")
+        except CapacityError as exc:  # a context lowered to the KV pool says so
+            raise CapacityError(f"{exc}{self._limit_note}") from None
 
     def submit(self, request: Request) -> Request:
         return self.submit_all([request])[0]

@@ -18,6 +18,7 @@ from .metrics import ServerMetrics
 from .options import ServerSettings
 from .protocol import ProtocolError
 from .scheduler import Scheduler
+from .warmup import warm_up
 
 
 class ServingState:
@@ -43,8 +44,7 @@ class ServingState:
         try:
             if self.settings.draft is not None and engine is None:  # target and draft take turns: one thread pool
                 share_thread_pool(self.settings.threads)
-            threads = None if self.settings.draft is not None else self.settings.threads
-            self.engine = engine or load(self.artifact, threads=threads, spin=self.settings.spin)
+            self.engine = engine or load(self.artifact, threads=self.settings.threads, spin=self.settings.spin)
             if self.engine.kind == "encoder":
                 self.embedder = Embedder(self.engine)
                 self.token_text = TokenText(self.embedder.tokenizer)
@@ -52,7 +52,9 @@ class ServingState:
                     f"inputs up to {self.embedder.max_len} tokens")
                 self.ready.set()
                 return
-            self.scheduler = Scheduler(self.engine, self._scheduler_config(), self.metrics).start()
+            scheduler = Scheduler(self.engine, self._scheduler_config(), self.metrics)
+            warmed = warm_up(scheduler)  # before the scheduler thread owns the engine, and before /health is ready
+            self.scheduler = scheduler.start()
             if self.engine.manifest.get("tokenizer"):  # structured outputs: the grammar compiler, made once here
                 self.engine.grammars.listener = self.metrics.grammar_compiled
             self.chat_template = ChatTemplate.from_artifact(self.engine.path, self.engine.manifest)
@@ -69,6 +71,7 @@ class ServingState:
                 extra = f", draft KV {source.slots.cache.nbytes / 2**20:.1f} MiB" if hasattr(source, "slots") else ""
                 log(f"speculative decoding: {self.scheduler.speculator.name} while at most "
                      f"{config.speculation.max_batch} request(s) decode{extra}")
+            log(f"warm-up: {warmed['steps']} steps in {warmed['seconds']:.2f} s")
             self.ready.set()
         except Exception as exc:  # noqa: BLE001 - /health and every route report it; the process stays up
             self.load_error = str(exc) if isinstance(exc, LuffyError) else f"{type(exc).__name__}: {exc}"

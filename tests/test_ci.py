@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 
 import pytest
 
 import luffy
-
-
-def luffy_cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "luffy", *map(str, args)], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **(env or {})})
+from luffy.tests.helpers import luffy_cli
 
 
 def _model_bytes(artifact) -> dict:

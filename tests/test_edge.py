@@ -20,7 +20,7 @@ pytest.importorskip("fastapi", reason="the serve extra (pip install 'luffy[serve
 from luffy.benchmarks.fuzz_requests import FuzzRequest, fuzz_request, send  # noqa: E402
 
 from .server_process import ServerProcess  # noqa: E402
-from .test_serving import PROMPTS, alone, engine, pydoc  # noqa: E402,F401 (the same module fixtures)
+from .test_serving import PROMPTS, alone  # noqa: E402
 
 ERROR_KEYS = {"message", "type", "param", "code"}
 

@@ -1,6 +1,5 @@
 """fuse-gqa: attention + KV concat + repeat-KV -> GroupQueryAttention over a shared, in-place KV buffer."""
 
-import collections
 
 import numpy as np
 import onnx_ir as ir
@@ -13,6 +12,7 @@ from luffy.compiler.sources.torch_model import load_torch_model
 from luffy.passes.driver import run_passes
 from luffy.passes.fuse_gqa import fuse_gqa
 from luffy.passes.pipelines import pipeline
+from luffy.tests.graphs import op_counts
 from luffy.tests.helpers import PROMPT
 
 
@@ -26,17 +26,13 @@ def before_gqa():
     return ir.to_proto(model)
 
 
-def _ops(model):
-    return collections.Counter(n.op_type for n in model.graph)
-
-
 def test_graph_after_fuse_gqa(before_gqa):
     model = ir.from_proto(before_gqa)
     p = fuse_gqa()
     p(model)
     assert p.stats == {"matches": 2, "multi_row": True}
-    ops = _ops(model)
-    assert ops["GroupQueryAttention"] == 2 and ops["SDPA"] == 0 and ops["Expand"] < _ops(ir.from_proto(before_gqa))["Expand"]
+    ops = op_counts(model)
+    assert ops["GroupQueryAttention"] == 2 and ops["SDPA"] == 0 and ops["Expand"] < op_counts(ir.from_proto(before_gqa))["Expand"]
     inputs = {v.name: v for v in model.graph.inputs}
     assert inputs["seqlens_k"].dtype == ir.DataType.INT32 and list(inputs["seqlens_k"].shape) == ["batch"]
     assert inputs["total_sequence_length"].shape.rank() == 0
@@ -61,7 +57,7 @@ def test_extra_reader_of_the_cache_leaves_the_graph_alone(before_gqa):
     assert p.stats["matches"] == 0
     assert "past_key_values.1.value" in p.stats["not_matched"][0]["reason"]
     # all-or-nothing: layer 0 matched too, but no layer was rewritten and the interface is unchanged
-    ops = _ops(model)
+    ops = op_counts(model)
     assert ops["GroupQueryAttention"] == 0 and ops["SDPA"] == 2
     assert "seqlens_k" not in {v.name for v in model.graph.inputs}
     assert all(str(v.shape[2]) == "past" for v in model.graph.inputs if v.name.startswith("past_key_values"))

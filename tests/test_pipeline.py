@@ -3,10 +3,12 @@
 import numpy as np
 import onnx
 import pytest
-from onnx import helper, numpy_helper
+from onnx import helper
 
 import luffy
 from luffy.passes.pipelines import all_pass_names, pipeline, plugin_steps, stages
+
+from .graphs import onnx_model
 
 
 def test_levels_are_explicit_lists():
@@ -66,12 +68,8 @@ def _messy_model(path):
         helper.make_node("Add", ["a", "b"], ["y"]),
         helper.make_node("Relu", ["x"], ["dead"]),
     ]
-    graph = helper.make_graph(
-        nodes, "messy", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 4])],
-        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 4])],
-        [numpy_helper.from_array(w, "w_a"), numpy_helper.from_array(w.copy(), "w_b")],
-    )
-    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=9), path)
+    io = (onnx.TensorProto.FLOAT, ["n", 4])
+    onnx.save_model(onnx_model(nodes, {"x": io}, {"y": io}, {"w_a": w, "w_b": w.copy()}, name="messy"), path)
     return w
 
 

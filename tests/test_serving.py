@@ -29,17 +29,6 @@ PROMPTS = ["def parse(", "Return the", "class Foo:\n    \"\"\"", "import os\n", 
 
 
 @pytest.fixture(scope="module")
-def pydoc(zoo_artifacts):
-    artifact, _ = zoo_artifacts("llama-pydoc")
-    return artifact
-
-
-@pytest.fixture(scope="module")
-def engine(pydoc):
-    return pydoc.load()
-
-
-@pytest.fixture(scope="module")
 def server(pydoc):
     with ServerProcess(pydoc.path, "--max-num-seqs", "8", "--max-num-batched-tokens", "24",
                        "--served-model-name", "pydoc", api_key=KEY) as running:
@@ -461,6 +450,14 @@ def spec_server(pydoc, pydoc_int8):
 
 def _hits(server) -> float:
     return server.metric("luffy:prefix_cache_hits_total")
+
+
+def test_warm_up_runs_before_ready_and_leaves_nothing_behind(spec_server):
+    # target and draft: a prefill chunk and two decode steps over every slot each, before /health said ok
+    assert any("warm-up: 6 steps" in line for line in spec_server.log)
+    # before any request: the warm-up is no scheduler iteration, no token, and left no block to hit
+    for name in ("luffy:scheduler_iterations_total", "luffy:generation_tokens_total", "luffy:prefix_cache_queries_total"):
+        assert spec_server.metric(name) == 0
 
 
 def test_prefix_cache_hit_miss_and_eviction_keep_the_output(spec_server, engine):

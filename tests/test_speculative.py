@@ -3,10 +3,10 @@ sampling, rejected tokens rolled back as if they never ran."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -34,8 +34,10 @@ def test_greedy_output_is_plain_greedys(pydoc, how):
     kwargs = {"assistant_model": draft} if how == "draft" else {"prompt_lookup_num_tokens": 6}
     # two engines with private ONNX Runtime pools (this process never called share_thread_pool): correct, but
     # luffy says it is slow
-    warns = pytest.warns(RuntimeWarning, match="share_thread_pool") if how == "draft" else contextlib.nullcontext()
+    warns = pytest.warns(RuntimeWarning, match="share_thread_pool") if how == "draft" else warnings.catch_warnings()
     with warns:
+        if how != "draft":
+            warnings.simplefilter("error")  # prompt lookup runs one engine: nothing to warn about
         for prompt in PROMPTS[:4]:  # batch 1
             expected = target.generate([prompt], max_new_tokens=48)
             np.testing.assert_array_equal(target.generate([prompt], max_new_tokens=48, **kwargs), expected)
@@ -47,26 +49,45 @@ def test_greedy_output_is_plain_greedys(pydoc, how):
     assert 0 <= stats["acceptance_rate"] <= 1 and stats["mean_tokens_per_target_step"] >= 1
 
 
-_SHARED_POOL_SCRIPT = """
+_POOL_SCRIPT = """
 import json, sys, warnings
 import luffy
 from luffy.runtimes import share_thread_pool
-warnings.simplefilter("error")  # no warning about private pools
-share_thread_pool()
-target, draft = luffy.load(sys.argv[1]), luffy.load(sys.argv[2])
+warnings.simplefilter("error")  # no warning about unshared pools
+share_thread_pool(int(sys.argv[3]))
+target = luffy.load(sys.argv[1], threads=int(sys.argv[3]))
+draft = luffy.load(sys.argv[2])  # no threads: it runs on the shared pool
 prompt = [list(b"def parse(")]
 spec = target.generate(prompt, max_new_tokens=32, assistant_model=draft)
-print(json.dumps([spec.tolist(), target.generate(prompt, max_new_tokens=32).tolist()]))
+try:
+    luffy.load(sys.argv[2], threads=int(sys.argv[3]) + 1)
+    refused = None
+except luffy.UsageError as exc:
+    refused = str(exc)
+print(json.dumps([spec.tolist(), target.generate(prompt, max_new_tokens=32).tolist(), target.thread_pool,
+                  draft.thread_pool, refused]))
 """
 
 
 def test_a_shared_thread_pool_keeps_greedy_output(zoo_artifacts, pydoc_int8):
-    # share_thread_pool is process-wide and permanent, so it runs in its own process
-    proc = subprocess.run([sys.executable, "-c", _SHARED_POOL_SCRIPT, str(zoo_artifacts("llama-pydoc")[0].path),
-                           str(pydoc_int8.path)], capture_output=True, text=True, timeout=300)
+    # the pool is process-wide and its size permanent, so this runs in a process of its own
+    proc = subprocess.run([sys.executable, "-c", _POOL_SCRIPT, str(zoo_artifacts("llama-pydoc")[0].path),
+                           str(pydoc_int8.path), "2"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    spec, plain = json.loads(proc.stdout)
+    spec, plain, target_pool, draft_pool, refused = json.loads(proc.stdout)
     assert spec == plain and plain[0][:10] == list(b"def parse(") and len(plain[0]) > 10
+    assert target_pool == draft_pool == {"shared": True, "threads": 2, "spinning": True}
+    assert "share one ONNX Runtime thread pool of 2 threads" in refused
+
+
+def test_a_loaded_engine_leaves_other_onnx_runtime_sessions_working(pydoc):
+    # luffy.load does not make ONNX Runtime's pools process-global: a session the caller creates with default
+    # options (use_per_session_threads) still loads beside the engines
+    import onnxruntime as ort
+
+    target, _ = pydoc
+    session = ort.InferenceSession(str(target.path / target.manifest["model_file"]), providers=["CPUExecutionProvider"])
+    assert target.thread_pool["shared"] is False and session.get_inputs()[0].name == "input_ids"
 
 
 def test_zero_new_tokens_and_bad_top_p_are_handled_like_plain_generate(pydoc):

@@ -4,6 +4,7 @@ and validates it; this module only builds it)."""
 from __future__ import annotations
 
 import functools
+import importlib.metadata as md
 import platform
 
 import numpy as np
@@ -14,6 +15,7 @@ from ...runtimes.manifest import FORMAT_VERSION, STATE_READY
 from ..config import LuffyConfig
 from ..report.compile_report import reduce_range, text
 from ..sources.resolve import CAUSAL_LM
+from .tokenizer_files import generation_ids_beside
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
@@ -30,8 +32,6 @@ def build_manifest(cfg: LuffyConfig, capture, model: ir.Model, emitted: dict, re
     kind = captured.kind
     generation = dict(tm.generation) if tm is not None else {}
     if src.kind == "onnx":
-        from .tokenizer_files import generation_ids_beside
-
         generation = generation_ids_beside(src.path)
     return {
         "format_version": FORMAT_VERSION,
@@ -50,7 +50,7 @@ def build_manifest(cfg: LuffyConfig, capture, model: ir.Model, emitted: dict, re
         "io": signature,
         "dims": _dim_ranges(signature, max_len, kind),
         "max_seq_len": max_len,
-        "kv_cache": _kv_json(captured, signature),
+        "kv_cache": _kv_json(captured, signature, model),
         "generation": generation,
         "tokenizer": "tokenizer.json" if "tokenizer.json" in emitted["tokenizer_files"] else None,
         # int8-dynamic with 8-bit weights is only correct where ORT's u8s8 kernels do not saturate (VNNI)
@@ -98,18 +98,25 @@ def _dim_ranges(signature: dict, max_len: int | None, kind: str) -> dict:
     return ranges
 
 
-def _kv_json(captured, signature: dict) -> dict | None:
+def _kv_json(captured, signature: dict, model: ir.Model) -> dict | None:
     if captured.kv is None:
         return None
     shared = any(v["name"] == "seqlens_k" for v in signature["inputs"])
     # shared: one buffer per layer and kind, bound as past and present (fuse-gqa); else present = past + new
-    return {**captured.kv.to_json(), "mode": "shared-buffer" if shared else "concat"}
+    kv = {**captured.kv.to_json(), "mode": "shared-buffer" if shared else "concat"}
+    if _rotates_in_attention(model):
+        # pack-qkv: GQA rotates by KV buffer index, so a row may hold left padding but no gap (runtimes/ort_slots.py)
+        kv["positions"] = "buffer"
+    return kv
+
+
+def _rotates_in_attention(model: ir.Model) -> bool:
+    return any(n.op_type == "GroupQueryAttention" and "do_rotary" in n.attributes and n.attributes["do_rotary"].value
+               for n in model.graph)
 
 
 @functools.cache  # importlib.metadata parses each package's METADATA: ~12 ms a compile, for the same answer
 def _versions() -> dict:
-    import importlib.metadata as md
-
     out = {"luffy": __version__, "python": platform.python_version()}
     for pkg in ("torch", "transformers", "onnx", "onnx-ir", "onnxscript", "onnxruntime"):
         try:

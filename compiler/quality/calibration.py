@@ -13,9 +13,14 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnx_ir as ir
+import onnxruntime as ort
+from tokenizers import Tokenizer
 
 from ...errors import SourceError, UsageError
+from ...runtimes.cpu_bf16 import cpu_model
+from ...runtimes.ort_compat import session_options
 from .step_io import run_step
 
 _PRESENT = re.compile(r"^present\.(\d+)\.(key|value)$")
@@ -25,8 +30,6 @@ MAX_CALIB_WINDOWS = 64  # 16k tokens: GPTQ's Hessians settle long before this on
 
 def load_tokenizer(src, tm):
     """The `tokenizers.Tokenizer` of a source, or None."""
-    from tokenizers import Tokenizer
-
     if tm is not None and tm.tokenizer is not None:
         return tm.tokenizer
     for folder in (getattr(tm, "tokenizer_dir", None), src.path.parent if src.kind == "onnx" else None):
@@ -88,16 +91,10 @@ def decoder_feeds(session, ids: list[int]) -> dict[str, np.ndarray]:
 
 
 def _session(model: ir.Model, extra_outputs: list[ir.Value] = ()):
-    import onnxruntime as ort
-
-    from ...runtimes.ort_compat import session_options
-
     proto = ir.serde.serialize_model(model)
     for value in extra_outputs:
         proto.graph.output.append(ir.serde.serialize_value(value))
     with tempfile.TemporaryDirectory(prefix="luffy-calib-") as tmp:
-        import onnx
-
         path = Path(tmp) / "model.onnx"
         onnx.save(proto, path, save_as_external_data=True, location="model.onnx.data")
         options = session_options()
@@ -150,11 +147,6 @@ def collect_kv_ranges(model: ir.Model, windows: list[list[int]], say=lambda m: N
 
 def graph_perplexity(model_path: Path, windows: list[list[int]], prefix: int) -> float:
     """Perplexity of a decoder step graph on ``windows`` (logits at every position, empty cache)."""
-    import onnxruntime as ort
-
-    from ...runtimes.cpu_bf16 import cpu_model
-    from ...runtimes.ort_compat import session_options
-
     session = ort.InferenceSession(cpu_model(model_path), session_options(), providers=["CPUExecutionProvider"])
     return _perplexity((run_step(session, decoder_feeds(session, ids))["logits"][0] for ids in windows), windows, prefix)
 

@@ -9,8 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 
 from ...errors import CaptureError
+from ...runtimes.cpu_bf16 import cpu_model
+from ...runtimes.ort_compat import session_options
 from ..capture.torch_export import Captured, decoder_example, decoder_io_names
 from ..sources.resolve import CAUSAL_LM
 from .step_io import run_step
@@ -66,6 +69,21 @@ def _compare(session, reference, args, kwargs, input_names=None, valid=None) -> 
     return diffs
 
 
+def buffer_positions(args):
+    """``decoder_example``'s inputs with every row's positions numbered by KV buffer index (past + s).
+
+    A graph without a position_ids input that rotates q and k inside GroupQueryAttention (pack-qkv) numbers
+    positions that way; for left-padded rows it differs from transformers' count of real tokens by one
+    constant per row, which leaves every attention score (RoPE depends on position differences only) and so
+    the logits unchanged, but not the keys in the cache. The reference is fed the graph's numbering so the
+    cache is compared too. A model that reads no positions ignores them.
+    """
+    ids, mask, pos, kvs = args
+    past = mask.shape[1] - ids.shape[1]
+    numbered = (past + np.arange(ids.shape[1], dtype=np.int64))[None].repeat(ids.shape[0], 0)
+    return ids, mask, pos.new_tensor(numbered), kvs
+
+
 def _real_positions(name: str, err: np.ndarray, mask: np.ndarray, past: int) -> np.ndarray:
     # A padding query attends to nothing; what it computes is unspecified and never read (its key/value
     # are masked out for every real token). Compare real positions only.
@@ -80,11 +98,6 @@ def check_parity(captured: Captured, model_path: Path, vocab: int | None = None,
     A reduced-precision artifact is not held to 1e-4 (its quality is measured by task metrics: --eval);
     its difference is reported, and a NaN or Inf anywhere fails the compile.
     """
-    import onnxruntime as ort
-
-    from ...runtimes.cpu_bf16 import cpu_model
-    from ...runtimes.ort_compat import session_options
-
     session = ort.InferenceSession(cpu_model(model_path), session_options(), providers=["CPUExecutionProvider"])
     cases = {}
     if captured.kind == CAUSAL_LM:
@@ -92,8 +105,10 @@ def check_parity(captured: Captured, model_path: Path, vocab: int | None = None,
         # an int8/int4 cache cannot take the decode case's random float past (its scales live in the graph):
         # its prefill is compared (a prompt reads back the quantized keys and values it wrote), quality by --eval
         quantized = any(i.type in ("tensor(int8)", "tensor(uint8)") for i in session.get_inputs())
+        numbered_by_buffer = "position_ids" not in {i.name for i in session.get_inputs()}
         for label, shape in DECODER_CASES[:1] if quantized else DECODER_CASES:
             args = decoder_example(kv, vocab=vocab or 8, seed=17, **shape)
+            args = buffer_positions(args) if numbered_by_buffer else args
             mask = args[1].numpy().astype(bool)
             cases[label] = _compare(
                 session, captured.reference, args, None, decoder_io_names(kv.num_layers)[0],

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 
 import numpy as np
+import onnxruntime as ort
 
 SEQLENS, TOTAL, KEEP, QUERY_SEQLENS = "seqlens_k", "total_sequence_length", "logits_to_keep", "query_seqlens"
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
@@ -35,8 +36,6 @@ def run_step(session, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         feeds[KEEP] = np.array(feeds["input_ids"].shape[1], dtype=np.int64)
     if SEQLENS not in inputs:
         return dict(zip(names, session.run(None, feeds)))
-    import onnxruntime as ort
-
     batch, new = feeds["input_ids"].shape
     total = feeds["attention_mask"].shape[1]
     binding = session.io_binding()

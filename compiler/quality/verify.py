@@ -13,14 +13,16 @@ from typing import Callable
 import numpy as np
 import onnx
 import onnx_ir as ir
+import onnxruntime as ort
 
 from ...errors import CaptureError, UsageError
 from ...runtimes.ort_compat import session_options
-from .step_io import run_step
 from ..capture.torch_export import Captured, decoder_example, decoder_io_names
-from .parity import DECODER_CASES, FP32_ATOL, _flatten, _real_positions
 from ..sources.resolve import CAUSAL_LM
+from .parity import DECODER_CASES, FP32_ATOL, _flatten, _real_positions, buffer_positions
+from .step_io import run_step
 
+POSITIONS = "position_ids"
 SYMBOLIC_DIM = 2  # the size a synthesized input gets for every named (dynamic) dim
 MAX_PROTO_BYTES = 2 << 30  # protobuf's limit: --verify hands ORT the model in memory
 # Domains whose ops ONNX Runtime's CPU provider executes (ONNX's own and ORT's contrib domains).
@@ -52,6 +54,13 @@ class Verifier:
         # A graph that is broken before any pass runs is capture's fault, not the first pass's.
         proto = checked_proto(captured.model, "--verify: capture")
         self.references = run_cases(proto, self.cases, "--verify: capture")
+        # A pass may move the rotation into attention, which then numbers positions by KV buffer index
+        # (pack-qkv; see parity.buffer_positions): from that pass on, the references are the captured graph's
+        # with those positions.
+        self.buffer_cases = self.buffer_references = None
+        if captured.kind == CAUSAL_LM and POSITIONS in {v.name for v in captured.model.graph.inputs}:
+            self.buffer_cases = sample_cases(captured, vocab, numbered_by_buffer=True)
+            self.buffer_references = run_cases(proto, self.buffer_cases, "--verify: capture")
         self.deferred: list[str] = []  # passes whose graphs could not run; the next runnable one covers them
 
     def __call__(self, pass_name: str, model: ir.Model) -> dict:
@@ -67,9 +76,12 @@ class Verifier:
         covers, self.deferred = self.deferred, []
         if covers:
             where += f" (checked together with {', '.join(map(repr, covers))}, whose graphs could not run)"
-        got = run_cases(proto, self.cases, where)
+        cases, references = self.cases, self.references
+        if self.buffer_cases is not None and POSITIONS not in {v.name for v in model.graph.inputs}:
+            cases, references = self.buffer_cases, self.buffer_references
+        got = run_cases(proto, cases, where)
         worst = 0.0
-        for case, expected, actual in zip(self.cases, self.references, got):
+        for case, expected, actual in zip(cases, references, got):
             for name, ref in expected.items():
                 worst = max(worst, _compare(f"{where} broke parity: output {name} ({case.label})", case, name, actual.get(name), ref))
         return {"verified": True, "max_abs_diff": worst, **({"verify_covers": covers} if covers else {})}
@@ -88,16 +100,19 @@ def _compare(failure: str, case: Case, name: str, got: np.ndarray | None, ref: n
     return diff
 
 
-def sample_cases(captured: Captured, vocab: int | None = None) -> list[Case]:
-    """Decoders: prefill- and decode-shaped steps; torch sources: their example; ONNX files: synthesized."""
+def sample_cases(captured: Captured, vocab: int | None = None, numbered_by_buffer: bool = False) -> list[Case]:
+    """Decoders: prefill- and decode-shaped steps (``numbered_by_buffer``: positions = KV buffer index);
+    torch sources: their example; ONNX files: synthesized."""
     inputs = list(captured.model.graph.inputs)
     if captured.kind == CAUSAL_LM:
-        return [_decoder_case(captured, label, shape, vocab or _logits_width(captured.model)) for label, shape in DECODER_CASES]
+        width = vocab or _logits_width(captured.model)
+        return [_decoder_case(captured, label, shape, width, numbered_by_buffer) for label, shape in DECODER_CASES]
     return [Case("example", _complete(_example_feeds(captured.example, inputs), inputs))]
 
 
-def _decoder_case(captured: Captured, label: str, shape: dict, vocab: int) -> Case:
+def _decoder_case(captured: Captured, label: str, shape: dict, vocab: int, numbered_by_buffer: bool) -> Case:
     args = decoder_example(captured.kv, vocab=vocab, seed=17, **shape)
+    args = buffer_positions(args) if numbered_by_buffer else args
     names = decoder_io_names(captured.kv.num_layers)[0]
     feeds = {n: t.numpy() for n, t in zip(names, _flatten(list(args)))}
     mask, past = feeds["attention_mask"].astype(bool), shape["past"]
@@ -210,8 +225,6 @@ def _all_nodes(graph: onnx.GraphProto):
 
 
 def run_cases(proto: onnx.ModelProto, cases: list[Case], where: str) -> list[dict[str, np.ndarray]]:
-    import onnxruntime as ort
-
     options = session_options()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 4  # a failure becomes our one-line CaptureError; ORT need not log it too

@@ -9,8 +9,10 @@ import onnx_ir as ir
 
 from ...errors import first_line
 from ...passes.driver import count_nodes
+from ...runtimes.cpu_features import int8_kernel_path, u8s8_saturates
 from ..config import LuffyConfig
 from ..sources.resolve import CAUSAL_LM
+from .memory import decoder_memory_report
 
 
 def compile_report(cfg: LuffyConfig, capture, model: ir.Model, records: list[dict], checks: dict, seconds: float) -> dict:
@@ -66,8 +68,6 @@ def parameter_count(model: ir.Model) -> int:
 
 
 def reduce_range(cfg: LuffyConfig) -> bool:
-    from ...runtimes.cpu_features import u8s8_saturates
-
     return u8s8_saturates() if cfg.reduce_range is None else cfg.reduce_range
 
 
@@ -75,8 +75,6 @@ def _precision_report(cfg: LuffyConfig, records: list[dict]) -> dict:
     """What was quantized and how: the precision passes' own records, plus totals by op."""
     out = {"precision": cfg.precision}
     if cfg.precision == "int8-dynamic":
-        from ...runtimes.cpu_features import int8_kernel_path
-
         out["reduce_range_chosen_by"] = "this CPU" if cfg.reduce_range is None else "option"
         out["compiled_on"] = int8_kernel_path()
     for record in records:
@@ -104,8 +102,6 @@ MEMORY_SCENARIO_TOKENS = 128  # the report's reference prefill / decode point (t
 def memory_report(model_path: Path, captured, max_len: int | None) -> dict | None:
     if captured.kind != CAUSAL_LM:
         return None
-    from .memory import decoder_memory_report
-
     tokens = min(MEMORY_SCENARIO_TOKENS, (max_len or MEMORY_SCENARIO_TOKENS) - 1)
     try:
         report = decoder_memory_report(model_path, tokens)
