@@ -193,6 +193,8 @@ class Request:
     spec_k: object = None  # speculative decoding's adaptive proposal length (serving/speculation.py)
     siblings: list["Request"] = field(default_factory=list)  # n > 1: the other choices, prefilled from this one
     prompt_logprobs: list[TokenLogprob | None] | None = None  # filled chunk by chunk when params ask
+    swapped: object = None  # preempted: its KV in host memory until it resumes (serving/kv_pool.py SwappedKV)
+    preemptions: int = 0
 
     def start(self, tokenizer, eos_ids: tuple[int, ...]) -> None:
         """Set up the per-request state the first time the scheduler touches it."""
@@ -202,6 +204,11 @@ class Request:
         self.chooser = TokenChooser(self.params.sampling(self.stop_ids), self.prompt_ids, self.constraint)
         if tokenizer is not None:
             self.detokenizer = IncrementalDetokenizer(tokenizer, self.prompt_ids)
+
+    def context_ids(self) -> list[int]:
+        """What the KV cache holds once the prompt is in: the prompt, then every output token but the last (the
+        next step's input). A request preempted without a host copy of its KV prefills all of it again."""
+        return self.prompt_ids + self.output_ids[:-1]
 
     def choose(self, logits: np.ndarray) -> int:
         """The next token from this request's logits [vocab], as Engine.generate would choose it alone."""

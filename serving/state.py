@@ -61,9 +61,8 @@ class ServingState:
             self.token_text = TokenText(self.scheduler.tokenizer)
             if self.chat_template is not None and self.scheduler.tokenizer is not None:
                 self.chat_tokens = ChatTokens(self.scheduler.tokenizer)
-            cache = self.scheduler.slots.cache
-            log(f"KV cache: {cache.num_slots} slots x {cache.capacity} positions x {cache.bytes_per_token} B "
-                 f"= {cache.nbytes / 2**20:.1f} MiB ({self.model_name}, {self.engine.manifest['kv_cache'].get('mode')})")
+            kv = self.engine.manifest["kv_cache"]
+            log(f"KV cache ({self.model_name}, {kv.get('dtype')}, {kv.get('mode')}): {self.scheduler.pool.describe()}")
             config = self.scheduler.config
             if config.prefix_cache:
                 log(f"prefix cache: free slots' contents + {config.prefix_cache_mb} MiB of host RAM for blocks")
