@@ -28,7 +28,7 @@ import numpy as np
 import luffy
 from luffy.serving.scheduler import Scheduler, SchedulerConfig
 
-from ..serving.requests import Output, Request, SamplingParams
+from ..serving.requests import Output, Request, SamplingParams, token_logprobs
 from .machine import describe_machine
 
 
@@ -89,8 +89,6 @@ def components(engine, streams: list[int], tops: list[int], steps: int = 12, pro
                seed: int = 0) -> dict:
     """Median ms of one batched decode step and of every row's token_logprobs after it, per stream count and top
     count, the two timed alternately on the same logits."""
-    from ..serving.requests import token_logprobs
-
     rng, table = np.random.default_rng(seed), {}
     for n in streams:
         slots = engine.open_slots(n, prompt_len + steps + 1)
