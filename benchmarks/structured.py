@@ -19,8 +19,15 @@ quiet machine.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
+import statistics
+import time
 from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from .machine import describe_machine
 
 CORPUS_FILE = Path(__file__).with_name("structured_schemas.json")
 
@@ -54,7 +61,6 @@ def _served(artifact: Path, max_num_seqs: int):
 
 def _budget(artifact: Path, prompt: str, max_tokens: int) -> tuple[int, int]:
     """(prompt tokens, the max_tokens the artifact's context leaves: at most ``max_tokens``)."""
-    from tokenizers import Tokenizer
 
     manifest = json.loads((artifact / "manifest.json").read_text())
     prompt_len = len(Tokenizer.from_file(str(artifact / manifest["tokenizer"])).encode(prompt).ids)
@@ -82,7 +88,6 @@ def _check(entry: dict, choice) -> str | None:
 def run_corpus(artifact: str | Path, seeds: int = 1, temperature: float = 0.7, max_tokens: int = 512,
                concurrency: int = 8, prompt: str = "JSON:") -> dict:
     """Every corpus schema x ``seeds`` through a real server; the outcome of each and a summary."""
-    import concurrent.futures
 
     artifact = Path(artifact)
     prompt_len, budget = _budget(artifact, prompt, max_tokens)
@@ -114,9 +119,7 @@ def run_throughput(artifact: str | Path, requests: int = 16, rounds: int = 3, ma
                    temperature: float = 0.7) -> dict:
     """``requests`` concurrent constrained requests, then the same free (as many tokens each), alternated
     ``rounds`` times; generated tokens per second of each, their ratio, and the server's mask time per step."""
-    import statistics
 
-    from .machine import describe_machine
 
     artifact = Path(artifact)
     entries = [corpus()[i % len(corpus())] for i in range(requests)]
@@ -149,8 +152,6 @@ def run_throughput(artifact: str | Path, requests: int = 16, rounds: int = 3, ma
 def _batch(client, model: str, prompts: list[str], max_tokens: list[int], temperature: float,
            entries: list[dict] | None) -> tuple[float, list[int]]:
     """Send one request per prompt at once; (generated tokens per second of wall time, tokens of each)."""
-    import concurrent.futures
-    import time
 
     def one(i):
         extra = _format(entries[i]) if entries is not None else {"ignore_eos": True}
