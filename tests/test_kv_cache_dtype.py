@@ -15,7 +15,8 @@ CALIB = PYDOC_LLAMA_DIR / CALIB_FILE
 
 @pytest.mark.parametrize("options, message", [
     (dict(kv_cache_dtype="bf16"), "no bf16 cache"),
-    (dict(kv_cache_dtype="int8"), "needs --calib FILE"),
+    (dict(kv_cache_dtype="int8"), r"needs --kv-calib FILE \(or --calib\)"),
+    (dict(kv_calib="calib.txt"), "--kv-cache-dtype auto takes none"),
     (dict(kv_cache_dtype="fp32", precision="fp16"), "would hold fp16 values"),
     (dict(kv_cache_dtype="int9"), "choose one of auto, fp32, fp16, bf16, int8, int4"),
     (dict(calib="calib.txt"), "precision fp32 with KV cache auto takes none"),
@@ -64,10 +65,10 @@ def test_a_graph_without_group_query_attention_is_refused(zoo_artifacts):
 
 def test_int8_kv_cache_artifact(zoo_artifacts, tmp_path):
     fp32 = zoo_artifacts("llama-tiny")[0]
-    art = luffy.compile("llama-tiny", output=tmp_path / "int8kv", kv_cache_dtype="int8", calib=CALIB, eval_file=CALIB)
+    art = luffy.compile("llama-tiny", output=tmp_path / "int8kv", kv_cache_dtype="int8", kv_calib=CALIB, eval_file=CALIB)
     kv = art.manifest["kv_cache"]
     assert kv["dtype"] == "int8" and kv["bytes_per_token"] * 4 == fp32.manifest["kv_cache"]["bytes_per_token"]
-    assert art.report["kv_cache"]["scales"].startswith("static per-channel")
+    assert art.report["kv_cache"]["scales"].startswith("static per-channel") and "--kv-calib" in art.report["kv_cache"]["scales"]
     assert art.report["kv_cache"]["multi_row_steps"] and art.report["parity"]["tolerance"] is None
     assert abs(art.report["quality"]["perplexity_increase_pct"]) < 1.0  # random weights: near-flat logits
     engine = art.load()

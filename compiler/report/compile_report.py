@@ -92,7 +92,8 @@ def _kv_cache_report(cfg: LuffyConfig, capture, records: list[dict]) -> dict | N
     out = {"dtype": kv.dtype, "chosen": cfg.kv_cache_dtype, "bytes_per_token": kv.to_json()["bytes_per_token"],
            "multi_row_steps": bool(gqa.get("multi_row"))}
     if cfg.kv_cache_dtype in ("int8", "int4"):
-        out["scales"] = f"static per-channel (key and value), largest |x| on --calib {cfg.calib}"
+        source = f"--kv-calib {cfg.kv_calib}" if cfg.kv_calib else f"--calib {cfg.calib}"
+        out["scales"] = f"static per-channel (key and value), largest |x| on {source}"
     return out
 
 
