@@ -40,9 +40,9 @@ def capacity(artifacts: list[str], memory: str, slots: int, context: int | None)
         engine = load(path)
         cache = engine.open_slots(slots, context or engine.max_seq_len, allocate=ReservedMemory()).cache
         pool = KVPool(cache, parse_bytes(memory))
-        rows.append({"artifact": path, "kv_dtype": engine.manifest["kv_cache"]["dtype"],
-                     "bytes_per_token": engine.manifest["kv_cache"]["bytes_per_token"], "block_tokens": cache.block_tokens,
-                     "tokens_held": pool.tokens})
+        kv = engine.manifest["kv_cache"]
+        rows.append({"artifact": path, "kv_dtype": kv["dtype"], "bytes_per_token": kv["bytes_per_token"],
+                     "block_tokens": cache.block_tokens, "tokens_held": pool.tokens})
     for row in rows:
         row["vs_first"] = round(row["tokens_held"] / rows[0]["tokens_held"], 3)
     return rows

@@ -141,6 +141,8 @@ class LuffyConfig:
         kv = self.kv_cache_dtype
         if kv not in KV_CACHE_DTYPES:
             raise UsageError(f"kv_cache_dtype {kv!r}; choose one of {', '.join(KV_CACHE_DTYPES)}")
+        if kv == "int4" and self.target == "trt":
+            raise UsageError("--kv-cache-dtype int4 for TensorRT: it has no 4-bit activation type; use int8 or fp16")
         if kv == "bf16" and self.target == "ort":
             raise UsageError("--kv-cache-dtype bf16: ONNX Runtime's CPU GroupQueryAttention has no bf16 cache "
                              "(onnxruntime 1.32); fp16 takes the same bytes with 3 more mantissa bits")

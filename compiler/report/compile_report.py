@@ -93,7 +93,8 @@ def _kv_cache_report(cfg: LuffyConfig, capture, records: list[dict]) -> dict | N
            "multi_row_steps": bool(gqa.get("multi_row"))}
     if cfg.kv_cache_dtype in ("int8", "int4"):
         source = f"--kv-calib {cfg.kv_calib}" if cfg.kv_calib else f"--calib {cfg.calib}"
-        out["scales"] = f"static per-channel (key and value), largest |x| on {source}"
+        per = "per tensor (layer and kind)" if cfg.target == "trt" else "per channel (key and value)"
+        out["scales"] = f"static {per}, largest |x| on {source}"
     return out
 
 
