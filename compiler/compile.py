@@ -166,7 +166,7 @@ def check_paths(cfg: LuffyConfig, output) -> None:
         raise UsageError("an output directory is required (-o DIR)")
     if cfg.dump_ir is not None and Path(cfg.dump_ir).resolve().is_relative_to(Path(output).resolve()):
         raise UsageError(f"--dump-ir {cfg.dump_ir} is inside the output directory {output}, which the artifact replaces")
-    for flag, path in (("--calib", cfg.calib), ("--eval", cfg.eval_file)):
+    for flag, path in (("--calib", cfg.calib), ("--eval", cfg.eval_file), ("--kv-calib", cfg.kv_calib)):
         if path is not None and not Path(path).is_file():
             raise UsageError(f"{flag} {path}: no such file")
 

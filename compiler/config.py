@@ -37,8 +37,11 @@ class LuffyConfig:
         "by rounding each op's fp32 result to bf16 (slow, not a serving mode).")
     kv_cache_dtype: str = option(
         "auto", "KV cache precision: auto (the compute's: fp16 with --precision fp16, else fp32) | fp32 | fp16 | int8 | "
-        "int4. int8/int4: per-channel scales calibrated on --calib text. ONNX Runtime's CPU attention has no bf16 "
-        "cache.")
+        "int4. int8/int4: per-channel scales calibrated on --kv-calib (else --calib) text. ONNX Runtime's CPU "
+        "attention has no bf16 cache.")
+    kv_calib: str | None = option(None, "int8/int4 KV cache: text (or token ids as .json) its scales are measured on "
+                                  "[--calib]; unlike --calib it does not turn weight quantization into GPTQ.",
+                                  metavar="FILE")
     block_size: int = option(32, "int8/int4: weights per scale, 16 | 32 | 64 | 128 (smaller: more accurate, more bytes).")
     calib: str | None = option(None, "int8/int4: text (or token ids as .json) to calibrate on; quantizes by GPTQ instead "
                                "of round-to-nearest.", metavar="FILE")
@@ -125,7 +128,7 @@ class LuffyConfig:
                 and self.kv_cache_dtype not in CALIBRATED_KV:
             raise UsageError(f"--calib calibrates int8/int4 weights or an int8/int4 KV cache; precision "
                              f"{self.precision} with KV cache {self.kv_cache_dtype} takes none")
-        for name in ("calib", "eval_file"):
+        for name in ("calib", "eval_file", "kv_calib"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, os.fspath(getattr(self, name)))
         object.__setattr__(self, "disabled_passes", tuple(self.disabled_passes))
@@ -138,12 +141,16 @@ class LuffyConfig:
         kv = self.kv_cache_dtype
         if kv not in KV_CACHE_DTYPES:
             raise UsageError(f"kv_cache_dtype {kv!r}; choose one of {', '.join(KV_CACHE_DTYPES)}")
+        if kv == "int4" and self.target == "trt":
+            raise UsageError("--kv-cache-dtype int4 for TensorRT: it has no 4-bit activation type; use int8 or fp16")
         if kv == "bf16" and self.target == "ort":
             raise UsageError("--kv-cache-dtype bf16: ONNX Runtime's CPU GroupQueryAttention has no bf16 cache "
                              "(onnxruntime 1.32); fp16 takes the same bytes with 3 more mantissa bits")
-        if kv in CALIBRATED_KV and self.calib is None:
-            raise UsageError(f"--kv-cache-dtype {kv} needs --calib FILE: its per-channel scales are fixed at compile "
-                             "time, measured on that text")
+        if kv in CALIBRATED_KV and self.calib is None and self.kv_calib is None:
+            raise UsageError(f"--kv-cache-dtype {kv} needs --kv-calib FILE (or --calib): its per-channel scales are "
+                             "fixed at compile time, measured on that text")
+        if self.kv_calib is not None and kv not in CALIBRATED_KV:
+            raise UsageError(f"--kv-calib calibrates an int8/int4 KV cache; --kv-cache-dtype {kv} takes none")
         if kv != "auto" and self.precision in ("fp16", "bf16") and kv in ("fp32", "bf16"):
             raise UsageError(f"--kv-cache-dtype {kv} with --precision {self.precision}: the cache would hold "
                              f"{self.precision} values; choose fp16, int8 or int4")

@@ -7,9 +7,9 @@ the last `logits_to_keep` positions right before the lm_head MatMul; the runtime
 and the sequence length when scoring, so one graph serves both (transformers calls this logits_to_keep).
 
 A graph that takes ``query_seqlens`` (fuse-gqa's multi-row steps: rows right-padded to the step's width)
-keeps the last ``logits_to_keep`` *valid* positions of each row instead: row b's are [Q_b - keep, Q_b),
-gathered per row (GatherND, batch_dims=1), so a row that prefills a short chunk beside a long one still
-gets its last token's logits. Unpadded rows (Q_b = width) get exactly the slice's positions.
+needs each row's own last positions, which a slice from the end cannot give: it takes ``logits_indices``
+int64 [batch, kept] instead, the positions of each row to keep (the runtime passes a row's last valid ones),
+gathered per row by one GatherND (batch_dims=1). One node fewer than the slice, too.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import onnx_ir as ir
 
 from .gqa_multi_row import QUERY_SEQLENS
 
-KEEP = "logits_to_keep"
+KEEP, INDICES = "logits_to_keep", "logits_indices"
 # Elementwise ops that may sit between the lm_head MatMul and the logits output (scaling, softcap, casts).
 _PER_POSITION = {"Cast", "Mul", "Div", "Tanh", "Add"}
 
@@ -34,12 +34,15 @@ class KeepLastLogits(ir.passes.InPlacePass):
         if matmul is None:
             self.stats = {"matches": 0, "not_matched": [{"rule": "KeepLastLogits", "reason": reason}]}
             return ir.passes.PassResult(model, modified=False)
-        keep = ir.Value(name=KEEP, shape=ir.Shape([]), type=ir.TensorType(ir.DataType.INT64))
-        model.graph.inputs.append(keep)
         hidden = matmul.inputs[0]
-        counts = next((v for v in model.graph.inputs if v.name == QUERY_SEQLENS), None)
-        nodes = _gather_kept(model.graph, hidden, keep, counts) if counts is not None else \
-            _slice_kept(model.graph, hidden, keep)
+        if any(v.name == QUERY_SEQLENS for v in model.graph.inputs):  # rows right-padded: each row's own positions
+            indices = ir.Value(name=INDICES, shape=ir.Shape(["batch", "kept"]), type=ir.TensorType(ir.DataType.INT64))
+            model.graph.inputs.append(indices)
+            nodes = _gather_kept(model.graph, hidden, indices)
+        else:
+            keep = ir.Value(name=KEEP, shape=ir.Shape([]), type=ir.TensorType(ir.DataType.INT64))
+            model.graph.inputs.append(keep)
+            nodes = _slice_kept(model.graph, hidden, keep)
         kept = nodes[-1].outputs[0]
         kept.dtype = hidden.dtype
         kept.shape = ir.Shape([hidden.shape[0], "kept", hidden.shape[2]])  # names the dim for shape inference
@@ -64,18 +67,10 @@ def _slice_kept(graph: ir.Graph, hidden: ir.Value, keep: ir.Value) -> list[ir.No
     return [start, negated, sliced]
 
 
-def _gather_kept(graph: ir.Graph, hidden: ir.Value, keep: ir.Value, counts: ir.Value) -> list[ir.Node]:
-    """hidden[b, max(Q_b - keep + j, 0)] for j in [0, keep): each row's last ``keep`` valid positions."""
-    zero = _const(graph, "keep_zero", 0)
-    nodes = [ir.node("Range", [zero, keep, _const(graph, "keep_one", 1)])]  # [keep]
-    nodes.append(ir.node("Cast", [counts], attributes={"to": ir.DataType.INT64}))
-    nodes.append(ir.node("Unsqueeze", [nodes[-1].outputs[0], _const(graph, "keep_rows", [1])]))  # [batch, 1]
-    nodes.append(ir.node("Sub", [nodes[-1].outputs[0], keep]))
-    nodes.append(ir.node("Add", [nodes[-1].outputs[0], nodes[0].outputs[0]]))  # [batch, keep]
-    nodes.append(ir.node("Max", [nodes[-1].outputs[0], zero]))
-    nodes.append(ir.node("Unsqueeze", [nodes[-1].outputs[0], _const(graph, "keep_last", [2])]))  # [batch, keep, 1]
-    nodes.append(ir.node("GatherND", [hidden, nodes[-1].outputs[0]], attributes={"batch_dims": 1}))
-    return nodes
+def _gather_kept(graph: ir.Graph, hidden: ir.Value, indices: ir.Value) -> list[ir.Node]:
+    """hidden[b, indices[b, j]]: [batch, kept, hidden]."""
+    unsqueeze = ir.node("Unsqueeze", [indices, _const(graph, "keep_last", [2])])  # [batch, kept, 1]
+    return [unsqueeze, ir.node("GatherND", [hidden, unsqueeze.outputs[0]], attributes={"batch_dims": 1})]
 
 
 def _const(graph: ir.Graph, name: str, values) -> ir.Value:
@@ -91,8 +86,8 @@ def find_lm_head(graph: ir.Graph, allow_kept: bool = False) -> tuple[ir.Node | N
     ``allow_kept`` finds it in a graph this pass already rewrote (quantization wants the lm_head too).
     """
     names = {v.name for v in graph.inputs}
-    if KEEP in names and not allow_kept:
-        return None, "graph already has a logits_to_keep input"
+    if (KEEP in names or INDICES in names) and not allow_kept:
+        return None, "graph already keeps its last logits (logits_to_keep / logits_indices)"
     if "input_ids" not in names or not any(n.startswith("past_key_values.") for n in names):
         return None, "not a decoder step graph (needs input_ids and past_key_values inputs)"
     logits = next((v for v in graph.outputs if v.name == "logits"), None)

@@ -35,6 +35,7 @@ from .fuse_rotary import fuse_rotary
 from .fuse_skip_norm import fuse_skip_norm
 from .keep_last_logits import keep_last_logits
 from .kv_cache_dtype import kv_cache_dtype
+from .kv_cache_io import kv_cache_io
 from .pack_gate_up import pack_gate_up
 from .pack_qkv import pack_qkv
 from .quantize_dynamic_int8 import quantize_dynamic_int8
@@ -225,17 +226,20 @@ def precision_steps(
     raise UsageError(f"precision {precision!r} has no pass list")
 
 
-def kv_cache_steps(dtype: str, ranges=None) -> list[PassStep]:
+def kv_cache_steps(dtype: str, ranges=None, target: str = "ort") -> list[PassStep]:
     """The pass that sets the KV cache's precision ("auto": the compute's, nothing to do; "fp32" is the compute's
-    too, since fp16 compute refuses it before capture).
+    too, since fp16 compute refuses it before capture): GroupQueryAttention's own cache types for ONNX Runtime,
+    the graph's cache inputs and outputs for TensorRT.
 
-    >>> [s.name for s in kv_cache_steps("int8")]
-    ['kv-cache-dtype']
+    >>> [s.name for s in kv_cache_steps("int8")], [s.name for s in kv_cache_steps("int8", target="trt")]
+    (['kv-cache-dtype'], ['kv-cache-io'])
     """
     if dtype in ("auto", "fp32"):
         return []
-    return [PassStep("kv-cache-dtype", lambda: kv_cache_dtype(dtype, ranges),
-                     "long-context decode reads the cache, and it bounds the sequences held: fewer bytes per token")]
+    why = "long-context decode reads the cache, and it bounds the sequences held: fewer bytes per token"
+    if target == "trt":
+        return [PassStep("kv-cache-io", lambda: kv_cache_io(dtype, ranges), why)]
+    return [PassStep("kv-cache-dtype", lambda: kv_cache_dtype(dtype, ranges), why)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -281,5 +285,5 @@ def stages(
         # After precision: the cache's type pairs with the compute type that stage left, and int8/int4 scales are
         # calibrated on the graph as it will run (quantized weights included).
         Stage("kv-cache", lambda model: kv_cache_steps(kv_cache, kv_ranges(model) if kv_cache in ("int8", "int4")
-                                                                else None), False, f"KV cache {kv_cache}"),
+                                                                else None, target), False, f"KV cache {kv_cache}"),
     ]

@@ -28,9 +28,11 @@ KINDS = ("causal-lm", "encoder", "module")
 # KV_SHARED graphs (fuse-gqa) take capacity-sized buffers bound as past and present, plus seqlens_k
 # [batch] (each row's length - 1 after the step) and total_sequence_length; KV_CONCAT graphs return
 # present = past + new. logits_to_keep, when present, is how many last positions get logits. query_seqlens
-# [batch] (multi-row graphs): each row's valid tokens in a right-padded step; its logits are kept per row.
+# [batch] (multi-row graphs): each row's valid tokens in a right-padded step; logits_indices [batch, kept] then
+# says which positions of each row get logits.
 INPUT_IDS, ATTENTION_MASK, POSITION_IDS, LOGITS = "input_ids", "attention_mask", "position_ids", "logits"
 SEQLENS, TOTAL, KEEP, QUERY_SEQLENS = "seqlens_k", "total_sequence_length", "logits_to_keep", "query_seqlens"
+INDICES = "logits_indices"  # multi-row graphs keep these positions of each row [batch, kept] instead of the last
 KV_SHARED, KV_CONCAT = "shared-buffer", "concat"
 
 
@@ -233,6 +235,7 @@ class StepGraph:
     # masked position between real ones (transformers would number the later tokens differently)
     positions_from_buffer: bool
     keeps_logits: bool  # takes logits_to_keep
+    picks_logits: bool  # takes logits_indices
     multi_row: bool  # takes query_seqlens: several rows of several tokens with a cache in one step
     past_names: tuple[tuple[str, str], ...]  # per layer: (key, value) inputs
     present_names: tuple[tuple[str, str], ...]
@@ -255,7 +258,7 @@ def step_graph(path: Path, manifest: dict, inputs: dict[str, tuple[str, list]], 
     if missing:
         raise ArtifactError(f"{path}: the manifest's step graph names {', '.join(missing[:4])}, which the graph "
                             f"does not have")
-    unknown = set(inputs) - {INPUT_IDS, ATTENTION_MASK, POSITION_IDS, SEQLENS, TOTAL, KEEP, QUERY_SEQLENS} - \
+    unknown = set(inputs) - {INPUT_IDS, ATTENTION_MASK, POSITION_IDS, SEQLENS, TOTAL, KEEP, INDICES, QUERY_SEQLENS} - \
         {n for p in past for n in p}
     if unknown:
         raise ArtifactError(f"{path}: decoder graph has inputs the runtime cannot feed: {', '.join(sorted(unknown))}")
@@ -271,5 +274,6 @@ def step_graph(path: Path, manifest: dict, inputs: dict[str, tuple[str, list]], 
     return StepGraph(
         layers=tuple(shapes), vocab=vocab, kv_type=inputs[past[0][0]][0], shared_kv=SEQLENS in inputs,
         takes_positions=POSITION_IDS in inputs, positions_from_buffer=kv.get("positions") == POSITIONS_BUFFER,
-        keeps_logits=KEEP in inputs, multi_row=QUERY_SEQLENS in inputs, past_names=past, present_names=present,
+        keeps_logits=KEEP in inputs, picks_logits=INDICES in inputs, multi_row=QUERY_SEQLENS in inputs,
+        past_names=past, present_names=present,
     )

@@ -23,7 +23,8 @@ import numpy as np
 from ..errors import CapacityError, UsageError
 from .generation import positions_from_mask
 from .kv_cache import SlotKVCache, numpy_zeros
-from .manifest import ATTENTION_MASK, INPUT_IDS, KEEP, LOGITS, POSITION_IDS, QUERY_SEQLENS, SEQLENS, TOTAL
+from .manifest import (ATTENTION_MASK, INDICES, INPUT_IDS, KEEP, LOGITS, POSITION_IDS, QUERY_SEQLENS, SEQLENS,
+                       TOTAL)
 
 
 class OrtSlots:
@@ -78,23 +79,27 @@ class OrtSlots:
             self._refuse_gaps(start, real)
         positions = self._positions(start, real) if self.graph.takes_positions else None
         self.cache.record(start, ids, real, counts if padded else None)
-        kept = width if keep is None or not self.graph.keeps_logits else min(keep, width)
+        kept = width if keep is None else min(keep, width)
+        picked = np.maximum(counts[:, None] - kept + np.arange(kept), 0)  # each row's last `kept` tokens' columns
         feeds = {INPUT_IDS: ids, ATTENTION_MASK: np.ascontiguousarray(self.cache.mask[start:stop, :total])}
         if self.graph.takes_positions:
             feeds[POSITION_IDS] = positions
-        if self.graph.keeps_logits:
+        if self.graph.picks_logits:
+            feeds[INDICES] = picked
+        elif self.graph.keeps_logits:
             feeds[KEEP] = np.array(kept, dtype=np.int64)
+        chosen_by_graph = self.graph.picks_logits or self.graph.keeps_logits
+        returned = kept if chosen_by_graph else width
         if self.graph.multi_row:
             feeds[QUERY_SEQLENS] = counts.astype(np.int32)
         if self.graph.shared_kv:
             feeds[SEQLENS] = (lengths + counts - 1).astype(np.int32)  # an idle row keeps its own
             feeds[TOTAL] = np.array(total, dtype=np.int32)
-            logits = self._run_shared(start, stop, feeds, kept)
+            logits = self._run_shared(start, stop, feeds, returned)
         else:
-            logits = self._run_concat(start, stop, feeds, kept, int(lengths[0]), width)
-        if padded and keep is not None and not self.graph.keeps_logits:  # the graph gave every position
-            rows = np.maximum(counts[:, None] - min(keep, width) + np.arange(min(keep, width)), 0)
-            logits = np.take_along_axis(logits, rows[:, :, None], axis=1)
+            logits = self._run_concat(start, stop, feeds, returned, int(lengths[0]), width)
+        if not chosen_by_graph and keep is not None and (padded or kept < width):  # the graph gave every position
+            logits = np.take_along_axis(logits, picked[:, :, None], axis=1)
         return logits
 
     def _check_rows(self, lengths: np.ndarray, counts: np.ndarray, width: int, padded: bool) -> None:

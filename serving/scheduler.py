@@ -124,7 +124,8 @@ class Scheduler:
             raise ParameterError("prompt", f"token id {bad} is outside the vocabulary of size {self.vocab}")
         params.check(self.vocab)  # stop_token_ids and logit_bias ids inside the vocabulary
         try:
-            check_capacity(len(prompt_ids), params.max_tokens, self.capacity, "max_tokens", "the maximum context length")
+            check_capacity(len(prompt_ids), params.max_tokens, self.capacity, "max_tokens",
+                           "the maximum context length")
         except CapacityError as exc:  # a context lowered to the KV pool says so
             raise CapacityError(f"{exc}{self._limit_note}") from None
 

@@ -36,6 +36,15 @@ def test_rows_of_several_tokens_with_a_cache_equal_each_row_alone(zoo_artifacts)
     assert slots.cache.lengths.tolist() == [len(p) for p in prompts]
     assert slots.cache.tokens == [list(p) for p in prompts]
     assert (slots.cache.mask[1, 5:] == 0).all()  # right padding is neither written nor booked
+    # rows of different lengths, one as wide as the step, every position kept (a speculative verify step)
+    more = [[5, 6, 7], [8], [9, 10, 11, 12], [13, 14]]
+    ids, counts = _padded(more)
+    logits = slots.step(0, 4, ids, keep=4, counts=counts)
+    for row, (prompt, extra) in enumerate(zip(prompts, more)):
+        alone = engine.open_slots(1, 64)
+        alone.step(0, 1, np.array([prompt]))
+        expected = alone.step(0, 1, np.array([extra]), keep=len(extra))[0]
+        assert np.abs(logits[row, 4 - len(extra):] - expected).max() <= 1e-5
 
 
 def test_bad_rows_are_refused(zoo_artifacts):

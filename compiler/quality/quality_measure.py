@@ -84,7 +84,8 @@ class QualityMeasure:
     def kv_ranges_for(self, model: ir.Model) -> dict:
         """Per layer the largest |key| and |value| per channel on --calib: an int8/int4 KV cache's scales."""
         self._require_decoder("--kv-cache-dtype")
-        windows, _ = self._windows(self.cfg.calib, "--calib", MAX_CALIB_WINDOWS)
+        source, flag = (self.cfg.kv_calib, "--kv-calib") if self.cfg.kv_calib else (self.cfg.calib, "--calib")
+        windows, _ = self._windows(source, flag, MAX_CALIB_WINDOWS)
         self.say(f"calibrating the {self.cfg.kv_cache_dtype} KV cache on {len(windows)} windows")
         return collect_kv_ranges(model, windows, self.say)
 

@@ -14,6 +14,7 @@ import numpy as np
 import onnxruntime as ort
 
 SEQLENS, TOTAL, KEEP, QUERY_SEQLENS = "seqlens_k", "total_sequence_length", "logits_to_keep", "query_seqlens"
+INDICES = "logits_indices"
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 _CACHE_TYPES = {"tensor(float16)": np.float16, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8}
 EXTRA_CAPACITY = 3  # buffers a little longer than needed, so a graph that confuses capacity with length fails
@@ -34,6 +35,9 @@ def run_step(session, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             feeds[name] = array.astype(want)
     if KEEP in inputs and KEEP not in feeds:  # keep-last-logits graphs: compare every position
         feeds[KEEP] = np.array(feeds["input_ids"].shape[1], dtype=np.int64)
+    if INDICES in inputs and INDICES not in feeds:
+        rows, width = feeds["input_ids"].shape
+        feeds[INDICES] = np.broadcast_to(np.arange(width, dtype=np.int64), (rows, width)).copy()
     if SEQLENS not in inputs:
         return dict(zip(names, session.run(None, feeds)))
     batch, new = feeds["input_ids"].shape

@@ -92,7 +92,9 @@ def _kv_cache_report(cfg: LuffyConfig, capture, records: list[dict]) -> dict | N
     out = {"dtype": kv.dtype, "chosen": cfg.kv_cache_dtype, "bytes_per_token": kv.to_json()["bytes_per_token"],
            "multi_row_steps": bool(gqa.get("multi_row"))}
     if cfg.kv_cache_dtype in ("int8", "int4"):
-        out["scales"] = f"static per-channel (key and value), largest |x| on --calib {cfg.calib}"
+        source = f"--kv-calib {cfg.kv_calib}" if cfg.kv_calib else f"--calib {cfg.calib}"
+        per = "per tensor (layer and kind)" if cfg.target == "trt" else "per channel (key and value)"
+        out["scales"] = f"static {per}, largest |x| on {source}"
     return out
 
 
