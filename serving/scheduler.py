@@ -33,6 +33,7 @@ import numpy as np
 from ..errors import CapacityError
 from ..runtimes.generation import check_capacity, eos_set
 from ..runtimes.kv_memory import ReservedMemory
+from .kv_admission import KVAdmission
 from .kv_pool import KVPool
 from .options import SchedulerConfig, parse_bytes
 from .prefill_plan import plan_chunks
@@ -64,8 +65,8 @@ class NoMetrics:
     def kv_cache(self, state: dict) -> None: ...
 
 
-class Scheduler:
-    """Serves generation requests from one engine with continuous batching.
+class Scheduler(KVAdmission):
+    """Serves generation requests from one engine with continuous batching (KV memory: serving/kv_admission.py).
 
     >>> scheduler = Scheduler(luffy.load("build/pydoc"), SchedulerConfig(max_num_seqs=8)).start()  # doctest: +SKIP
     >>> scheduler.generate([256, 72, 105], SamplingParams(max_tokens=8, temperature=0)).token_ids  # doctest: +SKIP
@@ -446,30 +447,6 @@ class Scheduler:
         self._charge(slot, len(request.context_ids()))
         self._take_slot(request, slot)
 
-    def _charge(self, slot: int, positions: int) -> bool:
-        """Charge ``slot`` for ``positions``, taking back free slots' cached contents (least recently freed first)
-        while the pool is short; False when even that is not enough."""
-        while not self.pool.charge(slot, positions):
-            if not self._reclaim(keep=slot):
-                return False
-        return True
-
-    def _cached_blocks(self) -> int:
-        return sum(int(self.pool.charged[s]) for s in self._free_slots())
-
-    def _reclaim(self, keep: int | None = None) -> bool:
-        """Take back the blocks of the free slot freed longest ago (its full blocks saved to the prefix store
-        first); False when no free slot but ``keep`` holds any."""
-        held = [s for s in self._free_slots() if s != keep and self.pool.charged[s] > 0]
-        if not held:
-            return False
-        slot = min(held, key=lambda s: self._freed_at[s])
-        if self.prefix is not None and self.prefix.store is not None:
-            self.prefix.store.save(self.slots.cache, slot)
-        self.slots.cache.clear(slot)
-        self.pool.settle(slot)
-        return True
-
     def _free_slots(self) -> list[int]:
         return [s for s in range(self._decoding, self.config.max_num_seqs) if self._owner[s] is None]
 
@@ -490,59 +467,6 @@ class Scheduler:
             request.start(self.tokenizer, self.eos_ids)
             request.scheduled_at = time.monotonic()
             self.metrics.request_scheduled(request)
-
-    # -- memory: growth, preemption, resumption --------------------------------------------------------
-    def _make_room(self, width: int) -> None:
-        """Charge every decoding row for ``width`` more positions; while the pool cannot (after taking back free
-        slots' cached contents), preempt the request that started decoding last."""
-        row = 0
-        while row < self._decoding:
-            if self._charge(row, int(self.slots.cache.lengths[row]) + width):
-                row += 1
-            else:
-                self._preempt(self._owner[self._decoding - 1])
-
-    def _preempt(self, request: Request) -> None:
-        """Take ``request``'s slot and memory: its KV goes to host memory (or, past the swap space, is dropped and
-        recomputed), and it waits first in line to resume where it was."""
-        slot = request.slot
-        request.swapped = self.pool.swap_out(slot)
-        if request.swapped is None:
-            self.slots.cache.clear(slot)
-            self.pool.settle(slot)
-            request.prefilled = 0  # recompute: its prompt and output so far are prefilled again
-        request.preemptions += 1
-        self._vacate(request)
-        with self._lock:
-            self._waiting.appendleft(request)
-        self.metrics.preempted(request, request.swapped is not None)
-
-    def _resume_swapped(self) -> None:
-        """Bring preempted requests whose KV is in host memory back into the decode batch, first in line first,
-        while a slot is free and the pool holds their KV and the next token."""
-        while True:
-            with self._lock:
-                if not self._waiting or self._waiting[0].swapped is None:
-                    return
-                request = self._waiting[0]
-            free = self._free_slots()
-            need = request.swapped.saved["length"] + 1
-            if not free or self.pool.cache.blocks(need) > self.pool.free + self._cached_blocks():
-                return
-            with self._lock:
-                self._waiting.popleft()
-            slot = self._empty_slot(free)
-            self._charge(slot, need)
-            self.pool.swap_in(slot, request.swapped)
-            self._charge(slot, need)
-            request.swapped = None
-            self._take_slot(request, slot)
-            self._start_decoding(request)
-
-    def _forget_swapped(self, request: Request) -> None:
-        if request.swapped is not None:
-            self.pool.forget(request.swapped)
-            request.swapped = None
 
     def _first_token(self, request: Request, logits: np.ndarray) -> None:
         """The prompt is in: choose the first token from the last position's ``logits`` (or, scoring a prompt
