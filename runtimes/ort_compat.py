@@ -19,15 +19,13 @@ _SHARED_POOL = {"on": False, "threads": None}
 
 
 def share_thread_pool(threads: int | None = None) -> None:
-    """Size the one intra-op thread pool that every ONNX Runtime session luffy creates in this process shares
-    (``threads`` threads; all cores by default). ``luffy.load`` makes the pool itself when it loads the first
-    engine (sized by its ``threads``), so calling this is only needed to size the pool before then.
+    """Make every ONNX Runtime session luffy creates from now on in this process share one intra-op thread
+    pool of ``threads`` threads (all cores by default): ONNX Runtime's global pool.
 
-    Why one pool: each session otherwise owns a pool whose threads spin for a while after every step. Two
-    engines that take turns (a target and its speculative draft, or several artifacts in a server) then
-    leave each other's cores busy: measured on the 2-core reference machine, a 156M fp32 target with its
-    int8 draft (K=4) took 18.5 ms per token with two pools and 10.2 with one. Once the pool exists, ONNX
-    Runtime refuses sessions with a pool of their own anywhere in the process, and its size is fixed.
+    Engines do not need it to take turns on the cores (see ``engine_session_options``). It is for a process
+    that wants one pool for the memory and thread count: once it exists ONNX Runtime refuses any session
+    with a pool of its own anywhere in the process (including sessions other libraries create), so call it
+    before creating any session.
 
     >>> luffy.runtimes.share_thread_pool(2); target = luffy.load(a); draft = luffy.load(b)   # doctest: +SKIP
     """
@@ -35,9 +33,8 @@ def share_thread_pool(threads: int | None = None) -> None:
     if _SHARED_POOL["on"]:
         if threads not in (None, _SHARED_POOL["threads"]):
             made = _SHARED_POOL["threads"] or "all cores'"
-            raise UsageError(f"threads={threads}: the engines of this process share one ONNX Runtime thread pool of "
-                             f"{made} threads, made by the first luffy.load (or share_thread_pool); load every "
-                             f"engine with the same threads, or none")
+            raise UsageError(f"threads={threads}: this process's sessions share one ONNX Runtime thread pool of {made} "
+                             f"threads (share_thread_pool); it cannot become {threads}")
         return
     ort.set_global_thread_pool_sizes(threads or 0, 1)
     _SHARED_POOL.update(on=True, threads=threads)
@@ -48,7 +45,7 @@ def thread_pool_shared() -> bool:
 
 
 def session_options(threads: int | None = None):
-    """SessionOptions for a luffy session: the shared pool once it exists, else a pool of its own of ``threads``."""
+    """SessionOptions for a luffy session: its own pool of ``threads`` (default), or the shared one."""
     ort = import_onnxruntime()
     options = ort.SessionOptions()
     if _SHARED_POOL["on"]:
@@ -59,19 +56,27 @@ def session_options(threads: int | None = None):
 
 
 def engine_session_options(threads: int | None, spin: bool):
-    """(SessionOptions, what pool the engine runs on) for an engine's session.
+    """(SessionOptions, a record of its thread pool) for an engine's session.
 
-    Engines share the process's pool (``share_thread_pool``), made here by the first one. The exception is
-    ``spin=False`` before any pool is shared: that engine gets a pool of its own whose idle threads sleep
-    instead of spinning, which takes no core from anything else (a server that leaves the cores to its HTTP
-    threads). Once the pool is shared, ONNX Runtime's global pool spins whatever the session asks.
+    An engine owns its pool, and the pool's threads spin only while one of its runs is going on: at the end
+    of every run they sleep (ONNX Runtime's ``session.force_spinning_stop``). Engines that take turns on the
+    cores (a target and its speculative draft, several artifacts in one server) then never compete, with no
+    call from the caller: ONNX Runtime's threads otherwise keep spinning after a run, and measured on the
+    2-core reference machine a 156M fp32 target with its int8 draft (K=4) took 18.5 ms per token with two
+    such pools and 10.2 with one shared pool. ONNX Runtime's own shared (global) pool is not the default
+    because it makes every other session in the process fail unless built for it. ``spin=False``: threads
+    never spin (each operator wakes them).
     """
-    if not spin and not _SHARED_POOL["on"]:
-        options = session_options(threads)
+    if _SHARED_POOL["on"]:
+        options = session_options()
+        options.add_session_config_entry("session.force_spinning_stop", "1")
+        return options, {"shared": True, "threads": _SHARED_POOL["threads"] or "all cores", "spinning": "within a run"}
+    options = session_options(threads)
+    if spin:
+        options.add_session_config_entry("session.force_spinning_stop", "1")
+    else:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        return options, {"shared": False, "threads": threads or "all cores", "spinning": False}
-    share_thread_pool(threads)
-    return session_options(), {"shared": True, "threads": _SHARED_POOL["threads"] or "all cores", "spinning": True}
+    return options, {"shared": False, "threads": threads or "all cores", "spinning": "within a run" if spin else "never"}
 
 
 def import_onnxruntime():
