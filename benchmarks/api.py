@@ -59,6 +59,19 @@ def parse_peers(vs: str | Iterable[str] | None) -> list[str]:
     return list(dict.fromkeys(items))
 
 
+def parse_peer_paths(given: dict[str, str] | Iterable[str] | None) -> dict[str, str]:
+    """``["llama.cpp=/opt/llama/bin", ...]`` or a dict -> {peer: path}, every name a known peer."""
+    if not given:
+        return {}
+    pairs = given.items() if isinstance(given, dict) else [item.partition("=")[::2] for item in given]
+    out = {}
+    for name, path in pairs:
+        if name not in PEERS or not path:
+            raise UsageError(f"--peer {name}={path}: expected NAME=PATH with NAME one of {', '.join(PEERS)}")
+        out[name] = str(path)
+    return out
+
+
 def parse_batches(batch: int | str | Iterable[int]) -> list[int]:
     """``4``, ``"1,4,16"`` or ``[1, 4, 16]`` -> [1, 4, 16]."""
     try:
@@ -93,6 +106,7 @@ def bench(
     progress: Progress | None = None,
     draft: str | Path | None = None,
     prompt_lookup: int | None = None,
+    peer_paths: dict[str, str] | Iterable[str] | None = None,
 ) -> BenchReport:
     """Benchmark an artifact (or a model source, compiled first) against ``vs`` peers on the same weights.
 
@@ -100,7 +114,9 @@ def bench(
     Peers need the Hugging Face directory: a source HF directory, a zoo model saved to one, or the
     directory an artifact's manifest names; otherwise they are skipped with the reason. ``workdir`` keeps
     builds and worker logs (default: a temporary directory, removed afterwards). ``draft`` (an artifact) and
-    ``prompt_lookup`` (K) add rows of the same artifact generating with speculative decoding.
+    ``prompt_lookup`` (K) add rows of the same artifact generating with speculative decoding. ``peer_paths`` says where
+    a peer outside luffy's Python is: ``{"llama.cpp": "BUILD/bin", "openvino": "VENV/bin/python"}`` (or
+    ``["llama.cpp=BUILD/bin", ...]``); unnamed ones are looked for on PATH and in luffy's own Python.
 
     >>> report = bench("llama-tiny", prompt_len=16, gen_len=8, vs="torch", repeats=2)   # doctest: +SKIP
     >>> report.system("luffy")["results"][0]["decode_tok_s"]["median"]                   # doctest: +SKIP
@@ -127,7 +143,8 @@ def bench(
                 raise UsageError(f"--prompt-lookup must be >= 1, got {prompt_lookup}")
             speculative["luffy-lookup"] = {"prompt_lookup": prompt_lookup}
         return _run(target, peers, batches, prompt_len, gen_len, repeats, warmup, opt_level, work, bandwidth,
-                    bandwidth_mib, seed, description, say, account, keep=workdir is not None, speculative=speculative)
+                    bandwidth_mib, seed, description, say, account, keep=workdir is not None, speculative=speculative,
+                    peer_paths=parse_peer_paths(peer_paths))
 
 
 @contextlib.contextmanager
@@ -196,7 +213,7 @@ def _as_luffy_error(exc: WorkerFailed, keep: bool) -> LuffyError:
 
 
 def _run(target, peers, batches, prompt_len, gen_len, repeats, warmup, opt_level, work, bandwidth, bandwidth_mib,
-         seed, description, say, account, keep, speculative=None) -> BenchReport:
+         seed, description, say, account, keep, speculative=None, peer_paths=None) -> BenchReport:
     speculative = speculative or {}
     names = [SUBJECT, *speculative, *peers]
     entries = {n: {"name": n, "label": n, "status": "ok", "reason": None} for n in names}
@@ -206,11 +223,14 @@ def _run(target, peers, batches, prompt_len, gen_len, repeats, warmup, opt_level
         paths[name] = {"hf_dir": str(target.hf_dir) if target.hf_dir else None, "artifact": str(target.artifact),
                        "build_dir": str(work / "builds" / name), "compile_source": target.compile_source,
                        "opt_level": opt_level, **speculative.get(name, {})}
-        reason = runner.unavailable()
+        paths[name]["peer_path"] = (peer_paths or {}).get(name)
+        reason = runner.unavailable_with(paths[name])
         if reason is None and runner.needs_hf_dir and target.hf_dir is None:
             reason = target.hf_reason
         if reason:
             entries[name].update(status="skipped", reason=reason)
+        elif runner.max_batch is not None and max(batches) > runner.max_batch:
+            entries[name]["note"] = f"batch {runner.max_batch} only"
 
     def failed(name, exc: WorkerFailed):
         if name == SUBJECT:
@@ -302,6 +322,7 @@ def _run(target, peers, batches, prompt_len, gen_len, repeats, warmup, opt_level
             on_run=lambda name, b, rnd: tick(
                 f"{name} batch {b} " + (f"warm-up {rnd + 1}" if rnd < warmup else f"run {rnd - warmup + 1}/{repeats}")),
             on_failure=failed, probe=measure_round if probe else None, settle=wait_for_quiet_cpu,
+            max_batch={n: RUNNERS[n].max_batch for n in active() if RUNNERS[n].max_batch is not None},
         )
         for name in active():
             try:
@@ -324,10 +345,13 @@ def _run(target, peers, batches, prompt_len, gen_len, repeats, warmup, opt_level
             continue
         entry["results"] = []
         for b in batches:
+            if not timings[name][b]:  # above the system's max_batch: said in its entry
+                continue
             result = batch_result(b, gen_len, timings[name][b], entry.get("streamed_weight_bytes"), gb_s)
             ref, mine = tokens[SUBJECT].get(b, []), tokens[name].get(b, [])
-            agree = next((i for i, (x, y) in enumerate(zip(ref, mine)) if x != y), min(len(ref), len(mine)))
-            result["tokens_agree_with_luffy"] = agree  # leading new tokens of row 0 identical to luffy's
+            agree = next((i for i, (x, y) in enumerate(zip(ref, mine or [])) if x != y), min(len(ref), len(mine or [])))
+            # leading new tokens of row 0 identical to luffy's (None: the system reports no tokens)
+            result["tokens_agree_with_luffy"] = agree if mine is not None else None
             rates = [r["speculation"]["acceptance_rate"] for r in result["runs"] if r.get("speculation")]
             if rates:
                 result["acceptance_rate"] = float(np.median([r for r in rates if r is not None] or [0.0]))

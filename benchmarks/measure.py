@@ -28,13 +28,15 @@ def interleaved_runs(
     on_failure: Callable[[str, WorkerFailed], None] = lambda name, exc: None,
     probe: Callable[[], float] | None = None,
     settle: Callable[[], float] | None = None,
+    max_batch: dict[str, int] | None = None,
 ) -> tuple[dict, dict]:
     """Time every worker; returns ({name: {batch: [{ttft_s, total_s}, ...]}}, {name: {batch: row-0 tokens}}).
 
     ``probe`` (streaming-read GB/s) runs before every timed round, while every worker idles; each run of
     that round carries its value as ``bandwidth_gb_s``. ``settle()`` runs before every run and the probe
     (waiting out the last system's spinning threads); its seconds are kept as ``settle_s``. A system whose
-    run fails is reported through ``on_failure`` and left out of the remaining rounds.
+    run fails is reported through ``on_failure`` and left out of the remaining rounds. ``max_batch[name]``: the
+    largest batch that system runs (llama-bench times one sequence); it sits out larger ones.
     """
     names = list(workers)
     timings = {name: {b: [] for b in batches} for name in names}
@@ -50,7 +52,7 @@ def interleaved_runs(
                     settle()
                 round_bandwidth = probe()
             for name in names[shift:] + names[:shift]:
-                if name in failed:
+                if name in failed or batch > (max_batch or {}).get(name, batch):
                     continue
                 on_run(name, batch, rnd)
                 settled = settle() if settle is not None else None
