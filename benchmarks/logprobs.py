@@ -10,6 +10,10 @@ rate per case and the median per-run ratio to the case without logprobs; the iss
 most 10% of decode time. Tokens must be identical across cases (logprobs only observe). The cost scales with
 the vocabulary (a log-softmax and a partial sort per row): measure on the 32000-token reference Llama
 (`reference_llama`, benchmarks/models.py), not on llama-pydoc's 320 bytes.
+
+End-to-end rates on a busy machine swing by more than the effect, so a second table times the work itself,
+interleaved with the decode steps it rides on: per step, the logprobs of every row (``token_logprobs``) as a
+share of the batched decode step.
 """
 
 from __future__ import annotations
@@ -21,13 +25,15 @@ import time
 
 import numpy as np
 
+import luffy
+from luffy.serving.scheduler import Scheduler, SchedulerConfig
+
+from ..serving.requests import Output, Request, SamplingParams, token_logprobs
 from .machine import describe_machine
 
 
 def _served(scheduler, prompts: list[list[int]], new_tokens: int, top: int | None) -> tuple[float, list[list[int]]]:
     """(decode tok/s, tokens) of ``prompts`` served together, each asking ``top`` logprobs (None: none)."""
-    from ..serving.requests import Output, Request, SamplingParams
-
     done, stamps, outputs = threading.Event(), {}, {}
     lock = threading.Lock()
 
@@ -50,9 +56,6 @@ def _served(scheduler, prompts: list[list[int]], new_tokens: int, top: int | Non
 
 def compare(artifact: str, streams: list[int], tops: list[int], runs: int, prompt_len: int, new_tokens: int,
             seed: int = 0) -> dict:
-    import luffy
-    from luffy.serving.scheduler import Scheduler, SchedulerConfig
-
     engine = luffy.load(artifact)
     rng = np.random.default_rng(seed)
     cases = {"none": None, **{f"top {k}": k for k in tops}}
@@ -78,7 +81,34 @@ def compare(artifact: str, streams: list[int], tops: list[int], runs: int, promp
                          for name in cases}
         table[str(n)]["identical_tokens"] = identical
     return {"artifact": artifact, "vocab": engine.vocab, "runs": runs, "prompt_len": prompt_len,
-            "new_tokens": new_tokens, "streams": table, "machine": describe_machine()}
+            "new_tokens": new_tokens, "streams": table, "components": components(engine, streams, tops),
+            "machine": describe_machine()}
+
+
+def components(engine, streams: list[int], tops: list[int], steps: int = 12, prompt_len: int = 64,
+               seed: int = 0) -> dict:
+    """Median ms of one batched decode step and of every row's token_logprobs after it, per stream count and top
+    count, the two timed alternately on the same logits."""
+    rng, table = np.random.default_rng(seed), {}
+    for n in streams:
+        slots = engine.open_slots(n, prompt_len + steps + 1)
+        for row in range(n):
+            slots.step(row, row + 1, rng.integers(3, engine.vocab, (1, prompt_len)))
+        times = {"step": [], **{top: [] for top in tops}}
+        for _ in range(steps):
+            start = time.perf_counter()
+            logits = slots.step(0, n, rng.integers(3, engine.vocab, (n, 1)))[:, -1].copy()
+            times["step"].append(time.perf_counter() - start)
+            for top in tops:
+                start = time.perf_counter()
+                for row in range(n):
+                    token_logprobs(logits[row:row + 1], [int(logits[row].argmax())], top)
+                times[top].append(time.perf_counter() - start)
+        step = float(np.median(times["step"]))
+        table[str(n)] = {"step_ms": step * 1e3, **{f"top {top}": {"ms": float(np.median(times[top])) * 1e3,
+                                                                  "share_of_step": float(np.median(times[top])) / step}
+                                                   for top in tops}}
+    return table
 
 
 def to_markdown(result: dict) -> str:
@@ -90,6 +120,13 @@ def to_markdown(result: dict) -> str:
             if name != "identical_tokens":
                 lines.append(f"| {n} | {name} | {row['decode_tok_s']:.1f} | {row['ratio_to_none']:.3f} | "
                              f"{(1 / row['ratio_to_none'] - 1) * 100:+.1f}% |")
+    lines += ["", "| streams | decode step ms (median) | case | logprobs of every row, ms (median) | share of the step |",
+              "|---|---|---|---|---|"]
+    for n, row in result["components"].items():
+        for name, cost in row.items():
+            if name != "step_ms":
+                lines.append(f"| {n} | {row['step_ms']:.1f} | {name} | {cost['ms']:.2f} | "
+                             f"{cost['share_of_step'] * 100:.1f}% |")
     return "\n".join(lines)
 
 

@@ -16,8 +16,10 @@ Nothing here imports torch or onnxruntime at module level: the parent process on
 
 from __future__ import annotations
 
+import importlib.metadata as md
 import importlib.util
 import inspect
+import json
 import os
 import subprocess
 import sys
@@ -25,6 +27,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
+
+import luffy
+
+from ..errors import UsageError
+from ..measure import engine_generate
+from ..runtimes import share_thread_pool
 
 from .native_peers import NATIVE_RUNNERS
 from .runner import Runner, onnx_weight_bytes
@@ -49,8 +58,6 @@ class LuffyRunner(Runner):
     def build(self) -> dict:
         if not self.paths.get("compile_source"):
             return {}
-        import luffy
-
         result = {}
 
         def compile_it():
@@ -65,13 +72,9 @@ class LuffyRunner(Runner):
         return self._load(self.paths["artifact"])
 
     def _load(self, artifact: str) -> dict:
-        import luffy
-
         self.engine = luffy.load(artifact)
         manifest = self.engine.manifest
         if manifest.get("kind") != "causal-lm":
-            from ..errors import UsageError
-
             raise UsageError(f"{artifact}: luffy bench times causal LMs; this artifact is {manifest.get('kind')!r}")
         weights = onnx_weight_bytes(Path(artifact) / manifest["model_file"])
         return {
@@ -84,8 +87,6 @@ class LuffyRunner(Runner):
     generate_kwargs: dict = {}  # what a subclass adds to every generate call
 
     def generate(self, ids, new_tokens, first_token):
-        from ..runtimes.timing import engine_generate
-
         tokens = engine_generate(self.engine, ids, new_tokens, first_token, **self.generate_kwargs)
         self.last_stats = self.engine.generation_stats  # speculative decoding's acceptance, else None
         return tokens
@@ -108,9 +109,11 @@ class LuffyDraftRunner(LuffySpeculativeRunner):
 
     name = "luffy-draft"
 
-    def _speculation(self) -> tuple[str, dict]:
-        import luffy
+    def _load(self, path):
+        share_thread_pool()  # this worker runs only this system: one ORT pool for target and draft
+        return super()._load(path)
 
+    def _speculation(self) -> tuple[str, dict]:
         draft = luffy.load(self.paths["draft"])
         return f" + draft {draft.manifest.get('precision')}", {"assistant_model": draft}
 
@@ -204,6 +207,8 @@ class OrtExportRunner(Runner):
         model = AutoModelForCausalLM.from_pretrained(self.paths["hf_dir"], dtype=torch.float32, local_files_only=True).eval()
         takes_positions = "position_ids" in inspect.signature(model.forward).parameters
 
+        # Its own step wrapper, not luffy's capture (compiler/capture/torch_export.py): this peer is what a user
+        # assembles without luffy, so it shares none of luffy's code.
         class Step(torch.nn.Module):
             def __init__(self):
                 super().__init__()
@@ -240,8 +245,6 @@ class OrtExportRunner(Runner):
         return {"build_s": round(time.perf_counter() - start, 3)}
 
     def load(self) -> dict:
-        import onnxruntime as ort
-
         path = Path(self.paths["build_dir"]) / "model.onnx"
         self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         self.inputs = {i.name: i for i in self.session.get_inputs()}
@@ -278,8 +281,6 @@ class LuffyInt4Runner(LuffyRunner):
     needs_hf_dir = True
 
     def build(self) -> dict:
-        import luffy
-
         seconds = _timed(lambda: luffy.compile(
             self.paths["hf_dir"], output=self.paths["build_dir"], precision="int4", opt_level=self.paths.get("opt_level", 2),
         ))
@@ -324,8 +325,6 @@ class GenaiRunner(Runner):
 
         self.og = og
         self.model = og.Model(str(self.paths["build_dir"]))
-        import json
-
         config = json.loads((Path(self.paths["build_dir"]) / "genai_config.json").read_text())["model"]
         weights = onnx_weight_bytes(Path(self.paths["build_dir"]) / config["decoder"]["filename"])
         return {**weights, "vocab": config["vocab_size"], "max_seq_len": config.get("context_length"),
@@ -361,8 +360,6 @@ RUNNERS: dict[str, type[Runner]] = {
 
 
 def _version(package: str) -> str:
-    import importlib.metadata as md
-
     try:
         return md.version(package)
     except md.PackageNotFoundError:

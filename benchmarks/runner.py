@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import onnx
 
 
 def onnx_weight_bytes(model_path: Path) -> dict:
@@ -22,8 +23,6 @@ def onnx_weight_bytes(model_path: Path) -> dict:
     Tables read only through ``Gather`` (embedding lookups) are excluded from the streamed bytes: a step
     reads one row per token from them, not the whole table. External data is not loaded.
     """
-    import onnx
-
     model = onnx.load(str(model_path), load_external_data=False)
     sizes = {}
     for init in model.graph.initializer:

@@ -21,6 +21,8 @@ import threading
 import time
 from pathlib import Path
 
+import luffy
+
 from .fuzz_requests import fuzz_request, send
 from .serve_bench import ServeProcess
 
@@ -97,8 +99,6 @@ class Soak:
 
 
 def run(artifact: Path, minutes: float, clients: int, bad_rate: float, seed: int, max_growth: float) -> dict:
-    import luffy
-
     engine = luffy.load(artifact)
     goods = good_requests(engine, 32, seed)
     model = artifact.resolve().name
@@ -138,8 +138,6 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         artifact = args.artifact
         if artifact is None:
-            import luffy
-
             artifact = luffy.compile("llama-pydoc", output=Path(scratch) / "llama-pydoc").path
         result = run(artifact, args.minutes, args.clients, args.bad, args.seed, args.max_growth)
     summary = {k: v for k, v in result.items() if k != "rss_samples"}

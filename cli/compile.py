@@ -46,6 +46,11 @@ def compile_cmd(source: str, output: Path, report_json: bool, **options):
     if artifact.manifest.get("state") == "needs-build":
         err.print(f"  needs-build: TensorRT engine not built here; on the GPU machine run: luffy build {output}",
                   soft_wrap=True)
+    if report.get("kv_cache"):
+        kv = report["kv_cache"]
+        err.print(f"  KV cache {kv['dtype']}: {kv['bytes_per_token']:,} bytes per token"
+                  + ("" if kv["multi_row_steps"] else "; multi-token steps with a cache take one row each"),
+                  soft_wrap=True)
     if report.get("auto"):
         err.print(auto_table(report["auto"]))
     quality = report.get("quality")

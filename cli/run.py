@@ -43,11 +43,13 @@ def run_cmd(
 
     Example (speculative): luffy run build/ref --input-ids 1,2,3 --draft build/ref-int8 --json
     """
-    from ..runtimes import load
+    from ..runtimes import load, share_thread_pool
 
     if (prompt is None) == (input_ids is None):
         raise UsageError("give exactly one of --prompt TEXT or --input-ids 1,2,3")
-    engine = load(artifact)  # target and draft share the process's thread pool (luffy.load does it)
+    if draft is not None:  # target and draft take turns: one thread pool, or their spinning threads fight
+        share_thread_pool()
+    engine = load(artifact)
     kwargs = dict(
         max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature,
         top_k=top_k, top_p=top_p, seed=seed,

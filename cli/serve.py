@@ -19,8 +19,9 @@ from .flags import flag_parameter
 def serve_cmd(artifact: Path, **options):
     """Serve an artifact over an OpenAI-compatible HTTP API with continuous batching.
 
-    Routes: POST /v1/completions, /v1/chat/completions (stream=true for server-sent events); GET /v1/models,
-    /health, /metrics (Prometheus, luffy:* named like vLLM's vllm:*), /openapi.json.
+    Routes: POST /v1/completions, /v1/chat/completions (stream=true for server-sent events), /tokenize,
+    /detokenize; GET /v1/models, /v1/models/{id}, /health, /metrics (Prometheus, luffy:* named like vLLM's
+    vllm:*), /openapi.json. An encoder artifact serves POST /v1/embeddings instead of completions.
 
     Example: luffy serve build/pydoc --port 8000 --max-num-seqs 16
 
@@ -42,7 +43,8 @@ def serve_cmd(artifact: Path, **options):
 
 def _serve_parameters() -> list[inspect.Parameter]:
     """serve_cmd's signature: ARTIFACT, then one flag per option field of serving/options.py, in --help panels."""
-    artifact = typer.Argument(..., help="Artifact directory of a causal LM (`luffy compile` output).")
+    artifact = typer.Argument(..., help="Artifact directory of a causal LM, or of an encoder for /v1/embeddings "
+                              "(`luffy compile` output).")
     params = [inspect.Parameter("artifact", inspect.Parameter.KEYWORD_ONLY, default=artifact, annotation=Path)]
     return params + [flag_parameter(f, kind, panel) for f, kind, panel in serve_fields()]
 

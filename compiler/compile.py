@@ -13,18 +13,27 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 
 from .. import __version__
-from ..errors import UsageError
+from ..errors import UnsupportedModelError, UsageError
 from ..passes.driver import count_nodes, run_passes
 from ..passes.pipelines import stages
-from .emit.artifact import check_output_location, staged_directory, write_manifest
+from ..runtimes import load
+from .capture.onnx_file import load_onnx_source
+from .capture.torch_export import capture_causal_lm, capture_encoder, capture_module
 from .config import LuffyConfig
+from .emit.artifact import check_output_location, staged_directory, write_manifest
 from .emit.manifest import DATA_FILE, MODEL_FILE, build_manifest
+from .emit.tokenizer_files import write_chat_template, write_tokenizer
+from .quality.parity import check_parity as run_parity_check
 from .quality.quality_measure import QualityMeasure
+from .quality.verify import Verifier
 from .report.compile_report import compile_report, memory_report, reduce_range
-from .sources.resolve import CAUSAL_LM, resolve_source
+from .report.dump_ir import IRDumper
+from .sources.resolve import CAUSAL_LM, ENCODER, resolve_source
+from .sources.torch_model import load_torch_model
 from .targets import target_for
 
 EXTERNAL_DATA_BYTES = 128 << 20  # above this, weights go to model.onnx.data (protobuf stays small, ORT mmaps)
@@ -44,8 +53,6 @@ class Artifact:
         return self.manifest["report"]
 
     def load(self, **kwargs):
-        from ..runtimes import load
-
         return load(self.path, **kwargs)
 
 
@@ -123,7 +130,8 @@ def compile(  # noqa: A001 - the public name the API promises
     quality: QualityMeasure | None = None  # set after capture; the precision stage's weights read it
     plan = stages(cfg.target, cfg.opt_level, cfg.precision, disabled=cfg.disabled_passes, enabled=cfg.enabled_passes,
                   target_steps=compile_target.extra_steps(), weights=lambda model: quality.weights_for(model),
-                  reduce_range=reduce_range(cfg))
+                  reduce_range=reduce_range(cfg), kv_cache=cfg.kv_cache_dtype,
+                  kv_ranges=lambda model: quality.kv_ranges_for(model))
     compile_target.require_tools()
     src = resolve_source(source)
     check_output_location(Path(output))  # an unwritable output fails now, not after minutes of capture
@@ -158,7 +166,7 @@ def check_paths(cfg: LuffyConfig, output) -> None:
         raise UsageError("an output directory is required (-o DIR)")
     if cfg.dump_ir is not None and Path(cfg.dump_ir).resolve().is_relative_to(Path(output).resolve()):
         raise UsageError(f"--dump-ir {cfg.dump_ir} is inside the output directory {output}, which the artifact replaces")
-    for flag, path in (("--calib", cfg.calib), ("--eval", cfg.eval_file)):
+    for flag, path in (("--calib", cfg.calib), ("--eval", cfg.eval_file), ("--kv-calib", cfg.kv_calib)):
         if path is not None and not Path(path).is_file():
             raise UsageError(f"{flag} {path}: no such file")
 
@@ -167,14 +175,8 @@ def _capture(src, opset: int, cfg: LuffyConfig, say) -> CaptureResult:
     say(f"capturing {src.spec}")
     t0 = time.perf_counter()
     if src.kind == "onnx":
-        from .capture.onnx_file import load_onnx_source
-
         captured, tm = load_onnx_source(src.path), None
     else:
-        from .capture.torch_export import capture_causal_lm, capture_encoder, capture_module
-        from .sources.resolve import ENCODER
-        from .sources.torch_model import load_torch_model
-
         tm = load_torch_model(src)
         captured = {CAUSAL_LM: capture_causal_lm, ENCODER: capture_encoder}.get(tm.kind, capture_module)(tm, opset)
     seconds = time.perf_counter() - t0
@@ -197,7 +199,7 @@ def _run_stages(plan, capture: CaptureResult, cfg: LuffyConfig, say) -> tuple[ir
                                           after_pass=after_pass if stage.numeric_check else _dump_only(after_pass))
         records += stage_records
     if capture.graph.kv is not None:
-        capture.graph.kv.dtype = _kv_dtype(model, capture.graph.kv.dtype)
+        capture.graph.kv.dtype = _kv_dtype(model, capture.graph.kv.dtype, cfg.kv_cache_dtype)
     model.producer_name, model.producer_version = "luffy", __version__
     _lower_ir_version(model)
     return model, records
@@ -214,9 +216,9 @@ def _check_staged(model_path: Path, capture: CaptureResult, cfg: LuffyConfig, co
     parity = None
     if cfg.check_parity and capture.graph.reference is not None:
         say("checking parity against PyTorch")
-        from .quality.parity import check_parity as run_parity_check
-
-        parity = run_parity_check(capture.graph, model_path, capture.vocab, cfg.precision)
+        kv = cfg.kv_cache_dtype  # a reduced KV cache is judged like reduced weights: by --eval, not by 1e-4
+        precision = cfg.precision if kv in ("auto", "fp32") else f"{cfg.precision} with a {kv} KV cache"
+        parity = run_parity_check(capture.graph, model_path, capture.vocab, precision)
     else:
         compile_target.check_loadable(model_path, capture.src.spec, say)  # what luffy.load would do
     return {
@@ -234,14 +236,10 @@ def _after_pass_hook(cfg: LuffyConfig, captured, vocab: int | None, say):
     """
     hooks = []
     if cfg.dump_ir is not None:
-        from .report.dump_ir import IRDumper
-
         dumper = IRDumper(cfg.dump_ir)
         dumper.dump("captured", captured.model)
         hooks.append(dumper)
     if cfg.verify:
-        from .quality.verify import Verifier
-
         say("computing --verify references on the captured graph")
         hooks.append(Verifier(captured, vocab))
     if not hooks:
@@ -267,7 +265,9 @@ def _dump_only(after_pass):
     return lambda name, model: {k: v for h in hooks for k, v in (h(name, model) or {}).items()}
 
 
-def _kv_dtype(model: ir.Model, default: str) -> str:
+def _kv_dtype(model: ir.Model, default: str, chosen: str = "auto") -> str:
+    if chosen == "int4":  # stored two to a byte (uint8): numpy's name would say uint8
+        return "int4"
     for value in model.graph.inputs:
         if value.name.startswith("past_key_values.") and value.dtype is not None:
             return str(np.dtype(value.dtype.numpy()))
@@ -277,8 +277,6 @@ def _kv_dtype(model: ir.Model, default: str) -> str:
 def _lower_ir_version(model: ir.Model) -> None:
     # onnx.helper stamps the newest IR version it knows, which a released onnxruntime may not read yet
     # ("Unsupported model IR version: 14"). The opsets in use fix the IR version actually required.
-    import onnx
-
     needed = onnx.helper.find_min_ir_version_for(
         [onnx.helper.make_opsetid(domain, version) for domain, version in model.opset_imports.items()],
         ignore_unknown=True,
@@ -299,8 +297,6 @@ def _max_seq_len(cfg: LuffyConfig, tm, captured) -> int | None:
 
 
 def _save_model(model: ir.Model, stage: Path, mode: str) -> bool:
-    from ..errors import UnsupportedModelError
-
     try:
         weight_bytes = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
         external = mode == "always" or (mode == "auto" and weight_bytes > EXTERNAL_DATA_BYTES)
@@ -318,8 +314,6 @@ def _save_model(model: ir.Model, stage: Path, mode: str) -> bool:
 
 def _write_tokenizer(stage: Path, src, tm) -> tuple[list[str], dict | None]:
     """The tokenizer files written, and the manifest's ``chat_template`` record (None without a template)."""
-    from .emit.tokenizer_files import write_chat_template, write_tokenizer
-
     source_dir = tm.tokenizer_dir if tm is not None else (src.path.parent if src.kind == "onnx" else None)
     names = write_tokenizer(stage, tokenizer=tm.tokenizer if tm is not None else None, source_dir=source_dir)
     if tm is not None and tm.chat_template is not None:

@@ -12,6 +12,8 @@ OPTIMIZATION_LEVELS = {"none": 0, "conservative": 1, "balanced": 2}
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4", "int8-dynamic")
 WEIGHT_ONLY = ("int8", "int4")
 BLOCK_SIZES = (16, 32, 64, 128)
+KV_CACHE_DTYPES = ("auto", "fp32", "fp16", "bf16", "int8", "int4")
+CALIBRATED_KV = ("int8", "int4")
 EXTERNAL_DATA_MODES = ("auto", "always", "never")
 HARDWARE_COMPATIBILITY = ("none", "ampere+")
 
@@ -33,6 +35,13 @@ class LuffyConfig:
         "GPTQ with --calib else round-to-nearest; int8-dynamic: int8 activations too; fp16/bf16: weights and "
         "activations (fp32 kept for norms' reductions, softmax and logits). bf16 is for GPUs; on a CPU luffy checks it "
         "by rounding each op's fp32 result to bf16 (slow, not a serving mode).")
+    kv_cache_dtype: str = option(
+        "auto", "KV cache precision: auto (the compute's: fp16 with --precision fp16, else fp32) | fp32 | fp16 | int8 | "
+        "int4. int8/int4: per-channel scales calibrated on --kv-calib (else --calib) text. ONNX Runtime's CPU "
+        "attention has no bf16 cache.")
+    kv_calib: str | None = option(None, "int8/int4 KV cache: text (or token ids as .json) its scales are measured on "
+                                  "[--calib]; unlike --calib it does not turn weight quantization into GPTQ.",
+                                  metavar="FILE")
     # None: decided by the compiling CPU (runtimes/cpu_features.weight_kernels; 128 where MLAS has int8 kernels)
     block_size: int | None = option(None, "int8/int4: weights per scale, 16 | 32 | 64 | 128 (smaller: more accurate, "
                                     "more bytes) [decided by this CPU: 128 with int8 dot products]")
@@ -117,9 +126,12 @@ class LuffyConfig:
         if trt_only and self.target != "trt":
             raise UsageError(f"{trt_only[0]} is a TensorRT option; add --target trt")
         self._check_auto()
-        if self.calib is not None and self.precision not in WEIGHT_ONLY and not self.auto:
-            raise UsageError(f"--calib calibrates int8/int4 weight-only quantization; precision {self.precision} takes none")
-        for name in ("calib", "eval_file"):
+        self._check_kv_cache()
+        if self.calib is not None and self.precision not in WEIGHT_ONLY and not self.auto \
+                and self.kv_cache_dtype not in CALIBRATED_KV:
+            raise UsageError(f"--calib calibrates int8/int4 weights or an int8/int4 KV cache; precision "
+                             f"{self.precision} with KV cache {self.kv_cache_dtype} takes none")
+        for name in ("calib", "eval_file", "kv_calib"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, os.fspath(getattr(self, name)))
         object.__setattr__(self, "disabled_passes", tuple(self.disabled_passes))
@@ -127,6 +139,29 @@ class LuffyConfig:
         for name in ("dump_ir", "timing_cache"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, os.fspath(getattr(self, name)))  # a Path is welcome; JSON wants str
+
+    def _check_kv_cache(self) -> None:
+        kv = self.kv_cache_dtype
+        if kv not in KV_CACHE_DTYPES:
+            raise UsageError(f"kv_cache_dtype {kv!r}; choose one of {', '.join(KV_CACHE_DTYPES)}")
+        if kv == "int4" and self.target == "trt":
+            raise UsageError("--kv-cache-dtype int4 for TensorRT: it has no 4-bit activation type; use int8 or fp16")
+        if kv == "bf16" and self.target == "ort":
+            raise UsageError("--kv-cache-dtype bf16: ONNX Runtime's CPU GroupQueryAttention has no bf16 cache "
+                             "(onnxruntime 1.32); fp16 takes the same bytes with 3 more mantissa bits")
+        if kv in CALIBRATED_KV and self.calib is None and self.kv_calib is None:
+            raise UsageError(f"--kv-cache-dtype {kv} needs --kv-calib FILE (or --calib): its per-channel scales are "
+                             "fixed at compile time, measured on that text")
+        if self.kv_calib is not None and kv not in CALIBRATED_KV:
+            raise UsageError(f"--kv-calib calibrates an int8/int4 KV cache; --kv-cache-dtype {kv} takes none")
+        if kv != "auto" and self.precision in ("fp16", "bf16") and kv in ("fp32", "bf16"):
+            raise UsageError(f"--kv-cache-dtype {kv} with --precision {self.precision}: the cache would hold "
+                             f"{self.precision} values; choose fp16, int8 or int4")
+        if kv != "auto" and self.precision == "bf16":
+            raise UsageError("--kv-cache-dtype with --precision bf16: bf16 artifacts are a check path on the CPU")
+        if kv != "auto" and self.auto:
+            raise UsageError("--kv-cache-dtype with --auto: --auto chooses the weights' precision; compile the KV "
+                             "cache's separately")
 
     def _check_auto(self) -> None:
         if not self.auto:

@@ -14,7 +14,7 @@ Quality: decoders, the perplexity increase on ``eval_file`` against PyTorch fp32
 ``report["quality"]``); encoders, 100 x (1 - the lowest mean-pooled embedding cosine over the file's lines)
 against PyTorch fp32. fp32 is within every budget: it is the source's own precision, its logits held to 1e-4
 of PyTorch by the compile's parity check, so its measured difference is float rounding. Speed: the bench's
-own timing (runtimes/timing.py) on a short run. Every candidate is compiled by `compile()` into a private
+own timing (luffy/measure.py) on a short run. Every candidate is compiled by `compile()` into a private
 staging directory beside the output; the chosen one is moved into place atomically, the rest removed.
 """
 
@@ -30,12 +30,21 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import numpy as np
+
 from .compiler import compile as compiler_compile
+from .compiler.capture.onnx_file import load_onnx_source
 from .compiler.compile import Artifact, check_paths, config_with
 from .compiler.config import LuffyConfig
 from .compiler.emit.artifact import check_output_location, staged_directory, write_manifest
-from .compiler.sources.resolve import CAUSAL_LM, ENCODER
+from .compiler.quality.calibration import load_tokenizer
+from .compiler.report.inspect import fusion_summary
+from .compiler.sources.resolve import CAUSAL_LM, ENCODER, resolve_source
+from .compiler.sources.torch_model import load_torch_model
 from .errors import LuffyError, UsageError, first_line
+from .measure import (decode_tokens_per_s, engine_generate, interleaved_rounds, prefill_ms, prompt_ids, time_generation,
+                      wait_for_quiet_cpu)
+from .runtimes import load
 
 PROMPT_TOKENS, NEW_TOKENS, WARMUP, REPEATS = 64, 16, 1, 7  # short and bounded: the ranking, not the table
 # A timed decode lasts at least this long: 16 tokens of a 3M-parameter model take ~20 ms, less than a shared
@@ -226,13 +235,8 @@ class _QualityProbe:
     compile measured it into report["quality"]), an encoder's embedding cosine against PyTorch (here)."""
 
     def __init__(self, source, cfg: LuffyConfig):
-        from .compiler.sources.resolve import resolve_source
-        from .compiler.sources.torch_model import load_torch_model
-
         self.src, self.cfg, self.tm, self.reference = resolve_source(source), cfg, None, None
         if self.src.kind == "onnx":
-            from .compiler.capture.onnx_file import load_onnx_source
-
             kind, self.layers = load_onnx_source(self.src.path).kind, None
         else:
             tm = load_torch_model(self.src)
@@ -252,10 +256,6 @@ class _QualityProbe:
             # an .onnx source compiled at fp32 has no other reference than itself
             loss = q["perplexity_increase_pct"] if q["perplexity_increase_pct"] is not None else 0.0
             return {"quality_loss_pct": loss, "perplexity": q["perplexity"], "perplexity_reference": q["perplexity_reference"]}
-        import numpy as np
-
-        from .runtimes import load
-
         engine = load(artifact.path)
         rows = self._encoded(engine)
         output = engine.manifest["io"]["outputs"][0]["name"]
@@ -266,10 +266,6 @@ class _QualityProbe:
         return {"quality_loss_pct": 100.0 * (1.0 - min(cos)), "min_cosine": min(cos), "sentences": len(cos)}
 
     def _encoded(self, engine) -> list[dict]:
-        import numpy as np
-
-        from .compiler.quality.calibration import load_tokenizer
-
         tokenizer = load_tokenizer(self.src, self.tm)
         if tokenizer is None:
             raise UsageError(f"--auto on an encoder measures embedding cosine on --eval text; {self.src.spec} has no tokenizer")
@@ -318,36 +314,41 @@ def measure_speeds(paths: dict[str, Path], decoder: bool = True, say=lambda mess
     >>> measure_speeds({"fp32": Path("build/fp32"), "int4": Path("build/int4")})          # doctest: +SKIP
     {'fp32': {'decode_tokens_per_s': 601.2, 'prefill_ms': 9.8}, 'int4': {...}}
     """
-    from .runtimes import load
-
     sizes = {name: sum(f.stat().st_size for f in Path(path).iterdir()) for name, path in paths.items()}
     together = sum(sizes.values()) <= _available_memory() // 4
     groups = [list(paths)] if together else [[name] for name in paths]
-    samples = {name: ([], []) for name in paths}
-    new_tokens, warm_rates = None, []
+    samples, timing = {}, {"new_tokens": None, "warm_rates": []}
     for group in groups:
-        engines = {name: load(paths[name]) for name in group}
-        for rnd in range(WARMUP + REPEATS):
-            say(f"auto: timing {', '.join(group)} (round {rnd + 1}/{WARMUP + REPEATS}{', warm-up' if rnd < WARMUP else ''})")
-            for name in group[rnd % len(group):] + group[:rnd % len(group)]:
-                decode, prefill = _timed_run(engines[name], decoder, new_tokens or NEW_TOKENS)
-                if rnd >= WARMUP:
-                    samples[name][0].append(decode)
-                    samples[name][1].append(prefill)
-                elif decoder:
-                    warm_rates.append(decode)
-            if rnd == WARMUP - 1 and decoder and new_tokens is None:  # one length for every candidate and group
-                new_tokens = _decode_length(warm_rates, engines.values())
-        del engines
-    return {name: {"decode_tokens_per_s": statistics.median(d) if decoder else None,
-                   "prefill_ms": statistics.median(p), "timed_new_tokens": new_tokens}
-            for name, (d, p) in samples.items()}
+        samples.update(_time_group({name: paths[name] for name in group}, decoder, timing, say))
+    return {name: {"decode_tokens_per_s": statistics.median(d for d, _ in runs) if decoder else None,
+                   "prefill_ms": statistics.median(p for _, p in runs), "timed_new_tokens": timing["new_tokens"]}
+            for name, runs in samples.items()}
+
+
+def _time_group(paths: dict[str, Path], decoder: bool, timing: dict, say) -> dict[str, list]:
+    """The interleaved rounds over artifacts loaded together (released when this returns)."""
+    engines = {name: load(path) for name, path in paths.items()}
+    return interleaved_rounds(list(engines), WARMUP, REPEATS,
+                              lambda name, rnd: _timed_sample(engines[name], decoder, rnd, timing),
+                              lambda rnd: _next_round(list(engines), rnd, engines, decoder, timing, say))
+
+
+def _next_round(group, rnd, engines, decoder, timing, say) -> None:
+    """Say which round starts; after the warm-up, fix one decode length for every candidate and group."""
+    say(f"auto: timing {', '.join(group)} (round {rnd + 1}/{WARMUP + REPEATS}{', warm-up' if rnd < WARMUP else ''})")
+    if rnd == WARMUP and decoder and timing["new_tokens"] is None:
+        timing["new_tokens"] = _decode_length(timing["warm_rates"], engines.values())
+
+
+def _timed_sample(engine, decoder: bool, rnd: int, timing: dict) -> tuple[float | None, float]:
+    """One timed run (decode tok/s, prefill or forward ms); a warm-up run's decode rate is kept for the length."""
+    decode, prefill = _timed_run(engine, decoder, timing["new_tokens"] or NEW_TOKENS)
+    if rnd < WARMUP and decoder:
+        timing["warm_rates"].append(decode)
+    return decode, prefill
 
 
 def _timed_run(engine, decoder: bool, new_tokens: int = NEW_TOKENS) -> tuple[float | None, float]:
-    from .runtimes.timing import (decode_tokens_per_s, engine_generate, prefill_ms, prompt_ids, time_generation,
-                                   wait_for_quiet_cpu)
-
     ids = prompt_ids(1, _prompt_len(engine.max_seq_len), engine.vocab or 100, seed=0)
     wait_for_quiet_cpu(limit_s=0.25)  # the last run's spinning threads; bounded, as the machine may be shared
     if decoder:
@@ -371,8 +372,6 @@ def _available_memory() -> int:
 
 def _analysis(artifact, quality: _QualityProbe) -> dict:
     """What the decider knows about the model, from the unquantized build when there is one."""
-    from .compiler.report.inspect import fusion_summary
-
     manifest, report = artifact.manifest, artifact.report
     kv = manifest.get("kv_cache")
     layers = kv["num_layers"] if kv else quality.layers
@@ -393,7 +392,7 @@ def _auto_report(cfg, quality, rows, skipped, chosen, built, seconds) -> dict:
                   "new_tokens": next((r["timed_new_tokens"] for r in rows if r.get("timed_new_tokens")), None),
                   "min_decode_seconds": MIN_DECODE_SECONDS if quality.decoder else None,
                   "warmup": WARMUP, "repeats": REPEATS,
-                  "statistic": "median", "timing": "runtimes/timing.py (the bench's)"},
+                  "statistic": "median", "timing": "luffy/measure.py (the bench's)"},
         "analysis": _analysis(first, quality),
         "choice_rule": rule + "; fp32 is within every budget",
         "candidates": rows, "skipped": skipped, "chosen": chosen["name"],

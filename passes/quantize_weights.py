@@ -23,6 +23,7 @@ point), int8 per output channel. Embeddings stay float there (TensorRT has no qu
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -199,8 +200,6 @@ def _ort_nbits():
     Importing it calls logging.basicConfig(level=INFO) on the root logger, which would turn on INFO
     logging for the whole process of whoever called luffy.compile. The root logger is put back as it was.
     """
-    import logging
-
     root = logging.getLogger()
     level, handlers = root.level, list(root.handlers)
     try:

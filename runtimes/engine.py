@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from tokenizers import Tokenizer
 
-from ..errors import ArtifactError, UsageError
-from .generation import eos_set
+from ..errors import ArtifactError, UsageError, first_line
+from .generation import as_rows, check_capacity, eos_set, ids_array, left_pad
 from .grammar import GrammarCompiler, GrammarSpec
+from .sampling import Sampling
 
 STRUCTURED = ("json_schema", "regex", "grammar", "choice")  # Engine.generate's structured-output arguments
 
@@ -42,12 +44,10 @@ class Engine:
             name = self.manifest.get("tokenizer")
             if not name:
                 raise UsageError(f"{self.path}: artifact has no tokenizer; pass token ids instead of text")
-            from tokenizers import Tokenizer
-
             try:
                 self._tokenizer = Tokenizer.from_file(str(self.path / name))
             except Exception as exc:  # noqa: BLE001 - tokenizers raises a bare Exception
-                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                reason = first_line(exc)
                 raise ArtifactError(f"{self.path / name}: the tokenizers library cannot read it ({reason})") from None
         return self._tokenizer
 
@@ -101,8 +101,6 @@ class Engine:
 
     def _generate_inputs(self, input_ids, max_new_tokens: int, eos_token_id, pad_token_id):
         """(rows, eos_token_id, pad id) after every check generate makes before any work."""
-        from .generation import as_rows, check_capacity
-
         self._require_decoder("generate")
         rows = as_rows(input_ids, self.vocab)
         check_capacity(max(len(r) for r in rows), max_new_tokens, self.max_seq_len)
@@ -115,9 +113,6 @@ class Engine:
                   presence_penalty: float = 0.0, frequency_penalty: float = 0.0, logit_bias: dict | None = None):
         """The logits chain's parameters from generate's arguments (runtimes/sampling.py), checked; the EOS ids
         (already resolved from "model") stop a row and are what min_new_tokens masks."""
-        from .generation import eos_set
-        from .sampling import Sampling
-
         if min_new_tokens < 0:
             raise UsageError(f"min_new_tokens must be >= 0, got {min_new_tokens}")
         bias = {int(token): float(value) for token, value in (logit_bias or {}).items()}
@@ -126,8 +121,6 @@ class Engine:
 
     def _score_inputs(self, input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
         """(ids, mask) [batch, seq] for score: ragged rows left-padded, or the caller's ids and mask checked."""
-        from .generation import as_rows, check_capacity, ids_array, left_pad
-
         self._require_decoder("score")
         if attention_mask is None:
             ids, mask = left_pad(as_rows(input_ids, self.vocab), self._pad_id(None))

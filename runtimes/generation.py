@@ -89,14 +89,21 @@ def eos_set(eos_token_id) -> np.ndarray:
     return np.array(list(eos_token_id), dtype=np.int64)
 
 
-def check_capacity(prompt_len: int, max_new_tokens: int, max_seq_len: int | None) -> None:
-    if max_new_tokens < 0:
-        raise UsageError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if max_seq_len is not None and prompt_len + max_new_tokens > max_seq_len:
-        raise CapacityError(
-            f"prompt length {prompt_len} + max_new_tokens {max_new_tokens} = {prompt_len + max_new_tokens} "
-            f"exceeds the artifact's maximum sequence length {max_seq_len}"
-        )
+def check_capacity(prompt_len: int, new_tokens: int, limit: int | None, new_name: str = "max_new_tokens",
+                   limit_name: str = "the artifact's maximum sequence length") -> None:
+    """Refuse, before any work and in one line naming both numbers, a prompt plus ``new_tokens`` beyond ``limit``
+    positions (None: no limit). Engine.generate/score, the serving scheduler and `luffy bench` all check here;
+    ``new_name`` and ``limit_name`` are what the caller's user calls them.
+
+    >>> check_capacity(60, 10, 64)
+    Traceback (most recent call last):
+    luffy.errors.CapacityError: prompt length 60 + max_new_tokens 10 = 70 exceeds the artifact's maximum sequence length 64
+    """
+    if new_tokens < 0:
+        raise UsageError(f"{new_name} must be >= 0, got {new_tokens}")
+    if limit is not None and prompt_len + new_tokens > limit:
+        raise CapacityError(f"prompt length {prompt_len} + {new_name} {new_tokens} = {prompt_len + new_tokens} "
+                            f"exceeds {limit_name} {limit}")
 
 
 def generate_loop(

@@ -12,7 +12,7 @@ What a grammar lets grow without end is bounded, as vLLM and llguidance do: ``st
 (llguidance's ``whitespace_flexible`` off); other JSON allows at most ``MAX_WHITESPACE`` characters of whitespace
 at each place JSON allows it (llguidance's ``whitespace_pattern``, matched once per place).
 Strings with no ``maxLength`` are not capped: the constraint closes them when the token budget runs short
-(runtimes/constraint.py).
+(runtimes/json_closing.py).
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import llguidance
 
 from ..errors import UsageError
-from .constraint import BatchMasker, GrammarConstraint, TokenTable, closing_reserve
+from .constraint import BatchMasker, GrammarConstraint
+from .json_closing import OUTSIDE, TokenTable, closing_need
 
 KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
 MAX_WHITESPACE = 32  # per place in non-strict JSON: pretty-printing a few levels deep fits
@@ -153,12 +154,12 @@ def one_line(message: str) -> str:
 
 @dataclass
 class CompiledGrammar:
-    """A pristine matcher for one spec, and the tokens the constraint keeps for closing JSON (see
-    runtimes/constraint.py)."""
+    """A pristine matcher for one spec, and for JSON the tokens closing the document takes from its start (the
+    closing rule's first measure, runtimes/json_closing.py)."""
 
     spec: GrammarSpec
     matcher: object  # llguidance.LLMatcher in its initial state: copied, never advanced
-    reserve: int
+    closing_need: int | None
     seconds: float
 
 
@@ -182,7 +183,7 @@ class GrammarCompiler:
             raise UsageError(f"{source}: llguidance cannot build a tokenizer from it ({one_line(str(exc))})") from None
         self.vocab = vocab
         self.tokens = TokenTable(self.tokenizer, vocab)
-        self.executor = llguidance.LLExecutor()  # fills a batch's masks in parallel (BatchMasker)
+        self._executor = None  # llguidance's thread pool, made only for a parallel BatchMasker
         self.listener = None
         self._cache: collections.OrderedDict[tuple, concurrent.futures.Future] = collections.OrderedDict()
         self._lock = threading.Lock()
@@ -220,16 +221,18 @@ class GrammarCompiler:
 
     def constraint(self, compiled: CompiledGrammar, max_tokens: int) -> GrammarConstraint:
         """A fresh constraint for one request of at most ``max_tokens`` output tokens."""
-        return GrammarConstraint(compiled.matcher.deep_copy(), self.tokens, max_tokens,
-                                 compiled.reserve if compiled.spec.is_json else None)
+        return GrammarConstraint(compiled.matcher.deep_copy(), self.tokens, max_tokens, compiled.closing_need)
 
     def constraints(self, spec: GrammarSpec, rows: int, max_tokens: int) -> list[GrammarConstraint]:
         """``rows`` fresh constraints for ``spec`` (compiled or from the cache), each for ``max_tokens`` tokens."""
         compiled = self.compile(spec)
         return [self.constraint(compiled, max_tokens) for _ in range(rows)]
 
-    def masker(self) -> BatchMasker:
-        return BatchMasker(self.executor)
+    def masker(self, parallel: bool = False) -> BatchMasker:
+        """What fills a decode batch's masks (one after another unless ``parallel``: see BatchMasker)."""
+        if parallel and self._executor is None:
+            self._executor = llguidance.LLExecutor()
+        return BatchMasker(self._executor, parallel)
 
     def _build(self, spec: GrammarSpec, key: tuple) -> CompiledGrammar:
         start = time.perf_counter()
@@ -240,8 +243,8 @@ class GrammarCompiler:
         matcher = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
         if matcher.is_error():
             raise GrammarError(f"{spec.kind}: {one_line(matcher.get_error())}")
-        reserve = closing_reserve(matcher, self.tokens) if spec.is_json else 0
-        return CompiledGrammar(spec, matcher, reserve, time.perf_counter() - start)
+        need = closing_need(matcher, self.tokens, OUTSIDE) if spec.is_json else None
+        return CompiledGrammar(spec, matcher, need, time.perf_counter() - start)
 
     def _forget(self, key: tuple, future) -> None:
         with self._lock:

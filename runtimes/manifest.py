@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from ..errors import ArtifactError
+from ..errors import ArtifactError, first_line
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -27,9 +27,12 @@ KINDS = ("causal-lm", "encoder", "module")
 #   past_key_values.N.key/value -> present.N.key/value, logits [batch, kept, vocab].
 # KV_SHARED graphs (fuse-gqa) take capacity-sized buffers bound as past and present, plus seqlens_k
 # [batch] (each row's length - 1 after the step) and total_sequence_length; KV_CONCAT graphs return
-# present = past + new. logits_to_keep, when present, is how many last positions get logits.
+# present = past + new. logits_to_keep, when present, is how many last positions get logits. query_seqlens
+# [batch] (multi-row graphs): each row's valid tokens in a right-padded step; logits_indices [batch, kept] then
+# says which positions of each row get logits.
 INPUT_IDS, ATTENTION_MASK, POSITION_IDS, LOGITS = "input_ids", "attention_mask", "position_ids", "logits"
-SEQLENS, TOTAL, KEEP = "seqlens_k", "total_sequence_length", "logits_to_keep"
+SEQLENS, TOTAL, KEEP, QUERY_SEQLENS = "seqlens_k", "total_sequence_length", "logits_to_keep", "query_seqlens"
+INDICES = "logits_indices"  # multi-row graphs keep these positions of each row [batch, kept] instead of the last
 KV_SHARED, KV_CONCAT = "shared-buffer", "concat"
 
 
@@ -190,7 +193,7 @@ def read_manifest(directory: str | os.PathLike, verify_files: bool = True) -> di
     try:
         manifest = json.loads(path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise ArtifactError(f"{path}: not valid JSON ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        raise ArtifactError(f"{path}: not valid JSON ({first_line(exc)})") from None
     except OSError as exc:
         raise ArtifactError(f"{path}: cannot read it ({exc.strerror or exc})") from None
     validate_manifest(path, manifest)
@@ -232,6 +235,8 @@ class StepGraph:
     # masked position between real ones (transformers would number the later tokens differently)
     positions_from_buffer: bool
     keeps_logits: bool  # takes logits_to_keep
+    picks_logits: bool  # takes logits_indices
+    multi_row: bool  # takes query_seqlens: several rows of several tokens with a cache in one step
     past_names: tuple[tuple[str, str], ...]  # per layer: (key, value) inputs
     present_names: tuple[tuple[str, str], ...]
 
@@ -253,7 +258,8 @@ def step_graph(path: Path, manifest: dict, inputs: dict[str, tuple[str, list]], 
     if missing:
         raise ArtifactError(f"{path}: the manifest's step graph names {', '.join(missing[:4])}, which the graph "
                             f"does not have")
-    unknown = set(inputs) - {INPUT_IDS, ATTENTION_MASK, POSITION_IDS, SEQLENS, TOTAL, KEEP} - {n for p in past for n in p}
+    unknown = set(inputs) - {INPUT_IDS, ATTENTION_MASK, POSITION_IDS, SEQLENS, TOTAL, KEEP, INDICES, QUERY_SEQLENS} - \
+        {n for p in past for n in p}
     if unknown:
         raise ArtifactError(f"{path}: decoder graph has inputs the runtime cannot feed: {', '.join(sorted(unknown))}")
     shapes = []
@@ -268,5 +274,6 @@ def step_graph(path: Path, manifest: dict, inputs: dict[str, tuple[str, list]], 
     return StepGraph(
         layers=tuple(shapes), vocab=vocab, kv_type=inputs[past[0][0]][0], shared_kv=SEQLENS in inputs,
         takes_positions=POSITION_IDS in inputs, positions_from_buffer=kv.get("positions") == POSITIONS_BUFFER,
-        keeps_logits=KEEP in inputs, past_names=past, present_names=present,
+        keeps_logits=KEEP in inputs, picks_logits=INDICES in inputs, multi_row=QUERY_SEQLENS in inputs,
+        past_names=past, present_names=present,
     )

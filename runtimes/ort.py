@@ -6,9 +6,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ArtifactError, CapacityError, UsageError
-from .cpu_bf16 import cpu_model
+from ..errors import ArtifactError, CapacityError, UsageError, first_line
+from . import speculative
 from .constraint import warn_incomplete
+from .cpu_bf16 import cpu_model
+from .cpu_features import u8s8_saturates
 from .engine import Engine
 from .generation import generate_loop, left_pad
 from .huge_pages import MIN_REGION, NOTHING_COLLAPSED, anonymous_mappings, back_new_mappings_with_huge_pages
@@ -19,6 +21,7 @@ from .ort_slots import OrtSlots
 _NUMPY_DTYPES = {
     "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
     "tensor(int32)": np.int32, "tensor(bool)": np.bool_, "tensor(double)": np.float64,
+    "tensor(int8)": np.int8, "tensor(uint8)": np.uint8,  # int8 and 4-bit packed KV caches
 }
 
 
@@ -29,8 +32,6 @@ def _weight_file_bytes(manifest: dict) -> int:
 
 def _require_int8_kernels_fit(manifest: dict, path: Path, providers: list[str] | None) -> None:
     """An int8-dynamic artifact with 8-bit weights gives wrong outputs on x86 CPUs without VNNI."""
-    from .cpu_features import u8s8_saturates
-
     on_cpu = not providers or providers == ["CPUExecutionProvider"]
     if manifest.get("int8_reduce_range") is False and on_cpu and u8s8_saturates():
         raise ArtifactError(
@@ -42,9 +43,10 @@ class OrtEngine(Engine):
     """Runs an artifact's model.onnx on ONNX Runtime (CPU unless ``providers`` says otherwise).
 
     ``huge_pages`` (default on) backs the weights ORT allocates on the CPU with transparent huge pages
-    (see huge_pages.py; ``self.huge_pages`` reports what the kernel did). The engine's thread pool spins only
-    during its own runs, so engines that take turns (a target and its draft) never compete for the cores
-    (ort_compat.engine_session_options); ``self.thread_pool`` describes it.
+    (see huge_pages.py; ``self.huge_pages`` reports what the kernel did). The engine's thread pool (its own, or
+    the process's once ``share_thread_pool`` made one) spins only during its runs, so engines that take turns (a
+    target and its draft) never compete for the cores (ort_compat.engine_session_options); ``self.thread_pool``
+    describes it.
     """
 
     def __init__(
@@ -69,7 +71,7 @@ class OrtEngine(Engine):
             mappings_before = anonymous_mappings() if track else None
             self.session = ort.InferenceSession(source, options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            reason = first_line(exc)
             raise ArtifactError(f"{model_path}: onnxruntime {ort.__version__} cannot load it: {reason}") from None
         self.huge_pages = None if not (huge_pages and on_cpu) else (
             back_new_mappings_with_huge_pages(mappings_before) if track else dict(NOTHING_COLLAPSED))
@@ -171,8 +173,6 @@ class OrtEngine(Engine):
 
     def _speculative(self, rows, max_new_tokens, pad, seed, output_logits, streamer, assistant_model, k, schedule,
                      lookup_k, max_ngram, sampling, constraints):
-        from . import speculative
-
         if assistant_model is not None and lookup_k:
             raise UsageError("give assistant_model or prompt_lookup_num_tokens, not both")
         if schedule not in ("heuristic", "constant"):
@@ -234,5 +234,5 @@ class OrtEngine(Engine):
         try:
             outputs = self.session.run(None, arrays)
         except Exception as exc:  # ORT raises its own exception types for shape/type errors
-            raise UsageError(f"{self.path}: {str(exc).strip().splitlines()[0]}") from None
+            raise UsageError(f"{self.path}: {first_line(exc)}") from None
         return dict(zip(self.output_names, outputs))

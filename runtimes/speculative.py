@@ -21,7 +21,8 @@ Chen et al. (2023): keep draft token x with probability min(1, p(x)/q(x)), else 
 renormalized; a source without a distribution (prompt lookup) has q = 1 on its token. Either way every output
 token is distributed as the target's own. Rejected positions are rolled back by truncating the KV slots.
 
-GroupQueryAttention runs a multi-token step with a cache at batch 1, so each row verifies on its own.
+``speculate_rows`` verifies several rows in one target step where the graph takes several rows of several
+tokens with a cache (GroupQueryAttention's query_seqlens); ``generate`` verifies its rows one at a time.
 """
 
 from __future__ import annotations
@@ -220,18 +221,50 @@ def speculate_round(slots, slot: int, seq: list[int], remaining: int, source, k:
     verify all in one target step, accept, and roll the target's slot and the source back to what was kept.
     Returns (proposed, accepted count n, the target's next token, the verify step's logits [n proposed + 1,
     vocab]); the tokens kept are proposed[:n] and then that token, which the caller accepts into ``chooser``."""
-    budget = min(k.k, remaining - 1)
-    proposed, q = source.propose(slot, seq, budget, chooser, rng) if budget > 0 else ([], None)
-    base = len(seq) - 1  # the target's cache holds seq[:-1]
+    proposed, q = _propose(slot, seq, remaining, source, k, chooser, rng)
     verify = slots.step(slot, slot + 1, np.array([[seq[-1], *proposed]], dtype=np.int64), keep=len(proposed) + 1)[0]
+    n, token = _settle(slots, slot, seq, proposed, q, verify, source, k, chooser, rng)
+    return proposed, n, token, verify
+
+
+def speculate_rows(slots, rows: list[tuple], source) -> list[tuple[list[int], int, int, np.ndarray]]:
+    """``speculate_round`` for slots [0, len(rows)) together: each row proposes, then one target step verifies
+    every row's proposals (a multi-row graph: rows of several tokens with a cache, right-padded). ``rows``:
+    per slot (seq, remaining, k, chooser, rng); returns per slot what speculate_round returns."""
+    proposals = [_propose(slot, seq, remaining, source, k, chooser, rng)
+                 for slot, (seq, remaining, k, chooser, rng) in enumerate(rows)]
+    counts = [len(proposed) + 1 for proposed, _ in proposals]
+    width = max(counts)
+    ids = np.zeros((len(rows), width), dtype=np.int64)
+    for slot, ((seq, *_), (proposed, _)) in enumerate(zip(rows, proposals)):
+        ids[slot, :counts[slot]] = [seq[-1], *proposed]
+    verify = slots.step(0, len(rows), ids, keep=width, counts=counts)  # each row's own last positions, right-aligned
+    results = []
+    for slot, ((seq, _, k, chooser, rng), (proposed, q)) in enumerate(zip(rows, proposals)):
+        logits = verify[slot, width - counts[slot]:]
+        n, token = _settle(slots, slot, seq, proposed, q, logits, source, k, chooser, rng)
+        results.append((proposed, n, token, logits))
+    return results
+
+
+def _propose(slot: int, seq: list[int], remaining: int, source, k: AdaptiveK, chooser: TokenChooser, rng):
+    budget = min(k.k, remaining - 1)  # a round never proposes past the output's budget
+    return source.propose(slot, seq, budget, chooser, rng) if budget > 0 else ([], None)
+
+
+def _settle(slots, slot: int, seq: list[int], proposed: list[int], q, verify: np.ndarray, source, k: AdaptiveK,
+            chooser: TokenChooser, rng) -> tuple[int, int]:
+    """Accept from the target's ``verify`` logits [proposed + 1, vocab], then roll the slot and the source back to
+    what was kept; (accepted count, the target's next token)."""
     if chooser.sampling.greedy:
         n, token = accept_greedy(verify, proposed, chooser)
     else:
         n, token = accept_sampled(verify, proposed, q, chooser, rng)
+    base = len(seq) - 1  # the target's cache held seq[:-1]
     slots.cache.truncate(slot, base + n + 1)
     source.rollback(slot, base + n + 1)
     k.update(len(proposed), n)
-    return proposed, n, token, verify
+    return n, token
 
 
 def generate(engine, rows: list[list[int]], max_new_tokens: int, source, k: AdaptiveK, sampling: Sampling, pad: int,

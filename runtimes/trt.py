@@ -127,7 +127,8 @@ class TrtEngine(Engine):
     def _dtype(self, name: str):
         trt, torch = self._trt, self._torch
         dtypes = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16,
-                  trt.int64: torch.int64, trt.int32: torch.int32, trt.bool: torch.bool}
+                  trt.int64: torch.int64, trt.int32: torch.int32, trt.bool: torch.bool,
+                  trt.int8: torch.int8}  # an int8 KV cache (--kv-cache-dtype int8)
         return dtypes[self._engine.get_tensor_dtype(name)]
 
     def _execute(self, feeds: dict, profile: int) -> dict:

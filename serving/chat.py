@@ -17,6 +17,8 @@ import uuid
 from datetime import datetime
 from pathlib import Path
 
+from tokenizers import Tokenizer
+
 from ..errors import UsageError
 
 
@@ -82,8 +84,6 @@ class ChatTokens:
     """
 
     def __init__(self, tokenizer):
-        from tokenizers import Tokenizer
-
         self.tokenizer = tokenizer
         self.plain = Tokenizer.from_str(tokenizer.to_str())
         self.plain.encode_special_tokens = True

@@ -7,7 +7,7 @@
   time (408: a client that sends its body slowly holds no connection forever).
 - JSON bodies are strict (``StrictJsonRoute``): UTF-8 only, no lone UTF-16 surrogates, no NaN or Infinity; the
   request models refuse coerced types (``"10"`` or ``true`` for an integer, ``0`` for a boolean).
-- The API key, and the server-sent events streams end with.
+- The API key check (constant time), and the server-sent event framing both servers' streams use.
 
 vLLM's ``entrypoints/openai`` builds every error through one function in the same way; FastAPI's own 422 and
 ``{"detail"}`` shapes never reach a client here.
@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import CapacityError, UsageError
 from .protocol import ProtocolError
+from .scheduler import Draining, QueueFull
 
 _ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
                 405: "invalid_request_error", 408: "invalid_request_error", 413: "invalid_request_error",
@@ -67,8 +68,6 @@ _STATUS_DESCRIPTIONS = {
 
 def error_status(exc: Exception) -> ProtocolError:
     """The OpenAI-shaped HTTP error for an exception raised while handling a request."""
-    from .scheduler import Draining, QueueFull
-
     if isinstance(exc, ProtocolError):
         return exc
     if isinstance(exc, QueueFull):

@@ -14,6 +14,7 @@ import base64
 import threading
 
 import numpy as np
+from tokenizers import Tokenizer
 
 from ..errors import UsageError
 
@@ -30,8 +31,6 @@ class Embedder:
     """
 
     def __init__(self, engine):
-        from tokenizers import Tokenizer
-
         self.engine = engine
         self.tokenizer = None
         if engine.manifest.get("tokenizer"):

@@ -34,7 +34,22 @@ class ServerMetrics:
 
         self.running = make(Gauge, "num_requests_running", "Requests holding a KV slot (prefilling or decoding).")
         self.waiting = make(Gauge, "num_requests_waiting", "Requests waiting for a KV slot.")
-        self.kv_usage = make(Gauge, "kv_cache_usage_perc", "Fraction of KV-cache positions held by requests, 0-1.")
+        self.kv_usage = make(Gauge, "kv_cache_usage_perc", "Fraction of the KV pool's blocks held by requests in "
+                             "flight, 0-1.")
+        self.kv_bytes = make(Gauge, "kv_cache_bytes", "Memory the KV cache holds now: requests' blocks and those free "
+                             "slots keep for the prefix cache.")
+        self.kv_limit = make(Gauge, "kv_cache_limit_bytes", "The KV pool's memory limit (--kv-cache-memory).")
+        self.kv_blocks = Gauge("luffy:kv_cache_blocks", "KV pool blocks by state (used: held by requests in flight; "
+                               "cached: kept by free slots for the prefix cache; free).", names + ["state"],
+                               registry=self.registry)
+        self.swapped = make(Gauge, "num_requests_swapped", "Preempted requests whose KV waits in host memory.")
+        self.swapped_bytes = make(Gauge, "kv_cache_swapped_bytes", "Host memory holding preempted requests' KV.")
+        self.prefill_steps = make(Counter, "prefill_steps", "Prefill steps (one or more prompts' chunks each).")
+        self.prefill_rows = make(Counter, "prefill_rows", "Prompt chunks prefilled (rows of prefill steps).")
+        self.prefill_padding = make(Counter, "prefill_padding_tokens", "Right padding computed in multi-row prefill "
+                                    "steps (rows shorter than the step's widest).")
+        self.preemptions = make(Counter, "num_preemptions", "Requests preempted for KV memory (swapped or to "
+                                "recompute).")
         self.prompt_tokens = make(Counter, "prompt_tokens", "Prompt tokens of finished and running requests.")
         self.generation_tokens = make(Counter, "generation_tokens", "Tokens generated.")
         self.iterations = make(Counter, "scheduler_iterations", "Scheduler iterations (one batched decode each).")
@@ -123,6 +138,24 @@ class ServerMetrics:
         self.running.set(running)
         self.waiting.set(waiting)
         self.kv_usage.set(kv_usage)
+
+    def prefill_step(self, rows: int, tokens: int, padded: int) -> None:
+        self.prefill_steps.inc()
+        self.prefill_rows.inc(rows)
+        self.prefill_padding.inc(padded - tokens)
+
+    def preempted(self, request, swapped: bool) -> None:
+        self.preemptions.inc()
+
+    def kv_cache(self, state: dict) -> None:
+        """The KV pool now (the scheduler's kv_cache_state), after every iteration."""
+        self.kv_bytes.set(state["bytes"])
+        self.kv_limit.set(state["limit_bytes"])
+        free = state["blocks_total"] - state["blocks_used"] - state["blocks_cached"]
+        for name, value in (("used", state["blocks_used"]), ("cached", state["blocks_cached"]), ("free", free)):
+            self.kv_blocks.labels(**self.labels, state=name).set(value)
+        self.swapped.set(state["swapped_requests"])
+        self.swapped_bytes.set(state["swapped_bytes"])
 
     def http_error(self, status: int) -> None:
         self.http_errors.labels(**self.labels, status=str(status)).inc()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,17 +23,32 @@ from pathlib import Path
 from ..errors import UsageError
 from ..options import option, option_fields, option_key
 
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 1000 ** 2, "mib": 1 << 20,
+          "g": 1 << 30, "gb": 1000 ** 3, "gib": 1 << 30, "t": 1 << 40, "tb": 1000 ** 4, "tib": 1 << 40}
+
+
+def parse_bytes(text: str, flag: str = "--kv-cache-memory") -> int:
+    """``"1GiB"``, ``"512MiB"``, ``"1.5G"``, ``"2000000000"`` as bytes (K/M/G alone are binary, as in vLLM)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if match is None or match.group(2).lower() not in _UNITS:
+        raise UsageError(f"{flag} {text!r}: expected a size such as 1GiB, 512MiB or a number of bytes")
+    value = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    if value < 1:
+        raise UsageError(f"{flag} {text!r} must be at least one byte")
+    return value
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """``max_num_seqs`` slots of ``max_model_len`` positions each (the KV cache, allocated once);
-    ``max_num_batched_tokens``: decode tokens plus prompt tokens per iteration; ``max_queue``: waiting
-    requests beyond which submit refuses. Each field is also a `luffy serve` flag (serving/options.py)."""
+    """``max_num_seqs`` slots of ``max_model_len`` positions each (the KV cache's address space, reserved once;
+    its memory is ``kv_cache_memory``, taken as sequences grow); ``max_num_batched_tokens``: decode tokens plus
+    prompt tokens per iteration; ``max_queue``: waiting requests beyond which submit refuses. Each field is
+    also a `luffy serve` flag (serving/options.py)."""
 
     max_num_seqs: int = option(16, "Sequences decoded together (KV slots).", min=1)
     max_model_len: int | None = option(
-        None, "Positions per KV slot (prompt + max_tokens) [the artifact's max_seq_len]; the KV cache is "
-        "max-num-seqs x this, allocated once.", min=2)
+        None, "Positions per KV slot (prompt + max_tokens) [the artifact's max_seq_len]; memory is taken as "
+        "sequences grow, up to --kv-cache-memory.", min=2)
     max_num_batched_tokens: int = option(
         512, "Decode plus prompt tokens per scheduler iteration; longer prompts are prefilled in chunks, so running "
         "streams wait at most one chunk.", min=1)
@@ -41,12 +57,19 @@ class SchedulerConfig:
     prefix_cache: bool = option(True, "Reuse the KV of prompt prefixes seen before (free slots' contents, then a "
                                 "host-RAM block store).", "--prefix-cache/--no-prefix-cache")
     prefix_cache_mb: int = option(256, "Host RAM for cached prefix blocks (0: only what free slots hold).", min=0)
+    kv_cache_memory: str | None = option(
+        None, "Memory for the KV cache, e.g. 1GiB (taken as sequences grow; requests wait or are preempted beyond "
+        "it) [every slot full, at most half the machine's available memory].", metavar="SIZE")
+    swap_space: float = option(4.0, "GiB of host memory holding preempted requests' KV until they resume (vLLM's "
+                               "--swap-space); past it a preempted request recomputes.", min=0)
     speculation: object = None  # a SpeculationConfig (serving/speculation.py), or None
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_queue"):
             if getattr(self, name) < 1:
                 raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.kv_cache_memory is not None:
+            parse_bytes(self.kv_cache_memory)  # refused at startup, not at the first request
 
 
 @dataclass(frozen=True)

@@ -33,10 +33,15 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
+from tokenizers import Tokenizer
 
-from ..errors import LuffyError, UsageError
+from ..errors import LuffyError, UsageError, first_line
+from ..extras import require_ray_extra
+from ..runtimes.manifest import read_manifest
+from .chat import ChatTemplate
 from .edge import install_edge, require_api_key, sse
 from .options import RayOptions, ServerSettings, serve_options
+from .prefix_cache import block_keys
 from .protocol import ProtocolError
 
 METRICS_PERIOD_S = 1.0  # how often a replica pushes its metrics to the board
@@ -170,16 +175,11 @@ class LuffyIngress:
         from prometheus_client import CollectorRegistry, Counter
         from ray import serve
 
-        from ..runtimes.manifest import read_manifest
-        from .chat import ChatTemplate
-
         self.artifact, self.settings, self.replicas = Path(artifact), settings, replicas
         self.app_name = serve.get_replica_context().app_name
         manifest = read_manifest(self.artifact, verify_files=False)
         self.tokenizer = None
         if manifest.get("tokenizer"):
-            from tokenizers import Tokenizer
-
             self.tokenizer = Tokenizer.from_file(str(self.artifact / manifest["tokenizer"]))
         self.chat = ChatTemplate.from_artifact(self.artifact, manifest)
         self.board = _board(self.app_name, create=True)
@@ -217,8 +217,6 @@ class LuffyIngress:
     def _prefix(self, path: str, body: bytes) -> list[int]:
         """The prompt's block keys as the replica will tokenize it; [] when it cannot tell (the replica then
         answers whatever is wrong with the request)."""
-        from .prefix_cache import block_keys
-
         if path not in FORWARDED or not body:
             return []
         try:
@@ -299,7 +297,7 @@ class LuffyIngress:
 
 
 def _replica_failed(exc: Exception) -> ProtocolError:
-    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    reason = first_line(exc)
     return ProtocolError(503, f"the replica serving this request failed ({type(exc).__name__}: {reason[:200]}); "
                               "retry", "server_error", code="replica_failed", headers={"Retry-After": "1"})
 
@@ -336,7 +334,8 @@ def build_app(args: dict):
     file's ``import_path: luffy.serving.ray:build_app`` with ``args``. The keys are `luffy serve`'s options
     (serving/options.py: ``max_num_seqs``, ``replicas``, ``min_replicas``, ``routing``, ``api_key`` [default
     $LUFFY_API_KEY], ...), each as the CLI flag's name with underscores, except ``upscale_delay_s``,
-    ``downscale_delay_s`` and ``imbalance`` (--upscale-delay, --downscale-delay, --routing-imbalance)."""
+    ``downscale_delay_s``, ``imbalance`` and ``address`` (--upscale-delay, --downscale-delay, --routing-imbalance,
+    --ray-address)."""
     artifact, settings, options = serve_options(dict(args))
     return application(artifact, settings, options or RayOptions(replica_cpus=float(settings.threads or 1)))
 
@@ -360,9 +359,6 @@ def _log(message: str) -> None:
 def serve_on_ray(artifact: str | Path, settings: ServerSettings, options: RayOptions) -> int:
     """Deploy on a local Ray cluster (started here, stopped on exit) or on ``options.address``; serve until SIGTERM
     or Ctrl-C, then delete the application (replicas drain up to the drain timeout) and stop what was started."""
-    from ..extras import require_ray_extra
-    from ..runtimes.manifest import read_manifest
-
     require_ray_extra()
     manifest = read_manifest(artifact, verify_files=False)
     if manifest["kind"] != "causal-lm":

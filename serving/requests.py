@@ -103,7 +103,7 @@ class SamplingParams:
             raise ParameterError("stop", "stop strings must not be empty")
         if self.seed is not None and not 0 <= self.seed < SEED_LIMIT:
             raise ParameterError("seed", f"seed must be in [0, 2**64) (numpy's generator), got {self.seed}")
-        self.sampling(()).check()  # top_p, top_k, min_p, the penalties, the biases' range
+        self._check_chain()  # top_p, top_k, min_p, the penalties, the biases' range
 
     def check(self, vocab: int) -> None:
         """Refuse token ids the model does not have (before the request reaches a scheduler step)."""
@@ -111,7 +111,14 @@ class SamplingParams:
         if bad is not None:
             raise ParameterError("stop_token_ids", f"stop_token_ids: token id {bad} is outside the vocabulary of "
                                                    f"size {vocab}")
-        self.sampling(()).check(vocab)  # logit_bias ids inside the vocabulary
+        self._check_chain(vocab)  # logit_bias ids inside the vocabulary
+
+    def _check_chain(self, vocab: int | None = None) -> None:
+        """The logits chain's own checks, as ParameterErrors: its messages begin with the field they name."""
+        try:
+            self.sampling(()).check(vocab)
+        except UsageError as exc:
+            raise ParameterError(str(exc).split()[0].rstrip(":"), str(exc)) from None
 
     def sampling(self, stop_ids) -> Sampling:
         """The logits chain's parameters for this request; ``stop_ids`` are what min_tokens masks."""
@@ -186,6 +193,8 @@ class Request:
     spec_k: object = None  # speculative decoding's adaptive proposal length (serving/speculation.py)
     siblings: list["Request"] = field(default_factory=list)  # n > 1: the other choices, prefilled from this one
     prompt_logprobs: list[TokenLogprob | None] | None = None  # filled chunk by chunk when params ask
+    swapped: object = None  # preempted: its KV in host memory until it resumes (serving/kv_pool.py SwappedKV)
+    preemptions: int = 0
 
     def start(self, tokenizer, eos_ids: tuple[int, ...]) -> None:
         """Set up the per-request state the first time the scheduler touches it."""
@@ -195,6 +204,11 @@ class Request:
         self.chooser = TokenChooser(self.params.sampling(self.stop_ids), self.prompt_ids, self.constraint)
         if tokenizer is not None:
             self.detokenizer = IncrementalDetokenizer(tokenizer, self.prompt_ids)
+
+    def context_ids(self) -> list[int]:
+        """What the KV cache holds once the prompt is in: the prompt, then every output token but the last (the
+        next step's input). A request preempted without a host copy of its KV prefills all of it again."""
+        return self.prompt_ids + self.output_ids[:-1]
 
     def choose(self, logits: np.ndarray) -> int:
         """The next token from this request's logits [vocab], as Engine.generate would choose it alone."""

@@ -50,6 +50,39 @@ def add_routes(app: FastAPI, state: ServingState) -> None:
         state.require_ready()
         return {"object": "list", "data": [_model_card(state)]}
 
+    @app.get("/metrics", dependencies=auth, response_class=Response, responses={
+        200: {"description": "Prometheus text exposition (luffy:* named like vLLM's vllm:*).",
+              "content": {CONTENT_TYPE: {"schema": {"type": "string"}}}}, **error_responses(401, 503)})
+    async def metrics():
+        state.require_ready()
+        if state.scheduler is not None:
+            state.metrics.gauges(state.scheduler.running, state.scheduler.waiting, state.scheduler.kv_cache_usage)
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    add_token_routes(app, state, auth)
+    add_embeddings_route(app, state, auth)
+
+    @app.post("/v1/completions", dependencies=auth, response_class=JSONResponse, responses=GENERATION_RESPONSES)
+    async def completions(body: CompletionRequest, http: HttpRequest):
+        _check_request(state, body)
+        # a long text takes a while to tokenize: off the event loop, which every stream's tokens go through
+        prompts = await asyncio.to_thread(lambda: [_prompt(state, p, body.echo) for p in body.prompts()])
+        max_tokens = next((m for m in (body.max_tokens, body.max_completion_tokens) if m is not None), 16)  # OpenAI's
+        return await _generate(state, http, body, prompts, max_tokens, chat=False)
+
+    @app.post("/v1/chat/completions", dependencies=auth, response_class=JSONResponse, responses=GENERATION_RESPONSES)
+    async def chat_completions(body: ChatCompletionRequest, http: HttpRequest):
+        _check_request(state, body)
+        _require_chat_template(state)
+        messages, tool_plan = _with_tools(state, body, [m.for_template() for m in body.messages])
+        ids = await _chat_ids(state, messages, body.add_generation_prompt, body.tools)
+        max_tokens = body.max_completion_tokens or body.max_tokens or max(1, state.scheduler.capacity - len(ids))
+        return await _generate(state, http, body, [Prompt(ids, "")], max_tokens, chat=True, tool_plan=tool_plan)
+
+
+def add_token_routes(app: FastAPI, state: ServingState, auth: list) -> None:
+    """/v1/models/{id}, and vLLM's /tokenize and /detokenize."""
+
     @app.get("/v1/models/{model:path}", dependencies=auth, responses=error_responses(401, 404, 503))
     async def model(model: str):
         _check_model(state, model)
@@ -76,14 +109,15 @@ def add_routes(app: FastAPI, state: ServingState) -> None:
             raise ProtocolError(400, f"token id {bad} is outside the vocabulary of size {state.vocab}", param="tokens")
         return {"prompt": _tokenizer(state).decode(body.tokens, skip_special_tokens=False)}
 
-    @app.get("/metrics", dependencies=auth, response_class=Response, responses={
-        200: {"description": "Prometheus text exposition (luffy:* named like vLLM's vllm:*).",
-              "content": {CONTENT_TYPE: {"schema": {"type": "string"}}}}, **error_responses(401, 503)})
-    async def metrics():
-        state.require_ready()
-        if state.scheduler is not None:
-            state.metrics.gauges(state.scheduler.running, state.scheduler.waiting, state.scheduler.kv_cache_usage)
-        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+def add_embeddings_route(app: FastAPI, state: ServingState, auth: list) -> None:
+    """/v1/embeddings: served by an encoder artifact (serving/embeddings.py); a decoder answers 400."""
+
+    _add_generation_routes(app, state, auth)
+
+
+def _add_generation_routes(app: FastAPI, state: ServingState, auth: list) -> None:
+    """The routes that run the model: /v1/embeddings, /v1/completions, /v1/chat/completions."""
 
     @app.post("/v1/embeddings", dependencies=auth, responses={
         200: {"description": "One unit-length, mean-pooled vector per input (floats, or base64 float32)."},
@@ -100,23 +134,6 @@ def add_routes(app: FastAPI, state: ServingState) -> None:
         tokens = sum(map(len, rows))
         return {"object": "list", "data": data, "model": body.model,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
-
-    @app.post("/v1/completions", dependencies=auth, response_class=JSONResponse, responses=GENERATION_RESPONSES)
-    async def completions(body: CompletionRequest, http: HttpRequest):
-        _check_request(state, body)
-        # a long text takes a while to tokenize: off the event loop, which every stream's tokens go through
-        prompts = await asyncio.to_thread(lambda: [_prompt(state, p, body.echo) for p in body.prompts()])
-        max_tokens = next((m for m in (body.max_tokens, body.max_completion_tokens) if m is not None), 16)  # OpenAI's
-        return await _generate(state, http, body, prompts, max_tokens, chat=False)
-
-    @app.post("/v1/chat/completions", dependencies=auth, response_class=JSONResponse, responses=GENERATION_RESPONSES)
-    async def chat_completions(body: ChatCompletionRequest, http: HttpRequest):
-        _check_request(state, body)
-        _require_chat_template(state)
-        messages, tool_plan = _with_tools(state, body, [m.for_template() for m in body.messages])
-        ids = await _chat_ids(state, messages, body.add_generation_prompt, body.tools)
-        max_tokens = body.max_completion_tokens or body.max_tokens or max(1, state.scheduler.capacity - len(ids))
-        return await _generate(state, http, body, [Prompt(ids, "")], max_tokens, chat=True, tool_plan=tool_plan)
 
 
 def _with_tools(state: ServingState, body: ChatCompletionRequest, messages: list[dict]):

@@ -1,8 +1,9 @@
 """`luffy serve`: an OpenAI-compatible HTTP server (FastAPI on uvicorn) in front of one artifact's scheduler.
 
 Routes (serving/routes.py): POST /v1/completions and /v1/chat/completions (streamed as server-sent events when
-asked), GET /v1/models, /health (503 while loading or draining) and /metrics (Prometheus), behind the edge of
-serving/edge.py. Handlers never touch the engine: they submit to the scheduler thread and read its outputs from
+asked), /tokenize and /detokenize, GET /v1/models and /v1/models/{id}, /health (503 while loading or draining)
+and /metrics (Prometheus), behind the edge of serving/edge.py; an encoder artifact serves POST /v1/embeddings
+(serving/embeddings.py) instead of completions. Handlers never touch the engine: they submit to the scheduler thread and read its outputs from
 an asyncio queue. A client that disconnects cancels its request (its slot is free after the scheduler's current
 iteration); one that sends its headers too slowly gets 408 (``GuardedHttp``). SIGTERM stops admission, lets
 requests in flight finish for up to the drain timeout, ends those still running with an error event and

@@ -10,7 +10,7 @@ import threading
 from pathlib import Path
 
 from ..errors import LuffyError
-from ..runtimes import load
+from ..runtimes import load, share_thread_pool
 from .chat import ChatTemplate, ChatTokens
 from .embeddings import Embedder
 from .logprobs import TokenText
@@ -42,7 +42,8 @@ class ServingState:
     def load(self, engine=None) -> None:
         """Load the artifact and start the scheduler (in a thread, so /health can say 503 meanwhile)."""
         try:
-            # a draft loaded beside it joins the same process-wide thread pool (luffy.load)
+            if self.settings.draft is not None and engine is None:  # target and draft take turns: one thread pool
+                share_thread_pool(self.settings.threads)
             self.engine = engine or load(self.artifact, threads=self.settings.threads, spin=self.settings.spin)
             if self.engine.kind == "encoder":
                 self.embedder = Embedder(self.engine)
@@ -60,9 +61,8 @@ class ServingState:
             self.token_text = TokenText(self.scheduler.tokenizer)
             if self.chat_template is not None and self.scheduler.tokenizer is not None:
                 self.chat_tokens = ChatTokens(self.scheduler.tokenizer)
-            cache = self.scheduler.slots.cache
-            log(f"KV cache: {cache.num_slots} slots x {cache.capacity} positions x {cache.bytes_per_token} B "
-                 f"= {cache.nbytes / 2**20:.1f} MiB ({self.model_name}, {self.engine.manifest['kv_cache'].get('mode')})")
+            kv = self.engine.manifest["kv_cache"]
+            log(f"KV cache ({self.model_name}, {kv.get('dtype')}, {kv.get('mode')}): {self.scheduler.pool.describe()}")
             config = self.scheduler.config
             if config.prefix_cache:
                 log(f"prefix cache: free slots' contents + {config.prefix_cache_mb} MiB of host RAM for blocks")

@@ -38,7 +38,8 @@ def test_manifest_records_the_contract(zoo_artifacts):
     assert names[:2] == ["input_ids", "attention_mask"]
     # -O2's fuse-gqa: capacity-sized KV buffers bound as past and present, lengths as inputs
     assert names[2:6] == [f"past_key_values.{l}.{k}" for l in range(2) for k in ("key", "value")]
-    assert names[6:] == ["seqlens_k", "total_sequence_length", "logits_to_keep"]  # + keep-last-logits
+    # + query_seqlens (several rows of several tokens per step) and keep-last-logits
+    assert names[6:] == ["seqlens_k", "total_sequence_length", "query_seqlens", "logits_indices"]
     assert m["io"]["inputs"][2]["shape"] == ["batch", 2, "max_seq", 16]
     assert m["io"]["inputs"][6] == {"name": "seqlens_k", "dtype": "int32", "shape": ["batch"]}
     assert m["io"]["outputs"][1]["shape"] == ["batch", 2, "max_seq", 16]

@@ -3,8 +3,6 @@
 import importlib.util
 import json
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,15 +10,12 @@ import pytest
 from luffy.benchmarks import bench
 from luffy.benchmarks.serve_bench import ServeLoad
 from luffy.errors import CapacityError, UsageError
+from luffy.tests.helpers import luffy_cli
 
 BATCHES = [1, 2]
 GEN_LEN = 4
 STATS = ("prefill_ms", "decode_tok_s", "e2e_tok_s")
 TABLE_HEADER = "| system | batch | prefill ms | decode tok/s | end-to-end tok/s | % of roofline | peak RSS MiB | compile s |"
-
-
-def luffy_cli(*args):
-    return subprocess.run([sys.executable, "-m", "luffy", *map(str, args)], capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")

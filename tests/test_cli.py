@@ -10,15 +10,8 @@ import time
 
 import pytest
 
-from luffy.tests.helpers import error_line
+from luffy.tests.helpers import error_line, luffy_cli
 from luffy.errors import ArtifactError, CapacityError, SourceError, UnsupportedModelError, UsageError
-
-
-def luffy_cli(*args, check=False):
-    proc = subprocess.run([sys.executable, "-m", "luffy", *map(str, args)], capture_output=True, text=True, timeout=300)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"luffy {args} exited {proc.returncode}: {proc.stderr}")
-    return proc
 
 
 def assert_one_line_error(proc, exit_code, *fragments):

@@ -20,7 +20,7 @@ pytest.importorskip("fastapi", reason="the serve extra (pip install 'luffy[serve
 from luffy.benchmarks.fuzz_requests import FuzzRequest, fuzz_request, send  # noqa: E402
 
 from .server_process import ServerProcess  # noqa: E402
-from .test_serving import PROMPTS, alone, engine, pydoc  # noqa: E402,F401 (the same module fixtures)
+from .test_serving import PROMPTS, alone  # noqa: E402
 
 ERROR_KEYS = {"message", "type", "param", "code"}
 
@@ -213,9 +213,10 @@ def test_the_fuzzer_gets_no_5xx_and_damages_no_stream(server, engine):
 
 
 def test_drain_expiry_ends_streams_with_an_error_event_and_done(pydoc):
-    """--drain-timeout 1 with a stream of 900 tokens in flight: SIGTERM, and a second later the stream ends with
-    an error event naming the drain timeout, then [DONE]; the server exits 0."""
-    server = ServerProcess(pydoc.path, "--drain-timeout", "1").__enter__()
+    """--drain-timeout 0.2 with a stream of 900 tokens in flight: SIGTERM, and 0.2 s later the stream ends with
+    an error event naming the drain timeout, then [DONE]; the server exits 0. (900 tokens of llama-pydoc take
+    ~1 s on an idle 2-core machine: a 1 s drain raced them.)"""
+    server = ServerProcess(pydoc.path, "--drain-timeout", "0.2").__enter__()
     try:
         body = {"model": pydoc.path.name, "prompt": "Return the", "max_tokens": 900, "temperature": 0,
                 "ignore_eos": True, "stream": True}
@@ -226,7 +227,7 @@ def test_drain_expiry_ends_streams_with_an_error_event_and_done(pydoc):
             rest = [line[6:] for line in lines if line.startswith("data: ")]
         assert rest[-1] == "[DONE]"
         error = json.loads(rest[-2])["error"]
-        assert set(error) == ERROR_KEYS and "--drain-timeout 1 s" in error["message"]
+        assert set(error) == ERROR_KEYS and "--drain-timeout 0.2 s" in error["message"]
         assert server.proc.wait(30) == 0
     finally:
         server.stop()

@@ -5,7 +5,6 @@ The graphs come from llama_verified's --dump-ir (llama-tiny, 2 layers, compiled 
 --verify): the dump after the pass before each one is its input, so no extra capture runs here.
 """
 
-import collections
 
 import numpy as np
 import onnx_ir as ir
@@ -16,11 +15,8 @@ from luffy.passes.pack_gate_up import pack_gate_up
 from luffy.passes.pack_qkv import pack_qkv
 from luffy.passes.quantize_weights import WeightQuantization, quantize_weights
 
+from .graphs import op_counts
 from .helpers import torch_logits
-
-
-def _ops(model):
-    return collections.Counter(n.op_type for n in model.graph)
 
 
 def _dumped(dump, after_pass: str) -> ir.Model:
@@ -37,9 +33,9 @@ def _run(model, pass_):
 
 def test_pack_qkv_graph_after(llama_verified):
     model = _dumped(llama_verified[1], "collapse-reshapes")
-    before = _ops(model)
+    before = op_counts(model)
     stats = _run(model, pack_qkv())
-    after = _ops(model)
+    after = op_counts(model)
     assert stats == {"matches": 2, "packed_into_gqa": 2, "packed_with_split": 0, "position_ids_dropped": True}
     assert before["MatMul"] - after["MatMul"] == 2 * 2 and before["RotaryEmbedding"] == 4 and "RotaryEmbedding" not in after
     assert "position_ids" not in [v.name for v in model.graph.inputs]
@@ -67,9 +63,9 @@ def test_pack_qkv_splits_when_a_rotated_value_has_other_readers(llama_verified):
 
 def test_pack_gate_up_graph_after(llama_verified):
     model = _dumped(llama_verified[1], "pack-qkv")
-    before = _ops(model)
+    before = op_counts(model)
     stats = _run(model, pack_gate_up())
-    after = _ops(model)
+    after = op_counts(model)
     assert stats == {"matches": 2}
     assert before["MatMul"] - after["MatMul"] == 2 and after["Split"] == 2
     for split in (n for n in model.graph if n.op_type == "Split"):
@@ -106,7 +102,7 @@ def _mlp(inputs_differ: bool = False) -> ir.Model:
 def test_pack_gate_up_leaves_projections_of_different_inputs():
     model = _mlp(inputs_differ=True)
     stats = _run(model, pack_gate_up())
-    assert stats["matches"] == 0 and _ops(model)["MatMul"] == 2
+    assert stats["matches"] == 0 and op_counts(model)["MatMul"] == 2
     assert stats["not_matched"][0]["reason"] == "the projections do not read the same activation"
 
 

@@ -10,7 +10,7 @@ import pytest
 
 import luffy
 from luffy.serving.requests import SamplingParams
-from luffy.serving.scheduler import QueueFull, Scheduler, SchedulerConfig
+from luffy.serving.scheduler import NoMetrics, QueueFull, Scheduler, SchedulerConfig
 
 PROMPTS = [list(b"def parse("), list(b"Return the"), list(b"class Foo:\n"), list(b"import os\n"), list(b"The module"),
            list(b"x"), list(b"If the file exists, then"), list(b"Open the")]
@@ -152,15 +152,10 @@ def test_speculation_in_the_scheduler_gives_the_tokens_alone(pydoc, pydoc_int8, 
         scheduler.stop()
 
 
-class _Counting:
+class _Counting(NoMetrics):
     """The scheduler's metrics interface, counting what speculation and the prefix cache report."""
 
     proposed = accepted = queried = hit = 0
-
-    def request_scheduled(self, request): ...
-    def token(self, request, first, seconds, count=1): ...
-    def request_finished(self, request): ...
-    def iteration(self, *args): ...
 
     def prefix_lookup(self, queried, hit):
         self.queried, self.hit = self.queried + queried, self.hit + hit

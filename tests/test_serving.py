@@ -29,17 +29,6 @@ PROMPTS = ["def parse(", "Return the", "class Foo:\n    \"\"\"", "import os\n", 
 
 
 @pytest.fixture(scope="module")
-def pydoc(zoo_artifacts):
-    artifact, _ = zoo_artifacts("llama-pydoc")
-    return artifact
-
-
-@pytest.fixture(scope="module")
-def engine(pydoc):
-    return pydoc.load()
-
-
-@pytest.fixture(scope="module")
 def server(pydoc):
     with ServerProcess(pydoc.path, "--max-num-seqs", "8", "--max-num-batched-tokens", "24",
                        "--served-model-name", "pydoc", api_key=KEY) as running:

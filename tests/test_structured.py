@@ -11,7 +11,8 @@ import pytest
 from luffy.errors import UsageError
 from luffy.models_zoo import ZOO, build_tokenizer
 from luffy.models_zoo.byte_tokenizer import EOS_ID
-from luffy.runtimes.constraint import fill_bitmasks, unpack, words
+from luffy.runtimes.constraint import BatchMasker, fill_bitmasks
+from luffy.runtimes.json_closing import MARGIN, unpack, words
 from luffy.runtimes.grammar import DATE_PATTERNS, GrammarCompiler, GrammarError, GrammarLimits, GrammarSpec
 from luffy.serving import tools
 
@@ -127,10 +128,14 @@ def test_one_batched_fill_equals_each_constraint_alone(grammars):
     for constraint, prefix in zip(constraints, ["ab", "[1,", "al"]):
         for token in encode(prefix):
             constraint.accept(token)
+    alone = [list(allowed(c)) for c in constraints]
     bitmask = np.zeros((3, words(VOCAB)), dtype=np.int32)
     fill_bitmasks(llguidance.LLExecutor(2), constraints, bitmask)
-    for row, constraint in enumerate(constraints):
-        assert list(np.flatnonzero(unpack(bitmask[row], VOCAB))) == list(allowed(constraint))
+    assert [list(np.flatnonzero(unpack(row, VOCAB))) for row in bitmask] == alone
+    for constraint in constraints:
+        constraint.row[:] = 0  # what a fill writes is what mask() applies next
+    BatchMasker(None).fill(constraints)
+    assert [list(allowed(c)) for c in constraints] == alone
 
 
 def test_dates_and_times_are_the_ones_rfc3339_validators_take(grammars):
@@ -151,15 +156,15 @@ def test_dates_and_times_are_the_ones_rfc3339_validators_take(grammars):
 
 
 def test_json_closes_its_strings_when_the_budget_runs_short(grammars):
-    """Logits that always favour "a" never close a string by themselves; within the reserve the constraint
-    allows only the closing quote, so the output is whole JSON."""
+    """Logits that always favour "a" never close a string by themselves; once the tokens left fall to what
+    closing takes, the constraint allows only the closing quote, so the output is whole JSON."""
     schema = {"type": "object", "properties": {"name": {"type": "string"}, "tags": {"type": "array", "items": {
         "type": "string"}}}, "required": ["name", "tags"]}
     spec = GrammarSpec("json_schema", schema, strict=True)
-    budget = grammars.compile(spec).reserve + 40  # 40 tokens of free choice, then the reserve
+    budget = 2 * (2 * grammars.compile(spec).closing_need + MARGIN)  # the rule's second half of the budget
     text, constraint = drive(grammars, spec, budget, favour=ord("a"))
     value = json.loads(text)
-    assert set(value) == {"name", "tags"} and value["name"].startswith("a" * 30) and constraint.wrapped_up
+    assert set(value) == {"name", "tags"} and value["name"].startswith("a" * (budget // 2 - 9)) and constraint.wrapped_up
     assert constraint.is_finished() and constraint.accepted <= budget
     regex_text, regex = drive(grammars, GrammarSpec("regex", "[a-z]+"), 20, favour=ord("a"))
     assert regex_text == "a" * 20 and not regex.wrapped_up and not regex.is_finished()  # only JSON is closed
@@ -238,3 +243,23 @@ def test_bad_tools_name_the_field(tool_list, choice, param, message):
         tools.plan(tool_list, choice, True, None)
     assert error.value.param == param
     assert tools.plan([WEATHER], "none", True, None) is None
+
+
+def test_a_streamed_hermes_output_holds_back_only_what_may_start_a_call():
+    from luffy.serving.structured import ToolCallStream
+
+    plan = tools.plan([WEATHER, CLOCK], "auto", True, TEMPLATES["hermes"])
+    text = ('Let me <b>check</b>. <tool_call>\n{"name": "get_time", "arguments": {"zone": "Rome"}}\n</tool_call>'
+            "<tool_call>\n" '{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "C"}}\n</tool_call> ok <tool')
+    split, released = ToolCallStream(plan), []
+    for at, char in enumerate(text):  # one character at a time, as the detokenizer may release it
+        for delta in split.feed(char):
+            released.append((at, delta))
+    released += [(len(text), delta) for delta in split.finish()]
+    content = "".join(d.get("content", "") for _, d in released)
+    calls = [(at, d["tool_calls"][0]) for at, d in released if "tool_calls" in d]
+    assert content == "Let me <b>check</b>.  ok <tool"
+    assert [c["index"] for _, c in calls] == [0, 1] and calls[0][1]["function"]["name"] == "get_time"
+    assert json.loads(calls[1][1]["function"]["arguments"]) == {"city": "Oslo", "unit": "C"}
+    assert calls[0][0] == text.index("</tool_call>") + len("</tool_call>") - 1  # out as soon as the call closes
+    assert next(at for at, d in released if d.get("content", "").startswith("<b")) < text.index("check")

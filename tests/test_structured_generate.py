@@ -77,3 +77,20 @@ def test_the_corpus_is_large_and_covers_the_kinds_apis_use():
     assert len(schemas()) == len(corpus()) >= 50
     assert {"nested object", "bounded array", "enum", "pattern", "nullable (type list)", "anyOf", "$ref",
             "recursive $ref"} <= covered
+
+
+@pytest.fixture(scope="module")
+def pydoc(zoo_artifacts):
+    artifact, _ = zoo_artifacts("llama-pydoc")
+    return artifact.load()
+
+
+def test_drafts_are_checked_against_the_grammar(pydoc):
+    """Prompt lookup proposes tokens the grammar often refuses; greedy output equals plain constrained greedy."""
+    prompt = pydoc.tokenizer.encode('JSON like {"name": "Ada", "age": 36} or {"name": "Bob", "age": 7}: ').ids
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20}, "age": {
+        "type": "integer", "minimum": 0, "maximum": 120}}, "required": ["name", "age"], "additionalProperties": False}
+    for grammar in ({"json_schema": schema}, {"regex": "(ab|cd)+"}):
+        plain = pydoc.generate([prompt], 40, **grammar)
+        assert (pydoc.generate([prompt], 40, prompt_lookup_num_tokens=4, **grammar) == plain).all()
+        assert pydoc.generation_stats["draft_tokens"] > 0

@@ -1,6 +1,8 @@
 """Structured outputs through a real `luffy serve` process, driven by OpenAI's own client: response_format with
 `.parse()` and a pydantic model, vLLM's structured_outputs, tools, streaming, errors, metrics, and the contract
 that a constrained request equals Engine.generate with the same grammar alone, whatever shares its batch.
+Speculative decoding with a grammar is tested on Engine.generate (test_structured_generate.py): the scheduler's
+speculative rounds are the same code (runtimes/speculative.py).
 
 llama-pydoc's template does not render tools, so its tool calls use luffy's JSON fallback; the hermes and
 llama3_json formats are covered in test_structured.py.
@@ -32,17 +34,6 @@ WEATHER = {"type": "function", "function": {"name": "get_weather", "description"
 CLOCK = {"type": "function", "function": {"name": "get_time", "parameters": {
     "type": "object", "properties": {"zone": {"type": "string", "pattern": "^[A-Z][a-z]{2,8}$"}}, "required": ["zone"]}}}
 USER = [{"role": "user", "content": "What is the weather in Oslo?"}]
-
-
-@pytest.fixture(scope="module")
-def pydoc(zoo_artifacts):
-    artifact, _ = zoo_artifacts("llama-pydoc")
-    return artifact
-
-
-@pytest.fixture(scope="module")
-def engine(pydoc):
-    return pydoc.load()
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +71,7 @@ def test_constrained_and_free_requests_share_a_batch_and_each_equals_generate_al
         choices = list(pool.map(ask, cases))
     assert [c.text for c in choices] == expected
     validate(json.loads(choices[0].text), PERSON)
-    # 48 tokens are within this schema's closing reserve: strings were closed early to fit
-    assert choices[0].finish_reason == "stop" and choices[0].model_extra["structured_output"] == "closed_early"
+    assert choices[0].finish_reason == "stop" and choices[0].model_extra["structured_output"] == "complete"
     assert choices[3].text in ("os", "sys", "json") and "structured_output" not in choices[2].model_extra
 
 
@@ -195,15 +185,3 @@ def test_metrics_count_compiles_cache_hits_masks_and_outcomes(server):
     assert grew("luffy:structured_output_cache_hits_total") == 1
     assert grew("luffy:structured_output_masked_rows_total") >= 2 and grew("luffy:structured_output_mask_seconds_count") >= 2
     assert grew("luffy:structured_output_requests_total", 'structured_output="complete"') == 2
-
-
-def test_drafts_are_checked_against_the_grammar(pydoc, engine):
-    """Prompt lookup proposes tokens the grammar often refuses; the output still equals Engine.generate alone."""
-    with ServerProcess(pydoc.path, "--max-num-seqs", "2", "--prompt-lookup", "4", "--served-model-name", "pydoc") as spec:
-        client = spec.client()
-        prompt = 'JSON like {"name": "Ada", "age": 36} or {"name": "Bob", "age": 7}: '
-        for grammar, extra in (({"json_schema": PERSON}, {"response_format": json_schema_format(PERSON)}),
-                               ({"regex": "(ab|cd)+"}, {"structured_outputs": {"regex": "(ab|cd)+"}})):
-            got = client.completions.create(model="pydoc", prompt=prompt, max_tokens=40, temperature=0, extra_body=extra)
-            assert got.choices[0].text == alone(engine, prompt, 40, **grammar)
-        assert spec.metric("luffy:spec_decode_num_draft_tokens_total") > 0

@@ -46,7 +46,7 @@ class KVLayout:
 
     @property
     def itemsize(self) -> int:
-        return {"float32": 4, "float16": 2, "bfloat16": 2}.get(self.dtype, 4)
+        return {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "int4": 0.5}.get(self.dtype, 4)
 
     def to_json(self) -> dict:
         uniform = len(set(self.kv_heads)) == 1 and len(set(self.head_dims)) == 1
@@ -58,7 +58,7 @@ class KVLayout:
             "layout": self.layout,
             "past_input": PAST_NAME,
             "present_output": PRESENT_NAME,
-            "bytes_per_token": sum(2 * h * d * self.itemsize for h, d in zip(self.kv_heads, self.head_dims)),
+            "bytes_per_token": int(sum(2 * h * d * self.itemsize for h, d in zip(self.kv_heads, self.head_dims))),
         }
 
 

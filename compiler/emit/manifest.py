@@ -4,6 +4,7 @@ and validates it; this module only builds it)."""
 from __future__ import annotations
 
 import functools
+import importlib.metadata as md
 import platform
 
 import numpy as np
@@ -14,6 +15,7 @@ from ...runtimes.manifest import FORMAT_VERSION, STATE_READY
 from ..config import LuffyConfig
 from ..report.compile_report import reduce_range, text
 from ..sources.resolve import CAUSAL_LM
+from .tokenizer_files import generation_ids_beside
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
@@ -30,8 +32,6 @@ def build_manifest(cfg: LuffyConfig, capture, model: ir.Model, emitted: dict, re
     kind = captured.kind
     generation = dict(tm.generation) if tm is not None else {}
     if src.kind == "onnx":
-        from .tokenizer_files import generation_ids_beside
-
         generation = generation_ids_beside(src.path)
     return {
         "format_version": FORMAT_VERSION,
@@ -117,8 +117,6 @@ def _rotates_in_attention(model: ir.Model) -> bool:
 
 @functools.cache  # importlib.metadata parses each package's METADATA: ~12 ms a compile, for the same answer
 def _versions() -> dict:
-    import importlib.metadata as md
-
     out = {"luffy": __version__, "python": platform.python_version()}
     for pkg in ("torch", "transformers", "onnx", "onnx-ir", "onnxscript", "onnxruntime"):
         try:

@@ -10,6 +10,10 @@ import json
 import shutil
 from pathlib import Path
 
+from tokenizers import Tokenizer
+
+from ...errors import SourceError, first_line
+
 # Copied as-is when present: tokenizer.json is what the runtime loads, the rest keeps the artifact usable
 # by transformers' AutoTokenizer too.
 TOKENIZER_FILES = (
@@ -43,10 +47,6 @@ def write_tokenizer(out_dir: Path, tokenizer=None, source_dir: Path | None = Non
 def require_readable_tokenizer(path: Path, source: Path) -> None:
     """Parse tokenizer.json with the runtime's own library now: a file it cannot read would otherwise be
     published, hashed as intact, and fail on the first request."""
-    from tokenizers import Tokenizer
-
-    from ...errors import SourceError, first_line
-
     try:
         Tokenizer.from_file(str(path))
     except Exception as exc:  # noqa: BLE001 - tokenizers raises a bare Exception with serde's message

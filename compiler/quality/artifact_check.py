@@ -9,6 +9,7 @@ check against that source again. The first failure raises one line with the arti
 
 from __future__ import annotations
 
+import importlib.metadata as md
 import time
 from pathlib import Path
 from typing import Callable
@@ -16,6 +17,15 @@ from typing import Callable
 import numpy as np
 
 from ...errors import ArtifactError, LuffyError, first_line
+from ...runtimes import open_engine
+from ...runtimes.manifest import read_manifest
+from ...runtimes.ort import _NUMPY_DTYPES
+from ...runtimes.ort_compat import check_onnxruntime
+from ...runtimes.trt import check_engine, gpu_info, installed_tensorrt
+from ..capture.torch_export import reference_only
+from ..sources.resolve import resolve_source
+from ..sources.torch_model import load_torch_model
+from .parity import check_parity
 
 
 def verify_artifact(path: str | Path, parity_source=None, say: Callable[[str], None] | None = None) -> dict:
@@ -24,8 +34,6 @@ def verify_artifact(path: str | Path, parity_source=None, say: Callable[[str], N
     >>> verify_artifact("build/pydoc", parity_source="llama-pydoc")["ok"]   # doctest: +SKIP
     True
     """
-    from ...runtimes.manifest import read_manifest
-
     path = Path(path)
     say = say or (lambda message: None)
     checks: list[dict] = []
@@ -57,15 +65,9 @@ def _files(path: Path, manifest: dict, state: dict) -> str:
 
 
 def _runtime(path: Path, state: dict) -> str:
-    import importlib.metadata as md
-
-    from ...runtimes.ort_compat import check_onnxruntime
-
     manifest = state["manifest"]
     state["runtime"] = "ort"
     if manifest["target"] == "trt" and manifest["state"] == "ready":
-        from ...runtimes.trt import check_engine, gpu_info, installed_tensorrt
-
         trt = installed_tensorrt()
         check_engine(manifest, path, trt.__version__ if trt is not None else None, gpu_info())
         state["runtime"] = "trt"
@@ -78,8 +80,6 @@ def _runtime(path: Path, state: dict) -> str:
 
 
 def _load(path: Path, state: dict) -> str:
-    from ...runtimes import open_engine
-
     state["engine"] = open_engine(path, state["manifest"], state["runtime"])  # the files check hashed them
     return f"{type(state['engine']).__name__}, {state['manifest']['kind']}"
 
@@ -103,8 +103,6 @@ def _smoke(engine) -> str:
 
 def _example_feeds(engine) -> dict:
     """Small inputs of the declared types: symbolic dims 2, token-id-like integer inputs 1."""
-    from ...runtimes.ort import _NUMPY_DTYPES
-
     feeds = {}
     for value in engine.session.get_inputs():
         shape = [d if isinstance(d, int) and d > 0 else 2 for d in value.shape]
@@ -114,11 +112,6 @@ def _example_feeds(engine) -> dict:
 
 
 def _parity(path: Path, state: dict, source) -> str:
-    from ..capture.torch_export import reference_only
-    from .parity import check_parity
-    from ..sources.resolve import resolve_source
-    from ..sources.torch_model import load_torch_model
-
     manifest = state["manifest"]
     src = resolve_source(source)
     if src.kind == "onnx":

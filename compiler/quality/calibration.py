@@ -8,23 +8,28 @@ optimized fp32 graph); `--eval FILE` measures perplexity before and after quanti
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnx_ir as ir
+import onnxruntime as ort
+from tokenizers import Tokenizer
 
 from ...errors import SourceError, UsageError
+from ...runtimes.cpu_bf16 import cpu_model
+from ...runtimes.ort_compat import session_options
 from .step_io import run_step
 
+_PRESENT = re.compile(r"^present\.(\d+)\.(key|value)$")
 WINDOW = 256  # tokens per calibration / evaluation window (fewer when the artifact's max_seq_len is smaller)
 MAX_CALIB_WINDOWS = 64  # 16k tokens: GPTQ's Hessians settle long before this on models this size
 
 
 def load_tokenizer(src, tm):
     """The `tokenizers.Tokenizer` of a source, or None."""
-    from tokenizers import Tokenizer
-
     if tm is not None and tm.tokenizer is not None:
         return tm.tokenizer
     for folder in (getattr(tm, "tokenizer_dir", None), src.path.parent if src.kind == "onnx" else None):
@@ -79,22 +84,17 @@ def decoder_feeds(session, ids: list[int]) -> dict[str, np.ndarray]:
     for inp in session.get_inputs():
         if inp.name.startswith("past_key_values."):
             heads, dim = inp.shape[1], inp.shape[3]
-            dtype = np.float16 if types[inp.name] == "tensor(float16)" else np.float32
+            dtype = {"tensor(float16)": np.float16, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8}.get(
+                types[inp.name], np.float32)
             feeds[inp.name] = np.zeros((1, heads, 0, dim), dtype=dtype)
     return feeds
 
 
 def _session(model: ir.Model, extra_outputs: list[ir.Value] = ()):
-    import onnxruntime as ort
-
-    from ...runtimes.ort_compat import session_options
-
     proto = ir.serde.serialize_model(model)
     for value in extra_outputs:
         proto.graph.output.append(ir.serde.serialize_value(value))
     with tempfile.TemporaryDirectory(prefix="luffy-calib-") as tmp:
-        import onnx
-
         path = Path(tmp) / "model.onnx"
         onnx.save(proto, path, save_as_external_data=True, location="model.onnx.data")
         options = session_options()
@@ -127,13 +127,26 @@ def collect_hessians(model: ir.Model, windows: list[list[int]], say=lambda m: No
     return {name: h / tokens for name, h in hessians.items()}
 
 
+def collect_kv_ranges(model: ir.Model, windows: list[list[int]], say=lambda m: None) -> dict[int, tuple]:
+    """Per layer, the largest |key| and |value| of every (KV head, channel) on ``windows``: [kv_heads, head_dim]
+    each, what an int8/int4 KV cache's static per-channel scales are made from (passes/kv_cache_dtype.py)."""
+    session = _session(model)
+    ranges: dict[int, list] = {}
+    for i, ids in enumerate(windows):
+        if i % 8 == 0:
+            say(f"calibrating the KV cache: window {i + 1}/{len(windows)}")
+        for name, array in run_step(session, decoder_feeds(session, ids)).items():
+            match = _PRESENT.match(name)
+            if match:
+                found = np.abs(array.astype(np.float32)).max(axis=(0, 2))
+                kind = 0 if match.group(2) == "key" else 1
+                pair = ranges.setdefault(int(match.group(1)), [None, None])
+                pair[kind] = found if pair[kind] is None else np.maximum(pair[kind], found)
+    return {layer: (pair[0], pair[1]) for layer, pair in ranges.items()}
+
+
 def graph_perplexity(model_path: Path, windows: list[list[int]], prefix: int) -> float:
     """Perplexity of a decoder step graph on ``windows`` (logits at every position, empty cache)."""
-    import onnxruntime as ort
-
-    from ...runtimes.cpu_bf16 import cpu_model
-    from ...runtimes.ort_compat import session_options
-
     session = ort.InferenceSession(cpu_model(model_path), session_options(), providers=["CPUExecutionProvider"])
     return _perplexity((run_step(session, decoder_feeds(session, ids))["logits"][0] for ids in windows), windows, prefix)
 

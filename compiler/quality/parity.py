@@ -9,8 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 
 from ...errors import CaptureError
+from ...runtimes.cpu_bf16 import cpu_model
+from ...runtimes.ort_compat import session_options
 from ..capture.torch_export import Captured, decoder_example, decoder_io_names
 from ..sources.resolve import CAUSAL_LM
 from .step_io import run_step
@@ -52,6 +55,8 @@ def _compare(session, reference, args, kwargs, input_names=None, valid=None) -> 
     got = [produced[n] for n in out_names]
     diffs = {}
     for name, g, e in zip(out_names, got, expected):
+        if g.dtype in (np.int8, np.uint8):
+            continue  # a quantized KV cache's codes: what they hold is judged through the logits
         e = e.detach().float().numpy()
         if g.shape != e.shape:
             raise CaptureError(f"parity check: output {name} has shape {g.shape} on ORT but {e.shape} in PyTorch")
@@ -93,17 +98,15 @@ def check_parity(captured: Captured, model_path: Path, vocab: int | None = None,
     A reduced-precision artifact is not held to 1e-4 (its quality is measured by task metrics: --eval);
     its difference is reported, and a NaN or Inf anywhere fails the compile.
     """
-    import onnxruntime as ort
-
-    from ...runtimes.cpu_bf16 import cpu_model
-    from ...runtimes.ort_compat import session_options
-
     session = ort.InferenceSession(cpu_model(model_path), session_options(), providers=["CPUExecutionProvider"])
     cases = {}
     if captured.kind == CAUSAL_LM:
         kv = captured.kv
+        # an int8/int4 cache cannot take the decode case's random float past (its scales live in the graph):
+        # its prefill is compared (a prompt reads back the quantized keys and values it wrote), quality by --eval
+        quantized = any(i.type in ("tensor(int8)", "tensor(uint8)") for i in session.get_inputs())
         numbered_by_buffer = "position_ids" not in {i.name for i in session.get_inputs()}
-        for label, shape in DECODER_CASES:
+        for label, shape in DECODER_CASES[:1] if quantized else DECODER_CASES:
             args = decoder_example(kv, vocab=vocab or 8, seed=17, **shape)
             args = buffer_positions(args) if numbered_by_buffer else args
             mask = args[1].numpy().astype(bool)

@@ -3,16 +3,27 @@ perplexity of the fp32 model and of the emitted artifact (--eval) after."""
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import onnx_ir as ir
 
 from ...errors import UsageError
+from ...passes.quantize_weights import WeightQuantization
 from ...passes.matmul_packing import FLOAT_WEIGHTS
 from ...runtimes.cpu_features import weight_kernels
-from .calibration import WINDOW
 from ..config import WEIGHT_ONLY, LuffyConfig
 from ..sources.resolve import CAUSAL_LM
+from .calibration import (
+    MAX_CALIB_WINDOWS,
+    WINDOW,
+    collect_hessians,
+    collect_kv_ranges,
+    graph_perplexity,
+    load_tokenizer,
+    token_windows,
+    torch_perplexity,
+)
 
 MODEL_FILE, DATA_FILE = "model.onnx", "model.onnx.data"
 
@@ -28,8 +39,6 @@ class QualityMeasure:
         self._tokenizer = None
 
     def _windows(self, path: str, flag: str, limit=None):
-        from .calibration import load_tokenizer, token_windows
-
         if self._tokenizer is None:
             self._tokenizer = load_tokenizer(self.src, self.tm)
         return token_windows(path, self._tokenizer, self.window, limit, flag)
@@ -43,15 +52,11 @@ class QualityMeasure:
         if not self.cfg.eval_file:
             return
         self._require_decoder("--eval")
-        from .calibration import graph_perplexity, torch_perplexity
-
         windows, prefix = self._windows(self.cfg.eval_file, "--eval")
         self.say("measuring fp32 perplexity")
         if self.tm is not None:
             self.reference_ppl, self.reference_kind = torch_perplexity(self.tm.module, windows, prefix), "pytorch fp32"
         else:
-            import tempfile
-
             with tempfile.TemporaryDirectory(prefix="luffy-eval-") as tmp:
                 ir.save(fp32_model, Path(tmp) / MODEL_FILE, external_data=DATA_FILE)
                 self.reference_ppl = graph_perplexity(Path(tmp) / MODEL_FILE, windows, prefix)
@@ -66,13 +71,9 @@ class QualityMeasure:
     def weight_spec(self, model: ir.Model):
         if self.cfg.precision not in WEIGHT_ONLY:
             return None
-        from ...passes.quantize_weights import WeightQuantization
-
         hessians = {}
         if self.cfg.calib:
             self._require_decoder("--calib")
-            from .calibration import MAX_CALIB_WINDOWS, collect_hessians
-
             windows, _ = self._windows(self.cfg.calib, "--calib", MAX_CALIB_WINDOWS)
             self.say(f"collecting GPTQ statistics on {len(windows)} calibration windows")
             hessians = collect_hessians(model, windows, self.say)
@@ -85,10 +86,16 @@ class QualityMeasure:
             symmetric=bits == 8, clip_search=bits == 4 and not hessians, chosen_for=chosen_for, hessians=hessians,
         )
 
+    def kv_ranges_for(self, model: ir.Model) -> dict:
+        """Per layer the largest |key| and |value| per channel on --calib: an int8/int4 KV cache's scales."""
+        self._require_decoder("--kv-cache-dtype")
+        source, flag = (self.cfg.kv_calib, "--kv-calib") if self.cfg.kv_calib else (self.cfg.calib, "--calib")
+        windows, _ = self._windows(source, flag, MAX_CALIB_WINDOWS)
+        self.say(f"calibrating the {self.cfg.kv_cache_dtype} KV cache on {len(windows)} windows")
+        return collect_kv_ranges(model, windows, self.say)
+
     def evaluate(self, model_path: Path) -> dict:
         self._require_decoder("--eval")
-        from .calibration import graph_perplexity, torch_perplexity
-
         windows, prefix = self._windows(self.cfg.eval_file, "--eval")
         if self.reference_ppl is None:  # fp32 compile: the reference is the module itself
             self.say("measuring fp32 perplexity")

@@ -13,13 +13,14 @@ from typing import Callable
 import numpy as np
 import onnx
 import onnx_ir as ir
+import onnxruntime as ort
 
 from ...errors import CaptureError, UsageError
 from ...runtimes.ort_compat import session_options
-from .step_io import run_step
 from ..capture.torch_export import Captured, decoder_example, decoder_io_names
-from .parity import DECODER_CASES, FP32_ATOL, _flatten, _real_positions, buffer_positions
 from ..sources.resolve import CAUSAL_LM
+from .parity import DECODER_CASES, FP32_ATOL, _flatten, _real_positions, buffer_positions
+from .step_io import run_step
 
 POSITIONS = "position_ids"
 SYMBOLIC_DIM = 2  # the size a synthesized input gets for every named (dynamic) dim
@@ -224,8 +225,6 @@ def _all_nodes(graph: onnx.GraphProto):
 
 
 def run_cases(proto: onnx.ModelProto, cases: list[Case], where: str) -> list[dict[str, np.ndarray]]:
-    import onnxruntime as ort
-
     options = session_options()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 4  # a failure becomes our one-line CaptureError; ORT need not log it too

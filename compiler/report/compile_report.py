@@ -9,8 +9,10 @@ import onnx_ir as ir
 
 from ...errors import first_line
 from ...passes.driver import count_nodes
+from ...runtimes.cpu_features import int8_kernel_path, u8s8_saturates
 from ..config import LuffyConfig
 from ..sources.resolve import CAUSAL_LM
+from .memory import decoder_memory_report
 
 
 def compile_report(cfg: LuffyConfig, capture, model: ir.Model, records: list[dict], checks: dict, seconds: float) -> dict:
@@ -30,6 +32,7 @@ def compile_report(cfg: LuffyConfig, capture, model: ir.Model, records: list[dic
         "parity": checks["parity"],
         "memory": checks["memory"],
         "precision": _precision_report(cfg, records),
+        "kv_cache": _kv_cache_report(cfg, capture, records),
         "quality": checks["quality"],
     }
 
@@ -65,8 +68,6 @@ def parameter_count(model: ir.Model) -> int:
 
 
 def reduce_range(cfg: LuffyConfig) -> bool:
-    from ...runtimes.cpu_features import u8s8_saturates
-
     return u8s8_saturates() if cfg.reduce_range is None else cfg.reduce_range
 
 
@@ -74,13 +75,26 @@ def _precision_report(cfg: LuffyConfig, records: list[dict]) -> dict:
     """What was quantized and how: the precision passes' own records, plus totals by op."""
     out = {"precision": cfg.precision}
     if cfg.precision == "int8-dynamic":
-        from ...runtimes.cpu_features import int8_kernel_path
-
         out["reduce_range_chosen_by"] = "this CPU" if cfg.reduce_range is None else "option"
         out["compiled_on"] = int8_kernel_path()
     for record in records:
         if record["name"] in ("quantize-weights", "convert-fp16", "quantize-dynamic-int8"):
             out.update({k: v for k, v in record.items() if k not in ("name", "modified", "nodes_before", "nodes_after")})
+    return out
+
+
+def _kv_cache_report(cfg: LuffyConfig, capture, records: list[dict]) -> dict | None:
+    """The KV cache's precision (chosen or the compute's), bytes per token, scales, and how a step takes rows."""
+    kv = capture.graph.kv
+    if kv is None:
+        return None
+    gqa = next((r for r in records if r["name"] == "fuse-gqa"), {})
+    out = {"dtype": kv.dtype, "chosen": cfg.kv_cache_dtype, "bytes_per_token": kv.to_json()["bytes_per_token"],
+           "multi_row_steps": bool(gqa.get("multi_row"))}
+    if cfg.kv_cache_dtype in ("int8", "int4"):
+        source = f"--kv-calib {cfg.kv_calib}" if cfg.kv_calib else f"--calib {cfg.calib}"
+        per = "per tensor (layer and kind)" if cfg.target == "trt" else "per channel (key and value)"
+        out["scales"] = f"static {per}, largest |x| on {source}"
     return out
 
 
@@ -90,8 +104,6 @@ MEMORY_SCENARIO_TOKENS = 128  # the report's reference prefill / decode point (t
 def memory_report(model_path: Path, captured, max_len: int | None) -> dict | None:
     if captured.kind != CAUSAL_LM:
         return None
-    from .memory import decoder_memory_report
-
     tokens = min(MEMORY_SCENARIO_TOKENS, (max_len or MEMORY_SCENARIO_TOKENS) - 1)
     try:
         report = decoder_memory_report(model_path, tokens)

@@ -5,7 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from ...errors import SourceError
+from ...passes.driver import count_nodes
 from ...runtimes.manifest import MANIFEST, read_manifest
+from ..capture.onnx_file import load_onnx_source
+from ..capture.torch_export import probe_kv_layout
+from ..emit.manifest import io_signature
+from ..sources.resolve import CAUSAL_LM, resolve_source
+from ..sources.torch_model import load_torch_model
+from .compile_report import op_histogram, parameter_count
 
 
 def inspect_path(target: str) -> dict:
@@ -17,8 +24,6 @@ def inspect_path(target: str) -> dict:
     path = Path(target)
     if path.is_dir() and (path / MANIFEST).is_file():
         return _inspect_artifact(path)
-    from ..sources.resolve import resolve_source
-
     src = resolve_source(target)
     if src.kind == "onnx":
         return _inspect_onnx(src.path)
@@ -72,11 +77,6 @@ def fusion_summary(report: dict, num_layers: int | None) -> dict:
 
 
 def _inspect_onnx(path: Path) -> dict:
-    from ..emit.manifest import io_signature
-    from .compile_report import op_histogram, parameter_count
-    from ..capture.onnx_file import load_onnx_source
-    from ...passes.driver import count_nodes
-
     captured = load_onnx_source(path)
     return {
         "onnx": str(path),
@@ -90,10 +90,6 @@ def _inspect_onnx(path: Path) -> dict:
 
 
 def _inspect_torch(src) -> dict:
-    from ..capture.torch_export import probe_kv_layout
-    from ..sources.resolve import CAUSAL_LM
-    from ..sources.torch_model import load_torch_model
-
     tm = load_torch_model(src)
     config = getattr(tm.module, "config", None)
     return {

@@ -10,14 +10,14 @@ its in-place kernels and its own fusions can only lower it, and weights and the 
 
 from __future__ import annotations
 
-import contextlib
-
 import ast
+import contextlib
 import operator
 from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
 
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv}
 
@@ -66,8 +66,6 @@ def infer(model_path: Path) -> onnx.ModelProto:
     proto = onnx.load(str(model_path), load_external_data=False)  # shapes only: weights stay on disk
     # ...except small external tensors (scales, shape constants), whose values shape inference reads;
     # quantizers can leave even scalars in the data file.
-    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
-
     for tensor in proto.graph.initializer:
         if uses_external_data(tensor) and int(np.prod(tensor.dims, dtype=np.int64)) <= SMALL_TENSOR_ELEMENTS:
             load_external_data_for_tensor(tensor, str(model_path.parent))

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import SourceError, UnsupportedModelError, first_line
-from ...models_zoo import ZOO
+from ...models_zoo import ZOO, build_tokenizer
+from ...models_zoo.byte_tokenizer import BOS, EOS
 from .resolve import CAUSAL_LM, ENCODER, MODULE, Source, is_torch_module
 
 
@@ -43,9 +44,6 @@ def load_torch_model(src: Source) -> TorchModel:
     """Build the torch module a (non-ONNX) source describes."""
     if src.kind == "zoo":
         entry = ZOO[src.spec]
-        from ...models_zoo import build_tokenizer
-        from ...models_zoo.byte_tokenizer import BOS, EOS
-
         module = entry.build_model()
         tm = _from_hf_model(module, tokenizer=build_tokenizer(entry))
         tm.chat_template = entry.chat_template

@@ -7,9 +7,13 @@ from pathlib import Path
 from typing import Callable
 
 import onnx_ir as ir
+import onnxruntime
 
-from ...errors import first_line
+from ...errors import UnsupportedModelError, first_line
+from ...runtimes.ort_compat import import_onnxruntime, ort_refusal, session_options
+from ..capture.torch_export import CAPTURE_OPSET
 from ..config import LuffyConfig
+from ..emit.manifest import opset_imports
 
 MODEL_FILE = "model.onnx"
 
@@ -23,8 +27,6 @@ class OrtTarget:
         self.cfg = cfg
 
     def capture_opset(self) -> int:
-        from ..capture.torch_export import CAPTURE_OPSET
-
         return CAPTURE_OPSET["ort"]
 
     def extra_steps(self) -> list:
@@ -35,22 +37,13 @@ class OrtTarget:
 
     def check(self, model: ir.Model, spec: str, say: Callable[[str], None]) -> None:
         """Refuse to publish what `luffy.load` would refuse: the same probe of the installed onnxruntime."""
-        from ...errors import UnsupportedModelError
-        from ...runtimes.ort_compat import ort_refusal
-        from ..emit.manifest import opset_imports
-
         reason = ort_refusal(opset_imports(model), model.ir_version)
         if reason is not None:
-            import onnxruntime
-
             raise UnsupportedModelError(f"{spec}: onnxruntime {onnxruntime.__version__} cannot run the compiled graph: {reason}")
 
     def check_loadable(self, model_path: Path, spec: str, say: Callable[[str], None]) -> None:
         """Create an onnxruntime session on the staged graph, as luffy.load will: a graph ORT refuses (a cycle, a
         dangling input, a node its schema rejects) must not be published. The parity check does this already."""
-        from ...errors import UnsupportedModelError
-        from ...runtimes.ort_compat import import_onnxruntime, session_options
-
         say("loading the graph on onnxruntime")
         ort = import_onnxruntime()
         options = session_options()

@@ -10,7 +10,11 @@ from typing import Callable
 import onnx_ir as ir
 
 from ...errors import UsageError
+from ...runtimes.manifest import STATE_NEEDS_BUILD
+from ..capture.torch_export import CAPTURE_OPSET, ONNX_OPSET
 from ..config import LuffyConfig
+from .trt_build import ENGINE_FILE, build_in_directory, installed_tensorrt, operator_check_summary, require_builder
+from .trt_profiles import optimization_profiles, trtexec_command
 
 PORTABLE_OPS_SINCE = (10, 15)  # the first TensorRT whose parser has Attention, RMSNormalization, RotaryEmbedding
 
@@ -32,13 +36,10 @@ class TrtTarget:
 
     def require_tools(self) -> None:
         """Fails fast, before minutes of capture, saying how to proceed: a build needs TensorRT's builder and a GPU."""
-        from .trt_build import require_builder
-
         if not self.cfg.defer_build:
             self.builder = require_builder()
 
     def capture_opset(self) -> int:
-        from ..capture.torch_export import CAPTURE_OPSET, ONNX_OPSET
         from .trt_support import operator_list, version_tuple
 
         # TensorRT before 10.15 parses neither RMSNormalization nor RotaryEmbedding: those get a decomposed
@@ -69,14 +70,11 @@ class TrtTarget:
     def finish(self, stage: Path, manifest: dict, say: Callable[[str], None]) -> dict:
         manifest = _tensorrt_section(self.cfg, manifest, self.operator_check)
         if self.builder is not None:
-            from .trt_build import build_in_directory
-
             manifest = build_in_directory(stage, manifest, *self.builder, say=say)
         return manifest
 
 
 def _trt_version(cfg: LuffyConfig) -> str:
-    from .trt_build import installed_tensorrt
     from .trt_support import known_versions, operator_list
 
     if cfg.trt_version is not None:
@@ -88,9 +86,6 @@ def _trt_version(cfg: LuffyConfig) -> str:
 
 def _tensorrt_section(cfg: LuffyConfig, manifest: dict, operator_check: dict) -> dict:
     """The needs-build state: profiles, the operator check, and the trtexec line that builds the engine."""
-    from ...runtimes.manifest import STATE_NEEDS_BUILD
-    from .trt_build import ENGINE_FILE, operator_check_summary
-    from .trt_profiles import optimization_profiles, trtexec_command
     from .trt_support import version_tuple
 
     profiles = optimization_profiles(manifest, cfg.max_batch, cfg.opt_batch, cfg.opt_seq_len)

@@ -10,11 +10,16 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import shutil
 import time
 from pathlib import Path
 
+import onnx_ir as ir
+
 from ...errors import ArtifactError, BackendUnavailableError, UnsupportedModelError
+from ...runtimes.manifest import STATE_NEEDS_BUILD, read_manifest
 from ...runtimes.trt import gpu_info, installed_tensorrt
+from ..emit.artifact import staged_directory, write_manifest
 
 HOW_TO_PROCEED = ("compile with --defer-build here (writes the portable ONNX, profiles and a trtexec line), then "
                   "run `luffy build ARTIFACT` on the GPU machine")
@@ -141,12 +146,6 @@ def build_artifact(path: str | os.PathLike, timing_cache: str | os.PathLike | No
     >>> build_artifact("build/llama-trt")["state"]        # doctest: +SKIP
     'ready'
     """
-    import shutil
-
-    import onnx_ir as ir
-
-    from ...runtimes.manifest import STATE_NEEDS_BUILD, read_manifest
-    from ..emit.artifact import staged_directory, write_manifest
     from .trt_support import check_graph, require_supported
 
     path = Path(path)
