@@ -61,6 +61,19 @@ def parse_peers(vs: str | Iterable[str] | None) -> list[str]:
     return list(dict.fromkeys(items))
 
 
+def parse_peer_paths(given: dict[str, str] | Iterable[str] | None) -> dict[str, str]:
+    """``["llama.cpp=/opt/llama/bin", ...]`` or a dict -> {peer: path}, every name a known peer."""
+    if not given:
+        return {}
+    pairs = given.items() if isinstance(given, dict) else [item.partition("=")[::2] for item in given]
+    out = {}
+    for name, path in pairs:
+        if name not in PEERS or not path:
+            raise UsageError(f"--peer {name}={path}: expected NAME=PATH with NAME one of {', '.join(PEERS)}")
+        out[name] = str(path)
+    return out
+
+
 def parse_batches(batch: int | str | Iterable[int]) -> list[int]:
     """``4``, ``"1,4,16"`` or ``[1, 4, 16]`` -> [1, 4, 16]."""
     try:
@@ -95,6 +108,7 @@ def bench(
     progress: Progress | None = None,
     draft: str | Path | None = None,
     prompt_lookup: int | None = None,
+    peer_paths: dict[str, str] | Iterable[str] | None = None,
 ) -> BenchReport:
     """Benchmark an artifact (or a model source, compiled first) against ``vs`` peers on the same weights.
 
@@ -102,7 +116,9 @@ def bench(
     Peers need the Hugging Face directory: a source HF directory, a zoo model saved to one, or the
     directory an artifact's manifest names; otherwise they are skipped with the reason. ``workdir`` keeps
     builds and worker logs (default: a temporary directory, removed afterwards). ``draft`` (an artifact) and
-    ``prompt_lookup`` (K) add rows of the same artifact generating with speculative decoding.
+    ``prompt_lookup`` (K) add rows of the same artifact generating with speculative decoding. ``peer_paths`` says where
+    a peer outside luffy's Python is: ``{"llama.cpp": "BUILD/bin", "openvino": "VENV/bin/python"}`` (or
+    ``["llama.cpp=BUILD/bin", ...]``); unnamed ones are looked for on PATH and in luffy's own Python.
 
     >>> report = bench("llama-tiny", prompt_len=16, gen_len=8, vs="torch", repeats=2)   # doctest: +SKIP
     >>> report.system("luffy")["results"][0]["decode_tok_s"]["median"]                   # doctest: +SKIP
@@ -130,7 +146,8 @@ def bench(
             speculative["luffy-lookup"] = {"prompt_lookup": prompt_lookup}
         settings = _Settings(batches, prompt_len, gen_len, repeats, warmup, opt_level, bandwidth, bandwidth_mib, seed,
                              description)
-        return _BenchRun(target, peers, settings, work, say, workdir is not None, speculative).run(account)
+        return _BenchRun(target, peers, settings, work, say, workdir is not None, speculative,
+                         parse_peer_paths(peer_paths)).run(account)
 
 
 @contextlib.contextmanager
@@ -215,20 +232,23 @@ class _BenchRun:
     fails the bench; a peer failing is reported in its row."""
 
     def __init__(self, target: _Target, peers: list[str], settings: _Settings, work: Path, say, keep: bool,
-                 speculative: dict):
+                 speculative: dict, peer_paths: dict | None = None):
         self.target, self.cfg, self.work, self.say, self.keep = target, settings, work, say, keep
         self.names = [SUBJECT, *speculative, *peers]
         self.entries = {n: {"name": n, "label": n, "status": "ok", "reason": None} for n in self.names}
         self.paths = {name: {"hf_dir": str(target.hf_dir) if target.hf_dir else None, "artifact": str(target.artifact),
                              "build_dir": str(work / "builds" / name), "compile_source": target.compile_source,
-                             "opt_level": settings.opt_level, **speculative.get(name, {})} for name in self.names}
+                             "opt_level": settings.opt_level, "peer_path": (peer_paths or {}).get(name),
+                             **speculative.get(name, {})} for name in self.names}
         for name in self.names:
             runner = RUNNERS[name]
-            reason = runner.unavailable()
+            reason = runner.unavailable_with(self.paths[name])
             if reason is None and runner.needs_hf_dir and target.hf_dir is None:
                 reason = target.hf_reason
             if reason:
                 self.entries[name].update(status="skipped", reason=reason)
+            elif runner.max_batch is not None and max(settings.batches) > runner.max_batch:
+                self.entries[name]["note"] = f"batch {runner.max_batch} only"  # llama-bench times one sequence
         self.done, self.workers = 0, {}
         self.probe, self.bandwidth, self.per_round, self.round_bandwidth = None, None, [], None
 
@@ -342,7 +362,7 @@ class _BenchRun:
             self.per_round.append(self.round_bandwidth)
 
     def timed_run(self, name: str, batch: int, rnd: int, ids: list, tokens: dict) -> dict | None:
-        if self.entries[name]["status"] != "ok":
+        if self.entries[name]["status"] != "ok" or batch > (RUNNERS[name].max_batch or batch):
             return None
         warm = rnd < self.cfg.warmup
         self.tick(f"{name} batch {batch} " + (f"warm-up {rnd + 1}" if warm else f"run {rnd - self.cfg.warmup + 1}/"
@@ -373,11 +393,14 @@ class _BenchRun:
         """One result per batch size: the run statistics, agreement with luffy's tokens, speculation."""
         out = []
         for b in self.cfg.batches:
+            if not timings[name][b]:  # above the system's max_batch: said in its entry's note
+                continue
             result = batch_result(b, self.cfg.gen_len, timings[name][b], self.entries[name].get("streamed_weight_bytes"),
                                   gb_s)
-            ref, mine = tokens[SUBJECT].get(b, []), tokens[name].get(b, [])
-            agree = next((i for i, (x, y) in enumerate(zip(ref, mine)) if x != y), min(len(ref), len(mine)))
-            result["tokens_agree_with_luffy"] = agree  # leading new tokens of row 0 identical to luffy's
+            ref, mine = tokens[SUBJECT].get(b, []), tokens[name].get(b)
+            agree = next((i for i, (x, y) in enumerate(zip(ref, mine or [])) if x != y), min(len(ref), len(mine or [])))
+            # leading new tokens of row 0 identical to luffy's (None: the system reports no tokens, e.g. llama-bench)
+            result["tokens_agree_with_luffy"] = agree if mine is not None else None
             rates = [r["speculation"]["acceptance_rate"] for r in result["runs"] if r.get("speculation")]
             if rates:
                 result["acceptance_rate"] = float(np.median([r for r in rates if r is not None] or [0.0]))

@@ -8,6 +8,8 @@ requested number of tokens. A runner lives in its own worker process (see worker
     load()      in the measuring worker: open the model, report its weight bytes
     generate()  one timed run; calls ``first_token()`` the moment the first new token exists
 
+(runner.py defines that interface; native_peers.py holds the peers that run outside luffy's Python.)
+
 Nothing here imports torch or onnxruntime at module level: the parent process only asks
 ``unavailable()`` whether a system can run at all.
 """
@@ -23,10 +25,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 
 import luffy
@@ -35,56 +35,11 @@ from ..errors import UsageError
 from ..measure import engine_generate
 from ..runtimes import share_thread_pool
 
+from .native_peers import NATIVE_RUNNERS
+from .runner import Runner, onnx_weight_bytes
+
 SUBJECT = "luffy"
-PEERS = ("torch", "ort-export", "genai", "genai-int4", "luffy-int4")
-
-
-def onnx_weight_bytes(model_path: Path) -> dict:
-    """Bytes of every initializer of an ONNX graph, and of those a decode step actually streams.
-
-    Tables read only through ``Gather`` (embedding lookups) are excluded from the streamed bytes: a step
-    reads one row per token from them, not the whole table. External data is not loaded.
-    """
-    model = onnx.load(str(model_path), load_external_data=False)
-    sizes = {}
-    for init in model.graph.initializer:
-        itemsize = onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
-        count = int(np.prod(init.dims)) if init.dims else 1
-        bits = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4}.get(init.data_type, itemsize * 8)
-        sizes[init.name] = (count * bits + 7) // 8
-    gather_only = set(sizes)
-    for node in model.graph.node:
-        for position, name in enumerate(node.input):
-            if name in gather_only and not (node.op_type.startswith("Gather") and position == 0):
-                gather_only.discard(name)
-    total = sum(sizes.values())
-    return {"weight_bytes": total, "streamed_weight_bytes": total - sum(sizes[n] for n in gather_only)}
-
-
-class Runner:
-    """One system. ``paths`` holds hf_dir, artifact, build_dir (and compile settings for luffy)."""
-
-    name = ""
-    label = ""
-    needs_hf_dir = True
-
-    def __init__(self, paths: dict):
-        self.paths = paths
-
-    @classmethod
-    def unavailable(cls) -> str | None:
-        """Why this system cannot run here (a missing package), or None."""
-        return None
-
-    def build(self) -> dict:
-        return {}
-
-    def load(self) -> dict:
-        raise NotImplementedError
-
-    def generate(self, ids: np.ndarray, new_tokens: int, first_token: Callable[[], None]) -> list[int]:
-        """Greedy-generate ``new_tokens`` for every row of ``ids``; return row 0's new tokens."""
-        raise NotImplementedError
+PEERS = ("torch", "ort-export", "genai", "genai-int4", "luffy-int4", "llama.cpp", "openvino", "ctranslate2")
 
 
 def _timed(fn) -> float:
@@ -319,8 +274,8 @@ class OrtExportRunner(Runner):
 
 
 class LuffyInt4Runner(LuffyRunner):
-    """luffy's int4 build of the same HF directory (MatMulNBits, RTN, block 32: the int4 default), set beside
-    onnxruntime-genai's int4 build so the quantized comparison is part of the same run."""
+    """luffy's int4 build of the same HF directory (MatMulNBits with the int4 defaults: this CPU's block size,
+    clipped RTN), set beside onnxruntime-genai's int4 build so the quantized comparison is part of the same run."""
 
     name = "luffy-int4"
     needs_hf_dir = True
@@ -400,7 +355,7 @@ class GenaiInt4Runner(GenaiRunner):
 
 RUNNERS: dict[str, type[Runner]] = {
     cls.name: cls for cls in (LuffyRunner, TorchRunner, OrtExportRunner, GenaiRunner, GenaiInt4Runner, LuffyInt4Runner,
-                              LuffyDraftRunner, LuffyLookupRunner)
+                              LuffyDraftRunner, LuffyLookupRunner, *NATIVE_RUNNERS)
 }
 
 

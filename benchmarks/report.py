@@ -173,9 +173,11 @@ class BenchReport:
         lines += self._speculation_lines()
         others = [x for x in self.systems if x["status"] != "ok"]
         baseline = max((x.get("baseline_rss_mib") or 0 for x in self.systems), default=0)
-        if others:
+        noted = [x for x in self.systems if x["status"] == "ok" and x.get("note")]
+        if others or noted:
             lines.append("")
             lines += [f"- {x['name']}: {x['status']} — {x['reason']}" for x in others]
+            lines += [f"- {x['name']}: {x['note']}" for x in noted]
         lines += ["", "Prefill = time to first token. Decode tok/s = batch × (new tokens − 1) / (generation time − "
                   "time to first token), per run. Roofline = batch × bandwidth / bytes of weights streamed per decode "
                   "step (embedding tables excluded); % of roofline = median over runs of decode ÷ that run's roofline. "

@@ -75,6 +75,11 @@ class _Session:
 
     def run(self, ids: list, new_tokens: int) -> dict:
         array = np.asarray(ids, dtype=np.int64)
+        if hasattr(self.runner, "timed_run"):  # a system that times itself (llama-bench, a peer's own Python)
+            result = self.runner.timed_run(array, new_tokens)
+            if result["tokens"] is not None and len(result["tokens"]) != new_tokens:
+                raise RuntimeError(f"{self.runner.name}: produced {len(result['tokens'])} tokens, not {new_tokens}")
+            return {"result": result}
         result = time_generation(lambda first_token: self.runner.generate(array, new_tokens, first_token), new_tokens,
                                  self.runner.name)
         if getattr(self.runner, "last_stats", None):  # speculative decoding: acceptance of this run
@@ -82,7 +87,8 @@ class _Session:
         return {"result": result}
 
     def rss(self) -> dict:
-        return {"result": {"peak_rss_bytes": _peak_rss_bytes()}}
+        own = getattr(self.runner, "peak_rss_bytes", None)  # a system in a process of its own reports that one's
+        return {"result": {"peak_rss_bytes": own() if own else _peak_rss_bytes()}}
 
 
 def serve() -> None:

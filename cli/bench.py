@@ -40,7 +40,11 @@ def bench_cmd(
     batch: Optional[str] = typer.Option(None, "--batch",
                                         help="Batch size, or a list for batch scaling: 1,4,16 [1; suite 1,4,16]."),
     vs: Optional[str] = typer.Option(None, "--vs", help="Peers on the same weights: torch, ort-export, genai, genai-int4, "
-                                     "luffy-int4 (luffy's own int4 build), or all [none; suite all]."),
+                                     "luffy-int4 (luffy's own int4 build), llama.cpp, openvino, ctranslate2, or all "
+                                     "[none; suite all]."),
+    peer: List[str] = typer.Option([], "--peer", metavar="NAME=PATH", help="Where a peer outside luffy's Python is: "
+                                   "llama.cpp=BUILD/bin (llama-bench's directory), openvino=VENV/bin/python, "
+                                   "ctranslate2=VENV/bin/python (repeatable) [PATH; luffy's own Python]."),
     repeats: int = typer.Option(3, "--repeats", min=1, help="Timed runs per system and batch."),
     warmup: int = typer.Option(1, "--warmup", min=0, help="Untimed runs per system and batch first."),
     opt_level: int = typer.Option(2, "-O", "--opt-level", min=0, max=3, help="luffy -O level when compiling the model."),
@@ -93,7 +97,7 @@ def bench_cmd(
             )
         else:
             report = bench(target, opt_level=opt_level, workdir=workdir, bandwidth=bandwidth, seed=seed, progress=progress,
-                           draft=draft, prompt_lookup=prompt_lookup, **settings)
+                           draft=draft, prompt_lookup=prompt_lookup, peer_paths=peer, **settings)
     if suite:
         err.print(f"[green]✓[/green] wrote {out_dir / 'bench.json'} and {out_dir / 'bench.md'}")
     if markdown_file is not None:

@@ -42,7 +42,9 @@ class LuffyConfig:
     kv_calib: str | None = option(None, "int8/int4 KV cache: text (or token ids as .json) its scales are measured on "
                                   "[--calib]; unlike --calib it does not turn weight quantization into GPTQ.",
                                   metavar="FILE")
-    block_size: int = option(32, "int8/int4: weights per scale, 16 | 32 | 64 | 128 (smaller: more accurate, more bytes).")
+    # None: decided by the compiling CPU (runtimes/cpu_features.weight_kernels; 128 where MLAS has int8 kernels)
+    block_size: int | None = option(None, "int8/int4: weights per scale, 16 | 32 | 64 | 128 (smaller: more accurate, "
+                                    "more bytes) [decided by this CPU: 128 with int8 dot products]")
     calib: str | None = option(None, "int8/int4: text (or token ids as .json) to calibrate on; quantizes by GPTQ instead "
                                "of round-to-nearest.", metavar="FILE")
     eval_file: str | None = option(None, "Text (or .json token ids): perplexity before and after, in the report.",
@@ -59,7 +61,8 @@ class LuffyConfig:
     auto_time_budget: float | None = option(
         None, "--auto: start no further candidate once this would be exceeded; the report says which were skipped.",
         metavar="SECONDS", group="auto")
-    accuracy_level: int = option(4, "int8/int4 MatMulNBits: 4 = int8 products (fast on CPU), 0 = fp32.", min=0, max=4)
+    accuracy_level: int | None = option(None, "int8/int4 MatMulNBits: 4 = int8 products (fast on CPU), 0 = fp32 "
+                                        "[decided by this CPU: 4 where MLAS has int8 kernels]", min=0, max=4)
     # None: decided by the compiling CPU (x86 CPUs without VNNI need 7-bit weights: their u8s8 kernels saturate)
     reduce_range: bool | None = option(
         None, "int8-dynamic: 7-bit weights, correct on every x86 CPU; --no-reduce-range: 8-bit, only for CPUs with "
@@ -105,9 +108,9 @@ class LuffyConfig:
             raise UsageError(f"external_data {self.external_data!r}; choose one of {', '.join(EXTERNAL_DATA_MODES)}")
         if self.max_seq_len is not None and (not isinstance(self.max_seq_len, int) or self.max_seq_len < 2):
             raise UsageError(f"max_seq_len {self.max_seq_len!r} must be an integer >= 2")
-        if self.block_size not in BLOCK_SIZES:
+        if self.block_size is not None and self.block_size not in BLOCK_SIZES:
             raise UsageError(f"block_size {self.block_size!r}; choose one of {', '.join(map(str, BLOCK_SIZES))}")
-        if self.accuracy_level not in (0, 1, 2, 3, 4):
+        if self.accuracy_level is not None and self.accuracy_level not in (0, 1, 2, 3, 4):
             raise UsageError(f"accuracy_level {self.accuracy_level!r}; choose 0 (fp32 products) to 4 (int8 products)")
         if self.hardware_compatibility not in HARDWARE_COMPATIBILITY:
             raise UsageError(f"hardware_compatibility {self.hardware_compatibility!r}; choose one of "

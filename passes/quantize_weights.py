@@ -48,6 +48,10 @@ class WeightQuantization:
     lm_head_bits: int | None = 8
     quantize_embeddings: bool = False
     layout: str = "matmulnbits"  # or "qdq": DequantizeLinear + MatMul in standard ONNX (the TensorRT target)
+    # round-to-nearest with each block's range clipped for the least squared error (gptq.clipped_rtn) instead
+    # of ORT's packer; what the compiler asks for int4 without --calib
+    clip_search: bool = False
+    chosen_for: dict | None = None  # the CPU the block size / accuracy level were chosen for, and why
     hessians: dict[str, np.ndarray] = field(default_factory=dict, compare=False, repr=False)
 
     def describe(self) -> dict:
@@ -55,10 +59,11 @@ class WeightQuantization:
             return {"layout": "qdq", "bits": self.bits, "block_size": self.block_size if self.bits == 4 else None,
                     "symmetric": True, "lm_head_bits": self.lm_head_bits, "embeddings": "kept",
                     "method": "gptq" if self.hessians else "rtn"}
-        return {"bits": self.bits, "block_size": self.block_size, "symmetric": self.symmetric,
-                "accuracy_level": self.accuracy_level, "lm_head_bits": self.lm_head_bits,
-                "embeddings": "int4 GatherBlockQuantized" if self.quantize_embeddings else EMBEDDINGS_KEPT,
-                "method": "gptq" if self.hessians else "rtn"}
+        scheme = {"bits": self.bits, "block_size": self.block_size, "symmetric": self.symmetric,
+                  "accuracy_level": self.accuracy_level, "lm_head_bits": self.lm_head_bits,
+                  "embeddings": "int4 GatherBlockQuantized" if self.quantize_embeddings else EMBEDDINGS_KEPT,
+                  "method": "gptq" if self.hessians else "rtn-clipped" if self.clip_search else "rtn"}
+        return {**scheme, "chosen_for": self.chosen_for} if self.chosen_for else scheme
 
 
 class QuantizeWeights(ir.passes.InPlacePass):
@@ -111,6 +116,11 @@ class QuantizeWeights(ir.passes.InPlacePass):
             packed, scales, zero_points = gptq_math.pack_matmul_nbits(codes, scales, zeros, bits, spec.block_size,
                                                                       spec.symmetric)
             method = "gptq"
+        elif spec.clip_search:
+            codes, scales, zeros = gptq_math.clipped_rtn(w, bits, spec.block_size, spec.symmetric)
+            packed, scales, zero_points = gptq_math.pack_matmul_nbits(codes, scales, zeros, bits, spec.block_size,
+                                                                      spec.symmetric)
+            method = "rtn-clipped"
         else:
             packed, scales, zero_points = _ort_rtn(w, bits, spec.block_size, spec.symmetric)
         base = weight.name or node.name

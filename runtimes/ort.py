@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -40,20 +39,14 @@ def _require_int8_kernels_fit(manifest: dict, path: Path, providers: list[str] |
             "AMX); this CPU's int8 kernels saturate. Recompile with --reduce-range (correct on every CPU)")
 
 
-def _warn_unshared_pools() -> None:
-    warnings.warn("speculative decoding with a target and a draft on different ONNX Runtime thread pools: their "
-                  "spinning threads compete for the cores (measured 1.8x slower); call "
-                  "luffy.runtimes.share_thread_pool() before loading both (luffy run/serve --draft do)",
-                  RuntimeWarning, stacklevel=4)
-
-
 class OrtEngine(Engine):
     """Runs an artifact's model.onnx on ONNX Runtime (CPU unless ``providers`` says otherwise).
 
     ``huge_pages`` (default on) backs the weights ORT allocates on the CPU with transparent huge pages
-    (see huge_pages.py; ``self.huge_pages`` reports what the kernel did). Engines of one process run on one
-    ONNX Runtime thread pool once ``share_thread_pool`` made it, else each owns one (see
-    ort_compat.share_thread_pool for why that is the caller's choice); ``self.thread_pool`` says which pool.
+    (see huge_pages.py; ``self.huge_pages`` reports what the kernel did). The engine's thread pool (its own, or
+    the process's once ``share_thread_pool`` made one) spins only during its runs, so engines that take turns (a
+    target and its draft) never compete for the cores (ort_compat.engine_session_options); ``self.thread_pool``
+    describes it.
     """
 
     def __init__(
@@ -62,7 +55,7 @@ class OrtEngine(Engine):
     ):
         super().__init__(path, manifest)
         ort = import_onnxruntime()
-        # the process's one thread pool (made by the first engine), so engines that take turns never fight
+        # threads that sleep once each run ends: engines that take turns never fight for the cores
         options, self.thread_pool = engine_session_options(threads, spin)
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self._ort = ort
@@ -194,8 +187,6 @@ class OrtEngine(Engine):
         adaptive = speculative.AdaptiveK(k, schedule == "heuristic")
         if assistant_model is not None:
             speculative.check_draft(self, assistant_model)
-            if not (self.thread_pool["shared"] and getattr(assistant_model, "thread_pool", {}).get("shared")):
-                _warn_unshared_pools()
             source = speculative.DraftModel(assistant_model, 1, width + max_new_tokens)  # rows run one at a time
         else:
             source = speculative.PromptLookup(max_ngram)

@@ -209,7 +209,7 @@ def fuzz_onnx(workdir: Path, examples: int, seed_value: int, counts: collections
         (work / "w.bin").write_bytes(np.arange(12, dtype=np.float32).tobytes())
         got = outcome(lambda: luffy.compile(work / "model.onnx", output=work / "art", opt_level=opt_level))
         if got == "ok":  # what compile published must load and run (or refuse these feeds with a luffy error)
-            engine = luffy.load(work / "art")
+            engine = luffy.load(work / "art", threads=1)
             got = outcome(lambda: engine.run({"x": np.ones((2, 4), np.float32)}))
             got = "ok (compiled, loaded, " + ("ran)" if got == "ok" else f"{got} from run)")
         counts[f"compile {how}: {got}"] += 1
@@ -239,7 +239,7 @@ def fuzz_manifests(workdir: Path, examples: int, seed_value: int, counts: collec
         shutil.rmtree(art, ignore_errors=True)
         shutil.copytree(source, art)
         (art / "manifest.json").write_bytes(data)
-        got = outcome(lambda: luffy.load(art).generate([[256, 1, 2]], max_new_tokens=2))
+        got = outcome(lambda: luffy.load(art, threads=1).generate([[256, 1, 2]], max_new_tokens=2))
         counts[f"load {how}: {got}"] += 1
         counts[f"inspect: {outcome(lambda: inspect_path(str(art)))}"] += 1
         code = cli_main(["inspect", str(art), "--json"])

@@ -16,6 +16,7 @@ import pytest
 
 import luffy
 from luffy.models_zoo.trained import calibration_text_path, heldout_text_path
+from luffy.runtimes.cpu_features import weight_kernels
 
 from .helpers import NAMED_FAMILIES, luffy_cli, make_hf_dir
 
@@ -78,11 +79,17 @@ def test_report_and_manifest_say_what_was_quantized(pydoc):
     art = pydoc["int4-gptq"]
     assert art.manifest["precision"] == "int4"
     precision = art.report["precision"]
-    assert precision["scheme"] == {"bits": 4, "block_size": 32, "symmetric": False, "accuracy_level": 4,
-                                   "lm_head_bits": 4, "embeddings": "int4 GatherBlockQuantized", "method": "gptq"}
+    # no --block-size / --accuracy-level: this CPU's choice (runtimes/cpu_features.weight_kernels), recorded
+    chosen = weight_kernels()
+    assert precision["scheme"] == {"bits": 4, "block_size": chosen["block_size"], "symmetric": False,
+                                   "accuracy_level": chosen["accuracy_level"], "lm_head_bits": 4,
+                                   "embeddings": "int4 GatherBlockQuantized", "method": "gptq", "chosen_for": chosen}
+    assert pydoc["int8"].report["precision"]["scheme"]["symmetric"] is True
+    assert pydoc["int4-rtn"].report["precision"]["scheme"]["method"] == "rtn-clipped"
     roles = [d["role"] for d in precision["decisions"]]
-    assert roles.count("body") == 4 * 7 and roles.count("lm_head") == 1 and roles.count("embedding") == 1
-    assert art.report["op_histogram"]["com.microsoft::MatMulNBits"] == 4 * 7 + 1
+    # per layer qkv (pack-qkv), o, gate_up (pack-gate-up), down
+    assert roles.count("body") == 4 * 4 and roles.count("lm_head") == 1 and roles.count("embedding") == 1
+    assert art.report["op_histogram"]["com.microsoft::MatMulNBits"] == 4 * 4 + 1
     fp16 = pydoc["fp16"]
     assert fp16.manifest["kv_cache"]["dtype"] == "float16"
     assert fp16.manifest["kv_cache"]["bytes_per_token"] * 2 == pydoc["fp32"].manifest["kv_cache"]["bytes_per_token"]
