@@ -149,3 +149,8 @@ def assert_transformers_generates(model, batch: np.ndarray, rows: list[list[int]
         ref = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                              do_sample=False, pad_token_id=0)
     assert ref.numpy().tolist() == batch.tolist()
+
+
+def greedy_alone(engine, prompt: list[int], new_tokens: int) -> list[int]:
+    """The tokens Engine.generate gives ``prompt`` alone, greedy, no EOS stop: what a scheduled request must equal."""
+    return engine.generate([prompt], max_new_tokens=new_tokens, eos_token_id=None)[0, len(prompt):].tolist()
