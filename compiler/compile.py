@@ -60,6 +60,7 @@ class CaptureResult:
     max_len: int | None
     seconds: float
     nodes: int
+    streamed: Any = None  # stream.capture.Streamed when the weights stay in the checkpoint until the write
 
     @property
     def vocab(self) -> int | None:
@@ -164,17 +165,16 @@ def _check_paths(cfg: LuffyConfig, output) -> None:
 def _capture(src, opset: int, cfg: LuffyConfig, say) -> CaptureResult:
     say(f"capturing {src.spec}")
     t0 = time.perf_counter()
-    if src.kind == "onnx":
-        from .onnx_source import load_onnx_source
+    captured = streamed = fallback = None
+    if src.kind == "hf-dir" and cfg.stream:
+        from .stream.capture import capture_hf
 
-        captured, tm = load_onnx_source(src.path), None
-    else:
-        from .capture import capture_causal_lm, capture_encoder, capture_module
-        from .sources import ENCODER, load_torch_model
-
-        tm = load_torch_model(src)
-        captured = {CAUSAL_LM: capture_causal_lm, ENCODER: capture_encoder}.get(tm.kind, capture_module)(tm, opset)
+        captured, tm, streamed, fallback = capture_hf(src.path, opset, cfg, say)
+    if captured is None:
+        captured, tm = _capture_whole(src, opset)
     seconds = time.perf_counter() - t0
+    if fallback is not None:
+        captured.notes.append(f"whole-model capture: the streamed path does not apply ({fallback})")
     if tm is not None and tm.ignored_weights:
         captured.notes.append(f"checkpoint tensors outside the model, not used: {', '.join(tm.ignored_weights[:8])}"
                               + (f" and {len(tm.ignored_weights) - 8} more" if len(tm.ignored_weights) > 8 else ""))
@@ -182,7 +182,20 @@ def _capture(src, opset: int, cfg: LuffyConfig, say) -> CaptureResult:
     if max_len:
         # fuse-rotary sizes its constant cos/sin tables by this; it is the artifact's promise anyway.
         captured.model.metadata_props["luffy.max_seq_len"] = str(max_len)
-    return CaptureResult(src, captured, tm, max_len, seconds, count_nodes(captured.model))
+    return CaptureResult(src, captured, tm, max_len, seconds, count_nodes(captured.model), streamed)
+
+
+def _capture_whole(src, opset: int):
+    """(Captured, TorchModel or None): the source loaded whole (torch or ONNX) and captured."""
+    if src.kind == "onnx":
+        from .onnx_source import load_onnx_source
+
+        return load_onnx_source(src.path), None
+    from .capture import capture_causal_lm, capture_encoder, capture_module
+    from .sources import ENCODER, load_torch_model
+
+    tm = load_torch_model(src)
+    return {CAUSAL_LM: capture_causal_lm, ENCODER: capture_encoder}.get(tm.kind, capture_module)(tm, opset), tm
 
 
 def _run_stages(plan, capture: CaptureResult, cfg: LuffyConfig, say) -> tuple[ir.Model, list[dict]]:
