@@ -77,7 +77,7 @@ class QualityMeasure:
         bits = 4 if self.cfg.precision == "int4" else 8
         return WeightQuantization(
             bits=bits, block_size=self.cfg.block_size, accuracy_level=self.cfg.accuracy_level,
-            lm_head_bits=bits, quantize_embeddings=bits == 4, hessians=hessians,
+            lm_head_bits=bits, quantize_embeddings=True, hessians=hessians,
         )
 
     def evaluate(self, model_path: Path) -> dict:
