@@ -55,9 +55,14 @@ def _quiet_libraries() -> None:
 
 
 @contextlib.contextmanager
-def _progress(title: str):
+def _progress(title: str, bar: bool = False):
     """``say(stage)`` for long work: an animated status line on a terminal; elsewhere (a pipe, a CI log) one
-    plain line per stage with the elapsed time, and no carriage returns or colours."""
+    plain line per stage with the elapsed time, and no carriage returns or colours. With ``bar``, on a terminal
+    ``say.step(what, done, total)`` also draws a progress bar (a compile's weights written layer by layer)."""
+    if err.is_terminal and bar:
+        with _progress_bar(title) as say:
+            yield say
+        return
     if err.is_terminal:
         with err.status(title) as status:
             yield lambda message: status.update(f"{title}: {message}")
@@ -71,6 +76,22 @@ def _progress(title: str):
             print(f"luffy: {title}: {message} ({time.perf_counter() - start:.1f}s)", file=sys.stderr, flush=True)
 
     yield say
+
+
+@contextlib.contextmanager
+def _progress_bar(title: str):
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=True) as bars:
+        task = bars.add_task(title, total=None)
+
+        def say(message: str) -> None:
+            bars.update(task, description=f"{title}: {message}", total=None, completed=0)
+
+        say.step = lambda what, done, total: bars.update(task, description=f"{title}: {what}", completed=done,
+                                                         total=total)
+        yield say
 
 
 def _version(value: bool):
@@ -102,7 +123,7 @@ def compile_cmd(source: str, output: Path, report_json: bool, **options):
 
     compile_artifact = import_compiler("luffy.compiler.compile").compile
     _quiet_libraries()
-    with _progress(f"compiling {source}") as say:
+    with _progress(f"compiling {source}", bar=True) as say:
         artifact = compile_artifact(source, output=output, progress=say, **options)
     report = artifact.report
     if report_json:

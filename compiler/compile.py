@@ -7,6 +7,7 @@ the manifest and report in their own modules; this file is the data flow between
 from __future__ import annotations
 
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from ..passes.pipelines import stages
 from .artifact import check_output_location, staged_directory, write_manifest
 from .config import LuffyConfig
 from .manifest import DATA_FILE, MODEL_FILE, build_manifest
+from .phases import Phases
 from .quality import QualityMeasure
 from .report import compile_report, memory_report, reduce_range
 from .sources import CAUSAL_LM, resolve_source
@@ -129,18 +131,25 @@ def compile(  # noqa: A001 - the public name the API promises
     src = resolve_source(source)
     check_output_location(Path(output))  # an unwritable output fails now, not after minutes of capture
 
-    capture = _capture(src, compile_target.capture_opset(), cfg, say)
+    phases = Phases()  # wall time and peak RSS of each phase, for the report
+    with phases("capture"):
+        capture = _capture(src, compile_target.capture_opset(), cfg, say)
     quality = QualityMeasure(cfg, src, capture.tm, capture.graph, capture.max_len, say)
-    model, records = _run_stages(plan, capture, cfg, say)
-    compile_target.check(model, src.spec, say)
+    with phases("passes"):
+        model, records = _run_stages(plan, capture, cfg, say)
+        compile_target.check(model, src.spec, say)
     with staged_directory(Path(output)) as stage:
-        say("writing model")
-        emitted = _emit(model, stage, capture, cfg)
-        checks = _check_staged(stage / MODEL_FILE, capture, cfg, compile_target, quality, say)
+        with phases("write"):
+            say("writing model")
+            emitted = _emit(model, stage, capture, cfg, getattr(progress, "step", None))
+        with phases("check"):
+            checks = _check_staged(stage / MODEL_FILE, capture, cfg, compile_target, quality, say)
         report = compile_report(cfg, capture, model, records, checks, time.perf_counter() - started)
-        manifest = compile_target.finish(stage, build_manifest(cfg, capture, model, emitted, report), say)
-        say("writing manifest")
-        manifest = write_manifest(stage, manifest)
+        with phases("manifest"):
+            manifest = compile_target.finish(stage, build_manifest(cfg, capture, model, emitted, report), say)
+            say("writing manifest")
+            manifest["report"]["phases"] = phases.report()
+            manifest = write_manifest(stage, manifest)
     return Artifact(Path(output), manifest)
 
 
@@ -213,8 +222,8 @@ def _run_stages(plan, capture: CaptureResult, cfg: LuffyConfig, say) -> tuple[ir
     return model, records
 
 
-def _emit(model: ir.Model, stage: Path, capture: CaptureResult, cfg: LuffyConfig) -> dict:
-    external = _save_model(model, stage, cfg.external_data)
+def _emit(model: ir.Model, stage: Path, capture: CaptureResult, cfg: LuffyConfig, step=None) -> dict:
+    external = _save_model(model, stage, cfg.external_data, step)
     tokenizer_files, chat_template = _write_tokenizer(stage, capture.src, capture.tm)
     return {"external": external, "tokenizer_files": tokenizer_files, "chat_template": chat_template}
 
@@ -308,14 +317,16 @@ def _max_seq_len(cfg: LuffyConfig, tm, captured) -> int | None:
     return cfg.max_seq_len
 
 
-def _save_model(model: ir.Model, stage: Path, mode: str) -> bool:
+def _save_model(model: ir.Model, stage: Path, mode: str, step=None) -> bool:
+    """Write model.onnx (and its weights to model.onnx.data when large); ``step(what, done, total)`` hears of every
+    weight written (the CLI's progress bar). Weights still in a checkpoint are read and converted one at a time."""
     from ..errors import UnsupportedModelError
 
     try:
         weight_bytes = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
         external = mode == "always" or (mode == "auto" and weight_bytes > EXTERNAL_DATA_BYTES)
         if external:
-            ir.save(model, stage / MODEL_FILE, external_data=DATA_FILE)
+            ir.save(model, stage / MODEL_FILE, external_data=DATA_FILE, callback=_weight_progress(step))
         else:
             ir.save(model, stage / MODEL_FILE)
     except (ir.serde.SerdeError, TypeError, ValueError) as exc:  # a tensor or attribute ONNX cannot encode
@@ -324,6 +335,23 @@ def _save_model(model: ir.Model, stage: Path, mode: str) -> bool:
             root = root.__cause__
         raise UnsupportedModelError(f"cannot write the graph as ONNX: {type(root).__name__}: {root}") from exc
     return external
+
+
+_LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
+
+
+def _weight_progress(step):
+    """ir.save's per-tensor callback as ``step("writing weights: layer N", tensors done, tensors)``."""
+    if step is None:
+        return None
+    done = [0]
+
+    def callback(tensor, info) -> None:
+        done[0] += 1
+        match = _LAYER.search(tensor.name or "")
+        step(f"writing weights{f': layer {match.group(1)}' if match else ''}", done[0], info.total)
+
+    return callback
 
 
 def _write_tokenizer(stage: Path, src, tm) -> tuple[list[str], dict | None]:

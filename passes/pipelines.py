@@ -23,6 +23,7 @@ from ..errors import UsageError
 from .collapse_reshapes import collapse_reshapes
 from .convert_bf16 import convert_bf16
 from .convert_fp16 import convert_fp16
+from .dedupe_initializers import dedupe_initializers
 from .driver import PassStep
 from .eliminate_identity import EliminateIdentity
 from .fuse_attention import fuse_mha, fuse_sdpa, lower_sdpa
@@ -62,8 +63,8 @@ CLEANUP = [
     PassStep("simplify-no-ops", simplify_no_ops, "x*1, x+0, no-op casts/expands split patterns apart"),
     # Tied weights (embedding / lm_head) and repeated constants are stored once; before CSE, so nodes that
     # read two copies of one weight become identical and CSE merges them.
-    PassStep("dedupe-initializers", lambda: common.DeduplicateInitializersPass(size_limit=1 << 30),
-             "identical weights stored once"),
+    # luffy's own: onnx_ir's keys a dict on every weight's bytes (the model twice in memory; a streamed weight read)
+    PassStep("dedupe-initializers", dedupe_initializers, "identical weights stored once"),
     PassStep("cse", common.CommonSubexpressionEliminationPass, "merges repeated shape/mask computations"),
     # Dead-code removal after everything that can orphan nodes.
     PassStep("remove-unused", common.RemoveUnusedNodesPass, "drops nodes and initializers nothing reads"),

@@ -25,32 +25,32 @@ from . import gptq as gptq_math
 CHUNK_BYTES = 64 << 20  # fp32 bytes of weight quantized at once
 
 
-def column_reader(tensor) -> Callable[[int, int], np.ndarray]:
-    """``read(n0, n1)`` -> the fp32 [K, n1 - n0] slice of a [K, N] weight tensor."""
+def column_reader(tensor) -> Callable[[], Callable[[int, int], np.ndarray]]:
+    """``open()`` -> ``read(n0, n1)``, the fp32 [K, n1 - n0] slice of a [K, N] weight tensor. A tensor that can
+    slice itself (``read_columns``) is read a slice at a time; any other is read whole once per ``open()``, and
+    dropped with the ``read`` it returned."""
     own = getattr(tensor, "read_columns", None)
     if callable(own):
-        return own
-    cache: dict = {}
-
-    def read(n0: int, n1: int) -> np.ndarray:  # a tensor that cannot slice itself is read once per computation
-        if "w" not in cache:
-            cache["w"] = np.asarray(tensor.numpy(), dtype=np.float32)
-        return cache["w"][:, n0:n1]
-
-    return read
+        return lambda: own
+    return lambda: _sliced(lambda: np.asarray(tensor.numpy(), dtype=np.float32), lambda w, n0, n1: w[:, n0:n1])
 
 
-def row_reader(table) -> Callable[[int, int], np.ndarray]:
-    """``read(n0, n1)`` -> columns n0:n1 of the transpose of an [N, K] table (an embedding read as a head)."""
+def row_reader(table) -> Callable[[], Callable[[int, int], np.ndarray]]:
+    """``open()`` -> ``read(n0, n1)``, columns n0:n1 of the transpose of an [N, K] table (an embedding read as a
+    head): rows n0:n1 of the table, transposed."""
     own = getattr(table, "read_rows", None)
     if callable(own):
-        return lambda n0, n1: own(n0, n1).T
+        return lambda: (lambda n0, n1: own(n0, n1).T)
+    return lambda: _sliced(lambda: np.asarray(table.numpy(), dtype=np.float32), lambda t, n0, n1: t[n0:n1].T)
+
+
+def _sliced(load: Callable[[], np.ndarray], cut: Callable) -> Callable[[int, int], np.ndarray]:
     cache: dict = {}
 
     def read(n0: int, n1: int) -> np.ndarray:
-        if "t" not in cache:
-            cache["t"] = np.asarray(table.numpy(), dtype=np.float32)
-        return cache["t"][n0:n1].T
+        if "array" not in cache:
+            cache["array"] = load()
+        return cut(cache["array"], n0, n1)
 
     return read
 
@@ -58,9 +58,9 @@ def row_reader(table) -> Callable[[int, int], np.ndarray]:
 class PackedWeight:
     """Codes [N, K/block, block*bits/8], scales [N, K/block] and zero points (asymmetric) of a [K, N] weight."""
 
-    def __init__(self, read: Callable[[int, int], np.ndarray], k: int, n: int, bits: int, block: int,
-                 symmetric: bool, hessian: np.ndarray | None = None):
-        self.read, self.k, self.n, self.bits, self.block, self.symmetric = read, k, n, bits, block, symmetric
+    def __init__(self, open_reader: Callable[[], Callable[[int, int], np.ndarray]], k: int, n: int, bits: int,
+                 block: int, symmetric: bool, hessian: np.ndarray | None = None):
+        self.open_reader, self.k, self.n, self.bits, self.block, self.symmetric = read, k, n, bits, block, symmetric
         self.hessian = hessian if hessian is not None and k % block == 0 else None
         self.blocks = -(-k // block)
         self._parts: list | None = None
@@ -101,7 +101,8 @@ class PackedWeight:
 
     def _compute(self) -> list[np.ndarray]:
         rows = max(1, CHUNK_BYTES // (4 * self.k))
-        pieces = [self._quantize(np.ascontiguousarray(self.read(n0, min(n0 + rows, self.n)), dtype=np.float32))
+        read = self.open_reader()  # whatever it holds goes when this computation ends
+        pieces = [self._quantize(np.ascontiguousarray(read(n0, min(n0 + rows, self.n)), dtype=np.float32))
                   for n0 in range(0, self.n, rows)]
         return [np.ascontiguousarray(np.concatenate(parts, axis=0)) for parts in zip(*pieces)]
 

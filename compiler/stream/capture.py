@@ -28,8 +28,8 @@ from ...errors import CaptureError
 from ..sources import CAUSAL_LM
 from .checkpoint import Checkpoint, CheckpointTensor, check_parameters
 from .lazy import fold_weight_transforms
-from .skeleton import (decoder_layers, empty_model, ignorable_keys, layer_kinds, load_config, parameter_table,
-                       reduced_config, template_depth)
+from .skeleton import (decoder_layers, empty_model, ignorable_keys, layer_kinds, load_config, model_names,
+                       parameter_table, reduced_config, template_depth)
 from .stamp import StampError, stamp
 
 WRAPPER = "model."  # capture's step wrapper holds the transformers model as its attribute `model`
@@ -118,11 +118,11 @@ def _torch_model(path: Path, skeleton):
 
 def _check_checkpoint(checkpoint: Checkpoint, skeleton) -> dict[str, str]:
     params, aliases = parameter_table(skeleton)
-    prefix = getattr(skeleton, "base_model_prefix", "") or ""
-    for name in params:  # checkpoints saved from the base model name tensors without its prefix
-        if prefix and name.startswith(prefix + "."):
-            aliases.setdefault(name, []).append(name[len(prefix) + 1:])
-    return check_parameters(checkpoint, params, aliases, ignorable_keys(skeleton))
+    names, converted = model_names(skeleton, sorted(checkpoint.entries))
+    if converted:
+        raise StreamFallback(f"transformers converts checkpoint tensors such as {converted[0]} on load (they become "
+                             "parts of other tensors), which the streamed path does not replay")
+    return check_parameters(checkpoint, params, aliases, names, ignorable_keys(skeleton))
 
 
 def _per_layer(values: list, kinds: list[str], depth: int) -> list:

@@ -92,14 +92,18 @@ class Checkpoint:
                 raise SourceError(f"{self.directory / name}: {INDEX_FILE} places tensor {key} here, but the shard "
                                   "does not hold it")
 
-    def read(self, key: str) -> np.ndarray:
-        """The tensor's values as fp32 (floats; other dtypes as they are), read and converted on the way."""
+    def read(self, key: str, rows: slice | None = None, columns: slice | None = None) -> np.ndarray:
+        """The tensor's values (or a block of rows/columns of a 2-D one) as fp32 (floats; other dtypes as they
+        are), read and converted on the way."""
         import torch
         from safetensors import safe_open
 
         entry = self.entries[key]
         with safe_open(entry.file, framework="pt") as handle:
-            tensor = handle.get_tensor(key)
+            if rows is None and columns is None:
+                tensor = handle.get_tensor(key)
+            else:
+                tensor = handle.get_slice(key)[rows or slice(None), columns or slice(None)]
         return (tensor.to(torch.float32) if tensor.is_floating_point() else tensor).numpy()
 
     def fingerprint(self, key: str) -> str:
@@ -143,18 +147,18 @@ def _read_header(file: Path) -> list[Entry]:
 
 
 def check_parameters(checkpoint: Checkpoint, parameters: dict[str, tuple[tuple[int, ...], bool]],
-                     aliases: dict[str, list[str]], ignorable: list[str]) -> dict[str, str]:
+                     aliases: dict[str, list[str]], names: dict[str, str], ignorable: list[str]) -> dict[str, str]:
     """Map every model parameter to its checkpoint key, or fail naming the first tensor at fault.
 
     ``parameters``: name -> (shape, is_float); ``aliases``: name -> the other names of a tied parameter (the
-    checkpoint may store a tied weight under any of them); ``ignorable``: the model's patterns for checkpoint
-    keys transformers ignores. A missing tensor, a shape or dtype the parameter cannot take, or a checkpoint
-    tensor the model has no place for is refused, as transformers' loader refuses it in the whole-model path.
+    checkpoint may store a tied weight under any of them); ``names``: model name -> checkpoint key as the loader
+    renames keys; ``ignorable``: the model's patterns for checkpoint keys transformers ignores. A missing tensor, a
+    shape or dtype the parameter cannot take, or a checkpoint tensor the model has no place for is refused, as
+    transformers' loader refuses it in the whole-model path.
     """
     keys: dict[str, str] = {}
     for name, (shape, is_float) in parameters.items():
-        candidates = [name, *aliases.get(name, [])]
-        key = next((c for c in candidates if c in checkpoint.entries), None)
+        key = next((names[c] for c in [name, *aliases.get(name, [])] if c in names), None)
         if key is None:
             raise SourceError(f"{checkpoint.directory}: checkpoint tensor {name} is missing; the weights do not match "
                               "config.json")
@@ -191,6 +195,13 @@ class CheckpointTensor(ir.LazyTensor):
 
     def fingerprint(self) -> str:
         return "checkpoint:" + self.checkpoint.fingerprint(self.key)
+
+    def read_rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows start:stop of a 2-D tensor (quantization reads a large weight a slice at a time)."""
+        return self.checkpoint.read(self.key, rows=slice(start, stop))
+
+    def read_columns(self, start: int, stop: int) -> np.ndarray:
+        return self.checkpoint.read(self.key, columns=slice(start, stop))
 
     @property
     def sources(self) -> tuple[str, ...]:

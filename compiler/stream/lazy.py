@@ -18,6 +18,8 @@ from typing import Callable
 import numpy as np
 import onnx_ir as ir
 
+from ...passes.dedupe_initializers import fingerprint
+
 
 class DerivedTensor(ir.LazyTensor):
     """A tensor computed from lazy ``inputs`` by ``func`` (numpy arrays in, one array out) when it is read.
@@ -44,15 +46,15 @@ class DerivedTensor(ir.LazyTensor):
     def sources(self) -> tuple[str, ...]:
         return tuple(s for t in self.inputs for s in getattr(t, "sources", ()))
 
-
-def fingerprint(tensor: ir.TensorProtocol) -> str:
-    """Identifies a tensor's values: lazy tensors say it without reading (see their ``fingerprint``); others hash
-    their bytes."""
-    own = getattr(tensor, "fingerprint", None)
-    if callable(own):
-        return own()
-    digest = hashlib.blake2b(tensor.tobytes(), digest_size=16)
-    return f"bytes:{tensor.dtype}:{tuple(tensor.shape)}:{digest.hexdigest()}"
+    @property
+    def read_columns(self):
+        """For the transpose of a tensor that reads its own rows: columns n0:n1 of this tensor without the rest
+        (how quantization reads a Linear's weight, stored [out, in], as the MatMul's [in, out]); else None."""
+        source = self.inputs[0] if len(self.inputs) == 1 else None
+        rows = getattr(source, "read_rows", None)
+        if self.recipe != "Transpose(1, 0)" or not callable(rows):
+            return None
+        return lambda start, stop: rows(start, stop).T
 
 
 def is_lazy(tensor) -> bool:

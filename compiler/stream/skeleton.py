@@ -161,3 +161,28 @@ def ignorable_keys(model) -> list[str]:
     for attribute in ("_keys_to_ignore_on_load_unexpected", "_keys_to_ignore_on_load_missing"):
         patterns += list(getattr(model, attribute, None) or [])
     return patterns
+
+
+def model_names(model, checkpoint_keys: list[str]) -> tuple[dict[str, str], list[str]]:
+    """(model name -> checkpoint key, checkpoint keys transformers converts on load), renamed the way transformers'
+    loader renames them (its per-architecture renamings, e.g. GPT-NeoX's ``embed_out`` -> ``lm_head``, and the
+    base-model prefix a checkpoint may lack). Keys that a WeightConverter turns into other tensors (Mixtral's
+    per-expert matrices stacked into one) are listed apart: the streamed path does not replay those."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    state = model.state_dict()
+    prefix = getattr(model, "base_model_prefix", None)
+    names, converted = {}, []
+    for key in checkpoint_keys:
+        renamed, pattern = rename_source_key(key, renamings, converters, prefix, state)
+        if renamed not in state and key in state:
+            renamed, pattern = rename_source_key(key, [], [], prefix, state)
+        if pattern is not None:
+            converted.append(key)
+        else:
+            names[renamed] = key
+    return names, converted
