@@ -63,6 +63,7 @@ class CaptureResult:
     seconds: float
     nodes: int
     streamed: Any = None  # stream.capture.Streamed when the weights stay in the checkpoint until the write
+    estimate: Any = None  # preflight.Estimate of an HF directory's compile (checked before the work)
 
     @property
     def vocab(self) -> int | None:
@@ -133,7 +134,7 @@ def compile(  # noqa: A001 - the public name the API promises
 
     phases = Phases()  # wall time and peak RSS of each phase, for the report
     with phases("capture"):
-        capture = _capture(src, compile_target.capture_opset(), cfg, say)
+        capture = _capture(src, compile_target.capture_opset(), cfg, say, Path(output))
     quality = QualityMeasure(cfg, src, capture.tm, capture.graph, capture.max_len, say)
     with phases("passes"):
         model, records = _run_stages(plan, capture, cfg, say)
@@ -171,15 +172,17 @@ def _check_paths(cfg: LuffyConfig, output) -> None:
             raise UsageError(f"{flag} {path}: no such file")
 
 
-def _capture(src, opset: int, cfg: LuffyConfig, say) -> CaptureResult:
+def _capture(src, opset: int, cfg: LuffyConfig, say, output: Path) -> CaptureResult:
     say(f"capturing {src.spec}")
     t0 = time.perf_counter()
-    captured = streamed = fallback = None
+    captured = streamed = fallback = estimate = None
     if src.kind == "hf-dir" and cfg.stream:
         from .stream.capture import capture_hf
 
-        captured, tm, streamed, fallback = capture_hf(src.path, opset, cfg, say)
+        captured, tm, streamed, fallback = capture_hf(src.path, opset, cfg, say, output)
+        estimate = streamed.estimate if streamed is not None else None
     if captured is None:
+        estimate = _preflight_whole(src, cfg, output)
         captured, tm = _capture_whole(src, opset)
     seconds = time.perf_counter() - t0
     if fallback is not None:
@@ -191,7 +194,17 @@ def _capture(src, opset: int, cfg: LuffyConfig, say) -> CaptureResult:
     if max_len:
         # fuse-rotary sizes its constant cos/sin tables by this; it is the artifact's promise anyway.
         captured.model.metadata_props["luffy.max_seq_len"] = str(max_len)
-    return CaptureResult(src, captured, tm, max_len, seconds, count_nodes(captured.model), streamed)
+    return CaptureResult(src, captured, tm, max_len, seconds, count_nodes(captured.model), streamed, estimate)
+
+
+def _preflight_whole(src, cfg: LuffyConfig, output: Path):
+    """A safetensors directory about to be loaded whole: refuse it now if it cannot fit (preflight.py)."""
+    if src.kind != "hf-dir" or not any(src.path.glob("*.safetensors")):
+        return None
+    from .preflight import check_checkpoint
+    from .stream.checkpoint import Checkpoint
+
+    return check_checkpoint(Checkpoint(src.path), cfg, output, streamed=False)
 
 
 def _capture_whole(src, opset: int):
@@ -231,7 +244,9 @@ def _emit(model: ir.Model, stage: Path, capture: CaptureResult, cfg: LuffyConfig
 def _check_staged(model_path: Path, capture: CaptureResult, cfg: LuffyConfig, compile_target, quality, say) -> dict:
     """Parity against PyTorch (or, without a reference, the target's load check), memory and quality."""
     parity = None
-    if cfg.check_parity and capture.graph.reference is not None:
+    if capture.streamed is not None:
+        parity = _check_streamed(model_path, capture, cfg, say)
+    elif cfg.check_parity and capture.graph.reference is not None:
         say("checking parity against PyTorch")
         from .parity import check_parity as run_parity_check
 
@@ -243,6 +258,21 @@ def _check_staged(model_path: Path, capture: CaptureResult, cfg: LuffyConfig, co
         "memory": memory_report(model_path, capture.graph, capture.max_len),
         "quality": quality.evaluate(model_path) if cfg.eval_file else None,
     }
+
+
+def _check_streamed(model_path: Path, capture: CaptureResult, cfg: LuffyConfig, say) -> dict | None:
+    """A streamed artifact may not fit in memory whole: it is checked region by region (stream/parity.py), or with
+    --no-check-parity only loaded and run that way, as luffy.load would load it."""
+    if cfg.check_parity:
+        from .stream.parity import check_streamed_parity
+
+        say("checking parity against PyTorch, one layer at a time")
+        return check_streamed_parity(capture.streamed, capture.graph, model_path, capture.vocab, cfg.precision, say)
+    from .stream.parity import check_runs
+
+    say("loading the graph on onnxruntime, one layer at a time")
+    check_runs(capture.graph, model_path, capture.vocab, capture.src.spec)
+    return None
 
 
 def _after_pass_hook(cfg: LuffyConfig, captured, vocab: int | None, say):

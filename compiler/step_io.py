@@ -17,6 +17,31 @@ _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 EXTRA_CAPACITY = 3  # buffers a little longer than needed, so a graph that confuses capacity with length fails
 
 
+def interface_feeds(inputs: dict[str, str], feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
+    """(feeds in the graph's own form, total length) for concat-form ``feeds``, without io binding: a shared-buffer
+    (GQA) graph gets capacity-sized past buffers, seqlens_k and total_sequence_length; its presents come back
+    buffer-sized, to be cut to ``total``. ``inputs`` maps the graph's input names to their ONNX type strings."""
+    feeds = {k: v for k, v in feeds.items() if k in inputs or _PAST.match(k)}
+    for name, array in feeds.items():
+        if inputs.get(name) == "tensor(float16)" and array.dtype != np.float16:
+            feeds[name] = array.astype(np.float16)
+    if KEEP in inputs and KEEP not in feeds:
+        feeds[KEEP] = np.array(feeds["input_ids"].shape[1], dtype=np.int64)
+    batch = feeds["input_ids"].shape[0]
+    total = feeds["attention_mask"].shape[1]
+    if SEQLENS not in inputs:
+        return feeds, total
+    for name, array in list(feeds.items()):
+        if _PAST.match(name):
+            b, heads, past, dim = array.shape
+            buffer = np.zeros((b, heads, total + EXTRA_CAPACITY, dim), dtype=array.dtype)
+            buffer[:, :, :past] = array
+            feeds[name] = buffer
+    feeds[SEQLENS] = np.full(batch, total - 1, np.int32)
+    feeds[TOTAL] = np.array(total, np.int32)
+    return feeds, total
+
+
 def run_step(session, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Outputs by name for ``feeds`` given in the captured (concat) form."""
     inputs = {i.name: i.type for i in session.get_inputs()}

@@ -60,7 +60,8 @@ class PackedWeight:
 
     def __init__(self, open_reader: Callable[[], Callable[[int, int], np.ndarray]], k: int, n: int, bits: int,
                  block: int, symmetric: bool, hessian: np.ndarray | None = None):
-        self.open_reader, self.k, self.n, self.bits, self.block, self.symmetric = read, k, n, bits, block, symmetric
+        self.open_reader, self.k, self.n, self.bits, self.block = open_reader, k, n, bits, block
+        self.symmetric = symmetric
         self.hessian = hessian if hessian is not None and k % block == 0 else None
         self.blocks = -(-k // block)
         self._parts: list | None = None

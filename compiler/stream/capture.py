@@ -18,8 +18,7 @@ the whole-model path and says why in the report.
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnx_ir as ir
@@ -50,21 +49,28 @@ class Streamed:
     kinds: list[str]
     template_layers: int
     keys: dict[str, str]  # parameter name -> checkpoint key
-    phases: dict = field(default_factory=dict)
+    estimate: object = None  # preflight.Estimate
+
+    def describe(self) -> dict:
+        """The compile report's record of the streamed capture."""
+        return {"layers": len(self.kinds), "template_layers": self.template_layers,
+                "layer_kinds": sorted(set(self.kinds)) if len(set(self.kinds)) > 1 else "uniform",
+                "checkpoint_tensors": len(self.checkpoint.entries), "checkpoint_bytes": self.checkpoint.nbytes}
 
 
-def capture_streamed(path: Path, opset: int, say=lambda message: None):
-    """(Captured, Streamed) for the HF directory ``path``; raises StreamFallback when it cannot be streamed."""
+def capture_streamed(path: Path, opset: int, say=lambda message: None, room=lambda checkpoint: None):
+    """(Captured, Streamed) for the HF directory ``path``; raises StreamFallback when it cannot be streamed.
+    ``room(checkpoint)`` runs once the checkpoint's headers are read and checked, before any work (preflight)."""
     from ..capture import Captured, KVLayout, _drop_build_metadata, _name_decoder_dims
     from ..sources import _transformers_kind
 
-    started = time.perf_counter()
     config = load_config(path)
     if _transformers_kind(config) != CAUSAL_LM:
         raise StreamFallback(f"{config.model_type} is not a causal LM; encoders are captured whole")
     checkpoint = Checkpoint(path)
     skeleton = empty_model(config)
     keys = _check_checkpoint(checkpoint, skeleton)
+    estimate = room(checkpoint)
     prefix, layers = decoder_layers(skeleton)
     kinds = layer_kinds(skeleton, layers)
     depth = template_depth(kinds)
@@ -87,20 +93,21 @@ def capture_streamed(path: Path, opset: int, say=lambda message: None):
     kv = KVLayout(len(kinds), _per_layer(template_kv.kv_heads, kinds, depth), _per_layer(template_kv.head_dims, kinds, depth),
                   template_kv.dtype)
     _name_decoder_dims(model, kv)
-    streamed = Streamed(checkpoint, config, skeleton, prefix, kinds, depth, keys,
-                        {"capture": {"seconds": round(time.perf_counter() - started, 3)}})
+    streamed = Streamed(checkpoint, config, skeleton, prefix, kinds, depth, keys, estimate)
     notes = [f"streamed: {depth}-layer template stamped across {len(kinds)} layers; {folded} weight transforms "
              "deferred to the write"]
     return Captured(model, CAUSAL_LM, kv, reference=None, example=None, notes=notes), streamed
 
 
-def capture_hf(path: Path, opset: int, cfg, say):
+def capture_hf(path: Path, opset: int, cfg, say, output: Path):
     """(Captured, TorchModel, Streamed, None) for a directory the streamed path takes, or (None, None, None,
     reason) when it does not; errors in the checkpoint itself are raised (the whole-model path would meet them too).
     The TorchModel wraps the zero-byte skeleton: names, config, generation ids, tokenizer, never weights."""
+    from ..preflight import check_checkpoint
+
     try:
         require_supported(cfg)
-        captured, streamed = capture_streamed(path, opset, say)
+        captured, streamed = capture_streamed(path, opset, say, lambda ckpt: check_checkpoint(ckpt, cfg, output, True))
     except StreamFallback as exc:
         return None, None, None, str(exc)
     return captured, _torch_model(path, streamed.skeleton), streamed, None
