@@ -1,74 +1,84 @@
 """Wall time and peak resident memory per compile phase, for the compile report.
 
-Linux keeps a process's peak RSS (VmHWM in /proc/self/status) and lets the process reset it (writing 5 to
-/proc/self/clear_refs), so each phase's peak is measured exactly, not sampled. Elsewhere, or where the reset is
-refused, a phase records the process's lifetime peak so far and says so.
+Each phase's peak is sampled (VmRSS from /proc/self/statm every SAMPLE_SECONDS by a background thread); the
+process's overall peak is the kernel's own high-water mark (VmHWM), exact. The kernel's mark is never reset
+here (Linux allows it, /proc/self/clear_refs), so `/usr/bin/time -v` and other outside measures of the same
+process stay right. Where /proc is missing the phases record wall time only.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import resource
 import sys
+import threading
 import time
 from pathlib import Path
 
-STATUS, CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
-
-
-def _status_bytes(field: str) -> int | None:
-    try:
-        for line in STATUS.read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+STATUS, STATM = Path("/proc/self/status"), Path("/proc/self/statm")
+SAMPLE_SECONDS = 0.005
+PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 def current_rss() -> int | None:
-    return _status_bytes("VmRSS")
+    """Resident bytes now, or None without /proc."""
+    try:
+        return int(STATM.read_text().split()[1]) * PAGE
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def peak_rss() -> int:
-    """The process's peak RSS since start (or since the last reset) in bytes."""
-    peak = _status_bytes("VmHWM")
-    if peak is not None:
-        return peak
+    """The process's peak resident bytes since it started."""
+    try:
+        for line in STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
-def reset_peak() -> bool:
-    """Start a new peak-RSS window; False where the OS does not allow it."""
-    try:
-        CLEAR_REFS.write_text("5")
-        return True
-    except OSError:
-        return False
+class _Sampler(threading.Thread):
+    def __init__(self):
+        super().__init__(daemon=True, name="luffy-rss-sampler")
+        self.peak = current_rss() or 0
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while not self._done.wait(SAMPLE_SECONDS):
+            self.peak = max(self.peak, current_rss() or 0)
+
+    def stop(self) -> int:
+        self._done.set()
+        self.join()
+        return max(self.peak, current_rss() or 0)
 
 
 class Phases:
-    """``with phases("capture"): ...`` records the phase's seconds and peak RSS; ``report()`` lists them."""
+    """``with phases("capture"): ...`` records the phase's seconds and sampled peak RSS; ``report()`` lists them
+    with the process's exact peak."""
 
     def __init__(self):
         self.records: dict[str, dict] = {}
-        self.process_peak = 0
 
     @contextlib.contextmanager
     def __call__(self, name: str):
-        exact = reset_peak()
+        sampler = _Sampler() if current_rss() is not None else None
+        if sampler is not None:
+            sampler.start()
         started = time.perf_counter()
         try:
             yield
         finally:
-            peak = peak_rss()
-            self.process_peak = max(self.process_peak, peak)
-            record = self.records.setdefault(name, {"seconds": 0.0, "peak_rss_bytes": 0})
+            record = self.records.setdefault(name, {"seconds": 0.0})
             record["seconds"] = round(record["seconds"] + time.perf_counter() - started, 3)
-            record["peak_rss_bytes"] = max(record["peak_rss_bytes"], peak)
-            if not exact:
-                record["peak_is"] = "process lifetime peak (this OS cannot reset it per phase)"
+            if sampler is not None:
+                record["peak_rss_bytes"] = max(record.get("peak_rss_bytes", 0), sampler.stop())
 
     def report(self) -> dict:
-        return {"phases": self.records, "peak_rss_bytes": max([self.process_peak, peak_rss()])}
+        return {"phases": self.records, "peak_rss_bytes": peak_rss(),
+                "method": f"per phase: resident set sampled every {SAMPLE_SECONDS * 1000:g} ms; overall: the "
+                          "kernel's high-water mark (VmHWM)"}
