@@ -7,8 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
+# Four layers: a Hugging Face directory compiles by the streamed path (compiler/stream/), which exports a
+# two-layer template and stamps the rest, so two layers would never exercise the stamp.
+LAYERS = 4
 COMMON = dict(
-    vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=4,
     num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.1,
 )
 
@@ -20,19 +23,21 @@ NAMED_FAMILIES = {
     "mistral": dict(COMMON, sliding_window=16),
     "qwen2": dict(COMMON),
     "phi3": dict(COMMON, partial_rotary_factor=0.5, pad_token_id=0),
-    "gpt2": dict(vocab_size=320, n_embd=64, n_layer=2, n_head=4, n_positions=256, initializer_range=0.1),
+    "gpt2": dict(vocab_size=320, n_embd=64, n_layer=LAYERS, n_head=4, n_positions=256, initializer_range=0.1),
 }
 
 # Other architectures transformers can load, compiled with no per-family code in luffy.
 OTHER_FAMILIES = {
     "qwen3": dict(COMMON, head_dim=16),
-    "gemma2": dict(COMMON, head_dim=16, sliding_window=16),
-    "gpt_neox": dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    # sliding and full attention alternate: a 4-layer template (both orders of the pair, ending like the model)
+    # stamped to 6 layers
+    "gemma2": dict(COMMON, head_dim=16, sliding_window=16, num_hidden_layers=6),
+    "gpt_neox": dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
                      num_attention_heads=4, max_position_embeddings=256, rotary_pct=0.5, initializer_range=0.1),
-    "falcon": dict(vocab_size=320, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+    "falcon": dict(vocab_size=320, hidden_size=64, num_hidden_layers=LAYERS, num_attention_heads=4,
                    new_decoder_architecture=True, num_kv_heads=2, initializer_range=0.1),
-    "bloom": dict(vocab_size=320, hidden_size=64, n_layer=2, n_head=4, initializer_range=0.1),
-    "opt": dict(vocab_size=320, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+    "bloom": dict(vocab_size=320, hidden_size=64, n_layer=LAYERS, n_head=4, initializer_range=0.1),
+    "opt": dict(vocab_size=320, hidden_size=64, ffn_dim=128, num_hidden_layers=LAYERS, num_attention_heads=4,
                 max_position_embeddings=256, word_embed_proj_dim=64),
 }
 

@@ -89,20 +89,29 @@ class RegionRunner:
         _save_region(model, sub, nodes, crossing, initializers, outputs, path)
         return path, [v.name for v in crossing], [v.name for v in outputs]
 
-    def run(self, feeds: dict[str, np.ndarray], on_region=lambda region: None) -> dict[str, np.ndarray]:
-        """All graph outputs for ``feeds`` (by graph input name), running one region's session at a time."""
+    def run(self, batches: list[dict[str, np.ndarray]], on_region=lambda region: None) -> list[dict[str, np.ndarray]]:
+        """All graph outputs for each feed dict of ``batches`` (by graph input name), loading one region's session
+        at a time and running every batch through it before the next region loads."""
         import onnxruntime as ort
 
         from ...runtimes.ort_compat import session_options
 
-        values = dict(feeds)
+        values = [dict(feeds) for feeds in batches]
         for region in self.order:
             on_region(region)
             session = ort.InferenceSession(str(self.files[region]), session_options(), providers=["CPUExecutionProvider"])
-            produced = session.run(self.produces[region], {name: values[name] for name in self.inputs[region]})
-            values.update(zip(self.produces[region], produced))
+            for held in values:
+                produced = session.run(self.produces[region], {name: held[name] for name in self.inputs[region]})
+                held.update(zip(self.produces[region], produced))
+                for name in self._spent(region):  # crossing values no later region reads
+                    held.pop(name, None)
             del session
-        return {name: values[name] for name in self.outputs}
+        return [{name: held[name] for name in self.outputs} for held in values]
+
+    def _spent(self, region: int) -> list[str]:
+        later = {name for r in self.order if r > region for name in self.inputs[r]}
+        return [name for r in self.order if r <= region for name in self.produces[r]
+                if name not in later and name not in self.outputs]
 
     def close(self) -> None:
         for path in self.files.values():
