@@ -18,6 +18,7 @@ the whole-model path and says why in the report.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,7 +130,11 @@ def _check_checkpoint(checkpoint: Checkpoint, skeleton) -> dict[str, str]:
     if converted:
         raise StreamFallback(f"transformers converts checkpoint tensors such as {converted[0]} on load (they become "
                              "parts of other tensors), which the streamed path does not replay")
-    return check_parameters(checkpoint, params, aliases, names, ignorable_keys(skeleton))
+    # persistent buffers a checkpoint may carry: read from it when there (transformers loads them), else the
+    # module's own value
+    buffers = {name: names[name] for name in skeleton.state_dict() if name not in params and name in names}
+    ignorable = ignorable_keys(skeleton) + [f"^{re.escape(key)}$" for key in buffers.values()]
+    return {**check_parameters(checkpoint, params, aliases, names, ignorable), **buffers}
 
 
 def _per_layer(values: list, kinds: list[str], depth: int) -> list:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import onnx_ir as ir
 
 SCOPES = "pkg.torch.onnx.name_scopes"
+INPUT_KIND = "pkg.torch.export.graph_signature.InputSpec.kind"  # PARAMETER, BUFFER, CONSTANT_TENSOR
 PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 PRESENT = re.compile(r"^present\.(\d+)\.(key|value)$")
 PROLOGUE, EPILOGUE, CONST = "prologue", "epilogue", "const"
@@ -147,7 +148,12 @@ def _role(value: ir.Value | None, slot: int, part: Partition, prefix: str) -> tu
             return ("shared", value)
         if layer != slot:
             raise StampError(f"layer {slot} reads the weight {value.name} of layer {layer}")
-        return ("weight", value.name.split(".", len(prefix.split(".")) + 1)[-1])
+        relative = value.name.split(".", len(prefix.split(".")) + 1)[-1]
+        if value.metadata_props.get(INPUT_KIND, "PARAMETER") == "PARAMETER":
+            return ("weight", relative)
+        # a buffer or a constant torch.export lifted (numbered model-wide: lifted_tensor_4 in one layer is
+        # lifted_tensor_6 in the next): compared by value, stamped under the new layer's name
+        return ("buffer", _tensor_key(value.const_value), relative)
     owner = part.owner[producer]
     if owner == CONST:
         return ("const", _constant_key(producer, value))
@@ -167,6 +173,10 @@ def _constant_key(node: ir.Node, value: ir.Value) -> tuple:
     inputs = tuple(("init", id(v)) if v is not None and v.producer() is None else
                    (_constant_key(v.producer(), v) if v is not None else None) for v in node.inputs)
     return (_signature(node), inputs, node.outputs.index(value))
+
+
+def _tensor_key(tensor) -> tuple:
+    return (str(tensor.dtype), tuple(tensor.shape), tensor.tobytes()) if tensor is not None else None
 
 
 def _signature(node: ir.Node) -> tuple:
@@ -193,7 +203,8 @@ def _check_same_kind(part: Partition, a: int, b: int, prefix: str) -> None:
         for vx, vy in zip(x.inputs, y.inputs):
             rx, ry = _role(vx, a, part, prefix), _role(vy, b, part, prefix)
             first_layer_carry = a == 0 and rx[0] == "shared" and ry[0] == "carry"
-            if rx != ry and not first_layer_carry:
+            same_buffer = rx[0] == ry[0] == "buffer" and rx[1] == ry[1]  # names differ, values agree
+            if rx != ry and not first_layer_carry and not same_buffer:
                 raise StampError(f"layers {a} and {b} differ in an input of {x.name} ({x.op_type}): "
                                  f"{_describe(rx)} / {_describe(ry)}")
 
@@ -288,8 +299,8 @@ def _clone_layer(graph: ir.Graph, part: Partition, prefix: str, slot: int, layer
                 if role[1] not in pasts:
                     pasts[role[1]] = _graph_input(graph, value, f"past_key_values.{layer}.{role[1]}")
                 inputs.append(pasts[role[1]])
-            else:  # a layer weight
-                inputs.append(_initializer(graph, value, f"{prefix}.{layer}.{role[1]}"))
+            else:  # a layer weight or buffer
+                inputs.append(_initializer(graph, value, f"{prefix}.{layer}.{role[-1]}"))
         clone = ir.Node(node.domain, node.op_type, inputs, list(node.attributes.values()), overload=node.overload,
                         num_outputs=len(node.outputs), version=node.version, name=f"{node.name}.l{layer}",
                         metadata_props=dict(node.metadata_props))
