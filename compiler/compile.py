@@ -135,7 +135,7 @@ def compile(  # noqa: A001 - the public name the API promises
     phases = Phases()  # wall time and peak RSS of each phase, for the report
     with phases("capture"):
         capture = _capture(src, compile_target.capture_opset(), cfg, say, Path(output))
-    quality = QualityMeasure(cfg, src, capture.tm, capture.graph, capture.max_len, say)
+    quality = QualityMeasure(cfg, src, capture.tm, capture.graph, capture.max_len, say, capture.streamed is not None)
     with phases("passes"):
         model, records = _run_stages(plan, capture, cfg, say)
         compile_target.check(model, src.spec, say)

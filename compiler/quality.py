@@ -18,8 +18,9 @@ MODEL_FILE, DATA_FILE = "model.onnx", "model.onnx.data"
 class QualityMeasure:
     """Calibration for GPTQ and perplexity before/after, on the token windows of --calib / --eval."""
 
-    def __init__(self, cfg: LuffyConfig, src, tm, captured, max_len, say):
+    def __init__(self, cfg: LuffyConfig, src, tm, captured, max_len, say, streamed: bool = False):
         self.cfg, self.src, self.tm, self.captured, self.say = cfg, src, tm, captured, say
+        self.streamed = streamed  # the weights are in the checkpoint: graphs are run region by region (stream/)
         self.window = min(WINDOW, max_len) if max_len else WINDOW
         self.reference_ppl = None
         self.reference_kind = None
@@ -45,7 +46,13 @@ class QualityMeasure:
 
         windows, prefix = self._windows(self.cfg.eval_file, "--eval")
         self.say("measuring fp32 perplexity")
-        if self.tm is not None:
+        if self.streamed:
+            from .stream.quality import region_perplexity
+            from .stream.regions import RegionRunner
+
+            self.reference_ppl = region_perplexity(RegionRunner(fp32_model), windows, prefix, self.say)
+            self.reference_kind = "optimized fp32 graph, region by region"
+        elif self.tm is not None:
             self.reference_ppl, self.reference_kind = torch_perplexity(self.tm.module, windows, prefix), "pytorch fp32"
         else:
             import tempfile
@@ -85,12 +92,20 @@ class QualityMeasure:
         from .calibration import graph_perplexity, torch_perplexity
 
         windows, prefix = self._windows(self.cfg.eval_file, "--eval")
-        if self.reference_ppl is None:  # fp32 compile: the reference is the module itself
+        if self.reference_ppl is None and not self.streamed:  # fp32 compile: the reference is the module itself
             self.say("measuring fp32 perplexity")
             if self.tm is not None:
                 self.reference_ppl, self.reference_kind = torch_perplexity(self.tm.module, windows, prefix), "pytorch fp32"
         self.say(f"measuring {self.cfg.precision} perplexity")
-        ppl = graph_perplexity(model_path, windows, prefix)
+        if self.streamed:
+            from .stream.quality import region_perplexity
+            from .stream.regions import RegionRunner
+
+            ppl = region_perplexity(RegionRunner.from_artifact(model_path), windows, prefix, self.say)
+            if self.reference_ppl is None:  # an fp32 compile: its own graph, held to PyTorch by the parity check
+                self.reference_ppl, self.reference_kind = ppl, "this fp32 artifact (parity-checked against PyTorch)"
+        else:
+            ppl = graph_perplexity(model_path, windows, prefix)
         ref = self.reference_ppl
         return {
             "eval_file": self.cfg.eval_file, "windows": len(windows), "window_tokens": self.window,

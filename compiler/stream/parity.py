@@ -82,6 +82,11 @@ def _artifact_outputs(model_path: Path, cases: dict, say) -> dict:
     import onnx
 
     names = {i.name: _type_string(i) for i in onnx.load(str(model_path), load_external_data=False).graph.input}
+    return run_cases(RegionRunner.from_artifact(model_path), names, cases, say)
+
+
+def run_cases(runner: RegionRunner, names: dict[str, str], cases: dict, say) -> dict:
+    """Decoder cases (capture's example tuples) through ``runner``: {label: {output: array}}, caches cut to length."""
     batches, totals = [], []
     for ids, mask, pos, past in cases.values():
         feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "position_ids": pos.numpy()}
@@ -91,11 +96,7 @@ def _artifact_outputs(model_path: Path, cases: dict, say) -> dict:
         feeds, total = interface_feeds(names, feeds)
         batches.append(feeds)
         totals.append(total)
-    runner = RegionRunner(model_path)
-    try:
-        produced = runner.run(batches, lambda r: say(f"parity: onnxruntime, region {r + 2} of {len(runner.order)}"))
-    finally:
-        runner.close()
+    produced = runner.run(batches, lambda r: say(f"parity: onnxruntime, region {r + 2} of {len(runner.order)}"))
     return {label: {k: (v[:, :, :total] if k.startswith("present.") else v) for k, v in out.items()}
             for label, out, total in zip(cases, produced, totals)}
 
