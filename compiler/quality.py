@@ -79,8 +79,13 @@ class QualityMeasure:
             from .calibration import MAX_CALIB_WINDOWS, collect_hessians
 
             windows, _ = self._windows(self.cfg.calib, "--calib", MAX_CALIB_WINDOWS)
-            self.say(f"collecting GPTQ statistics on {len(windows)} calibration windows")
-            hessians = collect_hessians(model, windows, self.say)
+            if self.streamed:  # each layer's statistics when its weights are written (stream/calibration.py)
+                from .stream.calibration import LayerHessians
+
+                hessians = LayerHessians(model, windows, self.say)
+            else:
+                self.say(f"collecting GPTQ statistics on {len(windows)} calibration windows")
+                hessians = collect_hessians(model, windows, self.say)
         bits = 4 if self.cfg.precision == "int4" else 8
         return WeightQuantization(
             bits=bits, block_size=self.cfg.block_size, accuracy_level=self.cfg.accuracy_level,

@@ -59,7 +59,9 @@ class PackedWeight:
     """Codes [N, K/block, block*bits/8], scales [N, K/block] and zero points (asymmetric) of a [K, N] weight."""
 
     def __init__(self, open_reader: Callable[[], Callable[[int, int], np.ndarray]], k: int, n: int, bits: int,
-                 block: int, symmetric: bool, hessian: np.ndarray | None = None):
+                 block: int, symmetric: bool, hessian=None):
+        """``hessian``: GPTQ's X^T X of the weight's input, an array or a callable that gives it when the codes
+        are computed (a streamed compile collects each layer's only when its weights are written)."""
         self.open_reader, self.k, self.n, self.bits, self.block = open_reader, k, n, bits, block
         self.symmetric = symmetric
         self.hessian = hessian if hessian is not None and k % block == 0 else None
@@ -103,14 +105,15 @@ class PackedWeight:
     def _compute(self) -> list[np.ndarray]:
         rows = max(1, CHUNK_BYTES // (4 * self.k))
         read = self.open_reader()  # whatever it holds goes when this computation ends
-        pieces = [self._quantize(np.ascontiguousarray(read(n0, min(n0 + rows, self.n)), dtype=np.float32))
+        hessian = self.hessian() if callable(self.hessian) else self.hessian
+        pieces = [self._quantize(np.ascontiguousarray(read(n0, min(n0 + rows, self.n)), dtype=np.float32), hessian)
                   for n0 in range(0, self.n, rows)]
         return [np.ascontiguousarray(np.concatenate(parts, axis=0)) for parts in zip(*pieces)]
 
-    def _quantize(self, w: np.ndarray) -> tuple[np.ndarray, ...]:
+    def _quantize(self, w: np.ndarray, hessian: np.ndarray | None) -> tuple[np.ndarray, ...]:
         n = w.shape[1]
-        if self.hessian is not None:
-            codes, scales, zeros = gptq_math.gptq(w, self.hessian, self.bits, self.block, self.symmetric)
+        if hessian is not None:
+            codes, scales, zeros = gptq_math.gptq(w, hessian, self.bits, self.block, self.symmetric)
             packed, scales, zero_points = gptq_math.pack_matmul_nbits(codes, scales, zeros, self.bits, self.block,
                                                                       self.symmetric)
         else:

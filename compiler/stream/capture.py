@@ -192,7 +192,5 @@ def require_supported(cfg) -> None:
         raise StreamFallback(f"--precision {cfg.precision} converts every weight in one pass over the whole graph")
     if cfg.target != "ort":
         raise StreamFallback("--target trt builds its engine from the whole graph")
-    if cfg.calib:
-        raise StreamFallback("--calib (GPTQ) runs the whole model")
     if cfg.verify or cfg.dump_ir:
         raise StreamFallback("--verify and --dump-ir run every pass's graph on ONNX Runtime, weights and all")

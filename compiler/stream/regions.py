@@ -90,21 +90,28 @@ class RegionRunner:
                 if out.is_graph_output() or any(self.regions[c] != region for c in out.consumers())]
 
     def run(self, batches: list[dict[str, np.ndarray]], on_region=lambda region: None,
-            watch: Callable[[int], list[ir.Value]] = lambda region: [],
-            seen: Callable[[int, int, dict[str, np.ndarray]], None] = lambda region, batch, values: None,
             finish: Callable[[int, dict[str, np.ndarray]], None] | None = None) -> list[dict[str, np.ndarray]]:
         """The graph outputs for each feed dict of ``batches`` (by graph input name). Each region's session is
-        loaded once and runs every batch before the next loads. ``watch(region)`` names values inside a region
-        to hand to ``seen(region, batch index, {name: array})`` (GPTQ's MatMul inputs); they are not kept.
-        ``finish(batch index, outputs)``, when given, receives each batch's outputs as soon as they exist, and
-        they are not kept either (perplexity over many windows holds one window's logits at a time)."""
+        loaded once and runs every batch before the next loads. ``finish(batch index, outputs)``, when given,
+        receives each batch's outputs as soon as they exist and they are not kept (perplexity over many windows
+        holds one window's logits at a time)."""
+        held = [dict(feeds) for feeds in batches]
+        for region in self.steps(held, finish=finish):
+            on_region(region)
+        return [] if finish is not None else [{name: values[name] for name in self.outputs} for values in held]
+
+    def steps(self, held: list[dict[str, np.ndarray]], watch: Callable[[int], list[ir.Value]] = lambda region: [],
+              seen: Callable[[int, int, dict[str, np.ndarray]], None] = lambda region, batch, values: None,
+              finish: Callable[[int, dict[str, np.ndarray]], None] | None = None):
+        """Run the regions in order over the feed dicts ``held`` (updated in place with what crosses on), yielding
+        each region's index when every batch has been through it: a caller can stop between regions. ``watch``
+        names values inside a region to hand to ``seen(region, batch index, {name: array})`` (GPTQ's MatMul
+        inputs); they are not kept."""
         import onnxruntime as ort
 
         from ...runtimes.ort_compat import session_options
 
-        held = [dict(feeds) for feeds in batches]
         for region in self.order:
-            on_region(region)
             extra = [v for v in watch(region) if v not in self._produces[region]]
             with self._region_file(region, held[0], extra) as path:
                 session = ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
@@ -118,7 +125,7 @@ class RegionRunner:
                     if finish is not None and region == self.order[-1]:
                         finish(index, {name: values.pop(name) for name in self.outputs})
                 del session
-        return [] if finish is not None else [{name: values[name] for name in self.outputs} for values in held]
+            yield region
 
     def _spent(self, region: int) -> list[str]:
         """Values no region after ``region`` reads (dropped as soon as they are spent)."""
