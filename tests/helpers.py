@@ -69,6 +69,9 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int):
             torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
             max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
             output_logits=True, return_dict_in_generate=True, pad_token_id=0,
+            # no EOS at all (as luffy's eos_token_id=None): with one, min_new_tokens masks the EOS logit, and a step
+            # whose argmax is EOS would take the runner-up
+            eos_token_id=None,
         )
     logits = torch.stack(out.logits, dim=1).numpy()
     return out.sequences.numpy(), logits
@@ -132,5 +135,5 @@ def assert_transformers_generates(model, batch: np.ndarray, rows: list[list[int]
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
     with torch.no_grad():
         ref = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                             do_sample=False, pad_token_id=0)
+                             do_sample=False, pad_token_id=0, eos_token_id=None)
     assert ref.numpy().tolist() == batch.tolist()
