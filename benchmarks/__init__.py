@@ -4,8 +4,9 @@
     report = bench("build/my-llama", prompt_len=128, gen_len=128, batch=[1, 4], vs="torch,ort-export")
     print(report.to_markdown())
 
-Submodules: peers (one runner per system), worker (a process per system), measure (the interleaved timing
-loop), bandwidth (streaming-read roofline), machine (what it ran on), report (JSON + markdown), suite.
+Submodules: api (the bench: builds, workers, the interleaved rounds of luffy.measure), peers (one runner per
+system), worker (a process per system), bandwidth (streaming-read roofline), machine (what it ran on), report
+(JSON + markdown), suite.
 Names are imported lazily so ``python -m luffy.benchmarks.worker`` starts without the rest.
 """
 

@@ -5,7 +5,7 @@
 
 Flow: resolve the target (an artifact, or a model source compiled first, timed) -> build the peers from the
 same Hugging Face directory, each in a throwaway process -> measure streaming-read bandwidth -> load every
-system in its own worker process -> interleaved timed runs -> peak RSS per worker -> report.
+system in its own worker process -> interleaved timed runs (luffy.measure) -> peak RSS per worker -> report.
 """
 
 from __future__ import annotations
@@ -22,13 +22,15 @@ import numpy as np
 
 from .. import __version__
 from .. import errors as luffy_errors
+from ..compiler.sources.resolve import resolve_source
 from ..errors import CapacityError, LuffyError, UsageError
+from ..measure import CpuAccount, interleaved_rounds, prompt_ids, spread, wait_for_quiet_cpu
+from ..runtimes.generation import check_capacity
+from ..runtimes.manifest import MANIFEST, read_manifest
 from .bandwidth import BandwidthProbe, streaming_read_bandwidth
-from ..runtimes.timing import wait_for_quiet_cpu
-from .machine import CpuAccount, describe_machine
-from .measure import interleaved_runs
-from .peers import PEERS, RUNNERS, SUBJECT, Runner
-from .report import DEFINITIONS, BenchReport, batch_result, count, summarize
+from .machine import describe_machine
+from .peers import PEERS, RUNNERS, SUBJECT, Runner, TorchRunner
+from .report import DEFINITIONS, BenchReport, batch_result, count
 from .worker import Worker, WorkerFailed, one_shot
 
 BANDWIDTH_PASSES = 5  # the measurement before the runs
@@ -57,6 +59,19 @@ def parse_peers(vs: str | Iterable[str] | None) -> list[str]:
     if unknown:
         raise UsageError(f"--vs {','.join(unknown)}: unknown peer; choose from {', '.join(PEERS)} (or all)")
     return list(dict.fromkeys(items))
+
+
+def parse_peer_paths(given: dict[str, str] | Iterable[str] | None) -> dict[str, str]:
+    """``["llama.cpp=/opt/llama/bin", ...]`` or a dict -> {peer: path}, every name a known peer."""
+    if not given:
+        return {}
+    pairs = given.items() if isinstance(given, dict) else [item.partition("=")[::2] for item in given]
+    out = {}
+    for name, path in pairs:
+        if name not in PEERS or not path:
+            raise UsageError(f"--peer {name}={path}: expected NAME=PATH with NAME one of {', '.join(PEERS)}")
+        out[name] = str(path)
+    return out
 
 
 def parse_batches(batch: int | str | Iterable[int]) -> list[int]:
@@ -93,6 +108,7 @@ def bench(
     progress: Progress | None = None,
     draft: str | Path | None = None,
     prompt_lookup: int | None = None,
+    peer_paths: dict[str, str] | Iterable[str] | None = None,
 ) -> BenchReport:
     """Benchmark an artifact (or a model source, compiled first) against ``vs`` peers on the same weights.
 
@@ -100,7 +116,9 @@ def bench(
     Peers need the Hugging Face directory: a source HF directory, a zoo model saved to one, or the
     directory an artifact's manifest names; otherwise they are skipped with the reason. ``workdir`` keeps
     builds and worker logs (default: a temporary directory, removed afterwards). ``draft`` (an artifact) and
-    ``prompt_lookup`` (K) add rows of the same artifact generating with speculative decoding.
+    ``prompt_lookup`` (K) add rows of the same artifact generating with speculative decoding. ``peer_paths`` says where
+    a peer outside luffy's Python is: ``{"llama.cpp": "BUILD/bin", "openvino": "VENV/bin/python"}`` (or
+    ``["llama.cpp=BUILD/bin", ...]``); unnamed ones are looked for on PATH and in luffy's own Python.
 
     >>> report = bench("llama-tiny", prompt_len=16, gen_len=8, vs="torch", repeats=2)   # doctest: +SKIP
     >>> report.system("luffy")["results"][0]["decode_tok_s"]["median"]                   # doctest: +SKIP
@@ -126,8 +144,10 @@ def bench(
             if prompt_lookup < 1:
                 raise UsageError(f"--prompt-lookup must be >= 1, got {prompt_lookup}")
             speculative["luffy-lookup"] = {"prompt_lookup": prompt_lookup}
-        return _run(target, peers, batches, prompt_len, gen_len, repeats, warmup, opt_level, work, bandwidth,
-                    bandwidth_mib, seed, description, say, account, keep=workdir is not None, speculative=speculative)
+        settings = _Settings(batches, prompt_len, gen_len, repeats, warmup, opt_level, bandwidth, bandwidth_mib, seed,
+                             description)
+        return _BenchRun(target, peers, settings, work, say, workdir is not None, speculative,
+                         parse_peer_paths(peer_paths)).run(account)
 
 
 @contextlib.contextmanager
@@ -145,9 +165,6 @@ def _workdir(workdir):
 
 
 def _resolve(model: str, work: Path, opt_level: int) -> _Target:
-    from ..runtimes.manifest import MANIFEST, read_manifest
-    from ..compiler.sources import resolve_source
-
     if (Path(model) / MANIFEST).is_file():
         manifest = read_manifest(model)
         if manifest.get("kind") != "causal-lm":
@@ -177,8 +194,6 @@ def _resolve(model: str, work: Path, opt_level: int) -> _Target:
 
 
 def _zoo_hf_dir(name: str, work: Path):
-    from .peers import TorchRunner
-
     missing = TorchRunner.unavailable()
     if missing:
         return None, f"saving zoo model {name} as a Hugging Face directory needs torch: {missing}"
@@ -195,166 +210,229 @@ def _as_luffy_error(exc: WorkerFailed, keep: bool) -> LuffyError:
     return LuffyError(f"the luffy engine failed in its worker: {exc.error}: {exc.message} ({where})")
 
 
-def _run(target, peers, batches, prompt_len, gen_len, repeats, warmup, opt_level, work, bandwidth, bandwidth_mib,
-         seed, description, say, account, keep, speculative=None) -> BenchReport:
-    speculative = speculative or {}
-    names = [SUBJECT, *speculative, *peers]
-    entries = {n: {"name": n, "label": n, "status": "ok", "reason": None} for n in names}
-    paths = {}
-    for name in names:
-        runner = RUNNERS[name]
-        paths[name] = {"hf_dir": str(target.hf_dir) if target.hf_dir else None, "artifact": str(target.artifact),
-                       "build_dir": str(work / "builds" / name), "compile_source": target.compile_source,
-                       "opt_level": opt_level, **speculative.get(name, {})}
-        reason = runner.unavailable()
-        if reason is None and runner.needs_hf_dir and target.hf_dir is None:
-            reason = target.hf_reason
-        if reason:
-            entries[name].update(status="skipped", reason=reason)
+@dataclass
+class _Settings:
+    """What `bench` was asked for, after validation."""
 
-    def failed(name, exc: WorkerFailed):
+    batches: list[int]
+    prompt_len: int
+    gen_len: int
+    repeats: int
+    warmup: int
+    opt_level: int
+    bandwidth: bool
+    bandwidth_mib: int
+    seed: int
+    description: str | None
+
+
+class _BenchRun:
+    """One `bench` call: build every system in a throwaway process, measure bandwidth, load each system in its
+    own worker, time them in interleaved rounds, and assemble the report. The luffy engine (SUBJECT) failing
+    fails the bench; a peer failing is reported in its row."""
+
+    def __init__(self, target: _Target, peers: list[str], settings: _Settings, work: Path, say, keep: bool,
+                 speculative: dict, peer_paths: dict | None = None):
+        self.target, self.cfg, self.work, self.say, self.keep = target, settings, work, say, keep
+        self.names = [SUBJECT, *speculative, *peers]
+        self.entries = {n: {"name": n, "label": n, "status": "ok", "reason": None} for n in self.names}
+        self.paths = {name: {"hf_dir": str(target.hf_dir) if target.hf_dir else None, "artifact": str(target.artifact),
+                             "build_dir": str(work / "builds" / name), "compile_source": target.compile_source,
+                             "opt_level": settings.opt_level, "peer_path": (peer_paths or {}).get(name),
+                             **speculative.get(name, {})} for name in self.names}
+        for name in self.names:
+            runner = RUNNERS[name]
+            reason = runner.unavailable_with(self.paths[name])
+            if reason is None and runner.needs_hf_dir and target.hf_dir is None:
+                reason = target.hf_reason
+            if reason:
+                self.entries[name].update(status="skipped", reason=reason)
+            elif runner.max_batch is not None and max(settings.batches) > runner.max_batch:
+                self.entries[name]["note"] = f"batch {runner.max_batch} only"  # llama-bench times one sequence
+        self.done, self.workers = 0, {}
+        self.probe, self.bandwidth, self.per_round, self.round_bandwidth = None, None, [], None
+
+    def failed(self, name: str, exc: WorkerFailed) -> None:
         if name == SUBJECT:
-            raise _as_luffy_error(exc, keep) from None
-        where = f" (log: {exc.log})" if keep else ""
-        entries[name].update(status="failed", reason=f"{exc.error}: {exc.message}{where}")
+            raise _as_luffy_error(exc, self.keep) from None
+        where = f" (log: {exc.log})" if self.keep else ""
+        self.entries[name].update(status="failed", reason=f"{exc.error}: {exc.message}{where}")
 
-    def active():
-        return [n for n in names if entries[n]["status"] == "ok"]
+    def active(self) -> list[str]:
+        return [n for n in self.names if self.entries[n]["status"] == "ok"]
 
-    steps = {"done": 0}
+    def builds(self) -> list[str]:
+        return [n for n in self.active()
+                if (n != SUBJECT or self.target.compile_source) and RUNNERS[n].build is not Runner.build]
 
-    def builds():
-        return [n for n in active() if (n != SUBJECT or target.compile_source) and RUNNERS[n].build is not Runner.build]
+    def total(self) -> int:
+        live = len(self.active())
+        return len(self.builds()) + live + live * len(self.cfg.batches) * (self.cfg.warmup + self.cfg.repeats)
 
-    def total():
-        live = len(active())
-        return len(builds()) + live + live * len(batches) * (warmup + repeats)
+    def tick(self, what: str) -> None:
+        self.say(what, self.done, self.total())
+        self.done += 1
 
-    def tick(what):
-        say(what, steps["done"], total())
-        steps["done"] += 1
+    def check_capacity(self, limit: int | None, whose: str = "the artifact's") -> None:
+        check_capacity(self.cfg.prompt_len, self.cfg.gen_len, limit, "gen length", f"{whose} maximum sequence length")
 
-    def check_capacity():  # before any peer is built: the artifact's limit is known once it exists
-        from ..runtimes.manifest import read_manifest
-
-        manifest = read_manifest(target.artifact, verify_files=False)
-        limit = manifest.get("max_seq_len")
-        if limit and prompt_len + gen_len > limit:
-            raise CapacityError(f"prompt length {prompt_len} + gen length {gen_len} = {prompt_len + gen_len} exceeds "
-                                f"the artifact's maximum sequence length {limit}")
-        return manifest
-
-    # Builds, each in a throwaway worker so its memory never counts against a system.
-    if not target.compile_source:
-        seconds = (check_capacity().get("report") or {}).get("seconds_total")
-        entries[SUBJECT].update(build_s=seconds, build_source="manifest")
-    for name in builds():
-        tick(f"building {name}" if name != SUBJECT else f"compiling {target.spec}")
-        shutil.rmtree(paths[name]["build_dir"], ignore_errors=True)
+    def run(self, account: CpuAccount) -> BenchReport:
+        if not self.target.compile_source:  # before any peer is built: the artifact's limit is known
+            manifest = read_manifest(self.target.artifact, verify_files=False)
+            self.check_capacity(manifest.get("max_seq_len"))
+            self.entries[SUBJECT].update(build_s=(manifest.get("report") or {}).get("seconds_total"),
+                                         build_source="manifest")
+        self.build_all()
+        self.measure_bandwidth()
         try:
-            built = one_shot("build", work / "logs" / f"{name}-build.log", system=name, paths=paths[name])
-        except WorkerFailed as exc:
-            failed(name, exc)
-            continue
-        entries[name].update(build_s=built.get("build_s"), build_source="measured")
-        if name == SUBJECT:
-            entries[name]["parity"] = built.get("parity")
-            check_capacity()
-
-    bw, probe, per_round = None, None, []
-    if bandwidth:
-        say("measuring streaming-read bandwidth", steps["done"], total())
-        probe = BandwidthProbe(bandwidth_mib)
-        bw = streaming_read_bandwidth(passes=BANDWIDTH_PASSES, probe=probe)
-
-    def measure_round() -> float:  # the same method, fewer passes: it runs before every timed round
-        gb_s = probe.measure(ROUND_PASSES)["gb_per_s"]
-        per_round.append(gb_s)
-        return gb_s
-
-    workers: dict[str, Worker] = {}
-    try:
-        for name in list(active()):
-            tick(f"loading {name}")
-            worker = Worker(work / "logs" / f"{name}.log")
-            workers[name] = worker
-            try:
-                info = worker.request("load", system=name, paths=paths[name])
-            except WorkerFailed as exc:
+            self.load_workers()
+            timings, tokens = self.time_runs()
+            self.read_peak_rss()
+        finally:
+            for worker in self.workers.values():
                 worker.close()
-                del workers[name]
-                failed(name, exc)
+            if self.probe:
+                self.probe.close()
+        self.say("done", self.total(), self.total())
+        return self.report(timings, tokens, account)
+
+    def build_all(self) -> None:
+        """Builds, each in a throwaway worker so its memory never counts against a system."""
+        for name in self.builds():
+            self.tick(f"building {name}" if name != SUBJECT else f"compiling {self.target.spec}")
+            shutil.rmtree(self.paths[name]["build_dir"], ignore_errors=True)
+            try:
+                built = one_shot("build", self.work / "logs" / f"{name}-build.log", system=name, paths=self.paths[name])
+            except WorkerFailed as exc:
+                self.failed(name, exc)
+                continue
+            self.entries[name].update(build_s=built.get("build_s"), build_source="measured")
+            if name == SUBJECT:
+                self.entries[name]["parity"] = built.get("parity")
+                self.check_capacity(read_manifest(self.target.artifact, verify_files=False).get("max_seq_len"))
+
+    def measure_bandwidth(self) -> None:
+        if self.cfg.bandwidth:
+            self.say("measuring streaming-read bandwidth", self.done, self.total())
+            self.probe = BandwidthProbe(self.cfg.bandwidth_mib)
+            self.bandwidth = streaming_read_bandwidth(passes=BANDWIDTH_PASSES, probe=self.probe)
+
+    def load_workers(self) -> None:
+        for name in list(self.active()):
+            self.tick(f"loading {name}")
+            worker = Worker(self.work / "logs" / f"{name}.log")
+            self.workers[name] = worker
+            try:
+                info = worker.request("load", system=name, paths=self.paths[name])
+            except WorkerFailed as exc:
+                self.workers.pop(name).close()
+                self.failed(name, exc)
                 continue
             baseline = info.pop("baseline_rss_bytes")
-            entries[name].update(info, baseline_rss_mib=round(baseline / 2**20, 1))
-            limit = info.get("max_seq_len")
-            if limit and prompt_len + gen_len > limit:
-                message = (f"prompt length {prompt_len} + gen length {gen_len} = {prompt_len + gen_len} exceeds "
-                           f"{name}'s maximum sequence length {limit}")
-                if name == SUBJECT:
-                    raise CapacityError(message)
-                worker.close()
-                del workers[name]
-                entries[name].update(status="failed", reason=message)
-        vocab = entries[SUBJECT]["vocab"]
-        timings, tokens = interleaved_runs(
-            {n: workers[n] for n in active()}, batches, prompt_len, gen_len, warmup, repeats, vocab, seed,
-            on_run=lambda name, b, rnd: tick(
-                f"{name} batch {b} " + (f"warm-up {rnd + 1}" if rnd < warmup else f"run {rnd - warmup + 1}/{repeats}")),
-            on_failure=failed, probe=measure_round if probe else None, settle=wait_for_quiet_cpu,
-        )
-        for name in active():
+            self.entries[name].update(info, baseline_rss_mib=round(baseline / 2**20, 1))
             try:
-                entries[name]["peak_rss_mib"] = round(workers[name].request("rss")["peak_rss_bytes"] / 2**20, 1)
-            except WorkerFailed as exc:
-                failed(name, exc)
-    finally:
-        for worker in workers.values():
-            worker.close()
-        if probe:
-            probe.close()
-    say("done", total(), total())
-    if bw and per_round:
-        bw["per_round"] = {"passes": ROUND_PASSES, "gb_per_s": per_round, **summarize(per_round)}
+                self.check_capacity(info.get("max_seq_len"), f"{name}'s")
+            except CapacityError as exc:
+                if name == SUBJECT:
+                    raise
+                self.workers.pop(name).close()
+                self.entries[name].update(status="failed", reason=str(exc))
 
-    gb_s = bw["gb_per_s"] if bw else None
-    for name in names:
-        entry = entries[name]
-        if entry["status"] != "ok":
-            continue
-        entry["results"] = []
-        for b in batches:
-            result = batch_result(b, gen_len, timings[name][b], entry.get("streamed_weight_bytes"), gb_s)
-            ref, mine = tokens[SUBJECT].get(b, []), tokens[name].get(b, [])
-            agree = next((i for i, (x, y) in enumerate(zip(ref, mine)) if x != y), min(len(ref), len(mine)))
-            result["tokens_agree_with_luffy"] = agree  # leading new tokens of row 0 identical to luffy's
+    def time_runs(self) -> tuple[dict, dict]:
+        """Every system once per round, start rotated per round (luffy.measure.interleaved_rounds), per batch
+        size; all get the same seeded prompt. The bandwidth probe runs before every timed round while every
+        worker idles, and each run waits out the last one's spinning threads first (``settle_s``)."""
+        cfg, live = self.cfg, self.active()
+        timings = {name: {} for name in live}
+        tokens = {name: {} for name in live}
+        for batch in cfg.batches:
+            ids = prompt_ids(batch, cfg.prompt_len, self.entries[SUBJECT]["vocab"], cfg.seed).tolist()
+            runs = interleaved_rounds(live, cfg.warmup, cfg.repeats,
+                                      lambda name, rnd: self.timed_run(name, batch, rnd, ids, tokens),
+                                      self.before_round)
+            for name in live:
+                timings[name][batch] = runs[name]
+        return timings, tokens
+
+    def before_round(self, rnd: int) -> None:
+        self.round_bandwidth = None
+        if self.probe is not None and rnd >= self.cfg.warmup:  # the same method, fewer passes
+            wait_for_quiet_cpu()
+            self.round_bandwidth = self.probe.measure(ROUND_PASSES)["gb_per_s"]
+            self.per_round.append(self.round_bandwidth)
+
+    def timed_run(self, name: str, batch: int, rnd: int, ids: list, tokens: dict) -> dict | None:
+        if self.entries[name]["status"] != "ok" or batch > (RUNNERS[name].max_batch or batch):
+            return None
+        warm = rnd < self.cfg.warmup
+        self.tick(f"{name} batch {batch} " + (f"warm-up {rnd + 1}" if warm else f"run {rnd - self.cfg.warmup + 1}/"
+                                              f"{self.cfg.repeats}"))
+        settled = wait_for_quiet_cpu()
+        try:
+            result = self.workers[name].request("run", ids=ids, new_tokens=self.cfg.gen_len)
+        except WorkerFailed as exc:
+            self.failed(name, exc)
+            return None
+        tokens[name][batch] = result["tokens"]
+        timing = {"ttft_s": result["ttft_s"], "total_s": result["total_s"]}
+        if "speculation" in result:
+            timing["speculation"] = result["speculation"]
+        if self.round_bandwidth is not None:
+            timing["bandwidth_gb_s"] = self.round_bandwidth
+        timing["settle_s"] = settled
+        return timing
+
+    def read_peak_rss(self) -> None:
+        for name in self.active():
+            try:
+                self.entries[name]["peak_rss_mib"] = round(self.workers[name].request("rss")["peak_rss_bytes"] / 2**20, 1)
+            except WorkerFailed as exc:
+                self.failed(name, exc)
+
+    def results(self, name: str, timings: dict, tokens: dict, gb_s: float | None) -> list[dict]:
+        """One result per batch size: the run statistics, agreement with luffy's tokens, speculation."""
+        out = []
+        for b in self.cfg.batches:
+            if not timings[name][b]:  # above the system's max_batch: said in its entry's note
+                continue
+            result = batch_result(b, self.cfg.gen_len, timings[name][b], self.entries[name].get("streamed_weight_bytes"),
+                                  gb_s)
+            ref, mine = tokens[SUBJECT].get(b, []), tokens[name].get(b)
+            agree = next((i for i, (x, y) in enumerate(zip(ref, mine or [])) if x != y), min(len(ref), len(mine or [])))
+            # leading new tokens of row 0 identical to luffy's (None: the system reports no tokens, e.g. llama-bench)
+            result["tokens_agree_with_luffy"] = agree if mine is not None else None
             rates = [r["speculation"]["acceptance_rate"] for r in result["runs"] if r.get("speculation")]
             if rates:
                 result["acceptance_rate"] = float(np.median([r for r in rates if r is not None] or [0.0]))
                 result["tokens_per_target_step"] = float(np.median(
                     [r["speculation"]["mean_tokens_per_target_step"] for r in result["runs"]]))
-            entry["results"].append(result)
-    model_info = _model_info(target, entries[SUBJECT])
-    data = {
-        "tool": "luffy bench",
-        "luffy_version": __version__,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": describe_machine(),
-        "model": {**model_info, "description": description or model_info["description"]},
-        "settings": {"prompt_len": prompt_len, "gen_len": gen_len, "batches": batches, "repeats": repeats,
-                     "warmup": warmup, "seed": seed, "opt_level": opt_level,
-                     "order": "interleaved: each round runs every system once, start rotated per round"},
-        "bandwidth": bw,
-        "definitions": DEFINITIONS,
-        "systems": [entries[n] for n in names],
-        "cpu_account": account.stop(),
-    }
-    return BenchReport(data)
+            out.append(result)
+        return out
+
+    def report(self, timings: dict, tokens: dict, account: CpuAccount) -> BenchReport:
+        bw, cfg = self.bandwidth, self.cfg
+        if bw and self.per_round:
+            bw["per_round"] = {"passes": ROUND_PASSES, "gb_per_s": self.per_round, **spread(self.per_round)}
+        for name in self.active():
+            self.entries[name]["results"] = self.results(name, timings, tokens, bw["gb_per_s"] if bw else None)
+        model_info = _model_info(self.target, self.entries[SUBJECT])
+        return BenchReport({
+            "tool": "luffy bench",
+            "luffy_version": __version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": describe_machine(),
+            "model": {**model_info, "description": cfg.description or model_info["description"]},
+            "settings": {"prompt_len": cfg.prompt_len, "gen_len": cfg.gen_len, "batches": cfg.batches,
+                         "repeats": cfg.repeats, "warmup": cfg.warmup, "seed": cfg.seed, "opt_level": cfg.opt_level,
+                         "order": "interleaved: each round runs every system once, start rotated per round"},
+            "bandwidth": bw,
+            "definitions": DEFINITIONS,
+            "systems": [self.entries[n] for n in self.names],
+            "cpu_account": account.stop(),
+        })
 
 
 def _model_info(target: _Target, subject: dict) -> dict:
-    from ..runtimes.manifest import read_manifest
-
     manifest = read_manifest(target.artifact, verify_files=False)
     params = (manifest.get("report") or {}).get("parameters")
     arch = (manifest.get("source") or {}).get("architecture") or manifest.get("kind")

@@ -18,17 +18,17 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper
 
+from ..runtimes.huge_pages import anonymous_mappings, back_new_mappings_with_huge_pages
+from ..runtimes.manifest import read_manifest
 from .bandwidth import BandwidthProbe
 
 
 def matmul_only_model(artifact: Path, out: Path) -> tuple[Path, dict[str, int], int]:
     """Write the MatMul-only graph of ``artifact``; return (path, {input name: K}, weight bytes)."""
-    import onnx
-    from onnx import helper
-
-    from ..runtimes.manifest import read_manifest
-
     manifest = read_manifest(artifact, verify_files=False)
     model = onnx.load(str(artifact / manifest["model_file"]))
     weights = {init.name: init for init in model.graph.initializer}
@@ -63,10 +63,6 @@ def matmul_ceiling(artifact: str | Path, rounds: int = 5, runs: int = 20, buffer
     >>> matmul_ceiling("build/my-llama")["fraction"]       # doctest: +SKIP
     0.91
     """
-    import onnxruntime as ort
-
-    from ..runtimes.huge_pages import anonymous_mappings, back_new_mappings_with_huge_pages
-
     artifact = Path(artifact)
     with tempfile.TemporaryDirectory() as tmp:
         path, inputs, total = matmul_only_model(artifact, Path(tmp))

@@ -14,6 +14,10 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import torch  # the checkpoints are what transformers' save_pretrained writes: bf16 torch tensors
+from safetensors.torch import save_file
+
+from ..models_zoo.byte_tokenizer import byte_tokenizer
 
 SHARD_BYTES = 2 << 30
 LLAMA3_ROPE = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -56,8 +60,6 @@ def tensor_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
 
 
 def _random_bf16(name: str, shape: tuple[int, ...]):
-    import torch
-
     if name.endswith("norm.weight"):
         return torch.ones(shape, dtype=torch.bfloat16)
     generator = torch.Generator().manual_seed(zlib.crc32(name.encode()))
@@ -66,8 +68,6 @@ def _random_bf16(name: str, shape: tuple[int, ...]):
 
 def write_checkpoint(shape: str, directory: Path, say=print) -> Path:
     """Write (or keep, when complete) the random ``shape`` checkpoint in ``directory``."""
-    from safetensors.torch import save_file
-
     directory = Path(directory)
     cfg = config(shape)
     if (directory / "model.safetensors.index.json").is_file():
@@ -102,7 +102,5 @@ def write_checkpoint(shape: str, directory: Path, say=print) -> Path:
 
 def _write_tokenizer(directory: Path) -> None:
     from transformers import PreTrainedTokenizerFast
-
-    from ..models_zoo.byte_tokenizer import byte_tokenizer
 
     PreTrainedTokenizerFast(tokenizer_object=byte_tokenizer(add_bos=False)).save_pretrained(directory)

@@ -1,14 +1,14 @@
-"""What the numbers were measured on: CPU, cores, memory, package versions, and how busy the machine was."""
+"""What the numbers were measured on: CPU, cores, memory, package versions (how busy the machine was during a
+run: luffy.measure.CpuAccount)."""
 
 from __future__ import annotations
 
 import importlib.metadata as md
 import os
 import platform
-import resource
-import time
+import subprocess
+from pathlib import Path
 
-from ..runtimes.timing import busy_ticks as _busy_ticks
 from .bandwidth import usable_cores
 
 VERSIONED = ("luffy", "numpy", "onnx", "onnx-ir", "onnxscript", "onnxruntime", "onnxruntime-genai", "torch", "transformers")
@@ -53,9 +53,6 @@ def versions() -> dict:
 
 def luffy_source_state() -> str | None:
     """``<commit>`` or ``<commit>+dirty`` when luffy runs from a git checkout (the numbers depend on the tree)."""
-    import subprocess
-    from pathlib import Path
-
     root = Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -82,29 +79,3 @@ def describe_machine() -> dict:
         "versions": versions(),
         "luffy_source": luffy_source_state(),
     }
-
-
-def _own_cpu_seconds() -> float:
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)  # every reaped worker, builder and their children
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
-
-
-class CpuAccount:
-    """How much CPU other processes used while the bench ran: machine busy time (/proc/stat) minus the
-    CPU time of this process and its reaped children. Call ``stop`` after every worker has exited."""
-
-    def __init__(self):
-        self.ticks, self.own, self.wall = _busy_ticks(), _own_cpu_seconds(), time.perf_counter()
-        self.load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-
-    def stop(self) -> dict:
-        wall = time.perf_counter() - self.wall
-        ticks = _busy_ticks()
-        out = {"wall_s": round(wall, 1), "load_average_before": self.load_before, "other_cpu_share": None}
-        if ticks is not None and self.ticks is not None and wall > 0:
-            busy = (ticks - self.ticks) / os.sysconf("SC_CLK_TCK")
-            other = max(0.0, busy - (_own_cpu_seconds() - self.own))
-            out["other_cpu_s"] = round(other, 1)
-            out["other_cpu_share"] = round(other / (wall * (os.cpu_count() or 1)), 3)  # of the whole machine
-        return out

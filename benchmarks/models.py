@@ -10,6 +10,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..models_zoo import ZOO, build_tokenizer
+from ..models_zoo.byte_tokenizer import BOS_ID, EOS_ID, PAD_ID, byte_tokenizer
+
 # The reference model of the benchmark table: random-weight Llama, ~156M parameters.
 REFERENCE_LLAMA = dict(
     hidden_size=1024, num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4, intermediate_size=2816,
@@ -44,8 +47,6 @@ def reference_llama(out: str, seed: int = 0, **overrides) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ..models_zoo.byte_tokenizer import BOS_ID, EOS_ID, PAD_ID, byte_tokenizer
-
     settings = {**REFERENCE_LLAMA, **overrides}
     stamp = {"model": "reference-llama", "seed": seed, "config": settings}
     out = Path(out)
@@ -60,8 +61,6 @@ def reference_llama(out: str, seed: int = 0, **overrides) -> dict:
 
 def zoo_hf_dir(name: str, out: str) -> dict:
     """Save a zoo model (bit-identical to what `luffy compile NAME` captures) as a Hugging Face directory."""
-    from ..models_zoo import ZOO, build_tokenizer
-
     entry = ZOO[name]
     stamp = {"model": f"zoo:{name}"}
     out = Path(out)

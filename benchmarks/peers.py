@@ -8,75 +8,38 @@ requested number of tokens. A runner lives in its own worker process (see worker
     load()      in the measuring worker: open the model, report its weight bytes
     generate()  one timed run; calls ``first_token()`` the moment the first new token exists
 
+(runner.py defines that interface; native_peers.py holds the peers that run outside luffy's Python.)
+
 Nothing here imports torch or onnxruntime at module level: the parent process only asks
 ``unavailable()`` whether a system can run at all.
 """
 
 from __future__ import annotations
 
+import importlib.metadata as md
 import importlib.util
 import inspect
+import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
+import onnxruntime as ort
+
+import luffy
+
+from ..errors import UsageError
+from ..measure import engine_generate
+from ..runtimes import share_thread_pool
+
+from .native_peers import NATIVE_RUNNERS
+from .runner import Runner, onnx_weight_bytes
 
 SUBJECT = "luffy"
-PEERS = ("torch", "ort-export", "genai", "genai-int4", "luffy-int4")
-
-
-def onnx_weight_bytes(model_path: Path) -> dict:
-    """Bytes of every initializer of an ONNX graph, and of those a decode step actually streams.
-
-    Tables read only through ``Gather`` (embedding lookups) are excluded from the streamed bytes: a step
-    reads one row per token from them, not the whole table. External data is not loaded.
-    """
-    import onnx
-
-    model = onnx.load(str(model_path), load_external_data=False)
-    sizes = {}
-    for init in model.graph.initializer:
-        itemsize = onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
-        count = int(np.prod(init.dims)) if init.dims else 1
-        bits = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4}.get(init.data_type, itemsize * 8)
-        sizes[init.name] = (count * bits + 7) // 8
-    gather_only = set(sizes)
-    for node in model.graph.node:
-        for position, name in enumerate(node.input):
-            if name in gather_only and not (node.op_type.startswith("Gather") and position == 0):
-                gather_only.discard(name)
-    total = sum(sizes.values())
-    return {"weight_bytes": total, "streamed_weight_bytes": total - sum(sizes[n] for n in gather_only)}
-
-
-class Runner:
-    """One system. ``paths`` holds hf_dir, artifact, build_dir (and compile settings for luffy)."""
-
-    name = ""
-    label = ""
-    needs_hf_dir = True
-
-    def __init__(self, paths: dict):
-        self.paths = paths
-
-    @classmethod
-    def unavailable(cls) -> str | None:
-        """Why this system cannot run here (a missing package), or None."""
-        return None
-
-    def build(self) -> dict:
-        return {}
-
-    def load(self) -> dict:
-        raise NotImplementedError
-
-    def generate(self, ids: np.ndarray, new_tokens: int, first_token: Callable[[], None]) -> list[int]:
-        """Greedy-generate ``new_tokens`` for every row of ``ids``; return row 0's new tokens."""
-        raise NotImplementedError
+PEERS = ("torch", "ort-export", "genai", "genai-int4", "luffy-int4", "llama.cpp", "openvino", "ctranslate2")
 
 
 def _timed(fn) -> float:
@@ -95,8 +58,6 @@ class LuffyRunner(Runner):
     def build(self) -> dict:
         if not self.paths.get("compile_source"):
             return {}
-        import luffy
-
         result = {}
 
         def compile_it():
@@ -111,27 +72,21 @@ class LuffyRunner(Runner):
         return self._load(self.paths["artifact"])
 
     def _load(self, artifact: str) -> dict:
-        import luffy
-
         self.engine = luffy.load(artifact)
         manifest = self.engine.manifest
         if manifest.get("kind") != "causal-lm":
-            from ..errors import UsageError
-
             raise UsageError(f"{artifact}: luffy bench times causal LMs; this artifact is {manifest.get('kind')!r}")
         weights = onnx_weight_bytes(Path(artifact) / manifest["model_file"])
         return {
             **weights, "vocab": self.engine.vocab, "max_seq_len": self.engine.max_seq_len,
             "label": f"luffy -O{manifest.get('opt_level')} {manifest.get('precision')}",
-            "threads": self.engine.session.get_session_options().intra_op_num_threads or "ORT default",
+            "threads": self.engine.thread_pool["threads"], "thread_pool": self.engine.thread_pool,
             "huge_pages": self.engine.huge_pages,
         }
 
     generate_kwargs: dict = {}  # what a subclass adds to every generate call
 
     def generate(self, ids, new_tokens, first_token):
-        from ..runtimes.timing import engine_generate
-
         tokens = engine_generate(self.engine, ids, new_tokens, first_token, **self.generate_kwargs)
         self.last_stats = self.engine.generation_stats  # speculative decoding's acceptance, else None
         return tokens
@@ -155,14 +110,10 @@ class LuffyDraftRunner(LuffySpeculativeRunner):
     name = "luffy-draft"
 
     def _load(self, path):
-        from ..runtimes import share_thread_pool
-
         share_thread_pool()  # this worker runs only this system: one ORT pool for target and draft
         return super()._load(path)
 
     def _speculation(self) -> tuple[str, dict]:
-        import luffy
-
         draft = luffy.load(self.paths["draft"])
         return f" + draft {draft.manifest.get('precision')}", {"assistant_model": draft}
 
@@ -256,6 +207,8 @@ class OrtExportRunner(Runner):
         model = AutoModelForCausalLM.from_pretrained(self.paths["hf_dir"], dtype=torch.float32, local_files_only=True).eval()
         takes_positions = "position_ids" in inspect.signature(model.forward).parameters
 
+        # Its own step wrapper, not luffy's capture (compiler/capture/torch_export.py): this peer is what a user
+        # assembles without luffy, so it shares none of luffy's code.
         class Step(torch.nn.Module):
             def __init__(self):
                 super().__init__()
@@ -292,8 +245,6 @@ class OrtExportRunner(Runner):
         return {"build_s": round(time.perf_counter() - start, 3)}
 
     def load(self) -> dict:
-        import onnxruntime as ort
-
         path = Path(self.paths["build_dir"]) / "model.onnx"
         self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         self.inputs = {i.name: i for i in self.session.get_inputs()}
@@ -323,15 +274,13 @@ class OrtExportRunner(Runner):
 
 
 class LuffyInt4Runner(LuffyRunner):
-    """luffy's int4 build of the same HF directory (MatMulNBits, RTN, block 32: the int4 default), set beside
-    onnxruntime-genai's int4 build so the quantized comparison is part of the same run."""
+    """luffy's int4 build of the same HF directory (MatMulNBits with the int4 defaults: this CPU's block size,
+    clipped RTN), set beside onnxruntime-genai's int4 build so the quantized comparison is part of the same run."""
 
     name = "luffy-int4"
     needs_hf_dir = True
 
     def build(self) -> dict:
-        import luffy
-
         seconds = _timed(lambda: luffy.compile(
             self.paths["hf_dir"], output=self.paths["build_dir"], precision="int4", opt_level=self.paths.get("opt_level", 2),
         ))
@@ -376,8 +325,6 @@ class GenaiRunner(Runner):
 
         self.og = og
         self.model = og.Model(str(self.paths["build_dir"]))
-        import json
-
         config = json.loads((Path(self.paths["build_dir"]) / "genai_config.json").read_text())["model"]
         weights = onnx_weight_bytes(Path(self.paths["build_dir"]) / config["decoder"]["filename"])
         return {**weights, "vocab": config["vocab_size"], "max_seq_len": config.get("context_length"),
@@ -408,13 +355,11 @@ class GenaiInt4Runner(GenaiRunner):
 
 RUNNERS: dict[str, type[Runner]] = {
     cls.name: cls for cls in (LuffyRunner, TorchRunner, OrtExportRunner, GenaiRunner, GenaiInt4Runner, LuffyInt4Runner,
-                              LuffyDraftRunner, LuffyLookupRunner)
+                              LuffyDraftRunner, LuffyLookupRunner, *NATIVE_RUNNERS)
 }
 
 
 def _version(package: str) -> str:
-    import importlib.metadata as md
-
     try:
         return md.version(package)
     except md.PackageNotFoundError:

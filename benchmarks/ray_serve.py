@@ -21,7 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .serve_bench import ServeLoad, ServeProcess, _drive, run_metrics, summarize
+from ..measure import latency_summary
+from ..runtimes import load as load_engine
+from .machine import describe_machine
+from .serve_bench import ServeLoad, ServeProcess, _drive, run_metrics
 
 CONFIGS = {  # name -> `luffy serve` flags; every replica gets --threads 1 unless the name says otherwise
     "1 replica (Ray), 1 thread": ["--replicas", "1", "--threads", "1"],
@@ -85,8 +88,6 @@ def _server(artifact: Path, args: list[str]) -> ServeProcess:
 
 def throughput(artifact: Path, load: ServeLoad, concurrency: int, rounds: int, slots: int, say) -> dict:
     """Each configuration's output tokens/s on the same requests, configurations alternated round by round."""
-    from ..runtimes import load as load_engine
-
     requests = load.requests(load_engine(artifact, threads=1).vocab)
     model, runs = artifact.resolve().name, {name: [] for name in CONFIGS}
     for r in range(rounds):
@@ -136,8 +137,6 @@ def routing(artifact: Path, num_requests: int, system_len: int, suffix_len: int,
     ``suffix_len`` new tokens, through 2 replicas, per routing policy; one server per policy and round (policies
     alternated), running each concurrency in turn with its own four system prompts (so one run's cache does not
     serve the next)."""
-    from ..runtimes import load as load_engine
-
     vocab = load_engine(artifact, threads=1).vocab
     policies = {name: POLICIES[name] for name in (policies or POLICIES)}
     out = {"num_requests": num_requests, "system_len": system_len, "suffix_len": suffix_len, "max_num_seqs": slots,
@@ -182,7 +181,7 @@ def _routing_run(server: ServeProcess, model: str, prompts, concurrency: int) ->
         placement.setdefault(str(system), {}).setdefault(replica, 0)
         placement[str(system)][replica] += 1
     hits, queries = after["hits"] - before["hits"], after["queries"] - before["queries"]
-    latency = summarize([s for *_, s in results])
+    latency = latency_summary([s for *_, s in results])
     return {"token_hit_rate": hits / queries if queries else None, "prompt_tokens": queries, "cached_tokens": hits,
             "system_prompt_cold_starts": len(seen), "latency_s": latency, "latency_median_s": latency["median"],
             "duration_s": duration, "placement": placement}
@@ -263,8 +262,6 @@ def recovery(artifact: Path, kills: int, say) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .machine import describe_machine
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("artifact", type=Path)
     parser.add_argument("--rounds", type=int, default=3, help="rounds of throughput and routing runs (configurations "

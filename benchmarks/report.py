@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ..runtimes.timing import decode_tokens_per_s, prefill_ms
+from ..errors import BackendUnavailableError
+from ..measure import decode_tokens_per_s, prefill_ms, spread
 
 DEFINITIONS = {
     "prefill_ms": "time to first token: from the generate call until the first new token exists (prompt forward pass + first pick)",
@@ -30,20 +32,13 @@ DEFINITIONS = {
 }
 
 
-def summarize(values: list[float]) -> dict:
-    arr = np.asarray(values, dtype=np.float64)
-    q1, median, q3 = np.percentile(arr, [25, 50, 75])
-    return {"median": float(median), "min": float(arr.min()), "max": float(arr.max()), "q1": float(q1), "q3": float(q3),
-            "n": int(arr.size)}
-
-
 def batch_result(batch: int, new_tokens: int, runs: list[dict], streamed_bytes: int | None, bandwidth: float | None) -> dict:
     """Stats of one system at one batch size from its timed runs ({ttft_s, total_s})."""
     prefill = [prefill_ms(r) for r in runs]
     decode = [decode_tokens_per_s(batch, new_tokens, r) for r in runs]
     e2e = [batch * new_tokens / r["total_s"] for r in runs]
-    out = {"batch": batch, "runs": runs, "prefill_ms": summarize(prefill), "decode_tok_s": summarize(decode),
-           "e2e_tok_s": summarize(e2e), "roofline_tok_s": None, "roofline_fraction": None}
+    out = {"batch": batch, "runs": runs, "prefill_ms": spread(prefill), "decode_tok_s": spread(decode),
+           "e2e_tok_s": spread(e2e), "roofline_tok_s": None, "roofline_fraction": None}
     if not streamed_bytes:
         return out
     if runs and all(r.get("bandwidth_gb_s") for r in runs):  # each run against its own round's bandwidth
@@ -66,11 +61,7 @@ def count(n: int | None) -> str:
 
 def require_matplotlib() -> None:
     """Fail fast (before a long bench) when --plot cannot be honoured."""
-    import importlib.util
-
     if importlib.util.find_spec("matplotlib") is None:
-        from ..errors import BackendUnavailableError
-
         raise BackendUnavailableError("--plot needs matplotlib: pip install 'luffy[bench]'")
 
 
@@ -182,9 +173,11 @@ class BenchReport:
         lines += self._speculation_lines()
         others = [x for x in self.systems if x["status"] != "ok"]
         baseline = max((x.get("baseline_rss_mib") or 0 for x in self.systems), default=0)
-        if others:
+        noted = [x for x in self.systems if x["status"] == "ok" and x.get("note")]
+        if others or noted:
             lines.append("")
             lines += [f"- {x['name']}: {x['status']} — {x['reason']}" for x in others]
+            lines += [f"- {x['name']}: {x['note']}" for x in noted]
         lines += ["", "Prefill = time to first token. Decode tok/s = batch × (new tokens − 1) / (generation time − "
                   "time to first token), per run. Roofline = batch × bandwidth / bytes of weights streamed per decode "
                   "step (embedding tables excluded); % of roofline = median over runs of decode ÷ that run's roofline. "

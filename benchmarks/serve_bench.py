@@ -27,7 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..benchmarks.machine import describe_machine
 from ..errors import UsageError
+from ..measure import latency_summary, time_per_output_token
+from ..runtimes import load as load_engine
 
 
 @dataclass(frozen=True)
@@ -84,13 +87,6 @@ def parse_goodput(items: list[str] | None) -> dict[str, float]:
     return slos
 
 
-def summarize(values: list[float]) -> dict:
-    if not values:
-        return {"mean": None, "median": None, "p99": None}
-    arr = np.asarray(values, dtype=float)
-    return {"mean": float(arr.mean()), "median": float(np.median(arr)), "p99": float(np.percentile(arr, 99))}
-
-
 def run_metrics(results: list[dict], duration: float, slos: dict[str, float]) -> dict:
     """vllm bench serve's numbers for one run's per-request results."""
     done = [r for r in results if r["ok"]]
@@ -102,8 +98,8 @@ def run_metrics(results: list[dict], duration: float, slos: dict[str, float]) ->
         "request_throughput": len(done) / duration, "output_throughput": tokens / duration,
         "total_token_throughput": (tokens + prompt) / duration,
         "goodput": len(good) / duration if slos else None,
-        "ttft_s": summarize([r["ttft"] for r in done]), "tpot_s": summarize([r["tpot"] for r in done if r["tokens"] > 1]),
-        "itl_s": summarize([g for r in done for g in r["itl"]]), "e2e_s": summarize([r["e2e"] for r in done]),
+        "ttft_s": latency_summary([r["ttft"] for r in done]), "tpot_s": latency_summary([r["tpot"] for r in done if r["tokens"] > 1]),
+        "itl_s": latency_summary([g for r in done for g in r["itl"]]), "e2e_s": latency_summary([r["e2e"] for r in done]),
     }
 
 
@@ -209,11 +205,15 @@ class ServeProcess:
 
     def itl_totals(self) -> tuple[float, float]:
         """(sum, count) of the server's own luffy:inter_token_latency_seconds: token gaps without the client."""
+        return self.histogram_totals("luffy:inter_token_latency_seconds")
+
+    def histogram_totals(self, name: str) -> tuple[float, float]:
+        """(sum, count) of one of the server's histograms."""
         import httpx
 
         text = httpx.get(f"{self.url}/metrics", timeout=10).text
         found = {m.group(1): float(m.group(2)) for m in re.finditer(
-            r"^luffy:inter_token_latency_seconds_(sum|count)\{[^}]*\} (\S+)$", text, re.MULTILINE)}
+            rf"^{re.escape(name)}_(sum|count)\{{[^}}]*\}} (\S+)$", text, re.MULTILINE)}
         return found.get("sum", 0.0), found.get("count", 0.0)
 
     def rss_mib(self) -> float | None:
@@ -250,15 +250,15 @@ def prefix_ttft(url: str, model: str, vocab: int, prefix_len: int, suffix_len: i
                                     seed, lambda r: None))[0][0]
         cold.append(first["ttft"])
         warm.append(second["ttft"])
-    return {"prefix_len": prefix_len, "suffix_len": suffix_len, "cold_ttft_s": summarize(cold),
-            "hit_ttft_s": summarize(warm), "ratio": float(np.median(warm) / np.median(cold)),
+    return {"prefix_len": prefix_len, "suffix_len": suffix_len, "cold_ttft_s": latency_summary(cold),
+            "hit_ttft_s": latency_summary(warm), "ratio": float(np.median(warm) / np.median(cold)),
             "rounds": [{"cold_s": c, "hit_s": w} for c, w in zip(cold, warm)]}
 
 
 def in_process_tpot(engine, prompt: list[int], n: int) -> float:
     stamps = []
     engine.generate([prompt], max_new_tokens=n, eos_token_id=None, streamer=lambda _: stamps.append(time.perf_counter()))
-    return (stamps[-1] - stamps[0]) / (n - 1)
+    return time_per_output_token(stamps)
 
 
 def _streamed_tpot(url: str, model: str, prompt: list[int], n: int) -> float:
@@ -270,7 +270,7 @@ def _streamed_tpot(url: str, model: str, prompt: list[int], n: int) -> float:
         for line in response.iter_lines():
             if line.startswith("data: {") and '"choices": []' not in line:
                 stamps.append(time.perf_counter())
-    return (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+    return time_per_output_token(stamps)
 
 
 def streaming_overhead(engine, url: str, model: str, requests, rounds: int) -> dict:
@@ -329,9 +329,6 @@ def bench_serve(artifact: str | Path, load: ServeLoad, concurrency: list[int], r
                 threads: int | None = None, progress=None, overhead_rounds: int = 6,
                 shared_prefix: tuple[int, int] | None = None) -> dict:
     """Run the load at each concurrency (or the request rate) against a fresh server; returns the report dict."""
-    from ..benchmarks.machine import describe_machine
-    from ..runtimes import load as load_engine
-
     artifact = Path(artifact)
     say = progress or (lambda *a: None)
     say("static batches in-process", 0, 1)

@@ -14,29 +14,28 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import numpy as np
 
+from ..measure import decode_tokens_per_s, engine_generate, time_generation
+from ..runtimes import load, share_thread_pool
+
 
 def _decode_rate(engine, prompt: list[int], new_tokens: int, **kwargs) -> tuple[float, list[int], dict | None]:
-    stamps = []
-    out = engine.generate([prompt], max_new_tokens=new_tokens, eos_token_id=None,
-                          streamer=lambda _: stamps.append(time.perf_counter()), **kwargs)
-    return (new_tokens - 1) / (stamps[-1] - stamps[0]), out[0, len(prompt):].tolist(), engine.generation_stats
+    """Decode tok/s as `luffy bench` defines it (luffy.measure), the new tokens, the speculation statistics."""
+    ids = np.asarray([prompt], dtype=np.int64)
+    run = time_generation(lambda first: engine_generate(engine, ids, new_tokens, first, **kwargs), new_tokens)
+    return decode_tokens_per_s(1, new_tokens, run), run["tokens"], engine.generation_stats
 
 
 def compare(artifact: str, draft: str | None, lookup: int | None, runs: int, prompt_len: int, new_tokens: int,
             seed: int = 0) -> dict:
-    import luffy
-    from luffy.runtimes import share_thread_pool
-
     if draft:  # target and draft take turns on the cores: one ONNX Runtime pool (see share_thread_pool)
         share_thread_pool()
-    target = luffy.load(artifact)
+    target = load(artifact)
     cases = {"plain": {}}
     if draft:
-        cases["draft"] = {"assistant_model": luffy.load(draft)}
+        cases["draft"] = {"assistant_model": load(draft)}
     if lookup:
         cases["prompt-lookup"] = {"prompt_lookup_num_tokens": lookup}
         cases["sampled plain"] = {"do_sample": True, "seed": 1}

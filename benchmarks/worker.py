@@ -26,7 +26,10 @@ import time
 import traceback
 from pathlib import Path
 
-from ..errors import LuffyError
+import numpy as np
+
+from ..errors import LuffyError, first_line
+from ..measure import time_generation
 from . import peers
 
 _OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -71,11 +74,12 @@ class _Session:
         return {"result": {**info, "load_s": round(time.perf_counter() - start, 3), "baseline_rss_bytes": baseline}}
 
     def run(self, ids: list, new_tokens: int) -> dict:
-        import numpy as np
-
-        from ..runtimes.timing import time_generation
-
         array = np.asarray(ids, dtype=np.int64)
+        if hasattr(self.runner, "timed_run"):  # a system that times itself (llama-bench, a peer's own Python)
+            result = self.runner.timed_run(array, new_tokens)
+            if result["tokens"] is not None and len(result["tokens"]) != new_tokens:
+                raise RuntimeError(f"{self.runner.name}: produced {len(result['tokens'])} tokens, not {new_tokens}")
+            return {"result": result}
         result = time_generation(lambda first_token: self.runner.generate(array, new_tokens, first_token), new_tokens,
                                  self.runner.name)
         if getattr(self.runner, "last_stats", None):  # speculative decoding: acceptance of this run
@@ -83,7 +87,8 @@ class _Session:
         return {"result": result}
 
     def rss(self) -> dict:
-        return {"result": {"peak_rss_bytes": _peak_rss_bytes()}}
+        own = getattr(self.runner, "peak_rss_bytes", None)  # a system in a process of its own reports that one's
+        return {"result": {"peak_rss_bytes": own() if own else _peak_rss_bytes()}}
 
 
 def serve() -> None:
@@ -99,7 +104,7 @@ def serve() -> None:
             reply = {"ok": True, **getattr(session, op)(**request)}
         except Exception as exc:  # report it; the parent decides what is fatal
             traceback.print_exc()
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            message = first_line(exc)
             reply = {"ok": False, "error": type(exc).__name__, "message": message,
                      "exit_code": exc.exit_code if isinstance(exc, LuffyError) else None}
         replies.write(json.dumps(reply) + "\n")

@@ -1,6 +1,6 @@
 """`luffy.compile`: resolve → capture → passes → check → emit → publish.
 
-What differs between ONNX Runtime and TensorRT lives in targets.py, the pass stages in passes/pipelines.py,
+What differs between ONNX Runtime and TensorRT lives in targets/, the pass stages in passes/pipelines.py,
 the manifest and report in their own modules; this file is the data flow between them.
 """
 
@@ -14,19 +14,32 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 
 from .. import __version__
-from ..errors import UsageError
+from ..errors import UnsupportedModelError, UsageError
 from ..passes.driver import count_nodes, run_passes
 from ..passes.pipelines import stages
-from .artifact import check_output_location, staged_directory, write_manifest
+from ..runtimes import load
+from .capture.onnx_file import load_onnx_source
+from .capture.torch_export import capture_causal_lm, capture_encoder, capture_module
 from .config import LuffyConfig
-from .manifest import DATA_FILE, MODEL_FILE, build_manifest
-from .phases import Phases
-from .quality import QualityMeasure
-from .report import compile_report, memory_report, reduce_range
-from .sources import CAUSAL_LM, resolve_source
+from .emit.artifact import check_output_location, staged_directory, write_manifest
+from .emit.manifest import DATA_FILE, MODEL_FILE, build_manifest
+from .emit.tokenizer_files import write_chat_template, write_tokenizer
+from .quality.parity import check_parity as run_parity_check
+from .quality.quality_measure import QualityMeasure
+from .quality.verify import Verifier
+from .report.compile_report import compile_report, memory_report, reduce_range
+from .report.dump_ir import IRDumper
+from .report.phases import Phases
+from .sources.preflight import check_checkpoint
+from .sources.resolve import CAUSAL_LM, ENCODER, resolve_source
+from .sources.torch_model import load_torch_model
+from .stream.capture import capture_hf
+from .stream.checkpoint import Checkpoint
+from .stream.parity import check_runs, check_streamed_parity
 from .targets import target_for
 
 EXTERNAL_DATA_BYTES = 128 << 20  # above this, weights go to model.onnx.data (protobuf stays small, ORT mmaps)
@@ -46,8 +59,6 @@ class Artifact:
         return self.manifest["report"]
 
     def load(self, **kwargs):
-        from ..runtimes import load
-
         return load(self.path, **kwargs)
 
 
@@ -114,20 +125,21 @@ def compile(  # noqa: A001 - the public name the API promises
     >>> art.report["parity"]["passed"]                                 # doctest: +SKIP
     True
     """
-    cfg = _config(config, target=target, precision=precision, opt_level=opt_level, **options)
+    cfg = config_with(config, target=target, precision=precision, opt_level=opt_level, **options)
     say = progress or (lambda message: None)
     started = time.perf_counter()
     # resolve: every refusal that needs no capture happens here, before minutes of torch.export
-    _check_paths(cfg, output)
-    if cfg.auto:  # the decider compiles each candidate through this function (compiler/auto.py)
-        from .auto import compile_auto
-        return compile_auto(source, output, cfg, progress)
+    check_paths(cfg, output)
+    if cfg.auto:  # the decider sits above the compiler and compiles each candidate through this function
+        raise UsageError("auto=True is decided above the compiler: call luffy.compile (luffy/auto.py), which "
+                         "compiles each candidate here")
     compile_target = target_for(cfg)
     cfg = compile_target.cfg  # with what the target resolved (TensorRT's version)
     quality: QualityMeasure | None = None  # set after capture; the precision stage's weights read it
     plan = stages(cfg.target, cfg.opt_level, cfg.precision, disabled=cfg.disabled_passes, enabled=cfg.enabled_passes,
                   target_steps=compile_target.extra_steps(), weights=lambda model: quality.weights_for(model),
-                  reduce_range=reduce_range(cfg))
+                  reduce_range=reduce_range(cfg), kv_cache=cfg.kv_cache_dtype,
+                  kv_ranges=lambda model: quality.kv_ranges_for(model))
     compile_target.require_tools()
     src = resolve_source(source)
     check_output_location(Path(output))  # an unwritable output fails now, not after minutes of capture
@@ -140,11 +152,7 @@ def compile(  # noqa: A001 - the public name the API promises
         model, records = _run_stages(plan, capture, cfg, say)
         compile_target.check(model, src.spec, say)
     with staged_directory(Path(output)) as stage:
-        with phases("write"):
-            say("writing model")
-            emitted = _emit(model, stage, capture, cfg, getattr(progress, "step", None))
-        with phases("check"):
-            checks = _check_staged(stage / MODEL_FILE, capture, cfg, compile_target, quality, say)
+        emitted, checks = _write_and_check(stage, model, capture, cfg, compile_target, quality, phases, progress, say)
         report = compile_report(cfg, capture, model, records, checks, time.perf_counter() - started)
         report["phases"] = phases.report()  # the manifest's file hashes, after it, are the rest of seconds_total
         manifest = compile_target.finish(stage, build_manifest(cfg, capture, model, emitted, report), say)
@@ -153,20 +161,34 @@ def compile(  # noqa: A001 - the public name the API promises
     return Artifact(Path(output), manifest)
 
 
-def _config(config: LuffyConfig | None, **keywords) -> LuffyConfig:
-    """``config`` with the keywords that are not None applied; lists of passes become tuples."""
+def _write_and_check(stage: Path, model: ir.Model, capture: CaptureResult, cfg: LuffyConfig, compile_target, quality,
+                     phases: Phases, progress, say) -> tuple[dict, dict]:
+    """(what _emit wrote, what _check_staged found) for the staged artifact, each timed as its own phase; the
+    progress callback's ``step`` (the CLI's bar), when it has one, hears of every weight written."""
+    with phases("write"):
+        say("writing model")
+        emitted = _emit(model, stage, capture, cfg, getattr(progress, "step", None))
+    with phases("check"):
+        checks = _check_staged(stage / MODEL_FILE, capture, cfg, compile_target, quality, say)
+    return emitted, checks
+
+
+def config_with(config: LuffyConfig | None, **keywords) -> LuffyConfig:
+    """``config`` with the keywords that are not None applied; lists of passes become tuples (compile's
+    keywords, and luffy.compile's before it dispatches)."""
     options = {OPTION_ALIASES.get(name, name): value for name, value in keywords.items()}
     for name in ("disabled_passes", "enabled_passes"):
         options[name] = tuple(options[name]) if options.get(name) else None
     return (config or LuffyConfig()).with_overrides(**options)
 
 
-def _check_paths(cfg: LuffyConfig, output) -> None:
+def check_paths(cfg: LuffyConfig, output) -> None:
+    """The output, --dump-ir, --calib and --eval paths, refused in one line before any capture."""
     if output is None:
         raise UsageError("an output directory is required (-o DIR)")
     if cfg.dump_ir is not None and Path(cfg.dump_ir).resolve().is_relative_to(Path(output).resolve()):
         raise UsageError(f"--dump-ir {cfg.dump_ir} is inside the output directory {output}, which the artifact replaces")
-    for flag, path in (("--calib", cfg.calib), ("--eval", cfg.eval_file)):
+    for flag, path in (("--calib", cfg.calib), ("--eval", cfg.eval_file), ("--kv-calib", cfg.kv_calib)):
         if path is not None and not Path(path).is_file():
             raise UsageError(f"{flag} {path}: no such file")
 
@@ -176,8 +198,6 @@ def _capture(src, opset: int, cfg: LuffyConfig, say, output: Path) -> CaptureRes
     t0 = time.perf_counter()
     captured = streamed = fallback = estimate = None
     if src.kind == "hf-dir" and cfg.stream:
-        from .stream.capture import capture_hf
-
         captured, tm, streamed, fallback = capture_hf(src.path, opset, cfg, say, output)
         estimate = streamed.estimate if streamed is not None else None
     if captured is None:
@@ -200,21 +220,13 @@ def _preflight_whole(src, cfg: LuffyConfig, output: Path):
     """A safetensors directory about to be loaded whole: refuse it now if it cannot fit (preflight.py)."""
     if src.kind != "hf-dir" or not any(src.path.glob("*.safetensors")):
         return None
-    from .preflight import check_checkpoint
-    from .stream.checkpoint import Checkpoint
-
     return check_checkpoint(Checkpoint(src.path), cfg, output, streamed=False)
 
 
 def _capture_whole(src, opset: int):
     """(Captured, TorchModel or None): the source loaded whole (torch or ONNX) and captured."""
     if src.kind == "onnx":
-        from .onnx_source import load_onnx_source
-
         return load_onnx_source(src.path), None
-    from .capture import capture_causal_lm, capture_encoder, capture_module
-    from .sources import ENCODER, load_torch_model
-
     tm = load_torch_model(src)
     return {CAUSAL_LM: capture_causal_lm, ENCODER: capture_encoder}.get(tm.kind, capture_module)(tm, opset), tm
 
@@ -228,7 +240,7 @@ def _run_stages(plan, capture: CaptureResult, cfg: LuffyConfig, say) -> tuple[ir
                                           after_pass=after_pass if stage.numeric_check else _dump_only(after_pass))
         records += stage_records
     if capture.graph.kv is not None:
-        capture.graph.kv.dtype = _kv_dtype(model, capture.graph.kv.dtype)
+        capture.graph.kv.dtype = _kv_dtype(model, capture.graph.kv.dtype, cfg.kv_cache_dtype)
     model.producer_name, model.producer_version = "luffy", __version__
     _lower_ir_version(model)
     return model, records
@@ -243,13 +255,13 @@ def _emit(model: ir.Model, stage: Path, capture: CaptureResult, cfg: LuffyConfig
 def _check_staged(model_path: Path, capture: CaptureResult, cfg: LuffyConfig, compile_target, quality, say) -> dict:
     """Parity against PyTorch (or, without a reference, the target's load check), memory and quality."""
     parity = None
+    kv = cfg.kv_cache_dtype  # a reduced KV cache is judged like reduced weights: by --eval, not by 1e-4
+    precision = cfg.precision if kv in ("auto", "fp32") else f"{cfg.precision} with a {kv} KV cache"
     if capture.streamed is not None:
-        parity = _check_streamed(model_path, capture, cfg, say)
+        parity = _check_streamed(model_path, capture, cfg, precision, say)
     elif cfg.check_parity and capture.graph.reference is not None:
         say("checking parity against PyTorch")
-        from .parity import check_parity as run_parity_check
-
-        parity = run_parity_check(capture.graph, model_path, capture.vocab, cfg.precision)
+        parity = run_parity_check(capture.graph, model_path, capture.vocab, precision)
     else:
         compile_target.check_loadable(model_path, capture.src.spec, say)  # what luffy.load would do
     return {
@@ -259,16 +271,12 @@ def _check_staged(model_path: Path, capture: CaptureResult, cfg: LuffyConfig, co
     }
 
 
-def _check_streamed(model_path: Path, capture: CaptureResult, cfg: LuffyConfig, say) -> dict | None:
+def _check_streamed(model_path: Path, capture: CaptureResult, cfg: LuffyConfig, precision: str, say) -> dict | None:
     """A streamed artifact may not fit in memory whole: it is checked region by region (stream/parity.py), or with
     --no-check-parity only loaded and run that way, as luffy.load would load it."""
     if cfg.check_parity:
-        from .stream.parity import check_streamed_parity
-
         say("checking parity against PyTorch, one layer at a time")
-        return check_streamed_parity(capture.streamed, capture.graph, model_path, capture.vocab, cfg.precision, say)
-    from .stream.parity import check_runs
-
+        return check_streamed_parity(capture.streamed, capture.graph, model_path, capture.vocab, precision, say)
     say("loading the graph on onnxruntime, one layer at a time")
     check_runs(capture.graph, model_path, capture.vocab, capture.src.spec)
     return None
@@ -282,14 +290,10 @@ def _after_pass_hook(cfg: LuffyConfig, captured, vocab: int | None, say):
     """
     hooks = []
     if cfg.dump_ir is not None:
-        from .dump_ir import IRDumper
-
         dumper = IRDumper(cfg.dump_ir)
         dumper.dump("captured", captured.model)
         hooks.append(dumper)
     if cfg.verify:
-        from .verify import Verifier
-
         say("computing --verify references on the captured graph")
         hooks.append(Verifier(captured, vocab))
     if not hooks:
@@ -315,7 +319,9 @@ def _dump_only(after_pass):
     return lambda name, model: {k: v for h in hooks for k, v in (h(name, model) or {}).items()}
 
 
-def _kv_dtype(model: ir.Model, default: str) -> str:
+def _kv_dtype(model: ir.Model, default: str, chosen: str = "auto") -> str:
+    if chosen == "int4":  # stored two to a byte (uint8): numpy's name would say uint8
+        return "int4"
     for value in model.graph.inputs:
         if value.name.startswith("past_key_values.") and value.dtype is not None:
             return str(np.dtype(value.dtype.numpy()))
@@ -325,8 +331,6 @@ def _kv_dtype(model: ir.Model, default: str) -> str:
 def _lower_ir_version(model: ir.Model) -> None:
     # onnx.helper stamps the newest IR version it knows, which a released onnxruntime may not read yet
     # ("Unsupported model IR version: 14"). The opsets in use fix the IR version actually required.
-    import onnx
-
     needed = onnx.helper.find_min_ir_version_for(
         [onnx.helper.make_opsetid(domain, version) for domain, version in model.opset_imports.items()],
         ignore_unknown=True,
@@ -349,8 +353,6 @@ def _max_seq_len(cfg: LuffyConfig, tm, captured) -> int | None:
 def _save_model(model: ir.Model, stage: Path, mode: str, step=None) -> bool:
     """Write model.onnx (and its weights to model.onnx.data when large); ``step(what, done, total)`` hears of every
     weight written (the CLI's progress bar). Weights still in a checkpoint are read and converted one at a time."""
-    from ..errors import UnsupportedModelError
-
     try:
         weight_bytes = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
         external = mode == "always" or (mode == "auto" and weight_bytes > EXTERNAL_DATA_BYTES)
@@ -385,8 +387,6 @@ def _weight_progress(step):
 
 def _write_tokenizer(stage: Path, src, tm) -> tuple[list[str], dict | None]:
     """The tokenizer files written, and the manifest's ``chat_template`` record (None without a template)."""
-    from .tokenizer_files import write_chat_template, write_tokenizer
-
     source_dir = tm.tokenizer_dir if tm is not None else (src.path.parent if src.kind == "onnx" else None)
     names = write_tokenizer(stage, tokenizer=tm.tokenizer if tm is not None else None, source_dir=source_dir)
     if tm is not None and tm.chat_template is not None:

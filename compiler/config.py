@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 
 from ..errors import UsageError
+from ..options import option  # an option is one field: its flag, help and default (luffy/options.py)
 
 OPTIMIZATION_LEVELS = {"none": 0, "conservative": 1, "balanced": 2}
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4", "int8-dynamic")
 WEIGHT_ONLY = ("int8", "int4")
 BLOCK_SIZES = (16, 32, 64, 128)
+KV_CACHE_DTYPES = ("auto", "fp32", "fp16", "bf16", "int8", "int4")
+CALIBRATED_KV = ("int8", "int4")
 EXTERNAL_DATA_MODES = ("auto", "always", "never")
 HARDWARE_COMPATIBILITY = ("none", "ampere+")
 
@@ -32,17 +35,6 @@ def parse_size(text: str, flag: str) -> int:
     return int(float(match.group(1)) * 1024 ** "BKMGT".index(unit))
 
 
-def option(default, help: str, *flags: str, group: str | None = None, **cli):
-    """A LuffyConfig field that is also a `luffy compile` flag: adding an option is this one field.
-
-    ``flags`` default to ``--field-name``; ``group`` "trt" puts it in --help's TensorRT panel and in the
-    manifest only for --target trt ("auto": only with --auto); ``cli`` goes to typer.Option (min, max,
-    metavar). The CLI's default, its help, `luffy.compile`'s keyword and the manifest's options all come
-    from here.
-    """
-    return field(default=default, metadata={"help": help, "flags": flags, "group": group, "cli": cli})
-
-
 @dataclass(frozen=True)
 class LuffyConfig:
     """Compile options.
@@ -60,13 +52,22 @@ class LuffyConfig:
         "GPTQ with --calib else round-to-nearest; int8-dynamic: int8 activations too; fp16/bf16: weights and "
         "activations (fp32 kept for norms' reductions, softmax and logits). bf16 is for GPUs; on a CPU luffy checks it "
         "by rounding each op's fp32 result to bf16 (slow, not a serving mode).")
-    block_size: int = option(32, "int8/int4: weights per scale, 16 | 32 | 64 | 128 (smaller: more accurate, more bytes).")
+    kv_cache_dtype: str = option(
+        "auto", "KV cache precision: auto (the compute's: fp16 with --precision fp16, else fp32) | fp32 | fp16 | int8 | "
+        "int4. int8/int4: per-channel scales calibrated on --kv-calib (else --calib) text. ONNX Runtime's CPU "
+        "attention has no bf16 cache.")
+    kv_calib: str | None = option(None, "int8/int4 KV cache: text (or token ids as .json) its scales are measured on "
+                                  "[--calib]; unlike --calib it does not turn weight quantization into GPTQ.",
+                                  metavar="FILE")
+    # None: decided by the compiling CPU (runtimes/cpu_features.weight_kernels; 128 where MLAS has int8 kernels)
+    block_size: int | None = option(None, "int8/int4: weights per scale, 16 | 32 | 64 | 128 (smaller: more accurate, "
+                                    "more bytes) [decided by this CPU: 128 with int8 dot products]")
     calib: str | None = option(None, "int8/int4: text (or token ids as .json) to calibrate on; quantizes by GPTQ instead "
                                "of round-to-nearest.", metavar="FILE")
     eval_file: str | None = option(None, "Text (or .json token ids): perplexity before and after, in the report.",
                                    "--eval", metavar="FILE")
     # --auto: compile every precision this target runs, measure quality on eval_file and speed here, keep the
-    # fastest within max_quality_loss (percent); auto_time_budget (seconds) bounds it (compiler/auto.py)
+    # fastest within max_quality_loss (percent); auto_time_budget (seconds) bounds it (luffy/auto.py)
     auto: bool = option(
         False, "Compile every precision ONNX Runtime runs here (fp32; int4 block 128/32 and int8, round-to-nearest "
         "and with --calib GPTQ; int8-dynamic), measure quality on --eval and speed on this machine, and write the "
@@ -77,7 +78,8 @@ class LuffyConfig:
     auto_time_budget: float | None = option(
         None, "--auto: start no further candidate once this would be exceeded; the report says which were skipped.",
         metavar="SECONDS", group="auto")
-    accuracy_level: int = option(4, "int8/int4 MatMulNBits: 4 = int8 products (fast on CPU), 0 = fp32.", min=0, max=4)
+    accuracy_level: int | None = option(None, "int8/int4 MatMulNBits: 4 = int8 products (fast on CPU), 0 = fp32 "
+                                        "[decided by this CPU: 4 where MLAS has int8 kernels]", min=0, max=4)
     # None: decided by the compiling CPU (x86 CPUs without VNNI need 7-bit weights: their u8s8 kernels saturate)
     reduce_range: bool | None = option(
         None, "int8-dynamic: 7-bit weights, correct on every x86 CPU; --no-reduce-range: 8-bit, only for CPUs with "
@@ -132,9 +134,9 @@ class LuffyConfig:
             raise UsageError(f"max_seq_len {self.max_seq_len!r} must be an integer >= 2")
         if self.max_memory is not None:
             parse_size(self.max_memory, "--max-memory")
-        if self.block_size not in BLOCK_SIZES:
+        if self.block_size is not None and self.block_size not in BLOCK_SIZES:
             raise UsageError(f"block_size {self.block_size!r}; choose one of {', '.join(map(str, BLOCK_SIZES))}")
-        if self.accuracy_level not in (0, 1, 2, 3, 4):
+        if self.accuracy_level is not None and self.accuracy_level not in (0, 1, 2, 3, 4):
             raise UsageError(f"accuracy_level {self.accuracy_level!r}; choose 0 (fp32 products) to 4 (int8 products)")
         if self.hardware_compatibility not in HARDWARE_COMPATIBILITY:
             raise UsageError(f"hardware_compatibility {self.hardware_compatibility!r}; choose one of "
@@ -150,9 +152,12 @@ class LuffyConfig:
         if trt_only and self.target != "trt":
             raise UsageError(f"{trt_only[0]} is a TensorRT option; add --target trt")
         self._check_auto()
-        if self.calib is not None and self.precision not in WEIGHT_ONLY and not self.auto:
-            raise UsageError(f"--calib calibrates int8/int4 weight-only quantization; precision {self.precision} takes none")
-        for name in ("calib", "eval_file"):
+        self._check_kv_cache()
+        if self.calib is not None and self.precision not in WEIGHT_ONLY and not self.auto \
+                and self.kv_cache_dtype not in CALIBRATED_KV:
+            raise UsageError(f"--calib calibrates int8/int4 weights or an int8/int4 KV cache; precision "
+                             f"{self.precision} with KV cache {self.kv_cache_dtype} takes none")
+        for name in ("calib", "eval_file", "kv_calib"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, os.fspath(getattr(self, name)))
         object.__setattr__(self, "disabled_passes", tuple(self.disabled_passes))
@@ -160,6 +165,29 @@ class LuffyConfig:
         for name in ("dump_ir", "timing_cache"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, os.fspath(getattr(self, name)))  # a Path is welcome; JSON wants str
+
+    def _check_kv_cache(self) -> None:
+        kv = self.kv_cache_dtype
+        if kv not in KV_CACHE_DTYPES:
+            raise UsageError(f"kv_cache_dtype {kv!r}; choose one of {', '.join(KV_CACHE_DTYPES)}")
+        if kv == "int4" and self.target == "trt":
+            raise UsageError("--kv-cache-dtype int4 for TensorRT: it has no 4-bit activation type; use int8 or fp16")
+        if kv == "bf16" and self.target == "ort":
+            raise UsageError("--kv-cache-dtype bf16: ONNX Runtime's CPU GroupQueryAttention has no bf16 cache "
+                             "(onnxruntime 1.32); fp16 takes the same bytes with 3 more mantissa bits")
+        if kv in CALIBRATED_KV and self.calib is None and self.kv_calib is None:
+            raise UsageError(f"--kv-cache-dtype {kv} needs --kv-calib FILE (or --calib): its per-channel scales are "
+                             "fixed at compile time, measured on that text")
+        if self.kv_calib is not None and kv not in CALIBRATED_KV:
+            raise UsageError(f"--kv-calib calibrates an int8/int4 KV cache; --kv-cache-dtype {kv} takes none")
+        if kv != "auto" and self.precision in ("fp16", "bf16") and kv in ("fp32", "bf16"):
+            raise UsageError(f"--kv-cache-dtype {kv} with --precision {self.precision}: the cache would hold "
+                             f"{self.precision} values; choose fp16, int8 or int4")
+        if kv != "auto" and self.precision == "bf16":
+            raise UsageError("--kv-cache-dtype with --precision bf16: bf16 artifacts are a check path on the CPU")
+        if kv != "auto" and self.auto:
+            raise UsageError("--kv-cache-dtype with --auto: --auto chooses the weights' precision; compile the KV "
+                             "cache's separately")
 
     def _check_auto(self) -> None:
         if not self.auto:

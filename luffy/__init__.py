@@ -29,7 +29,7 @@ __version__ = "0.1.0"
 
 # public name -> (module, attribute), imported on first access (PEP 562)
 _LAZY = {
-    "compile": ("luffy.compiler.compile", "compile"),
+    "compile": ("luffy.auto", "compile"),  # the compiler, or with auto=True the decider above it
     "Artifact": ("luffy.compiler.compile", "Artifact"),
     "LuffyConfig": ("luffy.compiler.config", "LuffyConfig"),
     "LuffyOptimizer": ("luffy.optimizer", "LuffyOptimizer"),

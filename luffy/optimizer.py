@@ -27,7 +27,7 @@ class LuffyOptimizer:
 
     def optimize(self) -> "OptimizedModel":
         """Compile now (into ``output_dir``, or a temporary directory removed with the result)."""
-        from .compiler.compile import compile as compile_artifact
+        from .auto import compile as compile_artifact  # config.auto: the decider, as luffy.compile
 
         cleanup = None
         if self.output_dir is None:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from . import tiny, trained
+from .byte_tokenizer import byte_tokenizer
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,4 @@ ZOO: dict[str, ZooEntry] = {
 
 def build_tokenizer(entry: ZooEntry):
     """The `tokenizers.Tokenizer` a zoo entry ships with."""
-    from .byte_tokenizer import byte_tokenizer
-
     return byte_tokenizer(add_bos=entry.add_bos)

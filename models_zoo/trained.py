@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import SourceError
+
 PYDOC_LLAMA_DIR = Path(__file__).with_name("weights") / "pydoc-llama"
 HELDOUT_FILE = "heldout.txt"
 # The model was trained on docstrings, not dialogues: its template turns a conversation into the docstring
@@ -25,8 +27,6 @@ def pydoc_llama():
     """Llama trained on Python's docstrings: 4 layers, hidden 256, 8 heads over 4 KV heads, byte tokens."""
     import torch
     from transformers import LlamaForCausalLM
-
-    from ..errors import SourceError
 
     if not (PYDOC_LLAMA_DIR / "model.safetensors").is_file():
         raise SourceError(

@@ -18,6 +18,7 @@ an fp16 kernel through inserted casts, so these artifacts are checked on CPU and
 from __future__ import annotations
 
 import onnx_ir as ir
+from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
 FP32_OPS = ("Pow", "ReduceMean", "ReduceSum", "ReduceSumSquare", "Sqrt", "Reciprocal", "Softmax", "LogSoftmax",
             "Exp", "Log", "CumSum", "Range")
@@ -30,8 +31,6 @@ class ConvertFloat16(ir.passes.FunctionalPass):
         self.stats: dict = {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
-
         proto = ir.serde.serialize_model(model)
         floats_before = _float_initializers(model)
         kept_io = [v.name for v in (*model.graph.inputs, *model.graph.outputs)

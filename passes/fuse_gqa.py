@@ -4,7 +4,7 @@ Per layer the step graph computes  present = Concat(past, new)  (a copy of the w
 repeats KV heads for GQA (Unsqueeze/Expand/Reshape, another copy) and runs attention. This pass replaces
 all of that with one GroupQueryAttention that writes the new keys/values in place into a preallocated
 buffer bound as both past and present (ORT's past_present_share_buffer mode) and reads the KV heads
-unrepeated. The model's own mask is kept and passed as attention_bias with causal=0, so every masking
+unrepeated. The model's own mask is kept and passed as attention_bias (causal=0 unless below), so every masking
 rule the model had (padding, sliding windows, whatever its mask subgraph computes) holds unchanged.
 
 Why luffy's own and not a pattern rule: this rewrite changes the graph's interface, not a local
@@ -13,6 +13,10 @@ two inputs are added (seqlens_k int32 [batch] = total - 1, total_sequence_length
 Shape read of a past input is re-derived from attention_mask (past = mask length - new tokens), since the
 buffer's dim 2 is no longer the past length. It is all-or-nothing: one layer that does not match leaves
 the whole graph untouched, with the reason in the report.
+
+Where the installed onnxruntime and the model's mask allow it (gqa_multi_row.py), the graph also takes
+``query_seqlens`` int32 [batch] (each row's valid tokens in a right-padded step) and attention runs with
+causal=1, so one step holds several rows of several tokens with a cache; the stats say which, and why not.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import re
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common
+
+from .gqa_multi_row import QUERY_SEQLENS, QUERY_SEQLENS_INDEX, mask_rule_refusal, ort_takes_query_seqlens
 
 FUSION_DOMAIN = "ai.onnxruntime._fusion"  # where onnxscript's fuse-sdpa puts its SDPA node
 SEQLENS = "seqlens_k"
@@ -51,11 +57,17 @@ class FuseGroupQueryAttention(ir.passes.InPlacePass):
         except NoMatch as reason:
             self.stats = {"matches": 0, "not_matched": [{"rule": "GroupQueryAttention", "reason": str(reason)}]}
             return ir.passes.PassResult(model, modified=cleaned)
-        _Rewriter(model).apply(layers, plans)
+        rewriter = _Rewriter(model)
+        rewriter.prepare(layers, plans)
+        # after prepare: the mask no longer reads the past buffers' shapes, only input_ids and attention_mask
+        refusal = ort_takes_query_seqlens() or mask_rule_refusal(model, [plan["sdpa"].inputs[3] for plan in plans])
+        rewriter.apply(layers, plans, multi_row=refusal is None)
         # The replaced concat / repeat-KV / attention nodes must go now, not at the end of the pipeline: the
         # old Concat reads the capacity-sized buffer and would fail if anything executed it.
         common.RemoveUnusedNodesPass()(model)
-        self.stats = {"matches": len(plans)}
+        self.stats = {"matches": len(plans), "multi_row": refusal is None}
+        if refusal is not None:
+            self.stats["not_matched"] = [{"rule": QUERY_SEQLENS, "reason": refusal}]
         return ir.passes.PassResult(model, modified=True)
 
 
@@ -156,14 +168,20 @@ class _Rewriter:
         self.graph.register_initializer(value)
         return value
 
-    def apply(self, layers, plans) -> None:
-        graph = self.graph
-        seqlens = ir.Value(name=SEQLENS, shape=ir.Shape(["batch"]), type=ir.TensorType(ir.DataType.INT32))
-        total = ir.Value(name=TOTAL, shape=ir.Shape([]), type=ir.TensorType(ir.DataType.INT32))
-        graph.inputs.extend([seqlens, total])
+    def prepare(self, layers, plans) -> None:
+        """Add seqlens_k and total_sequence_length, and re-derive every Shape read of the cache."""
+        self.seqlens = ir.Value(name=SEQLENS, shape=ir.Shape(["batch"]), type=ir.TensorType(ir.DataType.INT32))
+        self.total = ir.Value(name=TOTAL, shape=ir.Shape([]), type=ir.TensorType(ir.DataType.INT32))
+        self.graph.inputs.extend([self.seqlens, self.total])
         self._rederive_shapes(layers, plans)
+
+    def apply(self, layers, plans, multi_row: bool) -> None:
+        counts = None
+        if multi_row:
+            counts = ir.Value(name=QUERY_SEQLENS, shape=ir.Shape(["batch"]), type=ir.TensorType(ir.DataType.INT32))
+            self.graph.inputs.append(counts)
         for plan in plans:
-            self._rewrite_layer(plan, seqlens, total)
+            self._rewrite_layer(plan, self.seqlens, self.total, counts)
         for pair in layers.values():
             for past in pair.values():
                 past.shape = ir.Shape(["batch", past.shape[1], "max_seq", past.shape[3]])
@@ -208,17 +226,19 @@ class _Rewriter:
         self.graph.insert_before(before, [transpose, reshape])
         return reshape.outputs[0]
 
-    def _rewrite_layer(self, plan, seqlens, total) -> None:
+    def _rewrite_layer(self, plan, seqlens, total, counts) -> None:
         graph, sdpa, layer = self.graph, plan["sdpa"], plan["layer"]
         query = self._to_bsd(sdpa.inputs[0], sdpa)
         key = self._to_bsd(plan["key"]["new"], sdpa)
         value = self._to_bsd(plan["value"]["new"], sdpa)
+        inputs = [query, key, value, plan["key"]["past"], plan["value"]["past"], seqlens, total,
+                  None, None, None, sdpa.inputs[3]]
+        if counts is not None:  # query_seqlens needs the op's own (per-row) causal rule besides the model's mask
+            inputs += [None] * (QUERY_SEQLENS_INDEX - len(inputs)) + [counts]
         gqa = ir.node(
-            "GroupQueryAttention",
-            [query, key, value, plan["key"]["past"], plan["value"]["past"], seqlens, total,
-             None, None, None, sdpa.inputs[3]],
+            "GroupQueryAttention", inputs,
             attributes={"num_heads": plan["heads"], "kv_num_heads": plan["kv_heads"], "scale": float(plan["scale"]),
-                        "causal": 0},
+                        "causal": int(counts is not None)},
             domain="com.microsoft", num_outputs=3, name=f"luffy_gqa_{layer}",
         )
         bhsd = next((v.shape for v in (sdpa.outputs[0], sdpa.inputs[0]) if v.shape is not None and len(v.shape) == 4), None)

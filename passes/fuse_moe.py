@@ -1,6 +1,6 @@
 """Top-k mixture-of-experts SwiGLU block -> one com.microsoft MoE.
 
-luffy captures transformers' experts through their "batched_mm" path (compiler/capture.py), which exports
+luffy captures transformers' experts through their "batched_mm" path (compiler/capture/torch_export.py), which exports
 per layer as: the routing (Softmax(router logits) -> TopK, then divided by the top-k sum or not; or TopK of
 the logits -> Softmax over the k, which is the same division), every token repeated k times, each copy's
 expert weights gathered out of the stacked [E, 2I, H] gate_up and [E, H, I] down tensors (GatherND: a copy
@@ -25,8 +25,11 @@ import functools
 
 import numpy as np
 import onnx_ir as ir
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
 from onnxscript.rewriter import RewriteRuleSet, pattern
 
+from ..runtimes.ort_compat import session_options
 from .rule_pass import RulePass
 
 _LAST = (-1,)
@@ -115,11 +118,6 @@ def moe_attributes(k: int, normalized: int) -> dict:
 def cpu_moe_refusal() -> str | None:
     """None when this onnxruntime's CPU provider runs the MoE node this pass writes, else why not in one line
     (older releases have no CPU MoE, or no interleaved SwiGLU): the block then stays unfused."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
-
-    from ..runtimes.ort_compat import session_options
-
     weights = [numpy_helper.from_array(np.ones(shape, np.float32), name)
                for name, shape in (("fc1", (2, 4, 2)), ("fc2", (2, 2, 2)))]
     node = helper.make_node("MoE", ["x", "logits", "fc1", "", "fc2"], ["y"], domain="com.microsoft",

@@ -102,6 +102,64 @@ def rtn(weight_kn: np.ndarray, bits: int, block_size: int, symmetric: bool):
     return codes[:, :k], scales, zeros
 
 
+# the range shrinks `clipped_rtn` tries per block (llama-pydoc int4 block 128: +0.45 % perplexity with these,
+# +0.48 % with 17 from 0.6, +0.63 % unclipped)
+CLIP_RATIOS = np.linspace(0.7, 1.0, 16)
+
+
+def clipped_rtn(weight_kn: np.ndarray, bits: int, block_size: int, symmetric: bool):
+    """Round-to-nearest with each block's range clipped to whichever of CLIP_RATIOS x [min, max] (symmetric:
+    x absmax) gives the least squared error: codes, scales, zeros on `block_grid`'s kind of grid.
+
+    Why luffy's own and not ORT's packer (which maps the block's full [min, max]): one outlier stretches a
+    block's 16 levels over all its weights, and at block 128 that cost +0.63 % perplexity on llama-pydoc
+    (int4, RTN) against +0.45 % at block 32. Clipped, block 128 measured +0.45 %: block 32's quality at
+    block 128's bytes (0.535 per weight against 0.641) and decode speed. (llama.cpp's k-quants search their
+    scales the same way.) Rows go in chunks that stay in cache: the search reads each weight once per ratio.
+    """
+    k, n = weight_kn.shape
+    blocks = -(-k // block_size)
+    w = np.zeros((n, blocks * block_size), dtype=np.float32)
+    w[:, :k] = weight_kn.T
+    w = w.reshape(n, blocks, block_size)
+    codes = np.empty((n, blocks * block_size), dtype=np.uint8)
+    scales, zeros = np.empty((n, blocks), np.float32), np.empty((n, blocks), np.float32)
+    rows = max(1, (1 << 16) // (blocks * block_size))  # ~256 KiB of float32 per chunk
+    for r in range(0, n, rows):
+        chunk = slice(r, r + rows)
+        codes[chunk], scales[chunk], zeros[chunk] = _clipped_chunk(w[chunk], bits, symmetric)
+    return codes[:, :k], scales.astype(np.float64), zeros.astype(np.float64)
+
+
+def _clipped_chunk(w: np.ndarray, bits: int, symmetric: bool):
+    maxq = (1 << bits) - 1
+    lo, hi = np.minimum(w.min(axis=2), 0), np.maximum(w.max(axis=2), 0)
+    best_err = np.full(lo.shape, np.inf, dtype=np.float32)
+    scales, zeros = np.zeros(lo.shape, np.float32), np.zeros(lo.shape, np.float32)
+    for ratio in CLIP_RATIOS:
+        if symmetric:
+            absmax = np.where(np.abs(hi) > np.abs(lo), hi, lo) * ratio
+            scale, zero = absmax / -float(1 << (bits - 1)), np.full(absmax.shape, 1 << (bits - 1), np.float32)
+        else:
+            scale = (hi - lo) * np.float32(ratio / maxq)
+            zero = np.clip(np.round(-lo * np.float32(ratio) / np.where(scale == 0, 1, scale)), 0, maxq)
+        q = _codes(w, scale, zero, maxq)
+        q -= zero[..., None]
+        q *= scale[..., None]
+        q -= w
+        err = np.einsum("rbk,rbk->rb", q, q)
+        better = err < best_err
+        best_err, scales, zeros = np.where(better, err, best_err), np.where(better, scale, scales), np.where(better, zero, zeros)
+    return _codes(w, scales, zeros, maxq).astype(np.uint8).reshape(w.shape[0], -1), scales, zeros
+
+
+def _codes(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, maxq: int) -> np.ndarray:
+    q = w / np.where(scale == 0, 1, scale)[..., None]
+    np.round(q, out=q)
+    q += zero[..., None]
+    return np.clip(q, 0, maxq, out=q)
+
+
 def dequantize(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, block_size: int) -> np.ndarray:
     """The [K, N] weight MatMulNBits computes with."""
     k = codes.shape[1]

@@ -5,6 +5,11 @@ generation reads only the last row: for a 32k vocabulary and 1024 hidden that is
 position, about a tenth of a 128-token prefill of a 156M model. The rewrite slices the hidden states to
 the last `logits_to_keep` positions right before the lm_head MatMul; the runtime passes 1 when generating
 and the sequence length when scoring, so one graph serves both (transformers calls this logits_to_keep).
+
+A graph that takes ``query_seqlens`` (fuse-gqa's multi-row steps: rows right-padded to the step's width)
+needs each row's own last positions, which a slice from the end cannot give: it takes ``logits_indices``
+int64 [batch, kept] instead, the positions of each row to keep (the runtime passes a row's last valid ones),
+gathered per row by one GatherND (batch_dims=1). One node fewer than the slice, too.
 """
 
 from __future__ import annotations
@@ -12,7 +17,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-KEEP = "logits_to_keep"
+from .gqa_multi_row import QUERY_SEQLENS
+
+KEEP, INDICES = "logits_to_keep", "logits_indices"
 # Elementwise ops that may sit between the lm_head MatMul and the logits output (scaling, softcap, casts).
 _PER_POSITION = {"Cast", "Mul", "Div", "Tanh", "Add"}
 
@@ -27,19 +34,20 @@ class KeepLastLogits(ir.passes.InPlacePass):
         if matmul is None:
             self.stats = {"matches": 0, "not_matched": [{"rule": "KeepLastLogits", "reason": reason}]}
             return ir.passes.PassResult(model, modified=False)
-        keep = ir.Value(name=KEEP, shape=ir.Shape([]), type=ir.TensorType(ir.DataType.INT64))
-        model.graph.inputs.append(keep)
-        axes = _const(model.graph, "keep_axes", [0])
-        start = ir.node("Unsqueeze", [keep, axes])
-        negated = ir.node("Neg", [start.outputs[0]])
         hidden = matmul.inputs[0]
-        sliced = ir.node("Slice", [hidden, negated.outputs[0], _const(model.graph, "keep_end", [np.iinfo(np.int64).max]),
-                                   _const(model.graph, "keep_axis", [1])])
-        kept = sliced.outputs[0]
+        if any(v.name == QUERY_SEQLENS for v in model.graph.inputs):  # rows right-padded: each row's own positions
+            indices = ir.Value(name=INDICES, shape=ir.Shape(["batch", "kept"]), type=ir.TensorType(ir.DataType.INT64))
+            model.graph.inputs.append(indices)
+            nodes = _gather_kept(model.graph, hidden, indices)
+        else:
+            keep = ir.Value(name=KEEP, shape=ir.Shape([]), type=ir.TensorType(ir.DataType.INT64))
+            model.graph.inputs.append(keep)
+            nodes = _slice_kept(model.graph, hidden, keep)
+        kept = nodes[-1].outputs[0]
         kept.dtype = hidden.dtype
         kept.shape = ir.Shape([hidden.shape[0], "kept", hidden.shape[2]])  # names the dim for shape inference
-        model.graph.insert_before(matmul, [start, negated, sliced])
-        matmul.replace_input_with(0, sliced.outputs[0])
+        model.graph.insert_before(matmul, nodes)
+        matmul.replace_input_with(0, kept)
         logits = next(v for v in model.graph.outputs if v.name == "logits")
         logits.shape = ir.Shape(["batch", "kept", logits.shape[2] if logits.shape is not None else "vocab"])
         self.stats = {"matches": 1}
@@ -48,6 +56,21 @@ class KeepLastLogits(ir.passes.InPlacePass):
 
 def keep_last_logits() -> KeepLastLogits:
     return KeepLastLogits()
+
+
+def _slice_kept(graph: ir.Graph, hidden: ir.Value, keep: ir.Value) -> list[ir.Node]:
+    """hidden[:, -keep:]"""
+    start = ir.node("Unsqueeze", [keep, _const(graph, "keep_axes", [0])])
+    negated = ir.node("Neg", [start.outputs[0]])
+    sliced = ir.node("Slice", [hidden, negated.outputs[0], _const(graph, "keep_end", [np.iinfo(np.int64).max]),
+                               _const(graph, "keep_axis", [1])])
+    return [start, negated, sliced]
+
+
+def _gather_kept(graph: ir.Graph, hidden: ir.Value, indices: ir.Value) -> list[ir.Node]:
+    """hidden[b, indices[b, j]]: [batch, kept, hidden]."""
+    unsqueeze = ir.node("Unsqueeze", [indices, _const(graph, "keep_last", [2])])  # [batch, kept, 1]
+    return [unsqueeze, ir.node("GatherND", [hidden, unsqueeze.outputs[0]], attributes={"batch_dims": 1})]
 
 
 def _const(graph: ir.Graph, name: str, values) -> ir.Value:
@@ -76,8 +99,8 @@ def find_lm_head(graph: ir.Graph, allow_kept: bool = False) -> tuple[ir.Node | N
     ``allow_kept`` finds it in a graph this pass already rewrote (quantization wants the lm_head too).
     """
     names = {v.name for v in graph.inputs}
-    if KEEP in names and not allow_kept:
-        return None, "graph already has a logits_to_keep input"
+    if (KEEP in names or INDICES in names) and not allow_kept:
+        return None, "graph already keeps its last logits (logits_to_keep / logits_indices)"
     if "input_ids" not in names or not any(n.startswith("past_key_values.") for n in names):
         return None, "not a decoder step graph (needs input_ids and past_key_values inputs)"
     logits = next((v for v in graph.outputs if v.name == "logits"), None)

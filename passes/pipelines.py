@@ -16,10 +16,10 @@ import dataclasses
 from typing import Callable
 
 import onnx_ir as ir
-
 from onnx_ir.passes import common
 
 from ..errors import UsageError
+from ..plugins import plugins_for_tensorrt
 from .collapse_reshapes import collapse_reshapes
 from .convert_bf16 import convert_bf16
 from .convert_fp16 import convert_fp16
@@ -36,6 +36,10 @@ from .fuse_rms_norm import fuse_rms_norm
 from .fuse_rotary import fuse_rotary
 from .fuse_skip_norm import fuse_skip_norm
 from .keep_last_logits import keep_last_logits
+from .kv_cache_dtype import kv_cache_dtype
+from .kv_cache_io import kv_cache_io
+from .pack_gate_up import pack_gate_up
+from .pack_qkv import pack_qkv
 from .quantize_dynamic_int8 import quantize_dynamic_int8
 from .quantize_moe import quantize_moe
 from .quantize_weights import WeightQuantization, quantize_weights
@@ -94,6 +98,11 @@ ORT_FUSIONS = [
     # read the flat layout itself, and the Reshape pairs on v and on the attention output undo each other.
     PassStep("rotary-bsd", rotary_bsd, "rotary on GQA's [B,S,H*d] layout: no Reshape/Transpose around it"),
     PassStep("collapse-reshapes", collapse_reshapes, "Reshape pairs that provably undo each other"),
+    # Once q, k and v reach GQA straight from their projections (and rotary sits on the flat layout), the
+    # three MatMuls become one and GQA rotates inside; before any precision pass, which then quantizes the
+    # packed weight (block quantization along K gives the same codes as quantizing each part).
+    PassStep("pack-qkv", pack_qkv, "Q/K/V as one MatMul read by GQA as packed QKV, rotary inside GQA"),
+    PassStep("pack-gate-up", pack_gate_up, "a gated MLP's gate and up projections as one MatMul and a Split"),
     PassStep("lift-constants", lambda: common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
              "rewrites and inlined functions leave Constant nodes; weights belong in initializers"),
     # fuse-gqa re-derives past/total lengths from the inputs; the model read the same dims its own way.
@@ -140,8 +149,6 @@ def plugin_steps(target: str, opt_level: int, trt_version: tuple[int, ...] | Non
     >>> plugin_steps("trt", 2, (10, 15))
     []
     """
-    from ..plugins import plugins_for_tensorrt
-
     if target != "trt" or opt_level == 0 or USE_PLUGINS in disabled or trt_version is None:
         return []
     plugins = plugins_for_tensorrt(trt_version)
@@ -213,6 +220,22 @@ def precision_steps(
     raise UsageError(f"precision {precision!r} has no pass list")
 
 
+def kv_cache_steps(dtype: str, ranges=None, target: str = "ort") -> list[PassStep]:
+    """The pass that sets the KV cache's precision ("auto": the compute's, nothing to do; "fp32" is the compute's
+    too, since fp16 compute refuses it before capture): GroupQueryAttention's own cache types for ONNX Runtime,
+    the graph's cache inputs and outputs for TensorRT.
+
+    >>> [s.name for s in kv_cache_steps("int8")], [s.name for s in kv_cache_steps("int8", target="trt")]
+    (['kv-cache-dtype'], ['kv-cache-io'])
+    """
+    if dtype in ("auto", "fp32"):
+        return []
+    why = "long-context decode reads the cache, and it bounds the sequences held: fewer bytes per token"
+    if target == "trt":
+        return [PassStep("kv-cache-io", lambda: kv_cache_io(dtype, ranges), why)]
+    return [PassStep("kv-cache-dtype", lambda: kv_cache_dtype(dtype, ranges), why)]
+
+
 @dataclasses.dataclass(frozen=True)
 class Stage:
     """One stage of a compile: its passes are built from the graph the stages before it left."""
@@ -226,15 +249,17 @@ class Stage:
 def stages(
     target: str, opt_level: int, precision: str, *, disabled=(), enabled=(), target_steps: list[PassStep] = (),
     weights: Callable[[ir.Model], WeightQuantization | None] = lambda model: None, reduce_range: bool = True,
+    kv_cache: str = "auto", kv_ranges: Callable[[ir.Model], dict | None] = lambda model: None,
 ) -> list[Stage]:
     """Everything one compile runs over the captured graph, in order. Unknown passes, levels and precisions
     the target cannot take fail here, before capture.
 
     ``target_steps`` are the target's own passes (TensorRT's plugins); ``weights(model)`` gives the precision
-    passes their quantization spec from the graph they will quantize (GPTQ calibrates on it).
+    passes their quantization spec from the graph they will quantize (GPTQ calibrates on it); ``kv_ranges(model)``
+    gives an int8/int4 ``kv_cache`` its calibrated key/value ranges, measured on the graph that will run.
 
     >>> [s.name for s in stages("ort", 2, "int4")]
-    ['opt-level', 'target', 'precision']
+    ['opt-level', 'target', 'precision', 'kv-cache']
     """
     level = pipeline(target, opt_level, disabled, enabled)
     precision_steps(precision, target=target)  # validates the pair now, not after minutes of capture
@@ -251,4 +276,8 @@ def stages(
         Stage("target", lambda model: list(target_steps), True, "ops the target's runtime lacks, as plugins"),
         # Last: quantization and fp16 match the fused fp32 graph, and a fusion never sees a quantized node.
         Stage("precision", precision_stage, False, f"{precision}: weights (and activations) in fewer bytes"),
+        # After precision: the cache's type pairs with the compute type that stage left, and int8/int4 scales are
+        # calibrated on the graph as it will run (quantized weights included).
+        Stage("kv-cache", lambda model: kv_cache_steps(kv_cache, kv_ranges(model) if kv_cache in ("int8", "int4")
+                                                                else None, target), False, f"KV cache {kv_cache}"),
     ]

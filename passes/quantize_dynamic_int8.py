@@ -12,7 +12,9 @@ import logging
 import tempfile
 from pathlib import Path
 
+import onnx
 import onnx_ir as ir
+from onnxruntime.quantization import QuantType, quantize_dynamic
 
 
 class QuantizeDynamicInt8(ir.passes.FunctionalPass):
@@ -49,9 +51,6 @@ class QuantizeDynamicInt8(ir.passes.FunctionalPass):
 
 
 def _quantize(model: ir.Model, chosen: list[str], reduce_range: bool) -> ir.Model:
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
     with tempfile.TemporaryDirectory(prefix="luffy-dq-") as tmp:
         src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
         ir.save(model, src, external_data="in.onnx.data")

@@ -52,6 +52,10 @@ class WeightQuantization:
     lm_head_bits: int | None = 8
     quantize_embeddings: bool = False
     layout: str = "matmulnbits"  # or "qdq": DequantizeLinear + MatMul in standard ONNX (the TensorRT target)
+    # round-to-nearest with each block's range clipped for the least squared error (gptq.clipped_rtn) instead
+    # of ORT's packer; what the compiler asks for int4 without --calib
+    clip_search: bool = False
+    chosen_for: dict | None = None  # the CPU the block size / accuracy level were chosen for, and why
     hessians: dict[str, np.ndarray] = field(default_factory=dict, compare=False, repr=False)
 
     def describe(self) -> dict:
@@ -59,10 +63,11 @@ class WeightQuantization:
             return {"layout": "qdq", "bits": self.bits, "block_size": self.block_size if self.bits == 4 else None,
                     "symmetric": True, "lm_head_bits": self.lm_head_bits, "embeddings": "kept",
                     "method": "gptq" if self.hessians else "rtn"}
-        return {"bits": self.bits, "block_size": self.block_size, "symmetric": self.symmetric,
-                "accuracy_level": self.accuracy_level, "lm_head_bits": self.lm_head_bits,
-                "embeddings": f"int{self.bits} GatherBlockQuantized" if self.quantize_embeddings else EMBEDDINGS_KEPT,
-                "method": "gptq" if self.hessians else "rtn"}
+        scheme = {"bits": self.bits, "block_size": self.block_size, "symmetric": self.symmetric,
+                  "accuracy_level": self.accuracy_level, "lm_head_bits": self.lm_head_bits,
+                  "embeddings": f"int{self.bits} GatherBlockQuantized" if self.quantize_embeddings else EMBEDDINGS_KEPT,
+                  "method": "gptq" if self.hessians else "rtn-clipped" if self.clip_search else "rtn"}
+        return {**scheme, "chosen_for": self.chosen_for} if self.chosen_for else scheme
 
 
 class QuantizeWeights(ir.passes.InPlacePass):
@@ -110,7 +115,8 @@ class QuantizeWeights(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=bool(quantized))
 
     def _packed(self, read, k: int, n: int, bits: int, hessian=None) -> PackedWeight:
-        return PackedWeight(read, k, n, bits, self.spec.block_size, self.spec.symmetric, hessian)
+        return PackedWeight(read, k, n, bits, self.spec.block_size, self.spec.symmetric, hessian,
+                            clip_search=self.spec.clip_search)
 
     def _quantize_matmul(self, graph: ir.Graph, node: ir.Node, bits: int, role: str) -> dict:
         weight = node.inputs[1]
@@ -120,7 +126,7 @@ class QuantizeWeights(ir.passes.InPlacePass):
         self._matmul_nbits(graph, node, packed, _tensors(graph, packed.tensors(weight.name or node.name)))
         record = {"node": node.name, "role": role, "op": "MatMulNBits", "bits": bits, "K": k, "N": n,
                   "method": packed.method}
-        if hessian is not None and packed.method == "rtn":
+        if hessian is not None and packed.method != "gptq":
             record["why_rtn"] = f"K={k} is not a multiple of block size {self.spec.block_size}"
         return record
 
@@ -199,10 +205,10 @@ class QuantizeWeights(ir.passes.InPlacePass):
         tensors = _tensors(graph, packed.tensors(table.name, flat_codes=True))
         self._gather_block_quantized(graph, node, tensors, bits)
         return {"node": node.name, "role": "embedding", "op": "GatherBlockQuantized", "bits": bits, "shape": [n, k],
-                "method": "rtn"}
+                "method": packed.method}
 
 
-_ort_nbits, _ort_rtn = ort_nbits, ort_rtn  # the names quantize-moe and the tests import
+_ort_nbits, _ort_rtn = ort_nbits, ort_rtn  # the names quantize-moe, the kernels benchmark and the tests import
 
 
 def tied_embedding(graph: ir.Graph, head: ir.Node | None, block_size: int) -> tuple[ir.Node, ir.Value] | None:

@@ -11,10 +11,11 @@ layout replaces the three. Partial rotary written as rotate(x[..., :r]) concaten
 (Phi3) becomes the op's own rotary_embedding_dim=r. GPT-NeoX, which slices q, k and v out of one
 head-layout tensor, does not match: its rotary input is no Transpose of a [B,S,H,d] value.
 
-The rotation is not folded into GQA itself (do_rotary=1): GQA's prompt path reads only the first
-element of position_ids, so rows of a left-padded batch, whose positions start at different offsets,
-would rotate wrongly. The rewrite is proven by shapes: the Reshape must keep batch and sequence dims
-(same symbols) and only split the last one.
+This pass keeps the rotation a node of its own: GQA's prompt path reads only the first element of
+position_ids, so rows of a left-padded batch, whose positions start at different offsets, would rotate
+wrongly there. pack-qkv, which runs next, folds it into GQA without position_ids (GQA then numbers
+positions by KV buffer index, which leaves RoPE's scores unchanged; see pack_qkv.py). The rewrite is
+proven by shapes: the Reshape must keep batch and sequence dims (same symbols) and only split the last one.
 """
 
 from __future__ import annotations

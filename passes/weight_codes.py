@@ -15,6 +15,7 @@ as [N, K * bits / 8] are the quantized embedding table, which is how a tied embe
 
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 import numpy as np
@@ -59,11 +60,12 @@ class PackedWeight:
     """Codes [N, K/block, block*bits/8], scales [N, K/block] and zero points (asymmetric) of a [K, N] weight."""
 
     def __init__(self, open_reader: Callable[[], Callable[[int, int], np.ndarray]], k: int, n: int, bits: int,
-                 block: int, symmetric: bool, hessian=None):
+                 block: int, symmetric: bool, hessian=None, clip_search: bool = False):
         """``hessian``: GPTQ's X^T X of the weight's input, an array or a callable that gives it when the codes
-        are computed (a streamed compile collects each layer's only when its weights are written)."""
+        are computed (a streamed compile collects each layer's only when its weights are written).
+        ``clip_search``: without a Hessian, round-to-nearest with each block's range clipped (gptq.clipped_rtn)."""
         self.open_reader, self.k, self.n, self.bits, self.block = open_reader, k, n, bits, block
-        self.symmetric = symmetric
+        self.symmetric, self.clip_search = symmetric, clip_search
         self.hessian = hessian if hessian is not None and k % block == 0 else None
         self.blocks = -(-k // block)
         self._parts: list | None = None
@@ -71,7 +73,9 @@ class PackedWeight:
 
     @property
     def method(self) -> str:
-        return "gptq" if self.hessian is not None else "rtn"
+        if self.hessian is not None:
+            return "gptq"
+        return "rtn-clipped" if self.clip_search else "rtn"
 
     def shapes(self) -> list[tuple[ir.DataType, tuple[int, ...]]]:
         blob = self.block * self.bits // 8
@@ -112,8 +116,10 @@ class PackedWeight:
 
     def _quantize(self, w: np.ndarray, hessian: np.ndarray | None) -> tuple[np.ndarray, ...]:
         n = w.shape[1]
-        if hessian is not None:
-            codes, scales, zeros = gptq_math.gptq(w, hessian, self.bits, self.block, self.symmetric)
+        if hessian is not None or self.clip_search:
+            codes, scales, zeros = (gptq_math.gptq(w, hessian, self.bits, self.block, self.symmetric)
+                                    if hessian is not None else
+                                    gptq_math.clipped_rtn(w, self.bits, self.block, self.symmetric))
             packed, scales, zero_points = gptq_math.pack_matmul_nbits(codes, scales, zeros, self.bits, self.block,
                                                                       self.symmetric)
         else:
@@ -136,8 +142,6 @@ def ort_nbits():
     Importing it calls logging.basicConfig(level=INFO) on the root logger, which would turn on INFO
     logging for the whole process of whoever called luffy.compile. The root logger is put back as it was.
     """
-    import logging
-
     root = logging.getLogger()
     level, handlers = root.level, list(root.handlers)
     try:

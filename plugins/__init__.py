@@ -8,6 +8,7 @@ one is that file plus its entry in ``PLUGINS``. Nothing registers at import time
 
 from __future__ import annotations
 
+from ..errors import ArtifactError
 from .plugin import DOMAIN, Plugin
 from .rms_norm import RMS_NORM
 
@@ -38,8 +39,6 @@ def register_tensorrt(plugin_ids) -> list[str]:
         domain, _, name = plugin_id.partition("::")
         plugin = plugin_for(domain, name)
         if plugin is None:
-            from ..errors import ArtifactError
-
             raise ArtifactError(f"plugin {plugin_id} is not one this luffy has; known: "
                                 f"{', '.join(p.plugin_id for p in PLUGINS)}")
         plugin.register_tensorrt()

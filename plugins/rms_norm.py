@@ -8,6 +8,8 @@ No ``from __future__ import annotations`` here: ``tensorrt.plugin`` reads the re
 annotations with ``inspect.signature`` and needs real classes, not strings.
 """
 
+from typing import Tuple
+
 import onnx
 from onnxscript.rewriter import _ir_utils
 from onnxscript.rewriter.ort_fusions.rms_normalization import RmsNormFusion
@@ -69,8 +71,6 @@ def _register_tensorrt() -> None:
     global _registered
     if _registered:  # tensorrt.plugin refuses a second definition of one id
         return
-    from typing import Tuple
-
     import tensorrt.plugin as trtp
     import torch
 

@@ -5,8 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from tokenizers import Tokenizer
 
-from ..errors import ArtifactError, UsageError
+from ..errors import ArtifactError, UsageError, first_line
+from .generation import as_rows, check_capacity, eos_set, ids_array, left_pad
+from .grammar import GrammarCompiler, GrammarSpec
+from .sampling import Sampling
+
+STRUCTURED = ("json_schema", "regex", "grammar", "choice")  # Engine.generate's structured-output arguments
 
 
 class Engine:
@@ -21,6 +27,7 @@ class Engine:
         self.path = Path(path)
         self.manifest = manifest
         self._tokenizer = None
+        self._grammars = None
 
     @property
     def kind(self) -> str:
@@ -37,14 +44,36 @@ class Engine:
             name = self.manifest.get("tokenizer")
             if not name:
                 raise UsageError(f"{self.path}: artifact has no tokenizer; pass token ids instead of text")
-            from tokenizers import Tokenizer
-
             try:
                 self._tokenizer = Tokenizer.from_file(str(self.path / name))
             except Exception as exc:  # noqa: BLE001 - tokenizers raises a bare Exception
-                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                reason = first_line(exc)
                 raise ArtifactError(f"{self.path / name}: the tokenizers library cannot read it ({reason})") from None
         return self._tokenizer
+
+    @property
+    def grammars(self) -> GrammarCompiler:
+        """Compiles and caches this artifact's structured-output grammars (llguidance on its tokenizer.json)."""
+        if self._grammars is None:
+            name = self.manifest.get("tokenizer")
+            if not name or self.vocab is None:
+                raise UsageError(f"{self.path}: structured outputs need the artifact's tokenizer and vocabulary size")
+            self._grammars = GrammarCompiler((self.path / name).read_text(), self.vocab,
+                                             eos_set(self._generation_default("eos_token_id")).tolist(),
+                                             source=str(self.path / name))
+        return self._grammars
+
+    def _row_constraints(self, constraint, rows: int, max_new_tokens: int, structured: dict) -> list | None:
+        """generate's grammars, one per row (or None): the ``constraint`` objects given, or those compiled from
+        ``json_schema`` / ``regex`` / ``grammar`` / ``choice`` (at most one of them; JSON compact, as ``strict``)."""
+        given = {k: v for k, v in structured.items() if v is not None}
+        if not given:
+            return row_constraints(constraint, rows)
+        if len(given) > 1 or constraint is not None:
+            named = [*given, *(["constraint"] if constraint is not None else [])]
+            raise UsageError(f"give one of {', '.join(STRUCTURED)} or constraint; got {', '.join(named)}")
+        (kind, spec), = given.items()
+        return self.grammars.constraints(GrammarSpec(kind, spec, strict=True), rows, max_new_tokens)
 
     def _generation_default(self, key: str):
         return self.manifest.get("generation", {}).get(key)
@@ -72,8 +101,6 @@ class Engine:
 
     def _generate_inputs(self, input_ids, max_new_tokens: int, eos_token_id, pad_token_id):
         """(rows, eos_token_id, pad id) after every check generate makes before any work."""
-        from .generation import as_rows, check_capacity
-
         self._require_decoder("generate")
         rows = as_rows(input_ids, self.vocab)
         check_capacity(max(len(r) for r in rows), max_new_tokens, self.max_seq_len)
@@ -81,10 +108,19 @@ class Engine:
             eos_token_id = self._generation_default("eos_token_id")
         return rows, eos_token_id, self._pad_id(pad_token_id)
 
+    def _sampling(self, eos_token_id, min_new_tokens: int = 0, do_sample: bool = False, temperature: float = 1.0,
+                  top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
+                  presence_penalty: float = 0.0, frequency_penalty: float = 0.0, logit_bias: dict | None = None):
+        """The logits chain's parameters from generate's arguments (runtimes/sampling.py), checked; the EOS ids
+        (already resolved from "model") stop a row and are what min_new_tokens masks."""
+        if min_new_tokens < 0:
+            raise UsageError(f"min_new_tokens must be >= 0, got {min_new_tokens}")
+        bias = {int(token): float(value) for token, value in (logit_bias or {}).items()}
+        return Sampling(do_sample, temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,
+                        frequency_penalty, bias, eos_set(eos_token_id), min_new_tokens).check(self.vocab)
+
     def _score_inputs(self, input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
         """(ids, mask) [batch, seq] for score: ragged rows left-padded, or the caller's ids and mask checked."""
-        from .generation import as_rows, check_capacity, ids_array, left_pad
-
         self._require_decoder("score")
         if attention_mask is None:
             ids, mask = left_pad(as_rows(input_ids, self.vocab), self._pad_id(None))
@@ -116,6 +152,19 @@ class Engine:
 
     def run(self, feeds: dict) -> dict:  # pragma: no cover - interface
         raise NotImplementedError
+
+
+def row_constraints(constraint, rows: int) -> list | None:
+    """generate's ``constraint``: None, one Constraint (one row), or a list with one (or None) per row."""
+    if constraint is None:
+        return None
+    if isinstance(constraint, (list, tuple)):
+        if len(constraint) != rows:
+            raise UsageError(f"constraint: {len(constraint)} constraints for {rows} rows; give one per row")
+        return list(constraint)
+    if rows != 1:
+        raise UsageError(f"constraint: one constraint for {rows} rows; a grammar's state is per row, give a list")
+    return [constraint]
 
 
 def _first(ids):

@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..errors import CapacityError, UsageError
-from .sampling import select_next
+from .sampling import Constraint, Sampling, TokenChooser, choose_rows
 
 
 def as_rows(input_ids, vocab: int | None = None) -> list[list[int]]:
@@ -89,22 +89,21 @@ def eos_set(eos_token_id) -> np.ndarray:
     return np.array(list(eos_token_id), dtype=np.int64)
 
 
-def check_sampling(do_sample: bool, temperature: float, top_p: float) -> None:
-    """The sampling arguments every generate path refuses."""
-    if do_sample and temperature <= 0:
-        raise UsageError(f"temperature must be > 0 when sampling, got {temperature}")
-    if not 0.0 < top_p <= 1.0:
-        raise UsageError(f"top_p must be in (0, 1], got {top_p}")
+def check_capacity(prompt_len: int, new_tokens: int, limit: int | None, new_name: str = "max_new_tokens",
+                   limit_name: str = "the artifact's maximum sequence length") -> None:
+    """Refuse, before any work and in one line naming both numbers, a prompt plus ``new_tokens`` beyond ``limit``
+    positions (None: no limit). Engine.generate/score, the serving scheduler and `luffy bench` all check here;
+    ``new_name`` and ``limit_name`` are what the caller's user calls them.
 
-
-def check_capacity(prompt_len: int, max_new_tokens: int, max_seq_len: int | None) -> None:
-    if max_new_tokens < 0:
-        raise UsageError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if max_seq_len is not None and prompt_len + max_new_tokens > max_seq_len:
-        raise CapacityError(
-            f"prompt length {prompt_len} + max_new_tokens {max_new_tokens} = {prompt_len + max_new_tokens} "
-            f"exceeds the artifact's maximum sequence length {max_seq_len}"
-        )
+    >>> check_capacity(60, 10, 64)
+    Traceback (most recent call last):
+    luffy.errors.CapacityError: prompt length 60 + max_new_tokens 10 = 70 exceeds the artifact's maximum sequence length 64
+    """
+    if new_tokens < 0:
+        raise UsageError(f"{new_name} must be >= 0, got {new_tokens}")
+    if limit is not None and prompt_len + new_tokens > limit:
+        raise CapacityError(f"prompt length {prompt_len} + {new_name} {new_tokens} = {prompt_len + new_tokens} "
+                            f"exceeds {limit_name} {limit}")
 
 
 def generate_loop(
@@ -112,32 +111,31 @@ def generate_loop(
     ids: np.ndarray,
     mask: np.ndarray,
     max_new_tokens: int,
+    sampling: Sampling,
     *,
-    min_new_tokens: int = 0,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    eos_token_id=None,
     pad_token_id: int = 0,
     seed: int | None = None,
     output_logits: bool = False,
     streamer: Callable[[np.ndarray], None] | None = None,
+    constraints: Sequence[Constraint | None] | None = None,
 ):
     """Prefill, then decode one token per step; returns [batch, prompt + generated] like transformers.
 
     ``step(ids [batch, s], real [batch, s]) -> logits [batch, vocab]`` runs the model on the next tokens
-    (``real`` 0 marks left padding) and owns the cache, positions and attention mask. With ``output_logits``
-    also returns the raw logits each new token was chosen from, [batch, new, vocab] (transformers'
+    (``real`` 0 marks left padding) and owns the cache, positions and attention mask. Each row chooses through
+    its own TokenChooser (runtimes/sampling.py's chain; the penalties see that row's prompt without padding,
+    ``constraints`` gives a row its grammar); ``sampling.stop_ids`` end a row. With ``output_logits`` also
+    returns the raw logits each new token was chosen from, [batch, new, vocab] (transformers'
     ``output_logits``). ``streamer(tokens)`` is called with each step's new tokens [batch] as soon as they
     are chosen (the first call marks time to first token).
     """
-    check_sampling(do_sample, temperature, top_p)
     batch, prompt_len = ids.shape
     if max_new_tokens == 0:
         return (ids.copy(), np.zeros((batch, 0, 0), np.float32)) if output_logits else ids.copy()
     rng = np.random.default_rng(seed)
-    eos = eos_set(eos_token_id)
+    constraints = list(constraints) if constraints is not None else [None] * batch
+    choosers = [TokenChooser(sampling, ids[row][mask[row] == 1], constraints[row]) for row in range(batch)]
+    stop = sampling.stop_ids
     out = np.empty((batch, prompt_len + max_new_tokens), dtype=np.int64)
     out[:, :prompt_len] = ids
     finished = np.zeros(batch, dtype=bool)
@@ -149,16 +147,16 @@ def generate_loop(
     for produced in range(max_new_tokens):
         if output_logits:
             kept_logits.append(np.array(logits, dtype=np.float32, copy=True))
-        if produced < min_new_tokens and eos.size:
-            logits = logits.copy()
-            logits[:, eos] = -np.inf
-        token = select_next(logits, do_sample, temperature, top_k, top_p, rng).astype(np.int64)
+        token = choose_rows(choosers, logits, rng, skip=finished).astype(np.int64)
         token[finished] = pad_token_id
+        for row in np.flatnonzero(~finished):
+            choosers[row].accept(int(token[row]))
+            finished[row] |= choosers[row].finished  # a complete grammar ends its row as EOS does
         out[:, length] = token
         if streamer is not None:
             streamer(token)
-        if eos.size:
-            finished |= np.isin(token, eos)
+        if stop.size:
+            finished |= np.isin(token, stop)
         length += 1
         if finished.all() or produced == max_new_tokens - 1:
             break

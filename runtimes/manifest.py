@@ -1,6 +1,6 @@
 """The artifact contract both sides keep: the manifest's schema, reading it, and the step graph's names.
 
-The compiler writes artifacts (compiler/artifact.py) and the runtimes read them; everything both must agree on
+The compiler writes artifacts (compiler/emit/artifact.py) and the runtimes read them; everything both must agree on
 lives here, so a serving process needs neither the compiler nor torch to check an artifact. The schema is a
 small table checked by hand rather than JSON Schema: the runtime's dependencies stay onnxruntime, numpy and
 tokenizers, and every failure is one line naming the manifest and the field.
@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from ..errors import ArtifactError
+from ..errors import ArtifactError, first_line
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -27,9 +27,12 @@ KINDS = ("causal-lm", "encoder", "module")
 #   past_key_values.N.key/value -> present.N.key/value, logits [batch, kept, vocab].
 # KV_SHARED graphs (fuse-gqa) take capacity-sized buffers bound as past and present, plus seqlens_k
 # [batch] (each row's length - 1 after the step) and total_sequence_length; KV_CONCAT graphs return
-# present = past + new. logits_to_keep, when present, is how many last positions get logits.
+# present = past + new. logits_to_keep, when present, is how many last positions get logits. query_seqlens
+# [batch] (multi-row graphs): each row's valid tokens in a right-padded step; logits_indices [batch, kept] then
+# says which positions of each row get logits.
 INPUT_IDS, ATTENTION_MASK, POSITION_IDS, LOGITS = "input_ids", "attention_mask", "position_ids", "logits"
-SEQLENS, TOTAL, KEEP = "seqlens_k", "total_sequence_length", "logits_to_keep"
+SEQLENS, TOTAL, KEEP, QUERY_SEQLENS = "seqlens_k", "total_sequence_length", "logits_to_keep", "query_seqlens"
+INDICES = "logits_indices"  # multi-row graphs keep these positions of each row [batch, kept] instead of the last
 KV_SHARED, KV_CONCAT = "shared-buffer", "concat"
 
 
@@ -72,7 +75,8 @@ SCHEMA = {
     "report": (_DICT, False),
 }
 KV_SCHEMA = {"num_layers": (_INT, True), "past_input": (_STR, True), "present_output": (_STR, True),
-             "mode": (_STR, False)}
+             "mode": (_STR, False), "positions": (_STR, False)}
+POSITIONS_INPUT, POSITIONS_BUFFER = "input", "buffer"  # kv_cache.positions: position_ids, or the KV buffer index
 FILE_SCHEMA = {"sha256": (_STR, True), "size": (_INT, True)}
 CHAT_SCHEMA = {"file": (_STR, True), "bos_token": (_STR + _NONE, False), "eos_token": (_STR + _NONE, False)}
 IO_SCHEMA = {"name": (_STR, True), "dtype": (_STR, True), "shape": ((list,) + _NONE, True)}
@@ -106,6 +110,9 @@ def _check_values(path: Path, manifest: dict) -> None:
         _check_fields(path, "kv_cache.", kv, KV_SCHEMA)
         if kv["num_layers"] < 1 or kv.get("mode", KV_CONCAT) not in (KV_SHARED, KV_CONCAT):
             raise ArtifactError(f"{path}: field kv_cache has num_layers {kv['num_layers']} and mode {kv.get('mode')!r}")
+        if kv.get("positions", POSITIONS_INPUT) not in (POSITIONS_INPUT, POSITIONS_BUFFER):
+            raise ArtifactError(f"{path}: field kv_cache.positions is {kv['positions']!r}; expected "
+                                f"{POSITIONS_INPUT} or {POSITIONS_BUFFER}")
         for key in ("past_input", "present_output"):
             if "{layer}" not in kv[key] or "{kind}" not in kv[key]:
                 raise ArtifactError(f"{path}: field kv_cache.{key} {kv[key]!r} must contain {{layer}} and {{kind}}")
@@ -186,7 +193,7 @@ def read_manifest(directory: str | os.PathLike, verify_files: bool = True) -> di
     try:
         manifest = json.loads(path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise ArtifactError(f"{path}: not valid JSON ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        raise ArtifactError(f"{path}: not valid JSON ({first_line(exc)})") from None
     except OSError as exc:
         raise ArtifactError(f"{path}: cannot read it ({exc.strerror or exc})") from None
     validate_manifest(path, manifest)
@@ -224,7 +231,12 @@ class StepGraph:
     kv_type: str  # the past inputs' ONNX type, e.g. "tensor(float)"
     shared_kv: bool  # KV_SHARED: one buffer per layer and kind is both past and present
     takes_positions: bool
+    # kv_cache.positions "buffer": attention rotates by KV buffer index, so a row may be left-padded but hold no
+    # masked position between real ones (transformers would number the later tokens differently)
+    positions_from_buffer: bool
     keeps_logits: bool  # takes logits_to_keep
+    picks_logits: bool  # takes logits_indices
+    multi_row: bool  # takes query_seqlens: several rows of several tokens with a cache in one step
     past_names: tuple[tuple[str, str], ...]  # per layer: (key, value) inputs
     present_names: tuple[tuple[str, str], ...]
 
@@ -246,7 +258,8 @@ def step_graph(path: Path, manifest: dict, inputs: dict[str, tuple[str, list]], 
     if missing:
         raise ArtifactError(f"{path}: the manifest's step graph names {', '.join(missing[:4])}, which the graph "
                             f"does not have")
-    unknown = set(inputs) - {INPUT_IDS, ATTENTION_MASK, POSITION_IDS, SEQLENS, TOTAL, KEEP} - {n for p in past for n in p}
+    unknown = set(inputs) - {INPUT_IDS, ATTENTION_MASK, POSITION_IDS, SEQLENS, TOTAL, KEEP, INDICES, QUERY_SEQLENS} - \
+        {n for p in past for n in p}
     if unknown:
         raise ArtifactError(f"{path}: decoder graph has inputs the runtime cannot feed: {', '.join(sorted(unknown))}")
     shapes = []
@@ -260,5 +273,7 @@ def step_graph(path: Path, manifest: dict, inputs: dict[str, tuple[str, list]], 
         raise ArtifactError(f"{path}: logits output has no static vocabulary dimension ({outputs[LOGITS]})")
     return StepGraph(
         layers=tuple(shapes), vocab=vocab, kv_type=inputs[past[0][0]][0], shared_kv=SEQLENS in inputs,
-        takes_positions=POSITION_IDS in inputs, keeps_logits=KEEP in inputs, past_names=past, present_names=present,
+        takes_positions=POSITION_IDS in inputs, positions_from_buffer=kv.get("positions") == POSITIONS_BUFFER,
+        keeps_logits=KEEP in inputs, picks_logits=INDICES in inputs, multi_row=QUERY_SEQLENS in inputs,
+        past_names=past, present_names=present,
     )

@@ -6,18 +6,22 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ArtifactError, CapacityError, UsageError
+from ..errors import ArtifactError, CapacityError, UsageError, first_line
+from . import speculative
+from .constraint import warn_incomplete
 from .cpu_bf16 import cpu_model
+from .cpu_features import u8s8_saturates
 from .engine import Engine
-from .generation import check_sampling, eos_set, generate_loop, left_pad
+from .generation import generate_loop, left_pad
 from .huge_pages import MIN_REGION, NOTHING_COLLAPSED, anonymous_mappings, back_new_mappings_with_huge_pages
 from .manifest import step_graph
-from .ort_compat import import_onnxruntime, session_options, thread_pool_shared
+from .ort_compat import engine_session_options, import_onnxruntime
 from .ort_slots import OrtSlots
 
 _NUMPY_DTYPES = {
     "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
     "tensor(int32)": np.int32, "tensor(bool)": np.bool_, "tensor(double)": np.float64,
+    "tensor(int8)": np.int8, "tensor(uint8)": np.uint8,  # int8 and 4-bit packed KV caches
 }
 
 
@@ -28,8 +32,6 @@ def _weight_file_bytes(manifest: dict) -> int:
 
 def _require_int8_kernels_fit(manifest: dict, path: Path, providers: list[str] | None) -> None:
     """An int8-dynamic artifact with 8-bit weights gives wrong outputs on x86 CPUs without VNNI."""
-    from .cpu_features import u8s8_saturates
-
     on_cpu = not providers or providers == ["CPUExecutionProvider"]
     if manifest.get("int8_reduce_range") is False and on_cpu and u8s8_saturates():
         raise ArtifactError(
@@ -37,19 +39,14 @@ def _require_int8_kernels_fit(manifest: dict, path: Path, providers: list[str] |
             "AMX); this CPU's int8 kernels saturate. Recompile with --reduce-range (correct on every CPU)")
 
 
-def _warn_private_pools() -> None:
-    import warnings
-
-    warnings.warn("speculative decoding with two engines that each own an ONNX Runtime thread pool: their "
-                  "spinning threads compete for the cores (measured 1.8x slower); call "
-                  "luffy.runtimes.share_thread_pool() before loading both", RuntimeWarning, stacklevel=4)
-
-
 class OrtEngine(Engine):
     """Runs an artifact's model.onnx on ONNX Runtime (CPU unless ``providers`` says otherwise).
 
     ``huge_pages`` (default on) backs the weights ORT allocates on the CPU with transparent huge pages
-    (see huge_pages.py; ``self.huge_pages`` reports what the kernel did).
+    (see huge_pages.py; ``self.huge_pages`` reports what the kernel did). The engine's thread pool (its own, or
+    the process's once ``share_thread_pool`` made one) spins only during its runs, so engines that take turns (a
+    target and its draft) never compete for the cores (ort_compat.engine_session_options); ``self.thread_pool``
+    describes it.
     """
 
     def __init__(
@@ -58,13 +55,9 @@ class OrtEngine(Engine):
     ):
         super().__init__(path, manifest)
         ort = import_onnxruntime()
-        if threads and thread_pool_shared():
-            raise UsageError(f"threads={threads}: this process shares one ONNX Runtime thread pool "
-                             "(share_thread_pool), whose size was set there")
-        options = session_options(threads)
+        # threads that sleep once each run ends: engines that take turns never fight for the cores
+        options, self.thread_pool = engine_session_options(threads, spin)
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if not spin:  # idle pool threads sleep instead of spinning: the cores go to the server's other threads
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._ort = ort
         model_path = self.path / manifest["model_file"]
         _require_int8_kernels_fit(manifest, self.path, providers)
@@ -78,7 +71,7 @@ class OrtEngine(Engine):
             mappings_before = anonymous_mappings() if track else None
             self.session = ort.InferenceSession(source, options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            reason = first_line(exc)
             raise ArtifactError(f"{model_path}: onnxruntime {ort.__version__} cannot load it: {reason}") from None
         self.huge_pages = None if not (huge_pages and on_cpu) else (
             back_new_mappings_with_huge_pages(mappings_before) if track else dict(NOTHING_COLLAPSED))
@@ -110,10 +103,13 @@ class OrtEngine(Engine):
 
     def generate(
         self, input_ids, max_new_tokens: int = 32, min_new_tokens: int = 0, do_sample: bool = False,
-        temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_token_id="model", pad_token_id=None,
+        temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+        repetition_penalty: float = 1.0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+        logit_bias: dict | None = None, constraint=None, eos_token_id="model", pad_token_id=None,
         seed: int | None = None, output_logits: bool = False, streamer=None, assistant_model=None,
         num_assistant_tokens: int = 4, num_assistant_tokens_schedule: str = "heuristic",
-        prompt_lookup_num_tokens: int | None = None, max_matching_ngram_size: int = 2,
+        prompt_lookup_num_tokens: int | None = None, max_matching_ngram_size: int = 2, json_schema=None,
+        regex: str | None = None, grammar: str | None = None, choice: list[str] | None = None,
     ):
         """Generate up to ``max_new_tokens`` per row; returns int64 [batch, prompt + new], left-padded.
 
@@ -122,6 +118,12 @@ class OrtEngine(Engine):
         disables stopping. ``output_logits=True`` returns ``(ids, logits)`` with the raw logits of every
         generated position, [batch, new, vocab]. ``streamer(tokens)`` receives each step's new tokens
         ([batch] int64) as soon as they are chosen.
+
+        Tokens are chosen through the one logits chain (runtimes/sampling.py), in its order: the penalties
+        (``repetition_penalty`` as transformers', over each row's prompt and output; OpenAI's
+        ``presence_penalty`` and ``frequency_penalty`` over its output), ``logit_bias`` ({token id: bias}),
+        the ``constraint`` (a grammar: one object, or a list with one per row), ``min_new_tokens``, then
+        ``temperature`` (below 1e-5: greedy), ``top_k``, ``top_p``, ``min_p``.
 
         Speculative decoding (Hugging Face's names): ``assistant_model=draft_engine`` proposes up to
         ``num_assistant_tokens`` tokens per round, ``prompt_lookup_num_tokens=K`` up to K tokens that followed
@@ -137,14 +139,26 @@ class OrtEngine(Engine):
 
         >>> engine.generate([[256, 72], [256, 72, 105, 33]], max_new_tokens=4).shape   # doctest: +SKIP
         (2, 8)
+
+        Structured outputs: ``json_schema`` (a dict or JSON text; output compact, as OpenAI's ``strict``),
+        ``regex``, ``grammar`` (Lark or GBNF) or ``choice`` (a list of strings) give every row an llguidance
+        grammar (runtimes/grammar.py) as its ``constraint``. A row ends when its grammar is complete and allows
+        nothing more; one that runs out of ``max_new_tokens`` first is cut off, with a RuntimeWarning.
+
+        >>> ids = engine.generate(rows, 64, json_schema={"type": "object", "properties": {"n": {"type": "integer"}}})  # doctest: +SKIP
         """
         rows, eos_token_id, pad = self._generate_inputs(input_ids, max_new_tokens, eos_token_id, pad_token_id)
+        sampling = self._sampling(eos_token_id, min_new_tokens, do_sample, temperature, top_k, top_p, min_p,
+                                  repetition_penalty, presence_penalty, frequency_penalty, logit_bias)
+        constraints = self._row_constraints(constraint, len(rows), max_new_tokens, dict(
+            json_schema=json_schema, regex=regex, grammar=grammar, choice=choice))
         prompt_len = max(len(r) for r in rows)
         if (assistant_model is not None or prompt_lookup_num_tokens) and max_new_tokens > 0:
-            return self._speculative(rows, max_new_tokens, pad, seed, output_logits, streamer, assistant_model,
-                                     num_assistant_tokens, num_assistant_tokens_schedule, prompt_lookup_num_tokens,
-                                     max_matching_ngram_size, do_sample=do_sample, temperature=temperature,
-                                     top_k=top_k, top_p=top_p, eos=eos_set(eos_token_id), min_new_tokens=min_new_tokens)
+            out = self._speculative(rows, max_new_tokens, pad, seed, output_logits, streamer, assistant_model,
+                                    num_assistant_tokens, num_assistant_tokens_schedule, prompt_lookup_num_tokens,
+                                    max_matching_ngram_size, sampling, constraints)
+            warn_incomplete(constraints, max_new_tokens)
+            return out
         self.generation_stats = None
         ids, mask = left_pad(rows, pad)
         slots = self.open_slots(len(rows), prompt_len + max_new_tokens)
@@ -152,16 +166,13 @@ class OrtEngine(Engine):
         def last_logits(step_ids, real):  # every row steps together: left padding keeps their lengths equal
             return slots.step(0, len(rows), step_ids, real, keep=1)[:, -1, :]
 
-        return generate_loop(
-            last_logits, ids, mask, max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample,
-            temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, pad_token_id=pad, seed=seed,
-            output_logits=output_logits, streamer=streamer,
-        )
+        out = generate_loop(last_logits, ids, mask, max_new_tokens, sampling, pad_token_id=pad, seed=seed,
+                            output_logits=output_logits, streamer=streamer, constraints=constraints)
+        warn_incomplete(constraints, max_new_tokens)
+        return out
 
     def _speculative(self, rows, max_new_tokens, pad, seed, output_logits, streamer, assistant_model, k, schedule,
-                     lookup_k, max_ngram, **choosing):
-        from . import speculative
-
+                     lookup_k, max_ngram, sampling, constraints):
         if assistant_model is not None and lookup_k:
             raise UsageError("give assistant_model or prompt_lookup_num_tokens, not both")
         if schedule not in ("heuristic", "constant"):
@@ -169,8 +180,6 @@ class OrtEngine(Engine):
         k = lookup_k or k
         if k < 1 or max_ngram < 1:
             raise UsageError("the number of proposed tokens and max_matching_ngram_size must be >= 1")
-        sampling = speculative.Sampling(**choosing)
-        check_sampling(sampling.do_sample, sampling.temperature, sampling.top_p)
         width = max(len(r) for r in rows)
         # K is a ceiling, unlike transformers' heuristic, which grows without one: a draft token costs a third
         # of a target step here (int8 for fp32 on a CPU), and uncapped K drifted to 10-16 and wasted draft steps
@@ -178,13 +187,11 @@ class OrtEngine(Engine):
         adaptive = speculative.AdaptiveK(k, schedule == "heuristic")
         if assistant_model is not None:
             speculative.check_draft(self, assistant_model)
-            if not thread_pool_shared():
-                _warn_private_pools()
             source = speculative.DraftModel(assistant_model, 1, width + max_new_tokens)  # rows run one at a time
         else:
             source = speculative.PromptLookup(max_ngram)
         ids, logits, stats = speculative.generate(self, rows, max_new_tokens, source, adaptive, sampling, pad, seed,
-                                                  output_logits, streamer)
+                                                  output_logits, streamer, constraints)
         self.generation_stats = stats.to_json()
         return (ids, logits) if output_logits else ids
 
@@ -227,5 +234,5 @@ class OrtEngine(Engine):
         try:
             outputs = self.session.run(None, arrays)
         except Exception as exc:  # ORT raises its own exception types for shape/type errors
-            raise UsageError(f"{self.path}: {str(exc).strip().splitlines()[0]}") from None
+            raise UsageError(f"{self.path}: {first_line(exc)}") from None
         return dict(zip(self.output_names, outputs))

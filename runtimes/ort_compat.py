@@ -19,23 +19,30 @@ _SHARED_POOL = {"on": False, "threads": None}
 
 
 def share_thread_pool(threads: int | None = None) -> None:
-    """Make every ONNX Runtime session luffy creates from now on in this process share one intra-op thread
-    pool of ``threads`` threads (all cores by default).
+    """Make the one intra-op thread pool that every ONNX Runtime session luffy creates afterwards in this process
+    shares (``threads`` threads; all cores by default). ``luffy run --draft``, ``luffy serve --draft`` and the
+    bench workers call it themselves. Engines do not need it to take turns on the cores (their threads sleep
+    when a run ends, see ``engine_session_options``): it is one pool's memory and thread count.
 
-    Why: each session otherwise owns a pool whose threads spin for a while after every step. Two engines
-    that take turns (a target and its speculative draft) then leave each other's cores busy: measured on the
-    2-core reference machine, a 156M fp32 target with its int8 draft (K=4) took 18.5 ms per token with two
-    pools and 10.2 with one. After this call ONNX Runtime refuses sessions with their own pool anywhere in
-    the process, so call it in a process that loads and runs artifacts (`luffy serve --draft` and `luffy run
-    --draft` do), before it creates any session.
+    Why one pool: each session otherwise owns a pool whose threads spin for a while after every step. Two
+    engines that take turns (a target and its speculative draft) then leave each other's cores busy:
+    measured on the 2-core reference machine, a 156M fp32 target with its int8 draft (K=4) took 18.5 ms per
+    token with two pools and 10.2 with one.
 
-    >>> luffy.runtimes.share_thread_pool(); target = luffy.load(a); draft = luffy.load(b)   # doctest: +SKIP
+    Why not by default in ``luffy.load``: ONNX Runtime's pools are then global to the process, and it refuses
+    every later session that keeps the default ``use_per_session_threads=True`` ("use_per_session_threads
+    must be false when using a global thread pool"): any other ONNX Runtime user in the caller's process (its
+    own models, onnxruntime.quantization) would break behind its back. The pool's size is fixed once made.
+
+    >>> luffy.runtimes.share_thread_pool(2); target = luffy.load(a); draft = luffy.load(b)   # doctest: +SKIP
     """
     ort = import_onnxruntime()
     if _SHARED_POOL["on"]:
         if threads not in (None, _SHARED_POOL["threads"]):
-            raise UsageError(f"the shared ONNX Runtime thread pool already has {_SHARED_POOL['threads'] or 'all'} "
-                             f"threads; it cannot become {threads}")
+            made = _SHARED_POOL["threads"] or "all cores'"
+            raise UsageError(f"threads={threads}: the engines of this process share one ONNX Runtime thread pool of "
+                             f"{made} threads, made by share_thread_pool; load every engine with the same "
+                             "threads, or none")
         return
     ort.set_global_thread_pool_sizes(threads or 0, 1)
     _SHARED_POOL.update(on=True, threads=threads)
@@ -46,7 +53,7 @@ def thread_pool_shared() -> bool:
 
 
 def session_options(threads: int | None = None):
-    """SessionOptions for a luffy session: its own pool of ``threads`` (default), or the shared one."""
+    """SessionOptions for a luffy session: the shared pool once it exists, else a pool of its own of ``threads``."""
     ort = import_onnxruntime()
     options = ort.SessionOptions()
     if _SHARED_POOL["on"]:
@@ -54,6 +61,30 @@ def session_options(threads: int | None = None):
     elif threads:
         options.intra_op_num_threads = threads
     return options
+
+
+def engine_session_options(threads: int | None, spin: bool):
+    """(SessionOptions, a record of its thread pool) for an engine's session.
+
+    On the process's shared pool once ``share_thread_pool`` made it (``threads`` must then match its size);
+    otherwise a pool of the engine's own. Either way its threads spin only while one of the engine's runs is
+    going on and sleep when it ends (ONNX Runtime's ``session.force_spinning_stop``), so engines that take turns
+    (a target and its speculative draft, several artifacts in one server) never leave each other's cores busy,
+    with no call from the caller: alternating two private 2-thread pools measured 57-66 ms per round with
+    spinning after each run, 44-50 with it stopped, the larger session alone unchanged (20-22 ms). ``spin=False``:
+    a private pool's threads never spin (a server that leaves the cores to its HTTP threads).
+    """
+    if _SHARED_POOL["on"]:
+        share_thread_pool(threads)  # refuses another size in one line
+        options = session_options()
+        options.add_session_config_entry("session.force_spinning_stop", "1")
+        return options, {"shared": True, "threads": _SHARED_POOL["threads"] or "all cores", "spinning": "within a run"}
+    options = session_options(threads)
+    if spin:
+        options.add_session_config_entry("session.force_spinning_stop", "1")
+    else:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options, {"shared": False, "threads": threads or "all cores", "spinning": "within a run" if spin else "never"}
 
 
 def import_onnxruntime():

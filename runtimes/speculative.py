@@ -10,13 +10,19 @@ The number of proposed tokens adapts like transformers' "heuristic" schedule: +2
 accepted, -1 otherwise (at least 1), so a poor source costs little; unlike transformers', it never exceeds the
 number asked for (see OrtEngine._speculative for why).
 
+Proposals and checks go through the sequence's TokenChooser (runtimes/sampling.py's chain: penalties, bias,
+grammar, min_tokens, warpers), advanced over each proposed token as it is drafted or checked and rolled back
+after, so position i is judged with the state the sequence has once tokens before it are kept; the caller
+then accepts the tokens kept.
+
 Acceptance: greedy keeps the draft tokens the target's argmax agrees with, then adds the target's own next
 token, so the output is exactly plain greedy's. Sampling uses the rejection rule of Leviathan et al. (2023) and
 Chen et al. (2023): keep draft token x with probability min(1, p(x)/q(x)), else draw from max(0, p - q)
 renormalized; a source without a distribution (prompt lookup) has q = 1 on its token. Either way every output
 token is distributed as the target's own. Rejected positions are rolled back by truncating the KV slots.
 
-GroupQueryAttention runs a multi-token step with a cache at batch 1, so each row verifies on its own.
+``speculate_rows`` verifies several rows in one target step where the graph takes several rows of several
+tokens with a cache (GroupQueryAttention's query_seqlens); ``generate`` verifies its rows one at a time.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import UsageError
-from .sampling import Sampling, sample
+from .sampling import Sampling, TokenChooser, sample
 
 
 @dataclass
@@ -71,7 +77,7 @@ class PromptLookup:
     max_ngram: int = 2
     name: str = "prompt-lookup"
 
-    def propose(self, row: int, seq: list[int], k: int, sampling: Sampling, produced: int, rng):
+    def propose(self, row: int, seq: list[int], k: int, chooser: TokenChooser, rng):
         arr = np.asarray(seq)
         for n in range(min(self.max_ngram, len(seq) - 1), 0, -1):
             tail = arr[-n:]
@@ -107,20 +113,26 @@ class DraftModel:
         self.slots = self.engine.open_slots(self.rows, self.capacity)
         self.length = [0] * self.rows
 
-    def propose(self, row: int, seq: list[int], k: int, sampling: Sampling, produced: int, rng):
+    def propose(self, row: int, seq: list[int], k: int, chooser: TokenChooser, rng):
         tokens, dists = [], []
         feed = seq[self.length[row]:]  # what the draft has not seen: the last token, maybe one more
-        for i in range(k):
-            logits = self.slots.step(row, row + 1, np.array([feed], dtype=np.int64))[0, -1]
-            self.length[row] += len(feed)
-            if sampling.do_sample:
-                q = sampling.probs(logits, produced + i)
-                token = int(sample(q[None, :], rng)[0])
-                dists.append(q)
-            else:
-                token = int(np.argmax(sampling.logits_at(logits, produced + i)))
-            tokens.append(token)
-            feed = [token]
+        try:
+            for _ in range(k):
+                if chooser.finished:  # the grammar is complete: nothing can follow
+                    break
+                logits = self.slots.step(row, row + 1, np.array([feed], dtype=np.int64))[0, -1]
+                self.length[row] += len(feed)
+                if chooser.sampling.greedy:
+                    token = int(np.argmax(chooser.scores(logits)))
+                else:
+                    q = chooser.probs(logits)
+                    token = int(sample(q[None, :], rng)[0])
+                    dists.append(q)
+                chooser.accept(token)  # the next draft position sees this one (penalties, grammar)
+                tokens.append(token)
+                feed = [token]
+        finally:
+            chooser.rollback(len(tokens))
         return tokens, (np.stack(dists) if dists else None)
 
     def rollback(self, row: int, kept: int) -> None:
@@ -140,34 +152,52 @@ class DraftModel:
 
 
 
-def accept_greedy(logits: np.ndarray, proposed: list[int], sampling: Sampling, produced: int) -> tuple[int, int]:
-    """(accepted count, next token): the target's argmax at each position, while it agrees with the proposal."""
-    for i, token in enumerate(proposed):
-        choice = int(np.argmax(sampling.logits_at(logits[i], produced + i)))
-        if choice != token:
-            return i, choice
-    return len(proposed), int(np.argmax(sampling.logits_at(logits[len(proposed)], produced + len(proposed))))
+def accept_greedy(logits: np.ndarray, proposed: list[int], chooser: TokenChooser) -> tuple[int, int]:
+    """(accepted count, next token): the target's argmax at each position, while it agrees with the proposal.
+    ``chooser`` is left as it was."""
+    accepted = 0
+    try:
+        for token in proposed:
+            choice = int(np.argmax(chooser.scores(logits[accepted])))
+            if choice != token:
+                return accepted, choice
+            chooser.accept(token)
+            accepted += 1
+        return accepted, int(np.argmax(chooser.scores(logits[accepted])))
+    finally:
+        chooser.rollback(accepted)
 
 
-def accept_sampled(logits: np.ndarray, proposed: list[int], q: np.ndarray | None, sampling: Sampling, produced: int,
+def accept_sampled(logits: np.ndarray, proposed: list[int], q: np.ndarray | None, chooser: TokenChooser,
                    rng) -> tuple[int, int]:
     """(accepted count, next token) by the rejection rule; ``q`` [k, vocab] is the draft's distributions (None:
-    a deterministic proposal, q = 1 on its token)."""
-    for i, token in enumerate(proposed):
-        p = sampling.probs(logits[i], produced + i)
-        q_token = 1.0 if q is None else float(q[i, token])  # > 0: the draft drew this token from q
-        if rng.random() < min(1.0, float(p[token]) / q_token):
-            continue
-        if q is None:
-            residual = p.copy()
-            residual[token] = 0.0
-        else:
-            residual = np.maximum(p - q[i], 0.0)
-        total = residual.sum()
-        residual = residual / total if total > 0 else p
-        return i, int(sample(residual[None, :], rng)[0])
-    p = sampling.probs(logits[len(proposed)], produced + len(proposed))
-    return len(proposed), int(sample(p[None, :], rng)[0])
+    a deterministic proposal, q = 1 on its token). ``chooser`` is left as it was."""
+    accepted = 0
+    try:
+        for i, token in enumerate(proposed):
+            p = chooser.probs(logits[i])
+            q_token = 1.0 if q is None else float(q[i, token])  # > 0: the draft drew this token from q
+            if rng.random() < min(1.0, float(p[token]) / q_token):
+                chooser.accept(token)
+                accepted += 1
+                continue
+            return i, int(sample(_residual(p, None if q is None else q[i], token)[None, :], rng)[0])
+        p = chooser.probs(logits[len(proposed)])
+        return len(proposed), int(sample(p[None, :], rng)[0])
+    finally:
+        chooser.rollback(accepted)
+
+
+def _residual(p: np.ndarray, q: np.ndarray | None, token: int) -> np.ndarray:
+    """Where a rejected draft's next token is drawn from: max(0, p - q) renormalized (q = 1 on ``token`` for a
+    proposal without a distribution); p itself when nothing is left."""
+    if q is None:
+        residual = p.copy()
+        residual[token] = 0.0
+    else:
+        residual = np.maximum(p - q, 0.0)
+    total = residual.sum()
+    return residual / total if total > 0 else p
 
 
 def check_draft(target, draft) -> None:
@@ -184,29 +214,62 @@ def check_draft(target, draft) -> None:
                          "(a draft must use the same tokenizer)")
 
 
-def speculate_round(slots, slot: int, seq: list[int], prompt_len: int, remaining: int, source, k: AdaptiveK,
-                    sampling: Sampling, rng) -> tuple[list[int], int, int, np.ndarray]:
-    """One round for ``seq`` (prompt and output so far) in ``slot``, whose cache holds seq[:-1], with
-    ``remaining`` output tokens still allowed: propose at most K of them less one, verify all in one target
-    step, accept, and roll the target's slot and the source back to what was kept. Returns (proposed, accepted count n, the target's next token, the verify
-    step's logits [n proposed + 1, vocab]); the tokens kept are proposed[:n] and then that token."""
-    produced = len(seq) - prompt_len
-    budget = min(k.k, remaining - 1)
-    proposed, q = source.propose(slot, seq, budget, sampling, produced, rng) if budget > 0 else ([], None)
-    base = len(seq) - 1  # the target's cache holds seq[:-1]
+def speculate_round(slots, slot: int, seq: list[int], remaining: int, source, k: AdaptiveK, chooser: TokenChooser,
+                    rng) -> tuple[list[int], int, int, np.ndarray]:
+    """One round for ``seq`` (prompt and output so far, the output booked in ``chooser``) in ``slot``, whose
+    cache holds seq[:-1], with ``remaining`` output tokens still allowed: propose at most K of them less one,
+    verify all in one target step, accept, and roll the target's slot and the source back to what was kept.
+    Returns (proposed, accepted count n, the target's next token, the verify step's logits [n proposed + 1,
+    vocab]); the tokens kept are proposed[:n] and then that token, which the caller accepts into ``chooser``."""
+    proposed, q = _propose(slot, seq, remaining, source, k, chooser, rng)
     verify = slots.step(slot, slot + 1, np.array([[seq[-1], *proposed]], dtype=np.int64), keep=len(proposed) + 1)[0]
-    if sampling.do_sample:
-        n, token = accept_sampled(verify, proposed, q, sampling, produced, rng)
-    else:
-        n, token = accept_greedy(verify, proposed, sampling, produced)
-    slots.cache.truncate(slot, base + n + 1)
-    source.rollback(slot, base + n + 1)
-    k.update(len(proposed), n)
+    n, token = _settle(slots, slot, seq, proposed, q, verify, source, k, chooser, rng)
     return proposed, n, token, verify
 
 
+def speculate_rows(slots, rows: list[tuple], source) -> list[tuple[list[int], int, int, np.ndarray]]:
+    """``speculate_round`` for slots [0, len(rows)) together: each row proposes, then one target step verifies
+    every row's proposals (a multi-row graph: rows of several tokens with a cache, right-padded). ``rows``:
+    per slot (seq, remaining, k, chooser, rng); returns per slot what speculate_round returns."""
+    proposals = [_propose(slot, seq, remaining, source, k, chooser, rng)
+                 for slot, (seq, remaining, k, chooser, rng) in enumerate(rows)]
+    counts = [len(proposed) + 1 for proposed, _ in proposals]
+    width = max(counts)
+    ids = np.zeros((len(rows), width), dtype=np.int64)
+    for slot, ((seq, *_), (proposed, _)) in enumerate(zip(rows, proposals)):
+        ids[slot, :counts[slot]] = [seq[-1], *proposed]
+    verify = slots.step(0, len(rows), ids, keep=width, counts=counts)  # each row's own last positions, right-aligned
+    results = []
+    for slot, ((seq, _, k, chooser, rng), (proposed, q)) in enumerate(zip(rows, proposals)):
+        logits = verify[slot, width - counts[slot]:]
+        n, token = _settle(slots, slot, seq, proposed, q, logits, source, k, chooser, rng)
+        results.append((proposed, n, token, logits))
+    return results
+
+
+def _propose(slot: int, seq: list[int], remaining: int, source, k: AdaptiveK, chooser: TokenChooser, rng):
+    budget = min(k.k, remaining - 1)  # a round never proposes past the output's budget
+    return source.propose(slot, seq, budget, chooser, rng) if budget > 0 else ([], None)
+
+
+def _settle(slots, slot: int, seq: list[int], proposed: list[int], q, verify: np.ndarray, source, k: AdaptiveK,
+            chooser: TokenChooser, rng) -> tuple[int, int]:
+    """Accept from the target's ``verify`` logits [proposed + 1, vocab], then roll the slot and the source back to
+    what was kept; (accepted count, the target's next token)."""
+    if chooser.sampling.greedy:
+        n, token = accept_greedy(verify, proposed, chooser)
+    else:
+        n, token = accept_sampled(verify, proposed, q, chooser, rng)
+    base = len(seq) - 1  # the target's cache held seq[:-1]
+    slots.cache.truncate(slot, base + n + 1)
+    source.rollback(slot, base + n + 1)
+    k.update(len(proposed), n)
+    return n, token
+
+
 def generate(engine, rows: list[list[int]], max_new_tokens: int, source, k: AdaptiveK, sampling: Sampling, pad: int,
-             seed: int | None, output_logits: bool, streamer) -> tuple[np.ndarray, np.ndarray | None, Stats]:
+             seed: int | None, output_logits: bool, streamer,
+             constraints: list | None = None) -> tuple[np.ndarray, np.ndarray | None, Stats]:
     """Speculative generation of each row on its own, in one slot reused row after row (``source`` holds one
     too); returns Engine.generate's left-padded ids (and logits)."""
     rng = np.random.default_rng(seed)
@@ -215,10 +278,11 @@ def generate(engine, rows: list[list[int]], max_new_tokens: int, source, k: Adap
     # a round proposes at most the tokens still to come, less one: no step writes past prompt + max_new_tokens
     slots = engine.open_slots(1, width + max_new_tokens)
     outputs, kept_logits = [], []
-    for prompt in rows:
+    for row, prompt in enumerate(rows):
         slots.cache.clear(0)
         source.clear(0)
-        produced, logits_rows = _generate_row(slots, prompt, max_new_tokens, source, k, sampling, rng, stats,
+        chooser = TokenChooser(sampling, prompt, constraints[row] if constraints else None)
+        produced, logits_rows = _generate_row(slots, prompt, max_new_tokens, source, k, chooser, rng, stats,
                                               output_logits, streamer)
         outputs.append(produced)
         kept_logits.append(logits_rows)
@@ -236,42 +300,35 @@ def generate(engine, rows: list[list[int]], max_new_tokens: int, source, k: Adap
     return ids, logits, stats
 
 
-def _generate_row(slots, prompt, max_new_tokens, source, k, sampling, rng, stats, output_logits,
+def _generate_row(slots, prompt, max_new_tokens, source, k, chooser, rng, stats, output_logits,
                   streamer) -> tuple[list[int], list]:
-    """One row in slot 0: prefill, then rounds of propose -> verify -> accept -> roll back, until EOS or the
-    budget."""
+    """One row in slot 0: prefill, then rounds of propose -> verify -> accept -> roll back, until EOS (or a
+    complete grammar) or the budget."""
     logits = slots.step(0, 1, np.array([prompt], dtype=np.int64))[0, -1]
-    seq, produced, kept = list(prompt), [], []  # a draft reads the prompt in its first proposal (after the 1st token)
+    seq, kept = list(prompt), []  # a draft reads the prompt in its first proposal (after the 1st token)
     if output_logits:
         kept.append(logits.copy())
-    token = sampling.choose(logits, 0, rng)
+    token = chooser.choose(logits, rng)
     while True:
-        produced.append(token)
-        seq.append(token)
-        if streamer is not None:
-            streamer(np.array([token], dtype=np.int64))
-        if (sampling.eos.size and token in sampling.eos) or len(produced) >= max_new_tokens:
+        if _book(token, chooser, seq, streamer) or chooser.produced >= max_new_tokens:
             break
-        proposed, n, token, verify = speculate_round(slots, 0, seq, len(prompt), max_new_tokens - len(produced),
-                                                     source, k, sampling, rng)
+        proposed, n, token, verify = speculate_round(slots, 0, seq, max_new_tokens - chooser.produced, source, k,
+                                                     chooser, rng)
         stats.target_steps += 1
         stats.drafted, stats.accepted = stats.drafted + len(proposed), stats.accepted + n
-        accepted = _cut_at_eos(proposed[:n], sampling)
+        ended = next((i for i, t in enumerate(proposed[:n]) if _book(t, chooser, seq, streamer)), None)
         if output_logits:  # the logits each kept token was chosen from (the target's next token's too, unless cut)
-            kept.extend(verify[i].copy() for i in range(len(accepted) + (len(accepted) == n)))
-        for t in accepted:
-            produced.append(t)
-            seq.append(t)
-            if streamer is not None:
-                streamer(np.array([t], dtype=np.int64))
-        if len(accepted) < n:  # an accepted draft token was EOS: it ends the row, the target's next token is moot
+            kept.extend(verify[i].copy() for i in range(n + 1 if ended is None else ended + 1))
+        if ended is not None:  # an accepted draft token ended the row: the target's next token is moot
             break
-    stats.generated += len(produced)
-    return produced, kept
+    stats.generated += chooser.produced
+    return chooser.output[:], kept
 
 
-def _cut_at_eos(accepted: list[int], sampling: Sampling) -> list[int]:
-    for i, t in enumerate(accepted):
-        if sampling.eos.size and t in sampling.eos:
-            return accepted[:i + 1]
-    return accepted
+def _book(token: int, chooser: TokenChooser, seq: list[int], streamer) -> bool:
+    """Keep one output token; True when it ends the row (a stop id, or the grammar is complete)."""
+    chooser.accept(token)
+    seq.append(token)
+    if streamer is not None:
+        streamer(np.array([token], dtype=np.int64))
+    return bool(chooser.sampling.stop_ids.size and token in chooser.sampling.stop_ids) or chooser.finished

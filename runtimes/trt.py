@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ArtifactError, BackendUnavailableError, UsageError
-from .engine import Engine
+from .constraint import warn_incomplete
+from .engine import STRUCTURED, Engine
 from .generation import PositionTracker, generate_loop, left_pad, positions_from_mask
 
 PREFILL, DECODE = 0, 1  # profile indices, in the order compile writes manifest["tensorrt"]["profiles"]
@@ -126,7 +127,8 @@ class TrtEngine(Engine):
     def _dtype(self, name: str):
         trt, torch = self._trt, self._torch
         dtypes = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16,
-                  trt.int64: torch.int64, trt.int32: torch.int32, trt.bool: torch.bool}
+                  trt.int64: torch.int64, trt.int32: torch.int32, trt.bool: torch.bool,
+                  trt.int8: torch.int8}  # an int8 KV cache (--kv-cache-dtype int8)
         return dtypes[self._engine.get_tensor_dtype(name)]
 
     def _execute(self, feeds: dict, profile: int) -> dict:
@@ -174,14 +176,21 @@ class TrtEngine(Engine):
         gpu_feeds = {name: torch.from_numpy(np.ascontiguousarray(value)).cuda() for name, value in feeds.items()}
         return {k: v.cpu().numpy() for k, v in self._execute(gpu_feeds, PREFILL).items()}
 
-    def generate(self, input_ids, max_new_tokens: int = 32, eos_token_id="model", pad_token_id=None, **sampling):
-        """As OrtEngine.generate: left-padded prompts, greedy unless ``do_sample``; int64 [batch, prompt + new].
-        Speculative decoding (``assistant_model``, ``prompt_lookup_num_tokens``) runs on the ORT engine only."""
-        speculative = [k for k in ("assistant_model", "prompt_lookup_num_tokens") if sampling.get(k) is not None]
+    def generate(self, input_ids, max_new_tokens: int = 32, eos_token_id="model", pad_token_id=None,
+                 seed: int | None = None, output_logits: bool = False, streamer=None, constraint=None, **choosing):
+        """As OrtEngine.generate: left-padded prompts, greedy unless ``do_sample``, the same logits chain
+        (``choosing``: do_sample, temperature, top_k, top_p, min_p, the penalties, logit_bias, min_new_tokens;
+        json_schema, regex, grammar or choice);
+        int64 [batch, prompt + new]. Speculative decoding (``assistant_model``, ``prompt_lookup_num_tokens``)
+        runs on the ORT engine only."""
+        speculative = [k for k in ("assistant_model", "prompt_lookup_num_tokens") if choosing.pop(k, None) is not None]
         if speculative:
             raise UsageError(f"{self.path}: {speculative[0]} needs the ONNX Runtime engine (load(..., runtime='ort'))")
         torch, kv = self._torch, self.manifest["kv_cache"]
         rows, eos_token_id, pad = self._generate_inputs(input_ids, max_new_tokens, eos_token_id, pad_token_id)
+        structured = {k: choosing.pop(k, None) for k in STRUCTURED}
+        sampling = self._sampling(eos_token_id, **choosing)
+        constraints = self._row_constraints(constraint, len(rows), max_new_tokens, structured)
         ids, mask = left_pad(rows, pad)
         names = [(kv["past_input"].format(layer=i, kind=k), kv["present_output"].format(layer=i, kind=k))
                  for i in range(kv["num_layers"]) for k in ("key", "value")]
@@ -195,5 +204,7 @@ class TrtEngine(Engine):
                 cache[past] = out[present]  # the next step's past: no copy, the allocator recycles the old one
             return out["logits"][:, -1, :].float().cpu().numpy()
 
-        return generate_loop(PositionTracker(step), ids, mask, max_new_tokens, eos_token_id=eos_token_id,
-                             pad_token_id=pad, **sampling)
+        out = generate_loop(PositionTracker(step), ids, mask, max_new_tokens, sampling, pad_token_id=pad, seed=seed,
+                            output_logits=output_logits, streamer=streamer, constraints=constraints)
+        warn_incomplete(constraints, max_new_tokens)
+        return out

@@ -16,6 +16,8 @@ ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.
                80.0)
 REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
                    480.0, 960.0, 1920.0, 7680.0)
+GRAMMAR_COMPILE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+GRAMMAR_MASK_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -32,13 +34,34 @@ class ServerMetrics:
 
         self.running = make(Gauge, "num_requests_running", "Requests holding a KV slot (prefilling or decoding).")
         self.waiting = make(Gauge, "num_requests_waiting", "Requests waiting for a KV slot.")
-        self.kv_usage = make(Gauge, "kv_cache_usage_perc", "Fraction of KV-cache positions held by requests, 0-1.")
+        self.kv_usage = make(Gauge, "kv_cache_usage_perc", "Fraction of the KV pool's blocks held by requests in "
+                             "flight, 0-1.")
+        self.kv_bytes = make(Gauge, "kv_cache_bytes", "Memory the KV cache holds now: requests' blocks and those free "
+                             "slots keep for the prefix cache.")
+        self.kv_limit = make(Gauge, "kv_cache_limit_bytes", "The KV pool's memory limit (--kv-cache-memory).")
+        self.kv_blocks = Gauge("luffy:kv_cache_blocks", "KV pool blocks by state (used: held by requests in flight; "
+                               "cached: kept by free slots for the prefix cache; free).", names + ["state"],
+                               registry=self.registry)
+        self.swapped = make(Gauge, "num_requests_swapped", "Preempted requests whose KV waits in host memory.")
+        self.swapped_bytes = make(Gauge, "kv_cache_swapped_bytes", "Host memory holding preempted requests' KV.")
+        self.prefill_steps = make(Counter, "prefill_steps", "Prefill steps (one or more prompts' chunks each).")
+        self.prefill_rows = make(Counter, "prefill_rows", "Prompt chunks prefilled (rows of prefill steps).")
+        self.prefill_padding = make(Counter, "prefill_padding_tokens", "Right padding computed in multi-row prefill "
+                                    "steps (rows shorter than the step's widest).")
+        self.preemptions = make(Counter, "num_preemptions", "Requests preempted for KV memory (swapped or to "
+                                "recompute).")
         self.prompt_tokens = make(Counter, "prompt_tokens", "Prompt tokens of finished and running requests.")
         self.generation_tokens = make(Counter, "generation_tokens", "Tokens generated.")
         self.iterations = make(Counter, "scheduler_iterations", "Scheduler iterations (one batched decode each).")
         self.ttft = make(Histogram, "time_to_first_token_seconds", "Arrival to first token.", buckets=TTFT_BUCKETS)
         self.itl = make(Histogram, "inter_token_latency_seconds", "Time between two tokens of a request.",
                         buckets=ITL_BUCKETS)
+        # vLLM keeps its older name for the same per-step gaps (dashboards built on it still work), and adds TPOT
+        # as `vllm bench serve` defines it: per request, (last token - first token) / (output tokens - 1)
+        self.tpot = make(Histogram, "time_per_output_token_seconds", "Time between two tokens of a request (vLLM's "
+                         "older name of inter_token_latency_seconds).", buckets=ITL_BUCKETS)
+        self.request_tpot = make(Histogram, "request_time_per_output_token_seconds", "Per finished request: time "
+                                 "after its first token over its further tokens (TPOT).", buckets=ITL_BUCKETS)
         self.e2e = make(Histogram, "e2e_request_latency_seconds", "Arrival to last token.", buckets=REQUEST_BUCKETS)
         self.queue_time = make(Histogram, "request_queue_time_seconds", "Arrival to getting a KV slot.",
                                buckets=REQUEST_BUCKETS)
@@ -47,6 +70,15 @@ class ServerMetrics:
         self.spec_drafts = make(Counter, "spec_decode_num_drafts", "Speculative rounds that proposed tokens.")
         self.spec_draft_tokens = make(Counter, "spec_decode_num_draft_tokens", "Tokens proposed by the draft or lookup.")
         self.spec_accepted = make(Counter, "spec_decode_num_accepted_tokens", "Proposed tokens the target accepted.")
+        self.grammar_compile = make(Histogram, "structured_output_compile_seconds", "Compile time of a grammar not in "
+                                    "the cache (what a request with a new schema waits).", buckets=GRAMMAR_COMPILE_BUCKETS)
+        self.grammar_hits = make(Counter, "structured_output_cache_hits", "Grammars found compiled in the cache.")
+        self.grammar_mask = make(Histogram, "structured_output_mask_seconds", "Time to fill and apply a decode "
+                                 "step's grammar masks (all constrained rows, one call).", buckets=GRAMMAR_MASK_BUCKETS)
+        self.grammar_rows = make(Counter, "structured_output_masked_rows", "Rows masked by a grammar in decode steps.")
+        self.grammar_outcomes = Counter("luffy:structured_output_requests", "Finished constrained requests by how "
+                                        "their output stands (complete, closed_early, incomplete).",
+                                        names + ["structured_output"], registry=self.registry)
         self.success = Counter("luffy:request_success", "Finished requests by finish reason.",
                                names + ["finished_reason"], registry=self.registry)
         self.http_errors = Counter("luffy:http_errors", "Requests refused with an HTTP error, by status.",
@@ -60,7 +92,11 @@ class ServerMetrics:
     def token(self, request, first: bool, seconds: float, count: int = 1) -> None:
         """``count`` tokens arrived for ``request`` after ``seconds`` (vLLM: one latency per iteration)."""
         self.generation_tokens.inc(count)
-        (self.ttft if first else self.itl).observe(seconds)
+        if first:
+            self.ttft.observe(seconds)
+        else:
+            self.itl.observe(seconds)
+            self.tpot.observe(seconds)
 
     def prefix_lookup(self, queried: int, hit: int) -> None:
         self.prefix_queries.inc(queried)
@@ -71,9 +107,26 @@ class ServerMetrics:
         self.spec_draft_tokens.inc(proposed)
         self.spec_accepted.inc(accepted)
 
+    def grammar_compiled(self, seconds: float, hit: bool) -> None:
+        """The grammar compiler's listener (runtimes/grammar.py): a lookup's compile time, or a cache hit."""
+        if hit:
+            self.grammar_hits.inc()
+        else:
+            self.grammar_compile.observe(seconds)
+
+    def grammar_masked(self, seconds: float, rows: int) -> None:
+        self.grammar_mask.observe(seconds)
+        self.grammar_rows.inc(rows)
+
     def request_finished(self, request) -> None:
+        outcome = request.grammar_state() if request.finish_reason in ("stop", "length") else None
+        if outcome is not None:
+            self.grammar_outcomes.labels(**self.labels, structured_output=outcome).inc()
         if request.finish_reason in ("stop", "length"):
             self.e2e.observe((request.last_token_at or request.arrival) - request.arrival)
+            if len(request.output_ids) > 1 and request.first_token_at is not None:
+                self.request_tpot.observe((request.last_token_at - request.first_token_at) /
+                                          (len(request.output_ids) - 1))
         self.success.labels(**self.labels, finished_reason=request.finish_reason or "abort").inc()
 
     def iteration(self, running: int, waiting: int, kv_usage: float) -> None:
@@ -85,6 +138,24 @@ class ServerMetrics:
         self.running.set(running)
         self.waiting.set(waiting)
         self.kv_usage.set(kv_usage)
+
+    def prefill_step(self, rows: int, tokens: int, padded: int) -> None:
+        self.prefill_steps.inc()
+        self.prefill_rows.inc(rows)
+        self.prefill_padding.inc(padded - tokens)
+
+    def preempted(self, request, swapped: bool) -> None:
+        self.preemptions.inc()
+
+    def kv_cache(self, state: dict) -> None:
+        """The KV pool now (the scheduler's kv_cache_state), after every iteration."""
+        self.kv_bytes.set(state["bytes"])
+        self.kv_limit.set(state["limit_bytes"])
+        free = state["blocks_total"] - state["blocks_used"] - state["blocks_cached"]
+        for name, value in (("used", state["blocks_used"]), ("cached", state["blocks_cached"]), ("free", free)):
+            self.kv_blocks.labels(**self.labels, state=name).set(value)
+        self.swapped.set(state["swapped_requests"])
+        self.swapped_bytes.set(state["swapped_bytes"])
 
     def http_error(self, status: int) -> None:
         self.http_errors.labels(**self.labels, status=str(status)).inc()

@@ -31,64 +31,21 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import LuffyError, UsageError
-from .protocol import ProtocolError
-from .server import ServerSettings, error_status, sse
+from fastapi import FastAPI, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from tokenizers import Tokenizer
 
-APP_NAME = "luffy"
+from ..errors import LuffyError, UsageError, first_line
+from ..extras import require_ray_extra
+from ..runtimes.manifest import read_manifest
+from .chat import ChatTemplate
+from .edge import install_edge, require_api_key, sse
+from .options import RayOptions, ServerSettings, serve_options
+from .prefix_cache import block_keys
+from .protocol import ProtocolError
+
 METRICS_PERIOD_S = 1.0  # how often a replica pushes its metrics to the board
 FORWARDED = ("/v1/completions", "/v1/chat/completions")
-
-
-@dataclass(frozen=True)
-class RayOptions:
-    """How many replicas and where: a fixed ``replicas``, or autoscaling between ``min_replicas`` and
-    ``max_replicas`` on requests in flight per replica (``target_ongoing_requests``, default the replica's KV
-    slots: a replica is added while requests wait for slots, removed while slots sit free)."""
-
-    replicas: int | None = None
-    min_replicas: int | None = None
-    max_replicas: int | None = None
-    target_ongoing_requests: float | None = None  # default: max_num_seqs
-    upscale_delay_s: float = 5.0
-    downscale_delay_s: float = 30.0
-    look_back_period_s: float = 5.0
-    routing: str = "prefix"  # "prefix" (serving/ray_router.py) or "pow2" (Ray Serve's default router)
-    imbalance: int = 2  # the prefix router's load slack, in requests
-    replica_cpus: float = 1.0  # Ray CPUs a replica reserves (give each --threads N: N)
-    address: str | None = None  # an existing Ray cluster; None starts a local one
-    app_name: str = APP_NAME
-    health_check_period_s: float = 2.0
-
-    def __post_init__(self):
-        if self.routing not in ("prefix", "pow2"):
-            raise UsageError(f"--routing {self.routing!r}: expected prefix or pow2")
-        for name in ("replicas", "min_replicas", "max_replicas"):
-            value = getattr(self, name)
-            if value is not None and value < (0 if name == "min_replicas" else 1):
-                raise UsageError(f"--{name.replace('_', '-')} must be >= {0 if name == 'min_replicas' else 1}, got {value}")
-        if self.autoscaling:
-            low, high = self.min_replicas or 1, self.max_replicas or max(self.min_replicas or 1, self.replicas or 1)
-            if low > high:
-                raise UsageError(f"--min-replicas {low} exceeds --max-replicas {high}")
-
-    @property
-    def autoscaling(self) -> bool:
-        return self.min_replicas is not None or self.max_replicas is not None
-
-    def autoscaling_config(self, slots: int) -> dict | None:
-        if not self.autoscaling:
-            return None
-        low = self.min_replicas if self.min_replicas is not None else 1
-        high = self.max_replicas if self.max_replicas is not None else max(low, self.replicas or 1)
-        return {"min_replicas": low, "max_replicas": high, "initial_replicas": self.replicas or max(low, 1),
-                "target_ongoing_requests": self.target_ongoing_requests or slots,
-                "upscale_delay_s": self.upscale_delay_s, "downscale_delay_s": self.downscale_delay_s,
-                "look_back_period_s": self.look_back_period_s, "metrics_interval_s": min(1.0, self.look_back_period_s)}
-
-    @property
-    def most_replicas(self) -> int:
-        return max(self.replicas or 1, self.max_replicas or 1, self.min_replicas or 1)
 
 
 @dataclass
@@ -138,7 +95,8 @@ class LuffyReplica:
     async def __init__(self, artifact: str, settings: ServerSettings):
         from ray import serve
 
-        from .server import OutputRouter, build_app
+        from .server import build_app
+        from .state import OutputRouter
 
         context = serve.get_replica_context()
         self.name, self.app_name = context.replica_id.unique_id, context.app_name
@@ -209,73 +167,56 @@ class LuffyReplica:
 
 
 class LuffyIngress:
-    """The HTTP entry: /health and /metrics here, every other route forwarded to a replica chosen by the router."""
+    """The HTTP entry: a FastAPI app with the edge of serving/edge.py (errors, body limits, auth), /health and
+    /metrics here, every other route forwarded to a replica chosen by the router (whose app, the single-process
+    server's, validates the request)."""
 
     def __init__(self, artifact: str, settings: ServerSettings, replicas):
+        from prometheus_client import CollectorRegistry, Counter
         from ray import serve
 
-        from ..runtimes.manifest import read_manifest
-        from .chat import ChatTemplate
-
-        from .routes import _auth
-        from .server import ServingState
-
         self.artifact, self.settings, self.replicas = Path(artifact), settings, replicas
-        self.auth = _auth(ServingState(self.artifact, settings))  # a state that never loads: only its settings
         self.app_name = serve.get_replica_context().app_name
         manifest = read_manifest(self.artifact, verify_files=False)
         self.tokenizer = None
         if manifest.get("tokenizer"):
-            from tokenizers import Tokenizer
-
             self.tokenizer = Tokenizer.from_file(str(self.artifact / manifest["tokenizer"]))
         self.chat = ChatTemplate.from_artifact(self.artifact, manifest)
         self.board = _board(self.app_name, create=True)
         self.status_cache: tuple[float, dict] = (0.0, {})
-        from prometheus_client import CollectorRegistry, Counter
-
         self.registry = CollectorRegistry()
         self.errors = Counter("luffy:ingress_http_errors", "Requests the ingress answered with an error, by status.",
                               ["status"], registry=self.registry)
 
-    async def __call__(self, request):
-        from starlette.responses import Response
+    def __serve_build_asgi_app__(self):
+        """Serve's ingress app (``serve.ingress()`` calls it once the constructor ran)."""
+        # /openapi.json is the replicas' (forwarded): their app is the one whose routes it describes
+        app = FastAPI(title="luffy", docs_url=None, redoc_url=None, openapi_url=None)
+        install_edge(app, self.settings.max_request_bytes, self.settings.body_timeout, self._count_error)
 
-        try:
-            if request.url.path == "/health":
-                return await self._health()
-            if request.url.path == "/metrics":
-                await self.auth(request)  # the single-process server's check (routes.py)
-                return Response(await self._metrics(), media_type="text/plain; version=0.0.4; charset=utf-8")
-            body = await self._body(request)
-            call = HttpCall(request.method, request.url.path, request.url.query.encode(), list(request.headers.raw),
-                            body, self._prefix(request.url.path, body))
+        @app.get("/health")
+        async def health():
+            return await self._health()
+
+        @app.get("/metrics", dependencies=[require_api_key(self.settings.api_key)])
+        async def metrics():
+            return Response(await self._metrics(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+        @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
+        async def forward(path: str, http: Request):
+            body = await http.body()  # the edge has read it whole, within its limits
+            call = HttpCall(http.method, http.url.path, http.url.query.encode(), list(http.headers.raw), body,
+                            self._prefix(http.url.path, body))
             return await self._forward(call)
-        except ProtocolError as exc:
-            return self._error(exc)
-        except Exception as exc:  # noqa: BLE001 - OpenAI's error shape, whatever failed here
-            return self._error(error_status(exc))
 
-    def _error(self, exc: ProtocolError):
-        from starlette.responses import JSONResponse
+        return app
 
-        self.errors.labels(status=str(exc.status)).inc()
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
-
-    async def _body(self, request) -> bytes:
-        limit, chunks, seen = self.settings.max_request_bytes, [], 0
-        async for chunk in request.stream():
-            seen += len(chunk)
-            if seen > limit:
-                raise ProtocolError(413, f"request body over {limit} bytes (--max-request-bytes)")
-            chunks.append(chunk)
-        return b"".join(chunks)
+    def _count_error(self, status: int) -> None:
+        self.errors.labels(status=str(status)).inc()
 
     def _prefix(self, path: str, body: bytes) -> list[int]:
         """The prompt's block keys as the replica will tokenize it; [] when it cannot tell (the replica then
         answers whatever is wrong with the request)."""
-        from .prefix_cache import block_keys
-
         if path not in FORWARDED or not body:
             return []
         try:
@@ -298,7 +239,6 @@ class LuffyIngress:
     async def _forward(self, call: HttpCall):
         from ray.exceptions import RayError
         from ray.serve.exceptions import BackPressureError
-        from starlette.responses import StreamingResponse
 
         try:
             stream = self.replicas.options(stream=True).handle.remote(call)
@@ -314,12 +254,15 @@ class LuffyIngress:
                 async for chunk in stream:
                     yield chunk
             except RayError as exc:  # the replica died mid-stream: the status is sent, so end with an error event
-                self.errors.labels(status="503").inc()
+                self._count_error(503)
                 yield sse(_replica_failed(exc).body()).encode()
+                if streamed:
+                    yield sse("[DONE]").encode()
             finally:
                 stream.cancel()
 
         headers = {k: v for k, v in start["headers"] if k.lower() not in ("content-length", "transfer-encoding")}
+        streamed = any(v.startswith("text/event-stream") for k, v in headers.items() if k.lower() == "content-type")
         if not any(k.lower() == "content-type" for k in headers):
             headers["content-type"] = "application/json"
         return StreamingResponse(body(), status_code=start["status"], headers=headers)
@@ -337,7 +280,6 @@ class LuffyIngress:
         return states
 
     async def _health(self):
-        from starlette.responses import JSONResponse
 
         states = await asyncio.to_thread(self._replicas_running)
         if not states.get("RUNNING"):
@@ -355,7 +297,7 @@ class LuffyIngress:
 
 
 def _replica_failed(exc: Exception) -> ProtocolError:
-    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    reason = first_line(exc)
     return ProtocolError(503, f"the replica serving this request failed ({type(exc).__name__}: {reason[:200]}); "
                               "retry", "server_error", code="replica_failed", headers={"Retry-After": "1"})
 
@@ -368,7 +310,7 @@ def application(artifact: str | Path, settings: ServerSettings, options: RayOpti
     slots = settings.scheduler.max_num_seqs
     replica_config = dict(
         name="LuffyReplica", max_ongoing_requests=slots, max_queued_requests=settings.scheduler.max_queue,
-        ray_actor_options={"num_cpus": options.replica_cpus},
+        ray_actor_options={"num_cpus": options.cpus},
         health_check_period_s=options.health_check_period_s, health_check_timeout_s=30,
         graceful_shutdown_timeout_s=max(1.0, settings.drain_timeout), graceful_shutdown_wait_loop_s=0.5)
     scaling = options.autoscaling_config(slots)
@@ -381,7 +323,7 @@ def application(artifact: str | Path, settings: ServerSettings, options: RayOpti
             request_router_class="luffy.serving.ray_router:PrefixAwareRouter",
             request_router_kwargs={"imbalance": options.imbalance})
     replica = serve.deployment(LuffyReplica, **replica_config).bind(str(artifact), settings)
-    ingress = serve.deployment(LuffyIngress, name="LuffyIngress", ray_actor_options={"num_cpus": 0},
+    ingress = serve.deployment(serve.ingress()(LuffyIngress), name="LuffyIngress", ray_actor_options={"num_cpus": 0},
                                max_ongoing_requests=1 << 16, graceful_shutdown_timeout_s=max(1.0, settings.drain_timeout),
                                graceful_shutdown_wait_loop_s=0.5)
     return ingress.bind(str(artifact), settings, replica)
@@ -389,39 +331,13 @@ def application(artifact: str | Path, settings: ServerSettings, options: RayOpti
 
 def build_app(args: dict):
     """Serve's application builder: ``serve run luffy.serving.ray:build_app artifact=PATH replicas=2`` or a config
-    file's ``import_path: luffy.serving.ray:build_app`` with ``args``. Keys: artifact (required); replicas,
-    min_replicas, max_replicas, target_ongoing_requests, upscale_delay_s, downscale_delay_s, routing, imbalance,
-    replica_cpus; max_num_seqs, max_model_len, max_num_batched_tokens, max_queue, threads, served_model_name,
-    api_key (default $LUFFY_API_KEY), drain_timeout, prefix_cache_mb."""
-    from .scheduler import SchedulerConfig
-
-    args = dict(args)
-    if "artifact" not in args:
-        raise UsageError("build_app needs artifact=PATH")
-    artifact = args.pop("artifact")
-
-    def take(name, kind, default=None):
-        value = args.pop(name, None)
-        return default if value is None else kind(value)
-
-    scheduler = SchedulerConfig(
-        max_num_seqs=take("max_num_seqs", int, 16), max_model_len=take("max_model_len", int),
-        max_num_batched_tokens=take("max_num_batched_tokens", int, 512), max_queue=take("max_queue", int, 256),
-        prefix_cache_mb=take("prefix_cache_mb", int, 256))
-    settings = ServerSettings(served_model_name=take("served_model_name", str),
-                              api_key=take("api_key", str, os.environ.get("LUFFY_API_KEY")),
-                              threads=take("threads", int), drain_timeout=take("drain_timeout", float, 30.0),
-                              scheduler=scheduler)
-    options = {}
-    for name in ("replicas", "min_replicas", "max_replicas", "imbalance"):
-        options[name] = take(name, int)
-    for name in ("target_ongoing_requests", "replica_cpus", "upscale_delay_s", "downscale_delay_s"):
-        options[name] = take(name, float)
-    options["routing"] = take("routing", str)
-    options["replica_cpus"] = options["replica_cpus"] or float(settings.threads or 1)  # as the CLI reserves
-    if args:
-        raise UsageError(f"build_app: unknown argument(s) {', '.join(sorted(args))}; see build_app's docstring")
-    return application(artifact, settings, RayOptions(**{k: v for k, v in options.items() if v is not None}))
+    file's ``import_path: luffy.serving.ray:build_app`` with ``args``. The keys are `luffy serve`'s options
+    (serving/options.py: ``max_num_seqs``, ``replicas``, ``min_replicas``, ``routing``, ``api_key`` [default
+    $LUFFY_API_KEY], ...), each as the CLI flag's name with underscores, except ``upscale_delay_s``,
+    ``downscale_delay_s``, ``imbalance`` and ``address`` (--upscale-delay, --downscale-delay, --routing-imbalance,
+    --ray-address)."""
+    artifact, settings, options = serve_options(dict(args))
+    return application(artifact, settings, options or RayOptions(replica_cpus=float(settings.threads or 1)))
 
 
 def _free_port(host: str, port: int) -> int:
@@ -443,9 +359,6 @@ def _log(message: str) -> None:
 def serve_on_ray(artifact: str | Path, settings: ServerSettings, options: RayOptions) -> int:
     """Deploy on a local Ray cluster (started here, stopped on exit) or on ``options.address``; serve until SIGTERM
     or Ctrl-C, then delete the application (replicas drain up to the drain timeout) and stop what was started."""
-    from ..extras import require_ray_extra
-    from ..runtimes.manifest import read_manifest
-
     require_ray_extra()
     manifest = read_manifest(artifact, verify_files=False)
     if manifest["kind"] != "causal-lm":
@@ -470,7 +383,7 @@ def serve_on_ray(artifact: str | Path, settings: ServerSettings, options: RayOpt
     try:
         _log(f"starting {'a local Ray cluster' if local else f'on the Ray cluster at {options.address}'}")
         if local:
-            cpus = max(os.cpu_count() or 1, int(options.most_replicas * options.replica_cpus + 0.999))
+            cpus = max(os.cpu_count() or 1, int(options.most_replicas * options.cpus + 0.999))
             ray.init(include_dashboard=False, num_cpus=cpus, _node_ip_address="127.0.0.1", log_to_driver=False,
                      object_store_memory=128 << 20, configure_logging=False)
         else:

@@ -1,230 +1,278 @@
-"""The HTTP routes of `luffy serve`, their auth, request-size limit and error handling.
+"""The HTTP routes of `luffy serve`, behind the edge of serving/edge.py (errors, body limits, strict JSON, auth).
 
 Every error is OpenAI's JSON (``{"error": {"message", "type", "param", "code"}}``): 400 for bad parameters,
-401 for a missing or wrong API key, 404 for another model's name, 413 for a body over the limit, 429 with
-Retry-After when the queue is full, 503 while loading or draining.
+401 for a missing or wrong API key, 404 for another model's name, 408 and 413 for a slow or oversized body,
+429 with Retry-After when the queue is full, 500 when the request failed inside the server (others go on),
+503 while loading or draining. /openapi.json declares each route's statuses and content types.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
+import copy
 
-from fastapi import Depends, FastAPI, Request as HttpRequest
-from fastapi.exceptions import RequestValidationError
+from fastapi import FastAPI, Request as HttpRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from . import protocol
-from .protocol import ChatCompletionRequest, CompletionRequest, ProtocolError
-from .requests import Request
-from .server import ServingState, error_status, sse, watch_disconnect
+from . import protocol, structured, tools
+from .choices import ChoiceSet, Prompt
+from .edge import error_responses, error_status, install_edge, require_api_key
+from .metrics import CONTENT_TYPE
+from .embeddings import MAX_INPUTS, encoded
+from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, ProtocolError,
+                       TokenizeRequest)
+from .state import ServingState
+
+GENERATION_RESPONSES = {
+    200: {"description": "The completion as JSON, or with stream=true server-sent events (text/event-stream): one "
+                         "chunk per token, a usage chunk if asked, an error event if the request fails, then [DONE].",
+          "content": {"application/json": {}, "text/event-stream": {"schema": {"type": "string"}}}},
+    **error_responses(400, 401, 404, 408, 413, 429, 500, 503)}
+TOKENIZE_RESPONSES = {200: {"description": "count, max_model_len, tokens (ids), token_strs (when asked)."},
+                      **error_responses(400, 401, 404, 408, 413, 503)}
 
 
 def add_routes(app: FastAPI, state: ServingState) -> None:
-    """Register the routes, the exception handlers and the body-size limit on ``app``."""
-    app.add_middleware(BodyLimit, limit=state.settings.max_request_bytes, state=state)
-    auth = [Depends(_auth(state))]
+    """Install the edge and register the routes on ``app``."""
+    install_edge(app, state.settings.max_request_bytes, state.settings.body_timeout, state.metrics.http_error)
+    edge_schema = app.openapi
+    app.openapi = lambda: declare_model_limits(edge_schema(), state)
+    auth = [require_api_key(state.settings.api_key)]
 
-    @app.exception_handler(ProtocolError)
-    async def protocol_error(request, exc: ProtocolError):
-        return _error_response(state, exc)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request, exc: RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        return _error_response(state, ProtocolError(400, f"{where}: {first['msg']}" if where else first["msg"],
-                                                     param=where or None))
-
-    @app.exception_handler(Exception)
-    async def internal_error(request, exc: Exception):
-        return _error_response(state, error_status(exc))
-
-    @app.get("/health")
+    @app.get("/health", responses={200: {"content": {"application/json": {"example": {"status": "ok"}}}},
+                                   **error_responses(503)})
     async def health():
         state.require_ready()
         return {"status": "ok"}
 
-    @app.get("/v1/models", dependencies=auth)
+    @app.get("/v1/models", dependencies=auth, responses=error_responses(401, 503))
     async def models():
         state.require_ready()
-        return {"object": "list", "data": [{
-            "id": state.model_name, "object": "model", "created": int(state.artifact.stat().st_mtime),
-            "owned_by": "luffy", "root": str(state.artifact), "max_model_len": state.scheduler.capacity}]}
+        return {"object": "list", "data": [_model_card(state)]}
 
-    @app.get("/metrics", dependencies=auth)
+    @app.get("/metrics", dependencies=auth, response_class=Response, responses={
+        200: {"description": "Prometheus text exposition (luffy:* named like vLLM's vllm:*).",
+              "content": {CONTENT_TYPE: {"schema": {"type": "string"}}}}, **error_responses(401, 503)})
     async def metrics():
-        from .metrics import CONTENT_TYPE
-
         state.require_ready()
-        state.metrics.gauges(state.scheduler.running, state.scheduler.waiting, state.scheduler.kv_cache_usage)
+        if state.scheduler is not None:
+            state.metrics.gauges(state.scheduler.running, state.scheduler.waiting, state.scheduler.kv_cache_usage)
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
-    @app.post("/v1/completions", dependencies=auth)
+    add_token_routes(app, state, auth)
+    add_embeddings_route(app, state, auth)
+
+    @app.post("/v1/completions", dependencies=auth, response_class=JSONResponse, responses=GENERATION_RESPONSES)
     async def completions(body: CompletionRequest, http: HttpRequest):
         _check_request(state, body)
-        prompt = body.single_prompt()
-        ids = prompt if isinstance(prompt, list) else _encode(state, prompt, add_special_tokens=True)
-        max_tokens = body.max_tokens or body.max_completion_tokens or 16  # OpenAI's default for completions
-        return await _generate(state, http, body, ids, max_tokens, chat=False)
+        # a long text takes a while to tokenize: off the event loop, which every stream's tokens go through
+        prompts = await asyncio.to_thread(lambda: [_prompt(state, p, body.echo) for p in body.prompts()])
+        max_tokens = next((m for m in (body.max_tokens, body.max_completion_tokens) if m is not None), 16)  # OpenAI's
+        return await _generate(state, http, body, prompts, max_tokens, chat=False)
 
-    @app.post("/v1/chat/completions", dependencies=auth)
+    @app.post("/v1/chat/completions", dependencies=auth, response_class=JSONResponse, responses=GENERATION_RESPONSES)
     async def chat_completions(body: ChatCompletionRequest, http: HttpRequest):
         _check_request(state, body)
-        if state.chat_template is None:
-            raise ProtocolError(400, f"artifact {state.artifact.name} has no chat template; compile from a model "
-                                     "directory whose tokenizer has one, or use /v1/completions", param="messages")
-        messages = [m.for_template() for m in body.messages]
-        text = await asyncio.to_thread(state.chat_template.render, messages, body.add_generation_prompt)
-        ids = _encode(state, text, add_special_tokens=False)  # the template writes its own special tokens
+        _require_chat_template(state)
+        messages, tool_plan = _with_tools(state, body, [m.for_template() for m in body.messages])
+        ids = await _chat_ids(state, messages, body.add_generation_prompt, body.tools)
         max_tokens = body.max_completion_tokens or body.max_tokens or max(1, state.scheduler.capacity - len(ids))
-        return await _generate(state, http, body, ids, max_tokens, chat=True)
+        return await _generate(state, http, body, [Prompt(ids, "")], max_tokens, chat=True, tool_plan=tool_plan)
 
 
-def _auth(state: ServingState):
-    key = state.settings.api_key
+def add_token_routes(app: FastAPI, state: ServingState, auth: list) -> None:
+    """/v1/models/{id}, and vLLM's /tokenize and /detokenize."""
 
-    async def check(http: HttpRequest):
-        if key is None:
-            return
-        given = http.headers.get("authorization", "")
-        token = given[7:] if given.lower().startswith("bearer ") else ""
-        if not hmac.compare_digest(token.encode(), key.encode()):  # constant time: no timing oracle on the key
-            raise ProtocolError(401, "missing or incorrect API key (send Authorization: Bearer KEY)",
-                                code="invalid_api_key")
+    @app.get("/v1/models/{model:path}", dependencies=auth, responses=error_responses(401, 404, 503))
+    async def model(model: str):
+        _check_model(state, model)
+        return _model_card(state)
 
-    return check
+    @app.post("/tokenize", dependencies=auth, responses=TOKENIZE_RESPONSES)
+    async def tokenize(body: TokenizeRequest):
+        _check_model(state, body.model)
+        if body.messages is not None:
+            _require_chat_template(state)
+            ids = await _chat_ids(state, [m.for_template() for m in body.messages], body.add_generation_prompt)
+        else:
+            ids = await asyncio.to_thread(_encode, state, body.prompt, body.add_special_tokens)
+        strs = [state.token_text.text(t) for t in ids] if body.return_token_strs else None
+        return {"count": len(ids), "max_model_len": state.max_model_len, "tokens": ids, "token_strs": strs}
+
+    @app.post("/detokenize", dependencies=auth, responses={
+        200: {"description": "prompt: the text of the token ids (special tokens included)."},
+        **error_responses(400, 401, 404, 408, 413, 503)})
+    async def detokenize(body: DetokenizeRequest):
+        _check_model(state, body.model)
+        bad = next((t for t in body.tokens if not 0 <= t < state.vocab), None)
+        if bad is not None:
+            raise ProtocolError(400, f"token id {bad} is outside the vocabulary of size {state.vocab}", param="tokens")
+        return {"prompt": _tokenizer(state).decode(body.tokens, skip_special_tokens=False)}
+
+
+def add_embeddings_route(app: FastAPI, state: ServingState, auth: list) -> None:
+    """/v1/embeddings: served by an encoder artifact (serving/embeddings.py); a decoder answers 400."""
+
+    _add_generation_routes(app, state, auth)
+
+
+def _add_generation_routes(app: FastAPI, state: ServingState, auth: list) -> None:
+    """The routes that run the model: /v1/embeddings, /v1/completions, /v1/chat/completions."""
+
+    @app.post("/v1/embeddings", dependencies=auth, responses={
+        200: {"description": "One unit-length, mean-pooled vector per input (floats, or base64 float32)."},
+        **error_responses(400, 401, 404, 408, 413, 503)})
+    async def embeddings(body: EmbeddingRequest):
+        _check_model(state, body.model)
+        if state.embedder is None:
+            raise ProtocolError(400, f"artifact {state.artifact.name} is a causal LM; /v1/embeddings needs an "
+                                     "encoder artifact (luffy serve ENCODER_ARTIFACT)", param="model")
+        rows = await asyncio.to_thread(_embedding_rows, state.embedder, body)
+        vectors = await asyncio.to_thread(state.embedder.embed, rows)
+        data = [{"object": "embedding", "index": i, "embedding": encoded(v, body.encoding_format)}
+                for i, v in enumerate(vectors)]
+        tokens = sum(map(len, rows))
+        return {"object": "list", "data": data, "model": body.model,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
+def _with_tools(state: ServingState, body: ChatCompletionRequest, messages: list[dict]):
+    """(messages, ToolPlan or None): a template that does not show the model its tools gets luffy's system
+    message that does (serving/tools.py)."""
+    try:
+        tool_plan = tools.plan(body.tools, body.tool_choice, body.parallel_tool_calls, state.chat_template.source)
+    except tools.ToolError as exc:
+        raise ProtocolError(400, str(exc), param=exc.param) from None
+    if body.tools and body.tool_choice != "none" and not tools.renders_tools(state.chat_template.source):
+        messages = [tools.system_message(body.tools), *messages]
+    return messages, tool_plan
+
+
+def declare_model_limits(schema: dict, state: ServingState) -> dict:
+    """``schema`` with the loaded model's limits, which the routes enforce (400): token ids in [0, vocab) and
+    ``max_tokens`` below the context (a prompt takes at least one position). Before the load, as it is."""
+    if not state.ready.is_set() or state.scheduler is None:
+        return schema
+    if state.limited_schema is None:
+        limited = copy.deepcopy(schema)
+        vocab, capacity = state.scheduler.vocab, state.scheduler.capacity
+        for name in ("CompletionRequest", "ChatCompletionRequest"):
+            props = limited["components"]["schemas"][name]["properties"]
+            for key in ("max_tokens", "max_completion_tokens"):
+                for form in _forms(props[key]):
+                    form["maximum"] = capacity - 1
+            for key in ("prompt", "stop_token_ids"):
+                for form in _forms(props.get(key, {})):
+                    form.update(minimum=0, maximum=vocab - 1)
+        state.limited_schema = limited
+    return state.limited_schema
+
+
+def _forms(prop: dict) -> list[dict]:
+    """The integer schemas inside ``prop`` (through anyOf and array items)."""
+    found, todo = [], [prop]
+    while todo:
+        item = todo.pop()
+        todo += item.get("anyOf", []) + ([item["items"]] if isinstance(item.get("items"), dict) else [])
+        if item.get("type") == "integer":
+            found.append(item)
+    return found
+
+
+def _model_card(state: ServingState) -> dict:
+    return {"id": state.model_name, "object": "model", "created": int(state.artifact.stat().st_mtime),
+            "owned_by": "luffy", "root": str(state.artifact), "max_model_len": state.max_model_len}
+
+
+def _check_model(state: ServingState, model: str | None) -> None:
+    """Ready, and ``model`` (when given) is the one served."""
+    state.require_ready()
+    if model is not None and model != state.model_name:
+        raise ProtocolError(404, f"model {model!r} does not exist; this server serves {state.model_name!r}",
+                            param="model", code="model_not_found")
 
 
 def _check_request(state: ServingState, body) -> None:
-    state.require_ready()
-    if body.model != state.model_name:
-        raise ProtocolError(404, f"model {body.model!r} does not exist; this server serves {state.model_name!r}",
-                            param="model", code="model_not_found")
+    _check_model(state, body.model)
+    if state.scheduler is None:
+        raise ProtocolError(400, f"artifact {state.artifact.name} is an encoder: it serves /v1/embeddings, not text",
+                            param="model")
     body.refuse_unsupported()
 
 
-def _encode(state: ServingState, text: str, add_special_tokens: bool) -> list[int]:
+def _embedding_rows(embedder, body) -> list[list[int]]:
+    """The request's inputs as token ids, each checked against the vocabulary and the artifact's length."""
+    inputs = body.inputs()
+    if len(inputs) > MAX_INPUTS:
+        raise ProtocolError(400, f"{len(inputs)} inputs; at most {MAX_INPUTS} per request", param="input")
+    if body.dimensions is not None and body.dimensions != embedder.dimensions:
+        raise ProtocolError(400, f"dimensions {body.dimensions}: this model's embeddings have {embedder.dimensions} "
+                                 "(luffy does not shorten them)", param="dimensions")
+    texts = [i for i, one in enumerate(inputs) if isinstance(one, str)]
+    rows = list(inputs)
+    for i, ids in zip(texts, embedder.encode([inputs[i] for i in texts]) if texts else []):
+        rows[i] = ids
+    for i, row in enumerate(rows):
+        bad = next((t for t in row if not 0 <= t < (embedder.vocab or 1 << 62)), None)
+        if bad is not None:
+            raise ProtocolError(400, f"input {i}: token id {bad} is outside the vocabulary of size {embedder.vocab}",
+                                param="input")
+        if embedder.max_len is not None and len(row) > embedder.max_len:
+            raise ProtocolError(400, f"input {i} is {len(row)} tokens; the model takes at most {embedder.max_len}",
+                                param="input", code="context_length_exceeded")
+    return rows
+
+
+def _tokenizer(state: ServingState):
     if not state.engine.manifest.get("tokenizer"):
         raise ProtocolError(400, f"artifact {state.artifact.name} has no tokenizer; send the prompt as token ids",
                             param="prompt")
-    return state.engine.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+    return state.embedder.tokenizer if state.embedder is not None else state.engine.tokenizer
 
 
-async def _generate(state: ServingState, http: HttpRequest, body, ids: list[int], max_tokens: int, chat: bool):
-    queue: asyncio.Queue = asyncio.Queue()
+def _encode(state: ServingState, text: str, add_special_tokens: bool) -> list[int]:
+    return _tokenizer(state).encode(text, add_special_tokens=add_special_tokens).ids
+
+
+def _require_chat_template(state: ServingState) -> None:
+    if state.chat_template is None or state.chat_tokens is None:
+        raise ProtocolError(400, f"artifact {state.artifact.name} has no chat template; compile from a model "
+                                 "directory whose tokenizer has one, or use /v1/completions", param="messages")
+
+
+async def _chat_ids(state: ServingState, messages: list[dict], add_generation_prompt: bool,
+                    tool_specs: list[dict] | None = None) -> list[int]:
+    """The chat's prompt ids: the template places the control tokens, special-token strings inside content stay
+    text (serving/chat.py ChatTokens)."""
+    return await asyncio.to_thread(state.chat_tokens.encode, state.chat_template, messages, add_generation_prompt,
+                                   tool_specs)
+
+
+def _prompt(state: ServingState, prompt, echo: bool) -> Prompt:
+    """A completions prompt (text, or token ids) as ids and the text echo returns."""
+    if isinstance(prompt, str):
+        return Prompt(_encode(state, prompt, add_special_tokens=True), prompt)
+    known = all(0 <= t < state.vocab for t in prompt)  # the scheduler refuses the others, by name
+    text = _tokenizer(state).decode(prompt, skip_special_tokens=True) if echo and known else ""
+    return Prompt(list(prompt), text)
+
+
+async def _generate(state: ServingState, http: HttpRequest, body, prompts: list[Prompt], max_tokens: int,
+                    chat: bool, tool_plan=None):
+    """Submit the request's choices (n for each prompt, each with its own grammar when the request has one) and
+    answer with all of them, or stream them."""
     rid = protocol.new_id("chatcmpl" if chat else "cmpl")
+    grammar = structured.grammar_request(body, tool_plan)
+    constraints = None
+    if grammar is not None:  # compiled once (cached); each choice walks its own copy of the grammar
+        constraints = [await structured.constraint(state, grammar, max_tokens) for _ in range(len(prompts) * body.n)]
     try:
-        params = body.sampling(max_tokens)
-        request = state.scheduler.submit(Request(list(ids), params, state.router.emitter(queue), request_id=rid))
+        choices = ChoiceSet(state, body, rid, prompts, max_tokens, chat, tool_plan, constraints)
+        state.scheduler.submit_all(choices.requests)
     except Exception as exc:  # noqa: BLE001 - UsageError / CapacityError / QueueFull / Draining -> HTTP
         raise error_status(exc) from None
     headers = {"x-luffy-replica": state.settings.replica} if state.settings.replica else {}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = _stream(state, request, queue, rid, body.model, chat, include_usage)
-        return StreamingResponse(events, media_type="text/event-stream", headers=headers)
-    outputs = await _collect(state, request, queue, http)
-    last = outputs[-1]
-    if last.finish_reason in ("error", "abort"):
-        status = 500 if last.finish_reason == "error" else 503
-        raise ProtocolError(status, last.error or "the request was aborted", "server_error")
-    text = "".join(o.text for o in outputs)
-    use = protocol.usage(last.prompt_tokens, last.completion_tokens)
-    make = protocol.chat_body if chat else protocol.completion_body
-    return JSONResponse(make(rid, body.model, text, last.finish_reason, use), headers=headers)
-
-
-async def _collect(state: ServingState, request: Request, queue: asyncio.Queue, http: HttpRequest) -> list:
-    """All outputs of a non-streamed request; a client that disconnects meanwhile cancels it."""
-    outputs = []
-    gone = asyncio.ensure_future(watch_disconnect(http.receive))
-    try:
-        while True:
-            getter = asyncio.ensure_future(queue.get())
-            done, _ = await asyncio.wait({getter, gone}, return_when=asyncio.FIRST_COMPLETED)
-            if getter not in done:
-                getter.cancel()
-                state.scheduler.cancel(request)
-                raise asyncio.CancelledError("client disconnected")
-            outputs.append(getter.result())
-            if outputs[-1].finish_reason is not None:
-                return outputs
-    finally:
-        gone.cancel()
-        if not outputs or outputs[-1].finish_reason is None:
-            state.scheduler.cancel(request)
-
-
-async def _stream(state, request: Request, queue: asyncio.Queue, rid: str, model: str, chat: bool,
-                  include_usage: bool):
-    """Server-sent events: one chunk per step that adds text, the finish reason, usage if asked, [DONE].
-    Starlette cancels this generator when the client disconnects; the finally cancels the request."""
-    finished = False
-    obj = "chat.completion.chunk" if chat else "text_completion"
-    token_chunk = protocol.ChunkWriter(rid, model, chat)
-    try:
-        if chat:
-            yield sse(protocol.chat_chunk(rid, model, {"role": "assistant", "content": ""}, None))
-        while True:
-            out = await queue.get()
-            if out.finish_reason in ("error", "abort"):
-                finished = True
-                status = error_status(RuntimeError(out.error or "aborted"))
-                yield sse({"error": {**status.body()["error"], "message": out.error or "the request was aborted"}})
-                break
-            if out.token_ids or out.text or out.finish_reason:  # one chunk per token, even one that adds no text
-                yield token_chunk(out.text, out.finish_reason)
-            if out.finish_reason is not None:
-                finished = True
-                if include_usage:
-                    yield sse(protocol.usage_chunk(rid, model, obj, protocol.usage(out.prompt_tokens,
-                                                                                    out.completion_tokens)))
-                break
-        yield sse("[DONE]")
-    finally:
-        if not finished:
-            state.scheduler.cancel(request)
-
-
-def _error_response(state: ServingState, exc: ProtocolError) -> JSONResponse:
-    if state.metrics is not None:
-        state.metrics.http_error(exc.status)
-    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
-
-
-class BodyLimit:
-    """Refuse request bodies over ``limit`` bytes with 413, before they are parsed (pure ASGI middleware)."""
-
-    def __init__(self, app, limit: int, state: ServingState):
-        self.app, self.limit, self.state = app, limit, state
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await self._refuse(scope, receive, send)
-        seen = 0
-
-        async def counted():
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise _TooLarge()
-            return message
-
-        try:
-            await self.app(scope, counted, send)
-        except _TooLarge:
-            await self._refuse(scope, receive, send)
-
-    async def _refuse(self, scope, receive, send):
-        error = ProtocolError(413, f"request body over {self.limit} bytes (--max-request-bytes)")
-        await _error_response(self.state, error)(scope, receive, send)
-
-
-class _TooLarge(Exception):
-    pass
-
+        return StreamingResponse(choices.stream(include_usage), media_type="text/event-stream", headers=headers)
+    return JSONResponse(await choices.collect(http.receive), headers=headers)

@@ -1,10 +1,13 @@
 """`luffy serve`: an OpenAI-compatible HTTP server (FastAPI on uvicorn) in front of one artifact's scheduler.
 
-Routes: POST /v1/completions and /v1/chat/completions (streamed as server-sent events when asked),
-GET /v1/models, /health (503 while loading or draining) and /metrics (Prometheus). Handlers never touch
-the engine: they submit to the scheduler thread and read its outputs from an asyncio queue. A client that
-disconnects cancels its request (its slot is free after the scheduler's current iteration). SIGTERM stops
-admission, lets requests in flight finish for up to the drain timeout, and exits 0.
+Routes (serving/routes.py): POST /v1/completions and /v1/chat/completions (streamed as server-sent events when
+asked), /tokenize and /detokenize, GET /v1/models and /v1/models/{id}, /health (503 while loading or draining)
+and /metrics (Prometheus), behind the edge of serving/edge.py; an encoder artifact serves POST /v1/embeddings
+(serving/embeddings.py) instead of completions. Handlers never touch the engine: they submit to the scheduler thread and read its outputs from
+an asyncio queue. A client that disconnects cancels its request (its slot is free after the scheduler's current
+iteration); one that sends its headers too slowly gets 408 (``GuardedHttp``). SIGTERM stops admission, lets
+requests in flight finish for up to the drain timeout, ends those still running with an error event and
+[DONE], and exits 0.
 """
 
 from __future__ import annotations
@@ -13,137 +16,17 @@ import asyncio
 import contextlib
 import json
 import socket
-import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
-from ..errors import CapacityError, LuffyError, UsageError
+from ..errors import UsageError
+from ..runtimes.manifest import read_manifest
+from .options import ServerSettings
 from .protocol import ProtocolError
-from .scheduler import SchedulerConfig
-
-
-@dataclass(frozen=True)
-class ServerSettings:
-    """Everything `luffy serve` takes besides the artifact; ``scheduler`` sizes the KV cache and batching."""
-
-    host: str = "127.0.0.1"
-    port: int = 8000
-    served_model_name: str | None = None  # default: the artifact directory's name
-    api_key: str | None = None  # when set, every route but /health needs "Authorization: Bearer KEY"
-    drain_timeout: float = 30.0
-    max_request_bytes: int = 1 << 20
-    threads: int | None = None  # ORT intra-op threads
-    spin: bool = True  # ORT's pool threads spin between steps (see `luffy serve --help`)
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    replica: str | None = None  # scale-out: the name in x-luffy-replica and the metrics' replica label
-    draft: Path | None = None  # speculative decoding's draft artifact, loaded beside the target
-
-
-class ServingState:
-    """What the routes share: the engine, scheduler, metrics and chat template, once loaded."""
-
-    def __init__(self, artifact: Path, settings: ServerSettings):
-        self.artifact, self.settings = Path(artifact), settings
-        self.model_name = settings.served_model_name or self.artifact.resolve().name
-        self.engine = self.scheduler = self.metrics = self.chat_template = None
-        self.ready = threading.Event()
-        self.draining = False
-        self.router: OutputRouter | None = None
-        self.load_error: str | None = None
-
-    def load(self, engine=None) -> None:
-        """Load the artifact and start the scheduler (in a thread, so /health can say 503 meanwhile)."""
-        from ..runtimes import load
-        from .chat import ChatTemplate
-        from .metrics import ServerMetrics
-        from .scheduler import Scheduler
-
-        try:
-            if self.settings.draft is not None and engine is None:  # target and draft take turns: one thread pool
-                from ..runtimes import share_thread_pool
-
-                share_thread_pool(self.settings.threads)
-            threads = None if self.settings.draft is not None else self.settings.threads
-            self.engine = engine or load(self.artifact, threads=threads, spin=self.settings.spin)
-            labels = {"replica": self.settings.replica} if self.settings.replica else None
-            self.metrics = ServerMetrics(self.model_name, labels)
-            self.scheduler = Scheduler(self.engine, self._scheduler_config(), self.metrics).start()
-            self.chat_template = ChatTemplate.from_artifact(self.engine.path, self.engine.manifest)
-            cache = self.scheduler.slots.cache
-            _log(f"KV cache: {cache.num_slots} slots x {cache.capacity} positions x {cache.bytes_per_token} B "
-                 f"= {cache.nbytes / 2**20:.1f} MiB ({self.model_name}, {self.engine.manifest['kv_cache'].get('mode')})")
-            config = self.scheduler.config
-            if config.prefix_cache:
-                _log(f"prefix cache: free slots' contents + {config.prefix_cache_mb} MiB of host RAM for blocks")
-            if self.scheduler.speculator is not None:
-                source = self.scheduler.speculator.source
-                extra = f", draft KV {source.slots.cache.nbytes / 2**20:.1f} MiB" if hasattr(source, "slots") else ""
-                _log(f"speculative decoding: {self.scheduler.speculator.name} while at most "
-                     f"{config.speculation.max_batch} request(s) decode{extra}")
-            self.ready.set()
-        except Exception as exc:  # noqa: BLE001 - /health and every route report it; the process stays up
-            self.load_error = str(exc) if isinstance(exc, LuffyError) else f"{type(exc).__name__}: {exc}"
-            _log(f"error: {self.load_error}")
-
-    def _scheduler_config(self):
-        """The scheduler's settings, with the draft engine loaded when one is configured."""
-        import dataclasses
-
-        from ..runtimes import load
-
-        config = self.settings.scheduler
-        if self.settings.draft is not None and config.speculation is not None:
-            draft = load(self.settings.draft, spin=self.settings.spin)
-            config = dataclasses.replace(config, speculation=dataclasses.replace(config.speculation, draft=draft))
-        return config
-
-    def require_ready(self) -> None:
-        if self.draining:
-            raise ProtocolError(503, "the server is shutting down", "server_error", code="draining")
-        if not self.ready.is_set():
-            message = f"the model failed to load: {self.load_error}" if self.load_error else "the model is loading"
-            raise ProtocolError(503, message, "server_error", code="loading", headers={"Retry-After": "1"})
-
-    def begin_drain(self) -> None:
-        self.draining = True
-        if self.scheduler is not None:
-            self.scheduler.begin_drain()
-
-
-class OutputRouter:
-    """Carries scheduler outputs into the event loop with one wake-up per batch, not one per token: an
-    iteration that decodes 16 streams would otherwise write the loop's self-pipe 16 times."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop = loop
-        self.pending: list = []
-        self.lock = threading.Lock()
-        self.scheduled = False
-
-    def emitter(self, queue: asyncio.Queue):
-        """The ``emit`` for one request: called from the scheduler thread."""
-
-        def emit(output) -> None:
-            with self.lock:
-                self.pending.append((queue, output))
-                if self.scheduled:
-                    return
-                self.scheduled = True
-            self.loop.call_soon_threadsafe(self._deliver)
-
-        return emit
-
-    def _deliver(self) -> None:
-        with self.lock:
-            pending, self.pending, self.scheduled = self.pending, [], False
-        for queue, output in pending:
-            queue.put_nowait(output)
-
-
-def _log(message: str) -> None:
-    print(f"luffy serve: {message}", file=sys.stderr, flush=True)
+from .routes import add_routes
+from .state import OutputRouter, ServingState, log
 
 
 def build_app(artifact: str | Path, settings: ServerSettings | None = None, engine=None):
@@ -152,8 +35,6 @@ def build_app(artifact: str | Path, settings: ServerSettings | None = None, engi
     >>> app = build_app("build/pydoc", ServerSettings(api_key="secret"))   # doctest: +SKIP
     """
     from fastapi import FastAPI
-
-    from .routes import add_routes
 
     state = ServingState(artifact, settings or ServerSettings())
 
@@ -176,38 +57,94 @@ def serve(artifact: str | Path, settings: ServerSettings) -> int:
     """Run the server until SIGTERM or Ctrl-C; the drain lets requests in flight finish. Returns 0."""
     import uvicorn
 
-    from ..runtimes.manifest import read_manifest
-
     manifest = read_manifest(artifact, verify_files=False)  # fail at once on what cannot be served
-    if manifest["kind"] != "causal-lm":
-        raise UsageError(f"{artifact}: luffy serve generates text; this artifact is {manifest['kind']!r}")
+    if manifest["kind"] not in ("causal-lm", "encoder"):
+        raise UsageError(f"{artifact}: luffy serve generates text (a causal LM) or embeddings (an encoder); this "
+                         f"artifact is {manifest['kind']!r}")
     app = build_app(artifact, settings)
     state: ServingState = app.state.luffy
     sock = _bind(settings.host, settings.port)
     host, port = sock.getsockname()[:2]
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=max(1, int(settings.drain_timeout)),
-                            access_log=False, lifespan="on")
+                            access_log=False, lifespan="on",
+                            http=guarded_http(settings.header_timeout, state.metrics.http_error))
 
     class DrainingServer(uvicorn.Server):
         def handle_exit(self, sig, frame):
             if not state.draining:
-                _log(f"signal {sig}: draining (up to {settings.drain_timeout:g} s for requests in flight)")
+                log(f"signal {sig}: draining (up to {settings.drain_timeout:g} s for requests in flight)")
                 state.begin_drain()
                 threading.Thread(target=self._exit_when_drained, daemon=True).start()
             else:
                 super().handle_exit(sig, frame)
 
         def _exit_when_drained(self):
-            if state.scheduler is not None:
-                state.scheduler.wait_idle(settings.drain_timeout)
-            time.sleep(0.1)  # the last responses' bytes leave before the listener closes
+            if state.scheduler is not None and not state.scheduler.wait_idle(settings.drain_timeout):
+                # the drain expired: the requests still running end now, each with an error event and [DONE]
+                state.scheduler.stop(f"the server shut down before this request finished (--drain-timeout "
+                                     f"{settings.drain_timeout:g} s)")
+            time.sleep(0.2)  # the last responses' bytes leave before the listener closes
             self.should_exit = True
 
     server = DrainingServer(config)
     shown = f"[{host}]" if ":" in host else host
-    _log(f"listening on http://{shown}:{port} (model {state.model_name})")
+    log(f"listening on http://{shown}:{port} (model {state.model_name})")
     server.run(sockets=[sock])
     return 0
+
+
+def guarded_http(header_timeout: float, count_error: Callable[[int], None]) -> type:
+    """uvicorn's HTTP protocol with a deadline on request headers: from a connection's start (and from the end of
+    each response on a kept-alive connection) a request's headers must be complete within ``header_timeout``
+    seconds, else 408 in OpenAI's shape and the connection closes. uvicorn has no such timeout: without it a
+    client that sends a header byte every few seconds holds a connection forever (its keep-alive timer is reset
+    by any byte)."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    class GuardedHttp(AutoHTTPProtocol):
+        _deadline = None
+        _cycle_at_arm = None
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self._deadline is not None and self.cycle is not self._cycle_at_arm:  # a request's headers are in
+                self._disarm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()
+
+        def connection_lost(self, exc):
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._cycle_at_arm = self.cycle
+            self._deadline = self.loop.call_later(header_timeout, self._expire)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _expire(self) -> None:
+            self._deadline = None
+            if self.transport.is_closing() or self.cycle is not self._cycle_at_arm:
+                return
+            count_error(408)
+            error = ProtocolError(408, f"the request headers did not arrive within {header_timeout:g} s "
+                                       "(--header-timeout)", code="request_timeout")
+            body = json.dumps(error.body()).encode()
+            self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+                                 b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
+            self.transport.close()
+
+    return GuardedHttp
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -224,33 +161,3 @@ def _bind(host: str, port: int) -> socket.socket:
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock
-
-
-def error_status(exc: Exception) -> ProtocolError:
-    """The OpenAI-shaped HTTP error for an exception raised while handling a request."""
-    from .scheduler import Draining, QueueFull
-
-    if isinstance(exc, ProtocolError):
-        return exc
-    if isinstance(exc, QueueFull):
-        return ProtocolError(429, str(exc), "rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
-    if isinstance(exc, Draining):
-        return ProtocolError(503, str(exc), "server_error", code="draining")
-    if isinstance(exc, CapacityError):
-        return ProtocolError(400, str(exc), code="context_length_exceeded")
-    if isinstance(exc, UsageError):
-        return ProtocolError(400, str(exc))
-    return ProtocolError(500, f"{type(exc).__name__}: {exc}", "server_error")
-
-
-def sse(payload: dict | str) -> str:
-    return f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n"
-
-
-async def watch_disconnect(receive) -> None:
-    """Returns when the client goes away (the request body has been read, so the next message is that)."""
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return
-        await asyncio.sleep(0)

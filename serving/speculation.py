@@ -1,31 +1,18 @@
-"""Speculative decoding inside the scheduler: a request decoding alone proposes and verifies several tokens.
+"""Speculative decoding inside the scheduler: decoding requests propose and verify several tokens.
 
 At batch 1 a decode step reads every weight for one token, so checking several proposed tokens in one step
-is nearly free; once several requests decode together the batched step already shares that read, and
-verifying rows one at a time (GroupQueryAttention's multi-token steps are batch 1) would cost more than it
-saves. So the scheduler speculates only while at most ``max_batch`` requests are decoding (default 1), and
-decodes batched otherwise. The acceptance rules and candidate sources are the runtime's
-(runtimes/speculative.py), so served output equals Engine.generate's.
+is nearly free; once several requests decode together the batched step already shares that read. So the
+scheduler speculates only while at most ``max_batch`` requests are decoding (default 1), and decodes
+batched otherwise. With a multi-row graph (GroupQueryAttention's query_seqlens) the rows' proposals are
+verified in one target step (``rounds``); other graphs verify row by row (``round``). The acceptance rules
+and candidate sources are the runtime's (runtimes/speculative.py), so served output equals Engine.generate's.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from ..runtimes.speculative import AdaptiveK, DraftModel, PromptLookup, check_draft, speculate_round
+from ..runtimes.speculative import AdaptiveK, DraftModel, PromptLookup, check_draft, speculate_round, speculate_rows
+from .options import SpeculationConfig
 from .requests import Output, Request
-
-
-@dataclass(frozen=True)
-class SpeculationConfig:
-    """``draft``: a draft engine (``luffy serve --draft``); ``prompt_lookup``: tokens proposed by prompt lookup
-    (``--prompt-lookup K``); ``num_tokens``: the draft's initial K (adaptive); ``max_batch``: speculate while at
-    most this many requests decode."""
-
-    draft: object = None
-    prompt_lookup: int | None = None
-    num_tokens: int = 4
-    max_batch: int = 1
 
 
 class Speculator:
@@ -45,17 +32,33 @@ class Speculator:
     def round(self, slots, request: Request) -> tuple[list[Output], int]:
         """Propose, verify in one target step, accept; returns one Output per kept token (the last may finish)
         and the tokens the target's step computed."""
+        self._start(request)
+        seq, remaining, k, chooser, rng = self._row(request)
+        proposed, n, token, verify = speculate_round(slots, request.slot, seq, remaining, self.source, k, chooser, rng)
+        return self._accept(request, proposed, n, token, verify)
+
+    def rounds(self, slots, requests: list[Request]) -> list[tuple[list[Output], int]]:
+        """``round`` for the requests in slots [0, len(requests)), verified together in one target step."""
+        for request in requests:
+            self._start(request)
+        results = speculate_rows(slots, [self._row(r) for r in requests], self.source)
+        return [self._accept(r, *result) for r, result in zip(requests, results)]
+
+    def _start(self, request: Request) -> None:
         if request.spec_k is None:
             request.spec_k = AdaptiveK(self.initial_k)
-        proposed, n, token, _ = speculate_round(
-            slots, request.slot, request.prompt_ids + request.output_ids, len(request.prompt_ids),
-            request.params.max_tokens - len(request.output_ids), self.source, request.spec_k, request.sampling,
-            request.rng)
+
+    @staticmethod
+    def _row(request: Request) -> tuple:
+        return (request.prompt_ids + request.output_ids, request.params.max_tokens - len(request.output_ids),
+                request.spec_k, request.chooser, request.rng)
+
+    def _accept(self, request: Request, proposed, n: int, token: int, verify) -> tuple[list[Output], int]:
         if proposed:
             self.metrics.speculated(len(proposed), n)
         outputs = []
-        for t in [*proposed[:n], token]:
-            outputs.append(request.accept(t))
+        for i, t in enumerate([*proposed[:n], token]):
+            outputs.append(request.accept(t, verify[i]))  # the target's logits at the position that chose t
             if outputs[-1].finish_reason is not None:
                 break
         return outputs, len(proposed) + 1

@@ -24,6 +24,18 @@ def zoo_artifacts(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def pydoc(zoo_artifacts):
+    """llama-pydoc's default build, the serving tests' model (trained weights: greedy continuations are text)."""
+    return zoo_artifacts("llama-pydoc")[0]
+
+
+@pytest.fixture(scope="module")
+def engine(pydoc):
+    """That build loaded once per test module: what a served request is compared with (Engine.generate alone)."""
+    return pydoc.load()
+
+
+@pytest.fixture(scope="session")
 def llama_verified(tmp_path_factory):
     """llama-tiny compiled once at the default level with --verify and --dump-ir: (artifact, dump directory)."""
     import luffy
@@ -43,8 +55,26 @@ def family_artifact(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def pydoc_int8(tmp_path_factory):
-    """llama-pydoc's int8 weight-only build, compiled once per session: the speculative-decoding draft."""
+def pydoc_build(tmp_path_factory):
+    """llama-pydoc compiled once per session per set of options: ``pydoc_build(precision="int8", ...)`` -> Artifact.
+    The quality gates' builds (all with --eval) and the speculative-decoding draft are the same compiles."""
     import luffy
 
-    return luffy.compile("llama-pydoc", output=tmp_path_factory.mktemp("pydoc-int8") / "int8", precision="int8")
+    root, cache = tmp_path_factory.mktemp("pydoc-builds"), {}
+
+    def get(**options):
+        key = tuple(sorted(options.items()))
+        if key not in cache:
+            cache[key] = luffy.compile("llama-pydoc", output=root / f"build-{len(cache)}", **options)
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def pydoc_int8(pydoc_build):
+    """llama-pydoc's int8 weight-only build: the speculative-decoding draft (with --eval, as the quality gate's
+    int8 build, which it is: one compile serves both)."""
+    from luffy.models_zoo.trained import heldout_text_path
+
+    return pydoc_build(precision="int8", eval_file=str(heldout_text_path()))

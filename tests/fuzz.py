@@ -28,29 +28,25 @@ import numpy as np
 import onnx
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 import luffy
 from luffy.errors import LuffyError
+
+from .graphs import onnx_model
 
 DEADLINE_S = 30  # per input; a compile of these graphs takes ~50 ms, so anything near this is a hang
 
 
 def base_model() -> onnx.ModelProto:
     """A small valid graph with the parts mutations aim at: an initializer, attributes, two node kinds."""
-    weight = numpy_helper.from_array(np.arange(12, dtype=np.float32).reshape(4, 3) / 10, "w")
-    shape = numpy_helper.from_array(np.array([-1, 3], dtype=np.int64), "shape")
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
-         helper.make_node("Relu", ["h"], ["r"], name="relu"),
-         helper.make_node("Reshape", ["r", "shape"], ["y"], name="reshape"),
-         helper.make_node("Softmax", ["y"], ["z"], name="softmax", axis=-1)],
-        "fuzz_base",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
-        [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", 3])],
-        [weight, shape],
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("Reshape", ["r", "shape"], ["y"], name="reshape"),
+             helper.make_node("Softmax", ["y"], ["z"], name="softmax", axis=-1)]
+    weights = {"w": np.arange(12, dtype=np.float32).reshape(4, 3) / 10, "shape": np.array([-1, 3], dtype=np.int64)}
+    return onnx_model(nodes, {"x": (TensorProto.FLOAT, ["batch", 4])}, {"z": (TensorProto.FLOAT, ["batch", 3])}, weights,
+                      name="fuzz_base", opset=17, ir_version=8)
 
 
 INTS = st.one_of(st.integers(-3, 40), st.sampled_from([-(2**31), 2**31 - 1, 2**40, -(2**63), 2**63 - 1]))
@@ -198,7 +194,7 @@ def outcome(call) -> str:
 
 def fuzz_onnx(workdir: Path, examples: int, seed_value: int, counts: collections.Counter) -> None:
     from luffy.cli.main import main as cli_main
-    from luffy.compiler.inspect import inspect_path
+    from luffy.compiler.report.inspect import inspect_path
 
     @seed(seed_value)
     @settings(max_examples=examples, deadline=None, database=None, suppress_health_check=list(HealthCheck),
@@ -226,7 +222,7 @@ def fuzz_onnx(workdir: Path, examples: int, seed_value: int, counts: collections
 
 def fuzz_manifests(workdir: Path, examples: int, seed_value: int, counts: collections.Counter) -> None:
     from luffy.cli.main import main as cli_main
-    from luffy.compiler.inspect import inspect_path
+    from luffy.compiler.report.inspect import inspect_path
 
     source = workdir / "valid-artifact"
     if not source.exists():

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +80,13 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int):
     return out.sequences.numpy(), logits
 
 
+def assert_greedy_like_pytorch(engine, model, prompt: list[int] = (1, 17, 33, 5, 90), new_tokens: int = 12):
+    """The engine's greedy tokens for ``prompt`` are transformers' own (EOS stopping off on both sides)."""
+    expected, _ = hf_greedy(model, list(prompt), new_tokens)
+    got = engine.generate([list(prompt)], max_new_tokens=new_tokens, eos_token_id=None)
+    assert np.array_equal(got, expected)
+
+
 def assert_engine_matches_transformers(engine, model, atol: float, new_tokens: int = 32):
     """The contract on PROMPT: every position's logits equal PyTorch's within ``atol``, and greedy generation
     gives transformers' tokens, with each step's logits within ``atol``."""
@@ -98,6 +108,16 @@ def torch_logits(model, ids) -> np.ndarray:
 # What `luffy` prints on stderr when it is not a terminal (a pipe, a CI log): one plain line per stage of
 # long work, "luffy: <title>: <stage> (<seconds>s)".
 _PROGRESS_LINE = re.compile(r"^luffy: (?!error: ).+: .+ \(\d+\.\ds\)$")
+
+
+def luffy_cli(*args, env: dict | None = None, check: bool = False, timeout: float = 600):
+    """`luffy ARGS` in its own process, as a user runs it (this Python's luffy; ``env`` added to the environment);
+    ``check``: a non-zero exit fails the test with the command and its stderr."""
+    proc = subprocess.run([sys.executable, "-m", "luffy", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"luffy {' '.join(map(str, args))} exited {proc.returncode}: {proc.stderr}")
+    return proc
 
 
 def error_line(stderr: str) -> str:

@@ -34,15 +34,17 @@ def test_manifest_records_the_contract(zoo_artifacts):
     assert {"luffy", "torch", "onnx", "onnxruntime"} <= set(m["versions"])
     assert m["source"] == {"kind": "zoo", "spec": "llama-tiny", "architecture": "LlamaForCausalLM"}
     names = [i["name"] for i in m["io"]["inputs"]]
-    assert names[:3] == ["input_ids", "attention_mask", "position_ids"]
+    # -O2's pack-qkv rotates inside GroupQueryAttention by KV buffer index: no position_ids input
+    assert names[:2] == ["input_ids", "attention_mask"]
     # -O2's fuse-gqa: capacity-sized KV buffers bound as past and present, lengths as inputs
-    assert names[3:7] == [f"past_key_values.{l}.{k}" for l in range(2) for k in ("key", "value")]
-    assert names[7:] == ["seqlens_k", "total_sequence_length", "logits_to_keep"]  # + keep-last-logits
-    assert m["io"]["inputs"][3]["shape"] == ["batch", 2, "max_seq", 16]
-    assert m["io"]["inputs"][7] == {"name": "seqlens_k", "dtype": "int32", "shape": ["batch"]}
+    assert names[2:6] == [f"past_key_values.{l}.{k}" for l in range(2) for k in ("key", "value")]
+    # + query_seqlens (several rows of several tokens per step) and keep-last-logits
+    assert names[6:] == ["seqlens_k", "total_sequence_length", "query_seqlens", "logits_indices"]
+    assert m["io"]["inputs"][2]["shape"] == ["batch", 2, "max_seq", 16]
+    assert m["io"]["inputs"][6] == {"name": "seqlens_k", "dtype": "int32", "shape": ["batch"]}
     assert m["io"]["outputs"][1]["shape"] == ["batch", 2, "max_seq", 16]
     assert m["dims"]["max_seq"] == {"min": 1, "max": 512} and m["max_seq_len"] == 512
-    assert m["kv_cache"]["mode"] == "shared-buffer"
+    assert m["kv_cache"]["mode"] == "shared-buffer" and m["kv_cache"]["positions"] == "buffer"
     assert m["kv_cache"]["num_layers"] == 2 and m["kv_cache"]["bytes_per_token"] == 2 * 2 * 2 * 16 * 4
     assert set(m["files"]) == {"model.onnx", "tokenizer.json"}
     for info in m["files"].values():

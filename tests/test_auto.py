@@ -7,16 +7,14 @@ and real ONNX Runtime sessions. Kept short for the suite: each decider run is cu
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 import luffy
-from luffy.compiler.auto import SPEED_TIE, candidates, choose, within_budget
+from luffy.auto import SPEED_TIE, candidates, choose, within_budget
 from luffy.models_zoo.trained import heldout_text_path
 
+from .helpers import luffy_cli
 from .test_quantization_quality import SENTENCES
 
 CANDIDATE_FIELDS = {"name", "precision", "block_size", "method", "quality_loss_pct", "decode_tokens_per_s",
@@ -40,9 +38,8 @@ def pydoc_int4(tmp_path_factory, eval_text):
     return artifact, messages
 
 
-def _luffy(*args):  # the CLI in its own process, as a user runs it (wide: rich wraps tables at 80 columns)
-    return subprocess.run([sys.executable, "-m", "luffy", *args], capture_output=True, text=True,
-                          env={**os.environ, "COLUMNS": "200"})
+def _luffy(*args):  # wide: rich wraps tables at 80 columns
+    return luffy_cli(*args, env={"COLUMNS": "200"})
 
 
 def test_chooses_the_fastest_candidate_within_budget(pydoc_int4):

@@ -3,8 +3,6 @@
 import importlib.util
 import json
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,15 +10,12 @@ import pytest
 from luffy.benchmarks import bench
 from luffy.benchmarks.serve_bench import ServeLoad
 from luffy.errors import CapacityError, UsageError
+from luffy.tests.helpers import luffy_cli
 
 BATCHES = [1, 2]
 GEN_LEN = 4
 STATS = ("prefill_ms", "decode_tok_s", "e2e_tok_s")
 TABLE_HEADER = "| system | batch | prefill ms | decode tok/s | end-to-end tok/s | % of roofline | peak RSS MiB | compile s |"
-
-
-def luffy_cli(*args):
-    return subprocess.run([sys.executable, "-m", "luffy", *map(str, args)], capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -200,3 +195,18 @@ def test_bench_serve_reports_what_vllm_bench_serve_reports(zoo_artifacts, tmp_pa
     assert len(rounds) == 6 and all(r["ratio"] == pytest.approx(r["served_tpot_s"] / r["in_process_tpot_s"]) for r in rounds)
     table = (tmp_path / "serve.md").read_text()
     assert table.count("| luffy serve |") == 2 and table.count("| Engine.generate static batch") == 2
+
+
+def test_peers_outside_luffys_python_are_skipped_with_how_to_install_them(tiny, tmp_path):
+    _, work = tiny
+    missing = {"llama.cpp": tmp_path / "no-bin", "openvino": tmp_path / "no-python", "ctranslate2": tmp_path / "no-python"}
+    report = bench(work / "luffy-artifact", prompt_len=4, gen_len=2, vs="llama.cpp,openvino,ctranslate2", repeats=1,
+                   warmup=0, bandwidth=False, peer_paths={k: str(v) for k, v in missing.items()})
+    for name, install in (("llama.cpp", "llama-bench"), ("openvino", "pip install openvino-genai"),
+                          ("ctranslate2", "pip install ctranslate2")):
+        system = report.system(name)
+        assert system["status"] == "skipped" and f"{name} not found" in system["reason"] and install in system["reason"]
+        assert f"- {name}: skipped — {name} not found" in report.to_markdown()
+    assert report.system("luffy")["status"] == "ok"
+    with pytest.raises(UsageError, match="--peer vllm=x: expected NAME=PATH"):
+        bench(work / "luffy-artifact", vs="llama.cpp", peer_paths=["vllm=x"])

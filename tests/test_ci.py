@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 
 import pytest
 
 import luffy
-
-
-def luffy_cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "luffy", *map(str, args)], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **(env or {})})
+from luffy.tests.helpers import luffy_cli
 
 
 def _model_bytes(artifact) -> dict:
@@ -96,6 +89,10 @@ def test_a_ci_log_gets_one_line_per_stage_and_no_terminal_codes(tmp_path):
     stages = [ln for ln in proc.stderr.splitlines() if ln.startswith("luffy: compiling llama-tiny: ")]
     assert [s.split(": ")[2].split(" (")[0] for s in stages][:2] == ["capturing llama-tiny", "pass inline"]
     assert any("checking parity against PyTorch" in s for s in stages)
-    assert proc.stderr.splitlines()[-1].startswith("✓ ")
+    # the summary comes after every stage line; only its indented details (KV cache, perplexity) follow it
+    lines = proc.stderr.splitlines()
+    done = next(i for i, ln in enumerate(lines) if ln.startswith("✓ "))
+    assert done > lines.index(stages[-1]) and all(ln.startswith("  ") for ln in lines[done + 1:])
+    assert any(ln.startswith("  KV cache float32: ") for ln in lines[done + 1:])
     colored = luffy_cli("verify", tmp_path / "art", env={"FORCE_COLOR": "1", "NO_COLOR": "1"})
     assert colored.returncode == 0 and not re.search(r"\x1b\[[0-9;]*m", colored.stdout + colored.stderr)

@@ -10,15 +10,8 @@ import time
 
 import pytest
 
-from luffy.tests.helpers import error_line
+from luffy.tests.helpers import error_line, luffy_cli
 from luffy.errors import ArtifactError, CapacityError, SourceError, UnsupportedModelError, UsageError
-
-
-def luffy_cli(*args, check=False):
-    proc = subprocess.run([sys.executable, "-m", "luffy", *map(str, args)], capture_output=True, text=True, timeout=300)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"luffy {args} exited {proc.returncode}: {proc.stderr}")
-    return proc
 
 
 def assert_one_line_error(proc, exit_code, *fragments):
@@ -172,7 +165,7 @@ def test_a_signalled_compile_says_so_exits_128_plus_n_and_leaves_nothing(tmp_pat
 
 
 def test_run_escapes_control_bytes_a_model_generates():
-    from luffy.cli.main import printable
+    from luffy.cli.console import printable
 
     assert printable("def f():\n\treturn 1\x1b[2J\x07\u202e") == "def f():\n\treturn 1\\x1b[2J\\x07\\u202e"
     assert printable("naïve – 日本語 🙂") == "naïve – 日本語 🙂"
@@ -202,3 +195,42 @@ def test_every_config_option_is_a_compile_flag_and_a_manifest_option():
     result = subprocess.run([sys.executable, "-m", "luffy", "compile", "llama-tiny", "-o", "unused", "--block-size", "7"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == UsageError.exit_code and "block_size 7" in error_line(result.stderr)
+
+
+def test_every_serve_option_is_a_flag_and_a_ray_serve_config_key():
+    """A serve option is one field of serving/options.py: its flag and help reach `luffy serve --help`, and the
+    same key in a Ray Serve config file's args (YAML, strings from `serve run k=v` too) builds the same settings
+    as the flag does."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from luffy.cli.main import app
+    from luffy.options import option_flags, option_key
+    from luffy.serving.options import serve_fields, serve_options
+
+    help_text = " ".join(CliRunner().invoke(app, ["serve", "--help"], terminal_width=1000, max_content_width=1000).output.split())
+    fields = serve_fields()
+    assert len(fields) >= 29  # the 27 flags of before, --header-timeout and --body-timeout
+    for f, _, _ in fields:
+        assert option_flags(f)[0].split("/")[0] in help_text and " ".join(f.metadata["help"].split()) in help_text
+    config = yaml.safe_load("""
+        applications:
+          - name: luffy
+            import_path: luffy.serving.ray:build_app
+            args: {artifact: build/pydoc, max_num_seqs: 8, min_replicas: 1, max_replicas: 3, routing: pow2,
+                   prefix_cache: false, header_timeout: 2.5, draft: build/int8, num_assistant_tokens: 3}
+    """)
+    args = config["applications"][0]["args"]
+    from_yaml = serve_options(args)
+    from_strings = serve_options({k: str(v) for k, v in args.items()})  # `serve run ... max_num_seqs=8`
+    assert from_yaml == from_strings
+    artifact, settings, ray = from_yaml
+    assert (settings.scheduler.max_num_seqs, settings.scheduler.prefix_cache, settings.header_timeout) == (8, False, 2.5)
+    assert settings.scheduler.speculation.num_tokens == 3 and str(settings.draft) == "build/int8"
+    assert (ray.min_replicas, ray.max_replicas, ray.routing) == (1, 3, "pow2")
+    assert serve_options({"artifact": "a"})[2] is None  # no Ray key: the single-process server
+    assert {option_key(f) for f, _, _ in fields} >= set(args) - {"artifact"}
+    with pytest.raises(UsageError, match="unknown serve option.*max_num_seq"):
+        serve_options({"artifact": "a", "max_num_seq": 8})
+    with pytest.raises(UsageError, match="max_num_seqs='many': expected int"):
+        serve_options({"artifact": "a", "max_num_seqs": "many"})

@@ -5,24 +5,21 @@ optimizations off (--verify's per-pass check against the captured graph) and gre
 pipeline against transformers.
 """
 
-import collections
 
 import numpy as np
 import onnx_ir as ir
 import pytest
 
-from luffy.compiler.capture import capture_causal_lm
-from luffy.compiler.sources import load_torch_model, resolve_source
+from luffy.compiler.capture.torch_export import capture_causal_lm
+from luffy.compiler.sources.resolve import resolve_source
+from luffy.compiler.sources.torch_model import load_torch_model
 from luffy.passes.collapse_reshapes import _resolve, collapse_reshapes
 from luffy.passes.driver import run_passes
 from luffy.passes.pipelines import pipeline
 from luffy.passes.rotary_bsd import rotary_bsd
 
+from .graphs import op_counts
 from .helpers import hf_greedy
-
-
-def _ops(model):
-    return collections.Counter(n.op_type for n in model.graph)
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +44,9 @@ def _apply(proto, *passes):
 
 
 def test_rotary_bsd_graph_after(before_layout):
-    before = _ops(ir.from_proto(before_layout))
+    before = op_counts(ir.from_proto(before_layout))
     model, [stats] = _apply(before_layout, rotary_bsd())
-    after = _ops(model)
+    after = op_counts(model)
     assert stats["matches"] == 4  # q and k of 2 layers
     assert after["RotaryEmbedding"] == before["RotaryEmbedding"] == 4
     assert before["Transpose"] == 8 and after["Transpose"] == 0  # one pair around each rotary
@@ -74,9 +71,9 @@ def test_rotary_bsd_leaves_a_rotary_read_in_head_layout_alone(before_layout):
 
 
 def test_collapse_reshapes_graph_after(before_layout):
-    before = _ops(ir.from_proto(before_layout))
+    before = op_counts(ir.from_proto(before_layout))
     model, [_, stats] = _apply(before_layout, rotary_bsd(), collapse_reshapes())
-    after = _ops(model)
+    after = op_counts(model)
     assert stats["matches"] == 4  # v in, attention out, per layer
     assert before["Reshape"] - after["Reshape"] == 8 + 8
     for node in model.graph:
@@ -97,7 +94,7 @@ def test_collapse_reshapes_keeps_a_reshape_that_changes_the_shape():
     model = ir.Model(graph, ir_version=10)
     p = collapse_reshapes()
     p(model)
-    assert p.stats["matches"] == 0 and _ops(model)["Reshape"] == 2  # [batch, seq*4, 16] is not x's shape
+    assert p.stats["matches"] == 0 and op_counts(model)["Reshape"] == 2  # [batch, seq*4, 16] is not x's shape
     # the shape arithmetic it proves with: symbols cancel, integers multiply
     assert _resolve([0, 0, -1], ["batch", "seq", 4, 16]) == ["batch", "seq", 64]
     assert _resolve([0, -1, 16], ["batch", "seq", 4, 16]) is None

@@ -4,7 +4,7 @@ import onnx
 from onnx import helper, numpy_helper
 import numpy as np
 
-from luffy.compiler.memory import infer, peak_activation
+from luffy.compiler.report.memory import infer, peak_activation
 
 
 def test_peak_follows_liveness_exactly(tmp_path):

@@ -7,7 +7,6 @@ graph after it, blocks it must leave alone, and parity with the unfused graph on
 optimizations off.
 """
 
-import collections
 
 import numpy as np
 import onnx_ir as ir
@@ -20,6 +19,7 @@ from luffy.errors import UnsupportedModelError
 from luffy.passes.driver import run_passes
 from luffy.passes.fuse_moe import fuse_moe
 from luffy.passes.pipelines import CLEANUP
+from luffy.tests.graphs import op_counts
 from luffy.tests.helpers import (COMMON, PROMPT, assert_engine_matches_transformers, assert_transformers_generates,
                                  compiled_families, make_hf_dir)
 
@@ -105,10 +105,6 @@ def _export_block(family: str, **overrides) -> ir.Model:
     return model
 
 
-def _ops(model: ir.Model) -> collections.Counter:
-    return collections.Counter(n.op_type for n in model.graph)
-
-
 def _fused(model: ir.Model):
     fused = ir.from_proto(ir.to_proto(model))  # a copy: the pass works in place
     p = fuse_moe()
@@ -138,9 +134,9 @@ def test_fuse_moe_graph_and_parity(family, normalized):
     attrs = {k: a.value for k, a in moe[0].attributes.items()}
     assert attrs == {"k": 2, "activation_type": "swiglu", "swiglu_fusion": 1, "activation_alpha": 1.0,
                      "activation_beta": 0.0, "normalize_routing_weights": normalized}
-    assert not {"TopK", "GatherND", "Softmax", "Split"} & set(_ops(fused))
+    assert not {"TopK", "GatherND", "Softmax", "Split"} & set(op_counts(fused))
     # the experts' silu is gone (Hunyuan's shared MLP keeps its own)
-    assert _ops(fused)["Sigmoid"] == _ops(model)["Sigmoid"] - 1
+    assert op_counts(fused)["Sigmoid"] == op_counts(model)["Sigmoid"] - 1
     gate_up = next(n for n in model.graph if n.op_type == "GatherND").inputs[0].const_value.numpy()
     fc1 = moe[0].inputs[2].const_value.numpy()
     np.testing.assert_array_equal(fc1[:, 0::2], gate_up[:, :128])  # gate rows interleaved with up rows
@@ -156,7 +152,7 @@ def test_fuse_moe_leaves_other_expert_activations_alone():
     model = _export_block("mixtral", hidden_act="gelu")
     fused, stats = _fused(model)
     assert stats["matches"] == 0 and stats["not_matched"]
-    assert _ops(fused) == _ops(model)
+    assert op_counts(fused) == op_counts(model)
 
 
 def test_fuse_moe_leaves_a_miswired_repeat_alone():
@@ -200,7 +196,7 @@ def test_quantize_moe_writes_qmoe_that_matches_its_dequantized_weights(bits, sym
                                                                 "remove-unused-after-precision"]
     quantized, _ = run_passes(ir.from_proto(ir.to_proto(fused)), precision_steps("int4", spec))
     qmoe = [n for n in quantized.graph if n.op_type == "QMoE"]
-    assert len(qmoe) == 1 and "MoE" not in _ops(quantized)
+    assert len(qmoe) == 1 and "MoE" not in op_counts(quantized)
     node = qmoe[0]
     weights = {i: v.const_value.numpy() if v is not None else None for i, v in enumerate(node.inputs) if i >= 2}
     fc1 = _dequantize(weights[2], weights[3], weights.get(11), bits, 32)  # no zero points when symmetric
@@ -222,5 +218,5 @@ def test_quantize_moe_keeps_experts_the_block_size_does_not_divide():
     fused, _ = _fused(_export_block("mixtral"))
     p = quantize_moe(WeightQuantization(bits=4, block_size=128))  # hidden size is 64
     p(fused)
-    assert p.stats["matches"] == 0 and "MoE" in _ops(fused)
+    assert p.stats["matches"] == 0 and "MoE" in op_counts(fused)
     assert "must be multiples of the block size 128" in p.stats["decisions"][0]["reason"]

@@ -3,10 +3,12 @@
 import numpy as np
 import onnx
 import pytest
-from onnx import helper, numpy_helper
+from onnx import helper
 
 import luffy
 from luffy.passes.pipelines import all_pass_names, pipeline, plugin_steps, stages
+
+from .graphs import onnx_model
 
 
 def test_levels_are_explicit_lists():
@@ -34,13 +36,19 @@ def test_stages_list_level_target_and_precision_in_order():
     plugins = plugin_steps("trt", 2, (10, 8))
     seen = []
     plan = stages("trt", 2, "int4", target_steps=plugins, weights=lambda model: seen.append(model))
-    assert [(s.name, s.numeric_check) for s in plan] == [("opt-level", True), ("target", True), ("precision", False)]
+    assert [(s.name, s.numeric_check) for s in plan] == [("opt-level", True), ("target", True), ("precision", False),
+                                                         ("kv-cache", False)]
     assert plan[0].steps(None) == pipeline("trt", 2)
     assert plan[1].steps(None) == plugins
     # the precision passes are built from the graph the earlier stages left (GPTQ calibrates on it)
     assert [s.name for s in plan[2].steps("fused graph")] == ["quantize-weights", "remove-unused-after-precision"]
     assert seen == ["fused graph"]
     assert stages("ort", 2, "fp32")[2].steps("fused graph") == []
+    assert plan[3].steps("quantized graph") == []  # the KV cache as the compute keeps it
+    ranges = []
+    plan = stages("ort", 2, "int4", kv_cache="int8", kv_ranges=lambda model: ranges.append(model))
+    assert [s.name for s in plan[3].steps("quantized graph")] == ["kv-cache-dtype"]
+    assert ranges == ["quantized graph"]  # calibrated on the graph that will run, quantized weights and all
 
 
 def test_stages_refuse_before_capture():
@@ -60,12 +68,8 @@ def _messy_model(path):
         helper.make_node("Add", ["a", "b"], ["y"]),
         helper.make_node("Relu", ["x"], ["dead"]),
     ]
-    graph = helper.make_graph(
-        nodes, "messy", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 4])],
-        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 4])],
-        [numpy_helper.from_array(w, "w_a"), numpy_helper.from_array(w.copy(), "w_b")],
-    )
-    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=9), path)
+    io = (onnx.TensorProto.FLOAT, ["n", 4])
+    onnx.save_model(onnx_model(nodes, {"x": io}, {"y": io}, {"w_a": w, "w_b": w.copy()}, name="messy"), path)
     return w
 
 

@@ -16,12 +16,13 @@ from onnx import TensorProto, helper
 
 import luffy
 from luffy.runtimes.trt import gpu_info, installed_tensorrt
-from luffy.compiler.trt_support import check_graph
+from luffy.compiler.targets.trt_support import check_graph
 from luffy.passes.pipelines import plugin_steps
 from luffy.passes.use_plugins import use_plugins
 from luffy.plugins import PLUGINS, RMS_NORM, plugins_for_tensorrt
 
-from .helpers import hf_greedy
+from .graphs import onnx_model
+from .helpers import assert_greedy_like_pytorch, hf_greedy
 
 HIDDEN = 16
 
@@ -53,9 +54,8 @@ def _rms_norm_graph(axis: int = -1, dtype=TensorProto.FLOAT) -> onnx.ModelProto:
         helper.make_tensor("eps", compute, [], [1e-6]),
         onnx.numpy_helper.from_array(scale, "w"),
     ]
-    graph = helper.make_graph(nodes, "rms", [helper.make_tensor_value_info("x", dtype, ["b", "s", HIDDEN])],
-                              [helper.make_tensor_value_info("y", dtype, ["b", "s", HIDDEN])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=10)
+    io = (dtype, ["b", "s", HIDDEN])
+    model = onnx_model(nodes, {"x": io}, {"y": io}, inits, name="rms", ir_version=10)
     if axis != -1:  # a norm over the sequence axis: w broadcasts over it instead
         model.graph.initializer[3].CopyFrom(onnx.numpy_helper.from_array(scale[:1], "w"))
     onnx.checker.check_model(model, full_check=True)
@@ -162,11 +162,7 @@ def test_tensorrt_10_8_artifact_uses_the_plugin_in_every_norm(plugin_artifact):
 
 
 def test_tensorrt_10_8_artifact_generates_like_pytorch_on_ort(plugin_artifact, zoo_artifacts):
-    _, module = zoo_artifacts("llama-tiny")
-    prompt = [1, 17, 33, 5, 90]
-    expected, _ = hf_greedy(module, prompt, 12)
-    got = plugin_artifact.load(runtime="ort").generate([prompt], max_new_tokens=12, eos_token_id=None)
-    assert np.array_equal(got, expected)
+    assert_greedy_like_pytorch(plugin_artifact.load(runtime="ort"), zoo_artifacts("llama-tiny")[1])
 
 
 def test_operator_check_refuses_plugins_where_tensorrt_cannot_load_them(plugin_artifact):
@@ -209,7 +205,7 @@ def test_tensorrt_registration_is_idempotent():
 def test_plugin_artifact_builds_and_generates_like_pytorch(plugin_artifact, tmp_path, zoo_artifacts):
     import shutil
 
-    from luffy.compiler.trt_build import build_artifact
+    from luffy.compiler.targets.trt_build import build_artifact
 
     copy = tmp_path / "art"
     shutil.copytree(plugin_artifact.path, copy)

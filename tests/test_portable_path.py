@@ -6,13 +6,15 @@ import collections
 import onnx_ir as ir
 import torch
 
-from luffy.compiler.capture import CAPTURE_OPSET, capture_causal_lm
-from luffy.compiler.parity import check_parity
-from luffy.compiler.sources import load_torch_model, resolve_source
+from luffy.compiler.capture.torch_export import CAPTURE_OPSET, capture_causal_lm
+from luffy.compiler.quality.parity import check_parity
+from luffy.compiler.sources.resolve import resolve_source
+from luffy.compiler.sources.torch_model import load_torch_model
 from luffy.passes.driver import run_passes
 from luffy.passes.fuse_onnx23 import fuse_onnx23
 from luffy.passes.pipelines import pipeline
-from luffy.tests.test_fusions import RMSNorm, apply, assert_parity, ops
+from luffy.tests.graphs import op_counts
+from luffy.tests.test_fusions import RMSNorm, apply, assert_parity
 
 
 def test_llama_on_the_trt_pipeline_uses_standard_ops_only(tmp_path):
@@ -34,11 +36,11 @@ def test_decomposed_rms_norm_is_fused_at_opset_23():
         # optimize=False: as another exporter would hand it over, without onnxscript's own fusions
         model = torch.onnx.export(RMSNorm().eval(), (x,), dynamo=True, opset_version=23, verbose=False,
                                   optimize=False).model
-    assert ops(model)["RMSNormalization"] == 0
+    assert op_counts(model, subgraphs=True)["RMSNormalization"] == 0
     # through the trt pipeline: cleanup folds the norm's Constant nodes, then the rule sees literal values
     fused, records = run_passes(ir.from_proto(ir.to_proto(model)), pipeline("trt", 2))
     assert next(r for r in records if r["name"] == "fuse-onnx23")["matches"] == 1
-    assert ops(fused) == {"RMSNormalization": 1}
+    assert op_counts(fused, subgraphs=True) == {"RMSNormalization": 1}
     assert_parity(model, fused, x)
 
 
@@ -48,14 +50,14 @@ def test_opset_20_graph_is_left_alone():
         model = torch.onnx.export(RMSNorm().eval(), (x,), dynamo=True, opset_version=20, verbose=False).model
     p = fuse_onnx23()
     fused, (count,) = apply(model, p)
-    assert count == 0 and ops(fused) == ops(model)
+    assert count == 0 and op_counts(fused, subgraphs=True) == op_counts(model, subgraphs=True)
     assert "opset 20" in p.stats["not_matched"][0]["reason"]
 
 
 def test_int4_on_the_trt_pipeline_is_qdq_in_standard_onnx(tmp_path):
     # TensorRT's strongly typed networks take precision from the graph: blockwise int4 DequantizeLinear
     # feeding each MatMul, no com.microsoft op; checked on ORT by perplexity on the trained zoo model.
-    from luffy.compiler.calibration import graph_perplexity, token_windows, torch_perplexity
+    from luffy.compiler.quality.calibration import graph_perplexity, token_windows, torch_perplexity
     from luffy.models_zoo.byte_tokenizer import byte_tokenizer
     from luffy.models_zoo.trained import heldout_text_path
     from luffy.passes.pipelines import precision_steps

@@ -10,16 +10,15 @@ cosine >= 0.999 at fp16 and bf16, >= 0.99 at int8. bf16 runs on the CPU through 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 import luffy
 from luffy.models_zoo.trained import calibration_text_path, heldout_text_path
+from luffy.runtimes.cpu_features import weight_kernels
 
-from .helpers import NAMED_FAMILIES, make_hf_dir
+from .helpers import NAMED_FAMILIES, luffy_cli, make_hf_dir
 
 # fp16, int8 and int4's bounds are the issue's; bf16 is held to fp16's (luffy's own choice: the bf16 pass keeps
 # the same fp32 islands, and bf16's 8-bit mantissa measured +0.01 % here).
@@ -27,9 +26,9 @@ GATES = {"fp16": 0.1, "bf16": 0.1, "int8": 0.5, "int4-gptq": 3.0, "int8-dynamic"
 
 
 @pytest.fixture(scope="module")
-def pydoc(tmp_path_factory):
-    """llama-pydoc compiled at every precision with --eval on the held-out text: name -> Artifact."""
-    root = tmp_path_factory.mktemp("pydoc")
+def pydoc(pydoc_build):
+    """llama-pydoc compiled at every precision with --eval on the held-out text: name -> Artifact (the session's
+    builds: the int8 one is also the speculative-decoding draft)."""
     heldout, calib = str(heldout_text_path()), str(calibration_text_path())
     variants = {
         "fp32": dict(precision="fp32"),
@@ -41,8 +40,7 @@ def pydoc(tmp_path_factory):
         # reduce_range as this CPU needs it: measured +0.33 % with 7-bit weights, +0.26 % with 8-bit (VNNI)
         "int8-dynamic": dict(precision="int8-dynamic"),
     }
-    return {name: luffy.compile("llama-pydoc", output=root / name, eval_file=heldout, **kw)
-            for name, kw in variants.items()}
+    return {name: pydoc_build(eval_file=heldout, **kw) for name, kw in variants.items()}
 
 
 def _increase(artifact) -> float:
@@ -81,11 +79,17 @@ def test_report_and_manifest_say_what_was_quantized(pydoc):
     art = pydoc["int4-gptq"]
     assert art.manifest["precision"] == "int4"
     precision = art.report["precision"]
-    assert precision["scheme"] == {"bits": 4, "block_size": 32, "symmetric": False, "accuracy_level": 4,
-                                   "lm_head_bits": 4, "embeddings": "int4 GatherBlockQuantized", "method": "gptq"}
+    # no --block-size / --accuracy-level: this CPU's choice (runtimes/cpu_features.weight_kernels), recorded
+    chosen = weight_kernels()
+    assert precision["scheme"] == {"bits": 4, "block_size": chosen["block_size"], "symmetric": False,
+                                   "accuracy_level": chosen["accuracy_level"], "lm_head_bits": 4,
+                                   "embeddings": "int4 GatherBlockQuantized", "method": "gptq", "chosen_for": chosen}
+    assert pydoc["int8"].report["precision"]["scheme"]["symmetric"] is True
+    assert pydoc["int4-rtn"].report["precision"]["scheme"]["method"] == "rtn-clipped"
     roles = [d["role"] for d in precision["decisions"]]
-    assert roles.count("body") == 4 * 7 and roles.count("lm_head") == 1 and roles.count("embedding") == 1
-    assert art.report["op_histogram"]["com.microsoft::MatMulNBits"] == 4 * 7 + 1
+    # per layer qkv (pack-qkv), o, gate_up (pack-gate-up), down
+    assert roles.count("body") == 4 * 4 and roles.count("lm_head") == 1 and roles.count("embedding") == 1
+    assert art.report["op_histogram"]["com.microsoft::MatMulNBits"] == 4 * 4 + 1
     fp16 = pydoc["fp16"]
     assert fp16.manifest["kv_cache"]["dtype"] == "float16"
     assert fp16.manifest["kv_cache"]["bytes_per_token"] * 2 == pydoc["fp32"].manifest["kv_cache"]["bytes_per_token"]
@@ -176,13 +180,9 @@ def test_minilm_embedding_cosine(minilm, tmp_path, precision):
 
 # -- the CLI ---------------------------------------------------------------------------------------
 
-def _luffy(*args):
-    return subprocess.run([sys.executable, "-m", "luffy", *args], capture_output=True, text=True)
-
-
 def test_cli_int4_with_calib_and_eval(tmp_path):
     out = tmp_path / "q4"
-    done = _luffy("compile", "llama-pydoc", "-o", str(out), "--precision", "int4", "--block-size", "64",
+    done = luffy_cli("compile", "llama-pydoc", "-o", str(out), "--precision", "int4", "--block-size", "64",
                   "--calib", str(calibration_text_path()), "--eval", str(heldout_text_path()))
     assert done.returncode == 0, done.stderr
     assert "perplexity" in done.stderr
@@ -200,7 +200,7 @@ def test_cli_int4_with_calib_and_eval(tmp_path):
 ])
 def test_cli_refuses_bad_precision_options(tmp_path, args, needle):
     out = tmp_path / "never"
-    done = _luffy("compile", "llama-tiny", "-o", str(out), *args)
+    done = luffy_cli("compile", "llama-tiny", "-o", str(out), *args)
     assert done.returncode == 2
     assert needle in done.stderr and len(done.stderr.strip().splitlines()) == 1
     assert not out.exists()
@@ -209,7 +209,7 @@ def test_cli_refuses_bad_precision_options(tmp_path, args, needle):
 def test_eval_refuses_encoders(tmp_path):
     text = tmp_path / "t.txt"
     text.write_text("some text to score")
-    done = _luffy("compile", "bert-tiny", "-o", str(tmp_path / "e"), "--eval", str(text))
+    done = luffy_cli("compile", "bert-tiny", "-o", str(tmp_path / "e"), "--eval", str(text))
     assert done.returncode == 2 and "causal LM" in done.stderr
 
 

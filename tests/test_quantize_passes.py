@@ -19,6 +19,8 @@ from luffy.passes.quantize_dynamic_int8 import QuantizeDynamicInt8
 from luffy.runtimes.cpu_features import int8_kernel_path, u8s8_saturates
 from luffy.passes.quantize_weights import QuantizeWeights, WeightQuantization, _ort_nbits
 
+from .graphs import op_counts
+
 
 def _session(model: ir.Model, optimize: bool = False):
     options = ort.SessionOptions()
@@ -45,13 +47,6 @@ def _matmul_model(weight: np.ndarray | None, k: int = 64, n: int = 48) -> ir.Mod
     node.outputs[0].name, node.outputs[0].dtype = "y", ir.DataType.FLOAT
     graph = ir.Graph(inputs, [node.outputs[0]], nodes=[node], initializers=initializers, opset_imports={"": 20})
     return ir.Model(graph, ir_version=10)
-
-
-def _ops(model: ir.Model) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for node in model.graph:
-        counts[node.op_type] = counts.get(node.op_type, 0) + 1
-    return counts
 
 
 @pytest.fixture(scope="module")
@@ -99,10 +94,10 @@ def test_gptq_lowers_output_error_below_rtn():
 
 def test_quantize_weights_graph(llama_graph):
     model = llama_graph()
-    matmuls = _ops(model)["MatMul"]
+    matmuls = op_counts(model)["MatMul"]
     qw = QuantizeWeights(WeightQuantization(bits=4, block_size=32, quantize_embeddings=True))
     qw(model)
-    ops = _ops(model)
+    ops = op_counts(model)
     assert ops.get("MatMul", 0) == 0
     assert ops["MatMulNBits"] == matmuls == qw.stats["matches"] - 1  # + the embedding
     assert ops["GatherBlockQuantized"] == 1
@@ -117,12 +112,12 @@ def test_quantize_weights_leaves_activation_matmuls_alone():
     qw = QuantizeWeights(WeightQuantization(bits=4))
     result = qw(model)
     assert not result.modified
-    assert _ops(model) == {"MatMul": 1}
+    assert op_counts(model) == {"MatMul": 1}
     assert qw.stats["not_matched"][0]["reason"] == "weight is not a constant 2-D float matrix"
 
 
 @pytest.mark.parametrize("bits,symmetric", [(4, False), (4, True), (8, True)])
-@pytest.mark.parametrize("method", ["rtn", "gptq"])
+@pytest.mark.parametrize("method", ["rtn", "gptq", "rtn-clipped"])
 def test_quantize_weights_parity_with_dequantized_weight(bits, symmetric, method):
     rng = np.random.default_rng(bits)
     k, n = 64, 48
@@ -130,8 +125,10 @@ def test_quantize_weights_parity_with_dequantized_weight(bits, symmetric, method
     x = rng.standard_normal((5, k)).astype(np.float32)
     hessians = {"x": x.T.astype(np.float64) @ x / 5} if method == "gptq" else {}
     model = _matmul_model(w, k, n)
-    QuantizeWeights(WeightQuantization(bits=bits, block_size=32, symmetric=symmetric, accuracy_level=0,
-                                       hessians=hessians))(model)
+    qw = QuantizeWeights(WeightQuantization(bits=bits, block_size=32, symmetric=symmetric, accuracy_level=0,
+                                            hessians=hessians, clip_search=method == "rtn-clipped"))
+    qw(model)
+    assert qw.stats["decisions"][0]["method"] == method
     got = _session(model).run(None, {"x": x})[0]
     # Rebuild the weight the graph holds from its own initializers.
     node = next(iter(model.graph))
@@ -147,6 +144,38 @@ def test_quantize_weights_parity_with_dequantized_weight(bits, symmetric, method
     assert not np.allclose(got, x @ w, atol=1e-4)  # it really is quantized
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_clipped_rtn_spends_an_outlier_block_on_its_other_weights(symmetric):
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((256, 64)).astype(np.float32)
+    w[::128, :] *= 12  # one outlier per block of 128 along K in every column
+    errors = {}
+    for name, quantize in (("rtn", gptq.rtn), ("clipped", gptq.clipped_rtn)):
+        codes, scales, zeros = quantize(w, 4, 128, symmetric)
+        assert codes.shape == (64, 256) and codes.max() <= 15 and scales.shape == zeros.shape == (64, 2)
+        errors[name] = float(np.square(gptq.dequantize(codes, scales, zeros, 128) - w).mean())
+    assert errors["clipped"] < 0.95 * errors["rtn"], errors  # measured 0.88-0.93x here
+    # the unclipped range is one of the candidates: never worse than round-to-nearest, block by block
+    plain = rng.standard_normal((128, 8)).astype(np.float32)
+    err = {name: np.square(gptq.dequantize(*q(plain, 4, 128, symmetric), 128) - plain).sum(axis=0)
+           for name, q in (("rtn", gptq.rtn), ("clipped", gptq.clipped_rtn))}
+    assert (err["clipped"] <= err["rtn"] + 1e-4).all()
+
+
+def test_weight_kernels_are_chosen_per_cpu():
+    from luffy.runtimes.cpu_features import weight_kernels
+
+    vnni = weight_kernels(frozenset({"avx2", "avx512_vnni"}), "x86_64")
+    assert (vnni["block_size"], vnni["accuracy_level"], vnni["cpu"]) == (128, 4, "x86_64 avx512_vnni")
+    assert weight_kernels(frozenset({"avx2", "amx_int8", "avx512_vnni"}), "x86_64")["cpu"] == "x86_64 amx_int8"
+    avx2 = weight_kernels(frozenset({"avx2"}), "x86_64")
+    assert avx2["accuracy_level"] == 4 and "measured on an AVX512-VNNI CPU" in avx2["why"]
+    assert weight_kernels(frozenset(), "aarch64")["accuracy_level"] == 4
+    assert weight_kernels(frozenset({"sse4_2"}), "x86_64") == {
+        "cpu": "x86_64", "block_size": 32, "accuracy_level": 0,
+        "why": "no int8 dot-product kernels in MLAS for this CPU: fp32 products, ORT's default block"}
+
+
 # -- convert-fp16 ----------------------------------------------------------------------------------
 
 def test_convert_fp16_graph(llama_graph):
@@ -158,7 +187,7 @@ def test_convert_fp16_graph(llama_graph):
     io = {v.name: v.dtype for v in (*new.graph.inputs, *new.graph.outputs)}
     assert io["logits"] == ir.DataType.FLOAT  # sampling reads fp32
     assert all(t == ir.DataType.FLOAT16 for name, t in io.items() if name.startswith(("past_key", "present.")))
-    assert _ops(new)["MatMul"] == _ops(model)["MatMul"]
+    assert op_counts(new)["MatMul"] == op_counts(model)["MatMul"]
 
 
 @pytest.mark.parametrize("convert", [ConvertFloat16, ConvertBfloat16])
@@ -168,7 +197,7 @@ def test_convert_half_leaves_integer_graphs_alone(convert):
     node.outputs[0].name, node.outputs[0].dtype = "y", ir.DataType.INT64
     model = ir.Model(ir.Graph([x], [node.outputs[0]], nodes=[node], opset_imports={"": 20}), ir_version=10)
     new = convert()(model).model
-    assert _ops(new) == {"Add": 1}
+    assert op_counts(new) == {"Add": 1}
     assert new.graph.outputs[0].dtype == ir.DataType.INT64
 
 
@@ -197,7 +226,7 @@ def test_convert_bf16_graph(llama_graph):
     io = {v.name: v.dtype for v in (*new.graph.inputs, *new.graph.outputs)}
     assert io["logits"] == ir.DataType.FLOAT
     assert all(t == ir.DataType.BFLOAT16 for name, t in io.items() if name.startswith(("past_key", "present.")))
-    assert _ops(new) == _ops(half)  # fp16's fp32 islands and boundary casts, relabelled
+    assert op_counts(new) == op_counts(half)  # fp16's fp32 islands and boundary casts, relabelled
     targets = [n.attributes["to"].value for n in new.graph if n.op_type == "Cast"]
     assert ir.DataType.FLOAT16 not in targets and ir.DataType.FLOAT in targets  # logits: bf16 -> fp32
 
@@ -243,10 +272,10 @@ def test_cpu_emulation_keeps_graph_io_names(llama_graph):
 
 def test_quantize_dynamic_int8_graph(llama_graph):
     model = llama_graph()
-    matmuls = _ops(model)["MatMul"]
+    matmuls = op_counts(model)["MatMul"]
     qd = QuantizeDynamicInt8()
     new = qd(model).model
-    ops = _ops(new)
+    ops = op_counts(new)
     assert ops.get("MatMul", 0) == 0
     assert ops["MatMulInteger"] == matmuls == qd.stats["matches"]
     assert ops["DynamicQuantizeLinear"] >= 1
@@ -256,7 +285,7 @@ def test_quantize_dynamic_int8_leaves_activation_matmuls_alone():
     model = _matmul_model(None)
     result = QuantizeDynamicInt8()(model)
     assert not result.modified
-    assert _ops(result.model) == {"MatMul": 1}
+    assert op_counts(result.model) == {"MatMul": 1}
 
 
 # "auto" is what luffy.compile picks on this CPU: 8-bit weights where ORT's int8 kernels have VNNI, 7-bit
@@ -291,7 +320,7 @@ def test_quantize_weights_qdq_parity_with_dequantized_weight(bits):
     model = _matmul_model(w, k, n)
     model.opset_imports[""] = 23
     QuantizeWeights(WeightQuantization(bits=bits, block_size=32, layout="qdq"))(model)
-    assert _ops(model) == {"DequantizeLinear": 1, "MatMul": 1}
+    assert op_counts(model) == {"DequantizeLinear": 1, "MatMul": 1}
     codes, scales, zeros = gptq.rtn(w, bits, 32 if bits == 4 else k, True)
     expected = x @ gptq.dequantize(codes, scales, zeros, 32 if bits == 4 else k).astype(np.float32)
     np.testing.assert_allclose(_session(model).run(None, {"x": x})[0], expected, rtol=1e-4, atol=1e-4)

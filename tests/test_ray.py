@@ -29,7 +29,7 @@ pytest.importorskip("openai", reason="the openai client is not installed")
 from luffy.benchmarks.ray_serve import Traffic, descendants  # noqa: E402
 
 from .server_process import ServerProcess  # noqa: E402
-from .test_serving import PROMPTS, alone, engine, pydoc  # noqa: E402,F401 (the same module fixtures)
+from .test_serving import PROMPTS, alone  # noqa: E402
 
 KEY = "ray-test-key"
 # four "system prompts" of 4+ full 16-token blocks each (the byte tokenizer: about a token per character)
@@ -117,6 +117,24 @@ def test_scales_up_under_load_and_both_replicas_answer_like_generate_alone(clust
     chunks = list(client.chat.completions.create(model="pydoc", messages=[{"role": "user", "content": "Open the"}],
                                                  max_tokens=6, temperature=0, stream=True))
     assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+    # the API surface's routes and fields reach the replicas through the ingress too
+    ids = engine.tokenizer.encode("Return the").ids
+    tokens = httpx.post(f"{cluster.url}/tokenize", headers=cluster.headers, json={"prompt": "Return the"}).json()
+    assert tokens["tokens"] == ids and client.models.retrieve("pydoc").id == "pydoc"
+    scored = client.completions.create(model="pydoc", prompt=["Return the", "Open the"], n=2, max_tokens=4,
+                                       temperature=0, echo=True, logprobs=1, extra_body={"ignore_eos": True})
+    greedy = alone(engine, "Return the", 4, eos_token_id=None)[0]
+    assert [c.text for c in scored.choices][:2] == ["Return the" + greedy] * 2
+    assert len(scored.choices) == 4 and scored.choices[0].logprobs.token_logprobs[0] is None
+    # the edge of serving/edge.py at the ingress (router, chunked body limit) and in the replicas (strict JSON)
+    edge = [httpx.get(f"{cluster.url}/v1/nope", headers=cluster.headers),
+            httpx.post(f"{cluster.url}/v1/completions", headers=cluster.headers,
+                       content=iter([b'{"prompt": "' + b"x" * 65536] * 20)),
+            httpx.post(f"{cluster.url}/v1/completions", headers=cluster.headers,
+                       content=b'{"model": "pydoc", "prompt": "\\ud800 \ud800"}')]
+    assert [r.status_code for r in edge] == [404, 413, 400]
+    assert all(set(r.json()["error"]) == {"message", "type", "param", "code"} for r in edge)
+    assert "lone UTF-16 surrogate" in edge[2].json()["error"]["message"]
     text = _wait(lambda: (t := httpx.get(f"{cluster.url}/metrics", headers=cluster.headers, timeout=10).text)
                  .count("luffy:generation_tokens_total{") >= 2 and t, 10, "both replicas in /metrics")
     assert all(f'replica="{name}"' in text for name in names)

@@ -10,7 +10,7 @@ import pytest
 
 import luffy
 from luffy.serving.requests import SamplingParams
-from luffy.serving.scheduler import QueueFull, Scheduler, SchedulerConfig
+from luffy.serving.scheduler import NoMetrics, QueueFull, Scheduler, SchedulerConfig
 
 PROMPTS = [list(b"def parse("), list(b"Return the"), list(b"class Foo:\n"), list(b"import os\n"), list(b"The module"),
            list(b"x"), list(b"If the file exists, then"), list(b"Open the")]
@@ -152,15 +152,10 @@ def test_speculation_in_the_scheduler_gives_the_tokens_alone(pydoc, pydoc_int8, 
         scheduler.stop()
 
 
-class _Counting:
+class _Counting(NoMetrics):
     """The scheduler's metrics interface, counting what speculation and the prefix cache report."""
 
     proposed = accepted = queried = hit = 0
-
-    def request_scheduled(self, request): ...
-    def token(self, request, first, seconds, count=1): ...
-    def request_finished(self, request): ...
-    def iteration(self, *args): ...
 
     def prefix_lookup(self, queried, hit):
         self.queried, self.hit = self.queried + queried, self.hit + hit
@@ -183,5 +178,124 @@ def test_prefix_cache_reuses_free_slots_and_stored_blocks(pydoc):
         assert [g.token_ids for g in got] == expected
         assert metrics.hit >= 2 * (len(system) // 16) * 16  # the second (slot) and the fifth (blocks) request
         assert scheduler.prefix.store.blocks
+    finally:
+        scheduler.stop()
+
+
+def test_a_request_that_fails_inside_a_step_ends_alone(pydoc):
+    """A request whose output cannot be delivered (its client's event loop is gone: emit raises) fails inside
+    the scheduler's decode and prefill steps; the requests beside it keep the tokens they get alone, its slot
+    is freed and cleared, and the scheduler goes on serving."""
+    from luffy.serving.requests import Output, Request
+
+    scheduler = Scheduler(pydoc, SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=6)).start()
+    try:
+        failed = []
+
+        def broken(after: int):
+            seen = []
+
+            def emit(output: Output):
+                seen.append(output)
+                if output.finish_reason is not None:
+                    failed.append(output)
+                elif len(seen) > after:
+                    raise RuntimeError("Event loop is closed")
+
+            return emit
+
+        good = {}
+
+        def run(i):
+            good[i] = scheduler.generate(PROMPTS[i], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+        [t.start() for t in threads]
+        for after in (0, 3):  # fails at its first token (prefill) and at its fourth (batched decode)
+            scheduler.submit(Request(PROMPTS[5 + after // 3], SamplingParams(max_tokens=20, temperature=0,
+                                                                            ignore_eos=True), broken(after)))
+        [t.join(120) for t in threads]
+        assert [good[i].token_ids for i in range(3)] == [_alone(pydoc, PROMPTS[i], 20) for i in range(3)]
+        assert [o.finish_reason for o in failed] == ["error", "error"]
+        assert all("RuntimeError: Event loop is closed" in o.error for o in failed)
+        assert scheduler.running == 0 and scheduler.kv_cache_usage == 0
+        after = scheduler.generate(PROMPTS[7], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+        assert after.token_ids == _alone(pydoc, PROMPTS[7], 8)  # the engine goes on
+    finally:
+        scheduler.stop()
+
+
+def test_the_logits_chain_in_the_scheduler_gives_the_tokens_alone(pydoc):
+    # penalties, logit_bias and min_p through the one chain: a request batched with others equals Engine.generate
+    chained = dict(repetition_penalty=1.3, presence_penalty=0.4, frequency_penalty=0.3, logit_bias={ord("e"): -3.0},
+                   min_p=0.05)
+    cases = [(PROMPTS[0], dict(temperature=0)), (PROMPTS[1], dict(temperature=0.8, seed=3)),
+             (PROMPTS[2], dict(temperature=1e-40))]  # 1e-40 is greedy (it used to give NUL bytes)
+    expected = []
+    for prompt, how in cases:
+        sampled = dict(do_sample=True, temperature=how["temperature"], seed=how["seed"]) if "seed" in how else {}
+        expected.append(pydoc.generate([prompt], max_new_tokens=16, eos_token_id=None, **chained, **sampled)[0, len(prompt):])
+    scheduler = Scheduler(pydoc, SchedulerConfig(max_num_seqs=3)).start()
+    try:
+        results = [None] * len(cases)
+
+        def run(i):
+            prompt, how = cases[i]
+            results[i] = scheduler.generate(prompt, SamplingParams(max_tokens=16, ignore_eos=True, **chained, **how))
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(cases))]
+        [t.start() for t in threads]
+        [t.join(120) for t in threads]
+        assert [r.token_ids for r in results] == [e.tolist() for e in expected]
+        assert results[0].token_ids != _alone(pydoc, PROMPTS[0], 16)  # the chain did change something
+    finally:
+        scheduler.stop()
+
+
+def test_speculation_with_penalties_keeps_the_tokens_alone(pydoc, pydoc_int8):
+    # the draft proposes through the same chain, each position judged with the penalties of the tokens before
+    # it (accepted ones included): rounds of several kept tokens give plain decoding's tokens
+    from luffy.serving.speculation import SpeculationConfig
+
+    prompt = PROMPTS[0]
+    chained = dict(repetition_penalty=1.2, frequency_penalty=0.5)
+    expected = pydoc.generate([prompt], max_new_tokens=32, eos_token_id=None, **chained)[0, len(prompt):].tolist()
+    config = SchedulerConfig(max_num_seqs=1, speculation=SpeculationConfig(draft=pydoc_int8.load(), num_tokens=4))
+    scheduler = Scheduler(pydoc, config, metrics=_Counting()).start()
+    try:
+        got = scheduler.generate(prompt, SamplingParams(max_tokens=32, temperature=0, ignore_eos=True, **chained))
+        assert got.token_ids == expected and scheduler.metrics.accepted > 8
+        assert expected != _alone(pydoc, prompt, 32)
+    finally:
+        scheduler.stop()
+
+
+def test_siblings_share_one_prefill_and_wait_for_slots_when_none_is_free(pydoc):
+    # n = 3 choices with 2 slots: the second copies the first's prompt KV, the third waits and is prefilled
+    # when a slot frees; each equals Engine.generate with its own seed either way
+    prompt = PROMPTS[6]
+    done, outputs = threading.Event(), {}
+
+    def emit(output):
+        outputs.setdefault(output.request_id, []).append(output)
+        if sum(o[-1].finish_reason is not None for o in outputs.values()) == 3:
+            done.set()
+
+    group = [luffy.serving.requests.Request(list(prompt), SamplingParams(max_tokens=10, temperature=0.9, seed=7 + i,
+                                                                          ignore_eos=True), emit, request_id=f"c{i}")
+             for i in range(3)]
+    group[0].siblings = group[1:]
+    metrics = _Counting()
+    scheduler = Scheduler(pydoc, SchedulerConfig(max_num_seqs=2, prefix_cache=False), metrics=metrics).start()
+    try:
+        scheduler.submit_all(group)
+        assert done.wait(60)
+        for i in range(3):
+            expected = pydoc.generate([prompt], max_new_tokens=10, eos_token_id=None, do_sample=True, temperature=0.9,
+                                      seed=7 + i)[0, len(prompt):].tolist()
+            assert luffy.serving.requests.Output.merge(outputs[f"c{i}"]).token_ids == expected
+        assert metrics.hit == len(prompt)  # the second choice's copy; the third was prefilled
+        scored = scheduler.generate(prompt, SamplingParams(max_tokens=0, prompt_logprobs=2))
+        assert scored.finish_reason == "length" and scored.token_ids == [] and len(scored.prompt_logprobs) == len(prompt)
     finally:
         scheduler.stop()

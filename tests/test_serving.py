@@ -29,17 +29,6 @@ PROMPTS = ["def parse(", "Return the", "class Foo:\n    \"\"\"", "import os\n", 
 
 
 @pytest.fixture(scope="module")
-def pydoc(zoo_artifacts):
-    artifact, _ = zoo_artifacts("llama-pydoc")
-    return artifact
-
-
-@pytest.fixture(scope="module")
-def engine(pydoc):
-    return pydoc.load()
-
-
-@pytest.fixture(scope="module")
 def server(pydoc):
     with ServerProcess(pydoc.path, "--max-num-seqs", "8", "--max-num-batched-tokens", "24",
                        "--served-model-name", "pydoc", api_key=KEY) as running:
@@ -142,10 +131,14 @@ def test_models_health_and_metrics(server):
     ({"prompt": [1, -1]}, 400, "token id -1 is outside the vocabulary"),
     ({"prompt": "x", "max_tokens": "many"}, 400, "max_tokens"),
     ({"prompt": "x", "temperature": -1}, 400, "temperature"),
-    ({"prompt": "x", "n": 2}, 400, "n=2"),
-    ({"prompt": "x", "logprobs": 3}, 400, "logprobs"),
+    ({"prompt": "x", "n": 0}, 400, "n"),
+    ({"prompt": "x", "logprobs": 21}, 400, "logprobs"),
+    ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens=0 generates nothing"),
+    ({"prompt": "x", "logit_bias": {"320": 5}}, 400, "logit_bias: token id 320 is outside the vocabulary"),
+    ({"prompt": "x", "logit_bias": {"7": 101}}, 400, "logit_bias"),
+    ({"prompt": "x", "presence_penalty": 2.5}, 400, "presence_penalty"),
     ({"prompt": "x", "no_such_field": 1}, 400, "no_such_field"),
-    ({"prompt": ["a", "b"]}, 400, "one prompt per request"),
+    ({"prompt": ["a", []]}, 400, "prompt"),
     ({"prompt": "x", "model": "gpt-4"}, 404, "model 'gpt-4' does not exist"),
 ])
 def test_bad_requests_get_openai_errors(server, body, status, fragment):
@@ -276,7 +269,8 @@ def test_health_is_503_while_loading_and_after_a_failed_load(pydoc, tmp_path):
     from fastapi import FastAPI
 
     from luffy.serving.routes import add_routes
-    from luffy.serving.server import OutputRouter, ServerSettings, ServingState
+    from luffy.serving.options import ServerSettings
+    from luffy.serving.state import OutputRouter, ServingState
 
     broken = tmp_path / "broken"
     shutil.copytree(pydoc.path, broken)
@@ -309,6 +303,141 @@ def test_health_is_503_while_loading_and_after_a_failed_load(pydoc, tmp_path):
     assert "model.onnx: size 16 does not match" in failed.json()["error"]["message"]
 
 
+# -- the API surface: n, prompt lists, logprobs, echo, penalties, special tokens, tokenize ------------------------
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+def test_n_choices_of_a_prompt_list_each_equal_generate_with_their_seed(server, engine):
+    client = server.client()
+    prompts = ["Return the", "def parse("]
+    hits = server.metric("luffy:prefix_cache_hits_total")
+    got = client.completions.create(model="pydoc", prompt=prompts, n=3, max_tokens=12, temperature=0.8, seed=5,
+                                    extra_body={"ignore_eos": True})
+    assert [c.index for c in got.choices] == list(range(6))
+    for choice in got.choices:  # index = prompt * n + i; choice i draws with seed + i
+        prompt, i = prompts[choice.index // 3], choice.index % 3
+        assert choice.text == alone(engine, prompt, 12, do_sample=True, temperature=0.8, seed=5 + i,
+                                    eos_token_id=None)[0]
+    # one prefill per prompt: the other two choices copy its KV (counted as prefix-cache hits, as vLLM's n does)
+    assert server.metric("luffy:prefix_cache_hits_total") - hits >= 2 * sum(len(engine.tokenizer.encode(p).ids)
+                                                                            for p in prompts)
+    assert got.usage.prompt_tokens == sum(len(engine.tokenizer.encode(p).ids) for p in prompts)
+    assert got.usage.completion_tokens == 6 * 12
+    streamed = {}
+    for chunk in client.completions.create(model="pydoc", prompt=prompts, n=3, max_tokens=12, temperature=0.8,
+                                           seed=5, stream=True, extra_body={"ignore_eos": True}):
+        streamed[chunk.choices[0].index] = streamed.get(chunk.choices[0].index, "") + chunk.choices[0].text
+    assert [streamed[i] for i in range(6)] == [c.text for c in got.choices]
+    chat = client.chat.completions.create(model="pydoc", messages=[{"role": "user", "content": "Open the"}], n=2,
+                                          max_tokens=6, temperature=0)
+    assert chat.choices[0].message.content == chat.choices[1].message.content  # greedy: the same twice
+
+
+def test_logprobs_are_the_log_softmax_of_the_models_own_logits(server, engine):
+    client = server.client()
+    ids = engine.tokenizer.encode("Return the").ids
+    out, logits = engine.generate([ids], max_new_tokens=8, eos_token_id=None, output_logits=True)
+    expected = _log_softmax(logits[0])
+    tokens = out[0, len(ids):].tolist()
+    got = client.completions.create(model="pydoc", prompt="Return the", max_tokens=8, temperature=0, logprobs=3,
+                                    extra_body={"ignore_eos": True}).choices[0].logprobs
+    assert got.tokens == [chr(t) for t in tokens]  # llama-pydoc's vocabulary is bytes
+    np.testing.assert_allclose(got.token_logprobs, expected[np.arange(8), tokens], atol=1e-4)
+    for step, top in enumerate(got.top_logprobs):
+        best = np.argsort(-expected[step])[:3]
+        assert set(top) == {chr(t) for t in best} | {chr(tokens[step])}
+        np.testing.assert_allclose([top[chr(t)] for t in best], expected[step, best], atol=1e-4)
+    assert got.text_offset == list(range(8))
+    chat_ids = engine.tokenizer.encode("<bos>Open the\n", add_special_tokens=False).ids
+    chat_out, chat_logits = engine.generate([chat_ids], max_new_tokens=4, eos_token_id=None, output_logits=True)
+    chat = client.chat.completions.create(model="pydoc", messages=[{"role": "user", "content": "Open the"}],
+                                          max_tokens=4, temperature=0, logprobs=True, top_logprobs=2,
+                                          extra_body={"ignore_eos": True}).choices[0].logprobs.content
+    chat_expected = _log_softmax(chat_logits[0])
+    for step, entry in enumerate(chat):
+        token = int(chat_out[0, len(chat_ids) + step])
+        assert entry.bytes == [token] and len(entry.top_logprobs) == 2
+        assert abs(entry.logprob - chat_expected[step, token]) < 1e-4
+        assert [t.bytes[0] for t in entry.top_logprobs] == np.argsort(-chat_expected[step])[:2].tolist()
+    streamed = [t for c in client.completions.create(model="pydoc", prompt="Return the", max_tokens=8, temperature=0,
+                                                     logprobs=0, stream=True, extra_body={"ignore_eos": True})
+                for t in c.choices[0].logprobs.token_logprobs]
+    np.testing.assert_allclose(streamed, got.token_logprobs, atol=1e-6)
+
+
+def test_echo_scores_prompts_as_lm_eval_sends_them(server, engine):
+    # lm-eval-harness's local-completions: token-id prompts in a list, echo, logprobs, max_tokens 1 (or 0)
+    rows = [engine.tokenizer.encode(text).ids for text in ("Return the value", "Open the file")]
+    queries = server.metric("luffy:prefix_cache_queries_total")
+    for max_tokens in (1, 0):
+        body = {"model": "pydoc", "prompt": rows, "echo": True, "logprobs": 1, "max_tokens": max_tokens,
+                "temperature": 0}
+        response = httpx.post(f"{server.url}/v1/completions", headers=server.headers, json=body, timeout=60).json()
+        for row, choice in zip(rows, response["choices"]):
+            expected = _log_softmax(engine.score([row])[0])
+            logprobs = choice["logprobs"]
+            assert len(logprobs["tokens"]) == len(row) + max_tokens and logprobs["token_logprobs"][0] is None
+            scored = logprobs["token_logprobs"][1:len(row)]  # what lm-eval sums for a continuation
+            np.testing.assert_allclose(scored, expected[np.arange(len(row) - 1), row[1:]], atol=1e-4)
+            greedy = [max(top.values()) == lp for top, lp in zip(logprobs["top_logprobs"][1:len(row)], scored)]
+            assert greedy == (expected[:-1].argmax(-1) == row[1:]).tolist()  # lm-eval's is_greedy
+            assert choice["text"].startswith(engine.tokenizer.decode(row, skip_special_tokens=True))
+        assert response["usage"]["completion_tokens"] == max_tokens * len(rows)
+    # scoring needs every position's logits: those requests never looked in the prefix cache
+    assert server.metric("luffy:prefix_cache_queries_total") == queries
+
+
+def test_penalties_logit_bias_and_min_p_equal_generate(server, engine):
+    client = server.client()
+    chained = dict(repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.4, min_p=0.05)
+    for sampled in ({}, {"temperature": 0.9, "seed": 3}):
+        got = client.completions.create(model="pydoc", prompt="Return the", max_tokens=24,
+                                        temperature=sampled.get("temperature", 0), seed=sampled.get("seed"),
+                                        presence_penalty=0.5, frequency_penalty=0.4, logit_bias={"101": -4},
+                                        extra_body={"repetition_penalty": 1.3, "min_p": 0.05, "ignore_eos": True})
+        generated = dict(do_sample=True, **sampled) if sampled else {}
+        text, _ = alone(engine, "Return the", 24, eos_token_id=None, logit_bias={101: -4.0}, **chained, **generated)
+        assert got.choices[0].text == text
+    plain, _ = alone(engine, "Return the", 24, eos_token_id=None)
+    assert got.choices[0].text != plain
+    # what `vllm bench serve` sends in every request; a temperature below 1e-5 is greedy (1e-40 gave NUL bytes)
+    body = {"model": "pydoc", "prompt": "Return the", "max_tokens": 24, "repetition_penalty": 1.0, "logprobs": None,
+            "temperature": 1e-40, "ignore_eos": True}
+    response = httpx.post(f"{server.url}/v1/completions", headers=server.headers, json=body, timeout=60)
+    assert response.status_code == 200 and response.json()["choices"][0]["text"] == plain
+
+
+def test_special_token_text_in_chat_content_stays_text(server, engine):
+    client = server.client()
+    messages = [{"role": "user", "content": "Open <eos> the"}]
+    expected = [256] + list(b"Open <eos> the\n")  # the template's <bos>; the user's "<eos>" as five characters
+    tokens = httpx.post(f"{server.url}/tokenize", headers=server.headers, json={"messages": messages}).json()
+    assert tokens["tokens"] == expected and tokens["count"] == len(expected)
+    got = client.chat.completions.create(model="pydoc", messages=messages, max_tokens=12, temperature=0,
+                                         extra_body={"ignore_eos": True})
+    assert got.usage.prompt_tokens == len(expected)
+    assert got.choices[0].message.content == alone(engine, expected, 12, eos_token_id=None)[0]
+
+
+def test_tokenize_detokenize_and_one_model(server, engine):
+    ids = engine.tokenizer.encode("Return the <eos>").ids
+    tokens = httpx.post(f"{server.url}/tokenize", headers=server.headers,
+                        json={"model": "pydoc", "prompt": "Return the <eos>", "return_token_strs": True}).json()
+    assert tokens == {"count": len(ids), "max_model_len": 1024, "tokens": ids,
+                      "token_strs": ["<bos>", *"Return the ", "<eos>"]}  # a completions prompt is the caller's own
+    text = httpx.post(f"{server.url}/detokenize", headers=server.headers, json={"tokens": ids}).json()
+    assert text == {"prompt": "<bos>Return the <eos>"}
+    bad = httpx.post(f"{server.url}/detokenize", headers=server.headers, json={"tokens": [1, 320]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+    model = server.client().models.retrieve("pydoc")
+    assert model.id == "pydoc" and model.owned_by == "luffy"
+    with pytest.raises(openai.NotFoundError):
+        server.client().models.retrieve("gpt-4")
+
+
 # -- prefix cache and speculative decoding through the real server ----------------------------------------
 
 @pytest.fixture(scope="module")
@@ -321,6 +450,14 @@ def spec_server(pydoc, pydoc_int8):
 
 def _hits(server) -> float:
     return server.metric("luffy:prefix_cache_hits_total")
+
+
+def test_warm_up_runs_before_ready_and_leaves_nothing_behind(spec_server):
+    # target and draft: a prefill chunk and two decode steps over every slot each, before /health said ok
+    assert any("warm-up: 6 steps" in line for line in spec_server.log)
+    # before any request: the warm-up is no scheduler iteration, no token, and left no block to hit
+    for name in ("luffy:scheduler_iterations_total", "luffy:generation_tokens_total", "luffy:prefix_cache_queries_total"):
+        assert spec_server.metric(name) == 0
 
 
 def test_prefix_cache_hit_miss_and_eviction_keep_the_output(spec_server, engine):

@@ -5,9 +5,12 @@ import os
 import numpy as np
 import onnx
 import pytest
+from onnx import helper
 
 import luffy
 from luffy.errors import SourceError
+
+from .graphs import onnx_model
 
 
 def test_onnx_decoder_with_external_data_compiles_and_generates(zoo_artifacts, tmp_path):
@@ -28,15 +31,9 @@ def test_onnx_decoder_with_external_data_compiles_and_generates(zoo_artifacts, t
 
 
 def _model_with_external_location(tmp_path, location: str):
-    from onnx import helper, numpy_helper
-
-    weight = numpy_helper.from_array(np.ones((64, 64), np.float32), "w")
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
-        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 64])],
-        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 64])], [weight],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    io = (onnx.TensorProto.FLOAT, [1, 64])
+    model = onnx_model([helper.make_node("MatMul", ["x", "w"], ["y"])], {"x": io}, {"y": io},
+                       {"w": np.ones((64, 64), np.float32)}, name="g", ir_version=None)
     path = tmp_path / "m.onnx"
     onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location="w.bin",
                     size_threshold=0)
@@ -149,7 +146,8 @@ def test_checkpoint_with_tensors_the_config_does_not_have_is_refused(tmp_path):
 
 
 def test_an_encoders_task_head_in_the_checkpoint_is_ignored_and_reported():
-    from luffy.compiler.sources import ENCODER, require_complete_weights
+    from luffy.compiler.sources.resolve import ENCODER
+    from luffy.compiler.sources.torch_model import require_complete_weights
     from luffy.models_zoo import ZOO
 
     bert = ZOO["bert-tiny"].build_model()  # BertModel: children embeddings, encoder, pooler

@@ -3,16 +3,16 @@ sampling, rejected tokens rolled back as if they never ran."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
 
 import luffy
-from luffy.runtimes.sampling import Sampling
+from luffy.runtimes.sampling import Sampling, TokenChooser
 from luffy.runtimes.speculative import accept_sampled
 
 from .helpers import COMMON, NAMED_FAMILIES, PROMPT, make_hf_dir
@@ -32,10 +32,10 @@ PROMPTS = [list(b"\x00def parse("), list(b"Return the"), list(b"class Foo:\n    
 def test_greedy_output_is_plain_greedys(pydoc, how):
     target, draft = pydoc
     kwargs = {"assistant_model": draft} if how == "draft" else {"prompt_lookup_num_tokens": 6}
-    # two engines with private ONNX Runtime pools (this process never called share_thread_pool): correct, but
-    # luffy says it is slow
-    warns = pytest.warns(RuntimeWarning, match="share_thread_pool") if how == "draft" else contextlib.nullcontext()
-    with warns:
+    # two engines on private pools whose threads sleep between runs (this process never called
+    # share_thread_pool): nothing to warn about
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         for prompt in PROMPTS[:4]:  # batch 1
             expected = target.generate([prompt], max_new_tokens=48)
             np.testing.assert_array_equal(target.generate([prompt], max_new_tokens=48, **kwargs), expected)
@@ -47,26 +47,54 @@ def test_greedy_output_is_plain_greedys(pydoc, how):
     assert 0 <= stats["acceptance_rate"] <= 1 and stats["mean_tokens_per_target_step"] >= 1
 
 
-_SHARED_POOL_SCRIPT = """
+def test_engines_take_turns_on_pools_that_sleep_between_runs(pydoc):
+    # each engine's threads spin only during its own runs (session.force_spinning_stop), so target and draft never
+    # compete with no call from the caller, and no process-wide pool breaks other sessions in the process
+    target, draft = pydoc
+    assert target.thread_pool == draft.thread_pool == {"shared": False, "threads": "all cores", "spinning": "within a run"}
+    assert target.session.get_session_options().get_session_config_entry("session.force_spinning_stop") == "1"
+    assert not luffy.runtimes.ort_compat.thread_pool_shared()
+
+
+_POOL_SCRIPT = """
 import json, sys, warnings
 import luffy
 from luffy.runtimes import share_thread_pool
-warnings.simplefilter("error")  # no warning about private pools
-share_thread_pool()
-target, draft = luffy.load(sys.argv[1]), luffy.load(sys.argv[2])
+warnings.simplefilter("error")  # no warning about unshared pools
+share_thread_pool(int(sys.argv[3]))
+target = luffy.load(sys.argv[1], threads=int(sys.argv[3]))
+draft = luffy.load(sys.argv[2])  # no threads: it runs on the shared pool
 prompt = [list(b"def parse(")]
 spec = target.generate(prompt, max_new_tokens=32, assistant_model=draft)
-print(json.dumps([spec.tolist(), target.generate(prompt, max_new_tokens=32).tolist()]))
+try:
+    luffy.load(sys.argv[2], threads=int(sys.argv[3]) + 1)
+    refused = None
+except luffy.UsageError as exc:
+    refused = str(exc)
+print(json.dumps([spec.tolist(), target.generate(prompt, max_new_tokens=32).tolist(), target.thread_pool,
+                  draft.thread_pool, refused]))
 """
 
 
 def test_a_shared_thread_pool_keeps_greedy_output(zoo_artifacts, pydoc_int8):
-    # share_thread_pool is process-wide and permanent, so it runs in its own process
-    proc = subprocess.run([sys.executable, "-c", _SHARED_POOL_SCRIPT, str(zoo_artifacts("llama-pydoc")[0].path),
-                           str(pydoc_int8.path)], capture_output=True, text=True, timeout=300)
+    # the pool is process-wide and its size permanent, so this runs in a process of its own
+    proc = subprocess.run([sys.executable, "-c", _POOL_SCRIPT, str(zoo_artifacts("llama-pydoc")[0].path),
+                           str(pydoc_int8.path), "2"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    spec, plain = json.loads(proc.stdout)
+    spec, plain, target_pool, draft_pool, refused = json.loads(proc.stdout)
     assert spec == plain and plain[0][:10] == list(b"def parse(") and len(plain[0]) > 10
+    assert target_pool == draft_pool == {"shared": True, "threads": 2, "spinning": "within a run"}
+    assert "share one ONNX Runtime thread pool of 2 threads" in refused
+
+
+def test_a_loaded_engine_leaves_other_onnx_runtime_sessions_working(pydoc):
+    # luffy.load does not make ONNX Runtime's pools process-global: a session the caller creates with default
+    # options (use_per_session_threads) still loads beside the engines
+    import onnxruntime as ort
+
+    target, _ = pydoc
+    session = ort.InferenceSession(str(target.path / target.manifest["model_file"]), providers=["CPUExecutionProvider"])
+    assert target.thread_pool["shared"] is False and session.get_inputs()[0].name == "input_ids"
 
 
 def test_zero_new_tokens_and_bad_top_p_are_handled_like_plain_generate(pydoc):
@@ -102,7 +130,6 @@ def test_named_families_keep_greedy_output_with_prompt_lookup(family_artifact, f
     np.testing.assert_array_equal(got, expected)
 
 
-@pytest.mark.filterwarnings("ignore:speculative decoding with two engines")  # private pools: slower, still exact
 @pytest.mark.parametrize("family", sorted(NAMED_FAMILIES))
 def test_named_families_keep_greedy_output_with_a_draft(family_artifact, family):
     # the draft is another random family of the same vocabulary: it is mostly wrong, so every round exercises
@@ -144,12 +171,12 @@ def test_the_rejection_rule_emits_the_targets_distribution(draft):
     vocab, draws = 8, 20_000
     target_logits = np.log(np.array([0.30, 0.05, 0.20, 0.10, 0.15, 0.02, 0.08, 0.10]))
     q = np.array([0.05, 0.40, 0.05, 0.20, 0.05, 0.15, 0.05, 0.05])
-    sampling = Sampling(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, eos=np.empty(0, np.int64), min_new_tokens=0)
+    chooser = TokenChooser(Sampling(do_sample=True))
     logits = np.stack([target_logits, target_logits])  # position 0 checks the draft token, position 1 is the bonus
     counts, wrong = np.zeros(vocab, np.int64), np.zeros(vocab, np.int64)
     for _ in range(draws):
         token = int(rng.choice(vocab, p=q)) if draft == "model" else 1  # lookup: always proposes token 1
-        n, nxt = accept_sampled(logits, [token], q[None, :] if draft == "model" else None, sampling, 0, rng)
+        n, nxt = accept_sampled(logits, [token], q[None, :] if draft == "model" else None, chooser, rng)
         counts[token if n == 1 else nxt] += 1
         wrong[token] += 1  # always accepting the draft emits q, not p
     p = np.exp(target_logits) / np.exp(target_logits).sum()

@@ -19,7 +19,7 @@ from safetensors.numpy import load_file, save_file
 
 import luffy
 from luffy.compiler.config import LuffyConfig
-from luffy.compiler.preflight import Estimate, check_room
+from luffy.compiler.sources.preflight import Estimate, check_room
 from luffy.compiler.stream.capture import capture_hf
 from luffy.compiler.stream.parity import check_streamed_parity
 from luffy.compiler.stream.skeleton import template_depth

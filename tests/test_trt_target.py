@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import subprocess
-import sys
 
 import numpy as np
 import onnx_ir as ir
@@ -16,21 +14,17 @@ import pytest
 
 import luffy
 from luffy.runtimes.trt import gpu_info, installed_tensorrt
-from luffy.compiler.trt_profiles import optimization_profiles
-from luffy.compiler.trt_support import check_graph, operator_list, require_supported
+from luffy.compiler.targets.trt_profiles import optimization_profiles
+from luffy.compiler.targets.trt_support import check_graph, operator_list, require_supported
 from luffy.errors import ArtifactError, BackendUnavailableError, UnsupportedModelError, UsageError
 from luffy.runtimes.trt import check_engine
 
-from .helpers import hf_greedy
+from .helpers import assert_greedy_like_pytorch, hf_greedy, luffy_cli
 
 TRT = installed_tensorrt()
 HAVE_BUILDER = TRT is not None and hasattr(TRT, "Builder") and gpu_info() is not None
 needs_builder = pytest.mark.skipif(not HAVE_BUILDER, reason="needs TensorRT's builder (the full tensorrt package) "
                                    "and an NVIDIA GPU; PyPI's tensorrt needs NVIDIA's index, unreachable here")
-
-
-def _luffy(*args):
-    return subprocess.run([sys.executable, "-m", "luffy", *args], capture_output=True, text=True)
 
 
 @pytest.fixture(scope="module")
@@ -82,11 +76,7 @@ def test_trtexec_line_matches_the_profiles(deferred):
 
 
 def test_portable_graph_generates_like_pytorch_on_ort(deferred, zoo_artifacts):
-    _, module = zoo_artifacts("llama-tiny")
-    prompt = [1, 17, 33, 5, 90]
-    expected, _ = hf_greedy(module, prompt, 12)
-    got = deferred.load(runtime="ort").generate([prompt], max_new_tokens=12, eos_token_id=None)
-    assert np.array_equal(got, expected)
+    assert_greedy_like_pytorch(deferred.load(runtime="ort"), zoo_artifacts("llama-tiny")[1])
 
 
 def test_load_refuses_a_needs_build_artifact(deferred):
@@ -173,7 +163,7 @@ def test_profile_options_are_validated(deferred):
 @pytest.mark.skipif(HAVE_BUILDER, reason="a TensorRT builder and GPU are present here")
 def test_compile_without_a_builder_fails_fast_and_writes_nothing(tmp_path):
     out = tmp_path / "never"
-    done = _luffy("compile", "llama-tiny", "-o", str(out), "--target", "trt")
+    done = luffy_cli("compile", "llama-tiny", "-o", str(out), "--target", "trt")
     assert done.returncode == 8
     line = done.stderr.strip()
     assert "\n" not in line and "TensorRT" in line and "--defer-build" in line and "luffy build" in line
@@ -182,21 +172,21 @@ def test_compile_without_a_builder_fails_fast_and_writes_nothing(tmp_path):
 
 def test_cli_defer_build_and_build_without_a_builder(tmp_path):
     out = tmp_path / "trt"
-    done = _luffy("compile", "llama-tiny", "-o", str(out), "--target", "trt", "--defer-build", "--max-batch", "2")
+    done = luffy_cli("compile", "llama-tiny", "-o", str(out), "--target", "trt", "--defer-build", "--max-batch", "2")
     assert done.returncode == 0, done.stderr
     assert "needs-build" in done.stderr and "luffy build" in " ".join(done.stderr.split())  # rich wraps lines
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["state"] == "needs-build" and manifest["tensorrt"]["options"]["max_batch"] == 2
     if not HAVE_BUILDER:
-        built = _luffy("build", str(out))
+        built = luffy_cli("build", str(out))
         assert built.returncode == 8 and "TensorRT" in built.stderr
         assert json.loads((out / "manifest.json").read_text()) == manifest  # untouched
 
 
 def test_trt_options_need_the_trt_target(tmp_path):
-    done = _luffy("compile", "llama-tiny", "-o", str(tmp_path / "x"), "--defer-build")
+    done = luffy_cli("compile", "llama-tiny", "-o", str(tmp_path / "x"), "--defer-build")
     assert done.returncode == 2 and "add --target trt" in done.stderr
-    done = _luffy("compile", "llama-tiny", "-o", str(tmp_path / "x"), "--target", "trt", "--trt-version", "8.6")
+    done = luffy_cli("compile", "llama-tiny", "-o", str(tmp_path / "x"), "--target", "trt", "--trt-version", "8.6")
     assert done.returncode == 2 and "TensorRT 10 and 11" in done.stderr
 
 
@@ -232,7 +222,7 @@ def test_tampered_engine_is_refused_before_deserializing(deferred, tmp_path):
     # the engine is a file of the artifact like any other: read_manifest checks its sha256 first
     import shutil
 
-    from luffy.compiler.artifact import write_manifest
+    from luffy.compiler.emit.artifact import write_manifest
 
     copy = tmp_path / "art"
     shutil.copytree(deferred.path, copy)
@@ -249,7 +239,7 @@ def test_tampered_engine_is_refused_before_deserializing(deferred, tmp_path):
 def test_build_and_run_the_engine(deferred, tmp_path, zoo_artifacts):
     import shutil
 
-    from luffy.compiler.trt_build import build_artifact
+    from luffy.compiler.targets.trt_build import build_artifact
 
     copy = tmp_path / "art"
     shutil.copytree(deferred.path, copy)

@@ -8,13 +8,14 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from onnx import helper, numpy_helper
+from onnx import helper
 from onnx_ir.passes import common
 
 import luffy
-from luffy.compiler.onnx_source import load_onnx_source
-from luffy.compiler.verify import Verifier
+from luffy.compiler.capture.onnx_file import load_onnx_source
+from luffy.compiler.quality.verify import Verifier
 from luffy.passes.driver import PassStep, run_passes
+from luffy.tests.graphs import onnx_model
 
 TOLERANCE = 1e-4
 
@@ -45,15 +46,11 @@ class OrphanFirstNode(ir.passes.InPlacePass):
 def _small_onnx(path, x_type=onnx.TensorProto.FLOAT):
     """y = Relu(x @ w + b) with a named batch dim: the inputs --verify has to synthesize."""
     rng = np.random.default_rng(1)
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["pre"]),
-         helper.make_node("Relu", ["pre"], ["y"])],
-        "small", [helper.make_tensor_value_info("x", x_type, ["n", 4])],
-        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 3])],
-        [numpy_helper.from_array(rng.standard_normal((4, 3)).astype(np.float32), "w"),
-         numpy_helper.from_array(rng.standard_normal(3).astype(np.float32), "b")],
-    )
-    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=9), path)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["pre"]),
+             helper.make_node("Relu", ["pre"], ["y"])]
+    weights = {"w": rng.standard_normal((4, 3)).astype(np.float32), "b": rng.standard_normal(3).astype(np.float32)}
+    onnx.save_model(onnx_model(nodes, {"x": (x_type, ["n", 4])}, {"y": (onnx.TensorProto.FLOAT, ["n", 3])}, weights,
+                               name="small"), path)
     return path
 
 

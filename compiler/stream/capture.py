@@ -25,7 +25,12 @@ from pathlib import Path
 import onnx_ir as ir
 
 from ...errors import CaptureError
-from ..sources import CAUSAL_LM
+from ..capture.torch_export import (Captured, KVLayout, _DecoderStep, _drop_build_metadata, _exportable_experts,
+                                    _name_decoder_dims, _quiet_export, decoder_example, decoder_io_names, export_error,
+                                    probe_kv_layout)
+from ..sources.preflight import check_checkpoint
+from ..sources.resolve import CAUSAL_LM
+from ..sources.torch_model import _from_hf_model, _transformers_kind
 from .checkpoint import Checkpoint, CheckpointTensor, check_parameters
 from .lazy import fold_weight_transforms
 from .skeleton import (decoder_layers, empty_model, ignorable_keys, layer_kinds, load_config, model_names,
@@ -62,9 +67,6 @@ class Streamed:
 def capture_streamed(path: Path, opset: int, say=lambda message: None, room=lambda checkpoint: None):
     """(Captured, Streamed) for the HF directory ``path``; raises StreamFallback when it cannot be streamed.
     ``room(checkpoint)`` runs once the checkpoint's headers are read and checked, before any work (preflight)."""
-    from ..capture import Captured, KVLayout, _drop_build_metadata, _name_decoder_dims
-    from ..sources import _transformers_kind
-
     config = load_config(path)
     if _transformers_kind(config) != CAUSAL_LM:
         raise StreamFallback(f"{config.model_type} is not a causal LM; encoders are captured whole")
@@ -104,8 +106,6 @@ def capture_hf(path: Path, opset: int, cfg, say, output: Path):
     """(Captured, TorchModel, Streamed, None) for a directory the streamed path takes, or (None, None, None,
     reason) when it does not; errors in the checkpoint itself are raised (the whole-model path would meet them too).
     The TorchModel wraps the zero-byte skeleton: names, config, generation ids, tokenizer, never weights."""
-    from ..preflight import check_checkpoint
-
     try:
         require_supported(cfg)
         captured, streamed = capture_streamed(path, opset, say, lambda ckpt: check_checkpoint(ckpt, cfg, output, True))
@@ -116,8 +116,6 @@ def capture_hf(path: Path, opset: int, cfg, say, output: Path):
 
 def _torch_model(path: Path, skeleton):
     from transformers import GenerationConfig
-
-    from ..sources import _from_hf_model
 
     if (path / "generation_config.json").is_file():
         skeleton.generation_config = GenerationConfig.from_pretrained(path, local_files_only=True)
@@ -147,9 +145,6 @@ def _export_template(config, opset: int):
     """(ONNXProgram of the raw export, its KV layout) for the reduced-depth ``config`` on zero-byte parameters."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from ..capture import (_DecoderStep, _exportable_experts, _quiet_export, decoder_example, decoder_io_names,
-                           export_error, probe_kv_layout)
 
     template = empty_model(config)
     with FakeTensorMode(allow_non_fake_inputs=True):

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
+from safetensors import SafetensorError, safe_open
 
 from ...errors import SourceError, first_line
 
@@ -96,7 +97,6 @@ class Checkpoint:
         """The tensor's values (or a block of rows/columns of a 2-D one) as fp32 (floats; other dtypes as they
         are), read and converted on the way."""
         import torch
-        from safetensors import safe_open
 
         entry = self.entries[key]
         with safe_open(entry.file, framework="pt") as handle:
@@ -110,7 +110,6 @@ class Checkpoint:
         """A digest of the first and last rows: different tensors (of one shape) differ there in practice; callers
         that need certainty compare full values when fingerprints collide."""
         import torch
-        from safetensors import safe_open
 
         entry = self.entries[key]
         with safe_open(entry.file, framework="pt") as handle:
@@ -130,8 +129,6 @@ class Checkpoint:
 
 
 def _read_header(file: Path) -> list[Entry]:
-    from safetensors import SafetensorError, safe_open
-
     try:
         with safe_open(file, framework="pt") as handle:
             entries = []

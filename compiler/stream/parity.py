@@ -13,11 +13,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime
 
-from ...errors import CaptureError
-from ..capture import _DecoderStep, decoder_example
-from ..parity import DECODER_CASES, FP32_ATOL, _real_positions
-from ..step_io import interface_feeds
+from ...errors import CaptureError, UnsupportedModelError
+from ..capture.torch_export import _DecoderStep, decoder_example
+from ..quality.parity import DECODER_CASES, FP32_ATOL, _real_positions
+from ..quality.step_io import interface_feeds
 from .reference import weights_on_demand
 from .regions import RegionRunner
 
@@ -63,15 +65,11 @@ def _first_failure(diffs: dict, tolerance: float) -> tuple[str, str, float]:
 
 def check_runs(captured, model_path: Path, vocab: int, spec: str) -> None:
     """--no-check-parity: every region loads on ONNX Runtime and the decode case runs to finite logits."""
-    from ...errors import UnsupportedModelError
-
     label, shape = DECODER_CASES[-1]
     try:
         produced = _artifact_outputs(model_path, {label: decoder_example(captured.kv, vocab=vocab, seed=17, **shape)},
                                      lambda message: None)
     except Exception as exc:  # noqa: BLE001 - ORT's Fail/InvalidGraph/NotImplemented, as check_loadable words it
-        import onnxruntime
-
         raise UnsupportedModelError(f"{spec}: onnxruntime {onnxruntime.__version__} cannot load the compiled graph: "
                                     f"{str(exc).splitlines()[0][:300]}") from None
     if not np.all(np.isfinite(produced[label]["logits"])):
@@ -79,8 +77,6 @@ def check_runs(captured, model_path: Path, vocab: int, spec: str) -> None:
 
 
 def _artifact_outputs(model_path: Path, cases: dict, say) -> dict:
-    import onnx
-
     names = {i.name: _type_string(i) for i in onnx.load(str(model_path), load_external_data=False).graph.input}
     return run_cases(RegionRunner.from_artifact(model_path), names, cases, say)
 
@@ -102,8 +98,6 @@ def run_cases(runner: RegionRunner, names: dict[str, str], cases: dict, say) -> 
 
 
 def _type_string(value_info) -> str:
-    import onnx
-
     return f"tensor({onnx.helper.tensor_dtype_to_np_dtype(value_info.type.tensor_type.elem_type).name})".replace(
         "float32", "float").replace("float64", "double")
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from ..calibration import _perplexity
-from ..step_io import interface_feeds
+from ..quality.calibration import _perplexity
+from ..quality.step_io import interface_feeds
 from .regions import RegionRunner
 
 ONNX_TYPES = {ir.DataType.FLOAT: "tensor(float)", ir.DataType.FLOAT16: "tensor(float16)", ir.DataType.INT64: "tensor(int64)",

@@ -25,6 +25,9 @@ from typing import Callable
 
 import numpy as np
 import onnx_ir as ir
+import onnxruntime as ort
+
+from ...runtimes.ort_compat import session_options
 
 _LAYER_WEIGHT = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
 _CACHE = re.compile(r"^(?:past_key_values|present)\.(\d+)\.")
@@ -107,10 +110,6 @@ class RegionRunner:
         each region's index when every batch has been through it: a caller can stop between regions. ``watch``
         names values inside a region to hand to ``seen(region, batch index, {name: array})`` (GPTQ's MatMul
         inputs); they are not kept."""
-        import onnxruntime as ort
-
-        from ...runtimes.ort_compat import session_options
-
         for region in self.order:
             extra = [v for v in watch(region) if v not in self._produces[region]]
             with self._region_file(region, held[0], extra) as path:
