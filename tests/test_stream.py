@@ -74,6 +74,9 @@ def test_streamed_artifact_is_the_whole_model_graph(tied_llama, streamed, tmp_pa
     assert streamed.report["capture"]["streamed"]["layers"] == 4
     assert "streamed" not in whole.report["capture"]
     assert streamed.report["op_histogram"] == whole.report["op_histogram"]
+    # main's packing passes ran on the stamped graph: every layer's Q/K/V and gate/up concatenated lazily
+    packed = {r["name"]: r.get("matches") for r in streamed.report["passes"] if r["name"].startswith("pack-")}
+    assert packed == {"pack-qkv": 4, "pack-gate-up": 4}
     a, b = streamed.load(), whole.load()
     assert np.array_equal(a.score([PROMPT]), b.score([PROMPT]))
     new = dict(max_new_tokens=16, min_new_tokens=16, eos_token_id=None)

@@ -43,6 +43,11 @@ class Estimate:
                 "memory_model": self.how}
 
 
+# without --block-size the compiling CPU picks the block (quality_measure.kernel_choice); the smallest it picks
+# stores the most scales, so the estimate holds whichever it is
+SMALLEST_CHOSEN_BLOCK = 32
+
+
 def _stored_bytes(shape: tuple[int, ...], precision: str, block: int) -> float:
     count = int(np.prod(shape, dtype=np.int64))
     if len(shape) != 2 or precision in ("fp32",):
@@ -107,6 +112,7 @@ def check_checkpoint(checkpoint, cfg, output: Path, streamed: bool) -> Estimate:
     """Estimate a compile of ``checkpoint`` (a stream.checkpoint.Checkpoint: headers only) and refuse it when it
     does not fit; the estimate goes into the report."""
     entries = list(checkpoint.entries.values())
-    found = estimate([e.shape for e in entries], [e.nbytes for e in entries], cfg.precision, cfg.block_size, streamed)
+    found = estimate([e.shape for e in entries], [e.nbytes for e in entries], cfg.precision,
+                     cfg.block_size or SMALLEST_CHOSEN_BLOCK, streamed)
     check_room(found, output, cfg.max_memory)
     return found

@@ -28,6 +28,7 @@ from ...errors import CaptureError
 from ..capture.torch_export import (Captured, KVLayout, _DecoderStep, _drop_build_metadata, _exportable_experts,
                                     _name_decoder_dims, _quiet_export, decoder_example, decoder_io_names, export_error,
                                     probe_kv_layout)
+from ..config import CALIBRATED_KV
 from ..sources.preflight import check_checkpoint
 from ..sources.resolve import CAUSAL_LM
 from ..sources.torch_model import _from_hf_model, _transformers_kind
@@ -187,5 +188,7 @@ def require_supported(cfg) -> None:
         raise StreamFallback(f"--precision {cfg.precision} converts every weight in one pass over the whole graph")
     if cfg.target != "ort":
         raise StreamFallback("--target trt builds its engine from the whole graph")
+    if cfg.kv_cache_dtype in CALIBRATED_KV:
+        raise StreamFallback(f"--kv-cache-dtype {cfg.kv_cache_dtype} is calibrated by running the whole fp32 graph")
     if cfg.verify or cfg.dump_ir:
         raise StreamFallback("--verify and --dump-ir run every pass's graph on ONNX Runtime, weights and all")

@@ -18,7 +18,7 @@ import onnxruntime
 
 from ...errors import CaptureError, UnsupportedModelError
 from ..capture.torch_export import _DecoderStep, decoder_example
-from ..quality.parity import DECODER_CASES, FP32_ATOL, _real_positions
+from ..quality.parity import DECODER_CASES, FP32_ATOL, _real_positions, buffer_positions
 from ..quality.step_io import interface_feeds
 from .reference import weights_on_demand
 from .regions import RegionRunner
@@ -27,8 +27,12 @@ from .regions import RegionRunner
 def check_streamed_parity(streamed, captured, model_path: Path, vocab: int, precision: str, say=lambda m: None) -> dict:
     """Compare the artifact at ``model_path`` with transformers on ``streamed``'s checkpoint; raise on fp32 > 1e-4."""
     kv = captured.kv
-    cases = {label: decoder_example(kv, vocab=vocab, seed=17, **shape) for label, shape in DECODER_CASES}
-    graph_outputs = _artifact_outputs(model_path, cases, say)
+    names = _graph_inputs(model_path)
+    # a graph that rotates inside GroupQueryAttention (pack-qkv) numbers positions by buffer index: the reference
+    # is fed that numbering so the caches compare too (quality/parity.py's buffer_positions)
+    numbered = (lambda args: buffer_positions(args)) if "position_ids" not in names else (lambda args: args)
+    cases = {label: numbered(decoder_example(kv, vocab=vocab, seed=17, **shape)) for label, shape in DECODER_CASES}
+    graph_outputs = run_cases(RegionRunner.from_artifact(model_path), names, cases, say)
     expected = _torch_outputs(streamed, cases, say)
     diffs = {}
     for label, shape in DECODER_CASES:
@@ -76,9 +80,13 @@ def check_runs(captured, model_path: Path, vocab: int, spec: str) -> None:
         raise CaptureError(f"{spec}: the compiled graph computes NaN or Inf logits")
 
 
+def _graph_inputs(model_path: Path) -> dict[str, str]:
+    """The artifact's input names and their ONNX type strings, read without its weights."""
+    return {i.name: _type_string(i) for i in onnx.load(str(model_path), load_external_data=False).graph.input}
+
+
 def _artifact_outputs(model_path: Path, cases: dict, say) -> dict:
-    names = {i.name: _type_string(i) for i in onnx.load(str(model_path), load_external_data=False).graph.input}
-    return run_cases(RegionRunner.from_artifact(model_path), names, cases, say)
+    return run_cases(RegionRunner.from_artifact(model_path), _graph_inputs(model_path), cases, say)
 
 
 def run_cases(runner: RegionRunner, names: dict[str, str], cases: dict, say) -> dict:
