@@ -30,6 +30,9 @@ SHAPES = {
                num_key_value_heads=8, head_dim=128, tie_word_embeddings=True, rope_scaling={**LLAMA3_ROPE, "factor": 32.0}),
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=8, head_dim=128, tie_word_embeddings=False, rope_scaling={**LLAMA3_ROPE, "factor": 8.0}),
+    # four layers (a 2-layer template stamped twice) and a small vocabulary: the docs' example, compiled in seconds
+    "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=64, tie_word_embeddings=True, vocab_size=512, rope_scaling=None),
 }
 COMMON = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128256, max_position_embeddings=131072,
               rms_norm_eps=1e-5, rope_theta=500000.0, hidden_act="silu", attention_bias=False, mlp_bias=False,

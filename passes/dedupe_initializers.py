@@ -60,6 +60,9 @@ class DedupeInitializers(ir.passes.InPlacePass):
                 graph.initializers.pop(value.name)
                 merged += 1
         self.stats = {"matches": merged}
+        if not merged:  # the report's fusion coverage names why a pass never fired
+            self.stats["not_matched"] = [{"rule": "DedupeInitializers", "reason": "no two initializers hold the same "
+                                                                                  "values"}]
         return ir.passes.PassResult(model, modified=merged > 0)
 
 

@@ -6,5 +6,6 @@ checkpoint.py  the safetensors index, its checks, and lazy tensors read one at a
 stamp.py     a reduced-depth export's layers stamped across the model's depth
 lazy.py      weight transforms applied when a tensor is written (derived lazy tensors)
 
-docs/large-models.md describes the design and what was measured.
+docs/large-models.md describes the design and what was measured; regions.py, parity.py, reference.py, quality.py and
+calibration.py run the checks, --eval and GPTQ one region at a time.
 """

@@ -154,11 +154,13 @@ def check_parameters(checkpoint: Checkpoint, parameters: dict[str, tuple[tuple[i
     transformers' loader refuses it in the whole-model path.
     """
     keys: dict[str, str] = {}
+    found = {name: next((names[c] for c in [name, *aliases.get(name, [])] if c in names), None) for name in parameters}
+    missing = sorted(name for name, key in found.items() if key is None)
+    if missing:  # worded as the whole-model path's check (sources/torch_model.require_complete_weights)
+        raise SourceError(f"{checkpoint.directory}: checkpoint tensors missing: {_listed(missing)}; the weights do "
+                          "not match config.json")
     for name, (shape, is_float) in parameters.items():
-        key = next((names[c] for c in [name, *aliases.get(name, [])] if c in names), None)
-        if key is None:
-            raise SourceError(f"{checkpoint.directory}: checkpoint tensor {name} is missing; the weights do not match "
-                              "config.json")
+        key = found[name]
         entry = checkpoint.entries[key]
         if tuple(entry.shape) != tuple(shape):
             raise SourceError(f"{entry.file}: tensor {key} has shape {list(entry.shape)}, the model expects "
@@ -171,10 +173,13 @@ def check_parameters(checkpoint: Checkpoint, parameters: dict[str, tuple[tuple[i
     patterns = [re.compile(p) for p in ignorable]
     extra = [k for k in checkpoint.entries if k not in used and not any(p.search(k) for p in patterns)]
     if extra:
-        entry = checkpoint.entries[extra[0]]
-        more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
-        raise SourceError(f"{entry.file}: tensor {extra[0]}{more} not in the model; the weights do not match config.json")
+        raise SourceError(f"{checkpoint.entries[extra[0]].file}: checkpoint tensors not in the model: "
+                          f"{_listed(sorted(extra))}; the weights do not match config.json")
     return keys
+
+
+def _listed(keys: list[str]) -> str:
+    return ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
 
 
 class CheckpointTensor(ir.LazyTensor):
