@@ -31,7 +31,7 @@ def compile_cmd(source: str, output: Path, report_json: bool, **options):
     """
     compile_artifact = import_compiler("luffy.auto").compile
     quiet_libraries()
-    with progress_line(f"compiling {source}") as say:
+    with progress_line(f"compiling {source}", bar=True) as say:
         artifact = compile_artifact(source, output=output, progress=say, **options)
     report = artifact.report
     if report_json:

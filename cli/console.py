@@ -10,6 +10,7 @@ import unicodedata
 import warnings
 
 from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
 out = Console()
 err = Console(stderr=True)
@@ -29,9 +30,14 @@ def quiet_libraries() -> None:
 
 
 @contextlib.contextmanager
-def progress_line(title: str):
+def progress_line(title: str, bar: bool = False):
     """``say(stage)`` for long work: an animated status line on a terminal; elsewhere (a pipe, a CI log) one
-    plain line per stage with the elapsed time, and no carriage returns or colours."""
+    plain line per stage with the elapsed time, and no carriage returns or colours. With ``bar``, on a terminal
+    ``say.step(what, done, total)`` also draws a progress bar (a compile's weights written layer by layer)."""
+    if err.is_terminal and bar:
+        with _progress_bar(title) as say:
+            yield say
+        return
     if err.is_terminal:
         with err.status(title) as status:
             yield lambda message: status.update(f"{title}: {message}")
@@ -45,6 +51,20 @@ def progress_line(title: str):
             print(f"luffy: {title}: {message} ({time.perf_counter() - start:.1f}s)", file=sys.stderr, flush=True)
 
     yield say
+
+
+@contextlib.contextmanager
+def _progress_bar(title: str):
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=True) as bars:
+        task = bars.add_task(title, total=None)
+
+        def say(message: str) -> None:
+            bars.update(task, description=f"{title}: {message}", total=None, completed=0)
+
+        say.step = lambda what, done, total: bars.update(task, description=f"{title}: {what}", completed=done,
+                                                         total=total)
+        yield say
 
 
 _BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")

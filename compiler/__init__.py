@@ -2,6 +2,7 @@
 
     sources/   what the MODEL argument names (zoo, Hugging Face directory, .onnx, factory, module)
     capture/   the source as an onnx_ir graph: torch.export -> torch.onnx, or an .onnx file read safely
+    stream/    the capture of a safetensors checkpoint from a few layers stamped across the depth, weights lazy
     (passes)   the graph passes and pipelines live in the top-level ``luffy.passes``
     quality/   parity against PyTorch, --verify after each pass, calibration and perplexity, `luffy verify`
     targets/   what ONNX Runtime and TensorRT each add (opset, plugins, legality check, engine build)

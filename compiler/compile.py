@@ -7,6 +7,7 @@ the manifest and report in their own modules; this file is the data flow between
 from __future__ import annotations
 
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +33,13 @@ from .quality.quality_measure import QualityMeasure
 from .quality.verify import Verifier
 from .report.compile_report import compile_report, memory_report, reduce_range
 from .report.dump_ir import IRDumper
+from .report.phases import Phases
+from .sources.preflight import check_checkpoint
 from .sources.resolve import CAUSAL_LM, ENCODER, resolve_source
 from .sources.torch_model import load_torch_model
+from .stream.capture import capture_hf
+from .stream.checkpoint import Checkpoint
+from .stream.parity import check_runs, check_streamed_parity
 from .targets import target_for
 
 EXTERNAL_DATA_BYTES = 128 << 20  # above this, weights go to model.onnx.data (protobuf stays small, ORT mmaps)
@@ -67,6 +73,8 @@ class CaptureResult:
     max_len: int | None
     seconds: float
     nodes: int
+    streamed: Any = None  # stream.capture.Streamed when the weights stay in the checkpoint until the write
+    estimate: Any = None  # preflight.Estimate of an HF directory's compile (checked before the work)
 
     @property
     def vocab(self) -> int | None:
@@ -136,19 +144,33 @@ def compile(  # noqa: A001 - the public name the API promises
     src = resolve_source(source)
     check_output_location(Path(output))  # an unwritable output fails now, not after minutes of capture
 
-    capture = _capture(src, compile_target.capture_opset(), cfg, say)
-    quality = QualityMeasure(cfg, src, capture.tm, capture.graph, capture.max_len, say)
-    model, records = _run_stages(plan, capture, cfg, say)
-    compile_target.check(model, src.spec, say)
+    phases = Phases()  # wall time and peak RSS of each phase, for the report
+    with phases("capture"):
+        capture = _capture(src, compile_target.capture_opset(), cfg, say, Path(output))
+    quality = QualityMeasure(cfg, src, capture.tm, capture.graph, capture.max_len, say, capture.streamed is not None)
+    with phases("passes"):
+        model, records = _run_stages(plan, capture, cfg, say)
+        compile_target.check(model, src.spec, say)
     with staged_directory(Path(output)) as stage:
-        say("writing model")
-        emitted = _emit(model, stage, capture, cfg)
-        checks = _check_staged(stage / MODEL_FILE, capture, cfg, compile_target, quality, say)
+        emitted, checks = _write_and_check(stage, model, capture, cfg, compile_target, quality, phases, progress, say)
         report = compile_report(cfg, capture, model, records, checks, time.perf_counter() - started)
+        report["phases"] = phases.report()  # the manifest's file hashes, after it, are the rest of seconds_total
         manifest = compile_target.finish(stage, build_manifest(cfg, capture, model, emitted, report), say)
         say("writing manifest")
         manifest = write_manifest(stage, manifest)
     return Artifact(Path(output), manifest)
+
+
+def _write_and_check(stage: Path, model: ir.Model, capture: CaptureResult, cfg: LuffyConfig, compile_target, quality,
+                     phases: Phases, progress, say) -> tuple[dict, dict]:
+    """(what _emit wrote, what _check_staged found) for the staged artifact, each timed as its own phase; the
+    progress callback's ``step`` (the CLI's bar), when it has one, hears of every weight written."""
+    with phases("write"):
+        say("writing model")
+        emitted = _emit(model, stage, capture, cfg, getattr(progress, "step", None))
+    with phases("check"):
+        checks = _check_staged(stage / MODEL_FILE, capture, cfg, compile_target, quality, say)
+    return emitted, checks
 
 
 def config_with(config: LuffyConfig | None, **keywords) -> LuffyConfig:
@@ -171,15 +193,19 @@ def check_paths(cfg: LuffyConfig, output) -> None:
             raise UsageError(f"{flag} {path}: no such file")
 
 
-def _capture(src, opset: int, cfg: LuffyConfig, say) -> CaptureResult:
+def _capture(src, opset: int, cfg: LuffyConfig, say, output: Path) -> CaptureResult:
     say(f"capturing {src.spec}")
     t0 = time.perf_counter()
-    if src.kind == "onnx":
-        captured, tm = load_onnx_source(src.path), None
-    else:
-        tm = load_torch_model(src)
-        captured = {CAUSAL_LM: capture_causal_lm, ENCODER: capture_encoder}.get(tm.kind, capture_module)(tm, opset)
+    captured = streamed = fallback = estimate = None
+    if src.kind == "hf-dir" and cfg.stream:
+        captured, tm, streamed, fallback = capture_hf(src.path, opset, cfg, say, output)
+        estimate = streamed.estimate if streamed is not None else None
+    if captured is None:
+        estimate = _preflight_whole(src, cfg, output)
+        captured, tm = _capture_whole(src, opset)
     seconds = time.perf_counter() - t0
+    if fallback is not None:
+        captured.notes.append(f"whole-model capture: the streamed path does not apply ({fallback})")
     if tm is not None and tm.ignored_weights:
         captured.notes.append(f"checkpoint tensors outside the model, not used: {', '.join(tm.ignored_weights[:8])}"
                               + (f" and {len(tm.ignored_weights) - 8} more" if len(tm.ignored_weights) > 8 else ""))
@@ -187,7 +213,22 @@ def _capture(src, opset: int, cfg: LuffyConfig, say) -> CaptureResult:
     if max_len:
         # fuse-rotary sizes its constant cos/sin tables by this; it is the artifact's promise anyway.
         captured.model.metadata_props["luffy.max_seq_len"] = str(max_len)
-    return CaptureResult(src, captured, tm, max_len, seconds, count_nodes(captured.model))
+    return CaptureResult(src, captured, tm, max_len, seconds, count_nodes(captured.model), streamed, estimate)
+
+
+def _preflight_whole(src, cfg: LuffyConfig, output: Path):
+    """A safetensors directory about to be loaded whole: refuse it now if it cannot fit (preflight.py)."""
+    if src.kind != "hf-dir" or not any(src.path.glob("*.safetensors")):
+        return None
+    return check_checkpoint(Checkpoint(src.path), cfg, output, streamed=False)
+
+
+def _capture_whole(src, opset: int):
+    """(Captured, TorchModel or None): the source loaded whole (torch or ONNX) and captured."""
+    if src.kind == "onnx":
+        return load_onnx_source(src.path), None
+    tm = load_torch_model(src)
+    return {CAUSAL_LM: capture_causal_lm, ENCODER: capture_encoder}.get(tm.kind, capture_module)(tm, opset), tm
 
 
 def _run_stages(plan, capture: CaptureResult, cfg: LuffyConfig, say) -> tuple[ir.Model, list[dict]]:
@@ -205,8 +246,8 @@ def _run_stages(plan, capture: CaptureResult, cfg: LuffyConfig, say) -> tuple[ir
     return model, records
 
 
-def _emit(model: ir.Model, stage: Path, capture: CaptureResult, cfg: LuffyConfig) -> dict:
-    external = _save_model(model, stage, cfg.external_data)
+def _emit(model: ir.Model, stage: Path, capture: CaptureResult, cfg: LuffyConfig, step=None) -> dict:
+    external = _save_model(model, stage, cfg.external_data, step)
     tokenizer_files, chat_template = _write_tokenizer(stage, capture.src, capture.tm)
     return {"external": external, "tokenizer_files": tokenizer_files, "chat_template": chat_template}
 
@@ -214,10 +255,12 @@ def _emit(model: ir.Model, stage: Path, capture: CaptureResult, cfg: LuffyConfig
 def _check_staged(model_path: Path, capture: CaptureResult, cfg: LuffyConfig, compile_target, quality, say) -> dict:
     """Parity against PyTorch (or, without a reference, the target's load check), memory and quality."""
     parity = None
-    if cfg.check_parity and capture.graph.reference is not None:
+    kv = cfg.kv_cache_dtype  # a reduced KV cache is judged like reduced weights: by --eval, not by 1e-4
+    precision = cfg.precision if kv in ("auto", "fp32") else f"{cfg.precision} with a {kv} KV cache"
+    if capture.streamed is not None:
+        parity = _check_streamed(model_path, capture, cfg, precision, say)
+    elif cfg.check_parity and capture.graph.reference is not None:
         say("checking parity against PyTorch")
-        kv = cfg.kv_cache_dtype  # a reduced KV cache is judged like reduced weights: by --eval, not by 1e-4
-        precision = cfg.precision if kv in ("auto", "fp32") else f"{cfg.precision} with a {kv} KV cache"
         parity = run_parity_check(capture.graph, model_path, capture.vocab, precision)
     else:
         compile_target.check_loadable(model_path, capture.src.spec, say)  # what luffy.load would do
@@ -226,6 +269,17 @@ def _check_staged(model_path: Path, capture: CaptureResult, cfg: LuffyConfig, co
         "memory": memory_report(model_path, capture.graph, capture.max_len),
         "quality": quality.evaluate(model_path) if cfg.eval_file else None,
     }
+
+
+def _check_streamed(model_path: Path, capture: CaptureResult, cfg: LuffyConfig, precision: str, say) -> dict | None:
+    """A streamed artifact may not fit in memory whole: it is checked region by region (stream/parity.py), or with
+    --no-check-parity only loaded and run that way, as luffy.load would load it."""
+    if cfg.check_parity:
+        say("checking parity against PyTorch, one layer at a time")
+        return check_streamed_parity(capture.streamed, capture.graph, model_path, capture.vocab, precision, say)
+    say("loading the graph on onnxruntime, one layer at a time")
+    check_runs(capture.graph, model_path, capture.vocab, capture.src.spec)
+    return None
 
 
 def _after_pass_hook(cfg: LuffyConfig, captured, vocab: int | None, say):
@@ -296,12 +350,14 @@ def _max_seq_len(cfg: LuffyConfig, tm, captured) -> int | None:
     return cfg.max_seq_len
 
 
-def _save_model(model: ir.Model, stage: Path, mode: str) -> bool:
+def _save_model(model: ir.Model, stage: Path, mode: str, step=None) -> bool:
+    """Write model.onnx (and its weights to model.onnx.data when large); ``step(what, done, total)`` hears of every
+    weight written (the CLI's progress bar). Weights still in a checkpoint are read and converted one at a time."""
     try:
         weight_bytes = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
         external = mode == "always" or (mode == "auto" and weight_bytes > EXTERNAL_DATA_BYTES)
         if external:
-            ir.save(model, stage / MODEL_FILE, external_data=DATA_FILE)
+            ir.save(model, stage / MODEL_FILE, external_data=DATA_FILE, callback=_weight_progress(step))
         else:
             ir.save(model, stage / MODEL_FILE)
     except (ir.serde.SerdeError, TypeError, ValueError) as exc:  # a tensor or attribute ONNX cannot encode
@@ -310,6 +366,23 @@ def _save_model(model: ir.Model, stage: Path, mode: str) -> bool:
             root = root.__cause__
         raise UnsupportedModelError(f"cannot write the graph as ONNX: {type(root).__name__}: {root}") from exc
     return external
+
+
+_LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
+
+
+def _weight_progress(step):
+    """ir.save's per-tensor callback as ``step("writing weights: layer N", tensors done, tensors)``."""
+    if step is None:
+        return None
+    done = [0]
+
+    def callback(tensor, info) -> None:
+        done[0] += 1
+        match = _LAYER.search(tensor.name or "")
+        step(f"writing weights{f': layer {match.group(1)}' if match else ''}", done[0], info.total)
+
+    return callback
 
 
 def _write_tokenizer(stage: Path, src, tm) -> tuple[list[str], dict | None]:

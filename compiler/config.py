@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, fields, replace
 
 from ..errors import UsageError
@@ -16,6 +17,22 @@ KV_CACHE_DTYPES = ("auto", "fp32", "fp16", "bf16", "int8", "int4")
 CALIBRATED_KV = ("int8", "int4")
 EXTERNAL_DATA_MODES = ("auto", "always", "never")
 HARDWARE_COMPATIBILITY = ("none", "ampere+")
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str, flag: str) -> int:
+    """Bytes in ``text``: 6GB, 6G, 512MiB, 1.5T or a plain number of bytes (units are powers of 1024).
+
+    >>> parse_size("6GB", "--max-memory"), parse_size("512m", "--max-memory")
+    (6442450944, 536870912)
+    """
+    match = _SIZE.match(str(text))
+    if not match:
+        raise UsageError(f"{flag} {text!r}: expected a size like 6GB, 512MB or 1.5T")
+    unit = (match.group(2) or "B")[0].upper()
+    return int(float(match.group(1)) * 1024 ** "BKMGT".index(unit))
 
 
 @dataclass(frozen=True)
@@ -75,6 +92,13 @@ class LuffyConfig:
     enabled_passes: tuple[str, ...] = option((), "Add a pass from the -O2 list by name, to -O0/-O1 (repeatable).",
                                              "--enable-pass", metavar="PASS")
     check_parity: bool = option(True, "Compare with PyTorch before publishing.", "--check-parity/--no-check-parity")
+    # compiler/stream/: Hugging Face safetensors directories are captured from a few layers and stamped across the
+    # depth; weights stream from the checkpoint into the artifact one tensor at a time
+    stream: bool = option(True, "Hugging Face safetensors directories: export a few decoder layers, stamp them across "
+                          "the depth and stream each weight from the checkpoint into the artifact (memory bounded by "
+                          "one layer); --no-stream loads the whole model in PyTorch.", "--stream/--no-stream")
+    max_memory: str | None = option(None, "Refuse, before any work, a compile estimated to need more memory than this "
+                                    "(e.g. 6GB, 512MB) [what the machine has available].", metavar="SIZE")
     external_data: str = option("auto", "Weights in model.onnx.data: auto (when large) | always | never.")
     verify: bool = option(False, "After every pass run the ONNX checker, shape inference and a numeric check on ONNX "
                           "Runtime against the captured graph; fail naming the pass that broke parity.")
@@ -108,6 +132,8 @@ class LuffyConfig:
             raise UsageError(f"external_data {self.external_data!r}; choose one of {', '.join(EXTERNAL_DATA_MODES)}")
         if self.max_seq_len is not None and (not isinstance(self.max_seq_len, int) or self.max_seq_len < 2):
             raise UsageError(f"max_seq_len {self.max_seq_len!r} must be an integer >= 2")
+        if self.max_memory is not None:
+            parse_size(self.max_memory, "--max-memory")
         if self.block_size is not None and self.block_size not in BLOCK_SIZES:
             raise UsageError(f"block_size {self.block_size!r}; choose one of {', '.join(map(str, BLOCK_SIZES))}")
         if self.accuracy_level is not None and self.accuracy_level not in (0, 1, 2, 3, 4):

@@ -80,6 +80,19 @@ def _const(graph: ir.Graph, name: str, values) -> ir.Value:
     return value
 
 
+def transposed_constant(value: ir.Value | None) -> ir.Value | None:
+    """The 2-D constant a Transpose node turns into ``value``: a tied embedding read as the head, which the
+    exporter leaves unfolded when the table is large (folding it would store the table twice)."""
+    producer = value.producer() if value is not None else None
+    if producer is None or producer.op_type != "Transpose" or producer.domain not in ("", "ai.onnx"):
+        return None
+    source = producer.inputs[0]
+    perm = producer.attributes.get("perm")
+    if source is None or source.const_value is None or len(source.const_value.shape) != 2:
+        return None
+    return source if perm is None or list(perm.as_ints()) == [1, 0] else None
+
+
 def find_lm_head(graph: ir.Graph, allow_kept: bool = False) -> tuple[ir.Node | None, str]:
     """The MatMul whose [batch, seq, hidden] input becomes the logits, through per-position ops only.
 
@@ -100,7 +113,7 @@ def find_lm_head(graph: ir.Graph, allow_kept: bool = False) -> tuple[ir.Node | N
             break
         if node.op_type == "MatMul":
             weight, hidden = node.inputs[1], node.inputs[0]
-            if weight is None or weight.const_value is None:
+            if weight is None or (weight.const_value is None and transposed_constant(weight) is None):
                 return None, f"{node.name}: lm_head weight is not a constant"
             if hidden.shape is None or hidden.shape.rank() != 3:
                 return None, f"{node.name}: lm_head input is not [batch, seq, hidden] ({hidden.shape})"

@@ -23,6 +23,8 @@ from ..plugins import plugins_for_tensorrt
 from .collapse_reshapes import collapse_reshapes
 from .convert_bf16 import convert_bf16
 from .convert_fp16 import convert_fp16
+from .dedupe_initializers import dedupe_initializers
+from .fold_constants import fold_constants
 from .driver import PassStep
 from .eliminate_identity import EliminateIdentity
 from .fuse_attention import fuse_mha, fuse_sdpa, lower_sdpa
@@ -49,25 +51,17 @@ TARGETS = ("ort", "trt")
 OPT_LEVELS = (0, 1, 2)
 
 
-def _fold_constants():
-    from onnxscript.optimizer._constant_folding import FoldConstantsPass
-
-    # onnxscript's folder, not ours: it evaluates with the ONNX reference implementation and already
-    # knows the shape-arithmetic patterns torch.onnx emits.
-    return FoldConstantsPass(shape_inference=False, input_size_limit=1 << 16, output_size_limit=1 << 20)
-
-
 CLEANUP = [
     # Functions first, so every later pass sees plain nodes.
     PassStep("inline", common.InlinePass, "later passes match plain nodes, not function calls"),
-    PassStep("fold-constants", _fold_constants, "turns shape arithmetic on static dims into constants"),
+    PassStep("fold-constants", fold_constants, "turns shape arithmetic on static dims into constants"),
     PassStep("eliminate-identity", EliminateIdentity, "Identity nodes hide patterns from fusions"),
     # After folding, so constants like the rotary attention_scaling are visible as literal 1.0.
     PassStep("simplify-no-ops", simplify_no_ops, "x*1, x+0, no-op casts/expands split patterns apart"),
     # Tied weights (embedding / lm_head) and repeated constants are stored once; before CSE, so nodes that
     # read two copies of one weight become identical and CSE merges them.
-    PassStep("dedupe-initializers", lambda: common.DeduplicateInitializersPass(size_limit=1 << 30),
-             "identical weights stored once"),
+    # luffy's own: onnx_ir's keys a dict on every weight's bytes (the model twice in memory; a streamed weight read)
+    PassStep("dedupe-initializers", dedupe_initializers, "identical weights stored once"),
     PassStep("cse", common.CommonSubexpressionEliminationPass, "merges repeated shape/mask computations"),
     # Dead-code removal after everything that can orphan nodes.
     PassStep("remove-unused", common.RemoveUnusedNodesPass, "drops nodes and initializers nothing reads"),

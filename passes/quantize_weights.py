@@ -11,9 +11,13 @@ node in ``stats["decisions"]``:
   body: on a 32k vocabulary it is a fifth of a 156M model's weights, and at 8 bits it was a third of
   the bytes an int4 decode step streams (measured: +5-15% decode tok/s at 4 bits, for +0.06% held-out
   perplexity on llama-pydoc);
-- the token embedding (a Gather from a constant [vocab, hidden] table) as 4-bit GatherBlockQuantized when
-  ``quantize_embeddings``: it saves memory, not decode time (one row is read per token), so it is only
-  done where ORT has the 4-bit kernel.
+- the token embedding (a Gather from a constant [vocab, hidden] table) as GatherBlockQuantized at ``bits``
+  when ``quantize_embeddings``: it saves memory, not decode time (one row is read per token). A table the
+  lm_head also reads (tied embeddings; the head multiplies by its transpose) is quantized once: MatMulNBits and
+  GatherBlockQuantized read the same codes, scales and zero points, so nothing of vocab x hidden stays fp32
+  and the table is stored once (at 1B, the fp32 tied head was 1.05 of the 1.6 GB an int4 token read).
+
+The bytes are made by passes/weight_codes.py when the artifact is written, a slice of a weight at a time.
 
 ``layout="qdq"`` writes the same decisions in standard ONNX for TensorRT, whose strongly typed networks
 take precision from the graph: DequantizeLinear (opset 21+) of constant codes feeding the unchanged
@@ -23,18 +27,18 @@ point), int8 per output channel. Embeddings stay float there (TensorRT has no qu
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
 
 from . import gptq as gptq_math
-from .keep_last_logits import find_lm_head
+from .keep_last_logits import find_lm_head, transposed_constant
+from .weight_codes import PackedWeight, column_reader, ort_nbits, ort_rtn, row_reader
 
 MS = "com.microsoft"
-EMBEDDINGS_KEPT = ("kept fp32: ORT's GatherBlockQuantized path is 4-bit, and a gather reads one row per token, "
-                   "so quantizing the table saves memory, not decode time")
+FOLDED_FROM = "pkg.onnxscript.optimizer.folded_from"  # what onnxscript's folder records on a folded initializer
+EMBEDDINGS_KEPT = "kept fp32 (a gather reads one row per token: quantizing the table saves memory, not decode time)"
 
 
 @dataclass(frozen=True)
@@ -61,7 +65,7 @@ class WeightQuantization:
                     "method": "gptq" if self.hessians else "rtn"}
         scheme = {"bits": self.bits, "block_size": self.block_size, "symmetric": self.symmetric,
                   "accuracy_level": self.accuracy_level, "lm_head_bits": self.lm_head_bits,
-                  "embeddings": "int4 GatherBlockQuantized" if self.quantize_embeddings else EMBEDDINGS_KEPT,
+                  "embeddings": f"int{self.bits} GatherBlockQuantized" if self.quantize_embeddings else EMBEDDINGS_KEPT,
                   "method": "gptq" if self.hessians else "rtn-clipped" if self.clip_search else "rtn"}
         return {**scheme, "chosen_for": self.chosen_for} if self.chosen_for else scheme
 
@@ -75,15 +79,21 @@ class QuantizeWeights(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         lm_head, _ = find_lm_head(graph, allow_kept=True)
+        tied = None
+        if self.spec.layout != "qdq" and self.spec.quantize_embeddings:
+            tied = tied_embedding(graph, lm_head, self.spec.block_size)
         decisions, skipped = [], []
         for node in list(graph):
             if node.op_type == "MatMul" and node.domain in ("", "ai.onnx"):
+                bits = self.spec.lm_head_bits if node is lm_head else self.spec.bits
+                if tied is not None and node is lm_head and bits is not None:
+                    decisions += self._quantize_tied(graph, node, tied, bits)
+                    continue
                 weight = node.inputs[1]
                 if weight is None or weight.const_value is None or len(weight.const_value.shape) != 2 or \
                         weight.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16):
                     skipped.append({"node": node.name, "reason": "weight is not a constant 2-D float matrix"})
                     continue
-                bits = self.spec.lm_head_bits if node is lm_head else self.spec.bits
                 if bits is None:
                     decisions.append({"node": node.name, "role": "lm_head", "kept": "fp32"})
                     continue
@@ -91,7 +101,7 @@ class QuantizeWeights(ir.passes.InPlacePass):
                 quantize = self._quantize_matmul_qdq if self.spec.layout == "qdq" else self._quantize_matmul
                 decisions.append(quantize(graph, node, bits, role))
             elif node.op_type == "Gather" and self.spec.quantize_embeddings and self.spec.layout != "qdq" \
-                    and _is_embedding(node):
+                    and _is_embedding(node) and (tied is None or node is not tied[0]):
                 decisions.append(self._quantize_embedding(graph, node))
         quantized = [d for d in decisions if "kept" not in d]
         if quantized and self.spec.layout != "qdq":
@@ -104,40 +114,54 @@ class QuantizeWeights(ir.passes.InPlacePass):
         }
         return ir.passes.PassResult(model, modified=bool(quantized))
 
+    def _packed(self, read, k: int, n: int, bits: int, hessian=None) -> PackedWeight:
+        return PackedWeight(read, k, n, bits, self.spec.block_size, self.spec.symmetric, hessian,
+                            clip_search=self.spec.clip_search)
+
     def _quantize_matmul(self, graph: ir.Graph, node: ir.Node, bits: int, role: str) -> dict:
-        spec = self.spec
         weight = node.inputs[1]
-        w = np.ascontiguousarray(weight.const_value.numpy(), dtype=np.float32)  # the C++ packer reads raw memory
-        k, n = w.shape
+        k, n = weight.const_value.shape
         hessian = self.spec.hessians.get(node.inputs[0].name)
-        method = "rtn"
-        if hessian is not None and k % spec.block_size == 0:
-            codes, scales, zeros = gptq_math.gptq(w, hessian, bits, spec.block_size, spec.symmetric)
-            packed, scales, zero_points = gptq_math.pack_matmul_nbits(codes, scales, zeros, bits, spec.block_size,
-                                                                      spec.symmetric)
-            method = "gptq"
-        elif spec.clip_search:
-            codes, scales, zeros = gptq_math.clipped_rtn(w, bits, spec.block_size, spec.symmetric)
-            packed, scales, zero_points = gptq_math.pack_matmul_nbits(codes, scales, zeros, bits, spec.block_size,
-                                                                      spec.symmetric)
-            method = "rtn-clipped"
-        else:
-            packed, scales, zero_points = _ort_rtn(w, bits, spec.block_size, spec.symmetric)
-        base = weight.name or node.name
-        inputs = [node.inputs[0], _initializer(graph, f"{base}_q{bits}", packed),
-                  _initializer(graph, f"{base}_scales", scales.reshape(n, -1))]
-        if zero_points is not None:
-            inputs.append(_initializer(graph, f"{base}_zero_points", zero_points.reshape(n, -1)))
+        packed = self._packed(column_reader(weight.const_value), k, n, bits, hessian)
+        self._matmul_nbits(graph, node, packed, _tensors(graph, packed.tensors(weight.name or node.name)))
+        record = {"node": node.name, "role": role, "op": "MatMulNBits", "bits": bits, "K": k, "N": n,
+                  "method": packed.method}
+        if hessian is not None and packed.method != "gptq":
+            record["why_rtn"] = f"K={k} is not a multiple of block size {self.spec.block_size}"
+        return record
+
+    def _matmul_nbits(self, graph: ir.Graph, node: ir.Node, packed: PackedWeight, tensors: list[ir.Value]) -> None:
         fused = ir.node(
-            "MatMulNBits", inputs, domain=MS, name=f"{node.name}_q{bits}",
-            attributes={"K": k, "N": n, "bits": bits, "block_size": spec.block_size,
-                        "accuracy_level": spec.accuracy_level},
+            "MatMulNBits", [node.inputs[0], *tensors], domain=MS, name=f"{node.name}_q{packed.bits}",
+            attributes={"K": packed.k, "N": packed.n, "bits": packed.bits, "block_size": packed.block,
+                        "accuracy_level": self.spec.accuracy_level},
         )
         _replace(graph, node, fused)
-        record = {"node": node.name, "role": role, "op": "MatMulNBits", "bits": bits, "K": k, "N": n, "method": method}
-        if hessian is not None and method == "rtn":
-            record["why_rtn"] = f"K={k} is not a multiple of block size {spec.block_size}"
-        return record
+
+    def _quantize_tied(self, graph: ir.Graph, head: ir.Node, tied: tuple, bits: int) -> list[dict]:
+        """One set of codes for a tied table: MatMulNBits reads them as the head, GatherBlockQuantized (through a
+        Reshape to [vocab, hidden * bits / 8], as onnxruntime-genai does) as the embedding."""
+        gather, table = tied
+        n, k = table.const_value.shape
+        packed = self._packed(row_reader(table.const_value), k, n, bits, self.spec.hessians.get(head.inputs[0].name))
+        tensors = _tensors(graph, packed.tensors(table.name))
+        self._matmul_nbits(graph, head, packed, tensors)
+        shape = _initializer(graph, f"{table.name}_table_shape", np.array([n, k * bits // 8], dtype=np.int64))
+        flat = ir.node("Reshape", [tensors[0], shape], name=f"{gather.name}_table")
+        flat.outputs[0].dtype, flat.outputs[0].shape = ir.DataType.UINT8, ir.Shape([n, k * bits // 8])
+        graph.insert_before(gather, flat)
+        self._gather_block_quantized(graph, gather, [flat.outputs[0], *tensors[1:]], bits)
+        return [{"node": head.name, "role": "lm_head", "op": "MatMulNBits", "bits": bits, "K": k, "N": n,
+                 "method": packed.method, "tied_to": gather.name},
+                {"node": gather.name, "role": "embedding", "op": "GatherBlockQuantized", "bits": bits,
+                 "shape": [n, k], "method": packed.method, "shares": "the lm_head's codes, scales and zero points"}]
+
+    def _gather_block_quantized(self, graph: ir.Graph, gather: ir.Node, tensors: list[ir.Value], bits: int) -> None:
+        fused = ir.node(
+            "GatherBlockQuantized", [tensors[0], gather.inputs[1], *tensors[1:]], domain=MS, name=f"{gather.name}_q{bits}",
+            attributes={"gather_axis": 0, "quantize_axis": 1, "block_size": self.spec.block_size, "bits": bits},
+        )
+        _replace(graph, gather, fused)
 
     def _quantize_matmul_qdq(self, graph: ir.Graph, node: ir.Node, bits: int, role: str) -> dict:
         weight = node.inputs[1]
@@ -170,58 +194,48 @@ class QuantizeWeights(ir.passes.InPlacePass):
                 "method": method, "granularity": f"block {block} along K" if bits == 4 else "per output channel"}
 
     def _quantize_embedding(self, graph: ir.Graph, node: ir.Node) -> dict:
-        DefaultWeightOnlyQuantizer = _ort_nbits().DefaultWeightOnlyQuantizer  # noqa: N806
-
+        """An embedding table of its own: its rows quantized as MatMulNBits would, stored as [vocab, hidden*bits/8]."""
         table = node.inputs[0]
-        data = np.ascontiguousarray(table.const_value.numpy(), dtype=np.float32)
-        block = self.spec.block_size
-        with np.errstate(invalid="ignore", divide="ignore"):  # all-zero rows (the padding token): ORT maps them to 0
-            packed, scales, zero_points = DefaultWeightOnlyQuantizer.quantize_ndarray(data, 1, block, self.spec.symmetric)
-        qtype = ir.DataType.INT4 if self.spec.symmetric else ir.DataType.UINT4
-        quantized = _typed(f"{table.name}_q4", ir.Tensor(_unpack4(packed, data.shape), dtype=qtype))
-        graph.register_initializer(quantized)
-        inputs = [quantized, node.inputs[1], _initializer(graph, f"{table.name}_scales", scales)]
-        if zero_points is not None:
-            zp = _typed(f"{table.name}_zero_points", ir.Tensor(_unpack4(zero_points, scales.shape), dtype=qtype))
-            graph.register_initializer(zp)
-            inputs.append(zp)
-        fused = ir.node(
-            "GatherBlockQuantized", inputs, domain=MS, name=f"{node.name}_q4",
-            attributes={"gather_axis": 0, "quantize_axis": 1, "block_size": block, "bits": 4},
-        )
-        _replace(graph, node, fused)
-        return {"node": node.name, "role": "embedding", "op": "GatherBlockQuantized", "bits": 4,
-                "shape": list(data.shape), "method": "rtn"}
+        n, k = table.const_value.shape
+        bits = self.spec.bits
+        if k % self.spec.block_size:
+            return {"node": node.name, "role": "embedding", "kept": "fp32",
+                    "why": f"hidden size {k} is not a multiple of block size {self.spec.block_size}"}
+        packed = self._packed(row_reader(table.const_value), k, n, bits)
+        tensors = _tensors(graph, packed.tensors(table.name, flat_codes=True))
+        self._gather_block_quantized(graph, node, tensors, bits)
+        return {"node": node.name, "role": "embedding", "op": "GatherBlockQuantized", "bits": bits, "shape": [n, k],
+                "method": packed.method}
 
 
-def _ort_nbits():
-    """onnxruntime's matmul_nbits_quantizer module, imported without its side effect.
-
-    Importing it calls logging.basicConfig(level=INFO) on the root logger, which would turn on INFO
-    logging for the whole process of whoever called luffy.compile. The root logger is put back as it was.
-    """
-    root = logging.getLogger()
-    level, handlers = root.level, list(root.handlers)
-    try:
-        from onnxruntime.quantization import matmul_nbits_quantizer
-    finally:
-        root.setLevel(level)
-        for handler in [h for h in root.handlers if h not in handlers]:
-            root.removeHandler(handler)
-    return matmul_nbits_quantizer
+_ort_nbits, _ort_rtn = ort_nbits, ort_rtn  # the names quantize-moe, the kernels benchmark and the tests import
 
 
-def _ort_rtn(w: np.ndarray, bits: int, block_size: int, symmetric: bool):
-    nbits = _ort_nbits()
-    config = nbits.DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric, bits=bits)
-    packed, scales, zero_points = nbits.DefaultWeightOnlyQuantizer(config).qbits_block_quant(w)
-    return packed, scales, None if symmetric else zero_points
+def tied_embedding(graph: ir.Graph, head: ir.Node | None, block_size: int) -> tuple[ir.Node, ir.Value] | None:
+    """(the embedding Gather, its table) when the lm_head multiplies by that table's transpose: a Transpose node
+    (a large tied table: the exporter folds a transpose only for a tensor read once) or the folded copy of one."""
+    if head is None:
+        return None
+    weight = head.inputs[1]
+    table = transposed_constant(weight)
+    if table is None and weight.const_value is not None:
+        sources = weight.metadata_props.get(FOLDED_FROM, "")
+        candidate = next((v for v in graph.initializers.values() if sources == repr([v.name])), None)
+        if candidate is not None and candidate.const_value is not None and \
+                tuple(candidate.const_value.shape) == tuple(weight.const_value.shape)[::-1] and \
+                np.array_equal(candidate.const_value.numpy(), weight.const_value.numpy().T):
+            table = candidate
+    if table is None or len(table.const_value.shape) != 2 or table.const_value.shape[1] % block_size:
+        return None
+    gathers = [node for node, index in table.uses() if index == 0 and node.op_type == "Gather" and _is_embedding(node)]
+    return (gathers[0], table) if len(gathers) == 1 else None
 
 
-def _unpack4(packed: np.ndarray, shape) -> np.ndarray:
-    # onnx_ir wants one code per element for 4-bit tensors; it packs them again when saving.
-    flat = np.stack([packed & 0xF, packed >> 4], axis=-1).reshape(-1)
-    return flat[: int(np.prod(shape))].reshape(shape).astype(np.uint8)
+def _tensors(graph: ir.Graph, tensors: list[ir.TensorProtocol]) -> list[ir.Value]:
+    values = [_typed(t.name, t) for t in tensors]
+    for value in values:
+        graph.register_initializer(value)
+    return values
 
 
 def _is_embedding(node: ir.Node) -> bool:

@@ -16,7 +16,12 @@ MAX_REASONS = 3
 
 
 class RulePass(ir.passes.InPlacePass):
-    """Apply ``rules`` once over the model; ``stats`` holds the match count (and reasons when zero)."""
+    """Apply ``rules`` once over the model; ``stats`` holds the match count (and reasons when zero).
+
+    A rule whose check or rewrite function raises on one node leaves that node as it was (the graph only
+    changes after a rule returns its replacement) and is counted in ``stats["rewrites_failed"]``: one odd node
+    never aborts a compile that every other node of the graph would survive.
+    """
 
     def __init__(self, rules: RewriteRuleSet, *, shape_inference: bool = False):
         super().__init__()
@@ -25,14 +30,37 @@ class RulePass(ir.passes.InPlacePass):
         self.stats: dict = {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        count = self.rules.apply_to_model(model)
+        failures: list[dict] = []
+        rules = RewriteRuleSet([_Tolerant(rule, failures) for rule in self.rules.rules])
+        count = rules.apply_to_model(model)
         if count and self.shape_inference:
             # Later patterns check shapes of values this rewrite created.
             common.ShapeInferencePass()(model)
         self.stats = {"matches": count}
         if count == 0:
-            self.stats["not_matched"] = explain_no_match(self.rules, model)
+            self.stats["not_matched"] = explain_no_match(rules, model)
+        if failures:
+            self.stats["rewrites_failed"] = len(failures)
+            self.stats["failed"] = failures[:MAX_REASONS]
         return ir.passes.PassResult(model, modified=count > 0)
+
+
+class _Tolerant:
+    """A rule as the rule set sees it, whose try_rewrite reports an exception instead of raising it."""
+
+    def __init__(self, rule, failures: list[dict]):
+        self._rule, self._failures = rule, failures
+
+    def __getattr__(self, name):
+        return getattr(self._rule, name)
+
+    def try_rewrite(self, model, graph_or_function, node, **kwargs):
+        try:
+            return self._rule.try_rewrite(model, graph_or_function, node, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - a rule's bug on one node: that node stays as it was
+            self._failures.append({"rule": self._rule.name or type(self._rule).__name__, "node": node.name,
+                                   "error": f"{type(exc).__name__}: {str(exc).strip()[:200]}"})
+            return None
 
 
 def explain_no_match(rules: RewriteRuleSet, model: ir.Model) -> list[dict]:

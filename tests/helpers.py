@@ -10,8 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
+# Four layers: a Hugging Face directory compiles by the streamed path (compiler/stream/), which exports a
+# two-layer template and stamps the rest, so two layers would never exercise the stamp.
+LAYERS = 4
 COMMON = dict(
-    vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=4,
     num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.1,
 )
 
@@ -23,19 +26,21 @@ NAMED_FAMILIES = {
     "mistral": dict(COMMON, sliding_window=16),
     "qwen2": dict(COMMON),
     "phi3": dict(COMMON, partial_rotary_factor=0.5, pad_token_id=0),
-    "gpt2": dict(vocab_size=320, n_embd=64, n_layer=2, n_head=4, n_positions=256, initializer_range=0.1),
+    "gpt2": dict(vocab_size=320, n_embd=64, n_layer=LAYERS, n_head=4, n_positions=256, initializer_range=0.1),
 }
 
 # Other architectures transformers can load, compiled with no per-family code in luffy.
 OTHER_FAMILIES = {
     "qwen3": dict(COMMON, head_dim=16),
-    "gemma2": dict(COMMON, head_dim=16, sliding_window=16),
-    "gpt_neox": dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    # sliding and full attention alternate: a 4-layer template (both orders of the pair, ending like the model)
+    # stamped to 6 layers
+    "gemma2": dict(COMMON, head_dim=16, sliding_window=16, num_hidden_layers=6),
+    "gpt_neox": dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
                      num_attention_heads=4, max_position_embeddings=256, rotary_pct=0.5, initializer_range=0.1),
-    "falcon": dict(vocab_size=320, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+    "falcon": dict(vocab_size=320, hidden_size=64, num_hidden_layers=LAYERS, num_attention_heads=4,
                    new_decoder_architecture=True, num_kv_heads=2, initializer_range=0.1),
-    "bloom": dict(vocab_size=320, hidden_size=64, n_layer=2, n_head=4, initializer_range=0.1),
-    "opt": dict(vocab_size=320, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+    "bloom": dict(vocab_size=320, hidden_size=64, n_layer=LAYERS, n_head=4, initializer_range=0.1),
+    "opt": dict(vocab_size=320, hidden_size=64, ffn_dim=128, num_hidden_layers=LAYERS, num_attention_heads=4,
                 max_position_embeddings=256, word_embed_proj_dim=64),
 }
 
@@ -67,6 +72,9 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int):
             torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
             max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
             output_logits=True, return_dict_in_generate=True, pad_token_id=0,
+            # no EOS at all (as luffy's eos_token_id=None): with one, min_new_tokens masks the EOS logit, and a step
+            # whose argmax is EOS would take the runner-up
+            eos_token_id=None,
         )
     logits = torch.stack(out.logits, dim=1).numpy()
     return out.sequences.numpy(), logits
@@ -147,7 +155,7 @@ def assert_transformers_generates(model, batch: np.ndarray, rows: list[list[int]
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
     with torch.no_grad():
         ref = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                             do_sample=False, pad_token_id=0)
+                             do_sample=False, pad_token_id=0, eos_token_id=None)
     assert ref.numpy().tolist() == batch.tolist()
 
 

@@ -42,14 +42,9 @@ RTOL, ATOL = 1e-3, 1e-5
 MIN_CASES_IN_SCOPE = 1300
 
 # Upstream bugs luffy cannot fix: case name -> (exception the pipeline raises, why).
-KNOWN_UPSTREAM_BUGS = {
-    "test_split_to_sequence_1": (
-        luffy.UnsupportedModelError,
-        "onnxscript 0.7.2 FoldConstantsPass (fold-constants): the SplitToSequence evaluator reads "
-        "split_value.ndim when `split` is a non-constant scalar input (static shape (), no value), "
-        "AttributeError on None; still present on onnxscript main",
-    ),
-}
+# test_split_to_sequence_1 (onnxscript 0.7.2's SplitToSequence evaluator reads split.ndim of a scalar without a
+# value) used to be here: fold-constants now leaves a node it fails to fold and counts it (passes/fold_constants.py).
+KNOWN_UPSTREAM_BUGS: dict = {}
 
 
 def _collect_cases():

@@ -138,10 +138,12 @@ def test_checkpoint_missing_a_tensor_is_refused(tmp_path):
 
 
 def test_checkpoint_with_tensors_the_config_does_not_have_is_refused(tmp_path):
-    # e.g. a 3-layer checkpoint under a 2-layer config.json: a causal LM is the whole model, nothing may be dropped
+    # e.g. a checkpoint with one layer more than config.json: a causal LM is the whole model, nothing may be dropped
+    from .helpers import LAYERS
+
     hf = _tiny_llama_dir(tmp_path / "hf")
-    _edit_checkpoint(hf, add={"model.layers.2.mlp.down_proj.weight": np.zeros((64, 128), np.float32)})
-    with pytest.raises(SourceError, match=r"checkpoint tensors not in the model: model\.layers\.2\.mlp\.down_proj"):
+    _edit_checkpoint(hf, add={f"model.layers.{LAYERS}.mlp.down_proj.weight": np.zeros((64, 128), np.float32)})
+    with pytest.raises(SourceError, match=rf"checkpoint tensors not in the model: model\.layers\.{LAYERS}\.mlp\.down_proj"):
         luffy.compile(hf, output=tmp_path / "out")
 
 

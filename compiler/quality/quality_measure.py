@@ -14,6 +14,9 @@ from ...passes.matmul_packing import FLOAT_WEIGHTS
 from ...runtimes.cpu_features import weight_kernels
 from ..config import WEIGHT_ONLY, LuffyConfig
 from ..sources.resolve import CAUSAL_LM
+from ..stream.calibration import LayerHessians
+from ..stream.quality import region_perplexity
+from ..stream.regions import RegionRunner
 from .calibration import (
     MAX_CALIB_WINDOWS,
     WINDOW,
@@ -31,8 +34,9 @@ MODEL_FILE, DATA_FILE = "model.onnx", "model.onnx.data"
 class QualityMeasure:
     """Calibration for GPTQ and perplexity before/after, on the token windows of --calib / --eval."""
 
-    def __init__(self, cfg: LuffyConfig, src, tm, captured, max_len, say):
+    def __init__(self, cfg: LuffyConfig, src, tm, captured, max_len, say, streamed: bool = False):
         self.cfg, self.src, self.tm, self.captured, self.say = cfg, src, tm, captured, say
+        self.streamed = streamed  # the weights are in the checkpoint: graphs are run region by region (stream/)
         self.window = min(WINDOW, max_len) if max_len else WINDOW
         self.reference_ppl = None
         self.reference_kind = None
@@ -54,7 +58,10 @@ class QualityMeasure:
         self._require_decoder("--eval")
         windows, prefix = self._windows(self.cfg.eval_file, "--eval")
         self.say("measuring fp32 perplexity")
-        if self.tm is not None:
+        if self.streamed:
+            self.reference_ppl = region_perplexity(RegionRunner(fp32_model), windows, prefix, self.say)
+            self.reference_kind = "optimized fp32 graph, region by region"
+        elif self.tm is not None:
             self.reference_ppl, self.reference_kind = torch_perplexity(self.tm.module, windows, prefix), "pytorch fp32"
         else:
             with tempfile.TemporaryDirectory(prefix="luffy-eval-") as tmp:
@@ -75,12 +82,17 @@ class QualityMeasure:
         if self.cfg.calib:
             self._require_decoder("--calib")
             windows, _ = self._windows(self.cfg.calib, "--calib", MAX_CALIB_WINDOWS)
-            self.say(f"collecting GPTQ statistics on {len(windows)} calibration windows")
-            hessians = collect_hessians(model, windows, self.say)
+            if self.streamed:  # each layer's statistics when its weights are written (stream/calibration.py)
+                hessians = LayerHessians(model, windows, self.say)
+            else:
+                self.say(f"collecting GPTQ statistics on {len(windows)} calibration windows")
+                hessians = collect_hessians(model, windows, self.say)
         bits = 4 if self.cfg.precision == "int4" else 8
         block, accuracy, chosen_for = kernel_choice(self.cfg, model)
         return WeightQuantization(
-            bits=bits, block_size=block, accuracy_level=accuracy, lm_head_bits=bits, quantize_embeddings=bits == 4,
+            # int8 embeddings too: a tied table is read by the gather and the head, and neither may stay fp32 at
+            # vocab x hidden (issue 21)
+            bits=bits, block_size=block, accuracy_level=accuracy, lm_head_bits=bits, quantize_embeddings=True,
             # measured on llama-pydoc at block 128: int8 symmetric +0.007 % perplexity (asymmetric +0.021 %) with
             # no zero points to store or read; int4 asymmetric and clipped +0.45 % (symmetric +0.61 %)
             symmetric=bits == 8, clip_search=bits == 4 and not hessians, chosen_for=chosen_for, hessians=hessians,
@@ -97,12 +109,17 @@ class QualityMeasure:
     def evaluate(self, model_path: Path) -> dict:
         self._require_decoder("--eval")
         windows, prefix = self._windows(self.cfg.eval_file, "--eval")
-        if self.reference_ppl is None:  # fp32 compile: the reference is the module itself
+        if self.reference_ppl is None and not self.streamed:  # fp32 compile: the reference is the module itself
             self.say("measuring fp32 perplexity")
             if self.tm is not None:
                 self.reference_ppl, self.reference_kind = torch_perplexity(self.tm.module, windows, prefix), "pytorch fp32"
         self.say(f"measuring {self.cfg.precision} perplexity")
-        ppl = graph_perplexity(model_path, windows, prefix)
+        if self.streamed:
+            ppl = region_perplexity(RegionRunner.from_artifact(model_path), windows, prefix, self.say)
+            if self.reference_ppl is None:  # an fp32 compile: its own graph, held to PyTorch by the parity check
+                self.reference_ppl, self.reference_kind = ppl, "this fp32 artifact (parity-checked against PyTorch)"
+        else:
+            ppl = graph_perplexity(model_path, windows, prefix)
         ref = self.reference_ppl
         return {
             "eval_file": self.cfg.eval_file, "windows": len(windows), "window_tokens": self.window,

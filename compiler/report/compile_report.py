@@ -22,8 +22,9 @@ def compile_report(cfg: LuffyConfig, capture, model: ir.Model, records: list[dic
         "seconds_total": round(seconds, 3),
         "capture": {
             "seconds": round(capture.seconds, 3),
-            "method": "onnx file" if capture.src.kind == "onnx" else "torch.export + torch.onnx (dynamo)",
+            "method": _capture_method(capture),
             "nodes": capture.nodes, "notes": capture.graph.notes,
+            **({"streamed": capture.streamed.describe()} if getattr(capture, "streamed", None) is not None else {}),
         },
         "passes": records,
         "nodes": count_nodes(model),
@@ -34,7 +35,16 @@ def compile_report(cfg: LuffyConfig, capture, model: ir.Model, records: list[dic
         "precision": _precision_report(cfg, records),
         "kv_cache": _kv_cache_report(cfg, capture, records),
         "quality": checks["quality"],
+        "preflight": capture.estimate.to_json() if getattr(capture, "estimate", None) is not None else None,
     }
+
+
+def _capture_method(capture) -> str:
+    if capture.src.kind == "onnx":
+        return "onnx file"
+    if getattr(capture, "streamed", None) is not None:
+        return "streamed: a layer template exported by torch.export + torch.onnx (dynamo), stamped across the depth"
+    return "torch.export + torch.onnx (dynamo)"
 
 
 def text(value) -> str:

@@ -80,6 +80,7 @@ def infer(model_path: Path) -> onnx.ModelProto:
 
     for plugin in PLUGINS:  # ORT's inference knows no luffy op; each plugin's output is its input's like()
         inference.dispatcher_[plugin.name] = _like_first_input(inference)
+    inference.dispatcher_["GatherBlockQuantized"] = _gather_block_quantized(inference)
     inference._preprocess(proto)
     complete = False
     # It reads a constant's value (numpy_helper.to_array, relative to the working directory) when shape
@@ -110,6 +111,21 @@ def _by_domain(inference, op_type: str, contrib_handler):
     return dispatch
 
 
+def _gather_block_quantized(inference):
+    # ORT's rule takes the row width from the data's shape, which for uint8 data packing several codes per byte
+    # (a table shared with MatMulNBits) is the packed width: 1024 bytes for 2048 int4 values.
+    def dispatch(node):
+        data = inference._get_shape(node, 0)
+        attributes = {a.name: a for a in node.attribute}
+        bits = attributes["bits"].i if "bits" in attributes else 4
+        packed = inference.known_vi_[node.input[0]].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+        width = data[-1] * (8 // bits) if packed and isinstance(data[-1], int) else data[-1]
+        dtype = inference.known_vi_[node.input[2]].type.tensor_type.elem_type
+        shape = inference._get_shape(node, 1) + data[1:-1] + [width]
+        inference.known_vi_[node.output[0]].CopyFrom(onnx.helper.make_tensor_value_info(node.output[0], dtype, shape))
+    return dispatch
+
+
 def _like_first_input(inference):
     def dispatch(node):
         source = inference.known_vi_[node.input[0]]
@@ -127,11 +143,16 @@ def peak_activation(inferred: onnx.ModelProto, bindings: dict[str, int]) -> dict
         for name in node.input:
             last_use[name] = index
     keep_to_end = {v.name for v in graph.output}
+    # constant subgraphs (a Reshape of a weight) are folded by ORT when the session loads: weights, not activations
+    constant = {t.name for t in graph.initializer}
+    for node in graph.node:
+        if node.input and all(not name or name in constant for name in node.input):
+            constant.update(node.output)
     alive: dict[str, int] = {}
     peak, at_node, unknown = 0, "", 0
     for index, node in enumerate(graph.node):
         for name in node.output:
-            if name not in last_use and name not in keep_to_end:
+            if (name not in last_use and name not in keep_to_end) or name in constant:
                 continue  # an optional output nothing reads (e.g. a norm's saved mean): never allocated
             size = _nbytes(infos[name], bindings) if name in infos else None
             if size is None:

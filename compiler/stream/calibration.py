@@ -1,0 +1,68 @@
+"""GPTQ on a streamed compile: each layer's Hessians collected when its quantized weights are written.
+
+The whole-model path runs the calibration windows through the fp32 graph once and keeps X^T X of every
+quantized MatMul's input; at 8B that is gigabytes per layer (a 14336-wide down projection's alone is 1.6 GB in
+float64). Here quantize-weights gets `LayerHessians` in place of that dict: ``get(input)`` hands a weight a
+callable, and its bytes (computed as the artifact is written, layer after layer) ask for the Hessian only then.
+The windows advance through the fp32 graph (a structural copy taken before quantization, its weights still lazy)
+one region at a time, and only the current region's Hessians are held; a request for an earlier region starts
+the windows over. The statistics are the whole-model path's: X^T X / tokens of the same inputs on the same
+windows (GPTQ calibrates every layer on fp32 activations there too).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from .quality import window_feeds
+from .regions import RegionRunner
+
+
+class LayerHessians:
+    """``get(input name)`` -> a callable giving that MatMul input's Hessian (None for other names)."""
+
+    def __init__(self, fp32_model: ir.Model, windows: list[list[int]], say=lambda message: None):
+        self.model = fp32_model.clone()  # quantize-weights rewrites the original in place
+        self.runner = RegionRunner(self.model)
+        self.windows, self.say = windows, say
+        self.targets: dict[str, tuple[int, ir.Value]] = {}
+        for region in self.runner.order:
+            for node in self.runner.region_nodes(region):
+                weight = node.inputs[1] if node.op_type == "MatMul" and len(node.inputs) > 1 else None
+                if weight is not None and weight.const_value is not None and len(weight.const_value.shape) == 2:
+                    self.targets[node.inputs[0].name] = (region, node.inputs[0])
+        self.tokens = sum(len(ids) for ids in windows)
+        self._steps = None
+        self._region = None
+        self._done: dict[str, np.ndarray] = {}
+        self._pending: dict[str, np.ndarray] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.targets)
+
+    def get(self, name: str):
+        return (lambda: self.hessian(name)) if name in self.targets else None
+
+    def hessian(self, name: str) -> np.ndarray:
+        region = self.targets[name][0]
+        if self._region is None or region < self._region:
+            self._restart()
+        while self._region != region:
+            self._region = next(self._steps)
+            self._done, self._pending = self._pending, {}
+        return self._done[name] / self.tokens
+
+    def _restart(self) -> None:
+        held = [window_feeds(self.model.graph, ids) for ids in self.windows]
+        watched = {region: [v for r, v in self.targets.values() if r == region] for region in self.runner.order}
+        self._steps = self.runner.steps(held, watch=lambda region: watched[region], seen=self._accumulate)
+        self._region, self._pending = None, {}
+
+    def _accumulate(self, region: int, batch: int, values: dict[str, np.ndarray]) -> None:
+        if batch % 8 == 0:
+            self.say(f"calibrating: region {region + 2} of {len(self.runner.order)}, window {batch + 1}/{len(self.windows)}")
+        for name, (target, _) in self.targets.items():
+            if target == region and name in values:
+                x = values[name].astype(np.float64).reshape(-1, values[name].shape[-1])
+                self._pending[name] = self._pending.get(name, 0) + x.T @ x

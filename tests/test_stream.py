@@ -1,0 +1,217 @@
+"""The streamed compile of Hugging Face safetensors directories (compiler/stream/).
+
+A 4-layer model: the template is 2 layers, so layers 2 and 3 exist only by stamping. The streamed artifact must
+be the whole-model path's graph (same nodes) computing the same logits; every family's streamed compile is also
+held to transformers by tests/test_families.py (family_artifact compiles through this path).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from safetensors.numpy import load_file, save_file
+
+import luffy
+from luffy.compiler.config import LuffyConfig
+from luffy.compiler.sources.preflight import Estimate, check_room
+from luffy.compiler.stream.capture import capture_hf
+from luffy.compiler.stream.parity import check_streamed_parity
+from luffy.compiler.stream.skeleton import template_depth
+from luffy.errors import CaptureError, SourceError, UsageError
+from luffy.tests.helpers import COMMON, PROMPT, error_line, make_hf_dir
+
+
+@pytest.fixture(scope="module")
+def tied_llama(tmp_path_factory):
+    """A 4-layer Llama with tied embeddings saved as a Hugging Face directory: (directory, torch model)."""
+    directory = tmp_path_factory.mktemp("tied") / "hf"
+    return directory, make_hf_dir("llama", dict(COMMON, tie_word_embeddings=True), directory)
+
+
+@pytest.fixture(scope="module")
+def streamed(tied_llama, tmp_path_factory):
+    """precision -> (streamed Artifact, the write's progress steps), compiled once per module with the weights in
+    model.onnx.data (a model this small would keep them inline)."""
+    directory, _ = tied_llama
+    cache = {}
+
+    def get(precision):
+        if precision not in cache:
+            steps = Steps()
+            artifact = luffy.compile(str(directory), output=tmp_path_factory.mktemp("streamed") / precision,
+                                     precision=precision, progress=steps, external_data="always")
+            cache[precision] = artifact, steps
+        return cache[precision]
+
+    return get
+
+
+class Steps:
+    """A `progress` callable that also records the write's steps, as the CLI's progress bar receives them."""
+
+    def __init__(self):
+        self.steps = []
+
+    def __call__(self, message):
+        pass
+
+    def step(self, what, done, total):
+        self.steps.append((what, done, total))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+def test_streamed_artifact_is_the_whole_model_graph(tied_llama, streamed, tmp_path, precision):
+    directory, _ = tied_llama
+    streamed, steps = streamed(precision)
+    whole = luffy.compile(str(directory), output=tmp_path / "whole", precision=precision, stream=False)
+    assert streamed.report["capture"]["streamed"]["template_layers"] == 2
+    assert streamed.report["capture"]["streamed"]["layers"] == 4
+    assert "streamed" not in whole.report["capture"]
+    assert streamed.report["op_histogram"] == whole.report["op_histogram"]
+    # main's packing passes ran on the stamped graph: every layer's Q/K/V and gate/up concatenated lazily
+    packed = {r["name"]: r.get("matches") for r in streamed.report["passes"] if r["name"].startswith("pack-")}
+    assert packed == {"pack-qkv": 4, "pack-gate-up": 4}
+    a, b = streamed.load(), whole.load()
+    assert np.array_equal(a.score([PROMPT]), b.score([PROMPT]))
+    new = dict(max_new_tokens=16, min_new_tokens=16, eos_token_id=None)
+    assert a.generate([PROMPT], **new).tolist() == b.generate([PROMPT], **new).tolist()
+    # the write reported each layer's weights, ending with all of them
+    assert any(what.endswith("layer 3") for what, _, _ in steps.steps)
+    assert steps.steps[-1][1] == steps.steps[-1][2]
+    phases = streamed.report["phases"]
+    assert set(phases["phases"]) == {"capture", "passes", "write", "check"}
+    assert phases["peak_rss_bytes"] >= max(p["peak_rss_bytes"] for p in phases["phases"].values()) > 0
+    parity = streamed.report["parity"]
+    assert len(parity["layers"]) == 4 and parity["passed"]
+    if precision == "fp32":
+        assert parity["max_abs_diff"] <= 1e-4
+
+
+def test_tied_table_is_quantized_once(tied_llama, tmp_path):
+    directory, _ = tied_llama
+    artifact = luffy.compile(str(directory), output=tmp_path / "int8", precision="int8")
+    model = ir.load(artifact.path / "model.onnx")
+    vocab_by_hidden = [v for v in model.graph.initializers.values() if v.dtype == ir.DataType.FLOAT
+                       and v.const_value.size >= COMMON["vocab_size"] * COMMON["hidden_size"]]
+    assert vocab_by_hidden == []  # nothing at vocab x hidden stays fp32
+    gather = next(n for n in model.graph if n.op_type == "GatherBlockQuantized")
+    head = next(n for n in model.graph if n.op_type == "MatMulNBits" and n.attributes["N"].as_int() == COMMON["vocab_size"])
+    assert gather.inputs[0].producer().inputs[0] is head.inputs[1]  # the head's codes, through a Reshape
+    assert gather.inputs[2:] == head.inputs[2:4]  # and its scales and zero points
+    decisions = {d["role"]: d for d in artifact.report["precision"]["decisions"]}
+    assert decisions["embedding"]["bits"] == decisions["lm_head"]["bits"] == 8
+
+
+def test_parity_names_the_layer_whose_weights_are_wrong(tied_llama, streamed, tmp_path):
+    import shutil
+
+    directory, _ = tied_llama
+    copy = shutil.copytree(streamed("fp32")[0].path, tmp_path / "fp32")
+    proto = onnx.load(str(copy / "model.onnx"), load_external_data=False)
+    tensor = next(t for t in proto.graph.initializer if "layers.2.mlp.down_proj" in t.name)
+    info = {e.key: e.value for e in tensor.external_data}
+    with open(copy / "model.onnx.data", "r+b") as data:  # layer 2's down projection, doubled
+        data.seek(int(info["offset"]))
+        values = np.frombuffer(data.read(int(info["length"])), dtype=np.float32) * 2
+        data.seek(int(info["offset"]))
+        data.write(values.tobytes())
+    from luffy.compiler.stream.capture import capture_streamed
+
+    captured, streamed = capture_streamed(directory, 20)
+    with pytest.raises(CaptureError, match=r"present\.3\.(key|value) \(\w+\) is the first output to differ"):
+        # layer 2's output feeds layer 3's cache: layers 0-2's caches still agree
+        check_streamed_parity(streamed, captured, copy / "model.onnx", COMMON["vocab_size"], "fp32")
+
+
+def test_template_depth_covers_every_pair_of_layer_kinds():
+    assert template_depth(["a"] * 32) == 2
+    assert template_depth(["a", "b"] * 16) == 4  # ends like the model: on a "b"
+    assert template_depth(["a", "a", "b"] * 4) == 6  # (a,a), (a,b), (b,a), ending on "b"
+    assert template_depth((["a"] * 5 + ["b"]) * 2) is None  # ending on "b" needs all 12
+
+
+def test_layers_without_a_short_pattern_fall_back_with_the_reason(tmp_path):
+    layer_types = ["sliding_attention", "full_attention", "full_attention"] + ["sliding_attention"] * 8 + ["full_attention"]
+    make_hf_dir("gemma2", dict(COMMON, head_dim=16, sliding_window=16, num_hidden_layers=12, layer_types=layer_types),
+                tmp_path / "hf")
+    captured, tm, streamed, reason = capture_hf(tmp_path / "hf", 20, LuffyConfig(),
+                                                lambda message: None, tmp_path / "out")
+    assert captured is None and streamed is None
+    assert "12 layers are of 2 kinds in no pattern that repeats within 8 layers" in reason
+
+
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("small") / "hf"
+    make_hf_dir("llama", dict(COMMON), directory)
+    return directory
+
+
+def _broken_copy(source, target, edit):
+    import shutil
+
+    shutil.copytree(source, target)
+    edit(target)
+    return target
+
+
+def _truncate(directory):
+    path = directory / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def _split_into_missing_shard(directory):
+    tensors = load_file(directory / "model.safetensors")
+    names = sorted(tensors)
+    save_file({n: tensors[n] for n in names[:5]}, directory / "model-00001-of-00002.safetensors")
+    (directory / "model.safetensors").unlink()
+    weight_map = {n: "model-00001-of-00002.safetensors" for n in names[:5]}
+    weight_map.update({n: "model-00002-of-00002.safetensors" for n in names[5:]})
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+def _reshape_norm(directory):
+    tensors = load_file(directory / "model.safetensors")
+    tensors["model.norm.weight"] = tensors["model.norm.weight"][:32]
+    save_file(tensors, directory / "model.safetensors")
+
+
+def _integer_norm(directory):
+    tensors = load_file(directory / "model.safetensors")
+    tensors["model.norm.weight"] = tensors["model.norm.weight"].astype(np.int32)
+    save_file(tensors, directory / "model.safetensors")
+
+
+@pytest.mark.parametrize("edit,fragments", [
+    (_truncate, ["model.safetensors: cannot read this safetensors file", "truncated or corrupt"]),
+    (_split_into_missing_shard, ["model-00002-of-00002.safetensors: shard listed in model.safetensors.index.json"]),
+    (_reshape_norm, ["tensor model.norm.weight has shape [32], the model expects [64]"]),
+    (_integer_norm, ["tensor model.norm.weight has dtype I32, the model expects a float tensor"]),
+], ids=["truncated", "missing-shard", "wrong-shape", "wrong-dtype"])
+def test_a_broken_checkpoint_is_refused_before_any_work(small_checkpoint, tmp_path, edit, fragments):
+    broken = _broken_copy(small_checkpoint, tmp_path / "broken", edit)
+    with pytest.raises(SourceError) as raised:
+        luffy.compile(str(broken), output=tmp_path / "out")
+    for fragment in fragments:
+        assert fragment in str(raised.value)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_the_cli_refuses_a_compile_above_max_memory_in_one_line(small_checkpoint, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "luffy", "compile", str(small_checkpoint), "-o", tmp_path / "out",
+                           "--max-memory", "1MB"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == UsageError.exit_code, proc.stderr
+    line = error_line(proc.stderr)
+    assert "this compile needs about" in line and "--max-memory is 1MB" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_artifact_larger_than_the_free_disk_is_refused(tmp_path):
+    with pytest.raises(UsageError, match=rf"{tmp_path / 'out'}: the artifact needs about 1048576.0 GB but .* free"):
+        check_room(Estimate(1 << 50, 0, 0, "test"), tmp_path / "out", None)
