@@ -40,6 +40,7 @@ from ..extras import require_ray_extra
 from ..runtimes.manifest import read_manifest
 from .chat import ChatTemplate
 from .edge import install_edge, require_api_key, sse
+from .malloc import keep_freed_memory
 from .options import RayOptions, ServerSettings, serve_options
 from .prefix_cache import block_keys
 from .protocol import ProtocolError
@@ -98,6 +99,7 @@ class LuffyReplica:
         from .server import build_app
         from .state import OutputRouter
 
+        keep_freed_memory()  # a replica is a server process of its own (serving/malloc.py)
         context = serve.get_replica_context()
         self.name, self.app_name = context.replica_id.unique_id, context.app_name
         self.app = build_app(artifact, dataclasses.replace(settings, replica=self.name))

@@ -23,6 +23,7 @@ from typing import Callable
 
 from ..errors import UsageError
 from ..runtimes.manifest import read_manifest
+from .malloc import keep_freed_memory
 from .options import ServerSettings
 from .protocol import ProtocolError
 from .routes import add_routes
@@ -61,6 +62,7 @@ def serve(artifact: str | Path, settings: ServerSettings) -> int:
     if manifest["kind"] not in ("causal-lm", "encoder"):
         raise UsageError(f"{artifact}: luffy serve generates text (a causal LM) or embeddings (an encoder); this "
                          f"artifact is {manifest['kind']!r}")
+    keep_freed_memory()  # before the engine loads: the step's large temporaries reuse the heap (serving/malloc.py)
     app = build_app(artifact, settings)
     state: ServingState = app.state.luffy
     sock = _bind(settings.host, settings.port)
