@@ -47,6 +47,11 @@ OTHER_FAMILIES = {
 PROMPT = [3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31, 33, 35, 37, 39, 41]
 
 
+def with_layers(config: dict, layers: int) -> dict:
+    """A family's config at another depth (GPT-2 and BLOOM name it n_layer)."""
+    return dict(config, **{"n_layer" if "n_layer" in config else "num_hidden_layers": layers})
+
+
 def make_hf_dir(family: str, config_kwargs: dict, directory: Path, seed: int = 0):
     """Build a random-weight causal LM, save it with safetensors plus a tokenizer; return the torch model."""
     import torch
