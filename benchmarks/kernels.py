@@ -17,14 +17,13 @@ import json
 import time
 
 import numpy as np
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
 
 from ..passes.quantize_weights import _ort_rtn
 
 
 def _session(nodes, inits, k: int, n: int):
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
-
     graph = helper.make_graph(nodes, "kernel", [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", k])],
                               [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", n])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
@@ -36,8 +35,6 @@ def _session(nodes, inits, k: int, n: int):
 
 def matmul_nbits(w: np.ndarray, bits: int, block: int, symmetric: bool, accuracy: int):
     """(session, bytes per weight) of one MatMulNBits over ``w`` [K, N]."""
-    from onnx import helper, numpy_helper
-
     k, n = w.shape
     packed, scales, zeros = _ort_rtn(w, bits, block, symmetric)
     inits = [numpy_helper.from_array(packed, "B"), numpy_helper.from_array(scales.reshape(n, -1).astype(np.float32), "S")]
@@ -51,8 +48,6 @@ def matmul_nbits(w: np.ndarray, bits: int, block: int, symmetric: bool, accuracy
 
 def reference_sessions(w: np.ndarray) -> dict:
     """DynamicQuantizeMatMul (int8 per column) and fp32 MatMul over the same shape."""
-    from onnx import helper, numpy_helper
-
     k, n = w.shape
     scale = np.abs(w).max(axis=0) / 127
     codes = np.round(w / np.where(scale == 0, 1, scale)).astype(np.int8)

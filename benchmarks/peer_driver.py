@@ -13,6 +13,8 @@ import json
 import sys
 import time
 
+import numpy as np  # ctranslate2 and openvino both depend on numpy: every peer venv has it
+
 
 class CTranslate2:
     """CTranslate2's Generator on a converted model directory; prompts go in as the model's token strings."""
@@ -52,7 +54,6 @@ class OpenVINO:
         self.info = {"label": f"OpenVINO GenAI {openvino_genai.__version__}", "threads": threads}
 
     def generate(self, ids: list[list[int]], new_tokens: int, first_token) -> list[int]:
-        import numpy as np
         import openvino
 
         config = self.genai.GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,

@@ -29,8 +29,8 @@ def _decode_rate(engine, prompt: list[int], new_tokens: int, **kwargs) -> tuple[
 
 
 def compare(artifact: str, draft: str | None, lookup: int | None, runs: int, prompt_len: int, new_tokens: int,
-            seed: int = 0) -> dict:
-    if draft:  # target and draft take turns on the cores: one ONNX Runtime pool (see share_thread_pool)
+            seed: int = 0, shared_pool: bool = True) -> dict:
+    if draft and shared_pool:  # target and draft take turns on the cores: one ONNX Runtime pool (share_thread_pool)
         share_thread_pool()
     target = load(artifact)
     cases = {"plain": {}}
@@ -67,7 +67,8 @@ def compare(artifact: str, draft: str | None, lookup: int | None, runs: int, pro
             "acceptance_rate": _median(stats[name], "acceptance_rate"),
             "tokens_per_target_step": _median(stats[name], "mean_tokens_per_target_step"),
         }
-    return {"artifact": artifact, "draft": draft, "prompt_lookup": lookup, "runs": runs, "prompt_len": prompt_len,
+    return {"artifact": artifact, "draft": draft, "shared_pool": bool(draft and shared_pool), "prompt_lookup": lookup,
+            "runs": runs, "prompt_len": prompt_len,
             "new_tokens": new_tokens, "cases": out}
 
 
@@ -84,9 +85,12 @@ def main(argv=None) -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--own-pools", action="store_true",
+                        help="load target and draft as Python's luffy.load does by default (a pool each, no "
+                             "share_thread_pool call) instead of the one pool luffy run/serve --draft make")
     args = parser.parse_args(argv)
     print(json.dumps(compare(args.artifact, args.draft, args.prompt_lookup, args.runs, args.prompt_len,
-                             args.new_tokens), indent=2))
+                             args.new_tokens, shared_pool=not args.own_pools), indent=2))
 
 
 if __name__ == "__main__":

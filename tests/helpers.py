@@ -47,11 +47,6 @@ OTHER_FAMILIES = {
 PROMPT = [3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31, 33, 35, 37, 39, 41]
 
 
-def with_layers(config: dict, layers: int) -> dict:
-    """A family's config at another depth (GPT-2 and BLOOM name it n_layer)."""
-    return dict(config, **{"n_layer" if "n_layer" in config else "num_hidden_layers": layers})
-
-
 def make_hf_dir(family: str, config_kwargs: dict, directory: Path, seed: int = 0):
     """Build a random-weight causal LM, save it with safetensors plus a tokenizer; return the torch model."""
     import torch
@@ -162,3 +157,8 @@ def assert_transformers_generates(model, batch: np.ndarray, rows: list[list[int]
         ref = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                              do_sample=False, pad_token_id=0, eos_token_id=None)
     assert ref.numpy().tolist() == batch.tolist()
+
+
+def greedy_alone(engine, prompt: list[int], new_tokens: int) -> list[int]:
+    """The tokens Engine.generate gives ``prompt`` alone, greedy, no EOS stop: what a scheduled request must equal."""
+    return engine.generate([prompt], max_new_tokens=new_tokens, eos_token_id=None)[0, len(prompt):].tolist()

@@ -4,6 +4,7 @@ memory, several prompts per prefill step, drafts verified across rows. Served to
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -14,6 +15,8 @@ from luffy.serving.options import parse_bytes
 from luffy.serving.requests import SamplingParams
 from luffy.serving.scheduler import NoMetrics, Scheduler, SchedulerConfig
 
+from .helpers import greedy_alone
+
 PROMPTS = [list(b"def parse("), list(b"Return the"), list(b"class Foo:\n"), list(b"import os\n"), list(b"The module"),
            list(b"If the file exists, then"), list(b"Open the"), list(b"x = ")]
 
@@ -21,10 +24,6 @@ PROMPTS = [list(b"def parse("), list(b"Return the"), list(b"class Foo:\n"), list
 @pytest.fixture(scope="module")
 def pydoc(zoo_artifacts):
     return zoo_artifacts("llama-pydoc")[0].load()
-
-
-def _alone(engine, prompt, n):
-    return engine.generate([prompt], max_new_tokens=n, eos_token_id=None)[0, len(prompt):].tolist()
 
 
 class _Watching(NoMetrics):
@@ -83,9 +82,17 @@ def test_memory_follows_the_positions_a_slot_holds(pydoc):
 
 def test_a_burst_of_prompts_prefills_several_per_step(pydoc):
     metrics = _Watching()
-    scheduler = Scheduler(pydoc, SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64), metrics=metrics).start()
+    scheduler = Scheduler(pydoc, SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64), metrics=metrics)
+
+    def start_once_all_wait():  # a burst: every prompt queued before the first step (threads start at their pace)
+        deadline = time.monotonic() + 60
+        while scheduler.waiting < len(PROMPTS) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        scheduler.start()
+
+    threading.Thread(target=start_once_all_wait).start()
     try:
-        assert _serve(scheduler, PROMPTS, 12) == [_alone(pydoc, p, 12) for p in PROMPTS]
+        assert _serve(scheduler, PROMPTS, 12) == [greedy_alone(pydoc, p, 12) for p in PROMPTS]
         assert metrics.rows >= len(PROMPTS) and metrics.steps < metrics.rows  # some steps held several prompts
     finally:
         scheduler.stop()
@@ -100,7 +107,7 @@ def test_a_small_kv_cache_queues_and_preempts_with_the_same_tokens(pydoc, swap_s
     scheduler = Scheduler(pydoc, config, metrics=metrics).start()
     try:
         assert scheduler.pool.total == 6 and scheduler.capacity == 6 * 32  # the context lowered to what fits
-        assert _serve(scheduler, PROMPTS[:6], 60) == [_alone(pydoc, p, 60) for p in PROMPTS[:6]]
+        assert _serve(scheduler, PROMPTS[:6], 60) == [greedy_alone(pydoc, p, 60) for p in PROMPTS[:6]]
         assert metrics.preemptions > 0 and metrics.swaps == (metrics.preemptions if swap_space else 0)
         assert 0 < metrics.most_bytes <= 6 * block
         assert scheduler.running == 0 and scheduler.pool.swapped_bytes == 0
@@ -137,7 +144,7 @@ def test_drafts_of_several_rows_are_verified_in_one_step(pydoc, pydoc_int8):
 
     scheduler.slots.step = counted
     try:
-        assert _serve(scheduler, PROMPTS[:4], 24) == [_alone(pydoc, p, 24) for p in PROMPTS[:4]]
+        assert _serve(scheduler, PROMPTS[:4], 24) == [greedy_alone(pydoc, p, 24) for p in PROMPTS[:4]]
         # a verify step: several rows of the last token and up to 3 proposals (prompts are >= 8 tokens)
         assert any(rows > 1 and 1 < width <= 4 for rows, width in steps)
     finally:

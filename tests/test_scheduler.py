@@ -12,6 +12,8 @@ import luffy
 from luffy.serving.requests import SamplingParams
 from luffy.serving.scheduler import NoMetrics, QueueFull, Scheduler, SchedulerConfig
 
+from .helpers import greedy_alone
+
 PROMPTS = [list(b"def parse("), list(b"Return the"), list(b"class Foo:\n"), list(b"import os\n"), list(b"The module"),
            list(b"x"), list(b"If the file exists, then"), list(b"Open the")]
 
@@ -19,10 +21,6 @@ PROMPTS = [list(b"def parse("), list(b"Return the"), list(b"class Foo:\n"), list
 @pytest.fixture(scope="module")
 def pydoc(zoo_artifacts):
     return zoo_artifacts("llama-pydoc")[0].load()
-
-
-def _alone(engine, prompt, n):
-    return engine.generate([prompt], max_new_tokens=n, eos_token_id=None)[0, len(prompt):].tolist()
 
 
 def test_rows_of_different_lengths_decode_together_as_each_would_alone(pydoc):
@@ -36,7 +34,7 @@ def test_rows_of_different_lengths_decode_together_as_each_would_alone(pydoc):
         step = slots.step(0, 4, np.array([[t[-1]] for t in tokens]))[:, -1]
         for row in range(4):
             tokens[row].append(int(np.argmax(step[row])))
-    assert tokens == [_alone(pydoc, p, 12) for p in prompts]
+    assert tokens == [greedy_alone(pydoc, p, 12) for p in prompts]
     assert list(slots.cache.lengths) == [len(p) + 11 for p in prompts]
 
 
@@ -66,7 +64,7 @@ def test_chunked_prefill_and_staggered_arrivals_give_the_tokens_alone(pydoc):
         threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
         [t.start() for t in threads]
         [t.join(120) for t in threads]
-        assert [r.token_ids for r in results] == [_alone(pydoc, p, 16) for p in PROMPTS]
+        assert [r.token_ids for r in results] == [greedy_alone(pydoc, p, 16) for p in PROMPTS]
         assert all(r.finish_reason == "length" and r.completion_tokens == 16 for r in results)
         assert scheduler.running == 0 and scheduler.waiting == 0 and scheduler.kv_cache_usage == 0
     finally:
@@ -76,7 +74,7 @@ def test_chunked_prefill_and_staggered_arrivals_give_the_tokens_alone(pydoc):
 def test_stop_tokens_min_tokens_and_cancel(pydoc):
     scheduler = Scheduler(pydoc, SchedulerConfig(max_num_seqs=2, max_queue=1)).start()
     try:
-        greedy = _alone(pydoc, PROMPTS[1], 12)
+        greedy = greedy_alone(pydoc, PROMPTS[1], 12)
         stop = scheduler.generate(PROMPTS[1], SamplingParams(max_tokens=12, temperature=0, stop_token_ids=(greedy[4],)))
         assert stop.token_ids == greedy[:greedy.index(greedy[4]) + 1] and stop.finish_reason == "stop"
         held = scheduler.generate(PROMPTS[1], SamplingParams(max_tokens=12, temperature=0, min_tokens=12,
@@ -119,7 +117,7 @@ def test_concat_kv_artifacts_are_served_one_row_per_step(tmp_path):
         threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
         [t.start() for t in threads]
         [t.join(120) for t in threads]
-        assert [g.token_ids for g in got] == [_alone(engine, p, 8) for p in PROMPTS[:3]]
+        assert [g.token_ids for g in got] == [greedy_alone(engine, p, 8) for p in PROMPTS[:3]]
     finally:
         scheduler.stop()
 
@@ -145,7 +143,7 @@ def test_speculation_in_the_scheduler_gives_the_tokens_alone(pydoc, pydoc_int8, 
         threads = [threading.Thread(target=run, args=(i,)) for i in range(5)]
         [t.start() for t in threads]
         [t.join(120) for t in threads]
-        assert [r.token_ids for r in results] == [_alone(pydoc, p, 20) for p in PROMPTS[:5]]
+        assert [r.token_ids for r in results] == [greedy_alone(pydoc, p, 20) for p in PROMPTS[:5]]
         assert scheduler.metrics.proposed > 0 and 0 < scheduler.metrics.accepted <= scheduler.metrics.proposed
         assert scheduler.running == 0
     finally:
@@ -168,7 +166,7 @@ def test_prefix_cache_reuses_free_slots_and_stored_blocks(pydoc):
     system = list(b"You answer questions about the Python standard library. " * 3)
     prompts = [system + list(b"What is os.path?"), system + list(b"What is json?"), list(b"Unrelated prompt."),
                list(b"Another unrelated one."), system + list(b"What is re?")]
-    expected = [_alone(pydoc, p, 12) for p in prompts]
+    expected = [greedy_alone(pydoc, p, 12) for p in prompts]
     metrics = _Counting()
     # one slot: every request overwrites the last one's contents, so the third and fourth push the system
     # prompt's blocks into the host-RAM store, and the fifth is served from there
@@ -215,12 +213,12 @@ def test_a_request_that_fails_inside_a_step_ends_alone(pydoc):
             scheduler.submit(Request(PROMPTS[5 + after // 3], SamplingParams(max_tokens=20, temperature=0,
                                                                             ignore_eos=True), broken(after)))
         [t.join(120) for t in threads]
-        assert [good[i].token_ids for i in range(3)] == [_alone(pydoc, PROMPTS[i], 20) for i in range(3)]
+        assert [good[i].token_ids for i in range(3)] == [greedy_alone(pydoc, PROMPTS[i], 20) for i in range(3)]
         assert [o.finish_reason for o in failed] == ["error", "error"]
         assert all("RuntimeError: Event loop is closed" in o.error for o in failed)
         assert scheduler.running == 0 and scheduler.kv_cache_usage == 0
         after = scheduler.generate(PROMPTS[7], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
-        assert after.token_ids == _alone(pydoc, PROMPTS[7], 8)  # the engine goes on
+        assert after.token_ids == greedy_alone(pydoc, PROMPTS[7], 8)  # the engine goes on
     finally:
         scheduler.stop()
 
@@ -247,7 +245,7 @@ def test_the_logits_chain_in_the_scheduler_gives_the_tokens_alone(pydoc):
         [t.start() for t in threads]
         [t.join(120) for t in threads]
         assert [r.token_ids for r in results] == [e.tolist() for e in expected]
-        assert results[0].token_ids != _alone(pydoc, PROMPTS[0], 16)  # the chain did change something
+        assert results[0].token_ids != greedy_alone(pydoc, PROMPTS[0], 16)  # the chain did change something
     finally:
         scheduler.stop()
 
@@ -265,7 +263,7 @@ def test_speculation_with_penalties_keeps_the_tokens_alone(pydoc, pydoc_int8):
     try:
         got = scheduler.generate(prompt, SamplingParams(max_tokens=32, temperature=0, ignore_eos=True, **chained))
         assert got.token_ids == expected and scheduler.metrics.accepted > 8
-        assert expected != _alone(pydoc, prompt, 32)
+        assert expected != greedy_alone(pydoc, prompt, 32)
     finally:
         scheduler.stop()
 
