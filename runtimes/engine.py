@@ -28,6 +28,7 @@ class Engine:
         self.manifest = manifest
         self._tokenizer = None
         self._grammars = None
+        self._grammars_refused: str | None = None  # why llguidance cannot serve this tokenizer (asked once)
 
     @property
     def kind(self) -> str:
@@ -54,13 +55,19 @@ class Engine:
     @property
     def grammars(self) -> GrammarCompiler:
         """Compiles and caches this artifact's structured-output grammars (llguidance on its tokenizer.json)."""
+        if self._grammars_refused is not None:
+            raise UsageError(self._grammars_refused)
         if self._grammars is None:
             name = self.manifest.get("tokenizer")
             if not name or self.vocab is None:
                 raise UsageError(f"{self.path}: structured outputs need the artifact's tokenizer and vocabulary size")
-            self._grammars = GrammarCompiler((self.path / name).read_text(), self.vocab,
-                                             eos_set(self._generation_default("eos_token_id")).tolist(),
-                                             source=str(self.path / name))
+            try:
+                self._grammars = GrammarCompiler((self.path / name).read_text(), self.vocab,
+                                                 eos_set(self._generation_default("eos_token_id")).tolist(),
+                                                 source=str(self.path / name))
+            except UsageError as exc:  # remembered: every later constrained request is refused with it at once
+                self._grammars_refused = str(exc)
+                raise
         return self._grammars
 
     def _row_constraints(self, constraint, rows: int, max_new_tokens: int, structured: dict) -> list | None:

@@ -9,7 +9,7 @@ import sys
 import threading
 from pathlib import Path
 
-from ..errors import LuffyError
+from ..errors import LuffyError, UsageError
 from ..runtimes import load, share_thread_pool
 from .chat import ChatTemplate, ChatTokens
 from .embeddings import Embedder
@@ -56,7 +56,7 @@ class ServingState:
             warmed = warm_up(scheduler)  # before the scheduler thread owns the engine, and before /health is ready
             self.scheduler = scheduler.start()
             if self.engine.manifest.get("tokenizer"):  # structured outputs: the grammar compiler, made once here
-                self.engine.grammars.listener = self.metrics.grammar_compiled
+                self._start_grammars()
             self.chat_template = ChatTemplate.from_artifact(self.engine.path, self.engine.manifest)
             self.token_text = TokenText(self.scheduler.tokenizer)
             if self.chat_template is not None and self.scheduler.tokenizer is not None:
@@ -76,6 +76,14 @@ class ServingState:
         except Exception as exc:  # noqa: BLE001 - /health and every route report it; the process stays up
             self.load_error = str(exc) if isinstance(exc, LuffyError) else f"{type(exc).__name__}: {exc}"
             log(f"error: {self.load_error}")
+
+    def _start_grammars(self) -> None:
+        """Make the structured-output grammar compiler; a tokenizer llguidance cannot read turns structured outputs
+        off for this model (logged; such requests get a 400 naming why), never the model itself."""
+        try:
+            self.engine.grammars.listener = self.metrics.grammar_compiled
+        except UsageError as exc:
+            log(f"structured outputs unavailable: {exc}")
 
     def _scheduler_config(self):
         """The scheduler's settings, with the draft engine loaded when one is configured."""

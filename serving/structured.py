@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 
+from ..errors import UsageError
 from ..runtimes.grammar import GrammarError, GrammarSpec
 from . import protocol, tools
 from .protocol import ProtocolError
@@ -58,11 +59,16 @@ async def constraint(state, grammar: tuple[GrammarSpec, str], max_tokens: int):
     scheduler's thread; a 400 naming ``grammar``'s field when llguidance refuses it or a limit is passed."""
     spec, param = grammar
     try:
-        compiled = await asyncio.to_thread(state.engine.grammars.compile, spec)
+        grammars = state.engine.grammars
+    except UsageError as exc:  # the artifact's tokenizer is one llguidance cannot read (logged at load)
+        raise ProtocolError(400, f"{param}: structured outputs are unavailable for this model: {exc}",
+                            param=param) from None
+    try:
+        compiled = await asyncio.to_thread(grammars.compile, spec)
     except GrammarError as exc:
         reason = str(exc).removeprefix(f"{spec.kind}: ")
         raise ProtocolError(400, f"{param}: {reason}", param=param) from None
-    return state.engine.grammars.constraint(compiled, max_tokens)
+    return grammars.constraint(compiled, max_tokens)
 
 
 def chat_message(text: str, tool_plan: tools.ToolPlan | None, finish_reason: str | None) -> tuple[dict, str | None]:

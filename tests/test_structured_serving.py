@@ -20,8 +20,10 @@ pytest.importorskip("fastapi", reason="the serve extra (pip install 'luffy[serve
 openai = pytest.importorskip("openai", reason="the openai client is not installed")
 pydantic = pytest.importorskip("pydantic")
 
+import luffy  # noqa: E402
 from luffy.benchmarks.structured import validate  # noqa: E402
 
+from .helpers import NAMED_FAMILIES, make_hf_dir  # noqa: E402
 from .server_process import ServerProcess  # noqa: E402
 
 PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
@@ -185,3 +187,22 @@ def test_metrics_count_compiles_cache_hits_masks_and_outcomes(server):
     assert grew("luffy:structured_output_cache_hits_total") == 1
     assert grew("luffy:structured_output_masked_rows_total") >= 2 and grew("luffy:structured_output_mask_seconds_count") >= 2
     assert grew("luffy:structured_output_requests_total", 'structured_output="complete"') == 2
+
+
+def test_a_tokenizer_llguidance_refuses_turns_off_structured_outputs_not_the_model(tmp_path):
+    """An end-of-text id past the tokenizer's own vocabulary (as in checkpoints whose tokenizer.json is smaller than
+    the model's embedding table) is one llguidance refuses: the server loads and serves plain requests, and a
+    constrained one gets a 400 naming why."""
+    make_hf_dir("llama", dict(NAMED_FAMILIES["llama"], eos_token_id=300), tmp_path / "hf")
+    artifact = luffy.compile(tmp_path / "hf", output=tmp_path / "art", check_parity=False)
+    with ServerProcess(artifact.path, "--served-model-name", "odd") as running:
+        assert any("structured outputs unavailable" in line and "llguidance" in line for line in running.log)
+        plain = httpx.post(f"{running.url}/v1/completions", timeout=60,
+                           json={"model": "odd", "prompt": [1, 2, 3], "max_tokens": 4, "ignore_eos": True})
+        assert plain.status_code == 200 and plain.json()["usage"]["completion_tokens"] == 4
+        constrained = httpx.post(f"{running.url}/v1/completions", timeout=60,
+                                 json={"model": "odd", "prompt": [1, 2, 3], "max_tokens": 4,
+                                       "structured_outputs": {"regex": "[0-9]+"}})
+        error = constrained.json()["error"]
+        assert constrained.status_code == 400 and error["param"] == "structured_outputs.regex"
+        assert "structured outputs are unavailable for this model" in error["message"] and "EOS" in error["message"]
