@@ -21,11 +21,6 @@ PROMPTS = [list(b"def parse("), list(b"Return the"), list(b"class Foo:\n"), list
            list(b"If the file exists, then"), list(b"Open the"), list(b"x = ")]
 
 
-@pytest.fixture(scope="module")
-def pydoc(zoo_artifacts):
-    return zoo_artifacts("llama-pydoc")[0].load()
-
-
 class _Watching(NoMetrics):
     """Records what the scheduler reports about memory and prefill steps."""
 
@@ -58,8 +53,8 @@ def _serve(scheduler, prompts, max_tokens):
     return [r.token_ids for r in results]
 
 
-def test_memory_follows_the_positions_a_slot_holds(pydoc):
-    slots = pydoc.open_slots(3, 256, allocate=ReservedMemory())
+def test_memory_follows_the_positions_a_slot_holds(engine):
+    slots = engine.open_slots(3, 256, allocate=ReservedMemory())
     cache = slots.cache
     buffers = [b for layer in cache.buffers for b in layer]
     assert cache.block_tokens == 32 and resident_bytes(buffers) == 0  # head_dim 32 x 4 B: 32 positions a page
@@ -74,15 +69,15 @@ def test_memory_follows_the_positions_a_slot_holds(pydoc):
     cache.clear(2)
     assert resident_bytes(buffers) == cache.block_bytes
     cache.restore(0, saved)
-    alone = pydoc.open_slots(1, 256)
+    alone = engine.open_slots(1, 256)
     alone.step(0, 1, np.array([(PROMPTS[5] * 2)[:20]]))
     # the restored slot continues exactly where the original would
     assert np.array_equal(slots.step(0, 1, np.array([[7]]))[0, -1], alone.step(0, 1, np.array([[7]]))[0, -1])
 
 
-def test_a_burst_of_prompts_prefills_several_per_step(pydoc):
+def test_a_burst_of_prompts_prefills_several_per_step(engine):
     metrics = _Watching()
-    scheduler = Scheduler(pydoc, SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64), metrics=metrics)
+    scheduler = Scheduler(engine, SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64), metrics=metrics)
 
     def start_once_all_wait():  # a burst: every prompt queued before the first step (threads start at their pace)
         deadline = time.monotonic() + 60
@@ -92,22 +87,22 @@ def test_a_burst_of_prompts_prefills_several_per_step(pydoc):
 
     threading.Thread(target=start_once_all_wait).start()
     try:
-        assert _serve(scheduler, PROMPTS, 12) == [greedy_alone(pydoc, p, 12) for p in PROMPTS]
+        assert _serve(scheduler, PROMPTS, 12) == [greedy_alone(engine, p, 12) for p in PROMPTS]
         assert metrics.rows >= len(PROMPTS) and metrics.steps < metrics.rows  # some steps held several prompts
     finally:
         scheduler.stop()
 
 
 @pytest.mark.parametrize("swap_space", [4.0, 0.0])  # preempted KV swapped to host memory, or recomputed
-def test_a_small_kv_cache_queues_and_preempts_with_the_same_tokens(pydoc, swap_space):
-    block = pydoc.open_slots(1, 64, allocate=ReservedMemory()).cache.block_bytes
+def test_a_small_kv_cache_queues_and_preempts_with_the_same_tokens(engine, swap_space):
+    block = engine.open_slots(1, 64, allocate=ReservedMemory()).cache.block_bytes
     config = SchedulerConfig(max_num_seqs=6, max_num_batched_tokens=32, kv_cache_memory=str(6 * block),
                              swap_space=swap_space, prefix_cache=False)
     metrics = _Watching()
-    scheduler = Scheduler(pydoc, config, metrics=metrics).start()
+    scheduler = Scheduler(engine, config, metrics=metrics).start()
     try:
         assert scheduler.pool.total == 6 and scheduler.capacity == 6 * 32  # the context lowered to what fits
-        assert _serve(scheduler, PROMPTS[:6], 60) == [greedy_alone(pydoc, p, 60) for p in PROMPTS[:6]]
+        assert _serve(scheduler, PROMPTS[:6], 60) == [greedy_alone(engine, p, 60) for p in PROMPTS[:6]]
         assert metrics.preemptions > 0 and metrics.swaps == (metrics.preemptions if swap_space else 0)
         assert 0 < metrics.most_bytes <= 6 * block
         assert scheduler.running == 0 and scheduler.pool.swapped_bytes == 0
@@ -117,24 +112,24 @@ def test_a_small_kv_cache_queues_and_preempts_with_the_same_tokens(pydoc, swap_s
         scheduler.stop()
 
 
-def test_requests_beyond_the_kv_cache_are_refused_naming_it(pydoc):
-    block = pydoc.open_slots(1, 64, allocate=ReservedMemory()).cache.block_bytes
-    scheduler = Scheduler(pydoc, SchedulerConfig(max_num_seqs=2, kv_cache_memory=str(4 * block)))
+def test_requests_beyond_the_kv_cache_are_refused_naming_it(engine):
+    block = engine.open_slots(1, 64, allocate=ReservedMemory()).cache.block_bytes
+    scheduler = Scheduler(engine, SchedulerConfig(max_num_seqs=2, kv_cache_memory=str(4 * block)))
     with pytest.raises(luffy.CapacityError, match=r"exceeds the maximum context length 128 \(all the KV cache holds: "
                                                   r"4 blocks of 32 tokens"):
         scheduler.check(PROMPTS[0], SamplingParams(max_tokens=120))
     with pytest.raises(luffy.CapacityError, match="raise --kv-cache-memory or lower --max-model-len"):
-        Scheduler(pydoc, SchedulerConfig(max_num_seqs=2, max_model_len=256, kv_cache_memory=str(4 * block)))
+        Scheduler(engine, SchedulerConfig(max_num_seqs=2, max_model_len=256, kv_cache_memory=str(4 * block)))
     with pytest.raises(luffy.UsageError, match="expected a size such as 1GiB"):
         SchedulerConfig(kv_cache_memory="lots")
     assert parse_bytes("1GiB") == 1 << 30 and parse_bytes("512M") == 512 << 20 and parse_bytes("1.5kb") == 1500
 
 
-def test_drafts_of_several_rows_are_verified_in_one_step(pydoc, pydoc_int8):
+def test_drafts_of_several_rows_are_verified_in_one_step(engine, pydoc_int8):
     from luffy.serving.speculation import SpeculationConfig
 
     speculation = SpeculationConfig(draft=pydoc_int8.load(), num_tokens=3, max_batch=4)
-    scheduler = Scheduler(pydoc, SchedulerConfig(max_num_seqs=4, speculation=speculation)).start()
+    scheduler = Scheduler(engine, SchedulerConfig(max_num_seqs=4, speculation=speculation)).start()
     steps = []
     step = scheduler.slots.step
 
@@ -144,7 +139,7 @@ def test_drafts_of_several_rows_are_verified_in_one_step(pydoc, pydoc_int8):
 
     scheduler.slots.step = counted
     try:
-        assert _serve(scheduler, PROMPTS[:4], 24) == [greedy_alone(pydoc, p, 24) for p in PROMPTS[:4]]
+        assert _serve(scheduler, PROMPTS[:4], 24) == [greedy_alone(engine, p, 24) for p in PROMPTS[:4]]
         # a verify step: several rows of the last token and up to 3 proposals (prompts are >= 8 tokens)
         assert any(rows > 1 and 1 < width <= 4 for rows, width in steps)
     finally:

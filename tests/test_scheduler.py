@@ -18,14 +18,9 @@ PROMPTS = [list(b"def parse("), list(b"Return the"), list(b"class Foo:\n"), list
            list(b"x"), list(b"If the file exists, then"), list(b"Open the")]
 
 
-@pytest.fixture(scope="module")
-def pydoc(zoo_artifacts):
-    return zoo_artifacts("llama-pydoc")[0].load()
-
-
-def test_rows_of_different_lengths_decode_together_as_each_would_alone(pydoc):
+def test_rows_of_different_lengths_decode_together_as_each_would_alone(engine):
     # the primitive under continuous batching: per-row lengths (seqlens_k), chunked prompts with a cache
-    slots = pydoc.open_slots(4, 64)
+    slots = engine.open_slots(4, 64)
     prompts = PROMPTS[:4]
     for s, p in enumerate(prompts):  # every prompt in two chunks, the second on top of the first's cache
         slots.step(s, s + 1, np.array([p[:3]]))
@@ -34,12 +29,12 @@ def test_rows_of_different_lengths_decode_together_as_each_would_alone(pydoc):
         step = slots.step(0, 4, np.array([[t[-1]] for t in tokens]))[:, -1]
         for row in range(4):
             tokens[row].append(int(np.argmax(step[row])))
-    assert tokens == [greedy_alone(pydoc, p, 12) for p in prompts]
+    assert tokens == [greedy_alone(engine, p, 12) for p in prompts]
     assert list(slots.cache.lengths) == [len(p) + 11 for p in prompts]
 
 
-def test_truncate_rolls_back_and_copy_prefix_shares(pydoc):
-    slots = pydoc.open_slots(3, 64)
+def test_truncate_rolls_back_and_copy_prefix_shares(engine):
+    slots = engine.open_slots(3, 64)
     prompt = PROMPTS[6]
     fresh = slots.step(0, 1, np.array([prompt]))[0, -1].copy()
     slots.step(0, 1, np.array([[5, 6, 7]]))  # tokens a draft proposed and the target rejected
@@ -52,8 +47,8 @@ def test_truncate_rolls_back_and_copy_prefix_shares(pydoc):
     np.testing.assert_allclose(shared, fresh, atol=1e-5)
 
 
-def test_chunked_prefill_and_staggered_arrivals_give_the_tokens_alone(pydoc):
-    scheduler = Scheduler(pydoc, SchedulerConfig(max_num_seqs=3, max_num_batched_tokens=5)).start()
+def test_chunked_prefill_and_staggered_arrivals_give_the_tokens_alone(engine):
+    scheduler = Scheduler(engine, SchedulerConfig(max_num_seqs=3, max_num_batched_tokens=5)).start()
     try:
         results = [None] * len(PROMPTS)
 
@@ -64,17 +59,17 @@ def test_chunked_prefill_and_staggered_arrivals_give_the_tokens_alone(pydoc):
         threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
         [t.start() for t in threads]
         [t.join(120) for t in threads]
-        assert [r.token_ids for r in results] == [greedy_alone(pydoc, p, 16) for p in PROMPTS]
+        assert [r.token_ids for r in results] == [greedy_alone(engine, p, 16) for p in PROMPTS]
         assert all(r.finish_reason == "length" and r.completion_tokens == 16 for r in results)
         assert scheduler.running == 0 and scheduler.waiting == 0 and scheduler.kv_cache_usage == 0
     finally:
         scheduler.stop()
 
 
-def test_stop_tokens_min_tokens_and_cancel(pydoc):
-    scheduler = Scheduler(pydoc, SchedulerConfig(max_num_seqs=2, max_queue=1)).start()
+def test_stop_tokens_min_tokens_and_cancel(engine):
+    scheduler = Scheduler(engine, SchedulerConfig(max_num_seqs=2, max_queue=1)).start()
     try:
-        greedy = greedy_alone(pydoc, PROMPTS[1], 12)
+        greedy = greedy_alone(engine, PROMPTS[1], 12)
         stop = scheduler.generate(PROMPTS[1], SamplingParams(max_tokens=12, temperature=0, stop_token_ids=(greedy[4],)))
         assert stop.token_ids == greedy[:greedy.index(greedy[4]) + 1] and stop.finish_reason == "stop"
         held = scheduler.generate(PROMPTS[1], SamplingParams(max_tokens=12, temperature=0, min_tokens=12,
@@ -96,8 +91,8 @@ def test_stop_tokens_min_tokens_and_cancel(pydoc):
         scheduler.stop()
 
 
-def test_a_full_queue_refuses_at_once(pydoc):
-    scheduler = Scheduler(pydoc, SchedulerConfig(max_num_seqs=1, max_queue=1))  # not started: nothing leaves the queue
+def test_a_full_queue_refuses_at_once(engine):
+    scheduler = Scheduler(engine, SchedulerConfig(max_num_seqs=1, max_queue=1))  # not started: nothing leaves the queue
     scheduler.submit(luffy.serving.requests.Request(PROMPTS[0], SamplingParams(), lambda o: None))
     with pytest.raises(QueueFull, match="--max-queue 1"):
         scheduler.submit(luffy.serving.requests.Request(PROMPTS[0], SamplingParams(), lambda o: None))
@@ -123,7 +118,7 @@ def test_concat_kv_artifacts_are_served_one_row_per_step(tmp_path):
 
 
 @pytest.mark.parametrize("how", ["draft", "prompt-lookup"])
-def test_speculation_in_the_scheduler_gives_the_tokens_alone(pydoc, pydoc_int8, how):
+def test_speculation_in_the_scheduler_gives_the_tokens_alone(engine, pydoc_int8, how):
     from luffy.serving.speculation import SpeculationConfig
 
     if how == "draft":
@@ -131,7 +126,7 @@ def test_speculation_in_the_scheduler_gives_the_tokens_alone(pydoc, pydoc_int8, 
         speculation = SpeculationConfig(draft=draft, num_tokens=4, max_batch=2)
     else:
         speculation = SpeculationConfig(prompt_lookup=4, max_batch=2)
-    scheduler = Scheduler(pydoc, SchedulerConfig(max_num_seqs=3, max_num_batched_tokens=8, speculation=speculation),
+    scheduler = Scheduler(engine, SchedulerConfig(max_num_seqs=3, max_num_batched_tokens=8, speculation=speculation),
                           metrics=_Counting()).start()
     try:
         results = [None] * 5
@@ -143,7 +138,7 @@ def test_speculation_in_the_scheduler_gives_the_tokens_alone(pydoc, pydoc_int8, 
         threads = [threading.Thread(target=run, args=(i,)) for i in range(5)]
         [t.start() for t in threads]
         [t.join(120) for t in threads]
-        assert [r.token_ids for r in results] == [greedy_alone(pydoc, p, 20) for p in PROMPTS[:5]]
+        assert [r.token_ids for r in results] == [greedy_alone(engine, p, 20) for p in PROMPTS[:5]]
         assert scheduler.metrics.proposed > 0 and 0 < scheduler.metrics.accepted <= scheduler.metrics.proposed
         assert scheduler.running == 0
     finally:
@@ -162,15 +157,15 @@ class _Counting(NoMetrics):
         self.proposed, self.accepted = self.proposed + proposed, self.accepted + accepted
 
 
-def test_prefix_cache_reuses_free_slots_and_stored_blocks(pydoc):
+def test_prefix_cache_reuses_free_slots_and_stored_blocks(engine):
     system = list(b"You answer questions about the Python standard library. " * 3)
     prompts = [system + list(b"What is os.path?"), system + list(b"What is json?"), list(b"Unrelated prompt."),
                list(b"Another unrelated one."), system + list(b"What is re?")]
-    expected = [greedy_alone(pydoc, p, 12) for p in prompts]
+    expected = [greedy_alone(engine, p, 12) for p in prompts]
     metrics = _Counting()
     # one slot: every request overwrites the last one's contents, so the third and fourth push the system
     # prompt's blocks into the host-RAM store, and the fifth is served from there
-    scheduler = Scheduler(pydoc, SchedulerConfig(max_num_seqs=1, prefix_cache_mb=4), metrics=metrics).start()
+    scheduler = Scheduler(engine, SchedulerConfig(max_num_seqs=1, prefix_cache_mb=4), metrics=metrics).start()
     try:
         got = [scheduler.generate(p, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)) for p in prompts]
         assert [g.token_ids for g in got] == expected
@@ -180,13 +175,13 @@ def test_prefix_cache_reuses_free_slots_and_stored_blocks(pydoc):
         scheduler.stop()
 
 
-def test_a_request_that_fails_inside_a_step_ends_alone(pydoc):
+def test_a_request_that_fails_inside_a_step_ends_alone(engine):
     """A request whose output cannot be delivered (its client's event loop is gone: emit raises) fails inside
     the scheduler's decode and prefill steps; the requests beside it keep the tokens they get alone, its slot
     is freed and cleared, and the scheduler goes on serving."""
     from luffy.serving.requests import Output, Request
 
-    scheduler = Scheduler(pydoc, SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=6)).start()
+    scheduler = Scheduler(engine, SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=6)).start()
     try:
         failed = []
 
@@ -213,17 +208,17 @@ def test_a_request_that_fails_inside_a_step_ends_alone(pydoc):
             scheduler.submit(Request(PROMPTS[5 + after // 3], SamplingParams(max_tokens=20, temperature=0,
                                                                             ignore_eos=True), broken(after)))
         [t.join(120) for t in threads]
-        assert [good[i].token_ids for i in range(3)] == [greedy_alone(pydoc, PROMPTS[i], 20) for i in range(3)]
+        assert [good[i].token_ids for i in range(3)] == [greedy_alone(engine, PROMPTS[i], 20) for i in range(3)]
         assert [o.finish_reason for o in failed] == ["error", "error"]
         assert all("RuntimeError: Event loop is closed" in o.error for o in failed)
         assert scheduler.running == 0 and scheduler.kv_cache_usage == 0
         after = scheduler.generate(PROMPTS[7], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
-        assert after.token_ids == greedy_alone(pydoc, PROMPTS[7], 8)  # the engine goes on
+        assert after.token_ids == greedy_alone(engine, PROMPTS[7], 8)  # the engine goes on
     finally:
         scheduler.stop()
 
 
-def test_the_logits_chain_in_the_scheduler_gives_the_tokens_alone(pydoc):
+def test_the_logits_chain_in_the_scheduler_gives_the_tokens_alone(engine):
     # penalties, logit_bias and min_p through the one chain: a request batched with others equals Engine.generate
     chained = dict(repetition_penalty=1.3, presence_penalty=0.4, frequency_penalty=0.3, logit_bias={ord("e"): -3.0},
                    min_p=0.05)
@@ -232,8 +227,8 @@ def test_the_logits_chain_in_the_scheduler_gives_the_tokens_alone(pydoc):
     expected = []
     for prompt, how in cases:
         sampled = dict(do_sample=True, temperature=how["temperature"], seed=how["seed"]) if "seed" in how else {}
-        expected.append(pydoc.generate([prompt], max_new_tokens=16, eos_token_id=None, **chained, **sampled)[0, len(prompt):])
-    scheduler = Scheduler(pydoc, SchedulerConfig(max_num_seqs=3)).start()
+        expected.append(engine.generate([prompt], max_new_tokens=16, eos_token_id=None, **chained, **sampled)[0, len(prompt):])
+    scheduler = Scheduler(engine, SchedulerConfig(max_num_seqs=3)).start()
     try:
         results = [None] * len(cases)
 
@@ -245,30 +240,30 @@ def test_the_logits_chain_in_the_scheduler_gives_the_tokens_alone(pydoc):
         [t.start() for t in threads]
         [t.join(120) for t in threads]
         assert [r.token_ids for r in results] == [e.tolist() for e in expected]
-        assert results[0].token_ids != greedy_alone(pydoc, PROMPTS[0], 16)  # the chain did change something
+        assert results[0].token_ids != greedy_alone(engine, PROMPTS[0], 16)  # the chain did change something
     finally:
         scheduler.stop()
 
 
-def test_speculation_with_penalties_keeps_the_tokens_alone(pydoc, pydoc_int8):
+def test_speculation_with_penalties_keeps_the_tokens_alone(engine, pydoc_int8):
     # the draft proposes through the same chain, each position judged with the penalties of the tokens before
     # it (accepted ones included): rounds of several kept tokens give plain decoding's tokens
     from luffy.serving.speculation import SpeculationConfig
 
     prompt = PROMPTS[0]
     chained = dict(repetition_penalty=1.2, frequency_penalty=0.5)
-    expected = pydoc.generate([prompt], max_new_tokens=32, eos_token_id=None, **chained)[0, len(prompt):].tolist()
+    expected = engine.generate([prompt], max_new_tokens=32, eos_token_id=None, **chained)[0, len(prompt):].tolist()
     config = SchedulerConfig(max_num_seqs=1, speculation=SpeculationConfig(draft=pydoc_int8.load(), num_tokens=4))
-    scheduler = Scheduler(pydoc, config, metrics=_Counting()).start()
+    scheduler = Scheduler(engine, config, metrics=_Counting()).start()
     try:
         got = scheduler.generate(prompt, SamplingParams(max_tokens=32, temperature=0, ignore_eos=True, **chained))
         assert got.token_ids == expected and scheduler.metrics.accepted > 8
-        assert expected != greedy_alone(pydoc, prompt, 32)
+        assert expected != greedy_alone(engine, prompt, 32)
     finally:
         scheduler.stop()
 
 
-def test_siblings_share_one_prefill_and_wait_for_slots_when_none_is_free(pydoc):
+def test_siblings_share_one_prefill_and_wait_for_slots_when_none_is_free(engine):
     # n = 3 choices with 2 slots: the second copies the first's prompt KV, the third waits and is prefilled
     # when a slot frees; each equals Engine.generate with its own seed either way
     prompt = PROMPTS[6]
@@ -284,12 +279,12 @@ def test_siblings_share_one_prefill_and_wait_for_slots_when_none_is_free(pydoc):
              for i in range(3)]
     group[0].siblings = group[1:]
     metrics = _Counting()
-    scheduler = Scheduler(pydoc, SchedulerConfig(max_num_seqs=2, prefix_cache=False), metrics=metrics).start()
+    scheduler = Scheduler(engine, SchedulerConfig(max_num_seqs=2, prefix_cache=False), metrics=metrics).start()
     try:
         scheduler.submit_all(group)
         assert done.wait(60)
         for i in range(3):
-            expected = pydoc.generate([prompt], max_new_tokens=10, eos_token_id=None, do_sample=True, temperature=0.9,
+            expected = engine.generate([prompt], max_new_tokens=10, eos_token_id=None, do_sample=True, temperature=0.9,
                                       seed=7 + i)[0, len(prompt):].tolist()
             assert luffy.serving.requests.Output.merge(outputs[f"c{i}"]).token_ids == expected
         assert metrics.hit == len(prompt)  # the second choice's copy; the third was prefilled
