@@ -5,10 +5,15 @@ memory can be estimated before a byte of weight is read. An estimate above what 
 free, or above ``--max-memory`` (default: what the machine has available now), is refused in one line naming
 both numbers, before minutes of work and without a half-written artifact.
 
-Memory, from measured compiles (docs/large-models.md):
-  streamed   BASE_BYTES (libraries, the graph, ONNX Runtime's check of one layer) plus the largest tensor's
-             read: its checkpoint bytes and its fp32 copy (1.5x the tensor in fp32 for bf16 checkpoints), or
-             for a quantized tensor, a 64 MB slice and its codes
+Memory, from measured compiles (docs/large-models.md), the largest of the phases the compile runs:
+  streamed   write: BASE_BYTES (libraries, the graph) plus the largest tensor's read: its checkpoint bytes and
+             its fp32 copy, or for a quantized tensor, a 64 MB slice and its codes;
+             parity check: CHECK_BASE_BYTES plus the largest tensor three times: the reference module's fp32
+             copy, its checkpoint bytes (mapped) and the artifact's region holding it (the peak of the streamed
+             1B and 8B compiles: their embedding table, 2.49 and 4.39 GB);
+             GPTQ (--calib): BASE_BYTES plus the float64 Hessians of two layers (the region being written and
+             the one collected next) and GPTQ's three K x K working copies for the widest input (from the
+             algorithm in passes/gptq.py and stream/calibration.py; not measured at 8B)
   whole      the model in fp32 in PyTorch, again in the exported graph, and the transforms of the passes:
              WHOLE_MODEL_FACTOR x the fp32 weights
 """
@@ -25,6 +30,9 @@ from ...errors import UsageError
 from ..config import parse_size
 
 BASE_BYTES = 2 << 30
+# the check phase's peak less its largest module's three copies: 0.77 GB (1B) and 0.94 GB (8B) measured
+# (benchmarks/results/scale-{1b,8b}-int4-shared-machine.json), plus margin
+CHECK_BASE_BYTES = 3 << 29
 WHOLE_MODEL_FACTOR = 2.5  # measured 2.3x on Llama-3.2-1B (11.3 GB for 4.9 GB of fp32 weights), plus margin
 CHUNK_BYTES = 64 << 20  # passes/weight_codes.py's slice
 MARGIN = 1.05  # rotary tables, norms, the graph itself
@@ -59,24 +67,65 @@ def _stored_bytes(shape: tuple[int, ...], precision: str, block: int) -> float:
 
 
 def estimate(shapes: list[tuple[int, ...]], source_bytes: list[int], precision: str, block: int,
-             streamed: bool) -> Estimate:
+             streamed: bool, names: list[str] | None = None, parity: bool = True, calib: bool = False) -> Estimate:
     """The artifact's size and the compile's peak memory for tensors of ``shapes`` (one per checkpoint tensor,
-    ``source_bytes`` their size on disk)."""
+    ``names`` their names, ``source_bytes`` their size on disk): the largest of the phases the compile runs.
+
+    Example::
+
+        >>> estimate([(128256, 2048)], [128256 * 2048 * 2], "int4", 32, streamed=True).how
+        'streamed: the parity check holds the largest tensor (0.98 GB in fp32) three times'
+    """
     artifact = int(MARGIN * sum(_stored_bytes(s, precision, block) for s in shapes))
     params = sum(int(np.prod(s, dtype=np.int64)) for s in shapes)
     fp32 = [4 * int(np.prod(s, dtype=np.int64)) for s in shapes]
     if not streamed:
         memory = BASE_BYTES + int(WHOLE_MODEL_FACTOR * sum(fp32))
-        how = f"whole model: {WHOLE_MODEL_FACTOR}x its {sum(fp32) / GB:.1f} GB of fp32 weights"
-    elif precision in ("int4", "int8"):
+        return Estimate(artifact, memory, params, f"whole model: {WHOLE_MODEL_FACTOR}x its {sum(fp32) / GB:.1f} GB "
+                                                  "of fp32 weights")
+    phases = [_write_phase(shapes, source_bytes, fp32, precision, block)]
+    if parity:
+        phases.append(_check_phase(shapes, source_bytes, fp32, precision, block))
+    if calib and precision in ("int4", "int8"):
+        phases.append(_gptq_phase(shapes, names or [""] * len(shapes)))
+    memory, how = max(phases)
+    return Estimate(artifact, memory, params, f"streamed: {how}")
+
+
+def _write_phase(shapes, source_bytes, fp32, precision, block) -> tuple[int, str]:
+    if precision in ("int4", "int8"):
         largest = max(_stored_bytes(s, precision, block) for s in shapes)
-        memory = BASE_BYTES + int(largest + 3 * CHUNK_BYTES)
-        how = f"streamed: one quantized tensor at a time (largest {largest / GB:.2f} GB of codes)"
-    else:
-        index = int(np.argmax(fp32))
-        memory = BASE_BYTES + fp32[index] + source_bytes[index]
-        how = f"streamed: one tensor at a time (largest {fp32[index] / GB:.2f} GB in fp32)"
-    return Estimate(artifact, memory, params, how)
+        return BASE_BYTES + int(largest + 3 * CHUNK_BYTES), \
+            f"one quantized tensor at a time (largest {largest / GB:.2f} GB of codes)"
+    index = int(np.argmax(fp32))
+    return BASE_BYTES + fp32[index] + source_bytes[index], \
+        f"one tensor at a time (largest {fp32[index] / GB:.2f} GB in fp32)"
+
+
+def _check_phase(shapes, source_bytes, fp32, precision, block) -> tuple[int, str]:
+    index = int(np.argmax(fp32))
+    held = fp32[index] + source_bytes[index] + int(_stored_bytes(shapes[index], precision, block))
+    return CHECK_BASE_BYTES + held, \
+        f"the parity check holds the largest tensor ({fp32[index] / GB:.2f} GB in fp32) three times"
+
+
+def _gptq_phase(shapes, names) -> tuple[int, str]:
+    """Two layers of float64 Hessians (one per quantized input, counted per weight: an upper bound where
+    weights share an input) and GPTQ's H, H^-1 and its Cholesky factor for the widest input."""
+    first = [s for s, n in zip(shapes, names) if len(s) == 2 and _layer(n) == 0] or [s for s in shapes if len(s) == 2]
+    widest = max(s[1] for s in first)
+    layer = sum(8 * s[1] * s[1] for s in first)
+    return BASE_BYTES + 2 * layer + 3 * 8 * widest * widest, \
+        f"GPTQ holds two layers of Hessians ({2 * layer / GB:.2f} GB) and works on a {widest}-wide one"
+
+
+def _layer(name: str) -> int | None:
+    """The decoder layer a checkpoint tensor belongs to (``model.layers.3.mlp...`` -> 3), else None."""
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part in ("layers", "h", "blocks") and parts[i + 1].isdigit():
+            return int(parts[i + 1])
+    return None
 
 
 def available_memory() -> int | None:
@@ -113,6 +162,7 @@ def check_checkpoint(checkpoint, cfg, output: Path, streamed: bool) -> Estimate:
     does not fit; the estimate goes into the report."""
     entries = list(checkpoint.entries.values())
     found = estimate([e.shape for e in entries], [e.nbytes for e in entries], cfg.precision,
-                     cfg.block_size or SMALLEST_CHOSEN_BLOCK, streamed)
+                     cfg.block_size or SMALLEST_CHOSEN_BLOCK, streamed, names=list(checkpoint.entries),
+                     parity=cfg.check_parity, calib=cfg.calib is not None)
     check_room(found, output, cfg.max_memory)
     return found
