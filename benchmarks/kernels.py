@@ -7,6 +7,13 @@ packer) runs at decode (M=1) and prefill (M=128) shapes on one thread; the cell 
 shared machine's other processes only ever make a run slower). Also ONNX Runtime's DynamicQuantizeMatMul
 on the same shape (int8 weights per column, int8 activations per tensor: MLAS QGEMM) and a plain fp32
 MatMul, for the prefill comparison.
+
+`batch_invariant` says whether a row's output is the same bits whatever batch it runs in (each of 7 rows alone
+against the same rows in batches of 7 and 8): a server gives a request the output it gets alone only where
+every kernel is. On the CPU measured, MLAS's int8-product kernel (level 4)
+at blocks of 64 and up computes a batch's odd last row with its one-row kernel, whose sums differ in the last
+bits from its two-row kernel's; at block 32 it is invariant (measured on the Sapphire Rapids CPU:
+benchmarks/results/kernels-spr.json).
 """
 
 from __future__ import annotations
@@ -70,6 +77,14 @@ def best_seconds(session, m: int, k: int, runs: int) -> float:
     return best
 
 
+def batch_invariant(session, k: int, rows: int = 7) -> bool:
+    """True when each of ``rows`` rows gives the same bits alone (M=1) as inside batches of ``rows`` and
+    ``rows + 1`` (an odd and an even M)."""
+    a = np.random.default_rng(2).standard_normal((rows + 1, k)).astype(np.float32)
+    alone = np.concatenate([session.run(None, {"A": a[i:i + 1]})[0] for i in range(rows)])
+    return all(np.array_equal(session.run(None, {"A": a[:m]})[0][:rows], alone) for m in (rows, rows + 1))
+
+
 def measure(k: int, n: int, decode_runs: int = 300, prefill_runs: int = 40) -> list[dict]:
     w = (np.random.default_rng(0).standard_normal((k, n)) * 0.05).astype(np.float32)
     cases = {f"MatMulNBits int{b} block {blk}{' symmetric' if sym else ''} level {acc}": matmul_nbits(w, b, blk, sym, acc)
@@ -79,7 +94,8 @@ def measure(k: int, n: int, decode_runs: int = 300, prefill_runs: int = 40) -> l
     for name, (session, bytes_per_weight) in cases.items():
         decode, prefill = best_seconds(session, 1, k, decode_runs), best_seconds(session, 128, k, prefill_runs)
         rows.append({"kernel": name, "bytes_per_weight": round(bytes_per_weight, 4),
-                     "decode_us": round(decode * 1e6, 1), "prefill_ms": round(prefill * 1e3, 3)})
+                     "decode_us": round(decode * 1e6, 1), "prefill_ms": round(prefill * 1e3, 3),
+                     "batch_invariant": batch_invariant(session, k)})
     return rows
 
 
@@ -93,9 +109,10 @@ def main(argv=None) -> None:
 
     rows = measure(args.k, args.n)
     print(f"K={args.k} N={args.n}, one thread, best of N; this CPU's choice: {weight_kernels()}")
-    print("| kernel | bytes/weight | decode µs (M=1) | prefill ms (M=128) |\n|---|---:|---:|---:|")
+    print("| kernel | bytes/weight | decode µs (M=1) | prefill ms (M=128) | batch-invariant |\n|---|---:|---:|---:|---|")
     for r in rows:
-        print(f"| {r['kernel']} | {r['bytes_per_weight']} | {r['decode_us']} | {r['prefill_ms']} |")
+        print(f"| {r['kernel']} | {r['bytes_per_weight']} | {r['decode_us']} | {r['prefill_ms']} | "
+              f"{'yes' if r['batch_invariant'] else 'no'} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"k": args.k, "n": args.n, "choice": weight_kernels(), "rows": rows}, f, indent=2)

@@ -62,6 +62,11 @@ class LuffyConfig:
     # None: decided by the compiling CPU (runtimes/cpu_features.weight_kernels; 128 where MLAS has int8 kernels)
     block_size: int | None = option(None, "int8/int4: weights per scale, 16 | 32 | 64 | 128 (smaller: more accurate, "
                                     "more bytes) [decided by this CPU: 128 with int8 dot products]")
+    # runtimes/batch_invariance.py: MLAS's fastest int8-product kernels compute a lone row (and a batch's odd last
+    # row) differently from the rows of a batch, so a served request can differ from itself alone
+    batch_invariant: bool = option(False, "int8/int4: the largest block whose kernels on this CPU compute a row the "
+                                   "same in any batch, so a served request's tokens equal its tokens alone (docs/"
+                                   "serving.md) [off: the fastest block]")
     calib: str | None = option(None, "int8/int4: text (or token ids as .json) to calibrate on; quantizes by GPTQ instead "
                                "of round-to-nearest.", metavar="FILE")
     eval_file: str | None = option(None, "Text (or .json token ids): perplexity before and after, in the report.",
@@ -136,6 +141,10 @@ class LuffyConfig:
             parse_size(self.max_memory, "--max-memory")
         if self.block_size is not None and self.block_size not in BLOCK_SIZES:
             raise UsageError(f"block_size {self.block_size!r}; choose one of {', '.join(map(str, BLOCK_SIZES))}")
+        if self.batch_invariant and (self.block_size is not None or self.precision not in WEIGHT_ONLY):
+            raise UsageError("--batch-invariant chooses the block size of int8/int4 weights: drop --block-size"
+                             if self.block_size is not None else
+                             f"--batch-invariant applies to int8/int4 weights, not precision {self.precision}")
         if self.accuracy_level is not None and self.accuracy_level not in (0, 1, 2, 3, 4):
             raise UsageError(f"accuracy_level {self.accuracy_level!r}; choose 0 (fp32 products) to 4 (int8 products)")
         if self.hardware_compatibility not in HARDWARE_COMPATIBILITY:

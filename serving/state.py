@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..errors import LuffyError, UsageError
 from ..runtimes import load, share_thread_pool
+from ..runtimes.batch_invariance import variance_warning
 from .chat import ChatTemplate, ChatTokens
 from .embeddings import Embedder
 from .logprobs import TokenText
@@ -63,6 +64,9 @@ class ServingState:
                 self.chat_tokens = ChatTokens(self.scheduler.tokenizer)
             kv = self.engine.manifest["kv_cache"]
             log(f"KV cache ({self.model_name}, {kv.get('dtype')}, {kv.get('mode')}): {self.scheduler.pool.describe()}")
+            variance = variance_warning(self.engine.manifest)  # a request batched can differ from it alone: say so
+            if variance:
+                log(f"note: {variance}")
             config = self.scheduler.config
             if config.prefix_cache:
                 log(f"prefix cache: free slots' contents + {config.prefix_cache_mb} MiB of host RAM for blocks")

@@ -11,6 +11,7 @@ import onnx_ir as ir
 from ...errors import UsageError
 from ...passes.quantize_weights import WeightQuantization
 from ...passes.matmul_packing import FLOAT_WEIGHTS
+from ...runtimes.batch_invariance import nbits_batch_invariant
 from ...runtimes.cpu_features import weight_kernels
 from ..config import WEIGHT_ONLY, LuffyConfig
 from ..sources.resolve import CAUSAL_LM
@@ -129,20 +130,38 @@ class QualityMeasure:
         }
 
 
-def kernel_choice(cfg, model: ir.Model) -> tuple[int, int, dict | None]:
+def kernel_choice(cfg, model: ir.Model, bits: int = 4) -> tuple[int, int, dict | None]:
     """(block size, accuracy level, what they were chosen for) of a weight-only compile: the options when given,
     else this CPU's (runtimes/cpu_features.weight_kernels), the block lowered to one that divides every weight's
-    K (GPTQ and ORT's QMoE need whole blocks). The TensorRT target keeps block 32 (its QDQ int4 weights)."""
+    K (GPTQ and ORT's QMoE need whole blocks), and with --batch-invariant to one whose kernels compute a row the
+    same in any batch here (runtimes/batch_invariance.py). The TensorRT target keeps block 32 (its QDQ int4
+    weights)."""
     plan = weight_kernels() if cfg.target == "ort" else {"cpu": "tensorrt", "block_size": 32, "accuracy_level": 4,
                                                           "why": "TensorRT's int4 weight blocks"}
+    accuracy = plan["accuracy_level"] if cfg.accuracy_level is None else cfg.accuracy_level
     block = cfg.block_size or plan["block_size"]
     if cfg.block_size is None:
         ks = {n.inputs[1].const_value.shape[0] for n in model.graph if n.op_type == "MatMul" and len(n.inputs) > 1
               and n.inputs[1] is not None and n.inputs[1].const_value is not None
               and len(n.inputs[1].const_value.shape) == 2 and n.inputs[1].dtype in FLOAT_WEIGHTS}
-        block = next((b for b in (block, 64, 32, 16) if b <= block and all(k % b == 0 for k in ks)), block)
-    accuracy = plan["accuracy_level"] if cfg.accuracy_level is None else cfg.accuracy_level
+        fits = [b for b in (block, 64, 32, 16) if b <= block and all(k % b == 0 for k in ks)]
+        if cfg.batch_invariant and cfg.target == "ort":
+            fits = _invariant_blocks(fits, bits, accuracy, plan)
+            plan = {**plan, "why": f"{plan['why']}; --batch-invariant: block {fits[0]} computes a row the same in "
+                                   "any batch on this CPU (runtimes/batch_invariance.py)"}
+        block = next(iter(fits), block)
     if cfg.block_size is not None and cfg.accuracy_level is not None:
         return block, accuracy, None
     why = plan["why"] if block == plan["block_size"] else f"{plan['why']}; {block}: the largest dividing every K"
     return block, accuracy, {**plan, "block_size": block, "why": why}
+
+
+def _invariant_blocks(blocks: list[int], bits: int, accuracy: int, plan: dict) -> list[int]:
+    """The blocks among ``blocks`` whose MatMulNBits (symmetric at 8 bits, as quantize-weights writes them) is
+    batch-invariant on this CPU, largest first; none is a one-line error naming the CPU."""
+    invariant = [b for b in blocks if nbits_batch_invariant(bits, b, accuracy, bits == 8)]
+    if not invariant:
+        raise UsageError(f"--batch-invariant: no int{bits} block ({', '.join(map(str, blocks))}) at accuracy level "
+                         f"{accuracy} computes a row the same in any batch on this CPU ({plan['cpu']}); drop "
+                         "--batch-invariant or try --accuracy-level")
+    return invariant

@@ -1,0 +1,84 @@
+"""A request's output in a batch against alone: the probe of this CPU's weight kernels (runtimes/batch_invariance.py).
+
+The probe's verdict must hold at model sizes (the kernels benchmark's check on a 2048 x 2048 weight) and predict
+what a compiled int4 artifact does: rows decoded together give the logits each gives alone, bit for bit, exactly
+when the probe calls its kernels invariant. Which settings are invariant depends on the CPU, so the tests assert
+the agreement, never a fixed table.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import luffy
+from luffy.errors import UsageError
+from luffy.benchmarks.kernels import batch_invariant, matmul_nbits
+from luffy.runtimes.batch_invariance import artifact_kernels, nbits_batch_invariant, variance_warning
+
+PROMPTS = [list(b"def parse("), list(b"Return the"), list(b"class Foo:\n")]
+
+
+@pytest.mark.parametrize("bits, block, accuracy, symmetric", [(4, 32, 4, False), (4, 128, 4, False),
+                                                               (8, 128, 4, True), (4, 32, 0, False)])
+def test_the_probe_agrees_with_the_kernel_at_model_size(bits, block, accuracy, symmetric):
+    w = (np.random.default_rng(0).standard_normal((2048, 2048)) * 0.05).astype(np.float32)
+    session, _ = matmul_nbits(w, bits, block, symmetric, accuracy)
+    assert nbits_batch_invariant(bits, block, accuracy, symmetric) == batch_invariant(session, 2048)
+
+
+VARIANTS = {"block32": dict(block_size=32), "block128": dict(block_size=128), "batch-invariant": dict(batch_invariant=True)}
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def int4_engine(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp(request.param) / "out"
+    try:
+        return luffy.compile("llama-pydoc", output=out, precision="int4", **VARIANTS[request.param]).load()
+    except UsageError as exc:  # --batch-invariant on a CPU where no block is: the error must be the probe's verdict
+        assert request.param == "batch-invariant" and "--batch-invariant: no int4 block" in str(exc)
+        assert not any(nbits_batch_invariant(4, b, 4, False) for b in (128, 64, 32, 16))
+        return None
+
+
+def _greedy_steps(slots, rows: int, first: list[int], steps: int) -> np.ndarray:
+    """``steps`` greedy decode steps of ``rows`` slots together from tokens ``first``: logits [rows, steps, vocab]."""
+    current, logits = list(first), []
+    for _ in range(steps):
+        step = slots.step(0, rows, np.array([[t] for t in current]))[:, -1].copy()
+        logits.append(step)
+        current = [int(np.argmax(row)) for row in step]
+    return np.stack(logits, axis=1)
+
+
+def _decode_together_and_alone(engine, steps: int = 6) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy decode of PROMPTS in one batch (each prefilled in its own slot, as alone) and of each alone:
+    every step's logits, [prompt, step, vocab] each."""
+    together = engine.open_slots(len(PROMPTS), 64)
+    first = [int(np.argmax(together.step(r, r + 1, np.array([p]))[0, -1])) for r, p in enumerate(PROMPTS)]
+    alone = []
+    for prompt, token in zip(PROMPTS, first):
+        slots = engine.open_slots(1, 64)
+        assert int(np.argmax(slots.step(0, 1, np.array([prompt]))[0, -1])) == token
+        alone.append(_greedy_steps(slots, 1, [token], steps)[0])
+    return _greedy_steps(together, len(PROMPTS), first, steps), np.stack(alone)
+
+
+def test_batched_rows_equal_alone_exactly_when_the_probe_says_so(int4_engine, request):
+    if int4_engine is None:
+        pytest.skip("no batch-invariant int4 block on this CPU (the fixture checked the error against the probe)")
+    kernels = artifact_kernels(int4_engine.manifest)
+    if request.node.callspec.params["int4_engine"] == "batch-invariant":
+        assert all(k["batch_invariant"] for k in kernels), kernels
+        assert "--batch-invariant" in int4_engine.manifest["report"]["precision"]["scheme"]["chosen_for"]["why"]
+    assert kernels and {k["bits"] for k in kernels} == {4}
+    invariant = all(k["batch_invariant"] for k in kernels)
+    together, alone = _decode_together_and_alone(int4_engine)
+    # an odd batch (3 rows) decoding: the kernels' one-row and two-row paths both run
+    same = np.array_equal(together, alone)
+    assert same == invariant, (kernels, float(np.abs(together - alone).max()))
+    assert (variance_warning(int4_engine.manifest) is None) == invariant
+
+
+def test_artifacts_without_weight_kernels_have_nothing_to_say(engine):
+    assert artifact_kernels(engine.manifest) == [] and variance_warning(engine.manifest) is None
