@@ -5,8 +5,10 @@ vocabulary: the sampling chain's copies, softmax and cumulative sums). glibc's m
 fresh mmap()s or trims the heap's top after the free, so the next step takes a page fault on every 4 KiB it
 writes again. Measured on the 156M reference Llama, 16 requests at temperature 0.7 on the 2-core machine: a JSON
 schema on every row made the step's softmax 5.6x slower than the free batch's (0.164 vs 0.029 s over 64
-steps), and the constrained batch ran at 0.86x the free one's tokens/s through `luffy serve`; with freed
-memory kept, 0.94x. vLLM's CPU backend asks its users to preload tcmalloc for the same reason; luffy sets
+steps). Through `luffy serve` (quiet machine), the constrained batch ran at 0.863x the free one's tokens/s
+(the figure in commit b300e39's message; that run's raw JSON was not kept); with freed memory kept, 0.966x (the
+ratio of the medians of 5 alternated rounds, benchmarks/results/structured-throughput-ref156m.json). vLLM's CPU
+backend asks its users to preload tcmalloc for the same reason; luffy sets
 glibc's own thresholds instead, so nothing needs installing. Elsewhere (musl, macOS) this does nothing.
 """
 

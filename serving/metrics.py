@@ -73,8 +73,9 @@ class ServerMetrics:
         self.grammar_compile = make(Histogram, "structured_output_compile_seconds", "Compile time of a grammar not in "
                                     "the cache (what a request with a new schema waits).", buckets=GRAMMAR_COMPILE_BUCKETS)
         self.grammar_hits = make(Counter, "structured_output_cache_hits", "Grammars found compiled in the cache.")
-        self.grammar_mask = make(Histogram, "structured_output_mask_seconds", "Time to fill and apply a decode "
-                                 "step's grammar masks (all constrained rows, one call).", buckets=GRAMMAR_MASK_BUCKETS)
+        self.grammar_mask = make(Histogram, "structured_output_mask_seconds", "Time to fill a decode step's grammar "
+                                 "masks (all constrained rows, one after another; applying them is not timed).",
+                                 buckets=GRAMMAR_MASK_BUCKETS)
         self.grammar_rows = make(Counter, "structured_output_masked_rows", "Rows masked by a grammar in decode steps.")
         self.grammar_outcomes = Counter("luffy:structured_output_requests", "Finished constrained requests by how "
                                         "their output stands (complete, closed_early, incomplete).",

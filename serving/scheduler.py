@@ -108,7 +108,7 @@ class Scheduler(KVAdmission):
         self._stopping = self._draining = False
         self._stop_error: str | None = None
         self._thread: threading.Thread | None = None
-        self._masker = None  # fills a decode batch's grammar masks in one call; made for the first constraint
+        self._masker = None  # fills a decode batch's grammar masks, row by row; made for the first constraint
 
     # -- the handlers' side ---------------------------------------------------------------------------
     def start(self) -> "Scheduler":
@@ -297,8 +297,10 @@ class Scheduler(KVAdmission):
         return np.stack([self.slots.step(row, row + 1, tokens[row:row + 1])[0, -1, :].copy() for row in range(n)])
 
     def _fill_masks(self, requests: list[Request]) -> None:
-        """Fill the grammar masks of the batch's constrained requests in one llguidance call, before each row's
-        chooser applies its own (runtimes/constraint.py); free rows cost nothing."""
+        """Fill the grammar masks of the batch's constrained requests, one row after another on this thread (the
+        masker's default; ``parallel=True`` would make it one llguidance call on llguidance's threads), before
+        each row's chooser applies its own (runtimes/constraint.py); free rows cost nothing. Only the fill (with
+        the closing rule) is timed for ``structured_output_mask_seconds``: applying the masks is not."""
         constraints = [r.constraint for r in requests if r.constraint is not None]
         if not constraints:
             return
