@@ -93,16 +93,46 @@ def siblings_reason(projections: list[Projection]) -> str | None:
     return None
 
 
+class Concatenated(ir.LazyTensor):
+    """``tensors`` concatenated along ``axis`` when read; along axis 1 of [K, N_i] weights whose parts can read
+    their own columns (a checkpoint's [N_i, K] rows, transposed), columns n0:n1 are read without the rest.
+
+    Why columns: the quantizer reads a packed weight 64 MB at a time (passes/weight_codes.py). Reading it whole
+    would transpose every part into a [K, N] copy and concatenate it (two passes over the weight, and the packed
+    layer's weight in memory); by columns, each part's rows are copied side by side and the result is their
+    transposed view: one copy, of the slice only."""
+
+    def __init__(self, name: str, tensors: list, axis: int):
+        shape = list(tensors[0].shape)
+        shape[axis] = sum(t.shape[axis] for t in tensors)
+        super().__init__(lambda: ir.tensor(np.concatenate([t.numpy() for t in tensors], axis=axis),
+                                           dtype=tensors[0].dtype),
+                         dtype=tensors[0].dtype, shape=ir.Shape(shape), name=name)
+        self.parts, self.axis = tensors, axis
+
+    @property
+    def read_columns(self):
+        readers = [getattr(t, "read_columns", None) for t in self.parts]
+        if self.axis != 1 or not all(callable(r) for r in readers):
+            return None
+        widths = [t.shape[1] for t in self.parts]
+        return lambda start, stop: _columns(readers, widths, start, stop)
+
+
+def _columns(readers, widths: list[int], start: int, stop: int) -> np.ndarray:
+    """Columns start:stop of the parts side by side, as the transposed view of their rows stacked."""
+    rows, offset = [], 0
+    for read, width in zip(readers, widths):
+        lo, hi = max(start, offset), min(stop, offset + width)
+        if lo < hi:
+            rows.append(read(lo - offset, hi - offset).T)
+        offset += width
+    return np.concatenate(rows, axis=0).T
+
+
 def _concatenated(name: str, values: list[ir.Value], axis: int) -> ir.Value:
-    tensors = [v.const_value for v in values]
-    shape = list(tensors[0].shape)
-    shape[axis] = sum(t.shape[axis] for t in tensors)
-
-    def concatenate() -> ir.TensorProtocol:
-        return ir.tensor(np.concatenate([t.numpy() for t in tensors], axis=axis), dtype=tensors[0].dtype)
-
-    lazy = ir.LazyTensor(concatenate, dtype=tensors[0].dtype, shape=ir.Shape(shape), name=name)
-    return ir.Value(name=name, const_value=lazy, shape=ir.Shape(shape), type=ir.TensorType(tensors[0].dtype))
+    lazy = Concatenated(name, [v.const_value for v in values], axis)
+    return ir.Value(name=name, const_value=lazy, shape=lazy.shape, type=ir.TensorType(lazy.dtype))
 
 
 def pack(graph: ir.Graph, projections: list[Projection], name: str) -> ir.Value:

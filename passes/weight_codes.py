@@ -110,7 +110,9 @@ class PackedWeight:
         rows = max(1, CHUNK_BYTES // (4 * self.k))
         read = self.open_reader()  # whatever it holds goes when this computation ends
         hessian = self.hessian() if callable(self.hessian) else self.hessian
-        pieces = [self._quantize(np.ascontiguousarray(read(n0, min(n0 + rows, self.n)), dtype=np.float32), hessian)
+        # a [K, n] slice, often the transposed view of a checkpoint's [n, K] rows: the clip search and GPTQ work
+        # on rows of [N, K] and transpose it back for free; only ORT's packer needs it contiguous as [K, n]
+        pieces = [self._quantize(np.asarray(read(n0, min(n0 + rows, self.n)), dtype=np.float32), hessian)
                   for n0 in range(0, self.n, rows)]
         return [np.ascontiguousarray(np.concatenate(parts, axis=0)) for parts in zip(*pieces)]
 
@@ -123,7 +125,7 @@ class PackedWeight:
             packed, scales, zero_points = gptq_math.pack_matmul_nbits(codes, scales, zeros, self.bits, self.block,
                                                                       self.symmetric)
         else:
-            packed, scales, zero_points = ort_rtn(w, self.bits, self.block, self.symmetric)
+            packed, scales, zero_points = ort_rtn(np.ascontiguousarray(w), self.bits, self.block, self.symmetric)
         out = (packed, scales.reshape(n, -1).astype(np.float32))
         return out if self.symmetric else (*out, zero_points.reshape(n, -1))
 
