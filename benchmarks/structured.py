@@ -28,6 +28,7 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from .machine import describe_machine
+from .serve_bench import ServeProcess
 
 CORPUS_FILE = Path(__file__).with_name("structured_schemas.json")
 
@@ -52,8 +53,6 @@ def validate(value, schema: dict) -> None:
 
 
 def _served(artifact: Path, max_num_seqs: int):
-    from .serve_bench import ServeProcess
-
     server = ServeProcess(artifact, ["--max-num-seqs", str(max_num_seqs)]).start()
     server.wait_ready()
     return server
