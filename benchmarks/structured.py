@@ -27,6 +27,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
+from ..errors import first_line
 from .machine import describe_machine
 from .serve_bench import ServeProcess
 
@@ -80,7 +81,7 @@ def _check(entry: dict, choice) -> str | None:
     except ValueError as exc:
         return f"does not parse: {exc}"
     except Exception as exc:  # noqa: BLE001 - jsonschema's ValidationError
-        return f"does not validate: {str(exc).splitlines()[0]}"
+        return f"does not validate: {first_line(exc)}"
     return None
 
 
