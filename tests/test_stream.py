@@ -8,8 +8,6 @@ held to transformers by tests/test_families.py (family_artifact compiles through
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import onnx
@@ -24,7 +22,7 @@ from luffy.compiler.stream.capture import capture_hf
 from luffy.compiler.stream.parity import check_streamed_parity
 from luffy.compiler.stream.skeleton import template_depth
 from luffy.errors import CaptureError, SourceError, UsageError
-from luffy.tests.helpers import COMMON, PROMPT, error_line, make_hf_dir
+from luffy.tests.helpers import COMMON, PROMPT, error_line, luffy_cli, make_hf_dir
 
 
 @pytest.fixture(scope="module")
@@ -204,8 +202,7 @@ def test_a_broken_checkpoint_is_refused_before_any_work(small_checkpoint, tmp_pa
 
 
 def test_the_cli_refuses_a_compile_above_max_memory_in_one_line(small_checkpoint, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "luffy", "compile", str(small_checkpoint), "-o", tmp_path / "out",
-                           "--max-memory", "1MB"], capture_output=True, text=True, timeout=300)
+    proc = luffy_cli("compile", small_checkpoint, "-o", tmp_path / "out", "--max-memory", "1MB", timeout=300)
     assert proc.returncode == UsageError.exit_code, proc.stderr
     line = error_line(proc.stderr)
     assert "this compile needs about" in line and "--max-memory is 1MB" in line
