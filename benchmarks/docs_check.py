@@ -6,7 +6,10 @@
 The convention, one per fenced block's info string:
   ``bash``              run by the test suite in CI (tests/test_docs.py): cheap, seconds, zoo models;
   ``bash outside-ci``   run only here: it needs a peer, a large model, Ray or minutes;
-  anything else         not run (``sh`` for installation and GPU-only steps; ``text`` for output).
+  ``sh``                not run (installation, a GPU, a Ray cluster), but checked by tests/test_docs.py: each
+                        `luffy` line parses with the CLI's parser, a `serve run` line's keys go through the
+                        builder it names, a `python -c` line compiles;
+  anything else         not run (``text`` for output).
 Each page runs in its own scratch directory, its blocks in order (a ``bash`` block may not depend on an
 ``outside-ci`` one, which CI skips). The scratch directory holds ``models_zoo`` (a link to the repository's,
 for the texts under models_zoo/weights) and, except for README.md, whose quick start builds it,

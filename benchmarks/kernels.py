@@ -28,6 +28,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from ..passes.quantize_weights import _ort_rtn
+from ..runtimes.cpu_features import weight_kernels
 
 
 def _session(nodes, inits, k: int, n: int):
@@ -105,8 +106,6 @@ def main(argv=None) -> None:
     parser.add_argument("--n", type=int, default=2816)
     parser.add_argument("--json", help="write the rows here too")
     args = parser.parse_args(argv)
-    from ..runtimes.cpu_features import weight_kernels
-
     rows = measure(args.k, args.n)
     print(f"K={args.k} N={args.n}, one thread, best of N; this CPU's choice: {weight_kernels()}")
     print("| kernel | bytes/weight | decode µs (M=1) | prefill ms (M=128) | batch-invariant |\n|---|---:|---:|---:|---|")

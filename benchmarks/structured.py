@@ -27,7 +27,9 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
+from ..errors import first_line
 from .machine import describe_machine
+from .serve_bench import ServeProcess
 
 CORPUS_FILE = Path(__file__).with_name("structured_schemas.json")
 
@@ -52,8 +54,6 @@ def validate(value, schema: dict) -> None:
 
 
 def _served(artifact: Path, max_num_seqs: int):
-    from .serve_bench import ServeProcess
-
     server = ServeProcess(artifact, ["--max-num-seqs", str(max_num_seqs)]).start()
     server.wait_ready()
     return server
@@ -81,7 +81,7 @@ def _check(entry: dict, choice) -> str | None:
     except ValueError as exc:
         return f"does not parse: {exc}"
     except Exception as exc:  # noqa: BLE001 - jsonschema's ValidationError
-        return f"does not validate: {str(exc).splitlines()[0]}"
+        return f"does not validate: {first_line(exc)}"
     return None
 
 

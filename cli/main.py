@@ -113,12 +113,16 @@ def _error_line(message: str) -> None:
     err.print(f"luffy: error: {message}", markup=False, highlight=False, soft_wrap=True)
 
 
+def command_argv(argv: list[str]) -> list[str]:
+    """``luffy ARGV`` as the app parses it: `luffy bench serve` is its own command (bench's first argument is a
+    path, so the app could not tell them apart)."""
+    return ["bench-serve", *argv[2:]] if argv[:2] == ["bench", "serve"] else list(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app; a LuffyError becomes one line on stderr and its exit code, a usage error
     click's message and 2, Ctrl-C one line and 130 (SIGTERM: 143)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:2] == ["bench", "serve"]:  # `luffy bench serve` is its own command: bench's first argument is a path
-        argv = ["bench-serve", *argv[2:]]
+    argv = command_argv(sys.argv[1:] if argv is None else argv)
     with _Signals() as signals:
         try:
             result = app(args=argv, standalone_mode=False)

@@ -192,8 +192,7 @@ def test_every_config_option_is_a_compile_flag_and_a_manifest_option():
     assert set(LuffyConfig().to_json()) == {name for name, group in groups.items() if group is None}
     assert set(LuffyConfig(target="trt").to_json()) == {name for name, group in groups.items() if group != "auto"}
     # a flag's value reaches LuffyConfig's own validation, which names the option
-    result = subprocess.run([sys.executable, "-m", "luffy", "compile", "llama-tiny", "-o", "unused", "--block-size", "7"],
-                            capture_output=True, text=True, timeout=120)
+    result = luffy_cli("compile", "llama-tiny", "-o", "unused", "--block-size", "7", timeout=120)
     assert result.returncode == UsageError.exit_code and "block_size 7" in error_line(result.stderr)
 
 

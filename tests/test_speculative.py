@@ -15,7 +15,7 @@ import luffy
 from luffy.runtimes.sampling import Sampling, TokenChooser
 from luffy.runtimes.speculative import accept_sampled
 
-from .helpers import COMMON, NAMED_FAMILIES, PROMPT, make_hf_dir
+from .helpers import COMMON, NAMED_FAMILIES, PROMPT, luffy_cli, make_hf_dir
 
 
 @pytest.fixture(scope="module")
@@ -185,15 +185,9 @@ def test_the_rejection_rule_emits_the_targets_distribution(draft):
 
 
 def test_luffy_run_reports_speculation(zoo_artifacts, pydoc_int8):
-    import json
-    import subprocess
-    import sys
-
     artifact, _ = zoo_artifacts("llama-pydoc")
-    base = [sys.executable, "-m", "luffy", "run", str(artifact.path), "--prompt", "Return the", "--max-new-tokens", "24",
-            "--json"]
-    plain = json.loads(subprocess.run(base, capture_output=True, text=True, timeout=120, check=True).stdout)
-    spec = json.loads(subprocess.run([*base, "--draft", str(pydoc_int8.path)], capture_output=True, text=True,
-                                     timeout=120, check=True).stdout)
+    base = ["run", artifact.path, "--prompt", "Return the", "--max-new-tokens", "24", "--json"]
+    plain = json.loads(luffy_cli(*base, check=True, timeout=120).stdout)
+    spec = json.loads(luffy_cli(*base, "--draft", pydoc_int8.path, check=True, timeout=120).stdout)
     assert spec["output_ids"] == plain["output_ids"] and plain["speculation"] is None
     assert spec["speculation"]["source"] == "draft" and spec["speculation"]["generated_tokens"] == 24

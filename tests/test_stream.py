@@ -8,8 +8,6 @@ held to transformers by tests/test_families.py (family_artifact compiles through
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,14 +17,14 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import luffy
-from luffy.compiler.config import LuffyConfig
 from luffy.benchmarks.checkpoints import config as shape_config, tensor_shapes
+from luffy.compiler.config import LuffyConfig
 from luffy.compiler.sources.preflight import Estimate, check_room, estimate
 from luffy.compiler.stream.capture import capture_hf
 from luffy.compiler.stream.parity import check_streamed_parity
 from luffy.compiler.stream.skeleton import template_depth
 from luffy.errors import CaptureError, SourceError, UsageError
-from luffy.tests.helpers import COMMON, PROMPT, error_line, make_hf_dir
+from luffy.tests.helpers import COMMON, PROMPT, error_line, luffy_cli, make_hf_dir
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
@@ -208,8 +206,7 @@ def test_a_broken_checkpoint_is_refused_before_any_work(small_checkpoint, tmp_pa
 
 
 def test_the_cli_refuses_a_compile_above_max_memory_in_one_line(small_checkpoint, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "luffy", "compile", str(small_checkpoint), "-o", tmp_path / "out",
-                           "--max-memory", "1MB"], capture_output=True, text=True, timeout=300)
+    proc = luffy_cli("compile", small_checkpoint, "-o", tmp_path / "out", "--max-memory", "1MB", timeout=300)
     assert proc.returncode == UsageError.exit_code, proc.stderr
     line = error_line(proc.stderr)
     assert "this compile needs about" in line and "--max-memory is 1MB" in line

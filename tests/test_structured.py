@@ -5,6 +5,7 @@ artifact carries it); the model-level runs are in test_structured_generate.py.""
 import json
 import re
 
+import llguidance
 import numpy as np
 import pytest
 
@@ -120,8 +121,6 @@ def test_the_constraint_masks_advances_rolls_back_and_finishes(grammars):
 
 
 def test_one_batched_fill_equals_each_constraint_alone(grammars):
-    import llguidance
-
     specs = [GrammarSpec("regex", "[a-c]+z"), GrammarSpec("json_schema", {"type": "array", "items": {"type": "integer"}}),
              GrammarSpec("choice", ["alpha", "beta"])]
     constraints = [grammars.constraint(grammars.compile(s), 32) for s in specs]

@@ -1,8 +1,6 @@
 """--verify and --dump-ir: real captures, real ONNX Runtime, deliberately broken passes run through the driver."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import onnx
@@ -16,6 +14,7 @@ from luffy.compiler.capture.onnx_file import load_onnx_source
 from luffy.compiler.quality.verify import Verifier
 from luffy.passes.driver import PassStep, run_passes
 from luffy.tests.graphs import onnx_model
+from luffy.tests.helpers import luffy_cli
 
 TOLERANCE = 1e-4
 
@@ -120,10 +119,7 @@ def test_dump_ir_writes_one_numbered_graph_per_pass(llama_verified):
 
 def test_cli_accepts_verify_and_dump_ir(tmp_path):
     out, dump = tmp_path / "gpt2", tmp_path / "ir"
-    proc = subprocess.run(
-        [sys.executable, "-m", "luffy", "compile", "gpt2-tiny", "-o", str(out), "--verify", "--dump-ir", str(dump), "--json"],
-        capture_output=True, text=True, timeout=300,
-    )
+    proc = luffy_cli("compile", "gpt2-tiny", "-o", out, "--verify", "--dump-ir", dump, "--json", timeout=300)
     assert proc.returncode == 0, proc.stderr
     records = json.loads(proc.stdout)["passes"]
     assert records[-1]["verified"]

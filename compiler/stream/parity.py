@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import onnxruntime
 
-from ...errors import CaptureError, UnsupportedModelError
+from ...errors import CaptureError, UnsupportedModelError, first_line
 from ..capture.torch_export import _DecoderStep, decoder_example
 from ..quality.parity import DECODER_CASES, FP32_ATOL, _real_positions, buffer_positions
 from ..quality.step_io import interface_feeds
@@ -75,7 +75,7 @@ def check_runs(captured, model_path: Path, vocab: int, spec: str) -> None:
                                      lambda message: None)
     except Exception as exc:  # noqa: BLE001 - ORT's Fail/InvalidGraph/NotImplemented, as check_loadable words it
         raise UnsupportedModelError(f"{spec}: onnxruntime {onnxruntime.__version__} cannot load the compiled graph: "
-                                    f"{str(exc).splitlines()[0][:300]}") from None
+                                    f"{first_line(exc)}") from None
     if not np.all(np.isfinite(produced[label]["logits"])):
         raise CaptureError(f"{spec}: the compiled graph computes NaN or Inf logits")
 
