@@ -147,8 +147,8 @@ def kernel_choice(cfg, model: ir.Model, bits: int = 4) -> tuple[int, int, dict |
         fits = [b for b in (block, 64, 32, 16) if b <= block and all(k % b == 0 for k in ks)]
         if cfg.batch_invariant and cfg.target == "ort":
             fits = _invariant_blocks(fits, bits, accuracy, plan)
-            plan = {**plan, "why": f"{plan['why']}; --batch-invariant: block {fits[0]} computes a row the same in "
-                                   "any batch on this CPU (runtimes/batch_invariance.py)"}
+            plan = {**plan, "block_size": fits[0], "why": f"{plan['why']}; --batch-invariant: block {fits[0]}, the "
+                    "largest that computes a row the same in any batch on this CPU (runtimes/batch_invariance.py)"}
         block = next(iter(fits), block)
     if cfg.block_size is not None and cfg.accuracy_level is not None:
         return block, accuracy, None
