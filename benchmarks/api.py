@@ -354,9 +354,16 @@ class _BenchRun:
                 timings[name][batch] = runs[name]
         return timings, tokens
 
+    def pause_workers(self, but: str | None = None) -> None:
+        """Every worker but ``but`` stopped until its next request: the system timed runs alone."""
+        for name, worker in self.workers.items():
+            if name != but:
+                worker.pause()
+
     def before_round(self, rnd: int) -> None:
         self.round_bandwidth = None
         if self.probe is not None and rnd >= self.cfg.warmup:  # the same method, fewer passes
+            self.pause_workers()
             wait_for_quiet_cpu()
             self.round_bandwidth = self.probe.measure(ROUND_PASSES)["gb_per_s"]
             self.per_round.append(self.round_bandwidth)
@@ -367,6 +374,7 @@ class _BenchRun:
         warm = rnd < self.cfg.warmup
         self.tick(f"{name} batch {batch} " + (f"warm-up {rnd + 1}" if warm else f"run {rnd - self.cfg.warmup + 1}/"
                                               f"{self.cfg.repeats}"))
+        self.pause_workers(but=name)
         settled = wait_for_quiet_cpu()
         try:
             result = self.workers[name].request("run", ids=ids, new_tokens=self.cfg.gen_len)

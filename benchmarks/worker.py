@@ -20,6 +20,7 @@ import importlib
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
 import time
@@ -33,6 +34,8 @@ from ..measure import time_generation
 from . import peers
 
 _OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+# Popen's process_group arrived in Python 3.11; setpgrp in the child is what it does
+_OWN_GROUP = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
 
 
 def _peak_rss_bytes() -> int:
@@ -127,12 +130,28 @@ class Worker:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         self._log_file = open(self.log, "a")
         env = {**os.environ, **_OFFLINE}
+        # its own process group (same session): pause() stops it and whatever it started (a peer's own Python,
+        # llama-bench), and if this process dies the kernel wakes the orphaned group with SIGHUP, which ends it
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "luffy.benchmarks.worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=self._log_file, text=True, env=env, bufsize=1,
+            stderr=self._log_file, text=True, env=env, bufsize=1, **_OWN_GROUP,
         )
+        self.paused = False
+
+    def pause(self) -> None:
+        """Stop the worker's process group (SIGSTOP) while other systems run: an idle runtime's threads (OpenVINO's,
+        ORT's spinning pool) then take no CPU and no memory bandwidth from the one being timed."""
+        if not self.paused and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGSTOP)
+            self.paused = True
+
+    def resume(self) -> None:
+        if self.paused and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGCONT)
+        self.paused = False
 
     def request(self, op: str, **fields) -> dict:
+        self.resume()
         try:
             self.proc.stdin.write(json.dumps({"op": op, **fields}) + "\n")
             self.proc.stdin.flush()
@@ -155,6 +174,7 @@ class Worker:
         return f" (last log line: {lines[-1].strip()})" if lines else ""
 
     def close(self) -> None:
+        self.resume()
         if self.proc.poll() is None:
             try:
                 self.proc.stdin.write(json.dumps({"op": "exit"}) + "\n")

@@ -2,13 +2,16 @@
 
 import importlib.util
 import json
+import os
 import shutil
+import time
 
 import numpy as np
 import pytest
 
 from luffy.benchmarks import bench
 from luffy.benchmarks.serve_bench import ServeLoad
+from luffy.benchmarks.worker import Worker
 from luffy.errors import CapacityError, UsageError
 from luffy.tests.helpers import luffy_cli
 
@@ -210,3 +213,33 @@ def test_peers_outside_luffys_python_are_skipped_with_how_to_install_them(tiny, 
     assert report.system("luffy")["status"] == "ok"
     with pytest.raises(UsageError, match="--peer vllm=x: expected NAME=PATH"):
         bench(work / "luffy-artifact", vs="llama.cpp", peer_paths=["vllm=x"])
+
+
+def _state(pid: int) -> str:
+    """The process's state letter from /proc (R, S, T for stopped, ...)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()[0]
+
+
+def _cpu_ticks(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+@pytest.mark.skipif(not hasattr(os, "killpg") or not os.path.isdir("/proc/self"), reason="POSIX process groups and /proc")
+def test_an_idle_worker_is_stopped_while_others_run_and_answers_after(tmp_path):
+    # the bench stops every worker but the one it times; a stopped worker (and anything it started, in its
+    # process group) takes no CPU until its next request, which resumes it
+    with Worker(tmp_path / "worker.log") as worker:
+        worker.request("call", func="luffy.benchmarks.worker:_peak_rss_bytes", kwargs={})
+        assert os.getpgid(worker.proc.pid) == worker.proc.pid != os.getpgid(0)
+        worker.pause()
+        assert _state(worker.proc.pid) == "T"
+        ticks = _cpu_ticks(worker.proc.pid)
+        time.sleep(0.3)
+        assert _cpu_ticks(worker.proc.pid) == ticks
+        assert worker.request("rss")["peak_rss_bytes"] > 0
+        assert _state(worker.proc.pid) != "T" and not worker.paused
+        worker.pause()
+    assert worker.proc.returncode == 0  # close resumes a stopped worker before asking it to exit
