@@ -377,7 +377,10 @@ class Scheduler(KVAdmission):
             line = line[:next((i for i, r in enumerate(line) if r.params.prompt_logprobs is not None), len(line))]
         remaining = [len(r.context_ids()) - r.prefilled for r in line]
         room = [self.capacity - r.prefilled for r in line]
-        return plan_chunks(remaining, budget, room)
+        plan = plan_chunks(remaining, budget, room)
+        if plan == (0, 0) and not self._decoding:  # nothing else would move: a one-token chunk it is
+            plan = plan_chunks(remaining, budget, room, single_tokens=True)
+        return plan
 
     def _prefill_rows(self, requests: list[Request], width: int) -> None:
         """Prefill up to ``width`` more of each request's prompt in one step (slots right after the decoding ones);
