@@ -10,10 +10,10 @@ MatMul, for the prefill comparison.
 
 `batch_invariant` says whether a row's output is the same bits whatever batch it runs in (each of 7 rows alone
 against the same rows in batches of 7 and 8): a server gives a request the output it gets alone only where
-every kernel is. On the CPU measured, MLAS's int8-product kernel (level 4)
-at blocks of 64 and up computes a batch's odd last row with its one-row kernel, whose sums differ in the last
-bits from its two-row kernel's; at block 32 it is invariant (measured on the Sapphire Rapids CPU:
-benchmarks/results/kernels-spr.json).
+every kernel is. On the Sapphire Rapids CPU measured (benchmarks/results/kernels-spr.json), MLAS's int8-product
+kernel (level 4) at blocks of 128 (int8) or 64 and up (int4) computes a batch's odd last row, and a lone row,
+with its one-row kernel, whose sums differ in the last bits from its two-row kernel's; level 0 is never
+invariant (a lone row takes a GEMV path), the fp32 MatMul always.
 """
 
 from __future__ import annotations
