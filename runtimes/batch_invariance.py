@@ -82,5 +82,5 @@ def variance_warning(manifest: dict) -> str | None:
         return None
     names = ", ".join(f"int{k['bits']} block {k['block_size']} accuracy level {k['accuracy_level']}" for k in variant)
     return (f"this CPU's MatMulNBits kernels ({names}) are not batch-invariant: a request batched with others can "
-            "differ from the same request alone where two tokens nearly tie; artifacts compiled with --block-size 32 "
-            "were invariant where measured (docs/serving.md)")
+            "differ from the same request alone where two tokens nearly tie; compile with --batch-invariant for "
+            "identical outputs (docs/serving.md)")
