@@ -10,23 +10,17 @@ intra-op thread count); the roofline uses the larger result, the best streaming 
 
 from __future__ import annotations
 
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from ..runtimes.cpu_features import usable_cores
+
 METHOD = (
     "numpy float64 sum over a {mib} MiB buffer split into disjoint slices read by T threads at once "
     "(GIL released in the reduction), best of {passes} passes per T; max over T in {threads}"
 )
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 class BandwidthProbe:

@@ -9,7 +9,7 @@ import platform
 import subprocess
 from pathlib import Path
 
-from .bandwidth import usable_cores
+from ..runtimes.cpu_features import usable_cores
 
 VERSIONED = ("luffy", "numpy", "onnx", "onnx-ir", "onnxscript", "onnxruntime", "onnxruntime-genai", "torch", "transformers")
 _FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "neon", "asimd")

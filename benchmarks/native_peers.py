@@ -29,6 +29,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..runtimes.cpu_features import usable_cores
 from .runner import Runner
 
 INSTALL = {
@@ -57,10 +58,6 @@ def _run(command: list[str], what: str, **kwargs) -> subprocess.CompletedProcess
         lines = [ln for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
         raise RuntimeError(f"{what} exited {proc.returncode}: {lines[-1] if lines else 'no output'}")
     return proc
-
-
-def _threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 # -- llama.cpp ---------------------------------------------------------------------------------------------
@@ -143,7 +140,7 @@ class LlamaCppRunner(Runner):
         size = model.stat().st_size
         return {"weight_bytes": size, "streamed_weight_bytes": size - _gguf_embedding_bytes(model, bin_dir),
                 "label": f"llama.cpp {LLAMA_TYPES[artifact_precision(self.paths)]} (llama-bench "
-                         f"{version[0] if version else '?'})", "threads": _threads(), "vocab": None}
+                         f"{version[0] if version else '?'})", "threads": usable_cores(), "vocab": None}
 
     def peak_rss_bytes(self) -> int:
         """The largest llama-bench process's peak RSS (ru_maxrss of waited-for children: at exec a child's
@@ -153,7 +150,7 @@ class LlamaCppRunner(Runner):
     def _bench(self, prompt: int, generate: int, depth: int) -> float:
         """Seconds of one llama-bench test (one repetition, after llama-bench's own warm-up run)."""
         proc = _run([str(self.bench), "-m", str(self.model), "-p", str(prompt), "-n", str(generate), "-d", str(depth),
-                     "-r", "1", "-t", str(_threads()), "-o", "json"], "llama-bench")
+                     "-r", "1", "-t", str(usable_cores()), "-o", "json"], "llama-bench")
         [test] = json.loads(proc.stdout)
         return test["samples_ns"][0] / 1e9
 
@@ -212,7 +209,7 @@ class PythonPeerRunner(Runner):
 
     def load(self) -> dict:
         driver = Path(__file__).with_name("peer_driver.py")
-        self.proc = subprocess.Popen([self.python, str(driver), self.name, self.paths["build_dir"], str(_threads())],
+        self.proc = subprocess.Popen([self.python, str(driver), self.name, self.paths["build_dir"], str(usable_cores())],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
         info = json.loads(self.proc.stdout.readline() or "{}")
         if not info:

@@ -16,10 +16,11 @@ packed the same way.
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+
+from ..runtimes.cpu_features import usable_cores
 
 GPTQ_DAMP = 0.01  # fraction of the mean Hessian diagonal added for numerical stability (the paper's value)
 GPTQ_COLUMNS = 128  # lazy-batch width of the column updates; a multiple of every supported block size
@@ -135,14 +136,9 @@ def clipped_rtn(weight_kn: np.ndarray, bits: int, block_size: int, symmetric: bo
 
     # chunks are independent and numpy lets go of the GIL inside each ufunc: one thread per core (1.7x on 2 cores
     # for a 2048 x 8192 weight), the same codes as one thread
-    with ThreadPoolExecutor(max_workers=min(_cores(), -(-n // rows))) as pool:
+    with ThreadPoolExecutor(max_workers=min(usable_cores(), -(-n // rows))) as pool:
         list(pool.map(search, range(0, n, rows)))
     return codes[:, :k], scales.astype(np.float64), zeros.astype(np.float64)
-
-
-def _cores() -> int:
-    """The cores this process may run on (sched_getaffinity where the OS has it)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _clipped_chunk(w: np.ndarray, bits: int, symmetric: bool):

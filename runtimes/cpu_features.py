@@ -11,10 +11,17 @@ resolution. Other architectures (ARM's SDOT/UDOT) accumulate in int32.
 from __future__ import annotations
 
 import functools
+import os
 import platform
 from pathlib import Path
 
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its affinity mask where the OS has one (a container's or taskset's
+    limit), else every core the OS reports."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @functools.lru_cache(maxsize=1)
