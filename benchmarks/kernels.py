@@ -8,9 +8,10 @@ shared machine's other processes only ever make a run slower). Also ONNX Runtime
 on the same shape (int8 weights per column, int8 activations per tensor: MLAS QGEMM) and a plain fp32
 MatMul, for the prefill comparison.
 
-`batch_invariant` says whether a row's output is the same bits whatever batch it runs in (each of 7 rows alone
-against the same rows in batches of 7 and 8): a server gives a request the output it gets alone only where
-every kernel is. On the Sapphire Rapids CPU measured (benchmarks/results/kernels-spr.json), MLAS's int8-product
+`batch_invariant` says whether a row's output is the same bits whatever batch it runs in
+(runtimes/batch_invariance.rows_match_alone: each of 5 rows alone against the same rows in batches of 5 and 6;
+kernels-spr.json was taken with 7 rows and batches of 7 and 8, the same verdicts): a server gives a request the
+output it gets alone only where every kernel is. On the Sapphire Rapids CPU measured (benchmarks/results/kernels-spr.json), MLAS's int8-product
 kernel (level 4) at blocks of 128 (int8) or 64 and up (int4) computes a batch's odd last row, and a lone row,
 with its one-row kernel, whose sums differ in the last bits from its two-row kernel's; level 0 is never
 invariant (a lone row takes a GEMV path), the fp32 MatMul always.
@@ -24,21 +25,11 @@ import json
 import time
 
 import numpy as np
-import onnxruntime as ort
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from ..passes.quantize_weights import _ort_rtn
+from ..runtimes.batch_invariance import matmul_session, rows_match_alone
 from ..runtimes.cpu_features import weight_kernels
-
-
-def _session(nodes, inits, k: int, n: int):
-    graph = helper.make_graph(nodes, "kernel", [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", k])],
-                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", n])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
-    model.ir_version = 10
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 def matmul_nbits(w: np.ndarray, bits: int, block: int, symmetric: bool, accuracy: int):
@@ -51,7 +42,7 @@ def matmul_nbits(w: np.ndarray, bits: int, block: int, symmetric: bool, accuracy
     node = helper.make_node("MatMulNBits", ["A", *[t.name for t in inits]], ["Y"], domain="com.microsoft", K=k, N=n,
                             bits=bits, block_size=block, accuracy_level=accuracy)
     stored = sum(len(t.raw_data) for t in inits)
-    return _session([node], inits, k, n), stored / (k * n)
+    return matmul_session([node], inits, k, n), stored / (k * n)
 
 
 def reference_sessions(w: np.ndarray) -> dict:
@@ -59,10 +50,10 @@ def reference_sessions(w: np.ndarray) -> dict:
     k, n = w.shape
     scale = np.abs(w).max(axis=0) / 127
     codes = np.round(w / np.where(scale == 0, 1, scale)).astype(np.int8)
-    dynamic = _session([helper.make_node("DynamicQuantizeMatMul", ["A", "B", "S", "Z"], ["Y"], domain="com.microsoft")],
+    dynamic = matmul_session([helper.make_node("DynamicQuantizeMatMul", ["A", "B", "S", "Z"], ["Y"], domain="com.microsoft")],
                        [numpy_helper.from_array(codes, "B"), numpy_helper.from_array(scale.astype(np.float32), "S"),
                         numpy_helper.from_array(np.zeros(n, np.int8), "Z")], k, n)
-    fp32 = _session([helper.make_node("MatMul", ["A", "B"], ["Y"])], [numpy_helper.from_array(w, "B")], k, n)
+    fp32 = matmul_session([helper.make_node("MatMul", ["A", "B"], ["Y"])], [numpy_helper.from_array(w, "B")], k, n)
     return {"DynamicQuantizeMatMul int8": (dynamic, 1.0), "MatMul fp32": (fp32, 4.0)}
 
 
@@ -78,14 +69,6 @@ def best_seconds(session, m: int, k: int, runs: int) -> float:
     return best
 
 
-def batch_invariant(session, k: int, rows: int = 7) -> bool:
-    """True when each of ``rows`` rows gives the same bits alone (M=1) as inside batches of ``rows`` and
-    ``rows + 1`` (an odd and an even M)."""
-    a = np.random.default_rng(2).standard_normal((rows + 1, k)).astype(np.float32)
-    alone = np.concatenate([session.run(None, {"A": a[i:i + 1]})[0] for i in range(rows)])
-    return all(np.array_equal(session.run(None, {"A": a[:m]})[0][:rows], alone) for m in (rows, rows + 1))
-
-
 def measure(k: int, n: int, decode_runs: int = 300, prefill_runs: int = 40) -> list[dict]:
     w = (np.random.default_rng(0).standard_normal((k, n)) * 0.05).astype(np.float32)
     cases = {f"MatMulNBits int{b} block {blk}{' symmetric' if sym else ''} level {acc}": matmul_nbits(w, b, blk, sym, acc)
@@ -96,7 +79,7 @@ def measure(k: int, n: int, decode_runs: int = 300, prefill_runs: int = 40) -> l
         decode, prefill = best_seconds(session, 1, k, decode_runs), best_seconds(session, 128, k, prefill_runs)
         rows.append({"kernel": name, "bytes_per_weight": round(bytes_per_weight, 4),
                      "decode_us": round(decode * 1e6, 1), "prefill_ms": round(prefill * 1e3, 3),
-                     "batch_invariant": batch_invariant(session, k)})
+                     "batch_invariant": rows_match_alone(session, k)})
     return rows
 
 

@@ -32,11 +32,27 @@ def nbits_batch_invariant(bits: int, block_size: int, accuracy_level: int, symme
     >>> nbits_batch_invariant(4, 32, 4, False) in (True, False)
     True
     """
-    session = _matmul_nbits(bits, block_size, accuracy_level, symmetric)
-    a = np.random.default_rng(0).standard_normal((PROBE_ROWS + 1, PROBE_K)).astype(np.float32)
-    alone = np.concatenate([session.run(None, {"A": a[i:i + 1]})[0] for i in range(PROBE_ROWS)])
-    return all(np.array_equal(session.run(None, {"A": a[:m]})[0][:PROBE_ROWS], alone)
-               for m in (PROBE_ROWS, PROBE_ROWS + 1))
+    return rows_match_alone(_matmul_nbits(bits, block_size, accuracy_level, symmetric), PROBE_K)
+
+
+def rows_match_alone(session: ort.InferenceSession, k: int, rows: int = PROBE_ROWS) -> bool:
+    """True when each of ``rows`` rows of a one-input session (A [M, k]) gives the same bits alone (M=1) as inside
+    batches of ``rows`` and ``rows + 1`` (an odd and an even M)."""
+    a = np.random.default_rng(0).standard_normal((rows + 1, k)).astype(np.float32)
+    alone = np.concatenate([session.run(None, {"A": a[i:i + 1]})[0] for i in range(rows)])
+    return all(np.array_equal(session.run(None, {"A": a[:m]})[0][:rows], alone) for m in (rows, rows + 1))
+
+
+def matmul_session(nodes: list, inits: list, k: int, n: int) -> ort.InferenceSession:
+    """A one-thread session over ``nodes`` reading A [M, k] and writing Y [M, n] (opset 21 + com.microsoft)."""
+    graph = helper.make_graph(nodes, "probe", [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", k])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", n])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 10
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 def _matmul_nbits(bits: int, block: int, accuracy: int, symmetric: bool) -> ort.InferenceSession:
@@ -50,14 +66,7 @@ def _matmul_nbits(bits: int, block: int, accuracy: int, symmetric: bool) -> ort.
             rng.integers(0, 256, PROBE_N * ((blocks * bits + 7) // 8), dtype=np.uint8), "Z"))
     node = helper.make_node("MatMulNBits", ["A", *[t.name for t in inits]], ["Y"], domain="com.microsoft",
                             K=PROBE_K, N=PROBE_N, bits=bits, block_size=block, accuracy_level=accuracy)
-    graph = helper.make_graph([node], "probe", [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", PROBE_K])],
-                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", PROBE_N])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
-                                                    helper.make_opsetid("com.microsoft", 1)])
-    model.ir_version = 10
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return matmul_session([node], inits, PROBE_K, PROBE_N)
 
 
 def artifact_kernels(manifest: dict) -> list[dict]:

@@ -13,8 +13,9 @@ import pytest
 
 import luffy
 from luffy.errors import UsageError
-from luffy.benchmarks.kernels import batch_invariant, matmul_nbits
-from luffy.runtimes.batch_invariance import artifact_kernels, nbits_batch_invariant, variance_warning
+from luffy.benchmarks.kernels import matmul_nbits
+from luffy.runtimes.batch_invariance import (artifact_kernels, nbits_batch_invariant, rows_match_alone,
+                                             variance_warning)
 
 PROMPTS = [list(b"def parse("), list(b"Return the"), list(b"class Foo:\n")]
 
@@ -24,7 +25,7 @@ PROMPTS = [list(b"def parse("), list(b"Return the"), list(b"class Foo:\n")]
 def test_the_probe_agrees_with_the_kernel_at_model_size(bits, block, accuracy, symmetric):
     w = (np.random.default_rng(0).standard_normal((2048, 2048)) * 0.05).astype(np.float32)
     session, _ = matmul_nbits(w, bits, block, symmetric, accuracy)
-    assert nbits_batch_invariant(bits, block, accuracy, symmetric) == batch_invariant(session, 2048)
+    assert nbits_batch_invariant(bits, block, accuracy, symmetric) == rows_match_alone(session, 2048)
 
 
 # block 128 is luffy's default where MLAS has int8 kernels; --batch-invariant picks the largest block the probe
