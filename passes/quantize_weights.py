@@ -139,29 +139,49 @@ class QuantizeWeights(ir.passes.InPlacePass):
         _replace(graph, node, fused)
 
     def _quantize_tied(self, graph: ir.Graph, head: ir.Node, tied: tuple, bits: int) -> list[dict]:
-        """One set of codes for a tied table: MatMulNBits reads them as the head, GatherBlockQuantized (through a
-        Reshape to [vocab, hidden * bits / 8], as onnxruntime-genai does) as the embedding."""
+        """One set of codes for a tied table: MatMulNBits reads them as the head, GatherBlockQuantized as the
+        embedding, both straight from the [vocab, K/block, blob] initializer (the gather quantized along axis 2,
+        its output reshaped to [..., hidden]). No node reshapes the codes: ONNX Runtime would fold such a Reshape
+        into a heap copy of the table at load (131 MB at the 1B shape, int4), beside the head's prepacked copy."""
         gather, table = tied
         n, k = table.const_value.shape
         packed = self._packed(row_reader(table.const_value), k, n, bits, self.spec.hessians.get(head.inputs[0].name))
         tensors = _tensors(graph, packed.tensors(table.name))
         self._matmul_nbits(graph, head, packed, tensors)
-        shape = _initializer(graph, f"{table.name}_table_shape", np.array([n, k * bits // 8], dtype=np.int64))
-        flat = ir.node("Reshape", [tensors[0], shape], name=f"{gather.name}_table")
-        flat.outputs[0].dtype, flat.outputs[0].shape = ir.DataType.UINT8, ir.Shape([n, k * bits // 8])
-        graph.insert_before(gather, flat)
-        self._gather_block_quantized(graph, gather, [flat.outputs[0], *tensors[1:]], bits)
+        ids_rank = gather.inputs[1].shape.rank() if gather.inputs[1].shape is not None else None
+        if ids_rank is None:
+            raise ValueError(f"{gather.name}: the rank of its indices is unknown, so its output cannot be reshaped")
+        scales_shape = _initializer(graph, f"{table.name}_gather_scales_shape",
+                                    np.array([n, packed.blocks, 1], dtype=np.int64))
+        scales = ir.node("Reshape", [tensors[1], scales_shape], name=f"{gather.name}_scales")
+        scales.outputs[0].dtype, scales.outputs[0].shape = ir.DataType.FLOAT, ir.Shape([n, packed.blocks, 1])
+        graph.insert_before(gather, scales)
+        inputs = [tensors[0], scales.outputs[0]]
+        if not packed.symmetric:
+            inputs += _tensors(graph, [packed.gather_zero_points(table.name)])
+        self._gather_block_quantized(graph, gather, inputs, bits, quantize_axis=2, ids_rank=ids_rank, hidden=k)
         return [{"node": head.name, "role": "lm_head", "op": "MatMulNBits", "bits": bits, "K": k, "N": n,
                  "method": packed.method, "tied_to": gather.name},
                 {"node": gather.name, "role": "embedding", "op": "GatherBlockQuantized", "bits": bits,
-                 "shape": [n, k], "method": packed.method, "shares": "the lm_head's codes, scales and zero points"}]
+                 "shape": [n, k], "method": packed.method, "shares": "the lm_head's codes and scales"}]
 
-    def _gather_block_quantized(self, graph: ir.Graph, gather: ir.Node, tensors: list[ir.Value], bits: int) -> None:
+    def _gather_block_quantized(self, graph: ir.Graph, gather: ir.Node, tensors: list[ir.Value], bits: int,
+                                quantize_axis: int = 1, ids_rank: int = 0, hidden: int = 0) -> None:
+        """Replace ``gather`` with GatherBlockQuantized over ``tensors`` (codes, scales[, zero points]). Codes of
+        rank 3 ([vocab, K/block, blob], ``quantize_axis`` 2) give [..., K/block, block] rows, reshaped to
+        [..., ``hidden``] (the ``ids_rank`` leading dimensions kept)."""
         fused = ir.node(
             "GatherBlockQuantized", [tensors[0], gather.inputs[1], *tensors[1:]], domain=MS, name=f"{gather.name}_q{bits}",
-            attributes={"gather_axis": 0, "quantize_axis": 1, "block_size": self.spec.block_size, "bits": bits},
+            attributes={"gather_axis": 0, "quantize_axis": quantize_axis, "block_size": self.spec.block_size,
+                        "bits": bits},
         )
-        _replace(graph, gather, fused)
+        if quantize_axis == 1:
+            _replace(graph, gather, fused)
+            return
+        graph.insert_before(gather, fused)
+        shape = _initializer(graph, f"{gather.name}_rows_shape", np.array([0] * ids_rank + [hidden], dtype=np.int64))
+        rows = ir.node("Reshape", [fused.outputs[0], shape], name=f"{gather.name}_rows")
+        _replace(graph, gather, rows)
 
     def _quantize_matmul_qdq(self, graph: ir.Graph, node: ir.Node, bits: int, role: str) -> dict:
         weight = node.inputs[1]

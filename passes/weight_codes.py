@@ -70,6 +70,7 @@ class PackedWeight:
         self.blocks = -(-k // block)
         self._parts: list | None = None
         self._unread: set = set()
+        self._gather_zero_points = False  # a fourth part: the zero points as a tied GatherBlockQuantized reads them
 
     @property
     def method(self) -> str:
@@ -96,9 +97,23 @@ class PackedWeight:
                                      shape=ir.Shape(list(shape)), name=name))
         return out
 
+    def gather_zero_points(self, base: str) -> ir.LazyTensor:
+        """The zero points as GatherBlockQuantized reads them beside the [N, K/block, blob] codes (quantize axis 2):
+        [N, K/block, 1], one per byte. MatMulNBits packs two int4 zero points a byte along K/block, which that
+        layout cannot express; this copy is N * K/block bytes (2 MB for a 128k x 2k head at block 128)."""
+        if self.symmetric:
+            raise ValueError(f"{base}: symmetric codes have no zero points")
+        self._gather_zero_points = True
+        name = f"{base}_gather_zero_points"
+        shape = (self.n, self.blocks, 1)
+        return ir.LazyTensor(lambda: self._part(3, shape, name), dtype=ir.DataType.UINT8, shape=ir.Shape(list(shape)),
+                             name=name)
+
     def _part(self, index: int, shape: tuple[int, ...], name: str) -> ir.Tensor:
         if self._parts is None:
             self._parts = self._compute()
+            if self._gather_zero_points:
+                self._parts.append(_one_zero_point_a_byte(self._parts[2], self.bits, self.blocks))
             self._unread = set(range(len(self._parts)))
         array = self._parts[index].reshape(shape)
         self._unread.discard(index)
@@ -128,6 +143,14 @@ class PackedWeight:
             packed, scales, zero_points = ort_rtn(np.ascontiguousarray(w), self.bits, self.block, self.symmetric)
         out = (packed, scales.reshape(n, -1).astype(np.float32))
         return out if self.symmetric else (*out, zero_points.reshape(n, -1))
+
+
+def _one_zero_point_a_byte(packed: np.ndarray, bits: int, blocks: int) -> np.ndarray:
+    """MatMulNBits' zero points [N, ceil(blocks * bits / 8)] (int4: two a byte, low nibble first) -> [N, blocks]."""
+    if bits == 8:
+        return np.ascontiguousarray(packed[:, :blocks])
+    nibbles = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(packed.shape[0], -1)
+    return np.ascontiguousarray(nibbles[:, :blocks])
 
 
 def ort_rtn(w: np.ndarray, bits: int, block_size: int, symmetric: bool):

@@ -15,6 +15,7 @@ from .engine import Engine
 from .generation import generate_loop, left_pad
 from .huge_pages import MIN_REGION, NOTHING_COLLAPSED, anonymous_mappings, back_new_mappings_with_huge_pages
 from .manifest import step_graph
+from .mapped_weights import NOTHING_RELEASED, release_file_pages
 from .ort_compat import engine_session_options, import_onnxruntime
 from .ort_slots import OrtSlots
 
@@ -75,6 +76,8 @@ class OrtEngine(Engine):
             raise ArtifactError(f"{model_path}: onnxruntime {ort.__version__} cannot load it: {reason}") from None
         self.huge_pages = None if not (huge_pages and on_cpu) else (
             back_new_mappings_with_huge_pages(mappings_before) if track else dict(NOTHING_COLLAPSED))
+        # pages of the weight file that prepacking read and a shared initializer keeps mapped (mapped_weights.py)
+        self.released_file_pages = release_file_pages(self.path) if on_cpu else dict(NOTHING_RELEASED)
         self.input_types = {i.name: i.type for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
         if self.kind == "causal-lm":

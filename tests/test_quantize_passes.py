@@ -324,3 +324,47 @@ def test_quantize_weights_qdq_parity_with_dequantized_weight(bits):
     codes, scales, zeros = gptq.rtn(w, bits, 32 if bits == 4 else k, True)
     expected = x @ gptq.dequantize(codes, scales, zeros, 32 if bits == 4 else k).astype(np.float32)
     np.testing.assert_allclose(_session(model).run(None, {"x": x})[0], expected, rtol=1e-4, atol=1e-4)
+
+
+def _tied_model(table: np.ndarray) -> ir.Model:
+    """embedding = table[ids]; logits = embedding @ table^T (a tied head, as exporters leave it: a Transpose).
+    A past_key_values input, unused, makes it a decoder step graph as find_lm_head wants one."""
+    n, k = table.shape
+    ids = ir.Value(name="input_ids", shape=ir.Shape(["batch", "seq"]), type=ir.TensorType(ir.DataType.INT64))
+    past = ir.Value(name="past_key_values.0.key", shape=ir.Shape([1]), type=ir.TensorType(ir.DataType.FLOAT))
+    weights = ir.Value(name="table", const_value=ir.tensor(table), shape=ir.Shape([n, k]),
+                       type=ir.TensorType(ir.DataType.FLOAT))
+    gather = ir.node("Gather", [weights, ids], attributes={"axis": 0}, name="embed")
+    transpose = ir.node("Transpose", [weights], attributes={"perm": [1, 0]}, name="head_t")
+    head = ir.node("MatMul", [gather.outputs[0], transpose.outputs[0]], name="lm_head")
+    for value, name, shape in [(gather.outputs[0], "embedding", ["batch", "seq", k]),
+                               (transpose.outputs[0], "head_t", [k, n]), (head.outputs[0], "logits", ["batch", "seq", n])]:
+        value.name, value.dtype, value.shape = name, ir.DataType.FLOAT, ir.Shape(shape)
+    graph = ir.Graph([ids, past], [gather.outputs[0], head.outputs[0]], nodes=[gather, transpose, head],
+                     initializers=[weights], opset_imports={"": 20})
+    return ir.Model(graph, ir_version=10)
+
+
+@pytest.mark.parametrize("bits,symmetric", [(4, False), (4, True), (8, False), (8, True)])
+def test_tied_table_is_gathered_from_the_heads_codes_with_no_copy(bits, symmetric):
+    rng = np.random.default_rng(bits)
+    n, k = 96, 128
+    table = rng.standard_normal((n, k)).astype(np.float32)
+    model = _tied_model(table)
+    qw = QuantizeWeights(WeightQuantization(bits=bits, lm_head_bits=bits, block_size=32, symmetric=symmetric,
+                                            accuracy_level=0, quantize_embeddings=True))
+    qw(model)
+    gather = next(node for node in model.graph if node.op_type == "GatherBlockQuantized")
+    head = next(node for node in model.graph if node.op_type == "MatMulNBits")
+    assert gather.inputs[0] is head.inputs[1]  # the head's codes as they are: ORT folds no copy of them at load
+    assert gather.attributes["quantize_axis"].as_int() == 2
+    assert [d["role"] for d in qw.stats["decisions"]] == ["lm_head", "embedding"]
+    ids = rng.integers(0, n, (2, 5)).astype(np.int64)
+    past = np.zeros(1, np.float32)
+    embedding, logits = _session(model, optimize=True).run(None, {"input_ids": ids, "past_key_values.0.key": past})
+    # the whole table as the gather reads it; the head must multiply by that same matrix
+    dequantized = _session(model).run(None, {"input_ids": np.arange(n, dtype=np.int64)[None],
+                                             "past_key_values.0.key": past})[0][0]  # [n, k]
+    np.testing.assert_array_equal(embedding, dequantized[ids])
+    np.testing.assert_allclose(logits, embedding @ dequantized.T, rtol=1e-4, atol=1e-4)
+    assert not np.allclose(dequantized, table, atol=1e-3)  # it really is quantized
