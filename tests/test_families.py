@@ -18,6 +18,9 @@ def test_family_parity(family_artifact, family):
     artifact, model = family_artifact(family)
     assert artifact.manifest["source"]["kind"] == "hf-dir"
     assert artifact.manifest["tokenizer"] == "tokenizer.json"
+    # every family here takes the streamed path (a template stamped across the depth): a silent fallback to the
+    # whole-model capture would still pass the parity below, so it is caught here
+    assert artifact.report["capture"]["streamed"]["layers"] == model.config.num_hidden_layers
     engine = artifact.load()
     assert_engine_matches_transformers(engine, model, ATOL)
 

@@ -7,6 +7,7 @@ graph after it, blocks it must leave alone, and parity with the unfused graph on
 optimizations off.
 """
 
+import re
 
 import numpy as np
 import onnx_ir as ir
@@ -34,6 +35,13 @@ MOE_FAMILIES = {
 }
 
 
+# transformers fuses each layer's per-expert checkpoint tensors into batched ones on load, which the streamed
+# capture does not replay: MoE directories take the whole-model path, and the report says why in one line.
+FALLBACK = re.compile(r"^whole-model capture: the streamed path does not apply \(transformers converts checkpoint "
+                      r"tensors such as model\.layers\.0\.\S+\.experts\.0\.\S+\.weight on load \(they become parts of "
+                      r"other tensors\), which the streamed path does not replay\)$")
+
+
 @pytest.fixture(scope="module")
 def moe_artifact(tmp_path_factory):
     """family -> (Artifact compiled at -O2 from the saved HF directory, torch model), once per module."""
@@ -44,6 +52,8 @@ def moe_artifact(tmp_path_factory):
 def test_moe_family_parity_greedy_and_fused(moe_artifact, family):
     artifact, model = moe_artifact(family)
     report = artifact.report
+    assert "streamed" not in report["capture"]
+    assert len([note for note in report["capture"]["notes"] if FALLBACK.match(note)]) == 1, report["capture"]["notes"]
     assert report["parity"]["passed"] and report["parity"]["max_abs_diff"] <= ATOL
     layers = model.config.num_hidden_layers
     assert report["op_histogram"]["com.microsoft::MoE"] == layers
