@@ -63,7 +63,10 @@ class KvCacheDtype(ir.passes.InPlacePass):
     def _rewrite(self, graph: ir.Graph, layer: int, node: ir.Node) -> None:
         storage = _STORAGE[self.dtype]
         for value in (node.inputs[3], node.inputs[4], node.outputs[1], node.outputs[2]):
-            value.dtype = storage
+            # a new type, not ``value.dtype = storage``: that sets the dtype on a TensorType a clone of the graph
+            # shares (ir's clone keeps types), and a streamed GPTQ's fp32 copy (stream/calibration.py) would
+            # take int8 past inputs
+            value.type = ir.TensorType(storage)
             if self.dtype == "int4":  # two 4-bit values per byte along head_dim
                 dims = list(value.shape)
                 value.shape = ir.Shape([*dims[:3], dims[3] // 2])

@@ -28,7 +28,6 @@ from ...errors import CaptureError
 from ..capture.torch_export import (Captured, KVLayout, _DecoderStep, _drop_build_metadata, _exportable_experts,
                                     _name_decoder_dims, _quiet_export, decoder_example, decoder_io_names, export_error,
                                     probe_kv_layout)
-from ..config import CALIBRATED_KV
 from ..sources.preflight import check_checkpoint
 from ..sources.resolve import CAUSAL_LM
 from ..sources.torch_model import _from_hf_model, _transformers_kind
@@ -183,12 +182,11 @@ def _is_empty(tensor) -> bool:
 
 
 def require_supported(cfg) -> None:
-    """Options the streamed path does not take yet: refused as fallbacks with their reason."""
+    """Options the streamed path does not take yet: refused as fallbacks with their reason. (An int8/int4 KV cache
+    is streamed: its scales are calibrated region by region, stream/calibration.py.)"""
     if cfg.precision in ("fp16", "bf16", "int8-dynamic"):
         raise StreamFallback(f"--precision {cfg.precision} converts every weight in one pass over the whole graph")
     if cfg.target != "ort":
         raise StreamFallback("--target trt builds its engine from the whole graph")
-    if cfg.kv_cache_dtype in CALIBRATED_KV:
-        raise StreamFallback(f"--kv-cache-dtype {cfg.kv_cache_dtype} is calibrated by running the whole fp32 graph")
     if cfg.verify or cfg.dump_ir:
         raise StreamFallback("--verify and --dump-ir run every pass's graph on ONNX Runtime, weights and all")
