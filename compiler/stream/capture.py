@@ -28,6 +28,7 @@ from ...errors import CaptureError
 from ..capture.torch_export import (Captured, KVLayout, _DecoderStep, _drop_build_metadata, _exportable_experts,
                                     _name_decoder_dims, _quiet_export, decoder_example, decoder_io_names, export_error,
                                     probe_kv_layout)
+from ..config import CALIBRATED_KV
 from ..sources.preflight import check_checkpoint
 from ..sources.resolve import CAUSAL_LM
 from ..sources.torch_model import _from_hf_model, _transformers_kind
@@ -111,6 +112,10 @@ def capture_hf(path: Path, opset: int, cfg, say, output: Path):
         captured, streamed = capture_streamed(path, opset, say, lambda ckpt: check_checkpoint(ckpt, cfg, output, True))
     except StreamFallback as exc:
         return None, None, None, str(exc)
+    if cfg.kv_cache_dtype in CALIBRATED_KV:
+        source = f"--kv-calib {cfg.kv_calib}" if cfg.kv_calib else f"--calib {cfg.calib}"
+        captured.notes.append(f"--kv-cache-dtype {cfg.kv_cache_dtype}: its scales are calibrated on {source} region "
+                              "by region, one layer's weights at a time (stream/calibration.py)")
     return captured, _torch_model(path, streamed.skeleton), streamed, None
 
 
