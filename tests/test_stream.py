@@ -112,7 +112,7 @@ def test_streamed_int8_kv_cache_is_the_whole_model_paths(tied_llama, tmp_path, p
     calib.write_text(CALIB.read_text(encoding="utf-8")[:2000], encoding="utf-8")  # 8 windows of the byte tokenizer
     options = dict(precision=precision, kv_cache_dtype="int8", **{calib_flag: calib})
     streamed = luffy.compile(str(directory), output=tmp_path / "streamed", **options)
-    whole = luffy.compile(str(directory), output=tmp_path / "whole", stream=False, **options)
+    whole = luffy.compile(str(directory), output=tmp_path / "whole", stream=False, check_parity=False, **options)
     assert streamed.report["capture"]["streamed"]["layers"] == 4 and "streamed" not in whole.report["capture"]
     assert any("region by region" in note for note in streamed.report["capture"]["notes"])
     assert not any("does not apply" in note for note in streamed.report["capture"]["notes"])
