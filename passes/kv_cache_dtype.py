@@ -5,8 +5,8 @@ machine holds (Llama-3.1-8B's fp32 KV is 262 KB per token). ONNX Runtime's Group
 kernels from onnxruntime 1.30) stores its cache in a type of its own (T_CACHE) beside the compute type:
 float16, or int8 / 4-bit packed into uint8 with ``k_scale`` / ``v_scale`` inputs, quantizing each new
 position as it writes it and dequantizing as it reads. Its scales are static, so this pass takes them
-from calibration (the compiler's ``collect_kv_ranges``: the largest magnitude of every key and value
-channel on --calib text) and stores them as initializers:
+from calibration (the compiler's ``collect_kv_ranges``, or on a streamed compile ``layer_kv_ranges``, region by
+region: the largest magnitude of every key and value channel on --calib text) and stores them as initializers:
 
 - PER_CHANNEL, scale [1, kv_heads, 1, head_dim] for keys and values alike. Keys have outlier channels
   (KIVI, KVQuant): one scale per channel keeps a large channel from flattening the rest. A key channel's
@@ -63,7 +63,10 @@ class KvCacheDtype(ir.passes.InPlacePass):
     def _rewrite(self, graph: ir.Graph, layer: int, node: ir.Node) -> None:
         storage = _STORAGE[self.dtype]
         for value in (node.inputs[3], node.inputs[4], node.outputs[1], node.outputs[2]):
-            value.dtype = storage
+            # a new type, not ``value.dtype = storage``: that sets the dtype on a TensorType a clone of the graph
+            # shares (ir's clone keeps types), and a streamed GPTQ's fp32 copy (stream/calibration.py) would
+            # take int8 past inputs
+            value.type = ir.TensorType(storage)
             if self.dtype == "int4":  # two 4-bit values per byte along head_dim
                 dims = list(value.shape)
                 value.shape = ir.Shape([*dims[:3], dims[3] // 2])

@@ -256,7 +256,8 @@ def stages(
 
     ``target_steps`` are the target's own passes (TensorRT's plugins); ``weights(model)`` gives the precision
     passes their quantization spec from the graph they will quantize (GPTQ calibrates on it); ``kv_ranges(model)``
-    gives an int8/int4 ``kv_cache`` its calibrated key/value ranges, measured on the graph that will run.
+    gives an int8/int4 ``kv_cache`` its calibrated key/value ranges, measured on the graph that will run (it is called
+    for every reduced cache, fp16 included, with the graph before the cache is reduced).
 
     >>> [s.name for s in stages("ort", 2, "int4")]
     ['opt-level', 'target', 'precision', 'kv-cache']
@@ -269,6 +270,12 @@ def stages(
             return []
         return precision_steps(precision, weights(model), target, reduce_range)
 
+    def kv_stage(model: ir.Model) -> list[PassStep]:
+        if kv_cache in ("auto", "fp32"):
+            return []
+        ranges = kv_ranges(model)  # called for fp16 too: the compiler measures --eval's reference on this graph
+        return kv_cache_steps(kv_cache, ranges if kv_cache in ("int8", "int4") else None, target)
+
     return [
         Stage("opt-level", lambda model: level, True, f"-O{opt_level}: cleanup and fusions on the fp32 graph"),
         # After the opt level, whose cleanup leaves the patterns the plugins match in their plain form, and
@@ -278,6 +285,5 @@ def stages(
         Stage("precision", precision_stage, False, f"{precision}: weights (and activations) in fewer bytes"),
         # After precision: the cache's type pairs with the compute type that stage left, and int8/int4 scales are
         # calibrated on the graph as it will run (quantized weights included).
-        Stage("kv-cache", lambda model: kv_cache_steps(kv_cache, kv_ranges(model) if kv_cache in ("int8", "int4")
-                                                                else None, target), False, f"KV cache {kv_cache}"),
+        Stage("kv-cache", kv_stage, False, f"KV cache {kv_cache}"),
     ]

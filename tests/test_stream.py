@@ -24,9 +24,11 @@ from luffy.compiler.stream.capture import capture_hf
 from luffy.compiler.stream.parity import check_streamed_parity
 from luffy.compiler.stream.skeleton import template_depth
 from luffy.errors import CaptureError, SourceError, UsageError
+from luffy.models_zoo.trained import CALIB_FILE, PYDOC_LLAMA_DIR
 from luffy.tests.helpers import COMMON, PROMPT, error_line, luffy_cli, make_hf_dir
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+CALIB = PYDOC_LLAMA_DIR / CALIB_FILE
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +95,37 @@ def test_streamed_artifact_is_the_whole_model_graph(tied_llama, streamed, tmp_pa
     assert len(parity["layers"]) == 4 and parity["passed"]
     if precision == "fp32":
         assert parity["max_abs_diff"] <= 1e-4
+
+
+def _kv_scales(artifact) -> dict[str, np.ndarray]:
+    model = ir.load(artifact.path / "model.onnx")
+    return {name: v.const_value.numpy() for name, v in model.graph.initializers.items() if name.startswith("luffy_kv_")}
+
+
+@pytest.mark.parametrize("precision, calib_flag", [("fp32", "kv_calib"), ("int4", "calib")],
+                         ids=["fp32-kv-calib", "int4-gptq-calib"])
+def test_streamed_int8_kv_cache_is_the_whole_model_paths(tied_llama, tmp_path, precision, calib_flag):
+    # the scales are maxima over the same windows of the same caches (the graph after the precision stage: with
+    # --calib, GPTQ's int4 weights), taken region by region: equal bit for bit, not to a tolerance
+    directory, _ = tied_llama
+    calib = tmp_path / "calib.txt"
+    calib.write_text(CALIB.read_text(encoding="utf-8")[:2000], encoding="utf-8")  # 8 windows of the byte tokenizer
+    options = dict(precision=precision, kv_cache_dtype="int8", **{calib_flag: calib})
+    streamed = luffy.compile(str(directory), output=tmp_path / "streamed", **options)
+    whole = luffy.compile(str(directory), output=tmp_path / "whole", stream=False, check_parity=False, **options)
+    assert streamed.report["capture"]["streamed"]["layers"] == 4 and "streamed" not in whole.report["capture"]
+    assert any("region by region" in note for note in streamed.report["capture"]["notes"])
+    assert not any("does not apply" in note for note in streamed.report["capture"]["notes"])
+    assert streamed.manifest["kv_cache"]["dtype"] == whole.manifest["kv_cache"]["dtype"] == "int8"
+    ours, theirs = _kv_scales(streamed), _kv_scales(whole)
+    assert len(ours) == 8 and set(ours) == set(theirs)  # a key and a value scale per layer
+    for name in ours:
+        assert np.array_equal(ours[name], theirs[name]), name
+    new = dict(max_new_tokens=16, min_new_tokens=16, eos_token_id=None)
+    tokens = streamed.load().generate([PROMPT], **new)
+    assert tokens.shape[1] == len(PROMPT) + 16
+    assert tokens.tolist() == whole.load().generate([PROMPT], **new).tolist()
+    assert streamed.report["parity"]["passed"] and streamed.report["parity"]["tolerance"] is None
 
 
 def test_tied_table_is_quantized_once(tied_llama, tmp_path):
@@ -302,3 +335,6 @@ def test_the_memory_estimate_bounds_the_measured_streamed_compile(shape):
     assert unchecked.memory_bytes < found.memory_bytes and "parity" not in unchecked.how
     gptq = estimate(list(shapes.values()), sizes, "int4", 32, streamed=True, names=list(shapes), calib=True)
     assert gptq.memory_bytes > found.memory_bytes and "Hessians" in gptq.how
+    # an int8 KV cache's calibration runs a second region runner while GPTQ's collects its Hessians
+    kv = estimate(list(shapes.values()), sizes, "int4", 32, streamed=True, names=list(shapes), calib=True, kv_calib=True)
+    assert kv.memory_bytes > gptq.memory_bytes and "KV calibration" in kv.how

@@ -13,9 +13,9 @@ from ...passes.quantize_weights import WeightQuantization
 from ...passes.matmul_packing import FLOAT_WEIGHTS
 from ...runtimes.batch_invariance import nbits_batch_invariant
 from ...runtimes.cpu_features import weight_kernels
-from ..config import WEIGHT_ONLY, LuffyConfig
+from ..config import CALIBRATED_KV, WEIGHT_ONLY, LuffyConfig
 from ..sources.resolve import CAUSAL_LM
-from ..stream.calibration import LayerHessians
+from ..stream.calibration import LayerHessians, layer_kv_ranges
 from ..stream.quality import region_perplexity
 from ..stream.regions import RegionRunner
 from .calibration import (
@@ -100,11 +100,20 @@ class QualityMeasure:
         )
 
     def kv_ranges_for(self, model: ir.Model) -> dict:
-        """Per layer the largest |key| and |value| per channel on --calib: an int8/int4 KV cache's scales."""
+        """Per layer the largest |key| and |value| per channel on --kv-calib (or --calib), measured on ``model`` (the
+        graph after the precision stage): an int8/int4 KV cache's scales. A streamed compile runs it region by
+        region (stream/calibration.py), the same maxima. Called for an fp16 cache too (None): with fp32 weights
+        ``model`` is --eval's fp32 reference, which a streamed compile has no PyTorch module to measure."""
+        if self.reference_ppl is None:
+            self.measure_reference(model)
+        if self.cfg.kv_cache_dtype not in CALIBRATED_KV:
+            return None
         self._require_decoder("--kv-cache-dtype")
         source, flag = (self.cfg.kv_calib, "--kv-calib") if self.cfg.kv_calib else (self.cfg.calib, "--calib")
         windows, _ = self._windows(source, flag, MAX_CALIB_WINDOWS)
         self.say(f"calibrating the {self.cfg.kv_cache_dtype} KV cache on {len(windows)} windows")
+        if self.streamed:  # the weights are in the checkpoint: run the graph one region at a time
+            return layer_kv_ranges(model, windows, self.say)
         return collect_kv_ranges(model, windows, self.say)
 
     def evaluate(self, model_path: Path) -> dict:

@@ -14,6 +14,11 @@ Memory, from measured compiles (docs/large-models.md), the largest of the phases
              GPTQ (--calib): BASE_BYTES plus the float64 Hessians of two layers (the region being written and
              the one collected next) and GPTQ's three K x K working copies for the widest input (from the
              algorithm in passes/gptq.py and stream/calibration.py; not measured at 8B)
+             KV scales (--kv-cache-dtype int8/int4): BASE_BYTES plus one region's session (the largest layer's
+             weights as stored and the largest tensor outside the layers: embedding or head) or the largest
+             tensor's write, whichever is larger, plus the calibration windows' hidden states (two per token)
+             and one window's logits; with GPTQ also its Hessians, whose runner is live at the same time (from
+             stream/calibration.py and regions.py; not measured at scale)
   whole      the model in fp32 in PyTorch, again in the exported graph, and the transforms of the passes:
              WHOLE_MODEL_FACTOR x the fp32 weights
 """
@@ -27,7 +32,8 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import UsageError
-from ..config import parse_size
+from ..config import CALIBRATED_KV, parse_size
+from ..quality.calibration import MAX_CALIB_WINDOWS, WINDOW
 
 BASE_BYTES = 2 << 30
 # the check phase's peak less its largest module's three copies: 0.77 GB (1B) and 0.94 GB (8B) measured
@@ -37,6 +43,8 @@ WHOLE_MODEL_FACTOR = 2.5  # measured 2.3x on Llama-3.2-1B (11.3 GB for 4.9 GB of
 CHUNK_BYTES = 64 << 20  # passes/weight_codes.py's slice
 MARGIN = 1.05  # rotary tables, norms, the graph itself
 GB = 1 << 30
+KV_CALIB_WINDOW = WINDOW
+KV_CALIB_TOKENS = MAX_CALIB_WINDOWS * WINDOW  # the most tokens --kv-calib / --calib runs (fewer for a short file)
 
 
 @dataclass(frozen=True)
@@ -67,9 +75,11 @@ def _stored_bytes(shape: tuple[int, ...], precision: str, block: int) -> float:
 
 
 def estimate(shapes: list[tuple[int, ...]], source_bytes: list[int], precision: str, block: int,
-             streamed: bool, names: list[str] | None = None, parity: bool = True, calib: bool = False) -> Estimate:
+             streamed: bool, names: list[str] | None = None, parity: bool = True, calib: bool = False,
+             kv_calib: bool = False) -> Estimate:
     """The artifact's size and the compile's peak memory for tensors of ``shapes`` (one per checkpoint tensor,
     ``names`` their names, ``source_bytes`` their size on disk): the largest of the phases the compile runs.
+    ``calib``: GPTQ on --calib (int4/int8 weights); ``kv_calib``: an int8/int4 KV cache's scales calibrated.
 
     Example::
 
@@ -86,8 +96,11 @@ def estimate(shapes: list[tuple[int, ...]], source_bytes: list[int], precision: 
     phases = [_write_phase(shapes, source_bytes, fp32, precision, block)]
     if parity:
         phases.append(_check_phase(shapes, source_bytes, fp32, precision, block))
-    if calib and precision in ("int4", "int8"):
+    gptq = calib and precision in ("int4", "int8")
+    if gptq:
         phases.append(_gptq_phase(shapes, names or [""] * len(shapes)))
+    if kv_calib:
+        phases.append(_kv_phase(shapes, source_bytes, fp32, precision, block, names or [""] * len(shapes), gptq))
     memory, how = max(phases)
     return Estimate(artifact, memory, params, f"streamed: {how}")
 
@@ -117,6 +130,30 @@ def _gptq_phase(shapes, names) -> tuple[int, str]:
     layer = sum(8 * s[1] * s[1] for s in first)
     return BASE_BYTES + 2 * layer + 3 * 8 * widest * widest, \
         f"GPTQ holds two layers of Hessians ({2 * layer / GB:.2f} GB) and works on a {widest}-wide one"
+
+
+def _kv_phase(shapes, source_bytes, fp32, precision, block, names, gptq: bool) -> tuple[int, str]:
+    """The KV scales' calibration (stream/calibration.layer_kv_ranges): the regions run one at a time, each written
+    to a scratch file one tensor at a time and then loaded; the windows' values that cross regions are held."""
+    stored = [_stored_bytes(s, precision, block) for s in shapes]
+    by_layer: dict[int, float] = {}
+    for size, name in zip(stored, names):
+        if _layer(name) is not None:
+            by_layer[_layer(name)] = by_layer.get(_layer(name), 0.0) + size
+    outside = [i for i, n in enumerate(names) if _layer(n) is None and len(shapes[i]) == 2] or \
+        [int(np.argmax(stored))]
+    table = max(outside, key=lambda i: stored[i])  # the embedding (or head): [vocab, hidden]
+    region = max(by_layer.values(), default=0.0) + stored[table]
+    write = _write_phase(shapes, source_bytes, fp32, precision, block)[0] - BASE_BYTES
+    vocab, hidden = shapes[table][0], shapes[table][-1]
+    held = 2 * 4 * hidden * KV_CALIB_TOKENS + 4 * vocab * KV_CALIB_WINDOW
+    memory, how = BASE_BYTES + int(max(region, write)) + held, \
+        f"the KV calibration holds one region ({region / GB:.2f} GB) and the windows' hidden states ({held / GB:.2f} GB)"
+    if gptq:
+        hessians = _gptq_phase(shapes, names)[0] - BASE_BYTES
+        memory, how = memory + hessians + held, f"{how}, and GPTQ's Hessians and working copies ({hessians / GB:.2f} GB) " \
+            "beside a second runner's windows"
+    return memory, how
 
 
 def _layer(name: str) -> int | None:
@@ -163,6 +200,7 @@ def check_checkpoint(checkpoint, cfg, output: Path, streamed: bool) -> Estimate:
     entries = list(checkpoint.entries.values())
     found = estimate([e.shape for e in entries], [e.nbytes for e in entries], cfg.precision,
                      cfg.block_size or SMALLEST_CHOSEN_BLOCK, streamed, names=list(checkpoint.entries),
-                     parity=cfg.check_parity, calib=cfg.calib is not None)
+                     parity=cfg.check_parity, calib=cfg.calib is not None,
+                     kv_calib=cfg.kv_cache_dtype in CALIBRATED_KV)
     check_room(found, output, cfg.max_memory)
     return found

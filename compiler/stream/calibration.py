@@ -1,4 +1,6 @@
-"""GPTQ on a streamed compile: each layer's Hessians collected when its quantized weights are written.
+"""Calibration on a streamed compile, one region's weights at a time: GPTQ's Hessians and the KV cache's ranges.
+
+GPTQ: each layer's Hessians are collected when its quantized weights are written.
 
 The whole-model path runs the calibration windows through the fp32 graph once and keeps X^T X of every
 quantized MatMul's input; at 8B that is gigabytes per layer (a 14336-wide down projection's alone is 1.6 GB in
@@ -8,15 +10,26 @@ The windows advance through the fp32 graph (a structural copy taken before quant
 one region at a time, and only the current region's Hessians are held; a request for an earlier region starts
 the windows over. The statistics are the whole-model path's: X^T X / tokens of the same inputs on the same
 windows (GPTQ calibrates every layer on fp32 activations there too).
+
+An int8/int4 KV cache: `layer_kv_ranges` runs the windows through the graph the kv-cache stage rewrites (after
+the precision stage: quantized weights computed as each region is written to its scratch file) region by region,
+and keeps of every layer's present key and value only its largest |x| per (KV head, channel): the whole-model
+path's collect_kv_ranges (quality/calibration.py), which runs the same windows through one session of the whole
+graph. A maximum does not depend on the order it is taken in, so the two agree exactly when the regions compute
+the caches the whole graph computes.
 """
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import onnx_ir as ir
 
 from .quality import window_feeds
 from .regions import RegionRunner
+
+_PRESENT = re.compile(r"^present\.(\d+)\.(key|value)$")
 
 
 class LayerHessians:
@@ -66,3 +79,24 @@ class LayerHessians:
             if target == region and name in values:
                 x = values[name].astype(np.float64).reshape(-1, values[name].shape[-1])
                 self._pending[name] = self._pending.get(name, 0) + x.T @ x
+
+
+def layer_kv_ranges(model: ir.Model, windows: list[list[int]], say=lambda message: None) -> dict[int, tuple]:
+    """Per layer the largest |key| and |value| of every (KV head, channel) on ``windows``, as collect_kv_ranges
+    measures them, with one region's weights in memory at a time: {layer: ([kv_heads, head_dim], same)}."""
+    runner = RegionRunner(model)
+    ranges: dict[int, list] = {}
+
+    def seen(region: int, batch: int, values: dict[str, np.ndarray]) -> None:
+        for name, array in values.items():
+            match = _PRESENT.match(name)
+            if match:  # a shared-buffer (GQA) cache comes back capacity-sized: the window's positions only
+                found = np.abs(array[:, :, :len(windows[batch])].astype(np.float32)).max(axis=(0, 2))
+                pair = ranges.setdefault(int(match.group(1)), [None, None])
+                kind = 0 if match.group(2) == "key" else 1
+                pair[kind] = found if pair[kind] is None else np.maximum(pair[kind], found)
+
+    held = [window_feeds(model.graph, ids) for ids in windows]
+    for region in runner.steps(held, seen=seen, keep_outputs=False):  # caches and logits dropped once seen
+        say(f"calibrating the KV cache: region {region + 2} of {len(runner.order)}")
+    return {layer: (pair[0], pair[1]) for layer, pair in sorted(ranges.items())}

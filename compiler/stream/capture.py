@@ -112,6 +112,10 @@ def capture_hf(path: Path, opset: int, cfg, say, output: Path):
         captured, streamed = capture_streamed(path, opset, say, lambda ckpt: check_checkpoint(ckpt, cfg, output, True))
     except StreamFallback as exc:
         return None, None, None, str(exc)
+    if cfg.kv_cache_dtype in CALIBRATED_KV:
+        source = f"--kv-calib {cfg.kv_calib}" if cfg.kv_calib else f"--calib {cfg.calib}"
+        captured.notes.append(f"--kv-cache-dtype {cfg.kv_cache_dtype}: its scales are calibrated on {source} region "
+                              "by region, one layer's weights at a time (stream/calibration.py)")
     return captured, _torch_model(path, streamed.skeleton), streamed, None
 
 
@@ -183,12 +187,11 @@ def _is_empty(tensor) -> bool:
 
 
 def require_supported(cfg) -> None:
-    """Options the streamed path does not take yet: refused as fallbacks with their reason."""
+    """Options the streamed path does not take yet: refused as fallbacks with their reason. (An int8/int4 KV cache
+    is streamed: its scales are calibrated region by region, stream/calibration.py.)"""
     if cfg.precision in ("fp16", "bf16", "int8-dynamic"):
         raise StreamFallback(f"--precision {cfg.precision} converts every weight in one pass over the whole graph")
     if cfg.target != "ort":
         raise StreamFallback("--target trt builds its engine from the whole graph")
-    if cfg.kv_cache_dtype in CALIBRATED_KV:
-        raise StreamFallback(f"--kv-cache-dtype {cfg.kv_cache_dtype} is calibrated by running the whole fp32 graph")
     if cfg.verify or cfg.dump_ir:
         raise StreamFallback("--verify and --dump-ir run every pass's graph on ONNX Runtime, weights and all")

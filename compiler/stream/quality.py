@@ -17,7 +17,7 @@ from ..quality.step_io import interface_feeds
 from .regions import RegionRunner
 
 ONNX_TYPES = {ir.DataType.FLOAT: "tensor(float)", ir.DataType.FLOAT16: "tensor(float16)", ir.DataType.INT64: "tensor(int64)",
-              ir.DataType.INT32: "tensor(int32)"}
+              ir.DataType.INT32: "tensor(int32)", ir.DataType.INT8: "tensor(int8)", ir.DataType.UINT8: "tensor(uint8)"}
 
 
 def window_feeds(graph: ir.Graph, ids: list[int]) -> dict[str, np.ndarray]:

@@ -105,11 +105,12 @@ class RegionRunner:
 
     def steps(self, held: list[dict[str, np.ndarray]], watch: Callable[[int], list[ir.Value]] = lambda region: [],
               seen: Callable[[int, int, dict[str, np.ndarray]], None] = lambda region, batch, values: None,
-              finish: Callable[[int, dict[str, np.ndarray]], None] | None = None):
+              finish: Callable[[int, dict[str, np.ndarray]], None] | None = None, keep_outputs: bool = True):
         """Run the regions in order over the feed dicts ``held`` (updated in place with what crosses on), yielding
         each region's index when every batch has been through it: a caller can stop between regions. ``watch``
         names values inside a region to hand to ``seen(region, batch index, {name: array})`` (GPTQ's MatMul
-        inputs); they are not kept."""
+        inputs); they are not kept. ``keep_outputs=False``: graph outputs too are dropped once ``seen`` has had
+        them and no later region reads them (the KV calibration takes each layer's cache and needs no logits)."""
         for region in self.order:
             extra = [v for v in watch(region) if v not in self._produces[region]]
             with self._region_file(region, held[0], extra) as path:
@@ -119,18 +120,19 @@ class RegionRunner:
                     produced = dict(zip(names, session.run(names, {v.name: values[v.name] for v in self._inputs[region]})))
                     seen(region, index, produced)
                     values.update({v.name: produced[v.name] for v in self._produces[region]})
-                    for name in self._spent(region):
+                    for name in self._spent(region, keep_outputs):
                         values.pop(name, None)
                     if finish is not None and region == self.order[-1]:
                         finish(index, {name: values.pop(name) for name in self.outputs})
                 del session
             yield region
 
-    def _spent(self, region: int) -> list[str]:
-        """Values no region after ``region`` reads (dropped as soon as they are spent)."""
+    def _spent(self, region: int, keep_outputs: bool = True) -> list[str]:
+        """Values no region after ``region`` reads (dropped as soon as they are spent); graph outputs are kept for
+        the caller unless ``keep_outputs`` is False."""
         later = {v.name for r in self.order if r > region for v in self._inputs[r]}
         return [v.name for r in self.order if r <= region for v in self._produces[r]
-                if v.name not in later and v.name not in self.outputs]
+                if v.name not in later and not (keep_outputs and v.name in self.outputs)]
 
     def _region_file(self, region: int, example: dict[str, np.ndarray], extra: list[ir.Value]):
         sub = _extract(self.model, self._nodes[region], self._inputs[region], self._produces[region] + extra, example)
