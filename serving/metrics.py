@@ -50,6 +50,9 @@ class ServerMetrics:
                                     "steps (rows shorter than the step's widest).")
         self.preemptions = make(Counter, "num_preemptions", "Requests preempted for KV memory (swapped or to "
                                 "recompute).")
+        # a counter as well as the gauges: a request swapped for a moment between two scrapes still shows
+        self.swaps = make(Counter, "num_preemptions_swapped", "Preempted requests whose KV went to host memory "
+                          "(--swap-space; the others recompute).")
         self.prompt_tokens = make(Counter, "prompt_tokens", "Prompt tokens of finished and running requests.")
         self.generation_tokens = make(Counter, "generation_tokens", "Tokens generated.")
         self.iterations = make(Counter, "scheduler_iterations", "Scheduler iterations (one batched decode each).")
@@ -147,6 +150,8 @@ class ServerMetrics:
 
     def preempted(self, request, swapped: bool) -> None:
         self.preemptions.inc()
+        if swapped:
+            self.swaps.inc()
 
     def kv_cache(self, state: dict) -> None:
         """The KV pool now (the scheduler's kv_cache_state), after every iteration."""

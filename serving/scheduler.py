@@ -112,6 +112,7 @@ class Scheduler(KVAdmission):
 
     # -- the handlers' side ---------------------------------------------------------------------------
     def start(self) -> "Scheduler":
+        self.metrics.kv_cache(self.kv_cache_state())  # the pool's limit is scraped before the first iteration sets it
         self._thread = threading.Thread(target=self._loop, name="luffy-scheduler", daemon=True)
         self._thread.start()
         return self

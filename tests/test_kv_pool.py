@@ -3,6 +3,7 @@ memory, several prompts per prefill step, drafts verified across rows. Served to
 
 from __future__ import annotations
 
+import concurrent.futures
 import threading
 import time
 
@@ -144,3 +145,58 @@ def test_drafts_of_several_rows_are_verified_in_one_step(engine, pydoc_int8):
         assert any(rows > 1 and 1 < width <= 4 for rows, width in steps)
     finally:
         scheduler.stop()
+
+
+KV_GAUGES = ("luffy:kv_cache_bytes", "luffy:kv_cache_limit_bytes", "luffy:kv_cache_usage_perc",
+             "luffy:kv_cache_swapped_bytes", "luffy:num_requests_swapped", "luffy:num_preemptions_total",
+             "luffy:num_preemptions_swapped_total")
+
+
+def _kv_scrape(server) -> dict[str, float]:
+    """One GET /metrics: the KV gauges and the preemption counters, by name (the model_name label dropped)."""
+    samples = {key.split("{")[0]: value for key, value in server.metrics().items()}
+    return {name: samples[name] for name in KV_GAUGES}
+
+
+def _complete(client, prompt: list[int]) -> str:
+    got = client.completions.create(model="pydoc", prompt=prompt, max_tokens=60, temperature=0,
+                                    extra_body={"ignore_eos": True})
+    return got.choices[0].text
+
+
+def test_a_served_small_kv_cache_reports_its_bytes_preemptions_and_swaps_over_http(engine, pydoc):
+    # the scheduler test above, through `luffy serve`: six prompts of 60 tokens want 18 blocks of a 6-block pool
+    pytest.importorskip("fastapi", reason="the serve extra (pip install 'luffy[serve]') is not installed")
+    pytest.importorskip("openai", reason="the openai client is not installed")
+    from .server_process import ServerProcess
+
+    limit = 6 * engine.open_slots(1, 64, allocate=ReservedMemory()).cache.block_bytes
+    prompts, scrapes, done = PROMPTS[:6], [], threading.Event()
+    with ServerProcess(pydoc.path, "--max-num-seqs", "6", "--max-num-batched-tokens", "32", "--kv-cache-memory",
+                       str(limit), "--swap-space", "1", "--no-prefix-cache", "--served-model-name", "pydoc") as server:
+        client = server.client()
+
+        def watch():  # scrape while the requests run: at least once, at most 3000 times, ~5 ms apart
+            while len(scrapes) < 3000:
+                scrapes.append(_kv_scrape(server))
+                if done.wait(0.005):
+                    break
+
+        watcher = threading.Thread(target=watch)
+        with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+            futures = [pool.submit(_complete, client, p) for p in prompts]
+            watcher.start()
+            together = [f.result(timeout=120) for f in futures]
+        done.set()
+        watcher.join(30)
+        after = _kv_scrape(server)
+        alone = [_complete(client, p) for p in prompts]  # one at a time: nothing to preempt them
+    assert together == alone
+    assert scrapes and all(0 <= s["luffy:kv_cache_bytes"] <= s["luffy:kv_cache_limit_bytes"] == limit and
+                           0 <= s["luffy:kv_cache_usage_perc"] <= 1 for s in scrapes + [after])
+    # with swap space every preemption swaps (test above). A swapped request is in host memory only until a running
+    # one finishes, which scrapes a loaded machine's server answers slowly may all miss: the counter says it
+    assert after["luffy:num_preemptions_swapped_total"] == after["luffy:num_preemptions_total"] > 0
+    counts = [(s["luffy:num_preemptions_swapped_total"], s["luffy:num_preemptions_total"]) for s in scrapes + [after]]
+    assert all(swaps <= preemptions for swaps, preemptions in counts) and counts == sorted(counts)
+    assert after["luffy:kv_cache_swapped_bytes"] == after["luffy:num_requests_swapped"] == 0

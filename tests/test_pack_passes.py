@@ -10,6 +10,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
+import luffy
 from luffy.errors import UsageError
 from luffy.passes.pack_gate_up import pack_gate_up
 from luffy.passes.pack_qkv import pack_qkv
@@ -133,13 +134,30 @@ def test_pack_passes_at_parity_on_ort(llama_verified):
 
 
 def test_packed_llama_node_budget(llama_verified):
-    # 44 nodes outside the layers (mask, embedding, final norm, lm_head) + 11 per layer: the 8-layer reference
-    # Llama of the benchmarks (benchmarks/models.py) compiles to 44 + 8 * 11 = 132 nodes (issue 22: at most 132)
+    # 43 nodes outside the layers (mask, embedding, final norm, lm_head) + 11 per layer (65 here); issue 22's
+    # budget for the 8-layer reference Llama, at most 44 + 8 * 11 = 132, is pinned by the test below
     verified, _ = llama_verified
     ops = verified.report["op_histogram"]
     assert ops["MatMul"] == 2 * 4 + 1 and ops["com.microsoft::GroupQueryAttention"] == 2
     assert not any(op.endswith("RotaryEmbedding") for op in ops)
     assert sum(ops.values()) <= 44 + 11 * 2
+
+
+@pytest.mark.slow  # one more capture: ~15 s of CPU
+def test_the_eight_layer_reference_llama_compiles_to_at_most_132_nodes(tmp_path, llama_verified):
+    # benchmarks/models.py's REFERENCE_LLAMA (`ref` of docs/benchmarks.md) as `luffy compile ref` takes it, a
+    # Hugging Face directory, with its depth, heads and context but widths shrunk (head_dim 16, the least
+    # GroupQueryAttention's CPU kernel takes): the count does not follow widths (full widths gave 131 too,
+    # 163 without pack-qkv and pack-gate-up; 256 or 1024 hidden, 64 to 2816 intermediate, 320 or 32000 vocab)
+    from luffy.benchmarks.models import REFERENCE_LLAMA, reference_llama
+
+    layers = REFERENCE_LLAMA["num_hidden_layers"]
+    hf = reference_llama(str(tmp_path / "hf"), hidden_size=256, intermediate_size=64, vocab_size=320)
+    ops = luffy.compile(hf["path"], output=tmp_path / "out", opt_level=2, precision="fp32").report["op_histogram"]
+    assert layers == 8 and ops["MatMul"] == 4 * layers + 1 and ops["com.microsoft::GroupQueryAttention"] == layers
+    two_layers = sum(llama_verified[0].report["op_histogram"].values())
+    assert sum(ops.values()) - two_layers == 11 * (layers - 2)  # 11 nodes a layer, as llama-tiny's 2 extrapolate
+    assert sum(ops.values()) <= 44 + 11 * layers == 132
 
 
 def test_buffer_numbered_rotary_refuses_a_gap_in_a_row(zoo_artifacts):
