@@ -6,7 +6,8 @@
     python -m luffy.benchmarks.kv_cache serve ART --kv-cache-memory 1GiB --clients 32 --prompt-len 512 --new-tokens 128
 
 capacity: the tokens a pool of --kv-cache-memory holds for each artifact (its KV precision's bytes per token,
-in whole blocks). quality: each artifact's perplexity on --eval windows and its greedy tokens (64 new, on
+in whole blocks). quality: each artifact's perplexity on --eval windows (a prompt pass per window, and a
+decoding pass through the cache over the first --decoding-windows) and its greedy tokens (64 new, on
 prompts cut from the same text) against the first artifact's. speed: batched decode at --context tokens x
 --sequences rows, artifacts alternated run by run (host drift hits all alike), median step time. serve: a
 real `luffy serve` under the limit, --clients concurrent greedy requests; the server's RSS and
@@ -65,7 +66,25 @@ def _perplexity(engine, windows: list[list[int]]) -> float:
     return float(np.exp(nll / count))
 
 
-def quality(artifacts: list[str], eval_file: str, prompts: int, prompt_len: int, new_tokens: int) -> list[dict]:
+def _decoding_perplexity(engine, windows: list[list[int]]) -> float:
+    """Perplexity with every token fed alone, as decoding feeds it: each prediction attends to a past read back
+    from the KV cache in its precision. `_perplexity` scores a window in one prompt pass, whose attention may
+    read the keys and values it just computed, before they are stored (GroupQueryAttention does for an fp16
+    cache: a prompt-pass perplexity can not tell fp16 KV from fp32)."""
+    slots = engine.open_slots(1, max(len(ids) for ids in windows))
+    nll, count = 0.0, 0
+    for ids in windows:
+        slots.cache.clear(0)
+        for position in range(len(ids) - 1):
+            logits = slots.step(0, 1, np.array([[ids[position]]]))[0, -1].astype(np.float64)
+            logits -= logits.max()
+            nll -= logits[ids[position + 1]] - np.log(np.exp(logits).sum())
+            count += 1
+    return float(np.exp(nll / count))
+
+
+def quality(artifacts: list[str], eval_file: str, prompts: int, prompt_len: int, new_tokens: int,
+            decoding_windows: int = 16) -> list[dict]:
     engines = [load(path) for path in artifacts]
     windows = _windows(engines[0], eval_file, 256, None)
     starts = _windows(engines[0], eval_file, prompt_len, None)[::7][:prompts]  # prompts spread over the text
@@ -75,10 +94,14 @@ def quality(artifacts: list[str], eval_file: str, prompts: int, prompt_len: int,
         out = base if engine is engines[0] else engine.generate(starts, max_new_tokens=new_tokens, eos_token_id=None)
         same = sum(bool((out[i] == base[i]).all()) for i in range(len(starts)))
         rows.append({"artifact": path, "kv_dtype": engine.manifest["kv_cache"]["dtype"],
-                     "perplexity": round(_perplexity(engine, windows), 5), "greedy_identical": f"{same}/{len(starts)}",
-                     "greedy_identical_pct": round(100 * same / len(starts), 1)})
+                     "perplexity": round(_perplexity(engine, windows), 5),
+                     "decoding_perplexity": round(_decoding_perplexity(engine, windows[:decoding_windows]), 5),
+                     "decoding_tokens": sum(len(ids) - 1 for ids in windows[:decoding_windows]),
+                     "greedy_identical": f"{same}/{len(starts)}", "greedy_identical_pct": round(100 * same / len(starts), 1)})
     for row in rows:
         row["perplexity_vs_first_pct"] = round(100 * (row["perplexity"] / rows[0]["perplexity"] - 1), 4)
+        row["decoding_perplexity_vs_first_pct"] = round(
+            100 * (row["decoding_perplexity"] / rows[0]["decoding_perplexity"] - 1), 4)
     return rows
 
 
@@ -207,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompts", type=int, default=20)
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--decoding-windows", type=int, default=16,
+                   help="256-token windows scored a token at a time through the cache (the decoding perplexity)")
     p = sub.add_parser("speed")
     p.add_argument("artifacts", nargs="+")
     p.add_argument("--context", type=int, default=2048)
@@ -224,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.what == "capacity":
         rows = capacity(a.artifacts, a.kv_cache_memory, a.max_num_seqs, a.max_model_len)
     elif a.what == "quality":
-        rows = quality(a.artifacts, a.eval, a.prompts, a.prompt_len, a.new_tokens)
+        rows = quality(a.artifacts, a.eval, a.prompts, a.prompt_len, a.new_tokens, a.decoding_windows)
     elif a.what == "speed":
         rows = speed(a.artifacts, a.context, a.sequences, a.steps, a.runs)
     else:
