@@ -115,6 +115,8 @@ def test_models_health_and_metrics(server):
     assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
     models = server.client().models.list()
     assert [m.id for m in models.data] == ["pydoc"]
+    # one finished request of its own: the labelled counters (request_success_total) appear with their first use
+    server.client().completions.create(model="pydoc", prompt="def", max_tokens=2, temperature=0)
     names = {key.split("{")[0] for key in server.metrics()}
     assert {"luffy:time_to_first_token_seconds_count", "luffy:inter_token_latency_seconds_count",
             "luffy:e2e_request_latency_seconds_count", "luffy:request_queue_time_seconds_count",
