@@ -102,6 +102,7 @@ convert_hf_to_gguf.main()
 def convert_to_gguf(tree: Path, hf_dir: Path, out: Path) -> list[str]:
     """``hf_dir`` as an f32 GGUF at ``out`` by the tree's convert_hf_to_gguf.py (with the byte-tokenizer
     workaround above); the command run."""
+    out.parent.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-c", _CONVERT, str(tree), str(hf_dir), "--outfile", str(out), "--outtype", "f32"]
     _run(command, "convert_hf_to_gguf.py", env={**os.environ, "HF_HUB_OFFLINE": "1", "NO_LOCAL_GGUF": ""})
     return command
@@ -138,7 +139,6 @@ class LlamaCppRunner(Runner):
 
     def build(self) -> dict:
         bin_dir, f32, final = self._files()
-        f32.parent.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         convert_to_gguf(llama_cpp_tree(bin_dir), Path(self.paths["hf_dir"]), f32)
         if final != f32:

@@ -16,12 +16,18 @@ luffy's defaults (or the artifacts --luffy names), scored through the artifact's
   cache, its first token replaced by BOS where the tokenizer adds one;
 - only the second half is scored: the logits at positions N/2 .. N-2 predict tokens N/2+1 .. N-1, so
   N - N/2 - 1 tokens per chunk;
-- PPL = exp(mean NLL) and its +/- = sqrt((mean NLL^2 - mean NLL^2) / (count - 1)) * PPL.
+- PPL = exp(mean NLL) and its +/- = sqrt((mean(NLL^2) - mean(NLL)^2) / (count - 1)) * PPL.
 
-Tokenizers may split a text differently, so absolute perplexities are compared only when both tools produce
-the same token ids (recorded, with the counts, when llama-tokenize is built beside llama-perplexity); the
-comparison is each tool's quantized perplexity against its own f32 / fp32. Prints one JSON object (with the
-machine) and a markdown table; --out also writes the JSON.
+Each quantized model is also set against its own f32 token by token, as `llama-perplexity --kl-divergence`
+does against the f32 run's saved log-probabilities (--kl-divergence-base): PPL(Q)/PPL(base) with the paired
+uncertainty (the +/- of each perplexity is mostly the text's own spread, common to both), mean KL divergence
+and how often both rank the same token first; luffy's from its fp32 artifact's exact log-probabilities.
+
+Tokenizers may split a text differently, so absolute perplexities are comparable only when both tools evaluate
+the same token ids: the ids llama-perplexity evaluated (read back from its --kl-divergence-base file) are
+compared with luffy's. The comparison made either way is each tool's quantized perplexity against its own
+f32 / fp32. Prints one JSON object (with the machine) and a markdown table; --out also writes the JSON. Needs
+the compile and bench extras (torch, transformers; sentencepiece for convert_hf_to_gguf.py).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -50,7 +57,10 @@ MODEL = "llama-pydoc"
 PAIRS = {"fp32": "f32", "int8": "q8_0", "int4": "q4_0"}
 _FINAL = re.compile(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)")
 _CHUNKS = re.compile(r"calculating perplexity over (\d+) chunks, n_ctx=(\d+)")
-_VERSION = re.compile(r"version: (\S+) \((\w+)\)")
+_VERSION = re.compile(r"version: (.+)")
+ATTEMPTS = 3  # runs of a llama.cpp tool whose log lost the lines parsed (see _llama_parsed)
+# llama-perplexity --kl-divergence's lines -> paired_vs_base's keys
+_KLD_LINES = {"ppl_ratio": "Mean PPL(Q)/PPL(base)", "kld": "Mean    KLD", "same_top_pct": "Same top p"}
 
 
 # -- the window scheme -------------------------------------------------------------------------------------
@@ -69,15 +79,14 @@ def llama_chunks(ids: list[int], n_ctx: int, bos_id: int | None) -> list[list[in
     return chunks
 
 
-def scored_nll(logits: np.ndarray, chunk: list[int]) -> np.ndarray:
-    """Negative log-likelihoods of a chunk's scored tokens: logits [n_ctx, vocab] at positions n_ctx/2 .. n_ctx-2
-    against the tokens one further on (llama.cpp's process_logits over its n_ctx - 1 - first outputs)."""
+def scored_log_probs(logits: np.ndarray, chunk: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """A chunk's scored positions: log-probabilities [n_ctx - n_ctx/2 - 1, vocab] (float64) from the logits
+    [n_ctx, vocab] at positions n_ctx/2 .. n_ctx-2, and the tokens one further on they predict (llama.cpp's
+    process_logits over its n_ctx - 1 - first outputs)."""
     first = len(chunk) // 2
     rows = logits[first:len(chunk) - 1].astype(np.float64)
     rows -= rows.max(axis=-1, keepdims=True)
-    log_probs = rows - np.log(np.exp(rows).sum(axis=-1, keepdims=True))
-    targets = np.asarray(chunk[first + 1:])
-    return -log_probs[np.arange(len(targets)), targets]
+    return rows - np.log(np.exp(rows).sum(axis=-1, keepdims=True)), np.asarray(chunk[first + 1:])
 
 
 def estimate(nll: np.ndarray) -> dict:
@@ -90,16 +99,47 @@ def estimate(nll: np.ndarray) -> dict:
     return {"ppl": ppl, "ppl_error": error, "scored_tokens": int(len(nll))}
 
 
-def chunked_perplexity(score, ids: list[int], n_ctx: int, bos_id: int | None, rows: int = 8) -> dict:
-    """llama-perplexity's scheme over ``ids`` with ``score`` (rows of token ids -> logits [rows, n_ctx, vocab]),
-    ``rows`` chunks per call: PPL, +/-, chunks and scored tokens."""
-    chunks = llama_chunks(ids, n_ctx, bos_id)
-    nll = []
+def chunked_log_probs(score, chunks: list[list[int]], rows: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Every chunk's scored log-probabilities [tokens, vocab] and targets [tokens], in order; ``score`` maps rows
+    of token ids to logits [rows, n_ctx, vocab] and gets ``rows`` chunks per call."""
+    log_probs, targets = [], []
     for start in range(0, len(chunks), rows):
         batch = chunks[start:start + rows]
         logits = score(batch)
-        nll.extend(scored_nll(logits[i], chunk) for i, chunk in enumerate(batch))
-    return {**estimate(np.concatenate(nll)), "chunks": len(chunks)}
+        for i, chunk in enumerate(batch):
+            chunk_log_probs, chunk_targets = scored_log_probs(logits[i], chunk)
+            log_probs.append(chunk_log_probs)
+            targets.append(chunk_targets)
+    return np.concatenate(log_probs), np.concatenate(targets)
+
+
+def target_nll(log_probs: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    return -log_probs[np.arange(len(targets)), targets]
+
+
+def chunked_perplexity(score, ids: list[int], n_ctx: int, bos_id: int | None, rows: int = 8) -> dict:
+    """llama-perplexity's scheme over ``ids`` with ``score`` (rows of token ids -> logits [rows, n_ctx, vocab]):
+    PPL, +/-, chunks and scored tokens."""
+    chunks = llama_chunks(ids, n_ctx, bos_id)
+    return {**estimate(target_nll(*chunked_log_probs(score, chunks, rows))), "chunks": len(chunks)}
+
+
+def _mean_and_error(values: np.ndarray) -> tuple[float, float]:
+    """Mean and its standard error, as llama.cpp's mean_and_uncertainty (variance over count, then / (count-1))."""
+    mean = float(values.mean())
+    return mean, float(np.sqrt(max(float((values ** 2).mean()) - mean * mean, 0.0) / (len(values) - 1)))
+
+
+def paired_vs_base(log_probs: np.ndarray, base: np.ndarray, targets: np.ndarray) -> dict:
+    """A quantized model against its base on the same tokens, llama-perplexity --kl-divergence's statistics:
+    PPL(Q)/PPL(base) with the paired uncertainty (exp of the mean per-token NLL difference), mean KLD(base || Q)
+    and how often both put the same token on top (percent)."""
+    ratio_log, ratio_log_error = _mean_and_error(target_nll(log_probs, targets) - target_nll(base, targets))
+    kld, kld_error = _mean_and_error((np.exp(base) * (base - log_probs)).sum(axis=-1))
+    same_top = float((log_probs.argmax(-1) == base.argmax(-1)).mean())
+    return {"ppl_ratio": float(np.exp(ratio_log)), "ppl_ratio_error": float(np.exp(ratio_log)) * ratio_log_error,
+            "kld": kld, "kld_error": kld_error, "same_top_pct": 100 * same_top,
+            "same_top_pct_error": 100 * float(np.sqrt(same_top * (1 - same_top) / (len(targets) - 1)))}
 
 
 def tokenizer_bos(tokenizer) -> int | None:
@@ -127,23 +167,53 @@ def parse_llama_perplexity(output: str) -> dict:
     return result
 
 
+def parse_kl_divergence(output: str) -> dict:
+    """llama-perplexity --kl-divergence's statistics in paired_vs_base's keys (ppl_ratio, kld, same_top_pct, each
+    with its error); a ValueError naming the line it lacks."""
+    result = {}
+    for key, label in _KLD_LINES.items():
+        found = re.search(re.escape(label) + r"\s*:\s*(-?[0-9.]+)\s*±\s*([0-9.]+)", output)
+        if found is None:
+            raise ValueError(f"llama-perplexity --kl-divergence printed no '{label}' line")
+        result[key], result[f"{key}_error"] = float(found.group(1)), float(found.group(2))
+    return result
+
+
 def parse_version(output: str) -> str | None:
-    """'BUILD (COMMIT)' from a llama.cpp binary's --version output, None if absent."""
+    """What follows 'version:' in a llama.cpp binary's --version output, None if absent."""
     found = _VERSION.search(output)
-    return f"{found.group(1)} ({found.group(2)})" if found else None
+    return found.group(1).strip() if found else None
+
+
+def read_base_tokens(path: Path) -> tuple[int, list[int]]:
+    """n_ctx and the token ids llama-perplexity evaluated, from the file --kl-divergence-base writes ("_logits_",
+    then int32 n_ctx, n_vocab, n_chunk and the n_chunk x n_ctx token ids, before the log-probabilities)."""
+    with open(path, "rb") as file:
+        if file.read(8) != b"_logits_":
+            raise ValueError(f"{path}: not a llama-perplexity --kl-divergence-base file")
+        n_ctx, _, n_chunk = np.frombuffer(file.read(12), dtype="<i4")
+        return int(n_ctx), np.frombuffer(file.read(4 * int(n_chunk) * int(n_ctx)), dtype="<i4").tolist()
 
 
 # -- the measurements --------------------------------------------------------------------------------------
-def luffy_perplexity(artifact: Path, text: str, n_ctx: int) -> dict:
-    """One artifact scored with llama-perplexity's scheme through its Engine (ONNX Runtime, no torch)."""
+def luffy_scores(artifact: Path, text: str, n_ctx: int) -> tuple[dict, np.ndarray, np.ndarray]:
+    """One artifact under llama-perplexity's scheme through its Engine (ONNX Runtime, no torch): its row, and the
+    scored log-probabilities and targets (for paired_vs_base)."""
     engine = load(artifact)
     bos = tokenizer_bos(engine.tokenizer)
     ids = engine.tokenizer.encode(text).ids
-    result = chunked_perplexity(engine.score, ids, n_ctx, bos)
+    chunks = llama_chunks(ids, n_ctx, bos)
+    log_probs, targets = chunked_log_probs(engine.score, chunks)
     weights = sum(f.stat().st_size for f in Path(artifact).iterdir() if f.name.startswith("model."))
     scheme = (engine.manifest.get("report") or {}).get("precision", {}).get("scheme")  # block, method, level
-    return {**result, "text_tokens": len(ids), "bos_id": bos, "model_bytes": weights, "scheme": scheme,
-            "token_ids": ids}
+    row = {**estimate(target_nll(log_probs, targets)), "chunks": len(chunks), "text_tokens": len(ids),
+           "bos_id": bos, "model_bytes": weights, "scheme": scheme, "token_ids": ids}
+    return row, log_probs, targets
+
+
+def luffy_perplexity(artifact: Path, text: str, n_ctx: int) -> dict:
+    """One artifact's perplexity under llama-perplexity's scheme (luffy_scores' row)."""
+    return luffy_scores(artifact, text, n_ctx)[0]
 
 
 def _llama(command: list[str], what: str) -> str:
@@ -154,23 +224,41 @@ def _llama(command: list[str], what: str) -> str:
     return proc.stdout + proc.stderr
 
 
-def llama_perplexity(bin_dir: Path, gguf: Path, text_file: Path, n_ctx: int) -> dict:
-    """`llama-perplexity -m GGUF -f TEXT -c N` on every usable core; its parsed estimate and the command."""
+def _llama_parsed(command: list[str], what: str, parse, attempts: int = ATTEMPTS) -> tuple[dict, int]:
+    """Run a llama.cpp tool (its stdout and stderr unbuffered) and parse its log, again up to ``attempts`` times
+    when the lines parsed are missing: llama.cpp's logger writes from a thread of its own and is never drained at
+    exit (common/log.cpp leaks it on purpose, issue 22142), so a run's last lines can be lost. (parsed, tries)."""
+    unbuffered = ["stdbuf", "-o0", "-e0"] if shutil.which("stdbuf") else []
+    for attempt in range(1, attempts + 1):
+        output = _llama(unbuffered + command, what)
+        try:
+            return parse(output), attempt
+        except ValueError:
+            if attempt == attempts:
+                raise
+    raise AssertionError("unreachable")
+
+
+def llama_perplexity(bin_dir: Path, gguf: Path, text_file: Path, n_ctx: int, base_logits: Path | None = None,
+                     extra: tuple[str, ...] = ()) -> dict:
+    """`llama-perplexity -m GGUF -f TEXT -c N` on every usable core (``extra`` arguments appended); its parsed
+    estimate and the command (``base_logits``: also save the scored log-probabilities there, --kl-divergence-base,
+    for the quantized runs)."""
     command = [str(bin_dir / "llama-perplexity"), "-m", str(gguf), "-f", str(text_file), "-c", str(n_ctx),
-               "-t", str(usable_cores())]
-    output = _llama(command, "llama-perplexity")
-    return {**parse_llama_perplexity(output), "model_bytes": gguf.stat().st_size, "command": command}
+               "-t", str(usable_cores()), *extra]
+    if base_logits is not None:
+        command += ["--kl-divergence-base", str(base_logits)]
+    parsed, tries = _llama_parsed(command, "llama-perplexity", parse_llama_perplexity)
+    return {**parsed, "model_bytes": gguf.stat().st_size, "command": command, "runs": tries}
 
 
-def llama_token_ids(bin_dir: Path, gguf: Path, text_file: Path) -> list[int] | None:
-    """The text's token ids as llama.cpp tokenizes it (llama-tokenize --ids, BOS added as llama-perplexity
-    does); None when llama-tokenize is not built."""
-    if not (bin_dir / "llama-tokenize").is_file():
-        return None
-    output = subprocess.run([str(bin_dir / "llama-tokenize"), "-m", str(gguf), "-f", str(text_file), "--ids",
-                             "--log-disable"], capture_output=True, text=True, check=True).stdout
-    listed = [ln for ln in output.splitlines() if ln.startswith("[")]
-    return json.loads(listed[-1]) if listed else None
+def llama_kl_divergence(bin_dir: Path, gguf: Path, base_logits: Path, n_ctx: int, extra: tuple[str, ...] = ()) -> dict:
+    """`llama-perplexity -m GGUF --kl-divergence-base BASE --kl-divergence -c N`: the quantized model against the
+    f32 run's saved log-probabilities on the same chunks; its statistics and the command."""
+    command = [str(bin_dir / "llama-perplexity"), "-m", str(gguf), "--kl-divergence-base", str(base_logits),
+               "--kl-divergence", "-c", str(n_ctx), "-t", str(usable_cores()), *extra]
+    parsed, tries = _llama_parsed(command, "llama-perplexity --kl-divergence", parse_kl_divergence)
+    return {**parsed, "command": command, "runs": tries}
 
 
 def build_ggufs(bin_dir: Path, hf_dir: Path, work: Path) -> tuple[dict, dict]:
@@ -178,7 +266,6 @@ def build_ggufs(bin_dir: Path, hf_dir: Path, work: Path) -> tuple[dict, dict]:
     tree = llama_cpp_tree(bin_dir)
     if tree is None:
         raise UsageError(f"--llama-cpp {bin_dir}: no convert_hf_to_gguf.py in it or the three folders above")
-    work.mkdir(parents=True, exist_ok=True)
     files = {kind: work / f"{MODEL}-{kind}.gguf" for kind in PAIRS.values()}
     commands = {"convert": convert_to_gguf(tree, hf_dir, files["f32"])}
     for kind in ("q8_0", "q4_0"):
@@ -209,61 +296,108 @@ def _with_deltas(rows: list[dict]) -> list[dict]:
     return rows
 
 
-def _llama_rows(bin_dir: Path, hf_dir: Path, text_file: Path, n_ctx: int, work: Path) -> tuple[list, dict]:
+def llama_rows(bin_dir: Path, hf_dir: Path, text_file: Path, n_ctx: int, work: Path,
+               extra: tuple[str, ...] = ()) -> tuple[list, dict]:
+    """llama.cpp's three rows (perplexity, and for q8_0 / q4_0 the paired statistics against f32) and what ran."""
     files, commands = build_ggufs(bin_dir, hf_dir, work / "gguf")
-    rows = [{"system": "llama.cpp", "precision": kind, **llama_perplexity(bin_dir, files[kind], text_file, n_ctx)}
-            for kind in PAIRS.values()]
-    tokens = llama_token_ids(bin_dir, files["f32"], text_file)
+    base_logits = work / "gguf" / f"{MODEL}-f32.kld"
+    rows = [{"system": "llama.cpp", "precision": "f32",
+             **llama_perplexity(bin_dir, files["f32"], text_file, n_ctx, base_logits, extra)}]
+    for kind in ("q8_0", "q4_0"):
+        rows.append({"system": "llama.cpp", "precision": kind,
+                     **llama_perplexity(bin_dir, files[kind], text_file, n_ctx, extra=extra),
+                     "vs_base": llama_kl_divergence(bin_dir, files[kind], base_logits, n_ctx, extra)})
+    tokens = read_base_tokens(base_logits)[1]
     version = parse_version(_llama([str(bin_dir / "llama-perplexity"), "--version"], "llama-perplexity --version"))
     return rows, {"commands": commands, "version": version, "token_ids": tokens}
 
 
-def measure(bin_dir: Path, n_ctx: int, work: Path, given: dict[str, str], text_file: Path) -> dict:
-    """The whole comparison: llama.cpp's three GGUFs and luffy's three artifacts on ``text_file``."""
-    hf_dir = Path(zoo_hf_dir(MODEL, str(work / "hf"))["path"])
-    llama_rows, llama = _llama_rows(bin_dir, hf_dir, text_file, n_ctx, work)
-    artifacts, compiles = luffy_artifacts(given, work)
-    text = text_file.read_text(encoding="utf-8")
-    luffy_rows = [{"system": "luffy", "precision": precision, "artifact": str(path),
-                   **luffy_perplexity(path, text, n_ctx)} for precision, path in artifacts.items()]
-    luffy_ids = luffy_rows[0]["token_ids"]
-    for row in luffy_rows:
+def luffy_rows(artifacts: dict, text: str, n_ctx: int) -> tuple[list, list[int]]:
+    """luffy's rows, fp32 first (the others with paired statistics against its), and the text's token ids;
+    ``artifacts``: label (a precision, or a variant's name) -> artifact."""
+    rows, base = [], None
+    for label, path in artifacts.items():
+        row, log_probs, targets = luffy_scores(path, text, n_ctx)
+        if base is None:
+            base = log_probs
+        else:
+            row["vs_base"] = paired_vs_base(log_probs, base, targets)
+        rows.append({"system": "luffy", "precision": label, "artifact": str(path), **row})
+    ids = rows[0]["token_ids"]
+    for row in rows:
         row.pop("token_ids")
-    llama_ids = llama.pop("token_ids")
+    return rows, ids
+
+
+def measure(bin_dir: Path, n_ctx: int, work: Path, text_file: Path, given: dict[str, str],
+            variants: dict[str, str] | None = None, llama_args: tuple[str, ...] = ()) -> dict:
+    """The whole comparison on ``text_file``: llama.cpp's three GGUFs (``llama_args`` appended to each
+    llama-perplexity run), luffy's three artifacts (``given`` or compiled) and any further luffy ``variants``
+    (label -> artifact), each set against its own system's f32 / fp32."""
+    hf_dir = Path(zoo_hf_dir(MODEL, str(work / "hf"))["path"])
+    llama, llama_info = llama_rows(bin_dir, hf_dir, text_file, n_ctx, work, llama_args)
+    artifacts, compiles = luffy_artifacts(given, work)
+    artifacts.update({label: Path(path) for label, path in (variants or {}).items()})
+    text = text_file.read_text(encoding="utf-8")
+    ours, luffy_ids = luffy_rows(artifacts, text, n_ctx)
+    llama_ids = llama_info.pop("token_ids")
     return {
         "benchmark": "quality_peers", "model": MODEL, "hf_dir": str(hf_dir), "text": str(text_file),
         "text_bytes": len(text.encode("utf-8")), "n_ctx": n_ctx,
         "scheme": f"llama-perplexity's: chunks of {n_ctx} tokens from an empty cache, BOS first, tokens "
                   f"{n_ctx // 2 + 1}..{n_ctx - 1} of each scored ({n_ctx - n_ctx // 2 - 1} per chunk)",
-        "tokens": {"luffy": len(luffy_ids), "llama.cpp": len(llama_ids) if llama_ids is not None else None,
-                   "same_token_ids": llama_ids == luffy_ids if llama_ids is not None else None},
-        "llama.cpp": {"bin": str(bin_dir), **llama}, "luffy": {"commands": compiles},
-        "machine": describe_machine(), "rows": _with_deltas(llama_rows + luffy_rows),
+        "tokens": {"luffy_text": len(luffy_ids), "llama.cpp_evaluated": len(llama_ids),
+                   "same_evaluated_ids": llama_ids == luffy_ids[:len(llama_ids)]},
+        "llama.cpp": {"bin": str(bin_dir), **llama_info}, "luffy": {"commands": compiles},
+        "machine": describe_machine(), "rows": _with_deltas(llama + ours),
     }
 
 
-def table(result: dict) -> str:
-    """The markdown table: per system and precision, perplexity +/- , change vs its own f32 / fp32, tokens."""
-    lines = ["| system | precision | perplexity | vs own f32 | scored tokens | model MB |", "|---|---|---|---|---|---|"]
+def _cell(value: float | None, error: float | None, digits: int, scale: float = 1.0, sign: str = "") -> str:
+    if value is None:
+        return ""
+    text = f"{value * scale:{sign}.{digits}f}"
+    return text + (f" ± {error * scale:.{digits}f}" if error is not None else "")
+
+
+def _precision_class(row: dict) -> str:
+    """fp32 / int8 / int4: a GGUF type's luffy counterpart, a luffy row's compiled precision."""
     pair = {kind: precision for precision, kind in PAIRS.items()}
-    order = sorted(result["rows"], key=lambda r: (list(PAIRS).index(pair.get(r["precision"], r["precision"])),
-                                                 r["system"] != "llama.cpp"))
+    if row["system"] == "llama.cpp":
+        return pair[row["precision"]]
+    bits = (row.get("scheme") or {}).get("bits")
+    return f"int{bits}" if bits else "fp32"
+
+
+def table(result: dict) -> str:
+    """The markdown table: per precision, each system's perplexity +/-, its change against its own f32 / fp32
+    (from the two perplexities; paired +/- and KLD from the --kl-divergence statistics), tokens and size."""
+    lines = ["| precision | system | perplexity | vs own f32 % | paired ratio - 1, % | KLD vs f32 | same top % | "
+             "scored tokens | model MB |", "|---|---|---|---|---|---|---|---|---|"]
+    order = sorted(result["rows"], key=lambda r: (list(PAIRS).index(_precision_class(r)), r["system"] != "llama.cpp"))
     for row in order:
-        error = f" ± {row['ppl_error']:.4f}" if row.get("ppl_error") is not None else ""
-        lines.append(f"| {row['system']} | {row['precision']} | {row['ppl']:.4f}{error} | {row['delta_pct']:+.3f} % | "
+        paired = row.get("vs_base") or {}
+        ratio = paired.get("ppl_ratio")
+        lines.append(f"| {_precision_class(row)} | {row['system']} {row['precision']} | "
+                     f"{_cell(row['ppl'], row.get('ppl_error'), 4)} | {row['delta_pct']:+.3f} | "
+                     f"{_cell(ratio - 1 if ratio else None, paired.get('ppl_ratio_error'), 3, 100, '+')} | "
+                     f"{_cell(paired.get('kld'), paired.get('kld_error'), 6)} | "
+                     f"{_cell(paired.get('same_top_pct'), paired.get('same_top_pct_error'), 2)} | "
                      f"{row['scored_tokens']:,} | {row['model_bytes'] / 1e6:.2f} |")
     return "\n".join(lines)
 
 
-def _given_artifacts(values: list[str]) -> dict[str, str]:
+def _given_artifacts(values: list[str], flag: str, labels: tuple[str, ...] | None) -> dict[str, str]:
+    """LABEL=ARTIFACT arguments as a dict, each naming a luffy artifact (and, with ``labels``, one of them)."""
     given = {}
     for value in values:
-        precision, _, path = value.partition("=")
-        if precision not in PAIRS or not path:
-            raise UsageError(f"--luffy {value}: give PRECISION=ARTIFACT with PRECISION one of {', '.join(PAIRS)}")
+        label, _, path = value.partition("=")
+        if not label or not path or (labels is not None and label not in labels):
+            raise UsageError(f"{flag} {value}: give LABEL=ARTIFACT" + (f" with LABEL one of {', '.join(labels)}"
+                                                                     if labels else ""))
         if not (Path(path) / "manifest.json").is_file():
-            raise UsageError(f"--luffy {value}: {path} holds no manifest.json (not a luffy artifact)")
-        given[precision] = path
+            raise UsageError(f"{flag} {value}: {path} holds no manifest.json (not a luffy artifact)")
+        given[label] = path
     return given
 
 
@@ -276,6 +410,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text", default=str(heldout_text_path()), help="the text (default: llama-pydoc's held-out)")
     parser.add_argument("--luffy", action="append", default=[], metavar="PRECISION=ARTIFACT",
                         help="reuse a compiled artifact instead of compiling llama-pydoc at that precision")
+    parser.add_argument("--variant", action="append", default=[], metavar="LABEL=ARTIFACT",
+                        help="also score this luffy artifact (e.g. another block size) against luffy's fp32")
+    parser.add_argument("--llama-args", default="", help="further llama-perplexity arguments, e.g. '-nr' (no weight "
+                                                         "repacking, where its AMX kernels die with SIGILL)")
     parser.add_argument("--work", default="build/quality-peers", help="where the GGUFs and artifacts are written")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args(argv)
@@ -286,7 +424,9 @@ def main(argv: list[str] | None = None) -> int:
                              "(docs/benchmarks.md) and pass --llama-cpp BUILD/bin")
         if not Path(args.text).is_file():
             raise UsageError(f"--text {args.text}: no such file")
-        result = measure(bin_dir, args.ctx, Path(args.work), _given_artifacts(args.luffy), Path(args.text))
+        result = measure(bin_dir, args.ctx, Path(args.work), Path(args.text),
+                         _given_artifacts(args.luffy, "--luffy", tuple(PAIRS)),
+                         _given_artifacts(args.variant, "--variant", None), tuple(args.llama_args.split()))
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
