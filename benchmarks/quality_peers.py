@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -58,7 +59,7 @@ PAIRS = {"fp32": "f32", "int8": "q8_0", "int4": "q4_0"}
 _FINAL = re.compile(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)")
 _CHUNKS = re.compile(r"calculating perplexity over (\d+) chunks, n_ctx=(\d+)")
 _VERSION = re.compile(r"version: (.+)")
-ATTEMPTS = 3  # runs of a llama.cpp tool whose log lost the lines parsed (see _llama_parsed)
+ATTEMPTS = 6  # runs of a llama.cpp tool whose log lost the lines parsed (_llama_parsed; 2 of 3 full-text f32 runs once here)
 # llama-perplexity --kl-divergence's lines -> paired_vs_base's keys
 _KLD_LINES = {"ppl_ratio": "Mean PPL(Q)/PPL(base)", "kld": "Mean    KLD", "same_top_pct": "Same top p"}
 
@@ -218,6 +219,9 @@ def luffy_perplexity(artifact: Path, text: str, n_ctx: int) -> dict:
 
 def _llama(command: list[str], what: str) -> str:
     proc = subprocess.run(command, capture_output=True, text=True)
+    if proc.returncode < 0:  # its weight-repacking (AMX) kernels died so on a Sapphire Rapids
+        raise RuntimeError(f"{what} died of signal {-proc.returncode} ({shlex.join(command)}); if it dies in its "
+                           "repacked kernels, run with --llama-args=-nr")
     if proc.returncode != 0:
         lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
         raise RuntimeError(f"{what} exited {proc.returncode}: {lines[-1] if lines else 'no output'}")
@@ -227,16 +231,15 @@ def _llama(command: list[str], what: str) -> str:
 def _llama_parsed(command: list[str], what: str, parse, attempts: int = ATTEMPTS) -> tuple[dict, int]:
     """Run a llama.cpp tool (its stdout and stderr unbuffered) and parse its log, again up to ``attempts`` times
     when the lines parsed are missing: llama.cpp's logger writes from a thread of its own and is never drained at
-    exit (common/log.cpp leaks it on purpose, issue 22142), so a run's last lines can be lost. (parsed, tries)."""
+    exit (common/log.cpp leaks it on purpose, llama.cpp issue 22142), so a run's last lines can be lost.
+    (parsed, tries)."""
     unbuffered = ["stdbuf", "-o0", "-e0"] if shutil.which("stdbuf") else []
-    for attempt in range(1, attempts + 1):
-        output = _llama(unbuffered + command, what)
+    for attempt in range(1, attempts):
         try:
-            return parse(output), attempt
+            return parse(_llama(unbuffered + command, what)), attempt
         except ValueError:
-            if attempt == attempts:
-                raise
-    raise AssertionError("unreachable")
+            continue
+    return parse(_llama(unbuffered + command, what)), attempts
 
 
 def llama_perplexity(bin_dir: Path, gguf: Path, text_file: Path, n_ctx: int, base_logits: Path | None = None,
@@ -430,6 +433,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except (RuntimeError, ValueError) as error:  # a llama.cpp tool failed, or its log lacks the lines parsed
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     text = json.dumps(result, indent=2)
     if args.out:
         Path(args.out).write_text(text + "\n")
