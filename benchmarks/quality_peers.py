@@ -59,7 +59,8 @@ PAIRS = {"fp32": "f32", "int8": "q8_0", "int4": "q4_0"}
 _FINAL = re.compile(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)")
 _CHUNKS = re.compile(r"calculating perplexity over (\d+) chunks, n_ctx=(\d+)")
 _VERSION = re.compile(r"version: (.+)")
-ATTEMPTS = 6  # runs of a llama.cpp tool whose log lost the lines parsed (_llama_parsed; 2 of 3 full-text f32 runs once here)
+# runs of a llama.cpp tool whose log lost the lines parsed (_llama_parsed; 2 of 3 full-text f32 runs once here)
+ATTEMPTS = 6
 # llama-perplexity --kl-divergence's lines -> paired_vs_base's keys
 _KLD_LINES = {"ppl_ratio": "Mean PPL(Q)/PPL(base)", "kld": "Mean    KLD", "same_top_pct": "Same top p"}
 

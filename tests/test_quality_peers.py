@@ -12,9 +12,9 @@ import pytest
 
 from luffy.benchmarks.models import zoo_hf_dir
 from luffy.benchmarks.native_peers import convert_to_gguf, llama_cpp_bin, llama_cpp_tree
-from luffy.benchmarks.quality_peers import (chunked_perplexity, estimate, llama_chunks, llama_perplexity, luffy_perplexity,
-                                            paired_vs_base, parse_kl_divergence, parse_llama_perplexity, parse_version,
-                                            read_base_tokens, tokenizer_bos)
+from luffy.benchmarks.quality_peers import (chunked_perplexity, estimate, llama_chunks, llama_perplexity,
+                                            luffy_perplexity, paired_vs_base, parse_kl_divergence,
+                                            parse_llama_perplexity, parse_version, read_base_tokens, tokenizer_bos)
 from luffy.errors import UsageError
 from luffy.models_zoo.trained import heldout_text_path
 
