@@ -61,13 +61,13 @@ def _run(command: list[str], what: str, **kwargs) -> subprocess.CompletedProcess
 
 
 # -- llama.cpp ---------------------------------------------------------------------------------------------
-def llama_cpp_bin(given: str | None) -> Path | None:
-    """The directory holding llama-bench: ``given`` (that directory, or llama-bench itself), else PATH."""
+def llama_cpp_bin(given: str | None, binary: str = "llama-bench") -> Path | None:
+    """The directory holding ``binary``: ``given`` (that directory, or a file in it), else PATH."""
     if given:
         path = Path(given)
         path = path.parent if path.is_file() else path
-        return path if (path / "llama-bench").is_file() else None
-    found = shutil.which("llama-bench")
+        return path if (path / binary).is_file() else None
+    found = shutil.which(binary)
     return Path(found).resolve().parent if found else None
 
 
@@ -99,6 +99,22 @@ convert_hf_to_gguf.main()
 """
 
 
+def convert_to_gguf(tree: Path, hf_dir: Path, out: Path) -> list[str]:
+    """``hf_dir`` as an f32 GGUF at ``out`` by the tree's convert_hf_to_gguf.py (with the byte-tokenizer
+    workaround above); the command run."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-c", _CONVERT, str(tree), str(hf_dir), "--outfile", str(out), "--outtype", "f32"]
+    _run(command, "convert_hf_to_gguf.py", env={**os.environ, "HF_HUB_OFFLINE": "1", "NO_LOCAL_GGUF": ""})
+    return command
+
+
+def quantize_gguf(bin_dir: Path, f32: Path, out: Path, gguf_type: str) -> list[str]:
+    """``f32`` quantized to ``gguf_type`` (q8_0, q4_0, ...) at ``out`` by llama-quantize; the command run."""
+    command = [str(bin_dir / "llama-quantize"), str(f32), str(out), gguf_type.upper()]
+    _run(command, "llama-quantize")
+    return command
+
+
 class LlamaCppRunner(Runner):
     """llama.cpp: convert_hf_to_gguf.py (f32) and llama-quantize to the artifact's precision, timed by llama-bench."""
 
@@ -123,14 +139,10 @@ class LlamaCppRunner(Runner):
 
     def build(self) -> dict:
         bin_dir, f32, final = self._files()
-        f32.parent.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
-        _run([sys.executable, "-c", _CONVERT, str(llama_cpp_tree(bin_dir)), str(self.paths["hf_dir"]), "--outfile",
-              str(f32), "--outtype", "f32"], "convert_hf_to_gguf.py",
-             env={**os.environ, "HF_HUB_OFFLINE": "1", "NO_LOCAL_GGUF": ""})
+        convert_to_gguf(llama_cpp_tree(bin_dir), Path(self.paths["hf_dir"]), f32)
         if final != f32:
-            _run([str(bin_dir / "llama-quantize"), str(f32), str(final), final.stem.split("-")[-1].upper()],
-                 "llama-quantize")
+            quantize_gguf(bin_dir, f32, final, final.stem.split("-")[-1])
         return {"build_s": round(time.perf_counter() - start, 3)}
 
     def load(self) -> dict:
