@@ -206,6 +206,7 @@ def to_markdown(report: dict) -> str:
             notes.append(f"- {system['name']}: {system['status']} — {system['reason']}")
             continue
         lines += [_row(system, run, i == 0) for i, run in enumerate(system["runs"])]
+        notes += [f"- {system['name']}: {note}" for note in system.get("notes", [])]
     return "\n".join([*lines, "", *notes, *([""] if notes else []), workload_line(report)]) + "\n"
 
 
