@@ -180,7 +180,8 @@ def _row(system: dict, run: dict, first_row: bool) -> str:
                   if first_row and ratio is not None else "")
     return (f"| {system['label']} | {system['weights']} | {load} | {run['output_throughput']:.1f} | "
             f"{run['request_throughput']:.2f} | {_ms(run['ttft_s'], 'median')} / {_ms(run['ttft_s'], 'p99')} | "
-            f"{_ms(run['tpot_s'], 'median', 1)} | {burst_cell} | {run['tokens_verified']}/{run['completed'] + run['failed']} |")
+            f"{_ms(run['tpot_s'], 'median', 1)} | {burst_cell} | "
+            f"{run['tokens_verified']}/{run['completed'] + run['failed']} |")
 
 
 def workload_line(report: dict) -> str:
