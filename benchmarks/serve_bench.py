@@ -144,10 +144,16 @@ async def _one(client, model: str, prompt: list[int], max_tokens: int) -> dict:
 
 
 async def _drive(url: str, model: str, requests, concurrency: int | None, rate: float | None, seed: int,
-                 on_done) -> tuple[list[dict], float]:
+                 on_done, keepalive: bool = True) -> tuple[list[dict], float]:
+    """Send ``requests`` (at ``concurrency`` in flight, or Poisson arrivals at ``rate``); per-request results and
+    the run's duration. ``keepalive=False`` opens a connection per request: llama-server's HTTP server now and
+    then drops a kept-alive connection a request was just sent on ("Server disconnected without sending a
+    response"), so the server comparison sends every system's requests that way."""
+    import httpx
     from openai import AsyncOpenAI
 
-    client = AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
+    http = None if keepalive else httpx.AsyncClient(limits=httpx.Limits(max_keepalive_connections=0), timeout=600)
+    client = AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600, http_client=http)
     gate = asyncio.Semaphore(concurrency or len(requests))
     rng = np.random.default_rng(seed)
 

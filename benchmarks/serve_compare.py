@@ -80,7 +80,8 @@ def compare_serve(artifact: str | Path, load: ServeLoad, concurrency: list[int],
         "workload": {"points": [{k: v} for k, v in plan["points"]], "burst_requests": slots,
                      "seeds": {"burst": plan["burst"].seed, "points": [lo.seed for lo in plan["loads"]]},
                      "slots": slots, "context": setup.context, "max_num_batched_tokens": max_num_batched_tokens,
-                     "prompts": "token ids (every server takes a list of ints as the prompt)"},
+                     "prompts": "token ids (every server takes a list of ints as the prompt)",
+                     "connections": "one per request (no keep-alive), for every system"},
         "hf_dir": str(setup.hf_dir) if setup.hf_dir else None, "work": str(work), "systems": systems,
         "definitions": DEFINITIONS,
     }
@@ -145,7 +146,7 @@ def _measure(name: str, url: str, model: str, requests, points, say) -> dict:
     """The first burst at once, then every load point; per run the metrics and the token-count check."""
     burst = requests["burst"]
     say(f"{name}: first burst of {len(burst)}", 0, len(points) + 1)
-    results, duration = asyncio.run(_drive(url, model, burst, len(burst), None, 0, lambda r: None))
+    results, duration = asyncio.run(_drive(url, model, burst, len(burst), None, 0, lambda r: None, keepalive=False))
     first = _checked(run_metrics(results, duration, {}), results)
     ttft = first["ttft_s"]
     first["p99_over_median"] = ttft["p99"] / ttft["median"] if ttft["median"] else None
@@ -153,7 +154,8 @@ def _measure(name: str, url: str, model: str, requests, points, say) -> dict:
     for i, ((kind, value), reqs) in enumerate(zip(points, requests["points"])):
         say(f"{name}: {kind} {value}", i + 1, len(points) + 1)
         results, duration = asyncio.run(_drive(url, model, reqs, value if kind == "concurrency" else None,
-                                               value if kind == "rate" else None, i, lambda r: None))
+                                               value if kind == "rate" else None, i, lambda r: None,
+                                               keepalive=False))
         runs.append({"system": name, kind: value, **_checked(run_metrics(results, duration, {}), results)})
     return {"first_burst": first, "runs": runs}
 
@@ -194,7 +196,8 @@ def workload_line(report: dict) -> str:
             f"random token ids, outputs {span(load['output_len'])} tokens (greedy, ignore_eos); seeds "
             f"{work['seeds']['burst']} (first burst of {work['burst_requests']}) and "
             f"{','.join(map(str, work['seeds']['points']))} (the points); {work['slots']} slots of "
-            f"{work['context']} tokens per server; prompts sent as token ids to every server.")
+            f"{work['context']} tokens per server; prompts sent as token ids to every server, one connection per "
+            f"request.")
 
 
 def to_markdown(report: dict) -> str:
