@@ -164,22 +164,26 @@ def _workdir(workdir):
         shutil.rmtree(path, ignore_errors=True)
 
 
+def artifact_hf_dir(manifest: dict, work: Path) -> tuple[Path | None, str | None]:
+    """(the Hugging Face directory an artifact was compiled from, None), or (None, why there is none). A zoo
+    model is saved to ``work/hf/NAME`` (reused when already there); the peers read that directory."""
+    source = manifest.get("source") or {}
+    kind, spec = source.get("kind"), source.get("spec")
+    if kind == "hf-dir" and source.get("path") and Path(source["path"]).is_dir():
+        return Path(source["path"]), None
+    if kind == "zoo":
+        return _zoo_hf_dir(spec, work)
+    where = source.get("path") or spec
+    return None, (f"needs the Hugging Face directory the artifact was compiled from; its manifest names "
+                  f"{kind} {where}" + (" (no longer there)" if kind == "hf-dir" else ""))
+
+
 def _resolve(model: str, work: Path, opt_level: int) -> _Target:
     if (Path(model) / MANIFEST).is_file():
         manifest = read_manifest(model)
         if manifest.get("kind") != "causal-lm":
             raise UsageError(f"{model}: luffy bench times causal LMs; this artifact is {manifest.get('kind')!r}")
-        source = manifest.get("source") or {}
-        kind, spec = source.get("kind"), source.get("spec")
-        hf_dir, reason = None, None
-        if kind == "hf-dir" and source.get("path") and Path(source["path"]).is_dir():
-            hf_dir = Path(source["path"])
-        elif kind == "zoo":
-            hf_dir, reason = _zoo_hf_dir(spec, work)
-        else:
-            where = source.get("path") or spec
-            reason = (f"needs the Hugging Face directory the artifact was compiled from; its manifest names "
-                      f"{kind} {where}" + (" (no longer there)" if kind == "hf-dir" else ""))
+        hf_dir, reason = artifact_hf_dir(manifest, work)
         return _Target(Path(model).resolve(), None, hf_dir, reason, str(model))
     src = resolve_source(model)  # SourceError with the reason for anything luffy cannot read
     hf_dir, reason = None, None

@@ -82,11 +82,20 @@ def llama_cpp_tree(bin_dir: Path) -> Path | None:
 # Two things luffy's byte tokenizer (a BPE over 256 bytes, no merges) lacks that llama.cpp needs: a pre-tokenizer
 # hash it knows (a byte-level BPE is GPT-2's kind) and at least one merge (one of two special tokens, which no
 # text ever forms, so tokenization is unchanged). Real models' tokenizers have both and are left alone.
+# The Llama converter tries SentencePiece first and, in recent trees, imports sentencepiece before it looks for
+# tokenizer.model: without that file the attempt ends as the FileNotFoundError the converter expects (and falls
+# back to tokenizer.json), so luffy's Python needs no sentencepiece.
 _CONVERT = """
 import json, sys
 sys.path.insert(0, sys.argv[1]); sys.path.insert(1, sys.argv[1] + "/gguf-py")
 import conversion.base, convert_hf_to_gguf, gguf
 conversion.base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
+sentencepiece_vocab = conversion.base.TextModel._create_vocab_sentencepiece
+def sentencepiece_if_there(self):
+    if not (self.dir_model / "tokenizer.model").is_file():
+        raise FileNotFoundError(self.dir_model / "tokenizer.model")
+    return sentencepiece_vocab(self)
+conversion.base.TextModel._create_vocab_sentencepiece = sentencepiece_if_there
 specials = [t["content"] for t in json.load(open(sys.argv[2] + "/tokenizer.json")).get("added_tokens", [])]
 add_to_gguf = gguf.SpecialVocab.add_to_gguf
 def with_a_merge(self, writer, quiet=False):

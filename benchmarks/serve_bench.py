@@ -103,11 +103,18 @@ def run_metrics(results: list[dict], duration: float, slos: dict[str, float]) ->
     }
 
 
+# A chunk carrying usage (luffy's and vLLM's own usage chunk with ``choices: []``, or llama-server's final
+# chunk, which holds usage beside an empty choice) is not a token's arrival. JSON writers differ in spacing
+# (Python's ``"usage": {``, vLLM's and llama-server's ``"usage":{``): matched with optional whitespace.
+_USAGE = re.compile(r'"usage":\s*\{')
+
+
 async def _one(client, model: str, prompt: list[int], max_tokens: int) -> dict:
     """One streamed request. The SSE lines are read raw (openai's streaming-response API) and only the usage
     chunk is parsed: on a 2-core machine the client shares the server's cores, and building one pydantic
     object per token (the client's default iteration) would slow the server it measures by ~3 %; vLLM's
-    own benchmark reads raw lines too."""
+    own benchmark reads raw lines too. ``usage_tokens`` is the server's own count of generated tokens (None
+    when it sent no usage)."""
     start = time.perf_counter()
     stamps, usage, error = [], None, None
     try:
@@ -117,7 +124,7 @@ async def _one(client, model: str, prompt: list[int], max_tokens: int) -> dict:
             async for line in response.iter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
-                if '"choices": []' in line:
+                if _USAGE.search(line):
                     usage = json.loads(line[6:])["usage"]
                 elif '"error"' in line[:16]:
                     error = json.loads(line[6:])["error"]["message"]
@@ -126,19 +133,27 @@ async def _one(client, model: str, prompt: list[int], max_tokens: int) -> dict:
     except Exception as exc:  # noqa: BLE001 - a failed request is counted, not fatal
         error = f"{type(exc).__name__}: {exc}"
     end = time.perf_counter()
-    tokens = usage["completion_tokens"] if usage is not None else len(stamps)
+    usage_tokens = usage.get("completion_tokens") if usage is not None else None
+    tokens = usage_tokens if usage_tokens is not None else len(stamps)
     ok = error is None and bool(stamps)
     ttft = stamps[0] - start if stamps else None
     return {"ok": ok, "error": error, "prompt_tokens": len(prompt), "tokens": tokens, "ttft": ttft,
             "e2e": end - start, "itl": list(np.diff(stamps)) if len(stamps) > 1 else [],
-            "tpot": (end - start - ttft) / (tokens - 1) if ok and tokens > 1 else 0.0}
+            "tpot": (end - start - ttft) / (tokens - 1) if ok and tokens > 1 else 0.0,
+            "max_tokens": max_tokens, "usage_tokens": usage_tokens}
 
 
 async def _drive(url: str, model: str, requests, concurrency: int | None, rate: float | None, seed: int,
-                 on_done) -> tuple[list[dict], float]:
+                 on_done, keepalive: bool = True) -> tuple[list[dict], float]:
+    """Send ``requests`` (at ``concurrency`` in flight, or Poisson arrivals at ``rate``); per-request results and
+    the run's duration. ``keepalive=False`` opens a connection per request: llama-server's HTTP server now and
+    then drops a kept-alive connection a request was just sent on ("Server disconnected without sending a
+    response"), so the server comparison sends every system's requests that way."""
+    import httpx
     from openai import AsyncOpenAI
 
-    client = AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
+    http = None if keepalive else httpx.AsyncClient(limits=httpx.Limits(max_keepalive_connections=0), timeout=600)
+    client = AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600, http_client=http)
     gate = asyncio.Semaphore(concurrency or len(requests))
     rng = np.random.default_rng(seed)
 

@@ -121,7 +121,8 @@ def bench_serve_cmd(
     input_len: str = typer.Option("112:144", "--input-len", help="Prompt tokens: N or LOW:HIGH (uniform)."),
     output_len: str = typer.Option("112:144", "--output-len", help="Output tokens (ignore_eos): N or LOW:HIGH."),
     goodput: List[str] = typer.Option([], "--goodput", help="SLO as ttft:MS, tpot:MS or e2e:MS (repeatable)."),
-    max_num_seqs: int = typer.Option(16, "--max-num-seqs", min=1, help="The server's KV slots."),
+    max_num_seqs: Optional[int] = typer.Option(None, "--max-num-seqs", min=1, help="The server's KV slots [16; with "
+                                               "--vs the largest --concurrency, for every server]."),
     max_num_batched_tokens: int = typer.Option(512, "--max-num-batched-tokens", min=1),
     static_batch: str = typer.Option("1,16", "--static-batch", help="In-process Engine.generate batch sizes to compare."),
     overhead_rounds: int = typer.Option(6, "--overhead-rounds", min=0, help="Requests timed alternately in-process "
@@ -134,26 +135,44 @@ def bench_serve_cmd(
     json_file: Optional[Path] = typer.Option(None, "--json", help="Write the full report here."),
     markdown_file: Optional[Path] = typer.Option(None, "--markdown", help="Write the table here."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Throughput vs TTFT p99 to FILE.png (needs matplotlib)."),
+    vs: Optional[str] = typer.Option(None, "--vs", help="Also load-test these servers on the same weights, one after "
+                                     "another: vllm, llama-server (comma-separated)."),
+    peer: List[str] = typer.Option([], "--peer", metavar="NAME=PATH", help="Where a peer is: vllm=VENV/bin/python, "
+                                   "llama-server=LLAMA_CPP/build/bin (repeatable) [luffy's Python; PATH]."),
+    workdir: Optional[Path] = typer.Option(None, "--workdir", help="With --vs: the GGUF cache, the zoo model's HF "
+                                           "directory and the servers' logs [ARTIFACT.serve-peers next to ARTIFACT]."),
+    server_timeout: float = typer.Option(600.0, "--server-timeout", min=1.0, help="With --vs: seconds a server may "
+                                         "take to answer /health with 200."),
 ):
     """Load-test `luffy serve ARTIFACT` with OpenAI's async client, as `vllm bench serve` measures.
 
     Reports request and output-token throughput, TTFT / TPOT / ITL / E2E (mean, median, p99) and goodput,
     beside the same requests in-process through Engine.generate (one at a time and static batches).
 
+    With --vs vllm,llama-server: luffy serve and each peer's server in turn (127.0.0.1, a free port), the same
+    load and prompts against each, one table (output tok/s, req/s, TTFT, TPOT, the first burst's TTFT p99/median);
+    a peer that is not installed is skipped with how to install it.
+
     Example: luffy bench serve build/ref --concurrency 1,4,16 --num-prompts 64 --json serve.json --plot serve.png
     """
     from ..benchmarks import serve_bench
 
+    load = serve_bench.ServeLoad(num_prompts, serve_bench.parse_range(input_len, "--input-len"),
+                                 serve_bench.parse_range(output_len, "--output-len"), seed)
+    points = _concurrency_points(concurrency)
+    if vs is not None:
+        _compare_serve(artifact, load, points, request_rate, vs, peer, max_num_seqs, max_num_batched_tokens, workdir,
+                       server_timeout, threads, shared_prefix, plot, json_file, markdown_file)
+        return
     if plot is not None:
         from ..benchmarks.report import require_matplotlib
 
         require_matplotlib()
     require_serve_extra()
-    load = serve_bench.ServeLoad(num_prompts, serve_bench.parse_range(input_len, "--input-len"),
-                                 serve_bench.parse_range(output_len, "--output-len"), seed)
+    max_num_seqs = 16 if max_num_seqs is None else max_num_seqs
     with _benchprogress_line() as progress:
         report = serve_bench.bench_serve(
-            artifact, load, [int(c) for c in concurrency.split(",")], request_rate, serve_bench.parse_goodput(goodput),
+            artifact, load, points, request_rate, serve_bench.parse_goodput(goodput),
             ["--max-num-seqs", str(max_num_seqs), "--max-num-batched-tokens", str(max_num_batched_tokens)],
             [int(b) for b in static_batch.split(",") if b], threads, progress=progress,
             overhead_rounds=overhead_rounds,
@@ -162,3 +181,34 @@ def bench_serve_cmd(
     if plot is not None:
         serve_bench.plot(report, plot)
     print(serve_bench.to_markdown(report), end="")
+
+
+def _concurrency_points(text: str) -> list[int]:
+    try:
+        points = [int(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        points = []
+    if not points or min(points) < 1:
+        raise UsageError(f"--concurrency {text!r}: expected client counts >= 1, e.g. 1,4,16")
+    return points
+
+
+def _compare_serve(artifact, load, points, request_rate, vs, peer, max_num_seqs, max_num_batched_tokens, workdir,
+                   server_timeout, threads, shared_prefix, plot, json_file, markdown_file) -> None:
+    """`luffy bench serve ARTIFACT --vs ...`: luffy serve and the peers' servers under the same load."""
+    from ..benchmarks import serve_compare
+    from ..benchmarks.serve_peers import parse_serve_peer_paths, parse_serve_peers
+
+    names, paths = parse_serve_peers(vs), parse_serve_peer_paths(peer)
+    if shared_prefix or plot is not None:
+        raise UsageError(f"{'--shared-prefix' if shared_prefix else '--plot'} measures luffy serve alone; drop --vs")
+    require_serve_extra()
+    slots = max_num_seqs or (16 if request_rate else max(points))
+    with _benchprogress_line() as progress:
+        report = serve_compare.compare_serve(
+            artifact, load, points, request_rate, names, paths, slots=slots,
+            max_num_batched_tokens=max_num_batched_tokens, work=workdir, server_timeout=server_timeout,
+            threads=threads, progress=progress,
+            warn=lambda line: err.print(f"luffy: {line}", markup=False, highlight=False, soft_wrap=True))
+    serve_compare.write(report, json_file, markdown_file)
+    print(serve_compare.to_markdown(report), end="")
