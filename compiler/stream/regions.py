@@ -3,7 +3,8 @@
 A node belongs to the region of the deepest layer it depends on: a weight named ``<layers>.<j>.*`` (or made from
 one: ``..._q4``, ``.transpose``) or the cache input ``past_key_values.<j>.*`` puts it in region j, and a node
 with neither follows the latest region among its inputs (the embedding runs before layer 0, the final norm and
-head with the last layer). Each region becomes a small ONNX model of its own, built when it is about to run
+head with the last layer); a node computed from weights alone runs in the first region that reads it (a tied head's
+Transpose of the table, with the head). Each region becomes a small ONNX model of its own, built when it is about to run
 (its inputs typed from the arrays that reach it), and values that cross from one region to a later one are held
 in memory (hidden states: a few MB per window). Running the regions in order computes what the whole graph
 computes, with one region's weights in memory at a time.
@@ -54,7 +55,27 @@ def assign_regions(graph: ir.Graph) -> dict[ir.Node, int]:
             producer = value.producer()
             region = max(region, regions[producer] if producer is not None else _anchor(value))
         regions[node] = region
+    _defer_weight_transforms(graph, regions)
     return regions
+
+
+def _defer_weight_transforms(graph: ir.Graph, regions: dict[ir.Node, int]) -> None:
+    """A node computed from weights alone runs in the first region that reads it, not where its weights' names put
+    it: a tied head's Transpose of the embedding table would otherwise run in the prologue, and its vocab x hidden
+    result (1 GB at the 1B shape) would be held across every layer's region, once per window (GPTQ's 16
+    calibration windows at the 1B shape: 16 GB, which took a 24 GB machine out of memory)."""
+    nodes = list(graph)
+    weight_only: set[ir.Node] = set()
+    for node in nodes:
+        if all(v is None or (v.producer() in weight_only if v.producer() is not None else
+                             v.is_initializer() and not v.is_graph_input()) for v in node.inputs):
+            weight_only.add(node)
+    for node in reversed(nodes):  # consumers first, so a chain of weight transforms moves as one
+        if node not in weight_only or any(out.is_graph_output() for out in node.outputs):
+            continue
+        readers = [regions[c] for out in node.outputs for c in out.consumers()]
+        if readers and min(readers) > regions[node]:
+            regions[node] = min(readers)
 
 
 class RegionRunner:
