@@ -177,8 +177,8 @@ def _clipped_chunk(w: np.ndarray, bits: int, symmetric: bool):
         err = ratio * (ratio * _block_dots(q, q) - 2 * _block_dots(q, u))
         better = err < best_err
         best_err, best_ratio = np.where(better, err, best_err), np.where(better, ratio, best_ratio)
-    scales = (unit * best_ratio).astype(np.float32)
-    return _codes(w, scales, zero, maxq).astype(np.uint8).reshape(w.shape[0], -1), scales, zero.astype(np.float32)
+    scales = unit * best_ratio  # float32 already: unit comes from float32 weights, best_ratio is float32
+    return _codes(w, scales, zero, maxq).astype(np.uint8).reshape(w.shape[0], -1), scales, zero.astype(np.float32, copy=False)
 
 
 def _block_dots(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import sys
 import time
+
+from .smaps import read_mappings
 
 HUGE_PAGE = 2 << 20
 MADV_HUGEPAGE, MADV_COLLAPSE = 14, 25
@@ -31,25 +32,7 @@ def anonymous_mappings() -> dict[tuple[int, int], int]:
 
     Empty off Linux. A mapping that grew has a new key; huge_page_candidates counts only its new addresses.
     """
-    if not sys.platform.startswith("linux"):
-        return {}
-    regions: dict[tuple[int, int], int] = {}
-    current = None
-    try:
-        with open("/proc/self/smaps") as smaps:
-            for line in smaps:
-                head = line.split()
-                if "-" in head[0] and len(head) >= 5:  # a mapping's header line
-                    start, end = (int(x, 16) for x in head[0].split("-"))
-                    # malloc serves mid-sized buffers from the brk heap, so [heap] counts as anonymous
-                    unnamed = len(head) == 5 or head[5] == "[heap]"
-                    anonymous = unnamed and head[1].startswith("rw") and head[1].endswith("p")
-                    current = (start, end) if anonymous else None
-                elif current is not None and head[0] == "Rss:":
-                    regions[current] = int(head[1]) * 1024
-    except OSError:
-        return {}
-    return regions
+    return {(m.start, m.end): m.fields.get("Rss", 0) for m in read_mappings() if m.private_anonymous}
 
 
 def huge_page_candidates(before: dict[tuple[int, int], int], after: dict[tuple[int, int], int]) -> list[tuple[int, int]]:

@@ -24,6 +24,8 @@ import mmap
 
 import numpy as np
 
+from .smaps import read_mappings
+
 PAGE = mmap.PAGESIZE
 _MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)  # Linux's value; Python's mmap module omits it
 _MADV_NOHUGEPAGE = getattr(mmap, "MADV_NOHUGEPAGE", None)
@@ -74,15 +76,4 @@ def resident_bytes(buffers: list[np.ndarray]) -> int:
     """Bytes of ``buffers`` (each a ReservedMemory buffer, so one mapping each) backed by memory now, as the
     kernel counts them in /proc/self/smaps; 0 off Linux."""
     starts = {b.ctypes.data for b in buffers}
-    total, current = 0, None
-    try:
-        with open("/proc/self/smaps") as smaps:
-            for line in smaps:
-                head = line.split()
-                if "-" in head[0] and len(head) >= 5:
-                    current = int(head[0].split("-")[0], 16) in starts
-                elif current and head[0] == "Rss:":
-                    total += int(head[1]) * 1024
-    except OSError:
-        return 0
-    return total
+    return sum(m.fields.get("Rss", 0) for m in read_mappings() if m.start in starts)

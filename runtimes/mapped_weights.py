@@ -13,10 +13,10 @@ nothing, and a later read faults it back in from the page cache (or the disk). O
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from .huge_pages import _madvise
+from .smaps import read_mappings
 
 MADV_DONTNEED = 4
 NOTHING_RELEASED = {"bytes": 0, "mappings": 0}
@@ -28,26 +28,9 @@ def file_mappings(directory: Path) -> list[tuple[int, int, int, int]]:
     ORT maps external data read-write and private: "written" counts the pages a write made private copies of
     (smaps' ``Anonymous``), which hold what the file does not.
     """
-    if not sys.platform.startswith("linux"):
-        return []
     root = str(Path(directory).resolve()) + "/"
-    found, current = [], None
-    try:
-        with open("/proc/self/smaps") as smaps:
-            for line in smaps:
-                head = line.split()
-                if "-" in head[0] and len(head) >= 5 and ":" in head[3]:  # a mapping's header line
-                    path = head[5] if len(head) >= 6 else ""
-                    current = [*(int(x, 16) for x in head[0].split("-")), 0, 0] if path.startswith(root) else None
-                elif current is not None and head[0] == "Rss:":
-                    current[2] = int(head[1]) * 1024
-                elif current is not None and head[0] == "Anonymous:":
-                    current[3] = int(head[1]) * 1024
-                    found.append(tuple(current))
-                    current = None
-    except OSError:
-        return []
-    return found
+    return [(m.start, m.end, m.fields.get("Rss", 0), m.fields.get("Anonymous", 0))
+            for m in read_mappings() if m.path.startswith(root)]
 
 
 def release_file_pages(directory: Path) -> dict:

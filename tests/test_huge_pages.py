@@ -13,6 +13,7 @@ import pytest
 from luffy.runtimes.huge_pages import (
     MIN_REGION, anonymous_mappings, back_new_mappings_with_huge_pages, huge_page_candidates,
 )
+from luffy.runtimes.smaps import read_mappings
 
 THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="huge pages are a Linux feature here")
@@ -27,16 +28,7 @@ def _collapse_supported() -> str | None:
 
 def _anon_huge_bytes(address: int) -> int:
     """AnonHugePages of the mapping that holds ``address``."""
-    inside = False
-    with open("/proc/self/smaps") as smaps:
-        for line in smaps:
-            head = line.split()
-            if "-" in head[0] and len(head) >= 5:
-                start, end = (int(x, 16) for x in head[0].split("-"))
-                inside = start <= address < end
-            elif inside and head[0] == "AnonHugePages:":
-                return int(head[1]) * 1024
-    return 0
+    return next((m.fields.get("AnonHugePages", 0) for m in read_mappings() if m.start <= address < m.end), 0)
 
 
 def _address(buffer: mmap.mmap) -> int:
