@@ -144,6 +144,7 @@ class Worker:
         if not self.paused and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGSTOP)
             self.paused = True
+            _wait_until_stopped(self.proc.pid)
 
     def resume(self) -> None:
         if self.paused and self.proc.poll() is None:
@@ -200,3 +201,18 @@ def one_shot(op: str, log: Path, **fields) -> dict:
 
 if __name__ == "__main__":
     serve()
+
+
+def _wait_until_stopped(pid: int, timeout: float = 2.0) -> None:
+    """SIGSTOP is delivered asynchronously: on a loaded machine a running worker keeps its CPU for a while after
+    killpg returns, and would still be running when the next system's timing starts. Wait (bounded) until /proc
+    says it is stopped; where /proc is missing, or the process is gone, there is nothing to wait for."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                if stat.read().rsplit(")", 1)[1].split()[0] in ("T", "t", "Z", "X"):
+                    return
+        except OSError:
+            return
+        time.sleep(0.001)

@@ -56,7 +56,9 @@ class WeightQuantization:
     # of ORT's packer; what the compiler asks for int4 without --calib
     clip_search: bool = False
     chosen_for: dict | None = None  # the CPU the block size / accuracy level were chosen for, and why
-    hessians: dict[str, np.ndarray] = field(default_factory=dict, compare=False, repr=False)
+    # GPTQ: input name -> its Hessian (X^T X / tokens) or a callable giving it or its gptq.HessianFactor; a dict, or
+    # anything with get() and truthiness (gptq.SharedFactors, the streamed compile's LayerHessians)
+    hessians: dict = field(default_factory=dict, compare=False, repr=False)
 
     def describe(self) -> dict:
         if self.layout == "qdq":

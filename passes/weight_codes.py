@@ -61,8 +61,8 @@ class PackedWeight:
 
     def __init__(self, open_reader: Callable[[], Callable[[int, int], np.ndarray]], k: int, n: int, bits: int,
                  block: int, symmetric: bool, hessian=None, clip_search: bool = False):
-        """``hessian``: GPTQ's X^T X of the weight's input, an array or a callable that gives it when the codes
-        are computed (a streamed compile collects each layer's only when its weights are written).
+        """``hessian``: GPTQ's X^T X of the weight's input (or its gptq.HessianFactor), an array or a callable that
+        gives it when the codes are computed (a streamed compile collects each layer's only when its weights are written).
         ``clip_search``: without a Hessian, round-to-nearest with each block's range clipped (gptq.clipped_rtn)."""
         self.open_reader, self.k, self.n, self.bits, self.block = open_reader, k, n, bits, block
         self.symmetric, self.clip_search = symmetric, clip_search
@@ -125,13 +125,15 @@ class PackedWeight:
         rows = max(1, CHUNK_BYTES // (4 * self.k))
         read = self.open_reader()  # whatever it holds goes when this computation ends
         hessian = self.hessian() if callable(self.hessian) else self.hessian
+        if hessian is not None and not isinstance(hessian, gptq_math.HessianFactor):
+            hessian = gptq_math.hessian_factor(hessian)  # once for every row chunk (a 128k-row head has 16)
         # a [K, n] slice, often the transposed view of a checkpoint's [n, K] rows: the clip search and GPTQ work
         # on rows of [N, K] and transpose it back for free; only ORT's packer needs it contiguous as [K, n]
         pieces = [self._quantize(np.asarray(read(n0, min(n0 + rows, self.n)), dtype=np.float32), hessian)
                   for n0 in range(0, self.n, rows)]
         return [np.ascontiguousarray(np.concatenate(parts, axis=0)) for parts in zip(*pieces)]
 
-    def _quantize(self, w: np.ndarray, hessian: np.ndarray | None) -> tuple[np.ndarray, ...]:
+    def _quantize(self, w: np.ndarray, hessian: gptq_math.HessianFactor | None) -> tuple[np.ndarray, ...]:
         n = w.shape[1]
         if hessian is not None or self.clip_search:
             codes, scales, zeros = (gptq_math.gptq(w, hessian, self.bits, self.block, self.symmetric)

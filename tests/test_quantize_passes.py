@@ -90,6 +90,75 @@ def test_gptq_lowers_output_error_below_rtn():
     assert errors["gptq"] < 0.7 * errors["rtn"], errors
 
 
+
+def _textbook_gptq(w, hessian, bits, block, symmetric):
+    """GPTQ as the paper states it: one column at a time, each error spread over every later column at once,
+    U = cholesky(inv(H + damp)).T. No lazy batches, no slabs, no reversed factorization."""
+    k = len(hessian)
+    h = hessian.copy()
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1.0
+    h[np.diag_indices(k)] += gptq.GPTQ_DAMP * np.mean(np.diag(h))
+    u = np.linalg.cholesky(np.linalg.inv(h)).T
+    work = w.T.astype(np.float64)
+    work[:, dead] = 0.0
+    codes, scales, zeros = np.zeros(work.shape, np.uint8), np.zeros((w.shape[1], k // block)), np.zeros((w.shape[1], k // block))
+    for i in range(k):
+        b = i // block
+        if i % block == 0:
+            scales[:, b], zeros[:, b] = gptq.block_grid(work[:, i:i + block], bits, symmetric)
+        codes[:, i] = gptq.quantize_column(work[:, i], scales[:, b], zeros[:, b], bits)
+        err = (work[:, i] - scales[:, b] * (codes[:, i] - zeros[:, b])) / u[i, i]
+        work[:, i:] -= np.outer(err, u[i, i:])
+    return codes, scales, zeros
+
+
+@pytest.mark.parametrize("bits,block,symmetric,k", [(4, 16, False, 288), (4, 128, False, 384), (8, 32, True, 288)])
+def test_gptq_equals_the_textbook_algorithm(bits, block, symmetric, k):
+    # 288 features: two full lazy batches of 128 and a partial one; 3 features never active (dead)
+    rng = np.random.default_rng(1)
+    n, tokens = 40, 700
+    x = rng.standard_normal((tokens, k)) * rng.uniform(0.2, 3.0, k)
+    x[:, [0, 77, 200]] = 0.0
+    hessian = x.T @ x / tokens
+    w = (rng.standard_normal((k, n)) * 0.05).astype(np.float32)
+    factor = gptq.hessian_factor(hessian)
+    codes, scales, zeros = gptq.gptq(w, factor, bits, block, symmetric)
+    ref_codes, ref_scales, ref_zeros = _textbook_gptq(w, hessian, bits, block, symmetric)
+    assert factor.dead.tolist() == (np.diag(hessian) == 0).tolist()
+    assert np.mean(codes != ref_codes) < 1e-3  # summation order may flip a code sitting on a rounding boundary
+    np.testing.assert_allclose(scales, ref_scales, rtol=1e-9, atol=1e-12)
+    np.testing.assert_array_equal(zeros, ref_zeros)
+    assert not gptq.dequantize(codes, scales, zeros, block)[[0, 77, 200]].any()  # dead features' weights: zero
+    # a Hessian given as such is factored the same way
+    np.testing.assert_array_equal(gptq.gptq(w, hessian, bits, block, symmetric)[0], codes)
+
+
+def test_hessian_factor_is_the_upper_factor_of_the_damped_inverse():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((300, 64))
+    x[:, 5] = 0.0
+    hessian = x.T @ x / 300
+    factor = gptq.hessian_factor(hessian)
+    damped = hessian.copy()
+    damped[5, 5] = 1.0
+    damped[np.diag_indices(64)] += gptq.GPTQ_DAMP * np.mean(np.diag(damped))
+    assert np.allclose(np.triu(factor.upper), factor.upper)
+    np.testing.assert_allclose(factor.upper.T @ factor.upper, np.linalg.inv(damped), rtol=0, atol=1e-10)
+    with pytest.raises(ValueError, match="not positive definite"):
+        gptq.hessian_factor(-np.eye(8))
+
+
+def test_shared_factors_factor_each_input_once():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((100, 32))
+    shared = gptq.SharedFactors({"x": x.T @ x / 100})
+    assert shared and not gptq.SharedFactors({})
+    assert shared.get("y") is None
+    first = shared.get("x")()
+    assert shared.get("x")() is first  # Q, K and V read "x": one factorization
+    np.testing.assert_allclose(first.upper, gptq.hessian_factor(x.T @ x / 100).upper)
+
 # -- quantize-weights ------------------------------------------------------------------------------
 
 def test_quantize_weights_graph(llama_graph):

@@ -9,6 +9,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from ...errors import UsageError
+from ...passes.gptq import SharedFactors
 from ...passes.quantize_weights import WeightQuantization
 from ...passes.matmul_packing import FLOAT_WEIGHTS
 from ...runtimes.batch_invariance import nbits_batch_invariant
@@ -87,7 +88,7 @@ class QualityMeasure:
                 hessians = LayerHessians(model, windows, self.say)
             else:
                 self.say(f"collecting GPTQ statistics on {len(windows)} calibration windows")
-                hessians = collect_hessians(model, windows, self.say)
+                hessians = SharedFactors(collect_hessians(model, windows, self.say))  # Q, K, V: one factor
         bits = 4 if self.cfg.precision == "int4" else 8
         block, accuracy, chosen_for = kernel_choice(self.cfg, model)
         return WeightQuantization(

@@ -124,11 +124,12 @@ def _check_phase(shapes, source_bytes, fp32, precision, block) -> tuple[int, str
 
 def _gptq_phase(shapes, names) -> tuple[int, str]:
     """Two layers of float64 Hessians (one per quantized input, counted per weight: an upper bound where
-    weights share an input) and GPTQ's H, H^-1 and its Cholesky factor for the widest input."""
+    weights share an input), one more widest-input matrix while a Hessian is factored (passes/gptq.py: its reversed
+    copy, which becomes the factor in the Hessian's place), and a float64 working copy of a 64 MB weight slice."""
     first = [s for s, n in zip(shapes, names) if len(s) == 2 and _layer(n) == 0] or [s for s in shapes if len(s) == 2]
     widest = max(s[1] for s in first)
     layer = sum(8 * s[1] * s[1] for s in first)
-    return BASE_BYTES + 2 * layer + 3 * 8 * widest * widest, \
+    return BASE_BYTES + 2 * layer + 8 * widest * widest + 3 * CHUNK_BYTES, \
         f"GPTQ holds two layers of Hessians ({2 * layer / GB:.2f} GB) and works on a {widest}-wide one"
 
 

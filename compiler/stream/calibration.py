@@ -5,7 +5,8 @@ GPTQ: each layer's Hessians are collected when its quantized weights are written
 The whole-model path runs the calibration windows through the fp32 graph once and keeps X^T X of every
 quantized MatMul's input; at 8B that is gigabytes per layer (a 14336-wide down projection's alone is 1.6 GB in
 float64). Here quantize-weights gets `LayerHessians` in place of that dict: ``get(input)`` hands a weight a
-callable, and its bytes (computed as the artifact is written, layer after layer) ask for the Hessian only then.
+callable, and its bytes (computed as the artifact is written, layer after layer) ask for the Hessian's factor
+only then (computed once for the weights that read one input: Q, K and V; gate and up).
 The windows advance through the fp32 graph (a structural copy taken before quantization, its weights still lazy)
 one region at a time, and only the current region's Hessians are held; a request for an earlier region starts
 the windows over. The statistics are the whole-model path's: X^T X / tokens of the same inputs on the same
@@ -26,6 +27,7 @@ import re
 import numpy as np
 import onnx_ir as ir
 
+from ...passes.gptq import HessianFactor, SharedFactors
 from .quality import window_feeds
 from .regions import RegionRunner
 
@@ -48,23 +50,25 @@ class LayerHessians:
         self.tokens = sum(len(ids) for ids in windows)
         self._steps = None
         self._region = None
-        self._done: dict[str, np.ndarray] = {}
+        self._done = SharedFactors({})
         self._pending: dict[str, np.ndarray] = {}
 
     def __bool__(self) -> bool:
         return bool(self.targets)
 
     def get(self, name: str):
-        return (lambda: self.hessian(name)) if name in self.targets else None
+        return (lambda: self.factor(name)) if name in self.targets else None
 
-    def hessian(self, name: str) -> np.ndarray:
+    def factor(self, name: str) -> HessianFactor:
+        """The factor of ``name``'s Hessian, X^T X / tokens (once for the weights that share the input)."""
         region = self.targets[name][0]
         if self._region is None or region < self._region:
             self._restart()
         while self._region != region:
             self._region = next(self._steps)
-            self._done, self._pending = self._pending, {}
-        return self._done[name] / self.tokens
+            self._done = SharedFactors({name: np.divide(h, self.tokens, out=h) for name, h in self._pending.items()})
+            self._pending = {}
+        return self._done.factor(name)
 
     def _restart(self) -> None:
         held = [window_feeds(self.model.graph, ids) for ids in self.windows]
