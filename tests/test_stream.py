@@ -21,6 +21,7 @@ import luffy
 from luffy.benchmarks.checkpoints import config as shape_config, tensor_shapes
 from luffy.compiler.config import LuffyConfig
 from luffy.compiler.sources.preflight import Estimate, check_room, estimate
+from luffy.compiler.stream.calibration import LayerHessians
 from luffy.compiler.stream.capture import capture_hf
 from luffy.compiler.stream.parity import check_streamed_parity
 from luffy.compiler.stream.skeleton import template_depth
@@ -347,3 +348,20 @@ def test_the_memory_estimate_bounds_the_measured_streamed_compile(shape):
     # an int8 KV cache's calibration runs a second region runner while GPTQ's collects its Hessians
     kv = estimate(list(shapes.values()), sizes, "int4", 32, streamed=True, names=list(shapes), calib=True, kv_calib=True)
     assert kv.memory_bytes > gptq.memory_bytes and "KV calibration" in kv.how
+
+
+def test_gptq_calibration_holds_no_logits_or_caches(streamed):
+    # LayerHessians wants each region's MatMul inputs only: once the windows have run through the last region
+    # (the head), what they hold must not include the logits or any layer's present key and value
+    artifact, _ = streamed("fp32")
+    model = ir.load(artifact.path / "model.onnx")
+    hessians = LayerHessians(model, [[1, 5, 9, 2], [3, 8, 4]])
+    last = max(hessians.targets, key=lambda name: hessians.targets[name][0])
+    factor = hessians.get(last)()
+    width = hessians.targets[last][1].shape[-1]
+    assert factor.upper.shape == (width, width) and factor is hessians.get(last)()  # factored once
+    for _ in hessians._steps:  # the rest of the regions, the head's included
+        pass
+    outputs = {v.name for v in model.graph.outputs}
+    assert any(name.startswith("present.") for name in outputs) and "logits" in outputs
+    assert len(hessians._held) == 2 and all(not outputs & set(values) for values in hessians._held)

@@ -49,6 +49,7 @@ class LayerHessians:
                     self.targets[node.inputs[0].name] = (region, node.inputs[0])
         self.tokens = sum(len(ids) for ids in windows)
         self._steps = None
+        self._held: list[dict[str, np.ndarray]] = []  # the windows' values crossing between regions
         self._region = None
         self._done = SharedFactors({})
         self._pending: dict[str, np.ndarray] = {}
@@ -71,9 +72,12 @@ class LayerHessians:
         return self._done.factor(name)
 
     def _restart(self) -> None:
-        held = [window_feeds(self.model.graph, ids) for ids in self.windows]
+        self._held = [window_feeds(self.model.graph, ids) for ids in self.windows]
         watched = {region: [v for r, v in self.targets.values() if r == region] for region in self.runner.order}
-        self._steps = self.runner.steps(held, watch=lambda region: watched[region], seen=self._accumulate)
+        # keep_outputs=False: only the MatMul inputs are wanted; kept, every window's logits and KV caches would
+        # pile up as the windows advance (16 windows of 256 tokens at the 1B shape: 2.1 GB of logits alone)
+        self._steps = self.runner.steps(self._held, watch=lambda region: watched[region], seen=self._accumulate,
+                                        keep_outputs=False)
         self._region, self._pending = None, {}
 
     def _accumulate(self, region: int, batch: int, values: dict[str, np.ndarray]) -> None:
