@@ -199,10 +199,6 @@ def one_shot(op: str, log: Path, **fields) -> dict:
         return worker.request(op, **fields)
 
 
-if __name__ == "__main__":
-    serve()
-
-
 def _wait_until_stopped(pid: int, timeout: float = 2.0) -> None:
     """SIGSTOP is delivered asynchronously: on a loaded machine a running worker keeps its CPU for a while after
     killpg returns, and would still be running when the next system's timing starts. Wait (bounded) until /proc
@@ -216,3 +212,7 @@ def _wait_until_stopped(pid: int, timeout: float = 2.0) -> None:
         except OSError:
             return
         time.sleep(0.001)
+
+
+if __name__ == "__main__":
+    serve()

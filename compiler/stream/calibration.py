@@ -67,7 +67,7 @@ class LayerHessians:
             self._restart()
         while self._region != region:
             self._region = next(self._steps)
-            self._done = SharedFactors({name: np.divide(h, self.tokens, out=h) for name, h in self._pending.items()})
+            self._done = SharedFactors({x: np.divide(h, self.tokens, out=h) for x, h in self._pending.items()})
             self._pending = {}
         return self._done.factor(name)
 
