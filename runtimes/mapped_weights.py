@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .huge_pages import _madvise
-from .smaps import read_mappings
+from .smaps import maps_anything_under, read_mappings
 
 MADV_DONTNEED = 4
 NOTHING_RELEASED = {"bytes": 0, "mappings": 0}
@@ -29,6 +29,8 @@ def file_mappings(directory: Path) -> list[tuple[int, int, int, int]]:
     (smaps' ``Anonymous``), which hold what the file does not.
     """
     root = str(Path(directory).resolve()) + "/"
+    if not maps_anything_under(root):  # an artifact whose weights live inside model.onnx maps nothing of its own
+        return []
     return [(m.start, m.end, m.fields.get("Rss", 0), m.fields.get("Anonymous", 0))
             for m in read_mappings() if m.path.startswith(root)]
 

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from luffy.runtimes.smaps import read_mappings
+from luffy.runtimes.smaps import maps_anything_under, read_mappings
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
 PAGE = mmap.PAGESIZE
@@ -43,6 +43,9 @@ def test_a_file_mapping_has_its_path_even_with_spaces_and_is_not_anonymous(tmp_p
         found = _holding(address)
         assert found.path == str(path) and not found.private_anonymous and found.perms.startswith("r--")
         assert PAGE <= found.fields["Rss"] <= 4 * PAGE and found.fields["Anonymous"] == 0
+        # the cheap /proc/self/maps check that lets an engine skip smaps when it maps none of its files
+        assert maps_anything_under(str(tmp_path) + "/")
+        assert not maps_anything_under(str(tmp_path / "elsewhere") + "/")
 
 
 def test_mappings_are_in_address_order_and_do_not_overlap():
