@@ -235,3 +235,17 @@ def test_int4_with_gptq_calibration_is_byte_reproducible(pydoc, tmp_path):
     first = pydoc["int4-gptq"]
     assert {k: v["sha256"] for k, v in again.manifest["files"].items() if k.startswith("model.onnx")} == \
         {k: v["sha256"] for k, v in first.manifest["files"].items() if k.startswith("model.onnx")}
+
+
+def test_torch_perplexity_batches_windows_of_one_length_and_scores_as_one_at_a_time():
+    import torch
+    from luffy.compiler.quality.calibration import _equal_length_batches, _perplexity, torch_perplexity
+    from luffy.models_zoo import ZOO
+
+    module = ZOO["llama-pydoc"].build_model().eval()
+    rng = np.random.default_rng(0)
+    windows = [list(rng.integers(0, 256, size=n)) for n in (64, 64, 64, 40, 64, 64)]
+    assert [len(b) for b in _equal_length_batches(windows, 2)] == [2, 1, 1, 2]
+    with torch.no_grad():
+        alone = _perplexity((module(input_ids=torch.tensor([ids])).logits[0].numpy() for ids in windows), windows, 0)
+    assert abs(torch_perplexity(module, windows, 0) / alone - 1) < 1e-6
