@@ -23,6 +23,7 @@ from ..passes.driver import count_nodes, run_passes
 from ..passes.pipelines import stages
 from ..runtimes import load
 from .capture.onnx_file import load_onnx_source
+from .capture.reuse import CaptureCache
 from .capture.torch_export import capture_causal_lm, capture_encoder, capture_module
 from .config import LuffyConfig
 from .emit.artifact import check_output_location, staged_directory, write_manifest
@@ -90,6 +91,7 @@ def compile(  # noqa: A001 - the public name the API promises
     config: LuffyConfig | None = None,
     *,
     progress: Callable[[str], None] | None = None,
+    captures: CaptureCache | None = None,
     **options,
 ) -> Artifact:
     """Compile ``source`` into an artifact directory at ``output``.
@@ -100,7 +102,8 @@ def compile(  # noqa: A001 - the public name the API promises
     precision "fp32", opt level 2). The stages: resolve → capture → passes → check → emit → publish; the
     output directory appears whole or not at all.
     ``verify=True`` checks the graph after every pass and names the pass that breaks it; ``dump_ir=DIR``
-    writes the graph after every pass to DIR/NN-<pass>.onnx.
+    writes the graph after every pass to DIR/NN-<pass>.onnx. ``captures=CaptureCache()``, passed to several
+    compiles of one source, captures it once (compiler/capture/reuse.py; --auto does this for its candidates).
 
     ``precision`` "int4"/"int8" quantizes weights blockwise (``block_size`` per scale), by GPTQ when
     ``calib`` names a text or token-id file and round-to-nearest otherwise; "int8-dynamic" quantizes
@@ -146,7 +149,7 @@ def compile(  # noqa: A001 - the public name the API promises
 
     phases = Phases()  # wall time and peak RSS of each phase, for the report
     with phases("capture"):
-        capture = _capture(src, compile_target.capture_opset(), cfg, say, Path(output))
+        capture = _capture(src, compile_target.capture_opset(), cfg, say, Path(output), captures)
     quality = QualityMeasure(cfg, src, capture.tm, capture.graph, capture.max_len, say, capture.streamed is not None)
     with phases("passes"):
         model, records = _run_stages(plan, capture, cfg, say)
@@ -193,7 +196,7 @@ def check_paths(cfg: LuffyConfig, output) -> None:
             raise UsageError(f"{flag} {path}: no such file")
 
 
-def _capture(src, opset: int, cfg: LuffyConfig, say, output: Path) -> CaptureResult:
+def _capture(src, opset: int, cfg: LuffyConfig, say, output: Path, captures: CaptureCache | None = None) -> CaptureResult:
     say(f"capturing {src.spec}")
     t0 = time.perf_counter()
     captured = streamed = fallback = estimate = None
@@ -202,7 +205,8 @@ def _capture(src, opset: int, cfg: LuffyConfig, say, output: Path) -> CaptureRes
         estimate = streamed.estimate if streamed is not None else None
     if captured is None:
         estimate = _preflight_whole(src, cfg, output)
-        captured, tm = _capture_whole(src, opset)
+        whole = lambda: _capture_whole(src, opset)  # noqa: E731
+        captured, tm = captures.get(src, opset, whole) if captures is not None else whole()
     seconds = time.perf_counter() - t0
     if fallback is not None:
         captured.notes.append(f"whole-model capture: the streamed path does not apply ({fallback})")

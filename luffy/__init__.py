@@ -31,6 +31,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "compile": ("luffy.auto", "compile"),  # the compiler, or with auto=True the decider above it
     "Artifact": ("luffy.compiler.compile", "Artifact"),
+    "CaptureCache": ("luffy.compiler.capture.reuse", "CaptureCache"),  # one capture for several compiles
     "LuffyConfig": ("luffy.compiler.config", "LuffyConfig"),
     "LuffyOptimizer": ("luffy.optimizer", "LuffyOptimizer"),
     "load": ("luffy.runtimes", "load"),
@@ -56,7 +57,7 @@ def __dir__():
 
 
 __all__ = [
-    "compile", "load", "Artifact", "LuffyConfig", "LuffyOptimizer", "LuffyError", "UsageError", "SourceError",
+    "compile", "load", "Artifact", "CaptureCache", "LuffyConfig", "LuffyOptimizer", "LuffyError", "UsageError", "SourceError",
     "UnsupportedModelError", "CaptureError", "ArtifactError", "CapacityError", "BackendUnavailableError",
     "__version__",
 ]

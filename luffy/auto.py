@@ -34,6 +34,7 @@ import numpy as np
 
 from .compiler import compile as compiler_compile
 from .compiler.capture.onnx_file import load_onnx_source
+from .compiler.capture.reuse import CaptureCache
 from .compiler.compile import Artifact, check_paths, config_with
 from .compiler.config import LuffyConfig
 from .compiler.emit.artifact import check_output_location, staged_directory, write_manifest
@@ -101,11 +102,11 @@ def candidates(cfg: LuffyConfig) -> list[Candidate]:
 
 @functools.wraps(compiler_compile.compile)  # luffy.compile: the compiler's signature and docstring
 def compile(source, target=None, output=None, precision=None, opt_level=None, config=None, *,  # noqa: A001
-            progress=None, **options) -> Artifact:
+            progress=None, captures=None, **options) -> Artifact:
     cfg = config_with(config, target=target, precision=precision, opt_level=opt_level, **options)
     if not cfg.auto:
         return compiler_compile.compile(source, target, output, precision, opt_level, config, progress=progress,
-                                        **options)
+                                        captures=captures, **options)
     check_paths(cfg, output)  # the compiler's own checks of the output, --eval and --calib paths
     return compile_auto(source, output, cfg, progress)
 
@@ -124,11 +125,12 @@ def compile_auto(source, output, cfg: LuffyConfig, progress=None):
     check_output_location(output)  # before minutes of compiles
     started = time.perf_counter()
     quality = _QualityProbe(source, cfg)
+    captures = CaptureCache()  # every candidate compiles the same capture (torch.export once, not once each)
     # A sibling of the output (same filesystem: the final move is a rename); the name matches the staging
     # pattern artifact.py removes after a killed compile.
     work = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-{os.getpid()}-auto-", dir=output.parent))
     try:
-        rows, built, skipped = _build_all(source, cfg, listed, quality, work, started, say)
+        rows, built, skipped = _build_all(source, cfg, listed, quality, work, started, say, captures)
         speeds = measure_speeds({name: art.path for name, art in built.items()}, quality.decoder, say)
         for row in rows:
             row.update(speeds.get(row["name"], {}))
@@ -143,7 +145,7 @@ def compile_auto(source, output, cfg: LuffyConfig, progress=None):
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _build_all(source, cfg, listed, quality, work, started, say):
+def _build_all(source, cfg, listed, quality, work, started, say, captures=None):
     """Compile each candidate and measure its quality, in order, until the time budget runs out: the budget is
     checked before each further candidate against the slowest one so far. Returns (rows, built, skipped)."""
     rows, built, skipped, slowest = [], {}, [], 0.0
@@ -160,7 +162,8 @@ def _build_all(source, cfg, listed, quality, work, started, say):
         row = {**asdict(cand), "quality_loss_pct": None, "decode_tokens_per_s": None, "prefill_ms": None,
                "size_bytes": None}
         try:
-            artifact = _compile_candidate(source, cfg, cand, quality, work, lambda m, tag=tag: say(f"{tag}: {m}"))
+            artifact = _compile_candidate(source, cfg, cand, quality, work, lambda m, tag=tag: say(f"{tag}: {m}"),
+                                          captures)
             row.update(quality.measure(artifact), size_bytes=model_bytes(artifact.manifest))
             built[cand.name] = artifact
         except LuffyError as exc:  # one candidate the model cannot take (an op, a pass) is not the end...
@@ -176,11 +179,11 @@ def _build_all(source, cfg, listed, quality, work, started, say):
     return rows, built, skipped
 
 
-def _compile_candidate(source, cfg, cand, quality, work, say):
+def _compile_candidate(source, cfg, cand, quality, work, say, captures=None):
     one = replace(cfg, auto=False, max_quality_loss=None, auto_time_budget=None, precision=cand.precision,
                   block_size=cand.block_size or cfg.block_size, calib=cfg.calib if cand.method == "gptq" else None,
                   eval_file=cfg.eval_file if quality.decoder else None)  # --eval on an encoder: cosine, here
-    return compiler_compile.compile(source, output=work / cand.name, config=one, progress=say)
+    return compiler_compile.compile(source, output=work / cand.name, config=one, progress=say, captures=captures)
 
 
 def within_budget(row: dict, max_quality_loss: float) -> bool:

@@ -6,7 +6,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the suite may reach a
 
 
 @pytest.fixture(scope="session")
-def zoo_artifacts(tmp_path_factory):
+def captures():
+    """One CaptureCache for the session's shared builds: a zoo model is exported once, whatever it is compiled to."""
+    import luffy
+
+    return luffy.CaptureCache()
+
+
+@pytest.fixture(scope="session")
+def zoo_artifacts(tmp_path_factory, captures):
     """Each zoo model compiled once per session: name -> (Artifact, torch module)."""
     import luffy
     from luffy.models_zoo import ZOO
@@ -16,7 +24,7 @@ def zoo_artifacts(tmp_path_factory):
 
     def get(name):
         if name not in cache:
-            artifact = luffy.compile(name, output=root / name)
+            artifact = luffy.compile(name, output=root / name, captures=captures)
             cache[name] = (artifact, ZOO[name].build_model())
         return cache[name]
 
@@ -55,7 +63,7 @@ def family_artifact(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def pydoc_build(tmp_path_factory):
+def pydoc_build(tmp_path_factory, captures):
     """llama-pydoc compiled once per session per set of options: ``pydoc_build(precision="int8", ...)`` -> Artifact.
     The quality gates' builds (all with --eval) and the speculative-decoding draft are the same compiles."""
     import luffy
@@ -65,7 +73,7 @@ def pydoc_build(tmp_path_factory):
     def get(**options):
         key = tuple(sorted(options.items()))
         if key not in cache:
-            cache[key] = luffy.compile("llama-pydoc", output=root / f"build-{len(cache)}", **options)
+            cache[key] = luffy.compile("llama-pydoc", output=root / f"build-{len(cache)}", captures=captures, **options)
         return cache[key]
 
     return get
