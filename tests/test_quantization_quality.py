@@ -121,13 +121,29 @@ def test_quantized_artifacts_generate(pydoc, name):
 HALF = {"fp16": "float16", "bf16": "bfloat16"}
 
 
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory):
+    """family -> (HF directory, torch model), each made once for both half precisions, which also share its
+    capture (CaptureCache: the same graph bytes as a fresh capture, tests/test_capture_reuse.py)."""
+    root, made, captures = tmp_path_factory.mktemp("half"), {}, luffy.CaptureCache()
+
+    def get(family):
+        if family not in made:
+            made[family] = (root / family, make_hf_dir(family, NAMED_FAMILIES[family], root / family))
+        return (*made[family], captures)
+
+    return get
+
+
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 @pytest.mark.parametrize("family", sorted(NAMED_FAMILIES))
-def test_half_precision_has_no_nan_or_inf(tmp_path, family, precision):
+def test_half_precision_has_no_nan_or_inf(tmp_path, family_dirs, family, precision):
+    import copy
+
     import torch
 
-    model = make_hf_dir(family, NAMED_FAMILIES[family], tmp_path / "hf")
-    art = luffy.compile(tmp_path / "hf", output=tmp_path / "out", precision=precision)
+    hf_dir, model, captures = family_dirs(family)
+    art = luffy.compile(hf_dir, output=tmp_path / "out", precision=precision, captures=captures)
     assert art.report["parity"]["passed"]  # the compile-time check fails on any NaN/Inf
     # Judged against what the precision itself costs: the compiled logits' distance from PyTorch at fp32 is held to
     # 1.5x that of PyTorch's own forward at the same precision, on the same prompts. (A fixed 0.05 on the
@@ -136,7 +152,7 @@ def test_half_precision_has_no_nan_or_inf(tmp_path, family, precision):
     ids = torch.randint(0, model.config.vocab_size, (3, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         fp32 = model(ids).logits.numpy()
-        torch_half = model.to(getattr(torch, HALF[precision]))(ids).logits.float().numpy()
+        torch_half = copy.deepcopy(model).to(getattr(torch, HALF[precision]))(ids).logits.float().numpy()
     compiled_err = float(np.abs(art.load().score(ids.numpy()) - fp32).max())
     # measured: compiled/PyTorch-half 0.7 to 1.2 (fp16 errors 0.004-0.006, bf16 0.024-0.052 at logits |x| ~3)
     assert compiled_err <= 1.5 * float(np.abs(torch_half - fp32).max())
@@ -145,8 +161,8 @@ def test_half_precision_has_no_nan_or_inf(tmp_path, family, precision):
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 @pytest.mark.parametrize("name", ["llama-tiny", "gpt2-tiny", "bert-tiny"])
-def test_half_precision_zoo_has_no_nan_or_inf(tmp_path, name, precision):
-    art = luffy.compile(name, output=tmp_path / "out", precision=precision)
+def test_half_precision_zoo_has_no_nan_or_inf(tmp_path, captures, name, precision):
+    art = luffy.compile(name, output=tmp_path / "out", precision=precision, captures=captures)
     assert art.report["parity"]["passed"] and art.report["parity"]["max_abs_diff"] < 0.05
 
 
