@@ -19,7 +19,7 @@ import onnx_ir as ir
 
 from .. import __version__
 from ..errors import UnsupportedModelError, UsageError
-from ..passes.driver import count_nodes, run_passes
+from ..passes.driver import count_nodes, initializer_bytes, run_passes
 from ..passes.pipelines import stages
 from ..runtimes import load
 from .capture.onnx_file import load_onnx_source
@@ -358,7 +358,7 @@ def _save_model(model: ir.Model, stage: Path, mode: str, step=None) -> bool:
     """Write model.onnx (and its weights to model.onnx.data when large); ``step(what, done, total)`` hears of every
     weight written (the CLI's progress bar). Weights still in a checkpoint are read and converted one at a time."""
     try:
-        weight_bytes = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+        weight_bytes = initializer_bytes(model)
         external = mode == "always" or (mode == "auto" and weight_bytes > EXTERNAL_DATA_BYTES)
         if external:
             ir.save(model, stage / MODEL_FILE, external_data=DATA_FILE, callback=_weight_progress(step))

@@ -24,6 +24,11 @@ def count_nodes(model: ir.Model) -> int:
     return sum(1 for _ in ir.traversal.RecursiveGraphIterator(model.graph))
 
 
+def initializer_bytes(model: ir.Model) -> int:
+    """Bytes of the main graph's initializers that have values (lazy ones counted by their shape and dtype)."""
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
 def run_passes(
     model: ir.Model,
     steps: list[PassStep],

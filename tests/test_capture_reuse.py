@@ -1,5 +1,7 @@
 """compiler/capture/reuse.py: one capture for several compiles of one source (--auto's candidates)."""
 
+import os
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -49,7 +51,6 @@ def test_a_changed_file_is_captured_again(tmp_path):
     third, _ = cache.get(resolve_source(str(path)), 20, capture)  # the copy's edit did not reach the cache
     assert third.model.graph.initializers["w"].const_value.numpy().tolist() == [2.0, 2.0]
     _onnx_file(path, 3.0)  # rewritten: another size or time, another key
-    import os
     os.utime(path, ns=(1, 1))
     changed, _ = cache.get(resolve_source(str(path)), 20, capture)
     assert len(made) == 2 and changed.model.graph.initializers["w"].const_value.numpy().tolist() == [3.0, 3.0]

@@ -23,6 +23,8 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
+from ...passes.driver import initializer_bytes
+
 # a zoo model is built by its code, a file or directory is keyed by its files; an in-memory module or a factory
 # may change between two calls with the same name, so each of those is captured again
 CACHED_KINDS = ("zoo", "onnx", "hf-dir")
@@ -56,7 +58,7 @@ class CaptureCache:
             _restore_names(model, names)
             return dataclasses.replace(captured, model=model, notes=list(captured.notes)), tm
         captured, tm = capture()
-        if _weight_bytes(captured.model) <= MAX_CACHED_BYTES:
+        if initializer_bytes(captured.model) <= MAX_CACHED_BYTES:
             proto = ir.serde.serialize_model(captured.model).SerializeToString()
             self._held[key] = (proto, _names(captured.model), dataclasses.replace(captured, notes=list(captured.notes)), tm)
         return captured, tm
@@ -86,7 +88,3 @@ def _stamp(path) -> str:
         stat = file.stat()
         digest.update(f"{file.relative_to(root) if root.is_dir() else file.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
     return digest.hexdigest()
-
-
-def _weight_bytes(model: ir.Model) -> int:
-    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)

@@ -16,6 +16,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from ...errors import CaptureError, UsageError
+from ...passes.driver import initializer_bytes
 from ...runtimes.ort_compat import session_options
 from ..capture.torch_export import Captured, decoder_example, decoder_io_names
 from ..sources.resolve import CAUSAL_LM
@@ -47,7 +48,7 @@ class Verifier:
     checks_numerics = True  # holds every pass to fp32 parity, so precision passes skip it
 
     def __init__(self, captured: Captured, vocab: int | None = None):
-        weight_bytes = sum(v.const_value.nbytes for v in captured.model.graph.initializers.values() if v.const_value is not None)
+        weight_bytes = initializer_bytes(captured.model)
         if weight_bytes >= MAX_PROTO_BYTES:
             raise UsageError(f"--verify checks models under 2 GiB of weights in memory; this one has {weight_bytes / 2**30:.1f} GiB")
         self.cases = sample_cases(captured, vocab)
