@@ -59,9 +59,10 @@ class LuffyConfig:
     kv_calib: str | None = option(None, "int8/int4 KV cache: text (or token ids as .json) its scales are measured on "
                                   "[--calib]; unlike --calib it does not turn weight quantization into GPTQ.",
                                   metavar="FILE")
-    # None: decided by the compiling CPU (runtimes/cpu_features.weight_kernels; 128 where MLAS has int8 kernels)
+    # None: decided by the compiling CPU (runtimes/cpu_features.weight_kernels; where MLAS has int8 kernels, 128 for
+    # int4 and 32, q8_0's, for int8)
     block_size: int | None = option(None, "int8/int4: weights per scale, 16 | 32 | 64 | 128 (smaller: more accurate, "
-                                    "more bytes) [decided by this CPU: 128 with int8 dot products]")
+                                    "more bytes) [decided by this CPU: with int8 dot products int4 128, int8 32]")
     # runtimes/batch_invariance.py: MLAS's fastest int8-product kernels compute a lone row (and a batch's odd last
     # row) differently from the rows of a batch, so a served request can differ from itself alone
     batch_invariant: bool = option(False, "int8/int4: the largest block whose kernels on this CPU compute a row the "

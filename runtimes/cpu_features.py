@@ -61,18 +61,26 @@ def int8_kernel_path() -> str:
 # (benchmarks/kernels.py): block 128 against block 32 decodes (M=1) 1.4x faster at int4 and 1.2x at int8, and
 # prefills (M=128) 1.35x / 1.3x faster; accuracy level 4 (int8 products) against 0: 3.7x at int4, and 8-bit
 # weights have no fast fp32 kernel at all (70x slower).
-WEIGHT_BLOCK = 128
+INT4_BLOCK = 128
+# int8 keeps q8_0's block of 32 all the same: at level 4 the kernel also quantizes the activations, one scale per
+# block, and at block 128 that costs llama-pydoc 2.3x q8_0's KL divergence from fp32 (0.000187 against 0.000080);
+# at 32 it is q8_0's (docs/precision.md), and it is the int8 block whose kernels are batch-invariant on the CPUs
+# measured (runtimes/batch_invariance.py), so a served request equals itself alone. The price is speed: its
+# kernel decodes 1.15x slower, and on a Zen 4 EPYC luffy's int8 decoded 0.84-0.89x q8_0 at 156M and 0.96x at the
+# 1B shape (docs/benchmarks.md). --block-size 128 stays one flag away.
+INT8_BLOCK = 32
 
 
-def weight_kernels(flags: frozenset[str] | None = None, machine: str | None = None) -> dict:
-    """The MatMulNBits kernel settings for int8/int4 weights on this CPU: block size, accuracy level, and why.
+def weight_kernels(flags: frozenset[str] | None = None, machine: str | None = None, bits: int = 4) -> dict:
+    """The MatMulNBits kernel settings for ``bits``-bit (8 or 4) weights on this CPU: block size, accuracy
+    level, and why.
 
     ONNX Runtime's MLAS runs a block-quantized MatMul with int8 products (accuracy level 4) on x86 with AVX2
     (VPMADDUBSW; VPDPBUSD where VNNI or AMX is there) and on ARM64 (SDOT / I8MM); larger blocks spend less of
     each dot product on scales. Elsewhere the fp32 path (level 0) is the one kept for int4.
 
-    >>> weight_kernels(frozenset({"avx2", "avx512_vnni"}), "x86_64")["block_size"]
-    128
+    >>> [weight_kernels(frozenset({"avx2", "avx512_vnni"}), "x86_64", bits)["block_size"] for bits in (4, 8)]
+    [128, 32]
     """
     machine = (machine or platform.machine()).lower()
     flags = cpu_flags() if flags is None else flags
@@ -84,6 +92,9 @@ def weight_kernels(flags: frozenset[str] | None = None, machine: str | None = No
         return {"cpu": machine, "block_size": 32, "accuracy_level": 0,
                 "why": "no int8 dot-product kernels in MLAS for this CPU: fp32 products, ORT's default block"}
     measured = "" if dot in ("avx512_vnni", "amx_int8") else " (measured on an AVX512-VNNI CPU)"
-    return {"cpu": f"{machine} {dot}", "block_size": WEIGHT_BLOCK, "accuracy_level": 4,
-            "why": f"int8 products on {dot}; block {WEIGHT_BLOCK}: 1.4x (int4) and 1.2x (int8) faster decode "
-                   f"kernels than block 32{measured}"}
+    if bits == 8:
+        return {"cpu": f"{machine} {dot}", "block_size": INT8_BLOCK, "accuracy_level": 4,
+                "why": f"int8 products on {dot}; block {INT8_BLOCK}, q8_0's: int8 activations per block of 128 "
+                       f"lose 2.3x q8_0's KL divergence{measured}"}
+    return {"cpu": f"{machine} {dot}", "block_size": INT4_BLOCK, "accuracy_level": 4,
+            "why": f"int8 products on {dot}; block {INT4_BLOCK}: 1.4x faster decode kernels than block 32{measured}"}

@@ -262,6 +262,9 @@ def test_weight_kernels_are_chosen_per_cpu():
 
     vnni = weight_kernels(frozenset({"avx2", "avx512_vnni"}), "x86_64")
     assert (vnni["block_size"], vnni["accuracy_level"], vnni["cpu"]) == (128, 4, "x86_64 avx512_vnni")
+    # int8 keeps q8_0's block: int8 products quantize the activations per block too, and 128 loses more
+    vnni8 = weight_kernels(frozenset({"avx2", "avx512_vnni"}), "x86_64", bits=8)
+    assert (vnni8["block_size"], vnni8["accuracy_level"]) == (32, 4) and "q8_0" in vnni8["why"]
     assert weight_kernels(frozenset({"avx2", "amx_int8", "avx512_vnni"}), "x86_64")["cpu"] == "x86_64 amx_int8"
     avx2 = weight_kernels(frozenset({"avx2"}), "x86_64")
     assert avx2["accuracy_level"] == 4 and "measured on an AVX512-VNNI CPU" in avx2["why"]

@@ -90,7 +90,7 @@ class QualityMeasure:
                 self.say(f"collecting GPTQ statistics on {len(windows)} calibration windows")
                 hessians = SharedFactors(collect_hessians(model, windows, self.say))  # Q, K, V: one factor
         bits = 4 if self.cfg.precision == "int4" else 8
-        block, accuracy, chosen_for = kernel_choice(self.cfg, model)
+        block, accuracy, chosen_for = kernel_choice(self.cfg, model, bits)
         return WeightQuantization(
             # int8 embeddings too: a tied table is read by the gather and the head, and neither may stay fp32 at
             # vocab x hidden (issue 21)
@@ -146,7 +146,7 @@ def kernel_choice(cfg, model: ir.Model, bits: int = 4) -> tuple[int, int, dict |
     K (GPTQ and ORT's QMoE need whole blocks), and with --batch-invariant to one whose kernels compute a row the
     same in any batch here (runtimes/batch_invariance.py). The TensorRT target keeps block 32 (its QDQ int4
     weights)."""
-    plan = weight_kernels() if cfg.target == "ort" else {"cpu": "tensorrt", "block_size": 32, "accuracy_level": 4,
+    plan = weight_kernels(bits=bits) if cfg.target == "ort" else {"cpu": "tensorrt", "block_size": 32, "accuracy_level": 4,
                                                           "why": "TensorRT's int4 weight blocks"}
     accuracy = plan["accuracy_level"] if cfg.accuracy_level is None else cfg.accuracy_level
     block = cfg.block_size or plan["block_size"]
