@@ -63,6 +63,12 @@ class LuffyConfig:
     # int4 and 32, q8_0's, for int8)
     block_size: int | None = option(None, "int8/int4: weights per scale, 16 | 32 | 64 | 128 (smaller: more accurate, "
                                     "more bytes) [decided by this CPU: with int8 dot products int4 128, int8 32]")
+    # None: the weights' bits. The head is a fifth of a 156M model's weights and the one llama.cpp keeps wider
+    # (q4_0 writes it as q6_K): int4 at block 32 with an 8-bit head beats q4_0's quality on llama-pydoc, where int4
+    # alone does not (docs/precision.md)
+    lm_head_bits: int | None = option(None, "int8/int4: bits of the lm_head and of an embedding table tied to it, "
+                                      "4 | 8 (int4 weights with 8: less loss, more bytes per token) [the weights' "
+                                      "bits]")
     # runtimes/batch_invariance.py: MLAS's fastest int8-product kernels compute a lone row (and a batch's odd last
     # row) differently from the rows of a batch, so a served request can differ from itself alone
     batch_invariant: bool = option(False, "int8/int4: the largest block whose kernels on this CPU compute a row the "
@@ -146,6 +152,8 @@ class LuffyConfig:
             raise UsageError("--batch-invariant chooses the block size of int8/int4 weights: drop --block-size"
                              if self.block_size is not None else
                              f"--batch-invariant applies to int8/int4 weights, not precision {self.precision}")
+        if self.lm_head_bits is not None:
+            self._check_lm_head_bits()
         if self.accuracy_level is not None and self.accuracy_level not in (0, 1, 2, 3, 4):
             raise UsageError(f"accuracy_level {self.accuracy_level!r}; choose 0 (fp32 products) to 4 (int8 products)")
         if self.hardware_compatibility not in HARDWARE_COMPATIBILITY:
@@ -175,6 +183,15 @@ class LuffyConfig:
         for name in ("dump_ir", "timing_cache"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, os.fspath(getattr(self, name)))  # a Path is welcome; JSON wants str
+
+    def _check_lm_head_bits(self) -> None:
+        if self.lm_head_bits not in (4, 8):
+            raise UsageError(f"lm_head_bits {self.lm_head_bits!r}; choose 4 or 8")
+        if self.auto:
+            raise UsageError("--lm-head-bits with --auto: --auto chooses the weights' precision; compile the head's "
+                             "bits with --precision int8 or int4")
+        if self.precision not in WEIGHT_ONLY:
+            raise UsageError(f"--lm-head-bits applies to int8/int4 weights, not precision {self.precision}")
 
     def _check_kv_cache(self) -> None:
         kv = self.kv_cache_dtype

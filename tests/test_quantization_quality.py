@@ -228,6 +228,8 @@ def test_cli_int4_with_calib_and_eval(tmp_path):
     (["--precision", "bf16", "--calib", "x.txt"], "--calib"),
     (["--precision", "fp16", "--calib", "x.txt"], "--calib"),
     (["--precision", "int4", "--block-size", "48"], "block_size 48"),
+    (["--precision", "int4", "--lm-head-bits", "6"], "lm_head_bits 6"),
+    (["--lm-head-bits", "8"], "--lm-head-bits applies to int8/int4 weights, not precision fp32"),
     (["--precision", "int4", "--calib", "missing.txt"], "missing.txt: no such file"),
 ])
 def test_cli_refuses_bad_precision_options(tmp_path, args, needle):

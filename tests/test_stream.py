@@ -145,6 +145,30 @@ def test_tied_table_is_quantized_once(tied_llama, tmp_path):
     assert decisions["embedding"]["bits"] == decisions["lm_head"]["bits"] == 8
 
 
+def test_an_8_bit_head_over_int4_weights_keeps_one_tied_table(tied_llama, tmp_path):
+    # --lm-head-bits 8: the tied table is quantized once, at 8 bits, for the head and the gather; the body stays int4
+    directory, _ = tied_llama
+    artifact = luffy.compile(str(directory), output=tmp_path / "int4-head8", precision="int4", lm_head_bits=8)
+    model = ir.load(artifact.path / "model.onnx")
+    vocab = COMMON["vocab_size"]
+    heads = [n for n in model.graph if n.op_type == "MatMulNBits" and n.attributes["N"].as_int() == vocab]
+    body = [n for n in model.graph if n.op_type == "MatMulNBits" and n.attributes["N"].as_int() != vocab]
+    gather = next(n for n in model.graph if n.op_type == "GatherBlockQuantized")
+    assert len(heads) == 1 and heads[0].attributes["bits"].as_int() == 8 and gather.attributes["bits"].as_int() == 8
+    assert gather.inputs[0] is heads[0].inputs[1]
+    assert body and {n.attributes["bits"].as_int() for n in body} == {4}
+    scheme = artifact.report["precision"]["scheme"]
+    assert (scheme["bits"], scheme["lm_head_bits"]) == (4, 8) and artifact.manifest["options"]["lm_head_bits"] == 8
+    assert artifact.report["parity"]["passed"]
+    # the preflight counts the table at 8 bits: more than int4's estimate, less than int8's
+    entries = {name: tuple(t.shape) for name, t in load_file(directory / "model.safetensors").items()}
+    sizes = [4 * int(np.prod(s)) for s in entries.values()]
+    found = {bits: estimate(list(entries.values()), sizes, precision, 32, streamed=True, names=list(entries),
+                            head_bits=head).artifact_bytes
+             for bits, precision, head in ((4, "int4", None), (48, "int4", 8), (8, "int8", None))}
+    assert found[4] < found[48] < found[8]
+
+
 def test_parity_names_the_layer_whose_weights_are_wrong(tied_llama, streamed, tmp_path):
     import shutil
 

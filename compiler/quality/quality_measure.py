@@ -94,7 +94,8 @@ class QualityMeasure:
         return WeightQuantization(
             # int8 embeddings too: a tied table is read by the gather and the head, and neither may stay fp32 at
             # vocab x hidden (issue 21)
-            bits=bits, block_size=block, accuracy_level=accuracy, lm_head_bits=bits, quantize_embeddings=True,
+            bits=bits, block_size=block, accuracy_level=accuracy, lm_head_bits=self.cfg.lm_head_bits or bits,
+            quantize_embeddings=True,
             # measured on llama-pydoc at block 128: int8 symmetric +0.007 % perplexity (asymmetric +0.021 %) with
             # no zero points to store or read; int4 asymmetric and clipped +0.45 % (symmetric +0.61 %)
             symmetric=bits == 8, clip_search=bits == 4 and not hessians, chosen_for=chosen_for, hessians=hessians,

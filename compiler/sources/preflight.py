@@ -76,38 +76,49 @@ def _stored_bytes(shape: tuple[int, ...], precision: str, block: int) -> float:
 
 def estimate(shapes: list[tuple[int, ...]], source_bytes: list[int], precision: str, block: int,
              streamed: bool, names: list[str] | None = None, parity: bool = True, calib: bool = False,
-             kv_calib: bool = False) -> Estimate:
+             kv_calib: bool = False, head_bits: int | None = None) -> Estimate:
     """The artifact's size and the compile's peak memory for tensors of ``shapes`` (one per checkpoint tensor,
     ``names`` their names, ``source_bytes`` their size on disk): the largest of the phases the compile runs.
-    ``calib``: GPTQ on --calib (int4/int8 weights); ``kv_calib``: an int8/int4 KV cache's scales calibrated.
+    ``calib``: GPTQ on --calib (int4/int8 weights); ``kv_calib``: an int8/int4 KV cache's scales calibrated;
+    ``head_bits``: --lm-head-bits.
 
     Example::
 
         >>> estimate([(128256, 2048)], [128256 * 2048 * 2], "int4", 32, streamed=True).how
         'streamed: the parity check holds the largest tensor (0.98 GB in fp32) three times'
     """
-    artifact = int(MARGIN * sum(_stored_bytes(s, precision, block) for s in shapes))
+    stored = _stored_sizes(shapes, precision, block, head_bits)
+    artifact = int(MARGIN * sum(stored))
     params = sum(int(np.prod(s, dtype=np.int64)) for s in shapes)
     fp32 = [4 * int(np.prod(s, dtype=np.int64)) for s in shapes]
     if not streamed:
         memory = BASE_BYTES + int(WHOLE_MODEL_FACTOR * sum(fp32))
         return Estimate(artifact, memory, params, f"whole model: {WHOLE_MODEL_FACTOR}x its {sum(fp32) / GB:.1f} GB "
                                                   "of fp32 weights")
-    phases = [_write_phase(shapes, source_bytes, fp32, precision, block)]
+    phases = [_write_phase(stored, source_bytes, fp32, precision)]
     if parity:
-        phases.append(_check_phase(shapes, source_bytes, fp32, precision, block))
+        phases.append(_check_phase(stored, source_bytes, fp32))
     gptq = calib and precision in ("int4", "int8")
     if gptq:
         phases.append(_gptq_phase(shapes, names or [""] * len(shapes)))
     if kv_calib:
-        phases.append(_kv_phase(shapes, source_bytes, fp32, precision, block, names or [""] * len(shapes), gptq))
+        phases.append(_kv_phase(shapes, stored, source_bytes, fp32, precision, names or [""] * len(shapes), gptq))
     memory, how = max(phases)
     return Estimate(artifact, memory, params, f"streamed: {how}")
 
 
-def _write_phase(shapes, source_bytes, fp32, precision, block) -> tuple[int, str]:
+def _stored_sizes(shapes, precision: str, block: int, head_bits: int | None) -> list[float]:
+    """Each tensor's bytes in the artifact. With ``head_bits`` the 2-D tensors with the most rows (the [vocab,
+    hidden] head and embedding; a tied head's table is both) are counted at those bits: an upper bound where the
+    embedding is not tied and keeps the weights' bits."""
+    rows = max((s[0] for s in shapes if len(s) == 2), default=None)
+    head = {4: "int4", 8: "int8"}.get(head_bits, precision) if precision in ("int4", "int8") else precision
+    return [_stored_bytes(s, head if len(s) == 2 and s[0] == rows else precision, block) for s in shapes]
+
+
+def _write_phase(stored, source_bytes, fp32, precision) -> tuple[int, str]:
     if precision in ("int4", "int8"):
-        largest = max(_stored_bytes(s, precision, block) for s in shapes)
+        largest = max(stored)
         return BASE_BYTES + int(largest + 3 * CHUNK_BYTES), \
             f"one quantized tensor at a time (largest {largest / GB:.2f} GB of codes)"
     index = int(np.argmax(fp32))
@@ -115,9 +126,9 @@ def _write_phase(shapes, source_bytes, fp32, precision, block) -> tuple[int, str
         f"one tensor at a time (largest {fp32[index] / GB:.2f} GB in fp32)"
 
 
-def _check_phase(shapes, source_bytes, fp32, precision, block) -> tuple[int, str]:
+def _check_phase(stored, source_bytes, fp32) -> tuple[int, str]:
     index = int(np.argmax(fp32))
-    held = fp32[index] + source_bytes[index] + int(_stored_bytes(shapes[index], precision, block))
+    held = fp32[index] + source_bytes[index] + int(stored[index])
     return CHECK_BASE_BYTES + held, \
         f"the parity check holds the largest tensor ({fp32[index] / GB:.2f} GB in fp32) three times"
 
@@ -133,10 +144,9 @@ def _gptq_phase(shapes, names) -> tuple[int, str]:
         f"GPTQ holds two layers of Hessians ({2 * layer / GB:.2f} GB) and works on a {widest}-wide one"
 
 
-def _kv_phase(shapes, source_bytes, fp32, precision, block, names, gptq: bool) -> tuple[int, str]:
+def _kv_phase(shapes, stored, source_bytes, fp32, precision, names, gptq: bool) -> tuple[int, str]:
     """The KV scales' calibration (stream/calibration.layer_kv_ranges): the regions run one at a time, each written
     to a scratch file one tensor at a time and then loaded; the windows' values that cross regions are held."""
-    stored = [_stored_bytes(s, precision, block) for s in shapes]
     by_layer: dict[int, float] = {}
     for size, name in zip(stored, names):
         if _layer(name) is not None:
@@ -145,7 +155,7 @@ def _kv_phase(shapes, source_bytes, fp32, precision, block, names, gptq: bool) -
         [int(np.argmax(stored))]
     table = max(outside, key=lambda i: stored[i])  # the embedding (or head): [vocab, hidden]
     region = max(by_layer.values(), default=0.0) + stored[table]
-    write = _write_phase(shapes, source_bytes, fp32, precision, block)[0] - BASE_BYTES
+    write = _write_phase(stored, source_bytes, fp32, precision)[0] - BASE_BYTES
     vocab, hidden = shapes[table][0], shapes[table][-1]
     held = 2 * 4 * hidden * KV_CALIB_TOKENS + 4 * vocab * KV_CALIB_WINDOW
     memory, how = BASE_BYTES + int(max(region, write)) + held, \
@@ -202,6 +212,6 @@ def check_checkpoint(checkpoint, cfg, output: Path, streamed: bool) -> Estimate:
     found = estimate([e.shape for e in entries], [e.nbytes for e in entries], cfg.precision,
                      cfg.block_size or SMALLEST_CHOSEN_BLOCK, streamed, names=list(checkpoint.entries),
                      parity=cfg.check_parity, calib=cfg.calib is not None,
-                     kv_calib=cfg.kv_cache_dtype in CALIBRATED_KV)
+                     kv_calib=cfg.kv_cache_dtype in CALIBRATED_KV, head_bits=cfg.lm_head_bits)
     check_room(found, output, cfg.max_memory)
     return found
