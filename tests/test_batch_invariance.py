@@ -28,7 +28,38 @@ def test_the_probe_agrees_with_the_kernel_at_model_size(bits, block, accuracy, s
     assert nbits_batch_invariant(bits, block, accuracy, symmetric) == rows_match_alone(session, 2048)
 
 
-# block 128 is luffy's default where MLAS has int8 kernels; --batch-invariant picks the largest block the probe
+def _one_matmul(k: int = 256, n: int = 64):
+    import onnx_ir as ir
+
+    x = ir.Value(name="x", shape=ir.Shape([1, k]), type=ir.TensorType(ir.DataType.FLOAT))
+    w = ir.Value(name="w", const_value=ir.tensor(np.zeros((k, n), np.float32)), shape=ir.Shape([k, n]),
+                 type=ir.TensorType(ir.DataType.FLOAT))
+    matmul = ir.node("MatMul", [x, w], name="mm")
+    return ir.Model(ir.Graph([x], matmul.outputs, nodes=[matmul], initializers=[w], opset_imports={"": 20}),
+                    ir_version=10)
+
+
+@pytest.mark.parametrize("precision, bits", [("int8", 8), ("int4", 4)])
+def test_batch_invariant_picks_the_largest_block_the_probe_passes_for_the_precisions_own_kernels(precision, bits):
+    # int8 and int4 have their own default blocks and their own verdicts (int8 block 64 can be invariant where
+    # int4's is not): --batch-invariant must probe the kernels the compile will write
+    from luffy.compiler.config import LuffyConfig
+    from luffy.compiler.quality.quality_measure import kernel_choice
+    from luffy.runtimes.cpu_features import weight_kernels
+
+    cfg = LuffyConfig(precision=precision, batch_invariant=True)
+    plan = weight_kernels(bits=bits)
+    candidates = [b for b in (128, 64, 32, 16) if b <= plan["block_size"]]
+    invariant = [b for b in candidates if nbits_batch_invariant(bits, b, plan["accuracy_level"], bits == 8)]
+    if not invariant:
+        with pytest.raises(UsageError, match=f"no int{bits} block"):
+            kernel_choice(cfg, _one_matmul(), bits)
+        return
+    block, accuracy, chosen_for = kernel_choice(cfg, _one_matmul(), bits)
+    assert (block, accuracy) == (invariant[0], plan["accuracy_level"]) and "--batch-invariant" in chosen_for["why"]
+
+
+# block 128 is luffy's default int4 where MLAS has int8 kernels; --batch-invariant picks the largest block the probe
 # calls invariant (block 32 on the CPUs measured), so the two cover both verdicts wherever the suite runs
 VARIANTS = {"block128": dict(block_size=128), "batch-invariant": dict(batch_invariant=True)}
 
