@@ -135,7 +135,7 @@ def generate_loop(
     rng = np.random.default_rng(seed)
     constraints = list(constraints) if constraints is not None else [None] * batch
     choosers = [TokenChooser(sampling, ids[row][mask[row] == 1], constraints[row]) for row in range(batch)]
-    stop = sampling.stop_ids
+    stop = frozenset(sampling.stop_ids.tolist())  # a set lookup: np.isin on one token costs tens of µs a step
     out = np.empty((batch, prompt_len + max_new_tokens), dtype=np.int64)
     out[:, :prompt_len] = ids
     finished = np.zeros(batch, dtype=bool)
@@ -155,8 +155,8 @@ def generate_loop(
         out[:, length] = token
         if streamer is not None:
             streamer(token)
-        if stop.size:
-            finished |= np.isin(token, stop)
+        if stop:
+            finished |= np.fromiter((t in stop for t in token.tolist()), dtype=bool, count=batch)
         length += 1
         if finished.all() or produced == max_new_tokens - 1:
             break
