@@ -14,7 +14,7 @@ from .manifest import read_manifest
 from .ort_compat import check_onnxruntime, share_thread_pool
 
 RUNTIMES = ("ort", "trt")
-ENGINE_OPTIONS = {"ort": ("threads", "providers", "huge_pages", "spin"), "trt": ()}
+ENGINE_OPTIONS = {"ort": ("threads", "providers", "huge_pages", "spin", "profile"), "trt": ()}
 
 
 def load(path: str | os.PathLike, runtime: str | None = None, **options) -> Engine:
@@ -23,7 +23,7 @@ def load(path: str | os.PathLike, runtime: str | None = None, **options) -> Engi
     ``runtime`` defaults to the artifact's target; ``"ort"`` runs any artifact's ONNX graph on ONNX
     Runtime, a TensorRT artifact's portable graph included (how its numerics are checked without a GPU).
     ``"trt"`` refuses an engine built for another TensorRT version or GPU before deserializing it.
-    Options go to the engine: ORT takes ``threads``, ``providers``, ``huge_pages`` and ``spin``; TensorRT none.
+    Options go to the engine: ORT takes ``threads``, ``providers``, ``huge_pages``, ``spin`` and ``profile``; TensorRT none.
 
     >>> import luffy
     >>> engine = luffy.load("build/llama-tiny")       # doctest: +SKIP

@@ -47,17 +47,20 @@ class OrtEngine(Engine):
     (see huge_pages.py; ``self.huge_pages`` reports what the kernel did). The engine's thread pool (its own, or
     the process's once ``share_thread_pool`` made one) spins only during its runs, so engines that take turns (a
     target and its draft) never compete for the cores (ort_compat.engine_session_options); ``self.thread_pool``
-    describes it.
+    describes it. ``profile`` (a path prefix) turns on ONNX Runtime's profiler: every run and node is timed into
+    a JSON trace that ``self.session.end_profiling()`` writes and names (benchmarks/step_profile.py reads it).
     """
 
     def __init__(
         self, path: Path, manifest: dict, threads: int | None = None, providers: list[str] | None = None,
-        huge_pages: bool = True, spin: bool = True,
+        huge_pages: bool = True, spin: bool = True, profile: str | None = None,
     ):
         super().__init__(path, manifest)
         ort = import_onnxruntime()
         # threads that sleep once each run ends: engines that take turns never fight for the cores
         options, self.thread_pool = engine_session_options(threads, spin)
+        if profile is not None:
+            options.enable_profiling, options.profile_file_prefix = True, str(profile)
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self._ort = ort
         model_path = self.path / manifest["model_file"]

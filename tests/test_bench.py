@@ -171,6 +171,39 @@ def test_matmul_ceiling_times_the_artifacts_matmuls_against_the_probe(zoo_artifa
     assert result["matmul_gb_per_s"] > 0 and result["probe_gb_per_s"] > 0 and result["fraction"] > 0
 
 
+def test_step_profile_splits_decode_steps_by_op_from_orts_trace(pydoc_int8):
+    import onnx
+
+    from luffy.benchmarks.step_profile import markdown, profile_steps
+
+    graph = onnx.load(str(pydoc_int8.path / "model.onnx"), load_external_data=False).graph
+    quantized = sum(n.op_type == "MatMulNBits" for n in graph.node)
+    report = profile_steps(pydoc_int8.path, rows=2, prompt_len=8, steps=4)
+    assert report["steps"] == 3  # four decode steps, the first a warm-up
+    ops = report["ops"]
+    assert ops["MatMulNBits"]["calls"] == quantized > 0  # one trace event per node per step, none lost or doubled
+    assert ops["GroupQueryAttention"]["calls"] == sum(n.op_type == "GroupQueryAttention" for n in graph.node)
+    assert 0 < report["nodes_us"] <= report["run_us"] and report["wall_unprofiled_us"] > 0
+    assert all(0 < row["us"] <= report["nodes_us"] and 0 < row["share_of_nodes"] <= 1 for row in ops.values())
+    table = markdown(report)
+    assert "| MatMulNBits |" in table and table.startswith("rows 2, prompt 8, 3 steps")
+
+
+def test_step_profile_refuses_bad_arguments_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "luffy.benchmarks.step_profile", *map(str, args)],
+                              capture_output=True, text=True, timeout=120)
+
+    few = run(tmp_path, "--steps", "1")
+    assert few.returncode == 2 and "--steps at least 2" in few.stderr.strip().splitlines()[-1]
+    missing = run(tmp_path / "nowhere")
+    assert missing.returncode == 1 and missing.stderr.strip().startswith("step_profile: ")
+    assert len(missing.stderr.strip().splitlines()) == 1 and "nowhere" in missing.stderr
+
+
 def test_bench_serve_reports_what_vllm_bench_serve_reports(zoo_artifacts, tmp_path):
     pytest.importorskip("fastapi", reason="the serve extra is not installed")
     pytest.importorskip("openai", reason="the openai client is not installed")
